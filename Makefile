@@ -1,0 +1,49 @@
+# make        build dist/sgm (one executable, bun build --compile)
+# make test   install what is missing, then run every test
+# make demo   install what is missing, then evict a demo VM and print the report
+
+BUN := node_modules/.bin/bun
+VERSION := $(shell node -p "require('./package.json').version")+$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+SOURCES := $(shell find cli core -name '*.ts')
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps system-deps test demo bench typecheck clean
+
+all: dist/sgm
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	$(BUN) --version >/dev/null
+	touch $@
+
+deps: node_modules/.installed system-deps
+
+# Debian packages the tests and the demo need: QEMU 7.2, and iproute2 for
+# the network-namespace hosts of the relay tests.
+system-deps:
+	@missing=""; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+dist/sgm: node_modules/.installed $(SOURCES)
+	$(BUN) build --compile --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts --outfile $@
+
+typecheck: node_modules/.installed
+	node_modules/.bin/tsc -p .
+
+test: deps dist/sgm typecheck
+	$(BUN) test --timeout 600000
+
+demo: deps dist/sgm
+	$(BUN) demo/demo.ts
+
+bench: deps dist/sgm
+	$(BUN) test/benchmarks/run.ts
+
+clean:
+	rm -rf dist .cache
