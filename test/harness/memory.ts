@@ -1,0 +1,89 @@
+// Proves two guests' memory equal: dumps guest-physical RAM with QMP pmemsave
+// and compares it page by page, knowing the test guest's page format (see
+// test/guest/guest.c). A destination that kept running after the migration
+// may have rewritten pages since; such a page is accepted only if it carries
+// a newer version than the source's final copy and is itself intact.
+
+import { readFileSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import type { GuestLayout, TestVm } from "./qemu.ts";
+
+const PAGE = 4096;
+const MAGIC = 0x50474d53;
+const VGA_HOLE_START = 0xa0000;
+const VGA_HOLE_END = 0x100000;
+
+export async function dumpMemory(vm: TestVm, dir: string, label: string): Promise<Uint8Array> {
+  const file = join(dir, `${vm.name}.${label}.mem`);
+  await vm.qmp.execute("pmemsave", { val: 0, size: vm.memBytes, filename: file }, { timeoutMs: 120_000 });
+  const bytes = new Uint8Array(readFileSync(file));
+  rmSync(file);
+  return bytes;
+}
+
+export interface MemoryComparison {
+  pages: number;
+  identical: number;
+  /** Data pages the destination guest rewrote after it resumed. */
+  rewrittenAfter: number;
+  /** Frames that differ without a legitimate reason: must be empty. */
+  mismatched: number[];
+}
+
+function mix(x: number): number {
+  x = (x ^ (x >>> 16)) >>> 0;
+  x = Math.imul(x, 0x7feb352d) >>> 0;
+  x = (x ^ (x >>> 15)) >>> 0;
+  x = Math.imul(x, 0x846ca68b) >>> 0;
+  return (x ^ (x >>> 16)) >>> 0;
+}
+
+export function checkWord(frame: number, version: number, seed: number, tlo: number, thi: number): number {
+  return mix((frame ^ mix((version ^ mix((seed ^ mix((tlo ^ mix(thi)) >>> 0)) >>> 0)) >>> 0)) >>> 0);
+}
+
+/** Is this the guest's page for `frame`, intact (whatever its version)? */
+export function pageIsIntact(words: Uint32Array, frame: number, seed: number): boolean {
+  if (words[0] !== MAGIC || words[1] !== frame || words[3] !== seed || words[7] !== 0) return false;
+  if (words[6] !== checkWord(frame, words[2]!, seed, words[4]!, words[5]!)) return false;
+  const base = mix((Math.imul(seed, 0x9e3779b9) ^ mix(frame)) >>> 0);
+  for (let w = 8; w < PAGE / 4; w++) {
+    if (words[w] !== ((base + Math.imul(w, 0x9e3779b9)) >>> 0)) return false;
+  }
+  return true;
+}
+
+function pagesEqual(a: Uint8Array, b: Uint8Array, offset: number): boolean {
+  return Buffer.compare(a.subarray(offset, offset + PAGE), b.subarray(offset, offset + PAGE)) === 0;
+}
+
+export function compareGuestMemory(source: Uint8Array, destination: Uint8Array, layout: GuestLayout): MemoryComparison {
+  if (source.length !== destination.length) throw new Error(`dump sizes differ: ${source.length} vs ${destination.length}`);
+  const result: MemoryComparison = { pages: 0, identical: 0, rewrittenAfter: 0, mismatched: [] };
+  const srcWords = new Uint32Array(source.buffer, source.byteOffset, source.length / 4);
+  const dstWords = new Uint32Array(destination.buffer, destination.byteOffset, destination.length / 4);
+  for (let offset = 0; offset < source.length; offset += PAGE) {
+    // The legacy VGA/BIOS window is device space, and the guest's own stack
+    // and counters legitimately differ between a stopped source and a halted
+    // destination.
+    if (offset >= VGA_HOLE_START && offset < VGA_HOLE_END) continue;
+    if (offset >= layout.scratchStart && offset < layout.scratchEnd) continue;
+    result.pages++;
+    if (pagesEqual(source, destination, offset)) {
+      result.identical++;
+      continue;
+    }
+    const frame = offset / PAGE;
+    const inData = offset >= layout.dataStart && offset < layout.dataEnd;
+    if (inData) {
+      const src = srcWords.subarray(offset / 4, offset / 4 + PAGE / 4);
+      const dst = dstWords.subarray(offset / 4, offset / 4 + PAGE / 4);
+      if (pageIsIntact(dst, frame, layout.seed) && pageIsIntact(src, frame, layout.seed) && dst[2]! > src[2]!) {
+        result.rewrittenAfter++;
+        continue;
+      }
+    }
+    result.mismatched.push(frame);
+  }
+  return result;
+}
