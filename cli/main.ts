@@ -1,0 +1,50 @@
+// sgm's entry point: parses the command line with cac, hands the work to a
+// subcommand (each a thin layer over its core engine) and turns the outcome
+// into an exit code.
+
+import { cac } from "cac";
+import { SgmError } from "../core/errors.ts";
+import { registerGather } from "./gather.ts";
+import { reportError } from "./output.ts";
+import { registerRelay } from "./relay.ts";
+import { registerScatter } from "./scatter.ts";
+import { VERSION } from "./version.ts";
+
+async function main(argv: string[]): Promise<number> {
+  const cli = cac("sgm");
+  cli.usage("<scatter|relay|gather> [options]\n\n  Scatter-Gather live migration: evict QEMU/KVM virtual machines from a host fast,\n  even when the destination is slow to receive them.");
+  // SIGINT/SIGTERM abort the running role, which then undoes what it can
+  // (the source VM keeps running) and exits 130.
+  const abort = new AbortController();
+  const onSignal = (signal: NodeJS.Signals) => abort.abort(new SgmError("interrupted", `interrupted by ${signal}`));
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+
+  registerScatter(cli, abort.signal);
+  registerRelay(cli, abort.signal);
+  registerGather(cli, abort.signal);
+  cli.help();
+
+  if (argv.length === 1 && (argv[0] === "--version" || argv[0] === "-v")) {
+    process.stdout.write(`sgm ${VERSION}\n`);
+    return 0;
+  }
+  try {
+    cli.parse(["", "", ...argv], { run: false });
+    if (cli.options.help) return 0;
+    if (!cli.matchedCommand) {
+      if (cli.args.length > 0) throw new SgmError("usage", `unknown command '${cli.args[0]}' (try sgm --help)`);
+      cli.outputHelp();
+      return 2;
+    }
+    await cli.runMatchedCommand();
+    return 0;
+  } catch (err) {
+    if (err instanceof Error && err.name === "CACError") return reportError(new SgmError("usage", err.message));
+    return reportError(err);
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));
+// Sockets or timers a failed run left behind must not keep the process alive.
+process.exit();

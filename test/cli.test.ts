@@ -1,0 +1,43 @@
+// The compiled executable's command line: help, version, and usage errors.
+
+import { describe, expect, test } from "bun:test";
+import { runSgm } from "./harness/sgm.ts";
+
+describe("dist/sgm", () => {
+  test("--help lists the three roles", async () => {
+    const r = await runSgm(["--help"]);
+    expect(r.code).toBe(0);
+    for (const role of ["scatter", "relay", "gather"]) expect(r.stdout).toMatch(new RegExp(`^\\s+${role}\\s+\\S`, "m"));
+  });
+
+  test.each([
+    ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--json"]],
+    ["relay", ["--listen", "--capacity", "--psk-file"]],
+    ["gather", ["--listen", "--vm", "--psk-file", "--json"]],
+  ])("%s --help shows its own flags", async (role, flags) => {
+    const r = await runSgm([role, "--help"]);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain(`$ sgm ${role} `);
+    for (const flag of flags) expect(r.stdout).toContain(flag);
+  });
+
+  test("--version prints the version baked in at build time", async () => {
+    const pkg = (await Bun.file(`${import.meta.dir}/../package.json`).json()) as { version: string };
+    const r = await runSgm(["--version"]);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(new RegExp(`^sgm ${pkg.version.replace(/\./g, "\\.")}\\+[0-9a-f]+\\n$`));
+  });
+
+  test("an unknown command is a usage error (exit 2) on one line", async () => {
+    const r = await runSgm(["evict"]);
+    expect(r.code).toBe(2);
+    expect(r.stdout).toBe("");
+    expect(r.stderr).toBe("sgm: error: unknown command 'evict' (try sgm --help)\n");
+  });
+
+  test("an unknown flag is a usage error (exit 2)", async () => {
+    const r = await runSgm(["relay", "--frobnicate"]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toBe("sgm: error: Unknown option `--frobnicate`\n");
+  });
+});
