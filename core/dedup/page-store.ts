@@ -1,0 +1,165 @@
+// Content-addressed page storage in memory, for relays and the gather: each
+// distinct page is held once, however many VMs or senders put it, and is
+// freed when the last holder releases it.
+//
+// A page's id is its DigestIndex id, and it also names its slot: slab
+// id / slabPages, page id % slabPages. The index reuses released ids before
+// handing out new ones, so no id reaches the peak number of pages held, and
+// slabs are allocated only as that peak grows. Slab memory stays at its
+// high-water mark, which the capacity bounds to within one slab.
+
+import { SgmError } from "../errors.ts";
+import { DigestIndex } from "./digest-index.ts";
+import { PAGE_BYTES } from "./digest.ts";
+
+export interface PageStoreOptions {
+  /** Bound on the bytes of pages held; Infinity (the default) for none. */
+  capacityBytes?: number;
+  /** Pages per slab, a power of two; 1024 (4 MiB slabs) by default. */
+  slabPages?: number;
+}
+
+export interface PutResult {
+  id: number;
+  /** True when the page was new and copied in; false when its digest was already held. */
+  added: boolean;
+}
+
+export class PageStore {
+  readonly capacityBytes: number;
+  private readonly maxPages: number;
+  private readonly slabShift: number;
+  private readonly slabMask: number;
+  private readonly index = new DigestIndex();
+  private readonly slabs: (Uint8Array | undefined)[] = [];
+  // Indexed by id; 0 for an id not held.
+  private refCounts = new Int32Array(1024);
+
+  constructor(options: PageStoreOptions = {}) {
+    const capacityBytes = options.capacityBytes ?? Infinity;
+    if (!(capacityBytes >= 0)) throw new SgmError("internal", `page store capacity ${capacityBytes} is not a size`);
+    const slabPages = options.slabPages ?? 1024;
+    if (!(Number.isInteger(slabPages) && slabPages > 0 && (slabPages & (slabPages - 1)) === 0)) {
+      throw new SgmError("internal", `page store slab of ${slabPages} pages is not a power of two`);
+    }
+    this.capacityBytes = capacityBytes;
+    this.maxPages = Math.floor(capacityBytes / PAGE_BYTES);
+    this.slabShift = Math.log2(slabPages);
+    this.slabMask = slabPages - 1;
+  }
+
+  /** Distinct pages held. */
+  get pages(): number {
+    return this.index.size;
+  }
+
+  /** Bytes of page content held: pages × 4096. */
+  get usedBytes(): number {
+    return this.index.size * PAGE_BYTES;
+  }
+
+  /**
+   * Holds one reference to the page whose digest is digest[digestOffset ..
+   * digestOffset + 32).
+   *
+   * If that digest is already held, its reference count goes up by one and
+   * `page` is neither read nor compared: the digest is trusted to name the
+   * content. This succeeds even when the store is full, as it takes no memory.
+   *
+   * Otherwise the 4096 bytes of `page` are copied in with a count of one,
+   * unless that would take the store past its capacity: then nothing changes
+   * and put returns null. A full store is an expected condition for a relay
+   * (the sender should go elsewhere or wait), not an error, hence no throw.
+   */
+  put(digest: Uint8Array, digestOffset: number, page: Uint8Array): PutResult | null {
+    if (page.length !== PAGE_BYTES) {
+      throw new SgmError("internal", `page store given a ${page.length}-byte page, not ${PAGE_BYTES}`);
+    }
+    const existing = this.index.lookup(digest, digestOffset);
+    if (existing !== -1) {
+      this.refCounts[existing]!++;
+      return { id: existing, added: false };
+    }
+    if (this.index.size >= this.maxPages) return null;
+
+    const id = this.index.insert(digest, digestOffset);
+    this.slotView(id, true).set(page);
+    if (id >= this.refCounts.length) {
+      const grown = new Int32Array(Math.max(this.refCounts.length * 2, id + 1));
+      grown.set(this.refCounts);
+      this.refCounts = grown;
+    }
+    this.refCounts[id] = 1;
+    return { id, added: true };
+  }
+
+  /**
+   * The 4096 bytes of a held page, as a view into the store: good until the
+   * page's last reference is released, after which another page may take
+   * the slot. Copy it to keep it longer.
+   */
+  get(id: number): Uint8Array {
+    this.checkHeld(id);
+    return this.slotView(id, false);
+  }
+
+  /** The id of the page with this digest, or -1 if it is not held. */
+  idOf(digest: Uint8Array, digestOffset = 0): number {
+    return this.index.lookup(digest, digestOffset);
+  }
+
+  /** The page with this digest, as get() returns it, or undefined if not held. */
+  getByDigest(digest: Uint8Array, digestOffset = 0): Uint8Array | undefined {
+    const id = this.index.lookup(digest, digestOffset);
+    return id === -1 ? undefined : this.slotView(id, false);
+  }
+
+  has(digest: Uint8Array, digestOffset = 0): boolean {
+    return this.index.lookup(digest, digestOffset) !== -1;
+  }
+
+  /** The digest of a held page; a view good until the next put or release. */
+  digestOf(id: number): Uint8Array {
+    this.checkHeld(id);
+    return this.index.digestOf(id);
+  }
+
+  /** References held on page `id`; 0 if it is not held. */
+  refCount(id: number): number {
+    return this.index.has(id) ? this.refCounts[id]! : 0;
+  }
+
+  /** Adds a reference to a held page. */
+  retain(id: number): void {
+    this.checkHeld(id);
+    this.refCounts[id]!++;
+  }
+
+  /**
+   * Drops one reference to a held page and returns how many remain. At 0 the
+   * page is gone: its slot and id may be reused by the next put, so neither
+   * the id nor views from get() may be used again.
+   */
+  release(id: number): number {
+    this.checkHeld(id);
+    const remaining = --this.refCounts[id]!;
+    if (remaining === 0) this.index.remove(id);
+    return remaining;
+  }
+
+  private slotView(id: number, allocate: boolean): Uint8Array {
+    const slabNumber = id >>> this.slabShift;
+    let slab = this.slabs[slabNumber];
+    if (slab === undefined) {
+      if (!allocate) throw new SgmError("internal", `page ${id} has no slab`);
+      slab = new Uint8Array((this.slabMask + 1) * PAGE_BYTES);
+      this.slabs[slabNumber] = slab;
+    }
+    const start = (id & this.slabMask) * PAGE_BYTES;
+    return slab.subarray(start, start + PAGE_BYTES);
+  }
+
+  private checkHeld(id: number): void {
+    if (!this.index.has(id)) throw new SgmError("internal", `page ${id} is not in the store`);
+  }
+}
