@@ -1,0 +1,678 @@
+// The wire: frame codec, pre-shared-key authentication, and authenticated
+// framed connections over real loopback sockets.
+
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import type { Socket } from "bun";
+import { mkdirSync, writeFileSync } from "node:fs";
+import { SgmError } from "../core/errors.ts";
+import { ClientHandshake, loadPsk, type Role } from "../core/wire/auth.ts";
+import { PeerConnection, listenPeers, type ListenOptions, type PeerListener } from "../core/wire/connection.ts";
+import { FrameDecoder, encodeFrameHeader, frame, type MaxPayload } from "../core/wire/frames.ts";
+import { makeTempDir, removeDir } from "./harness/tmp.ts";
+
+const HOST = "127.0.0.1";
+const DATA = 16;
+const BIG = 17;
+const bounds: MaxPayload = (type) => (type === DATA ? 1 << 20 : type === BIG ? 300 << 10 : undefined);
+
+let dir: string;
+let psk: Uint8Array;
+let otherPsk: Uint8Array;
+beforeAll(() => {
+  dir = makeTempDir("wire");
+  psk = new TextEncoder().encode("correct horse battery staple");
+  otherPsk = new TextEncoder().encode("incorrect horse battery staple");
+});
+afterAll(() => removeDir(dir));
+
+interface Decoded {
+  type: number;
+  payload: Uint8Array;
+}
+
+function collectingDecoder(out: Decoded[], maxPayload: MaxPayload = bounds): FrameDecoder {
+  return new FrameDecoder(maxPayload, (type, payload) => out.push({ type, payload: payload.slice() }));
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+function pattern(length: number, seed: number): Uint8Array {
+  const out = new Uint8Array(length);
+  for (let i = 0; i < length; i++) out[i] = (i * 31 + seed * 7) & 0xff;
+  return out;
+}
+
+function header(version: number, type: number, flags: number, length: number): Uint8Array {
+  const h = new Uint8Array(8);
+  const v = new DataView(h.buffer);
+  v.setUint8(0, version);
+  v.setUint8(1, type);
+  v.setUint16(2, flags);
+  v.setUint32(4, length);
+  return h;
+}
+
+function dataError(fn: () => void): SgmError {
+  try {
+    fn();
+  } catch (err) {
+    expect(err).toBeInstanceOf(SgmError);
+    expect((err as SgmError).kind).toBe("data");
+    return err as SgmError;
+  }
+  throw new Error("expected an error");
+}
+
+describe("frame codec", () => {
+  const sizes = [0, 1, 7, 8, 9, 100, 1000, 0, 3];
+  const frames: Decoded[] = sizes.map((size, i) => ({ type: i % 2 === 0 ? DATA : BIG, payload: pattern(size, i) }));
+  const stream = concat(frames.map((f) => frame(f.type, f.payload)));
+
+  test("frames split at every byte boundary decode identically", () => {
+    for (let cut = 0; cut <= stream.length; cut++) {
+      const out: Decoded[] = [];
+      const decoder = collectingDecoder(out);
+      decoder.feed(stream.subarray(0, cut));
+      decoder.feed(stream.subarray(cut));
+      expect(out).toEqual(frames);
+      expect(decoder.midFrame).toBe(false);
+    }
+  });
+
+  test("frames fed one byte at a time, and two cuts at every pair of boundaries, decode identically", () => {
+    const out: Decoded[] = [];
+    const decoder = collectingDecoder(out);
+    for (let i = 0; i < stream.length; i++) decoder.feed(stream.subarray(i, i + 1));
+    expect(out).toEqual(frames);
+    for (let a = 0; a <= stream.length; a += 3) {
+      for (let b = a; b <= stream.length; b += 5) {
+        const got: Decoded[] = [];
+        const d = collectingDecoder(got);
+        d.feed(stream.subarray(0, a));
+        d.feed(stream.subarray(a, b));
+        d.feed(stream.subarray(b));
+        expect(got).toEqual(frames);
+      }
+    }
+  });
+
+  test("a frame spanning three chunks, between frames that do not", () => {
+    const big = pattern(200_000, 5);
+    const bytes = concat([frame(DATA, pattern(10, 1)), frame(BIG, big), frame(DATA, pattern(20, 2))]);
+    const out: Decoded[] = [];
+    const decoder = collectingDecoder(out);
+    const first = 18 + 8 + 50_000;
+    const second = first + 100_000;
+    decoder.feed(bytes.subarray(0, first));
+    expect(out.length).toBe(1);
+    expect(decoder.midFrame).toBe(true);
+    decoder.feed(bytes.subarray(first, second));
+    expect(out.length).toBe(1);
+    decoder.feed(bytes.subarray(second));
+    expect(out).toEqual([
+      { type: DATA, payload: pattern(10, 1) },
+      { type: BIG, payload: big },
+      { type: DATA, payload: pattern(20, 2) },
+    ]);
+  });
+
+  test("a payload inside one chunk is passed as a view of that chunk, not a copy", () => {
+    const bytes = frame(DATA, pattern(64, 3));
+    let seen: Uint8Array | undefined;
+    new FrameDecoder(bounds, (_type, payload) => (seen = payload)).feed(bytes);
+    expect(seen?.buffer).toBe(bytes.buffer);
+    expect(seen?.byteOffset).toBe(8);
+  });
+
+  test.each([
+    ["bad version", header(2, DATA, 0, 4), "frame with protocol version 2 (expected 1), type 16, length 4"],
+    ["nonzero flags", header(1, DATA, 0x8001, 4), "frame type 16 has flags 0x8001 (expected 0), length 4"],
+    ["unknown type", header(1, 99, 0, 4), "unknown frame type 99, length 4"],
+    ["oversize length", header(1, DATA, 0, (1 << 20) + 1), "frame type 16 length 1048577 exceeds its bound of 1048576 bytes"],
+    ["a 4 GiB claim", header(1, BIG, 0, 0xffffffff), "frame type 17 length 4294967295 exceeds its bound of 307200 bytes"],
+  ])("%s is a one-line data error, and the decoder stays failed", (_name, bad, message) => {
+    const out: Decoded[] = [];
+    const decoder = collectingDecoder(out);
+    const err = dataError(() => decoder.feed(concat([frame(DATA, pattern(5, 0)), bad])));
+    expect(err.message).toBe(message);
+    expect(out.length).toBe(1); // the good frame before it was delivered
+    expect(dataError(() => decoder.feed(frame(DATA, pattern(5, 0)))).message).toBe(message);
+    expect(out.length).toBe(1);
+
+    // The same header split across chunks fails as soon as it is whole.
+    const split = collectingDecoder([]);
+    split.feed(bad.subarray(0, 3));
+    expect(dataError(() => split.feed(bad.subarray(3))).message).toBe(message);
+  });
+
+  test("bounds can be raised between frames (as after authentication)", () => {
+    const out: Decoded[] = [];
+    const decoder = new FrameDecoder(
+      (type) => (type === 1 ? 16 : undefined),
+      (type, payload) => {
+        out.push({ type, payload: payload.slice() });
+        decoder.setMaxPayload((t) => (t === DATA ? 1000 : undefined));
+      },
+    );
+    decoder.feed(concat([frame(1, pattern(16, 0)), frame(DATA, pattern(1000, 1))]));
+    expect(out.map((f) => f.type)).toEqual([1, DATA]);
+  });
+
+  test("encodeFrameHeader writes at an offset", () => {
+    const out = new Uint8Array(12);
+    encodeFrameHeader(200, 0x01020304, out, 4);
+    expect([...out]).toEqual([0, 0, 0, 0, 1, 200, 0, 0, 1, 2, 3, 4]);
+  });
+});
+
+// ---- connections ----
+
+interface Server {
+  listener: PeerListener;
+  connections: PeerConnection[];
+  rejected: { address: string; err: SgmError }[];
+  nextConnection(): Promise<PeerConnection>;
+  nextRejection(): Promise<{ address: string; err: SgmError }>;
+}
+
+function startServer(role: Role, acceptRoles: Role[], extra: Partial<ListenOptions> = {}): Server {
+  const connections: PeerConnection[] = [];
+  const rejected: { address: string; err: SgmError }[] = [];
+  let connWaiters: ((c: PeerConnection) => void)[] = [];
+  let rejWaiters: ((r: { address: string; err: SgmError }) => void)[] = [];
+  const listener = listenPeers({
+    host: HOST,
+    port: 0,
+    psk,
+    role,
+    acceptRoles,
+    maxPayload: bounds,
+    onConnection(conn) {
+      connections.push(conn);
+      const w = connWaiters;
+      connWaiters = [];
+      for (const f of w) f(conn);
+    },
+    onRejected(address, err) {
+      rejected.push({ address, err });
+      const w = rejWaiters;
+      rejWaiters = [];
+      for (const f of w) f({ address, err });
+    },
+    ...extra,
+  });
+  return {
+    listener,
+    connections,
+    rejected,
+    nextConnection: () => new Promise((resolve) => connWaiters.push(resolve)),
+    nextRejection: () => new Promise((resolve) => rejWaiters.push(resolve)),
+  };
+}
+
+function connect(port: number, role: Role, options: { key?: Uint8Array; expectRole?: Role } = {}): Promise<PeerConnection> {
+  return PeerConnection.connect({
+    host: HOST,
+    port,
+    psk: options.key ?? psk,
+    role,
+    expectRole: options.expectRole,
+    maxPayload: bounds,
+    timeoutMs: 5000,
+  });
+}
+
+async function rejection(promise: Promise<unknown>): Promise<SgmError> {
+  try {
+    await promise;
+  } catch (err) {
+    expect(err).toBeInstanceOf(SgmError);
+    return err as SgmError;
+  }
+  throw new Error("expected a rejection");
+}
+
+function nextFrame(conn: PeerConnection): Promise<Decoded> {
+  return new Promise((resolve) => conn.onFrame((type, payload) => resolve({ type, payload: payload.slice() })));
+}
+
+interface RawPeer {
+  socket: Socket<undefined>;
+  closed: Promise<void>;
+}
+
+/** A plain socket that says what it is told to, for peers that misbehave. */
+async function rawPeer(port: number, send?: Uint8Array, onData: (chunk: Uint8Array) => void = () => {}): Promise<RawPeer> {
+  let onClosed!: () => void;
+  const closed = new Promise<void>((resolve) => (onClosed = resolve));
+  const socket = await Bun.connect({
+    hostname: HOST,
+    port,
+    socket: { binaryType: "uint8array", data: (_s, chunk: Uint8Array) => onData(chunk), close: () => onClosed() },
+  });
+  if (send) socket.write(send);
+  return { socket, closed };
+}
+
+/** A plain socket that authenticates as a scatter, then lets the test write raw bytes. */
+async function rawAuthenticatedPeer(port: number): Promise<RawPeer> {
+  const handshake = new ClientHandshake(psk, "scatter", "server");
+  let authenticated!: () => void;
+  const welcome = new Promise<void>((resolve) => (authenticated = resolve));
+  const decoder = new FrameDecoder(
+    () => 256,
+    (type, payload) => {
+      const step = handshake.receive(type, payload);
+      for (const f of step.send) peer.socket.write(frame(f.type, f.payload));
+      if (step.state === "done") authenticated();
+    },
+  );
+  const hello = handshake.hello();
+  const peer = await rawPeer(port, frame(hello.type, hello.payload), (chunk) => decoder.feed(chunk));
+  await welcome;
+  return peer;
+}
+
+describe("authentication", () => {
+  test("scatter to gather: both sides learn the other's role and exchange frames", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "scatter", { expectRole: "gather" });
+    const conn = await accepted;
+    expect(client.peerRole).toBe("gather");
+    expect(conn.peerRole).toBe("scatter");
+    expect(client.remoteAddress).toBe(`${HOST}:${server.listener.port}`);
+    expect(conn.remoteAddress).toMatch(/^127\.0\.0\.1:\d+$/);
+
+    const atServer = nextFrame(conn);
+    client.send(DATA, pattern(100, 1));
+    expect(await atServer).toEqual({ type: DATA, payload: pattern(100, 1) });
+    const atClient = nextFrame(client);
+    conn.sendParts(BIG, [pattern(3, 1), pattern(100_000, 2), new Uint8Array(0), pattern(5, 3)]);
+    expect(await atClient).toEqual({ type: BIG, payload: concat([pattern(3, 1), pattern(100_000, 2), pattern(5, 3)]) });
+    expect(client.bytesSent).toBe(108);
+    expect(conn.bytesReceived).toBe(108);
+    expect(conn.bytesSent).toBe(100_016);
+
+    client.close();
+    expect(await client.closed).toBeUndefined();
+    expect(await conn.closed).toBeUndefined();
+    server.listener.close();
+    expect(server.rejected).toEqual([]);
+  });
+
+  test("gather to relay", async () => {
+    const server = startServer("relay", ["scatter", "gather"]);
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "gather", { expectRole: "relay" });
+    expect(client.peerRole).toBe("relay");
+    const conn = await accepted;
+    expect(conn.peerRole).toBe("gather");
+    // Closing the listener leaves authenticated connections alone.
+    server.listener.close();
+    const atClient = nextFrame(client);
+    conn.send(DATA, pattern(10, 4));
+    expect(await atClient).toEqual({ type: DATA, payload: pattern(10, 4) });
+    client.close();
+    expect(await client.closed).toBeUndefined();
+    expect(await conn.closed).toBeUndefined();
+  });
+
+  test("a wrong key fails on both sides, and the server keeps accepting others", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const port = server.listener.port;
+    const rejected = server.nextRejection();
+    const err = await rejection(connect(port, "scatter", { key: otherPsk }));
+    expect(err.kind).toBe("unavailable");
+    expect(err.message).toBe(`${HOST}:${port}: authentication failed (pre-shared keys differ?)`);
+    const atServer = await rejected;
+    expect(atServer.err.kind).toBe("unavailable");
+    expect(atServer.err.message).toBe(`${atServer.address}: authentication failed, the peer says: pre-shared keys differ`);
+
+    const accepted = server.nextConnection();
+    const good = await connect(port, "scatter");
+    await accepted;
+    expect(server.connections.length).toBe(1);
+    good.close();
+    server.listener.close();
+  });
+
+  test("a server with another key is caught by the client before it proves anything", async () => {
+    const server = startServer("relay", ["gather"], { psk: otherPsk });
+    const rejected = server.nextRejection();
+    const err = await rejection(connect(server.listener.port, "gather"));
+    expect(err.message).toEndWith("authentication failed (pre-shared keys differ?)");
+    expect((await rejected).err.message).toEndWith("authentication failed, the peer says: pre-shared keys differ");
+    server.listener.close();
+  });
+
+  test("a role the server does not accept is refused, naming the role", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const rejected = server.nextRejection();
+    const err = await rejection(connect(server.listener.port, "relay"));
+    expect(err.kind).toBe("unavailable");
+    expect(err.message).toBe(
+      `${HOST}:${server.listener.port}: authentication failed, the peer says: a gather does not accept a relay (accepts: scatter)`,
+    );
+    const atServer = await rejected;
+    expect(atServer.err.message).toBe(`${atServer.address}: authentication failed: a gather does not accept a relay (accepts: scatter)`);
+    server.listener.close();
+  });
+
+  test("a client that expects another role than the server's gives up", async () => {
+    const server = startServer("relay", ["scatter"]);
+    const rejected = server.nextRejection();
+    const err = await rejection(connect(server.listener.port, "scatter", { expectRole: "gather" }));
+    expect(err.message).toBe(`${HOST}:${server.listener.port}: authentication failed: the peer is a relay, expected a gather`);
+    expect((await rejected).err.message).toEndWith("the peer says: a scatter expected a gather, not a relay");
+    server.listener.close();
+  });
+
+  test("a peer sending garbage instead of HELLO is dropped", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const rejected = server.nextRejection();
+    const peer = await rawPeer(server.listener.port, new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n"));
+    const { address, err } = await rejected;
+    expect(err.kind).toBe("data");
+    expect(err.message).toBe(`${address}: frame with protocol version 71 (expected 1), type 69, length 790644820`);
+    await peer.closed;
+    server.listener.close();
+  });
+
+  test("a peer sending a frame other than HELLO first is dropped", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const rejected = server.nextRejection();
+    const peer = await rawPeer(server.listener.port, frame(3, new Uint8Array(32)));
+    expect((await rejected).err.message).toEndWith("authentication failed: expected a HELLO frame of 33 bytes, got type 3 of 32 bytes");
+    await peer.closed;
+    server.listener.close();
+  });
+
+  test("a peer that sends nothing is dropped after the handshake timeout", async () => {
+    const server = startServer("gather", ["scatter"], { handshakeTimeoutMs: 200 });
+    const rejected = server.nextRejection();
+    const started = performance.now();
+    const peer = await rawPeer(server.listener.port);
+    const { address, err } = await rejected;
+    expect(err.message).toBe(`${address}: authentication timed out after 200 ms`);
+    expect(performance.now() - started).toBeGreaterThanOrEqual(190);
+    await peer.closed;
+    server.listener.close();
+  });
+
+  test("a client gives up on a server that never answers", async () => {
+    const silent = Bun.listen({ hostname: HOST, port: 0, socket: { data() {} } });
+    const err = await rejection(
+      PeerConnection.connect({ host: HOST, port: silent.port, psk, role: "scatter", maxPayload: bounds, timeoutMs: 200 }),
+    );
+    expect(err.message).toBe(`${HOST}:${silent.port}: authentication timed out after 200 ms`);
+    silent.stop(true);
+  });
+
+  test("connection refused is unavailable", async () => {
+    const probe = Bun.listen({ hostname: HOST, port: 0, socket: { data() {} } });
+    const port = probe.port;
+    probe.stop(true);
+    const err = await rejection(connect(port, "scatter"));
+    expect(err.kind).toBe("unavailable");
+    expect(err.message).toBe(`${HOST}:${port}: connection refused`);
+  });
+
+  test("an unknown host name is unavailable", async () => {
+    const err = await rejection(
+      PeerConnection.connect({ host: "no-such-host.invalid", port: 4000, psk, role: "scatter", maxPayload: bounds, timeoutMs: 3000 }),
+    );
+    expect(err.kind).toBe("unavailable");
+    expect(err.message).toStartWith("no-such-host.invalid:4000: ");
+  });
+
+  test("loadPsk reads a key and reports bad key files", () => {
+    mkdirSync(`${dir}/keys`, { recursive: true });
+    writeFileSync(`${dir}/keys/good`, "0123456789abcdef \n\n");
+    expect(new TextDecoder().decode(loadPsk(`${dir}/keys/good`))).toBe("0123456789abcdef");
+    writeFileSync(`${dir}/keys/short`, "0123456789abcde\n");
+    const cases: [string, string][] = [
+      [`${dir}/keys/missing`, "no such file"],
+      [`${dir}/keys/short`, "key is 15 bytes, at least 16 are required"],
+      [`${dir}/keys`, "is a directory"],
+    ];
+    for (const [path, why] of cases) {
+      try {
+        loadPsk(path);
+        throw new Error(`no error for ${path}`);
+      } catch (err) {
+        expect(err).toBeInstanceOf(SgmError);
+        expect((err as SgmError).kind).toBe("usage");
+        expect((err as SgmError).message).toBe(`--psk-file '${path}': ${why}`);
+      }
+    }
+  });
+});
+
+describe("connection", () => {
+  test("frames that arrive before the handler is set are kept", async () => {
+    const server = startServer("gather", ["scatter"], {
+      onConnection(conn) {
+        for (let i = 0; i < 100; i++) conn.send(DATA, pattern(1000, i));
+      },
+    });
+    const client = await connect(server.listener.port, "scatter");
+    await Bun.sleep(100);
+    const got: Decoded[] = [];
+    const all = new Promise<void>((resolve) =>
+      client.onFrame((type, payload) => {
+        got.push({ type, payload: payload.slice() });
+        if (got.length === 100) resolve();
+      }),
+    );
+    await all;
+    expect(got).toEqual(Array.from({ length: 100 }, (_, i) => ({ type: DATA, payload: pattern(1000, i) })));
+    client.close();
+    server.listener.close();
+  });
+
+  test("a malformed frame from the peer closes the connection with a data error", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "scatter");
+    const conn = await accepted;
+    conn.onFrame(() => {});
+    client.send(99, pattern(10, 0));
+    const reason = await conn.closed;
+    expect(reason).toBeInstanceOf(SgmError);
+    expect((reason as SgmError).kind).toBe("data");
+    expect(reason?.message).toBe(`${conn.remoteAddress}: unknown frame type 99, length 10`);
+    expect(await client.closed).toBeUndefined();
+    expect(() => conn.send(DATA, pattern(1, 0))).toThrow(reason!.message);
+    server.listener.close();
+  });
+
+  test("an oversize frame and a reserved type are refused after authentication too", async () => {
+    const server = startServer("gather", ["scatter"]);
+    for (const [type, length, message] of [
+      [BIG, (300 << 10) + 1, "frame type 17 length 307201 exceeds its bound of 307200 bytes"],
+      [4, 0, "unknown frame type 4, length 0"],
+    ] as const) {
+      const accepted = server.nextConnection();
+      const client = await connect(server.listener.port, "scatter");
+      const conn = await accepted;
+      conn.onFrame(() => {});
+      client.send(type, new Uint8Array(length));
+      expect((await conn.closed)?.message).toBe(`${conn.remoteAddress}: ${message}`);
+    }
+    server.listener.close();
+  });
+
+  test("a handler that throws closes the connection with its error", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "scatter");
+    const conn = await accepted;
+    conn.onFrame(() => {
+      throw new SgmError("data", "page record 3 has a bad digest");
+    });
+    client.send(DATA, pattern(1, 0));
+    expect((await conn.closed)?.message).toBe(`${conn.remoteAddress}: page record 3 has a bad digest`);
+    server.listener.close();
+  });
+
+  test("a peer that goes away mid-frame is reported", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const accepted = server.nextConnection();
+    const peer = await rawAuthenticatedPeer(server.listener.port);
+    const conn = await accepted;
+    let frames = 0;
+    conn.onFrame(() => frames++);
+    peer.socket.write(concat([frame(DATA, pattern(10, 0)), header(1, DATA, 0, 100), pattern(50, 1)]));
+    peer.socket.end();
+    const reason = await conn.closed;
+    expect(reason?.message).toBe(`${conn.remoteAddress}: connection closed in the middle of a frame`);
+    expect((reason as SgmError).kind).toBe("unavailable");
+    expect(frames).toBe(1);
+    server.listener.close();
+  });
+
+  test("abort drops the connection; the peer sees it closed", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "scatter");
+    const conn = await accepted;
+    conn.onFrame(() => {});
+    const reason = new SgmError("interrupted", "stopping");
+    client.abort(reason);
+    expect(await client.closed).toBe(reason);
+    await conn.closed;
+    await expect(client.whenWritable()).rejects.toBe(reason);
+    server.listener.close();
+  });
+
+  test("many small frames sent in one turn arrive in order", async () => {
+    const server = startServer("gather", ["scatter"]);
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "scatter");
+    const conn = await accepted;
+    const n = 20_000;
+    let seen = 0;
+    let ok = true;
+    const done = new Promise<void>((resolve) =>
+      conn.onFrame((_type, payload) => {
+        if (new DataView(payload.buffer, payload.byteOffset).getUint32(0) !== seen) ok = false;
+        if (++seen === n) resolve();
+      }),
+    );
+    for (let i = 0; i < n; i++) {
+      const p = new Uint8Array(40);
+      new DataView(p.buffer).setUint32(0, i);
+      client.send(DATA, p);
+    }
+    expect(client.queuedBytes).toBe(n * 48);
+    await done;
+    expect(ok).toBe(true);
+    expect(client.bytesSent).toBe(n * 48);
+    client.close();
+    server.listener.close();
+  });
+});
+
+describe("backpressure and throughput", () => {
+  const FRAME = 256 << 10;
+
+  test(
+    "a paused receiver bounds the sender's queue, and every byte arrives after it resumes",
+    async () => {
+      const TOTAL = 256 << 20;
+      const MAX_QUEUED = 4 << 20;
+      const frames = TOTAL / FRAME;
+      const server = startServer("gather", ["scatter"]);
+      const accepted = server.nextConnection();
+      const client = await connect(server.listener.port, "scatter");
+      const conn = await accepted;
+
+      const received = new Bun.CryptoHasher("sha256");
+      let receivedFrames = 0;
+      let inOrder = true;
+      conn.pauseReading();
+      const allReceived = new Promise<void>((resolve) =>
+        conn.onFrame((_type, payload) => {
+          if (new DataView(payload.buffer, payload.byteOffset).getUint32(0) !== receivedFrames) inOrder = false;
+          received.update(payload);
+          if (++receivedFrames === frames) resolve();
+        }),
+      );
+
+      const base = crypto.getRandomValues(new Uint8Array(FRAME));
+      const sent = new Bun.CryptoHasher("sha256");
+      let peak = 0;
+      let sentFrames = 0;
+      const sending = (async () => {
+        for (let i = 0; i < frames; i++) {
+          await client.whenWritable(MAX_QUEUED);
+          const payload = base.slice();
+          new DataView(payload.buffer).setUint32(0, i);
+          sent.update(payload);
+          client.send(DATA, payload);
+          sentFrames++;
+          peak = Math.max(peak, client.queuedBytes);
+        }
+      })();
+
+      await Bun.sleep(500);
+      expect(receivedFrames).toBe(0);
+      expect(sentFrames).toBeLessThan(frames); // the sender is held back, not buffering everything
+      const stalledAt = sentFrames;
+      console.log(`sender stalled after ${stalledAt} frames (${((stalledAt * FRAME) / 2 ** 20).toFixed(1)} MiB), peak queue ${peak} bytes`);
+      conn.resumeReading();
+      await sending;
+      await allReceived;
+
+      expect(peak).toBeLessThanOrEqual(MAX_QUEUED + FRAME + 8);
+      expect(inOrder).toBe(true);
+      expect(received.digest("hex")).toBe(sent.digest("hex"));
+      expect(conn.bytesReceived).toBe(frames * (FRAME + 8));
+      client.close();
+      expect(await conn.closed).toBeUndefined();
+      server.listener.close();
+    },
+    60_000,
+  );
+
+  test(
+    "throughput of 1 GiB in 256 KiB frames over loopback",
+    async () => {
+      const TOTAL = 1 << 30;
+      const frames = TOTAL / FRAME;
+      const server = startServer("gather", ["scatter"]);
+      const accepted = server.nextConnection();
+      const client = await connect(server.listener.port, "scatter");
+      const conn = await accepted;
+      let bytes = 0;
+      const done = new Promise<void>((resolve) =>
+        conn.onFrame((_type, payload) => {
+          bytes += payload.length;
+          if (bytes === TOTAL) resolve();
+        }),
+      );
+      const payload = crypto.getRandomValues(new Uint8Array(FRAME));
+      const started = performance.now();
+      for (let i = 0; i < frames; i++) {
+        await client.whenWritable();
+        client.send(DATA, payload);
+      }
+      await done;
+      const seconds = (performance.now() - started) / 1000;
+      console.log(`loopback: ${(TOTAL / 1e6 / seconds).toFixed(0)} MB/s (1 GiB in 256 KiB frames, ${seconds.toFixed(2)} s)`);
+      client.close();
+      await conn.closed;
+      server.listener.close();
+    },
+    60_000,
+  );
+});
