@@ -1,18 +1,50 @@
 // sgm gather: runs on the destination host.
 
 import type { CAC } from "cac";
-import { SgmError } from "../core/errors.ts";
+import { type GatherReport, runGather } from "../core/gather/engine.ts";
+import { loadPsk } from "../core/wire/auth.ts";
+import { parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts";
+import { formatBytes, formatMs, info, printJson } from "./output.ts";
 
-export function registerGather(cli: CAC, _signal: AbortSignal): void {
+interface GatherFlags {
+  listen?: unknown;
+  vm?: unknown;
+  pskFile?: unknown;
+  postcopyBandwidth?: unknown;
+  json?: boolean;
+}
+
+export function registerGather(cli: CAC, signal: AbortSignal): void {
   cli
     .command("gather", "Receive VMs: gather their pages and feed destination QEMUs waiting with -incoming defer")
     .usage("gather --listen HOST:PORT --vm NAME=QMP_SOCKET [--vm ...] --psk-file FILE [options]")
     .option("--listen <host:port>", "Address to listen on for the scatter")
     .option("--vm <name=qmp>", "A VM to receive: its name and the QMP socket of its destination QEMU (repeatable)")
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
+    .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm gather --listen 0.0.0.0:7700 --vm web1=/run/qemu/web1-in.qmp --psk-file /etc/sgm/psk")
-    .action(async () => {
-      throw new SgmError("internal", "gather is not built yet");
+    .action(async (flags: GatherFlags) => {
+      const listen = parseHostPort("--listen", requireString("--listen", flags.listen));
+      const vms = parseVmPairs(flags.vm);
+      const psk = loadPsk(requireString("--psk-file", flags.pskFile));
+      const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
+      const report = await runGather({ listen, vms, psk, postcopyBandwidth, signal, log: info });
+      render(report);
+      if (flags.json) printJson(report);
+      return report.exitCode;
     });
+}
+
+function render(report: GatherReport): void {
+  for (const vm of report.vms) {
+    if (vm.ok) {
+      info(
+        `${vm.name}: completed in ${formatMs(vm.totalMs ?? 0)}, downtime ${vm.downtimeMs === null ? "unknown" : formatMs(vm.downtimeMs)}; ` +
+          `${formatBytes(vm.bytes.toQemu)} to QEMU ${vm.qemu.destination}, ${vm.pages.requests} page requests`,
+      );
+    } else {
+      info(`${vm.name}: NOT completed: ${vm.error}`);
+    }
+  }
 }

@@ -37,8 +37,8 @@ async function main(argv: string[]): Promise<number> {
       cli.outputHelp();
       return 2;
     }
-    await cli.runMatchedCommand();
-    return 0;
+    const code: unknown = await cli.runMatchedCommand();
+    return typeof code === "number" ? code : 0;
   } catch (err) {
     if (err instanceof Error && err.name === "CACError") return reportError(new SgmError("usage", err.message));
     return reportError(err);

@@ -2,8 +2,23 @@
 
 import type { CAC } from "cac";
 import { SgmError } from "../core/errors.ts";
+import { runScatter, type ScatterReport } from "../core/scatter/engine.ts";
+import { loadPsk } from "../core/wire/auth.ts";
+import { parseCount, parseHostPort, parseVmPairs, requireString } from "./args.ts";
+import { formatBytes, formatMs, info, printJson } from "./output.ts";
 
-export function registerScatter(cli: CAC, _signal: AbortSignal): void {
+interface ScatterFlags {
+  to?: unknown;
+  vm?: unknown;
+  via?: unknown;
+  replicas?: unknown;
+  pskFile?: unknown;
+  keepSource?: boolean;
+  downtimeLimit?: unknown;
+  json?: boolean;
+}
+
+export function registerScatter(cli: CAC, signal: AbortSignal): void {
   cli
     .command("scatter", "Evict VMs from this host: read their migration streams and scatter the pages to the gather and relays")
     .usage("scatter --to HOST:PORT --vm NAME=QMP_SOCKET [--vm ...] --psk-file FILE [options]")
@@ -13,9 +28,41 @@ export function registerScatter(cli: CAC, _signal: AbortSignal): void {
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
+    .option("--downtime-limit <ms>", "The source QEMU's downtime-limit for its final pass (QEMU's default: 300)")
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm scatter --to dst:7700 --vm web1=/run/qemu/web1.qmp --via r1:7701,r2:7701 --psk-file /etc/sgm/psk")
-    .action(async () => {
-      throw new SgmError("internal", "scatter is not built yet");
+    .action(async (flags: ScatterFlags) => {
+      const gather = parseHostPort("--to", requireString("--to", flags.to));
+      const vms = parseVmPairs(flags.vm);
+      parseCount("--replicas", flags.replicas, 1, 16);
+      if (flags.via !== undefined) throw new SgmError("usage", "--via: relays are not supported by this build yet");
+      const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
+      const psk = loadPsk(requireString("--psk-file", flags.pskFile));
+      const report = await runScatter({
+        gather,
+        vms,
+        psk,
+        keepSource: Boolean(flags.keepSource),
+        downtimeLimitMs,
+        signal,
+        log: info,
+      });
+      render(report);
+      if (flags.json) printJson(report);
+      return report.exitCode;
     });
+}
+
+function render(report: ScatterReport): void {
+  for (const vm of report.vms) {
+    if (vm.ok) {
+      info(
+        `${vm.name}: evicted in ${formatMs(vm.evictionMs ?? 0)}, downtime ${vm.downtimeMs === null ? "unknown" : formatMs(vm.downtimeMs)}; ` +
+          `read ${formatBytes(vm.bytes.fromSource)} from QEMU ${vm.qemu.source}, sent ${formatBytes(vm.bytes.toGather)} ` +
+          `(dedup saved ${formatBytes(vm.bytes.dedupSaved)}); source ${vm.source}`,
+      );
+    } else {
+      info(`${vm.name}: NOT evicted: ${vm.error}; the VM is ${vm.source} at the source`);
+    }
+  }
 }

@@ -2,6 +2,7 @@
 // knows whether dist/sgm is older than its sources).
 
 import { join } from "node:path";
+import { track } from "./processes.ts";
 
 const root = join(import.meta.dir, "..", "..");
 let built: Promise<string> | undefined;
@@ -33,4 +34,43 @@ export async function runSgm(args: string[], options: { timeoutMs?: number } = {
   ]);
   clearTimeout(timer);
   return { code, stdout, stderr };
+}
+
+export interface SgmProcess {
+  proc: Bun.Subprocess<"ignore", "pipe", "pipe">;
+  /** Everything it printed on stderr so far. */
+  stderr(): string;
+  /** Waits until stderr matches. */
+  waitStderr(pattern: RegExp, timeoutMs?: number): Promise<RegExpMatchArray>;
+  /** Waits for exit; returns code, stdout, stderr. */
+  result(): Promise<RunResult>;
+}
+
+/** Starts dist/sgm in the background; it is killed with the test's other processes. */
+export async function startSgm(args: string[]): Promise<SgmProcess> {
+  const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" }));
+  let err = "";
+  const decoder = new TextDecoder();
+  const stderrDone = (async () => {
+    for await (const chunk of proc.stderr) err += decoder.decode(chunk, { stream: true });
+  })();
+  const stdout = new Response(proc.stdout).text();
+  return {
+    proc,
+    stderr: () => err,
+    async waitStderr(pattern, timeoutMs = 30_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const m = err.match(pattern);
+        if (m) return m;
+        if (proc.exitCode !== null) throw new Error(`sgm ${args[0]} exited ${proc.exitCode} before printing ${pattern}:\n${err}`);
+        if (Date.now() > deadline) throw new Error(`sgm ${args[0]} never printed ${pattern}:\n${err}`);
+        await Bun.sleep(20);
+      }
+    },
+    async result() {
+      const [code, out] = await Promise.all([proc.exited, stdout, stderrDone]);
+      return { code, stdout: out, stderr: err };
+    },
+  };
 }

@@ -1,0 +1,324 @@
+// Feeds one destination QEMU the stream of a postcopy source. Before
+// switchover it feeds pages as the gather learns them, as fast as QEMU
+// reads; at switchover it discards every page whose fed content is stale
+// (or was never fed), sends the device state packaged with LISTEN and RUN,
+// and from then on delivers every remaining page exactly once, serving the
+// destination's page requests ahead of the background scan.
+//
+// Page contents live in the gather's PageStore. This table holds one
+// reference for a page's current content and one for what was fed, so a
+// store id it compares can never be reused for other content meanwhile.
+
+import { join } from "node:path";
+import type { PageStore } from "../dedup/page-store.ts";
+import { SgmError } from "../errors.ts";
+import { trace } from "../trace.ts";
+import { ByteSocket } from "../net/byte-socket.ts";
+import { TPS } from "../qemu/constants.ts";
+import { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
+import { ReturnPathReader } from "../qemu/return-path.ts";
+import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import type { DestinationQemu } from "./destination-qemu.ts";
+import { NOT_FED, PageTable, UNKNOWN, ZERO } from "./page-table.ts";
+
+export interface FeedStats {
+  /** Pages written before switchover (counting re-feeds of changed pages). */
+  fedPages: number;
+  discardedPages: number;
+  /** Pages written after switchover, requested or not. */
+  deliveredPages: number;
+  /** Page requests the destination sent, and pages they named that were still missing. */
+  requests: number;
+  requestedPagesServed: number;
+  bytesToQemu: number;
+}
+
+export interface FeedOptions {
+  name: string;
+  dest: DestinationQemu;
+  /** Directory for the unix socket QEMU listens on. */
+  socketDir: string;
+  header: Uint8Array;
+  blocks: readonly RamBlockInfo[];
+  sectionId: number;
+  store: PageStore;
+  /**
+   * Bytes per second for the background push after switchover (like QEMU's
+   * max-postcopy-bandwidth); requested pages are never held back.
+   */
+  postcopyBandwidth?: number;
+}
+
+/** Queue bounds towards QEMU: small after switchover so a requested page never waits behind much. */
+const PRECOPY_HIGH = 1024 * 1024;
+const PRECOPY_LOW = 256 * 1024;
+const POSTCOPY_HIGH = 512 * 1024;
+const POSTCOPY_LOW = 128 * 1024;
+
+type Phase = "precopy" | "switching" | "postcopy" | "ended" | "failed";
+
+export class DestinationFeed {
+  readonly name: string;
+  readonly table: PageTable;
+  readonly stats: FeedStats = {
+    fedPages: 0,
+    discardedPages: 0,
+    deliveredPages: 0,
+    requests: 0,
+    requestedPagesServed: 0,
+    bytesToQemu: 0,
+  };
+  /** Resolves when the destination reports the migration completed. */
+  readonly completed: Promise<void>;
+
+  private readonly dest: DestinationQemu;
+  private readonly store: PageStore;
+  private readonly postcopyBandwidth: number;
+  private readonly socketPath: string;
+  private readonly writer: PostcopyStreamWriter;
+  private sock: ByteSocket | null = null;
+  private phase: Phase = "precopy";
+  private readonly queue: number[] = [];
+  private queueHead = 0;
+  private readonly queued: Uint8Array;
+  /** The precopy pump runs (set before it starts: it may finish without yielding). */
+  private pumping = false;
+  private pumped: Promise<void> = Promise.resolve();
+  private readonly blockIndex: Map<string, number>;
+  private readonly done = Promise.withResolvers<void>();
+  private failure: Error | null = null;
+
+  constructor(options: FeedOptions) {
+    this.name = options.name;
+    this.dest = options.dest;
+    this.store = options.store;
+    this.postcopyBandwidth = options.postcopyBandwidth ?? Infinity;
+    this.table = new PageTable(options.blocks);
+    this.queued = new Uint8Array(this.table.total);
+    this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
+    this.socketPath = join(options.socketDir, `${options.name}.incoming.sock`);
+    this.writer = new PostcopyStreamWriter({
+      header: options.header,
+      blocks: options.blocks,
+      ramSectionId: options.sectionId,
+      sink: (bytes) => {
+        this.stats.bytesToQemu += bytes.length;
+        this.sock?.write(bytes);
+      },
+    });
+    this.completed = this.done.promise;
+    this.completed.catch(() => {});
+  }
+
+  /** Has QEMU listen, connects, and starts the stream. */
+  async start(): Promise<void> {
+    await this.dest.listen(this.socketPath);
+    const sock = await ByteSocket.connectUnix(this.socketPath, `VM ${this.name}: destination stream`);
+    this.sock = sock;
+    const rp = new ReturnPathReader({
+      onShut: (status) => {
+        if (status !== 0) this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU ended the migration with an error (SHUT ${status})`));
+      },
+      onPong: (value) => trace(`${this.name} PONG ${value} from the destination`),
+      onPageRequest: (block, start, length) => this.onRequest(block, start, length),
+    });
+    sock.setDataHandler((data) => rp.feed(data));
+    void sock.closed.then((reason) => {
+      if (this.phase !== "ended") this.fail(reason ?? new SgmError("unavailable", `VM ${this.name}: destination QEMU closed the migration stream`));
+    });
+    this.writer.begin();
+    this.writer.flush();
+    void this.dest.qmp.closed.then(() => this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU went away`)));
+  }
+
+  /** The page's content is now `id` (a store id, or ZERO). Takes a reference on `id`. */
+  map(block: number, page: number, id: number): void {
+    const t = this.table;
+    const i = t.index(block, page);
+    const old = t.content[i]!;
+    if (id >= 0) this.store.retain(id);
+    t.content[i] = id;
+    if (old >= 0) this.store.release(old);
+    if (this.phase === "precopy" && t.fed[i] !== id && !this.queued[i]) {
+      this.queued[i] = 1;
+      this.queue.push(i);
+      if (!this.pumping) {
+        this.pumping = true;
+        this.pumped = this.pumpPrecopy();
+      }
+    }
+  }
+
+  /** Switches the destination over: discards, device state, RUN. Postcopy delivery starts. */
+  async switchover(deviceState: Uint8Array): Promise<void> {
+    if (this.phase !== "precopy") throw new SgmError("internal", `VM ${this.name}: switchover in phase ${this.phase}`);
+    this.phase = "switching";
+    await this.pumped;
+    this.throwIfFailed();
+    const t = this.table;
+    const store = this.store;
+    const discards = t.blocks.map((_, b) => {
+      const ranges: Array<[number, number]> = [];
+      const first = t.blockStart[b]!;
+      for (let i = first; i < t.blockStart[b + 1]!; i++) {
+        if (t.fed[i] === t.content[i]) continue;
+        const last = ranges[ranges.length - 1];
+        if (last && last[0] + last[1] === i - first) last[1]++;
+        else ranges.push([i - first, 1]);
+      }
+      return ranges;
+    });
+    let discarded = discards.reduce((sum, ranges) => sum + ranges.reduce((n, [, count]) => n + count, 0), 0);
+    if (discarded === 0) {
+      // QEMU needs at least one discard before LISTEN or its listen thread
+      // deadlocks; give up the first page fed and deliver it again later
+      if (t.fed[0]! >= 0) store.release(t.fed[0]!);
+      t.fed[0] = NOT_FED;
+      discards[0]!.push([0, 1]);
+      discarded = 1;
+    }
+    discards.forEach((ranges, b) => {
+      if (ranges.length > 0) this.writer.discard(b, ranges);
+    });
+    this.stats.discardedPages = discarded;
+    // pages fed and still current are at the destination for good
+    for (let i = 0; i < t.total; i++) {
+      const fed = t.fed[i]!;
+      if (fed === t.content[i]) {
+        t.delivered[i] = 1;
+        if (fed >= 0) store.release(fed); // the content reference
+      }
+      if (fed >= 0) store.release(fed); // the fed reference
+      t.fed[i] = fed === t.content[i] ? fed : NOT_FED;
+    }
+    trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
+    this.writer.packageAndRun(deviceState);
+    this.phase = "postcopy";
+    void this.deliverAll().catch((err: Error) => this.fail(err));
+  }
+
+  /** Wall-clock time (epoch ms) the VM resumed at the destination. */
+  resumedAt(): Promise<number> {
+    return this.dest.resumedAt();
+  }
+
+  /** Stops feeding; the destination QEMU's incoming migration fails. */
+  abort(reason: Error): void {
+    this.fail(reason);
+  }
+
+  // ---- precopy phase ---------------------------------------------------------
+
+  private async pumpPrecopy(): Promise<void> {
+    const t = this.table;
+    const sock = this.sock!;
+    try {
+      // stops the moment switchover begins: what is left is delivered after it
+      while (this.queueHead < this.queue.length && this.phase === "precopy") {
+        if (sock.queuedBytes > PRECOPY_HIGH) {
+          this.writer.flush();
+          await sock.whenWritable(PRECOPY_LOW);
+          continue;
+        }
+        const i = this.queue[this.queueHead++]!;
+        this.queued[i] = 0;
+        const c = t.content[i]!;
+        if (c === UNKNOWN || t.fed[i] === c) continue;
+        const b = t.blockOf(i);
+        this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.store.get(c) : null);
+        if (c >= 0) this.store.retain(c);
+        const old = t.fed[i]!;
+        t.fed[i] = c;
+        if (old >= 0) this.store.release(old);
+        this.stats.fedPages++;
+      }
+      this.writer.flush();
+      this.queue.length = 0;
+      this.queueHead = 0;
+    } catch (err) {
+      this.fail(err as Error);
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  // ---- postcopy phase --------------------------------------------------------
+
+  private async deliverAll(): Promise<void> {
+    const t = this.table;
+    const sock = this.sock!;
+    const started = performance.now();
+    let pushed = 0;
+    for (let i = 0; i < t.total; i++) {
+      if (this.phase !== "postcopy") return;
+      if (!t.needsDelivery(i)) continue;
+      this.deliver(i);
+      pushed += TPS;
+      if (sock.queuedBytes > POSTCOPY_HIGH) {
+        this.writer.flush();
+        await sock.whenWritable(POSTCOPY_LOW);
+      }
+      const ahead = (pushed / this.postcopyBandwidth) * 1000 - (performance.now() - started);
+      if (ahead > 5) {
+        this.writer.flush();
+        await Bun.sleep(ahead);
+      }
+    }
+    this.writer.end();
+    this.phase = "ended";
+    trace(`${this.name} every page sent; EOF`);
+    try {
+      await this.dest.waitCompleted(24 * 3600 * 1000);
+      this.done.resolve();
+    } catch (err) {
+      this.failure = err as Error;
+      this.done.reject(err);
+    }
+  }
+
+  private deliver(i: number): void {
+    const t = this.table;
+    const c = t.content[i]!;
+    const b = t.blockOf(i);
+    this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.store.get(c) : null);
+    t.delivered[i] = 1;
+    if (c >= 0) this.store.release(c);
+    this.stats.deliveredPages++;
+  }
+
+  private onRequest(blockName: string, start: number, length: number): void {
+    this.stats.requests++;
+    const b = this.blockIndex.get(blockName);
+    if (b === undefined) throw new SgmError("data", `VM ${this.name}: destination requested a page of unknown block '${blockName}'`);
+    if (this.phase !== "postcopy") return; // after EOF every page is in; before RUN none can be requested
+    const t = this.table;
+    const first = start / TPS;
+    const count = Math.max(1, Math.ceil(length / TPS));
+    let served = 0;
+    for (let p = first; p < first + count && t.blockStart[b]! + p < t.blockStart[b + 1]!; p++) {
+      const i = t.index(b, p);
+      // already sent (maybe still in flight): QEMU drops duplicates only by failing, so never resend
+      if (t.delivered[i]) continue;
+      if (t.content[i] === UNKNOWN) t.content[i] = ZERO;
+      this.deliver(i);
+      served++;
+    }
+    if (served > 0) {
+      this.stats.requestedPagesServed += served;
+      this.writer.flush();
+    }
+  }
+
+  private throwIfFailed(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  private fail(reason: Error): void {
+    // after EOF QEMU closes the stream itself; completion is judged over QMP
+    if (this.failure || this.phase === "ended") return;
+    this.failure = reason;
+    this.phase = "failed";
+    this.sock?.destroy(reason);
+    this.done.reject(reason);
+  }
+}

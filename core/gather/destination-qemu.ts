@@ -1,0 +1,75 @@
+// Drives a destination QEMU over QMP: it must wait with -incoming defer and
+// accept postcopy; gather then has it listen on a unix socket of its own and
+// follows it until the migration completes.
+
+import { SgmError } from "../errors.ts";
+import { type QmpAddress, QmpClient, type QmpEvent, describeQmpAddress } from "../qmp/client.ts";
+import { queryMigrate, setCapabilities, waitForMigrationStatus } from "../qmp/migration.ts";
+
+export class DestinationQemu {
+  readonly name: string;
+  readonly qmp: QmpClient;
+  readonly qemuVersion: string;
+  private resumeEvent: Promise<QmpEvent> | null = null;
+
+  private constructor(name: string, qmp: QmpClient) {
+    this.name = name;
+    this.qmp = qmp;
+    const v = qmp.version;
+    this.qemuVersion = `${v.major}.${v.minor}.${v.micro}`;
+  }
+
+  /** Connects and checks that this QEMU waits for an incoming migration and can do postcopy. */
+  static async open(name: string, address: QmpAddress): Promise<DestinationQemu> {
+    const qmp = await QmpClient.connect(address).catch((err: SgmError) => {
+      throw new SgmError("unavailable", `VM ${name}: destination ${err.message}`);
+    });
+    try {
+      const status = await qmp.execute<{ status: string }>("query-status");
+      if (status.status !== "inmigrate") {
+        throw new SgmError("usage", `VM ${name}: destination QEMU at ${describeQmpAddress(address)} is '${status.status}', not waiting with -incoming defer`);
+      }
+      const migration = await queryMigrate(qmp);
+      if (migration.status && migration.status !== "none") {
+        throw new SgmError("unavailable", `VM ${name}: destination QEMU already has an incoming migration (${migration.status})`);
+      }
+      // 7.2 checks userfaultfd here: a destination that cannot do postcopy says so now
+      await setCapabilities(qmp, { events: true, "postcopy-ram": true }).catch((err: SgmError) => {
+        throw new SgmError("unavailable", `VM ${name}: destination QEMU cannot do postcopy: ${err.message}`);
+      });
+      return new DestinationQemu(name, qmp);
+    } catch (err) {
+      qmp.close();
+      throw err;
+    }
+  }
+
+  /** Has QEMU listen for the migration stream on a unix socket. */
+  async listen(socketPath: string): Promise<void> {
+    this.resumeEvent = this.qmp.waitForEvent("RESUME", undefined, 7 * 24 * 3600 * 1000);
+    this.resumeEvent.catch(() => {});
+    await this.qmp.execute("migrate-incoming", { uri: `unix:${socketPath}` });
+  }
+
+  /** Wall-clock time (epoch ms) the VM resumed here. */
+  async resumedAt(): Promise<number> {
+    if (!this.resumeEvent) throw new SgmError("internal", "resumedAt before listen");
+    const event = await this.resumeEvent;
+    return event.timestamp.seconds * 1000 + event.timestamp.microseconds / 1000;
+  }
+
+  async waitCompleted(timeoutMs: number): Promise<void> {
+    await waitForMigrationStatus(this.qmp, ["completed"], timeoutMs, `VM ${this.name}: destination migration`);
+  }
+
+  /** QEMU's own account of why the incoming migration failed, if it has one. */
+  async failureReason(): Promise<string | undefined> {
+    if (!this.qmp.isOpen) return "destination QEMU exited";
+    const info = await queryMigrate(this.qmp).catch(() => null);
+    return info?.["error-desc"];
+  }
+
+  close(): void {
+    this.qmp.close();
+  }
+}

@@ -1,0 +1,177 @@
+// One VM arriving at the destination host: from the scatter's offer to the
+// destination QEMU reporting the migration completed.
+
+import type { PageStore } from "../dedup/page-store.ts";
+import { SgmError } from "../errors.ts";
+import { trace } from "../trace.ts";
+import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import type { Control } from "../wire/messages.ts";
+import { DestinationFeed, type FeedStats } from "./destination-feed.ts";
+import type { DestinationQemu } from "./destination-qemu.ts";
+
+export interface ArrivalReport {
+  name: string;
+  ok: boolean;
+  error?: string;
+  exitCode?: number;
+  qemu: { source: string | null; destination: string };
+  /** From scatter's start until the destination completed. */
+  totalMs: number | null;
+  /** Source STOP to destination RESUME. */
+  downtimeMs: number | null;
+  bytes: { toQemu: number };
+  pages: Omit<FeedStats, "bytesToQemu"> & { total: number };
+}
+
+type Stage = "waiting" | "offered" | "streaming" | "source-done" | "switching" | "running" | "completed" | "failed";
+
+export class VmArrival {
+  readonly name: string;
+  readonly dest: DestinationQemu;
+  private stage: Stage = "waiting";
+  private feed: DestinationFeed | null = null;
+  private header: Uint8Array | null = null;
+  private device: Uint8Array[] = [];
+  private deviceComplete = false;
+  private sourceQemu: string | null = null;
+  private startedAt: number | null = null;
+  private stoppedAt: number | null = null;
+  private resumedAt: number | null = null;
+  private completedAt: number | null = null;
+  private error: SgmError | null = null;
+  private readonly finished = Promise.withResolvers<void>();
+  private send: (message: Control) => void = () => {};
+  private vmId = -1;
+
+  constructor(dest: DestinationQemu) {
+    this.name = dest.name;
+    this.dest = dest;
+  }
+
+  get isTaken(): boolean {
+    return this.stage !== "waiting";
+  }
+
+  /** Its source may still send page maps that name content. */
+  get isStreaming(): boolean {
+    return this.stage === "offered" || this.stage === "streaming";
+  }
+
+  /** Resolves when the VM completed or failed. */
+  get done(): Promise<void> {
+    return this.finished.promise;
+  }
+
+  offer(vm: number, message: Extract<Control, { t: "offer" }>, send: (message: Control) => void): void {
+    this.vmId = vm;
+    this.send = send;
+    this.stage = "offered";
+    this.sourceQemu = message.qemu;
+    this.startedAt = message.startedAt;
+    send({ t: "accept", vm, qemu: this.dest.qemuVersion });
+  }
+
+  setHeader(bytes: Uint8Array): void {
+    if (this.stage === "failed") return; // the scatter learns of it and stops
+    if (this.stage !== "offered") throw new SgmError("data", `VM ${this.name}: stream header in stage ${this.stage}`);
+    this.header = bytes.slice();
+  }
+
+  /** The block list: the destination stream starts. The caller holds frames until this resolves. */
+  async start(blocks: RamBlockInfo[], sectionId: number, store: PageStore, socketDir: string, postcopyBandwidth?: number): Promise<void> {
+    if (this.stage === "failed") return;
+    if (this.stage !== "offered" || !this.header) throw new SgmError("data", `VM ${this.name}: block list before the stream header`);
+    this.stage = "streaming";
+    const feed = new DestinationFeed({ name: this.name, dest: this.dest, socketDir, header: this.header, blocks, sectionId, store, postcopyBandwidth });
+    this.feed = feed;
+    await feed.start();
+    void feed.completed.then(
+      () => this.complete(),
+      (err: Error) => this.fail(err instanceof SgmError ? err : new SgmError("unavailable", err.message)),
+    );
+  }
+
+  map(block: number, page: number, id: number): void {
+    if (this.stage === "failed") return;
+    const feed = this.feed;
+    if (!feed || this.stage !== "streaming") throw new SgmError("data", `VM ${this.name}: page map in stage ${this.stage}`);
+    if (block >= feed.table.blocks.length || page >= feed.table.blocks[block]!.usedLength / 4096) {
+      throw new SgmError("data", `VM ${this.name}: page map entry for block ${block} page ${page} outside its RAM`);
+    }
+    feed.map(block, page, id);
+  }
+
+  addDeviceState(bytes: Uint8Array, last: boolean): void {
+    if (this.stage === "failed") return;
+    if (this.stage !== "streaming" || this.deviceComplete) throw new SgmError("data", `VM ${this.name}: device state in stage ${this.stage}`);
+    this.device.push(bytes.slice());
+    this.deviceComplete = last;
+  }
+
+  /** Every page and the device state have arrived. */
+  sourceDone(stoppedAt: number): void {
+    if (this.stage === "failed") return;
+    if (this.stage !== "streaming" || !this.deviceComplete) throw new SgmError("data", `VM ${this.name}: source done without its device state`);
+    this.stage = "source-done";
+    trace(`${this.name} source-done`);
+    this.stoppedAt = stoppedAt;
+    this.send({ t: "switch-ready", vm: this.vmId });
+  }
+
+  async switchGo(): Promise<void> {
+    if (this.stage === "failed") return;
+    if (this.stage !== "source-done") throw new SgmError("data", `VM ${this.name}: switch-go in stage ${this.stage}`);
+    this.stage = "switching";
+    trace(`${this.name} switch-go`);
+    await this.feed!.switchover(Buffer.concat(this.device));
+    this.device = [];
+    this.resumedAt = await this.feed!.resumedAt();
+    if (this.stage === "switching") this.stage = "running";
+    this.send({ t: "running", vm: this.vmId, resumedAt: this.resumedAt });
+  }
+
+  /** The scatter is gone: fatal before switchover; after it, the gather has all it needs. */
+  onScatterLost(reason: string): void {
+    if (this.stage === "offered" || this.stage === "streaming" || this.stage === "source-done") {
+      this.fail(new SgmError("unavailable", `VM ${this.name}: scatter went away before switchover (${reason})`));
+    }
+  }
+
+  fail(reason: SgmError): void {
+    if (this.stage === "completed" || this.stage === "failed") return;
+    this.stage = "failed";
+    this.error = reason;
+    this.feed?.abort(reason);
+    this.send({ t: "failed", vm: this.vmId, reason: reason.message });
+    this.finished.resolve();
+  }
+
+  report(): ArrivalReport {
+    const stats = this.feed?.stats;
+    return {
+      name: this.name,
+      ok: this.stage === "completed",
+      ...(this.error ? { error: this.error.message, exitCode: this.error.exitCode } : {}),
+      qemu: { source: this.sourceQemu, destination: this.dest.qemuVersion },
+      totalMs: this.completedAt !== null && this.startedAt !== null ? Math.round(this.completedAt - this.startedAt) : null,
+      downtimeMs: this.resumedAt !== null && this.stoppedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
+      bytes: { toQemu: stats?.bytesToQemu ?? 0 },
+      pages: {
+        total: this.feed?.table.total ?? 0,
+        fedPages: stats?.fedPages ?? 0,
+        discardedPages: stats?.discardedPages ?? 0,
+        deliveredPages: stats?.deliveredPages ?? 0,
+        requests: stats?.requests ?? 0,
+        requestedPagesServed: stats?.requestedPagesServed ?? 0,
+      },
+    };
+  }
+
+  private complete(): void {
+    if (this.stage === "failed") return;
+    this.stage = "completed";
+    this.completedAt = Date.now();
+    this.send({ t: "completed", vm: this.vmId, completedAt: this.completedAt });
+    this.finished.resolve();
+  }
+}

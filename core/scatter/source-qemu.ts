@@ -1,0 +1,139 @@
+// Drives a source QEMU over QMP for an eviction: checks that its migration
+// setup is one sgm can carry, points its migration at scatter's socket, and
+// follows it to the end, or cancels it so the VM keeps running.
+
+import { SgmError } from "../errors.ts";
+import { type QmpAddress, QmpClient, type QmpEvent, describeQmpAddress } from "../qmp/client.ts";
+import {
+  enabledCapabilities,
+  type MigrationStatus,
+  queryMigrate,
+  setCapabilities,
+  setParameters,
+  waitForMigrationStatus,
+} from "../qmp/migration.ts";
+
+/** Capabilities that change the stream into something sgm does not parse. */
+const REFUSED_CAPABILITIES: Record<string, string> = {
+  xbzrle: "XBZRLE-encoded pages",
+  compress: "compressed pages",
+  multifd: "extra multifd channels",
+  "mapped-ram": "file-only mapped RAM",
+  "postcopy-preempt": "a second postcopy channel",
+  "x-colo": "COLO",
+  block: "block migration sections",
+  "dirty-bitmaps": "dirty bitmap sections",
+  "x-ignore-shared": "shared RAM left out of the stream",
+  "switchover-ack": "switchover acknowledgements",
+  "background-snapshot": "snapshot mode",
+  "zero-copy-send": "zero-copy multifd",
+};
+
+const ACTIVE: ReadonlySet<string> = new Set(["setup", "active", "postcopy-active", "device", "pre-switchover", "cancelling", "wait-unplug"]);
+
+export interface SourceInfo {
+  qemuVersion: string;
+  runState: string;
+}
+
+export class SourceQemu {
+  readonly name: string;
+  readonly qmp: QmpClient;
+  readonly info: SourceInfo;
+  private stopEvent: Promise<QmpEvent> | null = null;
+
+  private constructor(name: string, qmp: QmpClient, info: SourceInfo) {
+    this.name = name;
+    this.qmp = qmp;
+    this.info = info;
+  }
+
+  /** Connects and checks that the VM can be migrated by sgm right now. */
+  static async open(name: string, address: QmpAddress): Promise<SourceQemu> {
+    const qmp = await QmpClient.connect(address).catch((err: SgmError) => {
+      throw new SgmError("unavailable", `VM ${name}: ${err.message}`);
+    });
+    try {
+      const v = qmp.version;
+      const status = await qmp.execute<{ status: string }>("query-status");
+      if (status.status === "inmigrate") throw new SgmError("usage", `VM ${name}: QEMU at ${describeQmpAddress(address)} is a migration destination, not a source`);
+      if (status.status === "postmigrate") throw new SgmError("usage", `VM ${name}: already migrated away (run state postmigrate)`);
+      const migration = await queryMigrate(qmp);
+      if (migration.status && ACTIVE.has(migration.status)) {
+        throw new SgmError("unavailable", `VM ${name}: a migration is already ${migration.status}`);
+      }
+      const enabled = await enabledCapabilities(qmp);
+      for (const cap of enabled) {
+        const why = REFUSED_CAPABILITIES[cap];
+        if (why) throw new SgmError("usage", `VM ${name}: migration capability '${cap}' is on (${why}); sgm needs it off`);
+      }
+      const params = await qmp.execute<Record<string, unknown>>("query-migrate-parameters");
+      if (typeof params["tls-creds"] === "string" && params["tls-creds"] !== "") {
+        throw new SgmError("usage", `VM ${name}: migration TLS is configured (tls-creds); sgm carries plain streams`);
+      }
+      return new SourceQemu(name, qmp, { qemuVersion: `${v.major}.${v.minor}.${v.micro}`, runState: status.status });
+    } catch (err) {
+      qmp.close();
+      throw err;
+    }
+  }
+
+  /**
+   * Starts the migration into scatter's unix socket. The return path is on,
+   * so the source waits for scatter's SHUT before it calls the migration
+   * complete: until then, losing scatter fails the migration and QEMU
+   * resumes the VM.
+   */
+  async migrateTo(socketPath: string, options: { downtimeLimitMs?: number } = {}): Promise<void> {
+    await setCapabilities(this.qmp, { events: true, "return-path": true, "postcopy-ram": false });
+    // QEMU's default cap of 128 MiB/s is far below what scatter absorbs.
+    await setParameters(this.qmp, {
+      "max-bandwidth": 64 * 1024 * 1024 * 1024,
+      ...(options.downtimeLimitMs !== undefined ? { "downtime-limit": options.downtimeLimitMs } : {}),
+    });
+    this.stopEvent = this.qmp.waitForEvent("STOP", undefined, 24 * 3600 * 1000);
+    this.stopEvent.catch(() => {}); // observed through stoppedAt()
+    await this.qmp.execute("migrate", { uri: `unix:${socketPath}` });
+  }
+
+  /** Wall-clock time (epoch ms) of the STOP that ends the source's run. */
+  async stoppedAt(): Promise<number> {
+    if (!this.stopEvent) throw new SgmError("internal", "stoppedAt before migrateTo");
+    const event = await this.stopEvent;
+    return event.timestamp.seconds * 1000 + event.timestamp.microseconds / 1000;
+  }
+
+  waitFor(statuses: readonly MigrationStatus[], timeoutMs: number): Promise<MigrationStatus> {
+    return waitForMigrationStatus(this.qmp, statuses, timeoutMs, `VM ${this.name}: source migration`);
+  }
+
+  /**
+   * Makes sure the VM runs here again after a failed eviction: cancels the
+   * migration if it is still going, and resumes the VM if it was running
+   * before. Only for evictions whose destination never got the go to run:
+   * resuming here is then safe even after QEMU called its migration done.
+   */
+  async resumeHere(): Promise<string> {
+    if (!this.qmp.isOpen) return "unknown";
+    const info = await queryMigrate(this.qmp).catch(() => null);
+    if (info?.status && ACTIVE.has(info.status)) {
+      await this.qmp.execute("migrate_cancel").catch(() => {});
+      await waitForMigrationStatus(this.qmp, ["cancelled", "failed", "completed"], 30_000).catch(() => {});
+    }
+    const status = await this.qmp.execute<{ status: string }>("query-status");
+    if (this.info.runState === "running" && status.status !== "running") {
+      await this.qmp.execute("cont");
+      return "running";
+    }
+    return status.status;
+  }
+
+  async quit(): Promise<void> {
+    await this.qmp.execute("quit").catch(() => {});
+    this.qmp.close();
+  }
+
+  close(): void {
+    this.qmp.close();
+  }
+}

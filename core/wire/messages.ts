@@ -1,0 +1,269 @@
+// What sgm processes say to each other after authentication. Control
+// messages are small JSON objects, checked field by field on arrival; the
+// data plane (page maps and page contents) is binary.
+//
+// PAGE_DATA: u32 count, then count x (32-byte SHA-256 digest, 4096-byte page)
+// PAGE_MAP:  u16 vm, u16 0, u32 count, then count x entry:
+//            u16 block, u32 page, u8 kind (0 zero, 1 digest), [32-byte digest]
+// VM_BYTES:  u16 vm, u8 kind (1 stream header, 2 device state), u8 last, bytes
+
+import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
+import { SgmError } from "../errors.ts";
+import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+
+export const FrameType = {
+  CONTROL: 16,
+  VM_BYTES: 17,
+  PAGE_MAP: 18,
+  PAGE_DATA: 19,
+} as const;
+
+export const MAX_CONTROL = 1024 * 1024;
+export const MAX_VM_BYTES = 4 * 1024 * 1024;
+/** Pages per PAGE_DATA frame, and entries per PAGE_MAP frame. */
+export const DATA_BATCH = 64;
+export const MAP_BATCH = 16384;
+export const DATA_ENTRY = DIGEST_BYTES + PAGE_BYTES;
+export const MAP_ENTRY_ZERO = 7;
+export const MAP_ENTRY_DIGEST = 7 + DIGEST_BYTES;
+
+export function maxPayload(type: number): number | undefined {
+  switch (type) {
+    case FrameType.CONTROL:
+      return MAX_CONTROL;
+    case FrameType.VM_BYTES:
+      return 4 + MAX_VM_BYTES;
+    case FrameType.PAGE_MAP:
+      return 8 + MAP_BATCH * MAP_ENTRY_DIGEST;
+    case FrameType.PAGE_DATA:
+      return 4 + DATA_BATCH * DATA_ENTRY;
+    default:
+      return undefined;
+  }
+}
+
+export const VmBytesKind = { HEADER: 1, DEVICE_STATE: 2 } as const;
+export const MapKind = { ZERO: 0, DIGEST: 1 } as const;
+
+// ---- control messages ----------------------------------------------------------
+
+export type Control =
+  /** scatter → gather: a VM is coming. startedAt: epoch ms scatter started, for total time. */
+  | { t: "offer"; vm: number; name: string; qemu: string; startedAt: number }
+  | { t: "accept"; vm: number; qemu: string }
+  | { t: "refuse"; vm: number; reason: string }
+  /** scatter → gather: the RAM block list and section id, after the header bytes. */
+  | { t: "blocks"; vm: number; sectionId: number; blocks: RamBlockInfo[] }
+  /** scatter → gather: the stream is complete (device state sent); stoppedAt: source STOP, epoch ms. */
+  | { t: "source-done"; vm: number; stoppedAt: number }
+  /** gather → scatter: holds everything scatter sent for this VM, ready to switch over. */
+  | { t: "switch-ready"; vm: number }
+  /** scatter → gather: the source has completed; run the VM at the destination. */
+  | { t: "switch-go"; vm: number }
+  /** gather → scatter: the destination VM runs (resumedAt: epoch ms of its RESUME). */
+  | { t: "running"; vm: number; resumedAt: number }
+  /** gather → scatter: the destination holds every page. */
+  | { t: "completed"; vm: number; completedAt: number }
+  /** either way: this VM's eviction cannot go on. */
+  | { t: "failed"; vm: number; reason: string };
+
+type ControlType = Control["t"];
+
+const FIELDS: Record<ControlType, Record<string, "number" | "string" | "blocks">> = {
+  offer: { vm: "number", name: "string", qemu: "string", startedAt: "number" },
+  accept: { vm: "number", qemu: "string" },
+  refuse: { vm: "number", reason: "string" },
+  blocks: { vm: "number", sectionId: "number", blocks: "blocks" },
+  "source-done": { vm: "number", stoppedAt: "number" },
+  "switch-ready": { vm: "number" },
+  "switch-go": { vm: "number" },
+  running: { vm: "number", resumedAt: "number" },
+  completed: { vm: "number", completedAt: "number" },
+  failed: { vm: "number", reason: "string" },
+};
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder("utf-8", { fatal: true });
+
+export function encodeControl(message: Control): Uint8Array {
+  return encoder.encode(JSON.stringify(message));
+}
+
+export function decodeControl(payload: Uint8Array): Control {
+  let value: unknown;
+  try {
+    value = JSON.parse(decoder.decode(payload));
+  } catch {
+    throw new SgmError("data", "control message is not JSON");
+  }
+  if (typeof value !== "object" || value === null || typeof (value as { t?: unknown }).t !== "string") {
+    throw new SgmError("data", "control message without a type");
+  }
+  const record = value as Record<string, unknown>;
+  const fields = FIELDS[record.t as ControlType];
+  if (!fields) throw new SgmError("data", `unknown control message '${String(record.t).slice(0, 40)}'`);
+  for (const [field, kind] of Object.entries(fields)) {
+    const v = record[field];
+    const ok = kind === "blocks" ? isBlockList(v) : typeof v === kind && (kind !== "number" || Number.isFinite(v));
+    if (!ok) throw new SgmError("data", `control message '${record.t}': bad or missing '${field}'`);
+  }
+  return record as unknown as Control;
+}
+
+function isBlockList(v: unknown): v is RamBlockInfo[] {
+  return (
+    Array.isArray(v) &&
+    v.length > 0 &&
+    v.length <= 1024 &&
+    v.every(
+      (b) =>
+        typeof b === "object" &&
+        b !== null &&
+        typeof b.name === "string" &&
+        b.name.length > 0 &&
+        b.name.length < 256 &&
+        Number.isSafeInteger(b.usedLength) &&
+        b.usedLength > 0 &&
+        b.usedLength % PAGE_BYTES === 0,
+    )
+  );
+}
+
+// ---- VM_BYTES ---------------------------------------------------------------------
+
+export function encodeVmBytes(vm: number, kind: number, last: boolean, bytes: Uint8Array): Uint8Array {
+  const out = new Uint8Array(4 + bytes.length);
+  const dv = new DataView(out.buffer);
+  dv.setUint16(0, vm);
+  out[2] = kind;
+  out[3] = last ? 1 : 0;
+  out.set(bytes, 4);
+  return out;
+}
+
+export function decodeVmBytes(payload: Uint8Array): { vm: number; kind: number; last: boolean; bytes: Uint8Array } {
+  if (payload.length < 4) throw new SgmError("data", "VM_BYTES frame shorter than its header");
+  const dv = new DataView(payload.buffer, payload.byteOffset, payload.length);
+  const kind = payload[2]!;
+  if (kind !== VmBytesKind.HEADER && kind !== VmBytesKind.DEVICE_STATE) throw new SgmError("data", `VM_BYTES of unknown kind ${kind}`);
+  return { vm: dv.getUint16(0), kind, last: payload[3] === 1, bytes: payload.subarray(4) };
+}
+
+// ---- PAGE_MAP ---------------------------------------------------------------------
+
+/** Walks a PAGE_MAP payload; `digestAt` is an offset into `payload` (or -1 for a zero page). */
+export function readPageMap(
+  payload: Uint8Array,
+  visit: (vm: number, block: number, page: number, digestAt: number) => void,
+): void {
+  if (payload.length < 8) throw new SgmError("data", "PAGE_MAP frame shorter than its header");
+  const dv = new DataView(payload.buffer, payload.byteOffset, payload.length);
+  const vm = dv.getUint16(0);
+  const count = dv.getUint32(4);
+  let p = 8;
+  for (let n = 0; n < count; n++) {
+    if (p + MAP_ENTRY_ZERO > payload.length) throw new SgmError("data", `PAGE_MAP frame ends inside entry ${n} of ${count}`);
+    const block = dv.getUint16(p);
+    const page = dv.getUint32(p + 2);
+    const kind = payload[p + 6]!;
+    if (kind === MapKind.ZERO) {
+      visit(vm, block, page, -1);
+      p += MAP_ENTRY_ZERO;
+    } else if (kind === MapKind.DIGEST) {
+      if (p + MAP_ENTRY_DIGEST > payload.length) throw new SgmError("data", `PAGE_MAP frame ends inside entry ${n} of ${count}`);
+      visit(vm, block, page, p + MAP_ENTRY_ZERO);
+      p += MAP_ENTRY_DIGEST;
+    } else {
+      throw new SgmError("data", `PAGE_MAP entry of unknown kind ${kind}`);
+    }
+  }
+  if (p !== payload.length) throw new SgmError("data", `PAGE_MAP frame has ${payload.length - p} bytes after its ${count} entries`);
+}
+
+/** Builds PAGE_MAP payloads entry by entry. */
+export class PageMapBuilder {
+  private buf = new Uint8Array(8 + MAP_BATCH * MAP_ENTRY_DIGEST);
+  private dv = new DataView(this.buf.buffer);
+  private len = 8;
+  private count = 0;
+
+  get entries(): number {
+    return this.count;
+  }
+
+  get full(): boolean {
+    return this.count >= MAP_BATCH;
+  }
+
+  addZero(block: number, page: number): void {
+    this.dv.setUint16(this.len, block);
+    this.dv.setUint32(this.len + 2, page);
+    this.buf[this.len + 6] = MapKind.ZERO;
+    this.len += MAP_ENTRY_ZERO;
+    this.count++;
+  }
+
+  /** Adds an entry and returns the offset where its 32-byte digest must be written. */
+  addDigest(block: number, page: number): { buf: Uint8Array; at: number } {
+    this.dv.setUint16(this.len, block);
+    this.dv.setUint32(this.len + 2, page);
+    this.buf[this.len + 6] = MapKind.DIGEST;
+    const at = this.len + MAP_ENTRY_ZERO;
+    this.len += MAP_ENTRY_DIGEST;
+    this.count++;
+    return { buf: this.buf, at };
+  }
+
+  /** The finished payload for `vm`; the builder starts afresh. */
+  take(vm: number): Uint8Array {
+    this.dv.setUint16(0, vm);
+    this.dv.setUint32(4, this.count);
+    const out = this.buf.subarray(0, this.len);
+    this.buf = new Uint8Array(8 + MAP_BATCH * MAP_ENTRY_DIGEST);
+    this.dv = new DataView(this.buf.buffer);
+    this.len = 8;
+    this.count = 0;
+    return out;
+  }
+}
+
+// ---- PAGE_DATA --------------------------------------------------------------------
+
+export function readPageData(payload: Uint8Array, visit: (digestAt: number, pageAt: number) => void): void {
+  if (payload.length < 4) throw new SgmError("data", "PAGE_DATA frame shorter than its header");
+  const count = new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0);
+  if (payload.length !== 4 + count * DATA_ENTRY) {
+    throw new SgmError("data", `PAGE_DATA frame of ${payload.length} bytes does not hold ${count} pages`);
+  }
+  for (let n = 0, p = 4; n < count; n++, p += DATA_ENTRY) visit(p, p + DIGEST_BYTES);
+}
+
+/** Builds PAGE_DATA payloads page by page. */
+export class PageDataBuilder {
+  private buf = new Uint8Array(4 + DATA_BATCH * DATA_ENTRY);
+  private count = 0;
+
+  get pages(): number {
+    return this.count;
+  }
+
+  get full(): boolean {
+    return this.count >= DATA_BATCH;
+  }
+
+  /** Copies the page in; returns where its digest must be written. */
+  add(page: Uint8Array): { buf: Uint8Array; at: number } {
+    const at = 4 + this.count * DATA_ENTRY;
+    this.buf.set(page, at + DIGEST_BYTES);
+    this.count++;
+    return { buf: this.buf, at };
+  }
+
+  take(): Uint8Array {
+    new DataView(this.buf.buffer).setUint32(0, this.count);
+    const out = this.buf.subarray(0, 4 + this.count * DATA_ENTRY);
+    this.buf = new Uint8Array(4 + DATA_BATCH * DATA_ENTRY);
+    this.count = 0;
+    return out;
+  }
+}

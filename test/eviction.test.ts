@@ -1,0 +1,177 @@
+// End to end through the compiled binary: a source QEMU running the test
+// guest, sgm scatter and sgm gather as separate processes, a destination
+// QEMU waiting with -incoming defer. The guest dirties memory throughout.
+
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import type { GatherReport } from "../core/gather/engine.ts";
+import type { ScatterReport } from "../core/scatter/engine.ts";
+import { queryMigrate } from "../core/qmp/migration.ts";
+import { report, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
+import { compareGuestMemory, dumpMemory } from "./harness/memory.ts";
+import { killAll } from "./harness/processes.ts";
+import type { TestVm } from "./harness/qemu.ts";
+import { makeTempDir, removeDir } from "./harness/tmp.ts";
+
+let dir: string;
+let psk: string;
+
+beforeAll(async () => {
+  dir = makeTempDir("eviction");
+  psk = await writePsk(dir);
+});
+afterEach(async () => {
+  await killAll();
+});
+afterAll(() => removeDir(dir));
+
+/** The guest's dirtying counter, read twice: it moves only while the guest runs. */
+async function guestKeepsRunning(vm: TestVm): Promise<boolean> {
+  const count = async () => {
+    const before = vm.serialText().length;
+    await vm.sendSerial("s");
+    const deadline = Date.now() + 10_000;
+    while (Date.now() < deadline) {
+      const m = vm.serialText().slice(before).match(/SGMGUEST status pass=(\d+) pos=(\d+)/);
+      if (m) return Number(m[1]) * 1e9 + Number(m[2]);
+      await Bun.sleep(20);
+    }
+    throw new Error(`${vm.name}: guest did not answer`);
+  };
+  const a = await count();
+  await Bun.sleep(300);
+  return (await count()) > a;
+}
+
+describe("eviction through scatter and gather", () => {
+  test("a dirtying 256 MiB VM arrives whole: every page equal to the source's final memory", async () => {
+    const pair = await startPair(dir, "web1", { memMiB: 256, seed: 101, rate: 3000 });
+    const { gather, port } = await startGather([pair], psk);
+    const scatter = await startScatter([pair], port, psk, ["--keep-source"]);
+    const s = await scatter.result();
+    const g = await gather.result();
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+
+    const sr = report<ScatterReport>(s).vms[0]!;
+    const gr = report<GatherReport>(g).vms[0]!;
+    expect(sr).toMatchObject({ name: "web1", ok: true, source: "paused" });
+    expect(sr.evictionMs).toBeGreaterThan(0);
+    expect(sr.downtimeMs).toBeGreaterThan(0);
+    expect(gr).toMatchObject({ name: "web1", ok: true, downtimeMs: sr.downtimeMs });
+    expect(gr.totalMs).toBeGreaterThanOrEqual(sr.evictionMs!);
+    expect(sr.bytes.fromSource).toBeGreaterThan(256 * 1024 * 1024);
+    expect(await pair.source.status()).toBe("postmigrate");
+    expect(await pair.destination.status()).toBe("running");
+
+    const halted = await pair.destination.haltGuest();
+    expect(halted.report).toContain("SGMGUEST verify ok");
+    const comparison = compareGuestMemory(
+      await dumpMemory(pair.source, dir, "final"),
+      await dumpMemory(pair.destination, dir, "halted"),
+      pair.layout,
+    );
+    expect(comparison.mismatched).toEqual([]);
+    expect(comparison.identical).toBeGreaterThan(comparison.pages * 0.9);
+  }, 180_000);
+
+  test("the destination's page requests are answered while the guest runs on, and the source is quit", async () => {
+    // A fast-dirtying guest leaves many pages stale at switchover; with the
+    // background push held to 32 MiB/s it touches them at the destination
+    // before the push gets there.
+    const pair = await startPair(dir, "busy", { memMiB: 256, seed: 102, rate: 20000 });
+    const { gather, port } = await startGather([pair], psk, ["--postcopy-bandwidth", "32MiB/s"]);
+    const scatter = await startScatter([pair], port, psk);
+    const s = await scatter.result();
+    const g = await gather.result();
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+    expect(report<ScatterReport>(s).vms[0]!.source).toBe("quit");
+    expect(await pair.source.proc.exited).toBe(0);
+    const gr = report<GatherReport>(g).vms[0]!;
+    expect(gr.pages.requests).toBeGreaterThan(0);
+    expect(gr.pages.requestedPagesServed).toBeGreaterThan(0);
+    expect(await guestKeepsRunning(pair.destination)).toBe(true);
+    expect((await pair.destination.haltGuest()).report).toContain("SGMGUEST verify ok");
+  }, 180_000);
+});
+
+describe("a failure before switchover leaves the VM running at the source", () => {
+  test("scatter killed while streaming", async () => {
+    const pair = await startPair(dir, "k1", { memMiB: 256, seed: 103, rate: 3000 });
+    const { gather, port } = await startGather([pair], psk);
+    const scatter = await startScatter([pair], port, psk);
+    await scatter.waitStderr(/is streaming/);
+    scatter.proc.kill("SIGKILL");
+    const g = await gather.result();
+    expect(g.code).toBe(69);
+    expect(report<GatherReport>(g).vms[0]!.error).toMatch(/scatter went away before switchover/);
+    await waitMigrationEnded(pair.source);
+    expect(await pair.source.status()).toBe("running");
+    expect(await guestKeepsRunning(pair.source)).toBe(true);
+  }, 120_000);
+
+  test("gather killed while streaming", async () => {
+    const pair = await startPair(dir, "k2", { memMiB: 256, seed: 104, rate: 3000 });
+    const { gather, port } = await startGather([pair], psk);
+    const scatter = await startScatter([pair], port, psk);
+    await scatter.waitStderr(/is streaming/);
+    gather.proc.kill("SIGKILL");
+    const s = await scatter.result();
+    expect(s.code).toBe(69);
+    const sr = report<ScatterReport>(s).vms[0]!;
+    expect(sr.ok).toBe(false);
+    expect(sr.source).toBe("running");
+    expect(s.stderr).toMatch(/web|k2: NOT evicted: .*gather/);
+    expect(await pair.source.status()).toBe("running");
+    expect(await guestKeepsRunning(pair.source)).toBe(true);
+  }, 120_000);
+
+  test("scatter interrupted with SIGINT exits 130", async () => {
+    const pair = await startPair(dir, "k3", { memMiB: 256, seed: 105, rate: 3000 });
+    const { port } = await startGather([pair], psk);
+    const scatter = await startScatter([pair], port, psk);
+    await scatter.waitStderr(/is streaming/);
+    scatter.proc.kill("SIGINT");
+    const s = await scatter.result();
+    expect(s.code).toBe(130);
+    expect(report<ScatterReport>(s).vms[0]!.source).toBe("running");
+    expect(await pair.source.status()).toBe("running");
+  }, 120_000);
+});
+
+describe("refusals before anything moves", () => {
+  test("a wrong pre-shared key", async () => {
+    const pair = await startPair(dir, "auth", { memMiB: 32, seed: 106 });
+    const { gather, port } = await startGather([pair], psk);
+    const other = await writePsk(makeTempDir("psk"), "a different key of enough length");
+    const scatter = await startScatter([pair], port, other);
+    const s = await scatter.result();
+    expect(s.code).toBe(69);
+    expect(s.stdout).toBe("");
+    expect(s.stderr).toMatch(/^sgm: error: .*authentication failed.*\n$/m);
+    expect(gather.proc.exitCode).toBeNull(); // the gather is unmoved and keeps waiting
+    expect((await queryMigrate(pair.source.qmp)).status ?? "none").toBe("none");
+  }, 60_000);
+
+  test("a VM the gather does not serve", async () => {
+    const pair = await startPair(dir, "known", { memMiB: 32, seed: 107 });
+    const stray = await startPair(dir, "stray", { memMiB: 32, seed: 108 });
+    const { port } = await startGather([pair], psk);
+    const scatter = await startScatter([stray], port, psk);
+    const s = await scatter.result();
+    expect(s.code).toBe(69);
+    expect(report<ScatterReport>(s).vms[0]!.error).toBe("VM stray: gather: no destination for VM stray here (not a --vm of this gather)");
+    expect((await queryMigrate(stray.source.qmp)).status ?? "none").toBe("none");
+    expect(await stray.source.status()).toBe("running");
+  }, 60_000);
+});
+
+async function waitMigrationEnded(vm: TestVm): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    const status = (await queryMigrate(vm.qmp)).status;
+    if (status === "failed" || status === "cancelled" || status === undefined) return;
+    await Bun.sleep(50);
+  }
+  throw new Error(`${vm.name}: migration did not end`);
+}

@@ -1,0 +1,70 @@
+// A whole eviction on this machine: source and destination QEMUs running
+// the test guest, and the compiled sgm's gather and scatter as separate
+// processes between them.
+
+import { join } from "node:path";
+import { startSgm, type RunResult, type SgmProcess } from "./sgm.ts";
+import { type GuestLayout, TestVm, type VmOptions } from "./qemu.ts";
+import { freePort } from "./tmp.ts";
+
+export interface VmPair {
+  name: string;
+  source: TestVm;
+  destination: TestVm;
+  layout: GuestLayout;
+}
+
+/** Starts a source VM and its waiting destination; resolves once the guest filled its RAM. */
+export async function startPair(dir: string, name: string, options: Omit<VmOptions, "dir" | "name" | "incoming"> = {}): Promise<VmPair> {
+  const [source, destination] = await Promise.all([
+    TestVm.start({ ...options, dir, name }),
+    TestVm.start({ ...options, dir, name: `${name}-in`, incoming: true }),
+  ]);
+  const layout = await source.waitFilled();
+  return { name, source, destination, layout };
+}
+
+export async function writePsk(dir: string, key = "sgm test key 0123456789abcdef"): Promise<string> {
+  const path = join(dir, "psk");
+  await Bun.write(path, `${key}\n`);
+  return path;
+}
+
+/** Starts `sgm gather` for the pairs and waits until it listens. */
+export async function startGather(pairs: VmPair[], psk: string, extra: string[] = []): Promise<{ gather: SgmProcess; port: number }> {
+  const port = await freePort();
+  const gather = await startSgm([
+    "gather",
+    "--listen",
+    `127.0.0.1:${port}`,
+    ...pairs.flatMap((p) => ["--vm", `${p.name}=${p.destination.qmpPath}`]),
+    "--psk-file",
+    psk,
+    "--json",
+    ...extra,
+  ]);
+  await gather.waitStderr(/listening on/);
+  return { gather, port };
+}
+
+export function startScatter(pairs: VmPair[], port: number, psk: string, extra: string[] = []): Promise<SgmProcess> {
+  return startSgm([
+    "scatter",
+    "--to",
+    `127.0.0.1:${port}`,
+    ...pairs.flatMap((p) => ["--vm", `${p.name}=${p.source.qmpPath}`]),
+    "--psk-file",
+    psk,
+    "--json",
+    ...extra,
+  ]);
+}
+
+/** The JSON report a role printed on stdout. */
+export function report<T>(result: RunResult): T {
+  try {
+    return JSON.parse(result.stdout) as T;
+  } catch {
+    throw new Error(`no JSON report (exit ${result.code}); stderr:\n${result.stderr}`);
+  }
+}
