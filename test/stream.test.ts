@@ -174,7 +174,16 @@ function firstPageRecord(s: Uint8Array): number {
 describe("postcopy writer", () => {
   test("writes a stream the reader parses back into the same pages and device state", () => {
     const chunks: Uint8Array[] = [];
-    const writer = new PostcopyStreamWriter({ header: whole.header!, blocks: whole.blocks, ramSectionId: 2, sink: (b) => chunks.push(b) });
+    // a sink that passes everything on at once, so the writer reuses its buffers
+    const sink = {
+      bytesWritten: 0,
+      queuedBytes: 0,
+      write(b: Uint8Array) {
+        chunks.push(b.slice());
+        sink.bytesWritten += b.length;
+      },
+    };
+    const writer = new PostcopyStreamWriter({ header: whole.header!, blocks: whole.blocks, ramSectionId: 2, sink });
     writer.begin();
     // half the pages before switchover, the rest after, as a gather would
     const entries = [...whole.pages.entries()];

@@ -30,7 +30,6 @@ export interface FeedStats {
   /** Page requests the destination sent, and pages they named that were still missing. */
   requests: number;
   requestedPagesServed: number;
-  bytesToQemu: number;
 }
 
 export interface FeedOptions {
@@ -66,7 +65,6 @@ export class DestinationFeed {
     deliveredPages: 0,
     requests: 0,
     requestedPagesServed: 0,
-    bytesToQemu: 0,
   };
   /** Resolves when the destination reports the migration completed. */
   readonly completed: Promise<void>;
@@ -75,7 +73,8 @@ export class DestinationFeed {
   private readonly store: PageStore;
   private readonly postcopyBandwidth: number;
   private readonly socketPath: string;
-  private readonly writer: PostcopyStreamWriter;
+  private readonly options: FeedOptions;
+  private writer!: PostcopyStreamWriter;
   private sock: ByteSocket | null = null;
   private phase: Phase = "precopy";
   private readonly queue: number[] = [];
@@ -97,17 +96,13 @@ export class DestinationFeed {
     this.queued = new Uint8Array(this.table.total);
     this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
     this.socketPath = join(options.socketDir, `${options.name}.incoming.sock`);
-    this.writer = new PostcopyStreamWriter({
-      header: options.header,
-      blocks: options.blocks,
-      ramSectionId: options.sectionId,
-      sink: (bytes) => {
-        this.stats.bytesToQemu += bytes.length;
-        this.sock?.write(bytes);
-      },
-    });
+    this.options = options;
     this.completed = this.done.promise;
     this.completed.catch(() => {});
+  }
+
+  get bytesToQemu(): number {
+    return this.writer?.written ?? 0;
   }
 
   /** Has QEMU listen, connects, and starts the stream. */
@@ -115,6 +110,8 @@ export class DestinationFeed {
     await this.dest.listen(this.socketPath);
     const sock = await ByteSocket.connectUnix(this.socketPath, `VM ${this.name}: destination stream`);
     this.sock = sock;
+    const o = this.options;
+    this.writer = new PostcopyStreamWriter({ header: o.header, blocks: o.blocks, ramSectionId: o.sectionId, sink: sock });
     const rp = new ReturnPathReader({
       onShut: (status) => {
         if (status !== 0) this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU ended the migration with an error (SHUT ${status})`));

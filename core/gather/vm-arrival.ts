@@ -20,7 +20,7 @@ export interface ArrivalReport {
   /** Source STOP to destination RESUME. */
   downtimeMs: number | null;
   bytes: { toQemu: number };
-  pages: Omit<FeedStats, "bytesToQemu"> & { total: number };
+  pages: FeedStats & { total: number };
 }
 
 type Stage = "waiting" | "offered" | "streaming" | "source-done" | "switching" | "running" | "completed" | "failed";
@@ -155,7 +155,7 @@ export class VmArrival {
       qemu: { source: this.sourceQemu, destination: this.dest.qemuVersion },
       totalMs: this.completedAt !== null && this.startedAt !== null ? Math.round(this.completedAt - this.startedAt) : null,
       downtimeMs: this.resumedAt !== null && this.stoppedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
-      bytes: { toQemu: stats?.bytesToQemu ?? 0 },
+      bytes: { toQemu: this.feed?.bytesToQemu ?? 0 },
       pages: {
         total: this.feed?.table.total ?? 0,
         fedPages: stats?.fedPages ?? 0,

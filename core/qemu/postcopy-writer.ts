@@ -5,13 +5,21 @@
 // when (and never a page twice after LISTEN) is the caller's business.
 //
 // Bytes accumulate in an output buffer handed to `sink` on flush() or when
-// it fills; the sink takes ownership of each buffer it is given.
+// it fills; the buffer is used again once the sink has handed it off.
 
 import { SgmError } from "../errors.ts";
+import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { Command, RAM_IDSTR, RAM_SECTION_VERSION, RamFlag, Section, TPS } from "./constants.ts";
 import type { RamBlockInfo } from "./stream-reader.ts";
 
-export type ByteSink = (bytes: Uint8Array) => void;
+/** A socket-like sink: takes bytes in order, and counts what it has passed on. */
+export interface ByteSink {
+  write(bytes: Uint8Array): void;
+  /** Bytes handed to the kernel so far. */
+  readonly bytesWritten: number;
+  /** Bytes taken and not yet handed to the kernel. */
+  readonly queuedBytes: number;
+}
 
 export interface PostcopyWriterOptions {
   /** Magic, version and configuration, as the source sent them. */
@@ -42,6 +50,7 @@ export class PostcopyStreamWriter {
   private readonly bufferBytes: number;
   private readonly header: Uint8Array;
   private readonly pageSizeSummary: number;
+  private readonly buffers: RecycledBuffers;
   private out: Uint8Array;
   private dv: DataView;
   private len = 0;
@@ -60,7 +69,8 @@ export class PostcopyStreamWriter {
     this.header = options.header;
     this.pageSizeSummary = options.pageSizeSummary ?? TPS;
     this.bufferBytes = options.bufferBytes ?? 256 * 1024;
-    this.out = new Uint8Array(this.bufferBytes + TPS + 512);
+    this.buffers = new RecycledBuffers(this.bufferBytes + TPS + 512, () => this.sink.bytesWritten);
+    this.out = this.buffers.acquire();
     this.dv = new DataView(this.out.buffer);
   }
 
@@ -202,12 +212,14 @@ export class PostcopyStreamWriter {
   flush(): void {
     this.closeSection();
     if (this.len === 0) return;
-    const chunk = this.out.subarray(0, this.len);
+    const full = this.out;
     this.written += this.len;
-    this.out = new Uint8Array(this.bufferBytes + TPS + 512);
+    this.sink.write(full.subarray(0, this.len));
+    // a buffer grown for a large device state is not worth keeping
+    if (full.length <= 2 * (this.bufferBytes + TPS + 512)) this.buffers.queued(full, this.sink.bytesWritten + this.sink.queuedBytes);
+    this.out = this.buffers.acquire();
     this.dv = new DataView(this.out.buffer);
     this.len = 0;
-    this.sink(chunk);
   }
 
   // ---- encoding helpers ------------------------------------------------------

@@ -6,9 +6,17 @@
 
 import { digestPage, DIGEST_BYTES } from "../dedup/digest.ts";
 import type { DigestIndex } from "../dedup/digest-index.ts";
+import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { FrameType, PageDataBuilder, PageMapBuilder } from "../wire/messages.ts";
 
-export type FrameSender = (type: number, payload: Uint8Array) => void;
+/** Where frames go: a connection to the gather (later, to relays too). */
+export interface FrameSink {
+  send(type: number, payload: Uint8Array): void;
+  /** Frame bytes handed to the kernel so far. */
+  readonly bytesSent: number;
+  /** Frame bytes waiting to be. */
+  readonly queuedBytes: number;
+}
 
 export interface PipelineStats {
   /** Page records read from the source, zero or not, counting re-sent pages. */
@@ -26,14 +34,20 @@ export class PagePipeline {
   readonly stats: PipelineStats = { pages: 0, zeroPages: 0, newPages: 0, dedupPages: 0, dataBytes: 0, mapBytes: 0 };
   private readonly vm: number;
   private readonly index: DigestIndex;
-  private readonly send: FrameSender;
-  private data = new PageDataBuilder();
-  private map = new PageMapBuilder();
+  private readonly sink: FrameSink;
+  private readonly dataBuffers: RecycledBuffers;
+  private readonly mapBuffers: RecycledBuffers;
+  private readonly data: PageDataBuilder;
+  private readonly map: PageMapBuilder;
 
-  constructor(vm: number, index: DigestIndex, send: FrameSender) {
+  constructor(vm: number, index: DigestIndex, sink: FrameSink) {
     this.vm = vm;
     this.index = index;
-    this.send = send;
+    this.sink = sink;
+    this.dataBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => sink.bytesSent);
+    this.mapBuffers = new RecycledBuffers(PageMapBuilder.BUFFER_BYTES, () => sink.bytesSent);
+    this.data = new PageDataBuilder(() => this.dataBuffers.acquire());
+    this.map = new PageMapBuilder(() => this.mapBuffers.acquire());
   }
 
   page(block: number, page: number, content: Uint8Array | null): void {
@@ -61,16 +75,18 @@ export class PagePipeline {
   flush(): void {
     this.flushData();
     if (this.map.entries > 0) {
-      const payload = this.map.take(this.vm);
+      const { payload, buffer } = this.map.take(this.vm);
       this.stats.mapBytes += payload.length;
-      this.send(FrameType.PAGE_MAP, payload);
+      this.sink.send(FrameType.PAGE_MAP, payload);
+      this.mapBuffers.queued(buffer, this.sink.bytesSent + this.sink.queuedBytes);
     }
   }
 
   private flushData(): void {
     if (this.data.pages === 0) return;
-    const payload = this.data.take();
+    const { payload, buffer } = this.data.take();
     this.stats.dataBytes += payload.length;
-    this.send(FrameType.PAGE_DATA, payload);
+    this.sink.send(FrameType.PAGE_DATA, payload);
+    this.dataBuffers.queued(buffer, this.sink.bytesSent + this.sink.queuedBytes);
   }
 }

@@ -89,7 +89,7 @@ export class VmEviction {
     this.name = options.name;
     this.source = options.source;
     this.conn = options.conn;
-    this.pipeline = new PagePipeline(options.id, options.index, (type, payload) => this.conn.send(type, payload));
+    this.pipeline = new PagePipeline(options.id, options.index, options.conn);
     this.failed.promise.catch(() => {});
   }
 

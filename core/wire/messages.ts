@@ -180,12 +180,20 @@ export function readPageMap(
   if (p !== payload.length) throw new SgmError("data", `PAGE_MAP frame has ${payload.length - p} bytes after its ${count} entries`);
 }
 
-/** Builds PAGE_MAP payloads entry by entry. */
+/** Builds PAGE_MAP payloads entry by entry, in buffers from `acquire`. */
 export class PageMapBuilder {
-  private buf = new Uint8Array(8 + MAP_BATCH * MAP_ENTRY_DIGEST);
-  private dv = new DataView(this.buf.buffer);
+  static readonly BUFFER_BYTES = 8 + MAP_BATCH * MAP_ENTRY_DIGEST;
+  private readonly acquire: () => Uint8Array;
+  private buf: Uint8Array;
+  private dv: DataView;
   private len = 8;
   private count = 0;
+
+  constructor(acquire: () => Uint8Array = () => new Uint8Array(PageMapBuilder.BUFFER_BYTES)) {
+    this.acquire = acquire;
+    this.buf = acquire();
+    this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
+  }
 
   get entries(): number {
     return this.count;
@@ -214,16 +222,18 @@ export class PageMapBuilder {
     return { buf: this.buf, at };
   }
 
-  /** The finished payload for `vm`; the builder starts afresh. */
-  take(vm: number): Uint8Array {
+  /** The finished payload for `vm` (a view of `buffer`); the builder starts on a new buffer. */
+  take(vm: number): { payload: Uint8Array; buffer: Uint8Array } {
     this.dv.setUint16(0, vm);
+    this.dv.setUint16(2, 0);
     this.dv.setUint32(4, this.count);
-    const out = this.buf.subarray(0, this.len);
-    this.buf = new Uint8Array(8 + MAP_BATCH * MAP_ENTRY_DIGEST);
-    this.dv = new DataView(this.buf.buffer);
+    const buffer = this.buf;
+    const payload = buffer.subarray(0, this.len);
+    this.buf = this.acquire();
+    this.dv = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
     this.len = 8;
     this.count = 0;
-    return out;
+    return { payload, buffer };
   }
 }
 
@@ -238,10 +248,17 @@ export function readPageData(payload: Uint8Array, visit: (digestAt: number, page
   for (let n = 0, p = 4; n < count; n++, p += DATA_ENTRY) visit(p, p + DIGEST_BYTES);
 }
 
-/** Builds PAGE_DATA payloads page by page. */
+/** Builds PAGE_DATA payloads page by page, in buffers from `acquire`. */
 export class PageDataBuilder {
-  private buf = new Uint8Array(4 + DATA_BATCH * DATA_ENTRY);
+  static readonly BUFFER_BYTES = 4 + DATA_BATCH * DATA_ENTRY;
+  private readonly acquire: () => Uint8Array;
+  private buf: Uint8Array;
   private count = 0;
+
+  constructor(acquire: () => Uint8Array = () => new Uint8Array(PageDataBuilder.BUFFER_BYTES)) {
+    this.acquire = acquire;
+    this.buf = acquire();
+  }
 
   get pages(): number {
     return this.count;
@@ -259,11 +276,12 @@ export class PageDataBuilder {
     return { buf: this.buf, at };
   }
 
-  take(): Uint8Array {
-    new DataView(this.buf.buffer).setUint32(0, this.count);
-    const out = this.buf.subarray(0, 4 + this.count * DATA_ENTRY);
-    this.buf = new Uint8Array(4 + DATA_BATCH * DATA_ENTRY);
+  take(): { payload: Uint8Array; buffer: Uint8Array } {
+    new DataView(this.buf.buffer, this.buf.byteOffset, 4).setUint32(0, this.count);
+    const buffer = this.buf;
+    const payload = buffer.subarray(0, 4 + this.count * DATA_ENTRY);
+    this.buf = this.acquire();
     this.count = 0;
-    return out;
+    return { payload, buffer };
   }
 }

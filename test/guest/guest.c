@@ -19,6 +19,9 @@
  *
  * Serial commands (one byte): 'h' stop dirtying, verify all pages, halt;
  * 'v' verify and go on; 's' print counters.
+ *
+ * Between timer ticks (1 kHz) and serial input the guest sleeps in HLT, so an
+ * idle guest costs the host no CPU, as a real idle VM would not.
  */
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -82,29 +85,65 @@ static void puthex(u32 v) {
 	puts_("0x");
 	for (int s = 28; s >= 0; s -= 4) putc_("0123456789abcdef"[(v >> s) & 15]);
 }
-static int getc_nonblock(void) {
-	if (inb(0x3fd) & 0x01) return inb(0x3f8);
-	return -1;
+
+/* ---- interrupts: PIT at 1 kHz on IRQ0, COM1 receive on IRQ4 ---- */
+#define TICK_HZ 1000u
+struct idt_entry {
+	unsigned short offset_lo, selector;
+	unsigned char zero, type;
+	unsigned short offset_hi;
+} __attribute__((packed));
+struct idt_descriptor {
+	unsigned short limit;
+	u32 base;
+} __attribute__((packed));
+
+extern void irq_timer(void), irq_serial(void), irq_ignore(void);
+static struct idt_entry idt[256];
+static volatile u32 ticks;
+static volatile unsigned char rx[64];
+static volatile u32 rx_head, rx_tail;
+
+void on_timer(void) { ticks++; }
+void on_serial(void) {
+	while (inb(0x3fd) & 0x01) {
+		unsigned char c = inb(0x3f8);
+		if (rx_head - rx_tail < sizeof rx) rx[rx_head++ % sizeof rx] = c;
+	}
+}
+static int next_command(void) {
+	if (rx_tail == rx_head) return -1;
+	return rx[rx_tail++ % sizeof rx];
 }
 
-/* ---- PIT channel 0 as a free-running clock, read by polling ---- */
-static u32 pit_last;
-static void pit_init(void) {
-	outb(0x43, 0x34); /* ch0, lo/hi, mode 2, binary */
-	outb(0x40, 0);
-	outb(0x40, 0); /* reload 65536 */
-	outb(0x43, 0x00);
-	pit_last = inb(0x40);
-	pit_last |= (u32)inb(0x40) << 8;
+static void set_gate(int vector, void (*handler)(void)) {
+	u32 a = (u32)handler;
+	idt[vector] = (struct idt_entry){(unsigned short)a, 0x08, 0, 0x8e, (unsigned short)(a >> 16)};
 }
-/* PIT ticks since the previous call; must be called at least every 54 ms. */
-static u32 pit_elapsed(void) {
-	outb(0x43, 0x00);
-	u32 now = inb(0x40);
-	now |= (u32)inb(0x40) << 8;
-	u32 d = (pit_last - now) & 0xffff;
-	pit_last = now;
-	return d;
+
+static void interrupts_init(void) {
+	for (int v = 0; v < 256; v++) set_gate(v, irq_ignore);
+	set_gate(0x20, irq_timer);
+	set_gate(0x24, irq_serial);
+	struct idt_descriptor d = {sizeof idt - 1, (u32)idt};
+	__asm__ volatile("lidt %0" : : "m"(d));
+	/* remap the PICs to vectors 0x20..0x2f; unmask IRQ0 and IRQ4 only */
+	outb(0x20, 0x11);
+	outb(0xa0, 0x11);
+	outb(0x21, 0x20);
+	outb(0xa1, 0x28);
+	outb(0x21, 0x04);
+	outb(0xa1, 0x02);
+	outb(0x21, 0x01);
+	outb(0xa1, 0x01);
+	outb(0x21, 0xee);
+	outb(0xa1, 0xff);
+	/* PIT channel 0: rate generator at TICK_HZ */
+	u32 reload = PIT_HZ / TICK_HZ;
+	outb(0x43, 0x34);
+	outb(0x40, (unsigned char)reload);
+	outb(0x40, (unsigned char)(reload >> 8));
+	outb(0x3f9, 0x01); /* COM1: interrupt on received data */
 }
 
 /* ---- content ---- */
@@ -313,25 +352,32 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
 	putdec(npages);
 	puts_("\n");
 
-	pit_init();
-	u64 credit = 0; /* in units of PIT ticks * pages/s */
+	interrupts_init();
+	u32 seen = 0, credit = 0;
 	for (;;) {
 		for (char *p = scratch_start; p < scratch_end; p += PAGE) invlpg(p);
-		int c = getc_nonblock();
+		int c = next_command();
 		if (c == 'h') break;
 		if (c == 'v') do_verify();
 		if (c == 's') report_counter("status");
-		if (!rate) continue;
-		credit += (u64)pit_elapsed() * rate;
-		/* catching up after a long stall (migration downtime) would
-		 * burst; cap the backlog at 50 ms worth of pages */
-		u64 cap = (u64)PIT_HZ * (rate / 20 + 1);
-		if (credit > cap) credit = cap;
-		while (credit >= PIT_HZ) {
-			credit -= PIT_HZ;
-			dirty_one();
+		u32 now = ticks;
+		if (rate && now != seen) {
+			/* after a long stall, catch up at most 50 ms worth */
+			u32 elapsed = now - seen > 50 ? 50 : now - seen;
+			seen = now;
+			credit += elapsed * rate;
+			while (credit >= TICK_HZ) {
+				credit -= TICK_HZ;
+				dirty_one();
+			}
 		}
+		/* sleep until the next tick or byte; sti's shadow makes sti+hlt atomic */
+		__asm__ volatile("cli");
+		if (rx_tail == rx_head && ticks == seen) __asm__ volatile("sti; hlt" ::: "memory");
+		else __asm__ volatile("sti");
+		if (!rate) seen = ticks;
 	}
+	__asm__ volatile("cli");
 	report_counter("halt");
 	do_verify();
 	puts_("SGMGUEST halted\n");
