@@ -27,8 +27,8 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
     .action(async (flags: GatherFlags) => {
       const listen = parseHostPort("--listen", requireString("--listen", flags.listen));
       const vms = parseVmPairs(flags.vm);
-      const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
+      const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const report = await runGather({ listen, vms, psk, postcopyBandwidth, signal, log: info });
       render(report);
       if (flags.json) printJson(report);

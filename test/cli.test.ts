@@ -40,4 +40,21 @@ describe("dist/sgm", () => {
     expect(r.code).toBe(2);
     expect(r.stderr).toBe("sgm: error: Unknown option `--frobnicate`\n");
   });
+
+  test.each([
+    [["scatter", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to is required"],
+    [["scatter", "--to", "nohost", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to 'nohost': expected HOST:PORT"],
+    [["scatter", "--to", "h:1", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],
+    [["scatter", "--to", "h:1", "--vm", "noequals", "--psk-file", "/k"], "--vm 'noequals': expected NAME=QMP_SOCKET (NAME: letters, digits, . _ -)"],
+    [["scatter", "--to", "h:1", "--vm", "a=/x", "--vm", "a=/y", "--psk-file", "/k"], "--vm: 'a' is given twice"],
+    [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/nonexistent/psk"], "--psk-file '/nonexistent/psk': "],
+    [["gather", "--listen", "127.0.0.1:0", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],
+    [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--postcopy-bandwidth", "fast"], "--postcopy-bandwidth 'fast': expected a size such as 8GiB or 512MiB"],
+  ])("usage error %j", async (args, message) => {
+    const r = await runSgm(args);
+    expect(r.code).toBe(2);
+    expect(r.stdout).toBe("");
+    expect(r.stderr.startsWith(`sgm: error: ${message}`)).toBe(true);
+    expect(r.stderr.split("\n").length).toBe(2); // one line
+  });
 });

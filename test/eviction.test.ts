@@ -140,6 +140,16 @@ describe("a failure before switchover leaves the VM running at the source", () =
 });
 
 describe("refusals before anything moves", () => {
+  test("a source whose migration capabilities change the stream (xbzrle)", async () => {
+    const pair = await startPair(dir, "xb", { memMiB: 32, seed: 109 });
+    await pair.source.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "xbzrle", state: true }] });
+    const { port } = await startGather([pair], psk);
+    const s = await (await startScatter([pair], port, psk)).result();
+    expect(s.code).toBe(2);
+    expect(s.stderr).toBe("sgm: error: VM xb: migration capability 'xbzrle' is on (XBZRLE-encoded pages); sgm needs it off\n");
+    expect((await queryMigrate(pair.source.qmp)).status ?? "none").toBe("none");
+  }, 60_000);
+
   test("a wrong pre-shared key", async () => {
     const pair = await startPair(dir, "auth", { memMiB: 32, seed: 106 });
     const { gather, port } = await startGather([pair], psk);
