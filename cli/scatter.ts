@@ -3,6 +3,7 @@
 import type { CAC } from "cac";
 import { SgmError } from "../core/errors.ts";
 import { runScatter, type ScatterReport } from "../core/scatter/engine.ts";
+import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { parseCount, parseHostPort, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes, formatMs, info, printJson } from "./output.ts";
@@ -28,7 +29,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
-    .option("--downtime-limit <ms>", "The source QEMU's downtime-limit for its final pass (QEMU's default: 300)")
+    .option("--downtime-limit <ms>", `The source QEMU's downtime-limit for its final pass (default: ${DEFAULT_DOWNTIME_LIMIT_MS}; QEMU's own is 300)`)
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm scatter --to dst:7700 --vm web1=/run/qemu/web1.qmp --via r1:7701,r2:7701 --psk-file /etc/sgm/psk")
     .action(async (flags: ScatterFlags) => {

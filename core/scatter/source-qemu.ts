@@ -29,6 +29,14 @@ const REFUSED_CAPABILITIES: Record<string, string> = {
   "zero-copy-send": "zero-copy multifd",
 };
 
+/**
+ * QEMU's default downtime-limit is 300 ms. Into scatter, which absorbs at
+ * local speed, QEMU then stops the VM with 300 ms worth of that speed still
+ * to send; 50 ms cut the measured downtime to a third with no later eviction
+ * (1 GiB idle: 329 -> 109 ms; 256 MiB at 20k dirty pages/s: 210 -> 54 ms).
+ */
+export const DEFAULT_DOWNTIME_LIMIT_MS = 50;
+
 const ACTIVE: ReadonlySet<string> = new Set(["setup", "active", "postcopy-active", "device", "pre-switchover", "cancelling", "wait-unplug"]);
 
 export interface SourceInfo {
@@ -85,11 +93,12 @@ export class SourceQemu {
    * resumes the VM.
    */
   async migrateTo(socketPath: string, options: { downtimeLimitMs?: number } = {}): Promise<void> {
+    const downtimeLimit = options.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS;
     await setCapabilities(this.qmp, { events: true, "return-path": true, "postcopy-ram": false });
     // QEMU's default cap of 128 MiB/s is far below what scatter absorbs.
     await setParameters(this.qmp, {
       "max-bandwidth": 64 * 1024 * 1024 * 1024,
-      ...(options.downtimeLimitMs !== undefined ? { "downtime-limit": options.downtimeLimitMs } : {}),
+      "downtime-limit": downtimeLimit,
     });
     this.stopEvent = this.qmp.waitForEvent("STOP", undefined, 24 * 3600 * 1000);
     this.stopEvent.catch(() => {}); // observed through stoppedAt()
