@@ -459,9 +459,16 @@ describe("authentication", () => {
 
 describe("connection", () => {
   test("frames that arrive before the handler is set are kept", async () => {
+    let sender: PeerConnection | undefined;
+    const marks: number[] = [];
     const server = startServer("gather", ["scatter"], {
       onConnection(conn) {
-        for (let i = 0; i < 100; i++) conn.send(DATA, pattern(1000, i));
+        sender = conn;
+        // Sent while the WELCOME may still be queued: the handshake must not count.
+        for (let i = 0; i < 100; i++) {
+          conn.send(DATA, pattern(i % 2 ? 1000 : 20_000, i));
+          marks.push(conn.bytesSent + conn.queuedBytes);
+        }
       },
     });
     const client = await connect(server.listener.port, "scatter");
@@ -474,7 +481,12 @@ describe("connection", () => {
       }),
     );
     await all;
-    expect(got).toEqual(Array.from({ length: 100 }, (_, i) => ({ type: DATA, payload: pattern(1000, i) })));
+    expect(got).toEqual(Array.from({ length: 100 }, (_, i) => ({ type: DATA, payload: pattern(i % 2 ? 1000 : 20_000, i) })));
+    // bytesSent + queuedBytes right after send() is where that frame ends.
+    const ends = got.map((f) => f.payload.length + 8).map((_, i, sizes) => sizes.slice(0, i + 1).reduce((a, b) => a + b, 0));
+    expect(marks).toEqual(ends);
+    expect(sender?.bytesSent).toBe(ends[99]);
+    expect(sender?.queuedBytes).toBe(0);
     client.close();
     server.listener.close();
   });

@@ -111,6 +111,7 @@ export class PeerConnection {
   private received = 0;
 
   // Send side: `queue` is written in order, then the filled start of `batch`.
+  // `queued` and `sent` count frames sent after authentication only.
   private queue: Uint8Array[] = [];
   private queueHead = 0;
   private batch = NO_BYTES;
@@ -186,7 +187,12 @@ export class PeerConnection {
     return this.received;
   }
 
-  /** Queues one frame. Throws once the connection is closing or closed. */
+  /**
+   * Queues one frame. Throws once the connection is closing or closed.
+   * Right after the call, bytesSent + queuedBytes is where this frame ends
+   * in the stream; once bytesSent reaches that, the connection holds no
+   * reference to `payload` and the caller may reuse it.
+   */
   send(type: number, payload: Uint8Array): void {
     this.checkSendable();
     this.queueFrame(type, [payload]);
@@ -200,7 +206,9 @@ export class PeerConnection {
 
   /**
    * Resolves once at most `maxQueued` bytes wait to be handed to the kernel;
-   * rejects if the connection closes first.
+   * rejects if the connection closes first. Senders of many small frames
+   * save a promise per frame by awaiting it only when queuedBytes is above
+   * their bound.
    */
   whenWritable(maxQueued = DEFAULT_MAX_QUEUED): Promise<void> {
     if (this.phase === "closed" || this.phase === "closing") return Promise.reject(this.notOpenError());
@@ -231,7 +239,8 @@ export class PeerConnection {
   /**
    * Closes once everything queued is handed to the kernel; frames the peer
    * still sends until it closes too are delivered. `closed` resolves when
-   * the peer has closed its side.
+   * the peer has closed its side, which a peer that stopped reading never
+   * does: abort() then.
    */
   close(): void {
     if (this.phase !== "open") return;
@@ -362,8 +371,8 @@ export class PeerConnection {
         this.queue.push(part);
       }
     }
-    this.queued += FRAME_HEADER_BYTES + length;
     if (handshake) this.handshakeUnsent += FRAME_HEADER_BYTES + length;
+    else this.queued += FRAME_HEADER_BYTES + length;
     if (!this.flushScheduled && !this.awaitingDrain) {
       this.flushScheduled = true;
       // Deferred so that frames sent in one turn of the event loop leave in as few writes as possible.
@@ -407,16 +416,17 @@ export class PeerConnection {
       this.queueHead = 0;
     }
     this.wakeWaiters();
-    if (this.phase === "closing" && this.queued === 0 && !this.shutDown) {
+    if (this.phase === "closing" && this.queueHead === this.queue.length && !this.shutDown) {
       this.shutDown = true;
       socket.shutdown();
     }
   }
 
   private countWritten(bytes: number): void {
-    this.queued -= bytes;
+    // Handshake frames were queued before any other, so they leave first.
     const handshakeBytes = Math.min(bytes, this.handshakeUnsent);
     this.handshakeUnsent -= handshakeBytes;
+    this.queued -= bytes - handshakeBytes;
     this.sent += bytes - handshakeBytes;
   }
 
