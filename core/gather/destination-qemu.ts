@@ -3,6 +3,7 @@
 // follows it until the migration completes.
 
 import { SgmError } from "../errors.ts";
+import { checkSupported, machineType, versionString } from "../qemu/versions.ts";
 import { type QmpAddress, QmpClient, type QmpEvent, describeQmpAddress } from "../qmp/client.ts";
 import { queryMigrate, setCapabilities, waitForMigrationStatus } from "../qmp/migration.ts";
 
@@ -10,13 +11,14 @@ export class DestinationQemu {
   readonly name: string;
   readonly qmp: QmpClient;
   readonly qemuVersion: string;
+  readonly machine: string;
   private resumeEvent: Promise<QmpEvent> | null = null;
 
-  private constructor(name: string, qmp: QmpClient) {
+  private constructor(name: string, qmp: QmpClient, machine: string) {
     this.name = name;
     this.qmp = qmp;
-    const v = qmp.version;
-    this.qemuVersion = `${v.major}.${v.minor}.${v.micro}`;
+    this.qemuVersion = versionString(qmp.version);
+    this.machine = machine;
   }
 
   /** Connects and checks that this QEMU waits for an incoming migration and can do postcopy. */
@@ -25,6 +27,7 @@ export class DestinationQemu {
       throw new SgmError("unavailable", `VM ${name}: destination ${err.message}`);
     });
     try {
+      checkSupported(qmp.version, `VM ${name}: the destination`);
       const status = await qmp.execute<{ status: string }>("query-status");
       if (status.status !== "inmigrate") {
         throw new SgmError("usage", `VM ${name}: destination QEMU at ${describeQmpAddress(address)} is '${status.status}', not waiting with -incoming defer`);
@@ -37,7 +40,7 @@ export class DestinationQemu {
       await setCapabilities(qmp, { events: true, "postcopy-ram": true }).catch((err: SgmError) => {
         throw new SgmError("unavailable", `VM ${name}: destination QEMU cannot do postcopy: ${err.message}`);
       });
-      return new DestinationQemu(name, qmp);
+      return new DestinationQemu(name, qmp, await machineType(qmp));
     } catch (err) {
       qmp.close();
       throw err;

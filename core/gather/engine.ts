@@ -178,9 +178,15 @@ class ScatterSession {
     switch (message.t) {
       case "offer": {
         const arrival = this.arrivals.get(message.name);
-        if (!arrival || arrival.isTaken) {
-          const reason = arrival ? `VM ${message.name} is already arriving` : `no destination for VM ${message.name} here (not a --vm of this gather)`;
-          this.send({ t: "refuse", vm: message.vm, reason });
+        const reason = !arrival
+          ? `no destination for VM ${message.name} here (not a --vm of this gather)`
+          : arrival.isTaken
+            ? `VM ${message.name} is already arriving`
+            : arrival.dest.machine !== message.machine
+              ? `machine types differ: the source (QEMU ${message.qemu}) runs ${message.machine}, the destination (QEMU ${arrival.dest.qemuVersion}) ${arrival.dest.machine}; QEMU migrates only between equal machine types`
+              : null;
+        if (reason || !arrival) {
+          this.send({ t: "refuse", vm: message.vm, reason: reason ?? "" });
           return;
         }
         this.vms.set(message.vm, arrival);

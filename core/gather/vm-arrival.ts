@@ -14,7 +14,7 @@ export interface ArrivalReport {
   ok: boolean;
   error?: string;
   exitCode?: number;
-  qemu: { source: string | null; destination: string };
+  qemu: { source: string | null; destination: string; machine: string };
   /** From scatter's start until the destination completed. */
   totalMs: number | null;
   /** Source STOP to destination RESUME. */
@@ -152,7 +152,7 @@ export class VmArrival {
       name: this.name,
       ok: this.stage === "completed",
       ...(this.error ? { error: this.error.message, exitCode: this.error.exitCode } : {}),
-      qemu: { source: this.sourceQemu, destination: this.dest.qemuVersion },
+      qemu: { source: this.sourceQemu, destination: this.dest.qemuVersion, machine: this.dest.machine },
       totalMs: this.completedAt !== null && this.startedAt !== null ? Math.round(this.completedAt - this.startedAt) : null,
       downtimeMs: this.resumedAt !== null && this.stoppedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
       bytes: { toQemu: this.feed?.bytesToQemu ?? 0 },

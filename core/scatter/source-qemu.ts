@@ -3,6 +3,7 @@
 // follows it to the end, or cancels it so the VM keeps running.
 
 import { SgmError } from "../errors.ts";
+import { checkSupported, machineType, versionString } from "../qemu/versions.ts";
 import { type QmpAddress, QmpClient, type QmpEvent, describeQmpAddress } from "../qmp/client.ts";
 import {
   enabledCapabilities,
@@ -41,6 +42,7 @@ const ACTIVE: ReadonlySet<string> = new Set(["setup", "active", "postcopy-active
 
 export interface SourceInfo {
   qemuVersion: string;
+  machine: string;
   runState: string;
 }
 
@@ -62,7 +64,7 @@ export class SourceQemu {
       throw new SgmError("unavailable", `VM ${name}: ${err.message}`);
     });
     try {
-      const v = qmp.version;
+      checkSupported(qmp.version, `VM ${name}: the source`);
       const status = await qmp.execute<{ status: string }>("query-status");
       if (status.status === "inmigrate") throw new SgmError("usage", `VM ${name}: QEMU at ${describeQmpAddress(address)} is a migration destination, not a source`);
       if (status.status === "postmigrate") throw new SgmError("usage", `VM ${name}: already migrated away (run state postmigrate)`);
@@ -79,7 +81,7 @@ export class SourceQemu {
       if (typeof params["tls-creds"] === "string" && params["tls-creds"] !== "") {
         throw new SgmError("usage", `VM ${name}: migration TLS is configured (tls-creds); sgm carries plain streams`);
       }
-      return new SourceQemu(name, qmp, { qemuVersion: `${v.major}.${v.minor}.${v.micro}`, runState: status.status });
+      return new SourceQemu(name, qmp, { qemuVersion: versionString(qmp.version), machine: await machineType(qmp), runState: status.status });
     } catch (err) {
       qmp.close();
       throw err;

@@ -30,7 +30,7 @@ export interface EvictionReport {
   name: string;
   ok: boolean;
   error?: string;
-  qemu: { source: string; destination: string | null };
+  qemu: { source: string; destination: string | null; machine: string };
   /** From scatter's start until the gather held every byte of the final state. */
   evictionMs: number | null;
   /** Source STOP to destination RESUME. */
@@ -150,7 +150,7 @@ export class VmEviction {
       name: this.name,
       ok: error === undefined,
       ...(error ? { error: error.message } : {}),
-      qemu: { source: this.source.info.qemuVersion, destination: this.destinationQemu },
+      qemu: { source: this.source.info.qemuVersion, destination: this.destinationQemu, machine: this.source.info.machine },
       evictionMs: this.evictedAt === null ? null : Math.round(this.evictedAt - o.startedAt.mono),
       downtimeMs: this.stoppedAt !== null && this.resumedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
       totalMs: this.completedAt === null ? null : Math.round(this.completedAt - o.startedAt.wall),
@@ -168,7 +168,8 @@ export class VmEviction {
 
   private async offerAndStream(): Promise<void> {
     const o = this.options;
-    this.send({ t: "offer", vm: this.id, name: this.name, qemu: this.source.info.qemuVersion, startedAt: o.startedAt.wall });
+    const info = this.source.info;
+    this.send({ t: "offer", vm: this.id, name: this.name, qemu: info.qemuVersion, machine: info.machine, startedAt: o.startedAt.wall });
     const accept = await this.wait("accept");
     if (accept.t === "accept") this.destinationQemu = accept.qemu;
 

@@ -49,7 +49,7 @@ export const MapKind = { ZERO: 0, DIGEST: 1 } as const;
 
 export type Control =
   /** scatter → gather: a VM is coming. startedAt: epoch ms scatter started, for total time. */
-  | { t: "offer"; vm: number; name: string; qemu: string; startedAt: number }
+  | { t: "offer"; vm: number; name: string; qemu: string; machine: string; startedAt: number }
   | { t: "accept"; vm: number; qemu: string }
   | { t: "refuse"; vm: number; reason: string }
   /** scatter → gather: the RAM block list and section id, after the header bytes. */
@@ -70,7 +70,7 @@ export type Control =
 type ControlType = Control["t"];
 
 const FIELDS: Record<ControlType, Record<string, "number" | "string" | "blocks">> = {
-  offer: { vm: "number", name: "string", qemu: "string", startedAt: "number" },
+  offer: { vm: "number", name: "string", qemu: "string", machine: "string", startedAt: "number" },
   accept: { vm: "number", qemu: "string" },
   refuse: { vm: "number", reason: "string" },
   blocks: { vm: "number", sectionId: "number", blocks: "blocks" },

@@ -4,7 +4,7 @@
 
 import { join } from "node:path";
 import { startSgm, type RunResult, type SgmProcess } from "./sgm.ts";
-import { type GuestLayout, TestVm, type VmOptions } from "./qemu.ts";
+import { type GuestLayout, type QemuBinary, TestVm, type VmOptions } from "./qemu.ts";
 import { freePort } from "./tmp.ts";
 
 export interface VmPair {
@@ -14,11 +14,17 @@ export interface VmPair {
   layout: GuestLayout;
 }
 
+export interface PairOptions extends Omit<VmOptions, "dir" | "name" | "incoming" | "binary"> {
+  sourceBinary?: QemuBinary;
+  destinationBinary?: QemuBinary;
+}
+
 /** Starts a source VM and its waiting destination; resolves once the guest filled its RAM. */
-export async function startPair(dir: string, name: string, options: Omit<VmOptions, "dir" | "name" | "incoming"> = {}): Promise<VmPair> {
+export async function startPair(dir: string, name: string, options: PairOptions = {}): Promise<VmPair> {
+  const { sourceBinary, destinationBinary, ...vm } = options;
   const [source, destination] = await Promise.all([
-    TestVm.start({ ...options, dir, name }),
-    TestVm.start({ ...options, dir, name: `${name}-in`, incoming: true }),
+    TestVm.start({ ...vm, dir, name, binary: sourceBinary }),
+    TestVm.start({ ...vm, dir, name: `${name}-in`, incoming: true, binary: destinationBinary }),
   ]);
   const layout = await source.waitFilled();
   return { name, source, destination, layout };

@@ -15,6 +15,8 @@ export interface QemuBinary {
   path: string;
   /** Extra -L firmware directories, for QEMUs unpacked beside the system one. */
   dataDirs: string[];
+  /** Environment for it (QEMU_MODULE_DIR for an unpacked QEMU). */
+  env?: Record<string, string>;
 }
 
 export const SYSTEM_QEMU: QemuBinary = { path: "qemu-system-x86_64", dataDirs: [] };
@@ -90,7 +92,7 @@ export class TestVm {
       ...(options.extraArgs ?? []),
     ];
     const log = Bun.file(join(dir, `${name}.qemu.log`));
-    const proc = track(Bun.spawn(args, { stdout: log, stderr: log, stdin: "ignore" }));
+    const proc = track(Bun.spawn(args, { stdout: log, stderr: log, stdin: "ignore", env: { ...process.env, ...binary.env } }));
     const harnessQmp = join(dir, `${name}.harness.qmp`);
     const deadline = Date.now() + 20_000;
     for (;;) {
