@@ -4,7 +4,7 @@
 // (block, page) -> digest or zero record goes to the gather, so it always
 // knows the latest version of every page.
 
-import { digestPage, DIGEST_BYTES } from "../dedup/digest.ts";
+import { digestPage, DIGEST_BYTES, isZeroPage } from "../dedup/digest.ts";
 import type { DigestIndex } from "../dedup/digest-index.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { FrameType, PageDataBuilder, PageMapBuilder } from "../wire/messages.ts";
@@ -52,7 +52,8 @@ export class PagePipeline {
 
   page(block: number, page: number, content: Uint8Array | null): void {
     this.stats.pages++;
-    if (content === null) {
+    // QEMU 9.0+ with zero-page-detection=none sends zero pages as content
+    if (content === null || isZeroPage(content)) {
       this.stats.zeroPages++;
       this.map.addZero(block, page);
     } else {
