@@ -1,11 +1,10 @@
 // sgm scatter: runs on the host being emptied.
 
 import type { CAC } from "cac";
-import { SgmError } from "../core/errors.ts";
 import { runScatter, type ScatterReport } from "../core/scatter/engine.ts";
 import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
 import { loadPsk } from "../core/wire/auth.ts";
-import { parseCount, parseHostPort, parseVmPairs, requireString } from "./args.ts";
+import { parseCount, parseHostPort, parseHostPortList, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes, formatMs, info, printJson } from "./output.ts";
 
 interface ScatterFlags {
@@ -16,6 +15,7 @@ interface ScatterFlags {
   pskFile?: unknown;
   keepSource?: boolean;
   downtimeLimit?: unknown;
+  waitGather?: unknown;
   json?: boolean;
 }
 
@@ -30,18 +30,23 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
     .option("--downtime-limit <ms>", `The source QEMU's downtime-limit for its final pass (default: ${DEFAULT_DOWNTIME_LIMIT_MS}; QEMU's own is 300)`)
+    .option("--wait-gather <seconds>", "How long to keep trying a gather that is not listening yet", { default: 30 })
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm scatter --to dst:7700 --vm web1=/run/qemu/web1.qmp --via r1:7701,r2:7701 --psk-file /etc/sgm/psk")
     .action(async (flags: ScatterFlags) => {
       const gather = parseHostPort("--to", requireString("--to", flags.to));
       const vms = parseVmPairs(flags.vm);
-      parseCount("--replicas", flags.replicas, 1, 16);
-      if (flags.via !== undefined) throw new SgmError("usage", "--via: relays are not supported by this build yet");
+      const relays = parseHostPortList("--via", flags.via);
+      const replicas = parseCount("--replicas", flags.replicas, 1, 16);
+      const gatherWaitMs = parseCount("--wait-gather", flags.waitGather, 0, 24 * 3600) * 1000;
       const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const report = await runScatter({
         gather,
         vms,
+        relays,
+        replicas,
+        gatherWaitMs,
         psk,
         keepSource: Boolean(flags.keepSource),
         downtimeLimitMs,
@@ -59,11 +64,12 @@ function render(report: ScatterReport): void {
     if (vm.ok) {
       info(
         `${vm.name}: evicted in ${formatMs(vm.evictionMs ?? 0)}, downtime ${vm.downtimeMs === null ? "unknown" : formatMs(vm.downtimeMs)}; ` +
-          `read ${formatBytes(vm.bytes.fromSource)} from QEMU ${vm.qemu.source}, sent ${formatBytes(vm.bytes.toGather)} ` +
-          `(dedup saved ${formatBytes(vm.bytes.dedupSaved)}); source ${vm.source}`,
+          `read ${formatBytes(vm.bytes.fromSource)} from QEMU ${vm.qemu.source} (dedup saved ${formatBytes(vm.bytes.dedupSaved)}); source ${vm.source}`,
       );
     } else {
       info(`${vm.name}: NOT evicted: ${vm.error}; the VM is ${vm.source} at the source`);
     }
   }
+  const p = report.placement;
+  info(`sent ${formatBytes(report.bytesToGather)} to the gather (${p.directPages} pages) and ${report.relays.map((r) => `${formatBytes(r.bytesSent)} to ${r.address} (${r.pages} pages)`).join(", ") || "nothing to relays"}`);
 }

@@ -39,7 +39,7 @@ try {
   console.log(`total migration time   ${gr.totalMs} ms   (destination QEMU holds every page)`);
   console.log(`downtime               ${sr.downtimeMs} ms   (source STOP to destination RESUME)`);
   console.log(`bytes from source QEMU ${mib(sr.bytes.fromSource)}`);
-  console.log(`bytes to the gather    ${mib(sr.bytes.toGather)} (dedup saved ${mib(sr.bytes.dedupSaved)})`);
+  console.log(`bytes to the gather    ${mib(report<ScatterReport>(s).bytesToGather)} (dedup saved ${mib(sr.bytes.dedupSaved)})`);
   console.log(`bytes to dest QEMU     ${mib(gr.bytes.toQemu)}`);
   console.log(`pages                  ${gr.pages.fedPages} fed before switchover, ${gr.pages.deliveredPages} after, ${gr.pages.requestedPagesServed} on request`);
   console.log(`guest self-check       ${halted.verified ? "every page intact" : "FAILED"}`);

@@ -3,21 +3,22 @@
 // reads; at switchover it discards every page whose fed content is stale
 // (or was never fed), sends the device state packaged with LISTEN and RUN,
 // and from then on delivers every remaining page exactly once, serving the
-// destination's page requests ahead of the background scan.
+// destination's page requests ahead of the background scan. Content on
+// relays is fetched first: at once for a requested page, in the background
+// for the rest.
 //
-// Page contents live in the gather's PageStore. This table holds one
-// reference for a page's current content and one for what was fed, so a
-// store id it compares can never be reused for other content meanwhile.
+// The page table holds one reference for a page's current content and one
+// for what was fed, so a content id it compares is never reused meanwhile.
 
 import { join } from "node:path";
-import type { PageStore } from "../dedup/page-store.ts";
 import { SgmError } from "../errors.ts";
-import { trace } from "../trace.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
 import { TPS } from "../qemu/constants.ts";
 import { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
 import { ReturnPathReader } from "../qemu/return-path.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import { trace } from "../trace.ts";
+import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
 import { NOT_FED, PageTable, UNKNOWN, ZERO } from "./page-table.ts";
 
@@ -30,6 +31,8 @@ export interface FeedStats {
   /** Page requests the destination sent, and pages they named that were still missing. */
   requests: number;
   requestedPagesServed: number;
+  /** Requested pages whose content first had to come from a relay. */
+  requestedFromRelays: number;
 }
 
 export interface FeedOptions {
@@ -40,7 +43,9 @@ export interface FeedOptions {
   header: Uint8Array;
   blocks: readonly RamBlockInfo[];
   sectionId: number;
-  store: PageStore;
+  dir: ContentDirectory;
+  /** Asks for content held only on relays; `urgent` when the destination waits for it. */
+  fetch: (cid: number, urgent: boolean) => void;
   /**
    * Bytes per second for the background push after switchover (like QEMU's
    * max-postcopy-bandwidth); requested pages are never held back.
@@ -65,15 +70,16 @@ export class DestinationFeed {
     deliveredPages: 0,
     requests: 0,
     requestedPagesServed: 0,
+    requestedFromRelays: 0,
   };
   /** Resolves when the destination reports the migration completed. */
   readonly completed: Promise<void>;
 
+  private readonly options: FeedOptions;
   private readonly dest: DestinationQemu;
-  private readonly store: PageStore;
+  private readonly dir: ContentDirectory;
   private readonly postcopyBandwidth: number;
   private readonly socketPath: string;
-  private readonly options: FeedOptions;
   private writer!: PostcopyStreamWriter;
   private sock: ByteSocket | null = null;
   private phase: Phase = "precopy";
@@ -86,17 +92,21 @@ export class DestinationFeed {
   private readonly blockIndex: Map<string, number>;
   private readonly done = Promise.withResolvers<void>();
   private failure: Error | null = null;
+  /** After switchover: pages whose content is on its way from a relay. */
+  private readonly awaiting = new Set<number>();
+  private scanned = false;
+  private flushQueued = false;
 
   constructor(options: FeedOptions) {
+    this.options = options;
     this.name = options.name;
     this.dest = options.dest;
-    this.store = options.store;
+    this.dir = options.dir;
     this.postcopyBandwidth = options.postcopyBandwidth ?? Infinity;
     this.table = new PageTable(options.blocks);
     this.queued = new Uint8Array(this.table.total);
     this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
     this.socketPath = join(options.socketDir, `${options.name}.incoming.sock`);
-    this.options = options;
     this.completed = this.done.promise;
     this.completed.catch(() => {});
   }
@@ -128,22 +138,15 @@ export class DestinationFeed {
     void this.dest.qmp.closed.then(() => this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU went away`)));
   }
 
-  /** The page's content is now `id` (a store id, or ZERO). Takes a reference on `id`. */
-  map(block: number, page: number, id: number): void {
+  /** The page's content is now `cid` (or ZERO). Takes a reference on it. */
+  map(block: number, page: number, cid: number): void {
     const t = this.table;
     const i = t.index(block, page);
     const old = t.content[i]!;
-    if (id >= 0) this.store.retain(id);
-    t.content[i] = id;
-    if (old >= 0) this.store.release(old);
-    if (this.phase === "precopy" && t.fed[i] !== id && !this.queued[i]) {
-      this.queued[i] = 1;
-      this.queue.push(i);
-      if (!this.pumping) {
-        this.pumping = true;
-        this.pumped = this.pumpPrecopy();
-      }
-    }
+    if (cid >= 0) this.dir.retain(cid);
+    t.content[i] = cid;
+    if (old >= 0) this.dir.release(old);
+    if (this.phase === "precopy" && t.fed[i] !== cid) this.enqueue(i);
   }
 
   /** Switches the destination over: discards, device state, RUN. Postcopy delivery starts. */
@@ -151,9 +154,8 @@ export class DestinationFeed {
     if (this.phase !== "precopy") throw new SgmError("internal", `VM ${this.name}: switchover in phase ${this.phase}`);
     this.phase = "switching";
     await this.pumped;
-    this.throwIfFailed();
+    if (this.failure) throw this.failure;
     const t = this.table;
-    const store = this.store;
     const discards = t.blocks.map((_, b) => {
       const ranges: Array<[number, number]> = [];
       const first = t.blockStart[b]!;
@@ -169,7 +171,7 @@ export class DestinationFeed {
     if (discarded === 0) {
       // QEMU needs at least one discard before LISTEN or its listen thread
       // deadlocks; give up the first page fed and deliver it again later
-      if (t.fed[0]! >= 0) store.release(t.fed[0]!);
+      if (t.fed[0]! >= 0) this.dir.release(t.fed[0]!);
       t.fed[0] = NOT_FED;
       discards[0]!.push([0, 1]);
       discarded = 1;
@@ -181,12 +183,13 @@ export class DestinationFeed {
     // pages fed and still current are at the destination for good
     for (let i = 0; i < t.total; i++) {
       const fed = t.fed[i]!;
-      if (fed === t.content[i]) {
+      const current = fed === t.content[i];
+      if (current) {
         t.delivered[i] = 1;
-        if (fed >= 0) store.release(fed); // the content reference
+        if (fed >= 0) this.dir.release(fed); // the content reference
       }
-      if (fed >= 0) store.release(fed); // the fed reference
-      t.fed[i] = fed === t.content[i] ? fed : NOT_FED;
+      if (fed >= 0) this.dir.release(fed); // the fed reference
+      t.fed[i] = current ? fed : NOT_FED;
     }
     trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
     this.writer.packageAndRun(deviceState);
@@ -206,6 +209,16 @@ export class DestinationFeed {
 
   // ---- precopy phase ---------------------------------------------------------
 
+  private enqueue(i: number): void {
+    if (this.queued[i]) return;
+    this.queued[i] = 1;
+    this.queue.push(i);
+    if (!this.pumping) {
+      this.pumping = true;
+      this.pumped = this.pumpPrecopy();
+    }
+  }
+
   private async pumpPrecopy(): Promise<void> {
     const t = this.table;
     const sock = this.sock!;
@@ -221,12 +234,20 @@ export class DestinationFeed {
         this.queued[i] = 0;
         const c = t.content[i]!;
         if (c === UNKNOWN || t.fed[i] === c) continue;
+        if (c >= 0 && !this.dir.isLocal(c)) {
+          // on a relay: fetch it at the gather's pace and come back to this page
+          this.options.fetch(c, false);
+          this.dir.whenLocal(c, () => {
+            if (this.phase === "precopy" && t.content[i] === c && t.fed[i] !== c) this.enqueue(i);
+          });
+          continue;
+        }
         const b = t.blockOf(i);
-        this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.store.get(c) : null);
-        if (c >= 0) this.store.retain(c);
+        this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
+        if (c >= 0) this.dir.retain(c);
         const old = t.fed[i]!;
         t.fed[i] = c;
-        if (old >= 0) this.store.release(old);
+        if (old >= 0) this.dir.release(old);
         this.stats.fedPages++;
       }
       this.writer.flush();
@@ -249,6 +270,13 @@ export class DestinationFeed {
     for (let i = 0; i < t.total; i++) {
       if (this.phase !== "postcopy") return;
       if (!t.needsDelivery(i)) continue;
+      const c = t.content[i]!;
+      if (!this.dir.isLocal(c)) {
+        this.awaiting.add(i);
+        this.options.fetch(c, false);
+        this.dir.whenLocal(c, () => this.arrived(i));
+        continue;
+      }
       this.deliver(i);
       pushed += TPS;
       if (sock.queuedBytes > POSTCOPY_HIGH) {
@@ -261,6 +289,24 @@ export class DestinationFeed {
         await Bun.sleep(ahead);
       }
     }
+    this.writer.flush();
+    this.scanned = true;
+    await this.finishIfDone();
+  }
+
+  /** Content for page i came from a relay. */
+  private arrived(i: number): void {
+    this.awaiting.delete(i);
+    if (this.phase !== "postcopy") return;
+    if (this.table.needsDelivery(i)) {
+      this.deliver(i);
+      this.flushSoon();
+    }
+    if (this.scanned) void this.finishIfDone();
+  }
+
+  private async finishIfDone(): Promise<void> {
+    if (this.phase !== "postcopy" || !this.scanned || this.awaiting.size > 0) return;
     this.writer.end();
     this.phase = "ended";
     trace(`${this.name} every page sent; EOF`);
@@ -277,10 +323,19 @@ export class DestinationFeed {
     const t = this.table;
     const c = t.content[i]!;
     const b = t.blockOf(i);
-    this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.store.get(c) : null);
+    this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
     t.delivered[i] = 1;
-    if (c >= 0) this.store.release(c);
+    if (c >= 0) this.dir.release(c);
     this.stats.deliveredPages++;
+  }
+
+  private flushSoon(): void {
+    if (this.flushQueued) return;
+    this.flushQueued = true;
+    queueMicrotask(() => {
+      this.flushQueued = false;
+      if (this.phase === "postcopy") this.writer.flush();
+    });
   }
 
   private onRequest(blockName: string, start: number, length: number): void {
@@ -294,20 +349,24 @@ export class DestinationFeed {
     let served = 0;
     for (let p = first; p < first + count && t.blockStart[b]! + p < t.blockStart[b + 1]!; p++) {
       const i = t.index(b, p);
-      // already sent (maybe still in flight): QEMU drops duplicates only by failing, so never resend
+      // already sent (maybe still in flight): QEMU takes no page twice, so never resend
       if (t.delivered[i]) continue;
       if (t.content[i] === UNKNOWN) t.content[i] = ZERO;
-      this.deliver(i);
+      const c = t.content[i]!;
       served++;
+      if (c >= 0 && !this.dir.isLocal(c)) {
+        this.stats.requestedFromRelays++;
+        this.awaiting.add(i);
+        this.options.fetch(c, true);
+        this.dir.whenLocal(c, () => this.arrived(i));
+        continue;
+      }
+      this.deliver(i);
     }
     if (served > 0) {
       this.stats.requestedPagesServed += served;
       this.writer.flush();
     }
-  }
-
-  private throwIfFailed(): void {
-    if (this.failure) throw this.failure;
   }
 
   private fail(reason: Error): void {

@@ -1,13 +1,14 @@
 // The gather role: receives every VM bound for this host from the scatter,
-// keeps their pages (verified against their digests) and feeds each
-// destination QEMU. It exits when every VM it serves completed or failed.
+// takes pages sent to it directly and fetches the rest from relays, checks
+// every page against its digest, and feeds each destination QEMU. It exits
+// when every VM it serves completed or failed.
 
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { digestPage, DIGEST_BYTES } from "../dedup/digest.ts";
-import { PageStore } from "../dedup/page-store.ts";
+import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
 import { asSgmError, SgmError } from "../errors.ts";
+import { RateLimiter } from "../net/rate-limiter.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import { listenPeers, type PeerConnection, type PeerListener } from "../wire/connection.ts";
 import {
@@ -17,18 +18,23 @@ import {
   encodeControl,
   FrameType,
   maxPayload,
+  readLocations,
   readPageData,
   readPageMap,
   VmBytesKind,
 } from "../wire/messages.ts";
+import { ContentDirectory } from "./content-directory.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
 import { ZERO } from "./page-table.ts";
+import { type FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
 import { type ArrivalReport, VmArrival } from "./vm-arrival.ts";
 
 export interface GatherOptions {
   listen: { host: string; port: number };
   vms: Array<{ name: string; qmp: string }>;
   psk: Uint8Array;
+  /** Bytes per second the gather receives at most, from the scatter and relays together. */
+  maxRate?: number;
   /** Bytes per second for each destination's background push after switchover. */
   postcopyBandwidth?: number;
   signal?: AbortSignal;
@@ -40,8 +46,20 @@ export interface GatherOptions {
 export interface GatherReport {
   ok: boolean;
   vms: ArrivalReport[];
+  /** Bytes received, frames included: from the scatter directly, and from relays. */
   bytesFromScatter: number;
+  bytesFromRelays: number;
+  relays: FetcherStats["relays"];
   exitCode: number;
+}
+
+interface Shared {
+  arrivals: Map<string, VmArrival>;
+  socketDir: string;
+  psk: Uint8Array;
+  limiter: RateLimiter | null;
+  postcopyBandwidth: number | undefined;
+  log: (line: string) => void;
 }
 
 export async function runGather(options: GatherOptions): Promise<GatherReport> {
@@ -54,10 +72,15 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     for (const d of dests) d.close();
     throw asSgmError(refused.reason);
   }
-  const arrivals = new Map(dests.map((d) => [d.name, new VmArrival(d)]));
-  const store = new PageStore();
-  const socketDir = mkdtempSync(join(tmpdir(), "sgm-gather-"));
-  let bytesFromScatter = 0;
+  const shared: Shared = {
+    arrivals: new Map(dests.map((d) => [d.name, new VmArrival(d)])),
+    socketDir: mkdtempSync(join(tmpdir(), "sgm-gather-")),
+    psk: options.psk,
+    limiter: options.maxRate ? new RateLimiter(options.maxRate) : null,
+    postcopyBandwidth: options.postcopyBandwidth,
+    log,
+  };
+  const sessions: ScatterSession[] = [];
 
   const listener: PeerListener = listenPeers({
     host: options.listen.host,
@@ -68,73 +91,71 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     maxPayload,
     onConnection: (conn) => {
       log(`scatter connected from ${conn.remoteAddress}`);
-      const session = new ScatterSession(conn, arrivals, store, socketDir, log, options.postcopyBandwidth);
-      void conn.closed.then(() => {
-        bytesFromScatter += conn.bytesReceived;
-      });
-      void session;
+      sessions.push(new ScatterSession(conn, shared));
     },
     onRejected: (address, err) => log(`dropped ${address}: ${err.message}`),
   });
   options.onListening?.(listener.port);
-  log(`listening on ${options.listen.host}:${listener.port} for ${[...arrivals.keys()].join(", ")}`);
+  log(`listening on ${options.listen.host}:${listener.port} for ${[...shared.arrivals.keys()].join(", ")}`);
 
   const onAbort = () => {
     const reason = asSgmError(options.signal?.reason ?? new SgmError("interrupted", "interrupted"));
-    for (const a of arrivals.values()) a.fail(reason);
+    for (const a of shared.arrivals.values()) a.fail(reason);
   };
   options.signal?.addEventListener("abort", onAbort);
   try {
-    await Promise.all([...arrivals.values()].map((a) => a.done));
+    await Promise.all([...shared.arrivals.values()].map((a) => a.done));
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
     listener.close();
+    for (const s of sessions) s.close();
     for (const d of dests) d.close();
-    rmSync(socketDir, { recursive: true, force: true });
+    rmSync(shared.socketDir, { recursive: true, force: true });
   }
-  const reports = [...arrivals.values()].map((a) => a.report());
+  const reports = [...shared.arrivals.values()].map((a) => a.report());
   const failures = reports.filter((r) => !r.ok);
+  const relays = sessions.flatMap((s) => s.fetcher.stats.relays);
   return {
     ok: failures.length === 0,
     vms: reports,
-    bytesFromScatter,
+    bytesFromScatter: sessions.reduce((n, s) => n + s.conn.bytesReceived, 0),
+    bytesFromRelays: relays.reduce((n, r) => n + r.bytesIn, 0),
+    relays,
     exitCode: failures.length === 0 ? 0 : Math.max(...failures.map((r) => r.exitCode ?? 70)),
   };
 }
 
-/** One scatter connection: its frames, in order, applied to the VMs it names. */
+/**
+ * One scatter connection (one run): its frames, in order, applied to the VMs
+ * it names, with the run's own content directory and relays.
+ */
 class ScatterSession {
-  private readonly conn: PeerConnection;
-  private readonly arrivals: Map<string, VmArrival>;
-  private readonly store: PageStore;
-  private readonly socketDir: string;
-  private readonly log: (line: string) => void;
+  readonly conn: PeerConnection;
+  readonly fetcher: RelayFetcher;
+  private readonly shared: Shared;
+  private readonly dir: ContentDirectory;
   private readonly vms = new Map<number, VmArrival>();
-  /** Store references held for the scatter, which may name any content it sent again. */
+  /** References held for the scatter, which may name any content it sent again. */
   private pins: number[] = [];
   private readonly scratch = new Uint8Array(DIGEST_BYTES);
+  private resumeTimer: ReturnType<typeof setTimeout> | null = null;
 
-  private readonly postcopyBandwidth: number | undefined;
-
-  constructor(
-    conn: PeerConnection,
-    arrivals: Map<string, VmArrival>,
-    store: PageStore,
-    socketDir: string,
-    log: (line: string) => void,
-    postcopyBandwidth: number | undefined,
-  ) {
-    this.postcopyBandwidth = postcopyBandwidth;
+  constructor(conn: PeerConnection, shared: Shared) {
     this.conn = conn;
-    this.arrivals = arrivals;
-    this.store = store;
-    this.socketDir = socketDir;
-    this.log = log;
+    this.shared = shared;
+    this.dir = new ContentDirectory((digest, mask) => this.fetcher.release(digest, mask));
+    this.fetcher = new RelayFetcher(this.dir, shared.limiter, (err) => this.failAll(asSgmError(err)));
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => this.onClosed(reason));
   }
 
+  close(): void {
+    if (this.resumeTimer) clearTimeout(this.resumeTimer);
+    this.fetcher.close();
+  }
+
   private onFrame(type: number, payload: Uint8Array): void {
+    this.throttle(payload.length + 8);
     switch (type) {
       case FrameType.PAGE_DATA:
         readPageData(payload, (digestAt, pageAt) => {
@@ -143,20 +164,27 @@ class ScatterSession {
           for (let i = 0; i < DIGEST_BYTES; i++) {
             if (this.scratch[i] !== payload[digestAt + i]) throw new SgmError("data", `${this.conn.remoteAddress}: page content does not match its digest`);
           }
-          const put = this.store.put(payload, digestAt, page);
-          if (!put) throw new SgmError("unavailable", "gather page store is full");
-          this.pins.push(put.id);
+          const cid = this.dir.intern(payload, digestAt);
+          this.dir.addLocal(cid, page);
+          this.pin(cid);
+        });
+        return;
+      case FrameType.LOCATIONS:
+        readLocations(payload, (digestAt, mask) => {
+          const cid = this.dir.intern(payload, digestAt);
+          this.dir.addRelays(cid, mask);
+          this.pin(cid);
         });
         return;
       case FrameType.PAGE_MAP:
         readPageMap(payload, (vm, block, page, digestAt) => {
           const arrival = this.vm(vm);
-          let id = ZERO;
+          let cid = ZERO;
           if (digestAt >= 0) {
-            id = this.store.idOf(payload, digestAt);
-            if (id < 0) throw new SgmError("data", `VM ${arrival.name}: page map names content that never arrived`);
+            cid = this.dir.lookup(payload, digestAt);
+            if (cid < 0) throw new SgmError("data", `VM ${arrival.name}: page map names content the gather was never told of`);
           }
-          arrival.map(block, page, id);
+          arrival.map(block, page, cid);
         });
         return;
       case FrameType.VM_BYTES: {
@@ -176,8 +204,21 @@ class ScatterSession {
 
   private onControl(message: Control): void {
     switch (message.t) {
+      case "relays": {
+        if (message.relays.length === 0) return;
+        // nothing may be applied until the relays are reachable
+        this.conn.pauseReading();
+        this.fetcher.connect(Buffer.from(message.run, "hex"), message.relays, this.shared.psk).then(
+          () => this.conn.resumeReading(),
+          (err: unknown) => {
+            this.shared.log(`cannot reach the run's relays: ${asSgmError(err).message}`);
+            this.conn.abort(asSgmError(err));
+          },
+        );
+        return;
+      }
       case "offer": {
-        const arrival = this.arrivals.get(message.name);
+        const arrival = this.shared.arrivals.get(message.name);
         const reason = !arrival
           ? `no destination for VM ${message.name} here (not a --vm of this gather)`
           : arrival.isTaken
@@ -191,14 +232,15 @@ class ScatterSession {
         }
         this.vms.set(message.vm, arrival);
         arrival.offer(message.vm, message, (m) => this.send(m));
-        this.log(`${message.name}: arriving from QEMU ${message.qemu}`);
+        this.shared.log(`${message.name}: arriving from QEMU ${message.qemu}`);
         return;
       }
       case "blocks": {
         const arrival = this.vm(message.vm);
         // nothing else may be applied until the destination stream exists
         this.conn.pauseReading();
-        arrival.start(message.blocks, message.sectionId, this.store, this.socketDir, this.postcopyBandwidth).then(
+        const content = { dir: this.dir, fetch: (cid: number, urgent: boolean) => this.fetcher.want(cid, urgent) };
+        arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, this.shared.postcopyBandwidth).then(
           () => this.conn.resumeReading(),
           (err: unknown) => {
             arrival.fail(asSgmError(err));
@@ -214,7 +256,7 @@ class ScatterSession {
       case "switch-go": {
         const arrival = this.vm(message.vm);
         arrival.switchGo().then(
-          () => this.log(`${arrival.name}: running here`),
+          () => this.shared.log(`${arrival.name}: running here`),
           (err: unknown) => arrival.fail(asSgmError(err)),
         );
         return;
@@ -227,6 +269,27 @@ class ScatterSession {
     }
   }
 
+  /** Holds the scatter's connection to --max-rate: reading waits while the bucket is in debt. */
+  private throttle(bytes: number): void {
+    const limiter = this.shared.limiter;
+    if (!limiter) return;
+    limiter.take(bytes);
+    const wait = limiter.waitMs();
+    if (wait <= 0 || this.resumeTimer) return;
+    limiter.scatterWaiting = true;
+    this.conn.pauseReading();
+    this.resumeTimer = setTimeout(() => {
+      this.resumeTimer = null;
+      limiter.scatterWaiting = false;
+      this.conn.resumeReading();
+    }, wait);
+  }
+
+  private pin(cid: number): void {
+    this.dir.retain(cid);
+    this.pins.push(cid);
+  }
+
   private vm(id: number): VmArrival {
     const arrival = this.vms.get(id);
     if (!arrival) throw new SgmError("data", `${this.conn.remoteAddress}: frame for VM id ${id}, which was never offered`);
@@ -235,18 +298,26 @@ class ScatterSession {
 
   /** Once no source of this scatter streams any more, no content can be named again. */
   private releasePinsIfDone(): void {
-    const streaming = [...this.vms.values()].some((a) => a.isStreaming);
-    if (streaming) return;
-    for (const id of this.pins) this.store.release(id);
+    if ([...this.vms.values()].some((a) => a.isStreaming)) return;
+    this.releasePins();
+  }
+
+  private releasePins(): void {
+    const pins = this.pins;
     this.pins = [];
+    for (const cid of pins) this.dir.release(cid);
+    this.fetcher.flushAllReleases();
+  }
+
+  private failAll(reason: SgmError): void {
+    for (const arrival of this.vms.values()) arrival.fail(reason);
   }
 
   private onClosed(reason: Error | undefined): void {
     const why = reason?.message ?? "connection closed";
-    if (reason) this.log(`scatter ${this.conn.remoteAddress}: ${why}`);
+    if (reason) this.shared.log(`scatter ${this.conn.remoteAddress}: ${why}`);
     for (const arrival of this.vms.values()) arrival.onScatterLost(why);
-    for (const id of this.pins) this.store.release(id);
-    this.pins = [];
+    this.releasePins();
   }
 
   private send(message: Control): void {

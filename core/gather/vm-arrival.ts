@@ -1,11 +1,11 @@
 // One VM arriving at the destination host: from the scatter's offer to the
 // destination QEMU reporting the migration completed.
 
-import type { PageStore } from "../dedup/page-store.ts";
 import { SgmError } from "../errors.ts";
 import { trace } from "../trace.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import type { Control } from "../wire/messages.ts";
+import type { ContentDirectory } from "./content-directory.ts";
 import { DestinationFeed, type FeedStats } from "./destination-feed.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
 
@@ -78,11 +78,27 @@ export class VmArrival {
   }
 
   /** The block list: the destination stream starts. The caller holds frames until this resolves. */
-  async start(blocks: RamBlockInfo[], sectionId: number, store: PageStore, socketDir: string, postcopyBandwidth?: number): Promise<void> {
+  async start(
+    blocks: RamBlockInfo[],
+    sectionId: number,
+    content: { dir: ContentDirectory; fetch: (cid: number, urgent: boolean) => void },
+    socketDir: string,
+    postcopyBandwidth?: number,
+  ): Promise<void> {
     if (this.stage === "failed") return;
     if (this.stage !== "offered" || !this.header) throw new SgmError("data", `VM ${this.name}: block list before the stream header`);
     this.stage = "streaming";
-    const feed = new DestinationFeed({ name: this.name, dest: this.dest, socketDir, header: this.header, blocks, sectionId, store, postcopyBandwidth });
+    const feed = new DestinationFeed({
+      name: this.name,
+      dest: this.dest,
+      socketDir,
+      header: this.header,
+      blocks,
+      sectionId,
+      dir: content.dir,
+      fetch: content.fetch,
+      postcopyBandwidth,
+    });
     this.feed = feed;
     await feed.start();
     void feed.completed.then(
@@ -163,6 +179,7 @@ export class VmArrival {
         deliveredPages: stats?.deliveredPages ?? 0,
         requests: stats?.requests ?? 0,
         requestedPagesServed: stats?.requestedPagesServed ?? 0,
+        requestedFromRelays: stats?.requestedFromRelays ?? 0,
       },
     };
   }

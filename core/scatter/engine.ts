@@ -1,69 +1,114 @@
-// The scatter role: evicts every VM it is given at once, over one
-// authenticated connection to the gather, with one dedup index for all.
+// The scatter role: evicts every VM it is given at once, sending pages to
+// the gather while it takes them and to relays otherwise, with one dedup
+// index across the VMs.
 
+import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DigestIndex } from "../dedup/digest-index.ts";
 import { asSgmError, SgmError } from "../errors.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import { PeerConnection } from "../wire/connection.ts";
-import { decodeControl, FrameType, maxPayload } from "../wire/messages.ts";
+import { decodeControl, encodeControl, FrameType, maxPayload } from "../wire/messages.ts";
+import { type PlacementStats, RunPlacement } from "./placement.ts";
 import type { SourceQemu } from "./source-qemu.ts";
 import { type EvictionReport, VmEviction } from "./vm-eviction.ts";
 
+export interface HostPort {
+  host: string;
+  port: number;
+}
+
 export interface ScatterOptions {
-  gather: { host: string; port: number };
+  gather: HostPort;
   vms: Array<{ name: string; qmp: string }>;
+  relays?: HostPort[];
+  /** Relays that hold each relayed page. */
+  replicas?: number;
   psk: Uint8Array;
   keepSource: boolean;
   downtimeLimitMs?: number;
+  /** How long to keep trying a gather that is not up yet. */
+  gatherWaitMs?: number;
   signal?: AbortSignal;
   log?: (line: string) => void;
+}
+
+export interface RelayReport {
+  address: string;
+  /** Pages it holds for this run (replicas counted on each relay). */
+  pages: number;
+  refusedPages: number;
+  bytesSent: number;
 }
 
 export interface ScatterReport {
   ok: boolean;
   vms: EvictionReport[];
-  /** Bytes on the wire to the gather, frames included. */
+  /** Bytes on the wire, frames included: to the gather directly, and to each relay. */
   bytesToGather: number;
+  relays: RelayReport[];
+  placement: PlacementStats;
   /** The exit code the run maps to (0 when every VM was evicted). */
   exitCode: number;
 }
 
+const address = (hp: HostPort) => (hp.host.includes(":") ? `[${hp.host}]:${hp.port}` : `${hp.host}:${hp.port}`);
+
 export async function runScatter(options: ScatterOptions): Promise<ScatterReport> {
   const log = options.log ?? (() => {});
   const startedAt = { mono: performance.now(), wall: Date.now() };
+  const replicas = options.replicas ?? 1;
+  const relayAddresses = options.relays ?? [];
+  if (relayAddresses.length > 32) throw new SgmError("usage", `--via: ${relayAddresses.length} relays; at most 32`);
+  if (relayAddresses.length > 0 && replicas > relayAddresses.length) {
+    throw new SgmError("usage", `--replicas ${replicas}: only ${relayAddresses.length} relays given`);
+  }
   options.signal?.throwIfAborted();
 
   // Every source is checked before anything moves.
   const opened = await Promise.allSettled(options.vms.map((vm) => VmEviction.openSource(vm.name, parseQmpAddress(vm.qmp))));
   const sources = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
   const refused = opened.find((r): r is PromiseRejectedResult => r.status === "rejected");
-  if (refused) {
+  const opens: PeerConnection[] = [];
+  const closeAll = () => {
     for (const s of sources) s.close();
+    for (const c of opens) c.abort();
+  };
+  if (refused) {
+    closeAll();
     throw asSgmError(refused.reason);
   }
 
   let conn: PeerConnection;
+  const relays: Array<{ address: string; conn: PeerConnection }> = [];
   try {
-    conn = await PeerConnection.connect({
-      host: options.gather.host,
-      port: options.gather.port,
-      psk: options.psk,
-      role: "scatter",
-      expectRole: "gather",
-      maxPayload,
-      timeoutMs: 10_000,
+    conn = await connectGather(options, log);
+    opens.push(conn);
+    log(`connected to the gather at ${conn.remoteAddress}`);
+    const reached = await Promise.allSettled(relayAddresses.map((r) => connectPeer(r, options.psk, "relay")));
+    reached.forEach((r, i) => {
+      const where = address(relayAddresses[i]!);
+      if (r.status === "fulfilled") {
+        opens.push(r.value);
+        relays.push({ address: where, conn: r.value });
+      } else log(`relay ${where} left out: ${asSgmError(r.reason).message}`);
     });
+    if (relayAddresses.length > 0 && relays.length < replicas) {
+      throw new SgmError("unavailable", `only ${relays.length} of ${relayAddresses.length} relays reachable, fewer than --replicas ${replicas}`);
+    }
   } catch (err) {
-    for (const s of sources) s.close();
+    closeAll();
     throw err;
   }
-  log(`connected to the gather at ${conn.remoteAddress}`);
+  if (relays.length > 0) log(`relays: ${relays.map((r) => r.address).join(", ")} (${replicas} per page)`);
+
+  const run = randomBytes(16);
+  const placement = new RunPlacement(conn, replicas);
+  for (const r of relays) placement.addRelay(r.address, r.conn, run);
+  conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: run.toString("hex"), relays: relays.map((r) => r.address) }));
 
   const socketDir = mkdtempSync(join(tmpdir(), "sgm-scatter-"));
-  const index = new DigestIndex();
   const evictions = sources.map(
     (source: SourceQemu, id) =>
       new VmEviction({
@@ -71,7 +116,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
         name: source.name,
         source,
         conn,
-        index,
+        placement,
         socketDir,
         startedAt,
         keepSource: options.keepSource,
@@ -83,6 +128,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   conn.onFrame((type, payload) => {
     if (type !== FrameType.CONTROL) throw new SgmError("data", `gather sent frame type ${type}`);
     const message = decodeControl(payload);
+    if (!("vm" in message)) throw new SgmError("data", `gather sent '${message.t}'`);
     const eviction = evictions[message.vm];
     if (!eviction) throw new SgmError("data", `gather named unknown VM id ${message.vm}`);
     eviction.onControl(message);
@@ -103,13 +149,38 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
       ok: failures.length === 0,
       vms: reports,
       bytesToGather: conn.bytesSent,
+      relays: placement.relays.map((r) => ({ address: r.address, pages: r.pagesPut - r.pagesRefused, refusedPages: r.pagesRefused, bytesSent: r.conn.bytesSent })),
+      placement: { ...placement.stats },
       exitCode: failures.length === 0 ? 0 : Math.max(...failures.map((r) => r.exitCode ?? 70)),
     };
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
     await conn.whenWritable(0).catch(() => {});
-    conn.close();
+    for (const c of opens) c.close();
     for (const s of sources) s.close();
     rmSync(socketDir, { recursive: true, force: true });
+  }
+}
+
+function connectPeer(to: HostPort, psk: Uint8Array, expectRole: "gather" | "relay"): Promise<PeerConnection> {
+  return PeerConnection.connect({ host: to.host, port: to.port, psk, role: "scatter", expectRole, maxPayload, timeoutMs: 10_000 });
+}
+
+/** A gather started a little after the scatter is waited for, up to gatherWaitMs. */
+async function connectGather(options: ScatterOptions, log: (line: string) => void): Promise<PeerConnection> {
+  const deadline = Date.now() + (options.gatherWaitMs ?? 30_000);
+  let said = false;
+  for (;;) {
+    try {
+      return await connectPeer(options.gather, options.psk, "gather");
+    } catch (err) {
+      const e = asSgmError(err);
+      // only a gather that is not listening yet is worth waiting for
+      if (!/connection refused/.test(e.message) || Date.now() >= deadline) throw e;
+      if (!said) log(`waiting for the gather at ${address(options.gather)}`);
+      said = true;
+      options.signal?.throwIfAborted();
+      await Bun.sleep(250);
+    }
   }
 }

@@ -1,53 +1,54 @@
-// Turns the pages a source QEMU sends into PAGE_DATA and PAGE_MAP frames:
-// each non-zero page is hashed; content seen before (in any VM of this run)
-// goes out as a reference only, new content goes out once. Every page's
-// (block, page) -> digest or zero record goes to the gather, so it always
-// knows the latest version of every page.
+// One VM's pages on their way out: each non-zero page is hashed and placed
+// (see placement.ts); every page's (block, page) -> digest or zero record
+// goes to the gather in PAGE_MAP frames, in the order the source sent them,
+// so the gather always ends with the latest version of every page.
+//
+// A map frame leaves only once every relay PUT sent before it is
+// acknowledged: the gather never learns of a page before its content is
+// held somewhere.
 
-import { digestPage, DIGEST_BYTES, isZeroPage } from "../dedup/digest.ts";
-import type { DigestIndex } from "../dedup/digest-index.ts";
+import { digestPage, isZeroPage } from "../dedup/digest.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
-import { FrameType, PageDataBuilder, PageMapBuilder } from "../wire/messages.ts";
-
-/** Where frames go: a connection to the gather (later, to relays too). */
-export interface FrameSink {
-  send(type: number, payload: Uint8Array): void;
-  /** Frame bytes handed to the kernel so far. */
-  readonly bytesSent: number;
-  /** Frame bytes waiting to be. */
-  readonly queuedBytes: number;
-}
+import { FrameType, PageMapBuilder } from "../wire/messages.ts";
+import type { RunPlacement } from "./placement.ts";
 
 export interface PipelineStats {
   /** Page records read from the source, zero or not, counting re-sent pages. */
   pages: number;
   zeroPages: number;
-  /** Pages whose content went out (new to this run). */
+  /** Pages whose content was new to the run (placed once). */
   newPages: number;
-  /** Pages sent as a reference to content already sent. */
+  /** Pages sent as a reference to content already placed. */
   dedupPages: number;
-  dataBytes: number;
   mapBytes: number;
 }
 
-export class PagePipeline {
-  readonly stats: PipelineStats = { pages: 0, zeroPages: 0, newPages: 0, dedupPages: 0, dataBytes: 0, mapBytes: 0 };
-  private readonly vm: number;
-  private readonly index: DigestIndex;
-  private readonly sink: FrameSink;
-  private readonly dataBuffers: RecycledBuffers;
-  private readonly mapBuffers: RecycledBuffers;
-  private readonly data: PageDataBuilder;
-  private readonly map: PageMapBuilder;
+interface PendingFrame {
+  payload: Uint8Array;
+  buffer: Uint8Array;
+  marks: number[];
+}
 
-  constructor(vm: number, index: DigestIndex, sink: FrameSink) {
+export class PagePipeline {
+  readonly stats: PipelineStats = { pages: 0, zeroPages: 0, newPages: 0, dedupPages: 0, mapBytes: 0 };
+  private readonly vm: number;
+  private readonly placement: RunPlacement;
+  private readonly mapBuffers: RecycledBuffers;
+  private readonly map: PageMapBuilder;
+  private readonly fifo: PendingFrame[] = [];
+  private drained: Array<() => void> = [];
+  private readonly offAcked: () => void;
+
+  constructor(vm: number, placement: RunPlacement) {
     this.vm = vm;
-    this.index = index;
-    this.sink = sink;
-    this.dataBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => sink.bytesSent);
-    this.mapBuffers = new RecycledBuffers(PageMapBuilder.BUFFER_BYTES, () => sink.bytesSent);
-    this.data = new PageDataBuilder(() => this.dataBuffers.acquire());
+    this.placement = placement;
+    const gather = placement.gather;
+    this.mapBuffers = new RecycledBuffers(PageMapBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.map = new PageMapBuilder(() => this.mapBuffers.acquire());
+    this.offAcked = placement.onAcked((replaced) => {
+      if (replaced) this.raiseMarks();
+      this.release();
+    });
   }
 
   page(block: number, page: number, content: Uint8Array | null): void {
@@ -59,35 +60,50 @@ export class PagePipeline {
     } else {
       const entry = this.map.addDigest(block, page);
       digestPage(content, entry.buf, entry.at);
-      if (this.index.lookup(entry.buf, entry.at) >= 0) {
-        this.stats.dedupPages++;
-      } else {
-        this.index.insert(entry.buf, entry.at);
-        this.stats.newPages++;
-        const slot = this.data.add(content);
-        slot.buf.set(entry.buf.subarray(entry.at, entry.at + DIGEST_BYTES), slot.at);
-        if (this.data.full) this.flushData();
-      }
+      if (this.placement.place(entry.buf, entry.at, content)) this.stats.newPages++;
+      else this.stats.dedupPages++;
     }
     if (this.map.full) this.flush();
   }
 
-  /** Sends what is batched: contents first, so every map entry's content is already there. */
+  /** Ends the current map frame; it leaves as soon as what it names is held. */
   flush(): void {
-    this.flushData();
-    if (this.map.entries > 0) {
-      const { payload, buffer } = this.map.take(this.vm);
-      this.stats.mapBytes += payload.length;
-      this.sink.send(FrameType.PAGE_MAP, payload);
-      this.mapBuffers.queued(buffer, this.sink.bytesSent + this.sink.queuedBytes);
-    }
+    if (this.map.entries === 0) return;
+    this.placement.flush();
+    const { payload, buffer } = this.map.take(this.vm);
+    this.fifo.push({ payload, buffer, marks: this.placement.sentMarks() });
+    this.release();
   }
 
-  private flushData(): void {
-    if (this.data.pages === 0) return;
-    const { payload, buffer } = this.data.take();
-    this.stats.dataBytes += payload.length;
-    this.sink.send(FrameType.PAGE_DATA, payload);
-    this.dataBuffers.queued(buffer, this.sink.bytesSent + this.sink.queuedBytes);
+  /** Map frames built but not yet sent (waiting for relay acknowledgements). */
+  get waiting(): number {
+    return this.fifo.length;
+  }
+
+  /** Resolves once every map frame has gone to the gather. */
+  whenAllSent(): Promise<void> {
+    if (this.fifo.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drained.push(resolve));
+  }
+
+  /** Content was placed again after a refusal: frames built before must wait for it. */
+  private raiseMarks(): void {
+    for (const frame of this.fifo) this.placement.raiseMarks(frame.marks);
+  }
+
+  close(): void {
+    this.offAcked();
+  }
+
+  private release(): void {
+    const gather = this.placement.gather;
+    while (this.fifo.length > 0 && this.placement.isAcked(this.fifo[0]!.marks)) {
+      const frame = this.fifo.shift()!;
+      this.placement.sendLocations();
+      this.stats.mapBytes += frame.payload.length;
+      gather.send(FrameType.PAGE_MAP, frame.payload);
+      this.mapBuffers.queued(frame.buffer, gather.bytesSent + gather.queuedBytes);
+    }
+    if (this.fifo.length === 0) for (const resolve of this.drained.splice(0)) resolve();
   }
 }

@@ -13,7 +13,6 @@
 // drops the migration socket, so QEMU fails the migration and resumes the VM.
 
 import { join } from "node:path";
-import type { DigestIndex } from "../dedup/digest-index.ts";
 import { asSgmError, SgmError } from "../errors.ts";
 import { trace } from "../trace.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
@@ -24,6 +23,7 @@ import type { QmpAddress } from "../qmp/client.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
 import { PagePipeline, type PipelineStats } from "./page-pipeline.ts";
+import type { RunPlacement } from "./placement.ts";
 import { SourceQemu } from "./source-qemu.ts";
 
 export interface EvictionReport {
@@ -39,7 +39,7 @@ export interface EvictionReport {
   totalMs: number | null;
   /** Where the source VM is now: quit, paused (--keep-source), running (eviction failed). */
   source: string;
-  bytes: { fromSource: number; toGather: number; dedupSaved: number };
+  bytes: { fromSource: number; dedupSaved: number };
   pages: PipelineStats;
   /** The exit code this VM's failure maps to. */
   exitCode?: number;
@@ -50,7 +50,7 @@ export interface EvictionOptions {
   name: string;
   source: SourceQemu;
   conn: PeerConnection;
-  index: DigestIndex;
+  placement: RunPlacement;
   socketDir: string;
   /** performance.now() and Date.now() at scatter's start. */
   startedAt: { mono: number; wall: number };
@@ -58,10 +58,6 @@ export interface EvictionOptions {
   downtimeLimitMs?: number;
   log: (line: string) => void;
 }
-
-/** Source reading pauses while this much waits to go to the gather. */
-const CONN_HIGH = 8 * 1024 * 1024;
-const CONN_LOW = 2 * 1024 * 1024;
 
 type Stage = "offered" | "streaming" | "source-done" | "evicted" | "go" | "running" | "failed";
 
@@ -89,8 +85,9 @@ export class VmEviction {
     this.name = options.name;
     this.source = options.source;
     this.conn = options.conn;
-    this.pipeline = new PagePipeline(options.id, options.index, options.conn);
+    this.pipeline = new PagePipeline(options.id, options.placement);
     this.failed.promise.catch(() => {});
+    options.placement.onFailure((reason) => this.fail(reason));
   }
 
   static async openSource(name: string, address: QmpAddress): Promise<SourceQemu> {
@@ -144,6 +141,7 @@ export class VmEviction {
       sourceState = await this.undo(error);
     } finally {
       this.sock?.destroy();
+      this.pipeline.close();
     }
     const s = this.pipeline.stats;
     return {
@@ -155,7 +153,7 @@ export class VmEviction {
       downtimeMs: this.stoppedAt !== null && this.resumedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
       totalMs: this.completedAt === null ? null : Math.round(this.completedAt - o.startedAt.wall),
       source: sourceState,
-      bytes: { fromSource: this.sock?.bytesRead ?? 0, toGather: s.dataBytes + s.mapBytes, dedupSaved: s.dedupPages * 4096 },
+      bytes: { fromSource: this.sock?.bytesRead ?? 0, dedupSaved: s.dedupPages * 4096 },
       pages: { ...s },
       ...(error ? { exitCode: error.exitCode } : {}),
     };
@@ -183,13 +181,13 @@ export class VmEviction {
     trace(`${this.name} source stream accepted`);
     o.log(`${this.name}: source QEMU ${this.source.info.qemuVersion} is streaming`);
 
-    const streamDone = Promise.withResolvers<void>();
+    const streamDone = Promise.withResolvers<Uint8Array>();
     const reader = new MigrationStreamReader({
       onHeader: (bytes) => this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.HEADER, true, bytes)),
       onRamBlocks: (blocks) => this.send({ t: "blocks", vm: this.id, sectionId: reader.ramSection, blocks: [...blocks] }),
       onPage: (block, page, data) => {
         this.pipeline.page(block, page, data);
-        if (this.conn.queuedBytes > CONN_HIGH) this.throttle();
+        if (o.placement.congested) this.throttle();
       },
       onRamSectionEnd: () => this.pipeline.flush(),
       onCommand: (cmd, payload) => {
@@ -207,12 +205,7 @@ export class VmEviction {
       onDeviceState: (bytes) => {
         trace(`${this.name} device state read (${bytes.length} bytes)`);
         this.pipeline.flush();
-        for (let at = 0; at < bytes.length || at === 0; at += MAX_VM_BYTES) {
-          const part = bytes.subarray(at, at + MAX_VM_BYTES);
-          const last = at + MAX_VM_BYTES >= bytes.length;
-          this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.DEVICE_STATE, last, part));
-        }
-        streamDone.resolve();
+        streamDone.resolve(bytes.slice());
       },
     });
     sock.setDataHandler((data) => reader.feed(data));
@@ -221,7 +214,13 @@ export class VmEviction {
         streamDone.reject(reason ?? new SgmError("unavailable", `VM ${this.name}: the source QEMU closed its stream early`));
       }
     });
-    await streamDone.promise;
+    const device = await streamDone.promise;
+    // every page named to the gather must be held before the device state follows
+    await this.pipeline.whenAllSent();
+    for (let at = 0; at < device.length || at === 0; at += MAX_VM_BYTES) {
+      const part = device.subarray(at, at + MAX_VM_BYTES);
+      this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.DEVICE_STATE, at + MAX_VM_BYTES >= device.length, part));
+    }
     this.stoppedAt = await this.withTimeout(this.source.stoppedAt(), 10_000, "no STOP event from the source QEMU");
     this.stage = "source-done";
     this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt });
@@ -233,19 +232,16 @@ export class VmEviction {
     await this.source.waitFor(["completed"], 30_000);
   }
 
-  /** Stops reading the source until the gather's connection drains: memory stays bounded. */
+  /** Stops reading the source until the gather or a relay takes pages again: memory stays bounded. */
   private throttle(): void {
     const sock = this.sock;
     if (!sock || this.throttled) return;
     this.throttled = true;
     sock.pause();
-    this.conn.whenWritable(CONN_LOW).then(
-      () => {
-        this.throttled = false;
-        sock.resume();
-      },
-      () => {},
-    );
+    void this.options.placement.whenUncongested().then(() => {
+      this.throttled = false;
+      sock.resume();
+    });
   }
 
   /** After a failure: the VM must run at the source unless the destination may run it. */

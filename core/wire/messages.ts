@@ -6,16 +6,20 @@
 // PAGE_MAP:  u16 vm, u16 0, u32 count, then count x entry:
 //            u16 block, u32 page, u8 kind (0 zero, 1 digest), [32-byte digest]
 // VM_BYTES:  u16 vm, u8 kind (1 stream header, 2 device state), u8 last, bytes
+// LOCATIONS: u32 count, then count x (32-byte digest, u32 relay mask): content
+//            the gather must fetch from those relays (bit i: the run's relay i)
 
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import { relayMaxPayload } from "./relay-messages.ts";
 
 export const FrameType = {
   CONTROL: 16,
   VM_BYTES: 17,
   PAGE_MAP: 18,
   PAGE_DATA: 19,
+  LOCATIONS: 27,
 } as const;
 
 export const MAX_CONTROL = 1024 * 1024;
@@ -26,6 +30,7 @@ export const MAP_BATCH = 16384;
 export const DATA_ENTRY = DIGEST_BYTES + PAGE_BYTES;
 export const MAP_ENTRY_ZERO = 7;
 export const MAP_ENTRY_DIGEST = 7 + DIGEST_BYTES;
+export const LOCATION_ENTRY = DIGEST_BYTES + 4;
 
 export function maxPayload(type: number): number | undefined {
   switch (type) {
@@ -37,8 +42,10 @@ export function maxPayload(type: number): number | undefined {
       return 8 + MAP_BATCH * MAP_ENTRY_DIGEST;
     case FrameType.PAGE_DATA:
       return 4 + DATA_BATCH * DATA_ENTRY;
+    case FrameType.LOCATIONS:
+      return 4 + MAP_BATCH * LOCATION_ENTRY;
     default:
-      return undefined;
+      return relayMaxPayload(type);
   }
 }
 
@@ -65,11 +72,18 @@ export type Control =
   /** gather → scatter: the destination holds every page. */
   | { t: "completed"; vm: number; completedAt: number }
   /** either way: this VM's eviction cannot go on. */
-  | { t: "failed"; vm: number; reason: string };
+  | { t: "failed"; vm: number; reason: string }
+  /** scatter → gather, before any offer: the run's id (hex) and its relays, in mask bit order. */
+  | { t: "relays"; run: string; relays: string[] }
+  /** to a relay: its figures, please. */
+  | { t: "relay-stats?" }
+  | { t: "relay-stats"; capacity: number; used: number; pages: number; bytesIn: number; bytesOut: number; runs: number }
+  /** relay → client, on its first refused put: it is full. */
+  | { t: "relay-full"; capacity: number; used: number };
 
 type ControlType = Control["t"];
 
-const FIELDS: Record<ControlType, Record<string, "number" | "string" | "blocks">> = {
+const FIELDS: Record<ControlType, Record<string, "number" | "string" | "strings" | "blocks">> = {
   offer: { vm: "number", name: "string", qemu: "string", machine: "string", startedAt: "number" },
   accept: { vm: "number", qemu: "string" },
   refuse: { vm: "number", reason: "string" },
@@ -80,6 +94,10 @@ const FIELDS: Record<ControlType, Record<string, "number" | "string" | "blocks">
   running: { vm: "number", resumedAt: "number" },
   completed: { vm: "number", completedAt: "number" },
   failed: { vm: "number", reason: "string" },
+  relays: { run: "string", relays: "strings" },
+  "relay-stats?": {},
+  "relay-stats": { capacity: "number", used: "number", pages: "number", bytesIn: "number", bytesOut: "number", runs: "number" },
+  "relay-full": { capacity: "number", used: "number" },
 };
 
 const encoder = new TextEncoder();
@@ -104,7 +122,12 @@ export function decodeControl(payload: Uint8Array): Control {
   if (!fields) throw new SgmError("data", `unknown control message '${String(record.t).slice(0, 40)}'`);
   for (const [field, kind] of Object.entries(fields)) {
     const v = record[field];
-    const ok = kind === "blocks" ? isBlockList(v) : typeof v === kind && (kind !== "number" || Number.isFinite(v));
+    const ok =
+      kind === "blocks"
+        ? isBlockList(v)
+        : kind === "strings"
+          ? Array.isArray(v) && v.length <= 32 && v.every((x) => typeof x === "string" && x.length < 300)
+          : typeof v === kind && (kind !== "number" || Number.isFinite(v));
     if (!ok) throw new SgmError("data", `control message '${record.t}': bad or missing '${field}'`);
   }
   return record as unknown as Control;
@@ -283,5 +306,31 @@ export class PageDataBuilder {
     this.buf = this.acquire();
     this.count = 0;
     return { payload, buffer };
+  }
+}
+
+// ---- LOCATIONS ------------------------------------------------------------------------
+
+export function encodeLocations(entries: ReadonlyArray<{ digest: Uint8Array; mask: number }>): Uint8Array {
+  const out = new Uint8Array(4 + entries.length * LOCATION_ENTRY);
+  const dv = new DataView(out.buffer);
+  dv.setUint32(0, entries.length);
+  entries.forEach((e, n) => {
+    out.set(e.digest, 4 + n * LOCATION_ENTRY);
+    dv.setUint32(4 + n * LOCATION_ENTRY + DIGEST_BYTES, e.mask >>> 0);
+  });
+  return out;
+}
+
+export function readLocations(payload: Uint8Array, visit: (digestAt: number, mask: number) => void): void {
+  if (payload.length < 4) throw new SgmError("data", "LOCATIONS frame shorter than its header");
+  const dv = new DataView(payload.buffer, payload.byteOffset, payload.length);
+  const count = dv.getUint32(0);
+  if (payload.length !== 4 + count * LOCATION_ENTRY) throw new SgmError("data", `LOCATIONS frame of ${payload.length} bytes does not hold ${count} entries`);
+  for (let n = 0; n < count; n++) {
+    const at = 4 + n * LOCATION_ENTRY;
+    const mask = dv.getUint32(at + DIGEST_BYTES);
+    if (mask === 0) throw new SgmError("data", "LOCATIONS entry names no relay");
+    visit(at, mask);
   }
 }

@@ -1,0 +1,247 @@
+// Gets relayed content for the gather. A page the destination is waiting
+// for goes out at once in a GET of its own; everything else is fetched in
+// large batches as the gather's rate allows. Every page is checked against
+// its digest before it is kept, and relays are told to drop what the gather
+// no longer needs.
+
+import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
+import { SgmError } from "../errors.ts";
+import type { RateLimiter } from "../net/rate-limiter.ts";
+import { PeerConnection } from "../wire/connection.ts";
+import { maxPayload } from "../wire/messages.ts";
+import { encodeDigestRequest, encodeRelease, readPages, RELEASE_BATCH, RelayFrame } from "../wire/relay-messages.ts";
+import type { ContentDirectory } from "./content-directory.ts";
+
+/** Background GETs in flight per relay. */
+const WINDOW = 8;
+const BATCH = 64;
+
+interface Relay {
+  address: string;
+  conn: PeerConnection;
+  inFlight: number;
+  releases: Uint8Array[];
+  bytesIn: number;
+  pages: number;
+}
+
+export interface FetcherStats {
+  relays: Array<{ address: string; pagesFetched: number; bytesIn: number }>;
+  urgentFetches: number;
+}
+
+export class RelayFetcher {
+  private readonly dir: ContentDirectory;
+  private readonly limiter: RateLimiter | null;
+  private readonly onError: (err: Error) => void;
+  private relays: Relay[] = [];
+  private run: Uint8Array = new Uint8Array(16);
+  /** Content ids asked for and not arrived yet. */
+  private readonly wanted = new Set<number>();
+  private readonly queue: number[] = [];
+  private queueHead = 0;
+  private nextReq = 1;
+  /** GET requests in flight: the relay asked and the digests asked for. */
+  private readonly requests = new Map<number, { relay: number; digests: Uint8Array }>();
+  private readonly tried = new Map<number, number>();
+  private pumpTimer: ReturnType<typeof setTimeout> | null = null;
+  private urgentFetches = 0;
+
+  constructor(dir: ContentDirectory, limiter: RateLimiter | null, onError: (err: Error) => void) {
+    this.dir = dir;
+    this.limiter = limiter;
+    this.onError = onError;
+  }
+
+  /** Connects to the run's relays, in the order their mask bits count them. */
+  async connect(run: Uint8Array, addresses: readonly string[], psk: Uint8Array): Promise<void> {
+    this.run = run;
+    this.relays = await Promise.all(
+      addresses.map(async (address) => {
+        const m = /^\[?(.+?)\]?:(\d+)$/.exec(address);
+        if (!m) throw new SgmError("data", `scatter named relay '${address}'`);
+        const conn = await PeerConnection.connect({ host: m[1]!, port: Number(m[2]), psk, role: "gather", expectRole: "relay", maxPayload, timeoutMs: 10_000 }).catch(
+          (err: Error) => {
+            throw new SgmError("unavailable", `relay ${address}: ${err.message}`);
+          },
+        );
+        const relay: Relay = { address, conn, inFlight: 0, releases: [], bytesIn: 0, pages: 0 };
+        return relay;
+      }),
+    );
+    this.relays.forEach((relay, index) => {
+      relay.conn.onFrame((type, payload) => this.onFrame(index, type, payload));
+      void relay.conn.closed.then((reason) => {
+        if (this.wanted.size > 0) this.onError(new SgmError("unavailable", `relay ${relay.address}: ${reason?.message ?? "connection closed"}`));
+      });
+    });
+  }
+
+  get stats(): FetcherStats {
+    return { relays: this.relays.map((r) => ({ address: r.address, pagesFetched: r.pages, bytesIn: r.bytesIn })), urgentFetches: this.urgentFetches };
+  }
+
+  /** Makes sure the content comes; `urgent` when the destination waits for it. */
+  want(cid: number, urgent: boolean): void {
+    if (this.dir.isLocal(cid)) return;
+    if (urgent) {
+      this.urgentFetches++;
+      this.wanted.add(cid);
+      try {
+        this.send(this.pickRelay(cid), [cid]);
+      } catch (err) {
+        this.onError(err as Error);
+      }
+      return;
+    }
+    if (this.wanted.has(cid)) return;
+    this.wanted.add(cid);
+    this.queue.push(cid);
+    this.pump();
+  }
+
+  /** The gather no longer needs this content: the relays holding it may drop it. */
+  release(digest: Uint8Array, mask: number): void {
+    this.relays.forEach((relay, i) => {
+      if (!(mask & (1 << i))) return;
+      relay.releases.push(digest);
+      if (relay.releases.length >= RELEASE_BATCH) this.flushReleases(relay);
+    });
+  }
+
+  /** Sends pending releases (at the end, or when nothing else is going on). */
+  flushAllReleases(): void {
+    for (const relay of this.relays) this.flushReleases(relay);
+  }
+
+  close(): void {
+    this.flushAllReleases();
+    if (this.pumpTimer) clearTimeout(this.pumpTimer);
+    for (const relay of this.relays) relay.conn.close();
+  }
+
+  /** Issues background GETs while the rate and the windows allow. */
+  private pump(): void {
+    while (this.queueHead < this.queue.length) {
+      if (this.limiter && (this.limiter.scatterWaiting || !this.limiter.has(BATCH * 4096))) {
+        this.pumpLater(this.limiter.waitMs() + 5);
+        return;
+      }
+      const first = this.queue[this.queueHead]!;
+      if (!this.wanted.has(first) || this.dir.isLocal(first)) {
+        this.queueHead++;
+        continue;
+      }
+      let relay: number;
+      try {
+        relay = this.pickRelay(first);
+      } catch (err) {
+        this.onError(err as Error);
+        return;
+      }
+      if (this.relays[relay]!.inFlight >= WINDOW) return; // a reply will pump again
+      const batch: number[] = [];
+      while (this.queueHead < this.queue.length && batch.length < BATCH) {
+        const cid = this.queue[this.queueHead]!;
+        if (this.wanted.has(cid) && !this.dir.isLocal(cid)) {
+          if (this.pickRelay(cid) !== relay) break;
+          batch.push(cid);
+        }
+        this.queueHead++;
+      }
+      this.limiter?.take(batch.length * 4096);
+      this.send(relay, batch);
+    }
+    this.queue.length = 0;
+    this.queueHead = 0;
+  }
+
+  private pumpLater(ms: number): void {
+    if (this.pumpTimer) return;
+    this.pumpTimer = setTimeout(() => {
+      this.pumpTimer = null;
+      this.pump();
+    }, ms);
+  }
+
+  /** The relay to ask: the first holder not yet tried for this content. */
+  private pickRelay(cid: number): number {
+    const mask = this.dir.relayMask(cid) & ~(this.tried.get(cid) ?? 0);
+    if (mask === 0) throw new SgmError("unavailable", `no relay holds page content ${this.hex(cid)} any more`);
+    return 31 - Math.clz32(mask & -mask);
+  }
+
+  private send(relay: number, cids: number[]): void {
+    const digests = new Uint8Array(cids.length * DIGEST_BYTES);
+    cids.forEach((cid, n) => digests.set(this.dir.digestOf(cid), n * DIGEST_BYTES));
+    const req = this.nextReq++;
+    this.requests.set(req, { relay, digests });
+    const r = this.relays[relay]!;
+    r.inFlight++;
+    r.conn.send(RelayFrame.GET, encodeDigestRequest(req, digests));
+  }
+
+  private onFrame(index: number, type: number, payload: Uint8Array): void {
+    if (type !== RelayFrame.PAGES) throw new SgmError("data", `relay ${this.relays[index]!.address} sent frame type ${type}`);
+    const relay = this.relays[index]!;
+    this.limiter?.take(payload.length);
+    relay.bytesIn += payload.length;
+    const missing: number[] = [];
+    const check = new Uint8Array(DIGEST_BYTES);
+    const req = payload.length >= 4 ? new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0) : -1;
+    const request = this.requests.get(req);
+    if (!request || request.relay !== index) throw new SgmError("data", `relay ${relay.address} answered request ${req}, which it was not sent`);
+    let n = 0;
+    readPages(payload, (digestAt, pageAt) => {
+      const asked = n++ * DIGEST_BYTES;
+      if (!sameBytes(request.digests, asked, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} answered for content it was not asked`);
+      // content nobody needs any more is forgotten (and its id may be reused): drop the reply
+      const cid = this.dir.lookup(payload, digestAt);
+      if (pageAt < 0) {
+        if (cid >= 0) missing.push(cid);
+        return;
+      }
+      const page = payload.subarray(pageAt, pageAt + 4096);
+      digestPage(page, check);
+      if (!sameBytes(check, 0, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} sent a page that does not match its digest`);
+      relay.pages++;
+      if (cid < 0) return;
+      this.wanted.delete(cid);
+      this.tried.delete(cid);
+      this.dir.addLocal(cid, page);
+    });
+    this.requests.delete(req);
+    relay.inFlight--;
+    for (const cid of missing) {
+      // try the next replica; none left means the content is lost
+      this.tried.set(cid, (this.tried.get(cid) ?? 0) | (1 << index));
+      try {
+        this.send(this.pickRelay(cid), [cid]);
+      } catch (err) {
+        this.onError(err as Error);
+      }
+    }
+    this.pump();
+  }
+
+  private flushReleases(relay: Relay): void {
+    if (relay.releases.length === 0 || !relay.conn) return;
+    const digests = new Uint8Array(relay.releases.length * DIGEST_BYTES);
+    relay.releases.forEach((d, n) => digests.set(d, n * DIGEST_BYTES));
+    relay.releases = [];
+    try {
+      relay.conn.send(RelayFrame.RELEASE, encodeRelease(this.run, digests));
+    } catch {
+      // a relay gone away drops the run's pages with its TTL
+    }
+  }
+
+  private hex(cid: number): string {
+    return Buffer.from(this.dir.digestOf(cid).subarray(0, 8)).toString("hex");
+  }
+}
+
+function sameBytes(a: Uint8Array, aAt: number, b: Uint8Array, bAt: number): boolean {
+  for (let i = 0; i < DIGEST_BYTES; i++) if (a[aAt + i] !== b[bAt + i]) return false;
+  return true;
+}

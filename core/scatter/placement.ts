@@ -1,0 +1,228 @@
+// Where each new page content goes, for all VMs of one scatter run: straight
+// to the gather while its connection takes it (TCP backpressure is the
+// signal), otherwise to the relays that rank highest for the page's digest
+// (rendezvous hashing, --replicas of them). Content seen before in the run
+// is not placed again: one digest index serves every VM.
+
+import { DIGEST_BYTES } from "../dedup/digest.ts";
+import { DigestIndex } from "../dedup/digest-index.ts";
+import { RecycledBuffers } from "../net/recycled-buffers.ts";
+import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
+import type { PeerConnection } from "../wire/connection.ts";
+import { encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
+import { type Refused, RelayLink } from "./relay-link.ts";
+
+/** New content goes straight to the gather while less than this waits on its connection. */
+const DIRECT_WINDOW = 1024 * 1024;
+/** A relay whose connection queues more than this takes no new pages for now. */
+const RELAY_WINDOW = 8 * 1024 * 1024;
+/** The source is read no further while the gather queues this much and no relay takes pages. */
+const GATHER_HIGH = 8 * 1024 * 1024;
+
+export interface PlacementStats {
+  directPages: number;
+  relayedPages: number;
+  dedupPages: number;
+  replacedPages: number;
+}
+
+export class RunPlacement {
+  readonly gather: PeerConnection;
+  readonly relays: RelayLink[] = [];
+  readonly replicas: number;
+  readonly stats: PlacementStats = { directPages: 0, relayedPages: 0, dedupPages: 0, replacedPages: 0 };
+  private readonly index = new DigestIndex();
+  private pending = new Uint8Array(1024);
+  private mask = new Uint32Array(1024);
+  private readonly salts: number[] = [];
+  private readonly directBuffers: RecycledBuffers;
+  private readonly direct: PageDataBuilder;
+  private locations: Array<{ digest: Uint8Array; mask: number }> = [];
+  private readonly rank: number[] = [];
+  private readonly ackListeners = new Set<(replaced: boolean) => void>();
+  private readonly drainWaiters: Array<() => void> = [];
+  private failure: Error | null = null;
+  private readonly failListeners = new Set<(reason: Error) => void>();
+  directBytes = 0;
+
+  constructor(gather: PeerConnection, replicas: number) {
+    this.gather = gather;
+    this.replicas = replicas;
+    this.directBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => gather.bytesSent);
+    this.direct = new PageDataBuilder(() => this.directBuffers.acquire());
+  }
+
+  addRelay(address: string, conn: PeerConnection, run: Uint8Array): void {
+    const link = new RelayLink(this.relays.length, address, conn, run, {
+      onAck: (stored, refused) => this.onAck(link, stored, refused),
+      onFull: () => {},
+      onLost: (reason) => this.fail(reason),
+    });
+    this.relays.push(link);
+    this.salts.push(relaySalt(address));
+  }
+
+  /**
+   * Places the content whose digest is at `digest[at..]` unless the run has
+   * placed it before; new content is copied out at once. Returns whether it
+   * was new.
+   */
+  place(digest: Uint8Array, at: number, page: Uint8Array): boolean {
+    if (this.index.lookup(digest, at) >= 0) {
+      this.stats.dedupPages++;
+      return false;
+    }
+    const cid = this.index.insert(digest, at);
+    this.grow(cid);
+    this.put(cid, digest, at, page);
+    return true;
+  }
+
+  /** Sends every batch being built: direct pages, relay PUTs. */
+  flush(): void {
+    if (this.direct.pages > 0) {
+      const { payload, buffer } = this.direct.take();
+      this.directBytes += payload.length;
+      this.gather.send(FrameType.PAGE_DATA, payload);
+      this.directBuffers.queued(buffer, this.gather.bytesSent + this.gather.queuedBytes);
+    }
+    for (const link of this.relays) link.flush();
+  }
+
+  /** PUT batches sent per relay so far: a map frame may go once these are acknowledged. */
+  sentMarks(): number[] {
+    return this.relays.map((r) => r.sentSeq);
+  }
+
+  isAcked(marks: readonly number[]): boolean {
+    return marks.every((mark, r) => this.relays[r]!.acked >= mark);
+  }
+
+  /**
+   * After a refusal the content went into later batches: a mark taken
+   * before then must wait for those too.
+   */
+  raiseMarks(marks: number[]): void {
+    for (let r = 0; r < marks.length; r++) marks[r] = Math.max(marks[r]!, this.relays[r]!.sentSeq);
+  }
+
+  /** Tells the gather where relayed content is held; due before any map entry naming it. */
+  sendLocations(): void {
+    if (this.locations.length === 0) return;
+    for (let i = 0; i < this.locations.length; i += 16384) {
+      this.gather.send(FrameType.LOCATIONS, encodeLocations(this.locations.slice(i, i + 16384)));
+    }
+    this.locations = [];
+  }
+
+  /**
+   * Called after every acknowledgement, so map frames waiting on it can go;
+   * `replaced` when refused pages were placed again (in later batches).
+   */
+  onAcked(listener: (replaced: boolean) => void): () => void {
+    this.ackListeners.add(listener);
+    return () => this.ackListeners.delete(listener);
+  }
+
+  onFailure(listener: (reason: Error) => void): () => void {
+    if (this.failure) listener(this.failure);
+    this.failListeners.add(listener);
+    return () => this.failListeners.delete(listener);
+  }
+
+  /** Too much waits to go anywhere: the source should not be read further for now. */
+  get congested(): boolean {
+    if (this.gather.queuedBytes <= GATHER_HIGH) return false;
+    return !this.relays.some((r) => r.accepting && r.queuedBytes <= RELAY_WINDOW);
+  }
+
+  /** Resolves once not congested. */
+  whenUncongested(): Promise<void> {
+    if (!this.congested) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.drainWaiters.push(resolve);
+      void this.gather.whenWritable(GATHER_HIGH / 2).then(() => this.wakeDrainWaiters(), () => this.wakeDrainWaiters());
+      for (const r of this.relays) void r.conn.whenWritable(RELAY_WINDOW / 2).then(() => this.wakeDrainWaiters(), () => {});
+    });
+  }
+
+  relayPages(): number[] {
+    return this.relays.map((r) => r.pagesPut - r.pagesRefused);
+  }
+
+  private wakeDrainWaiters(): void {
+    if (this.congested && !this.failure) return;
+    for (const w of this.drainWaiters.splice(0)) w();
+  }
+
+  private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
+    const viaGather = this.relays.length === 0 || this.gather.queuedBytes < DIRECT_WINDOW;
+    const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting && this.relays[r]!.queuedBytes <= RELAY_WINDOW, this.replicas, this.rank);
+    if (n === 0) {
+      // the gather takes it: either it keeps up, or no relay can (and the source waits)
+      this.stats.directPages++;
+      this.sendDirect(digest, at, page);
+      return;
+    }
+    this.pending[cid] = n;
+    this.mask[cid] = 0;
+    this.stats.relayedPages++;
+    for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.add(cid, digest, at, page);
+  }
+
+  private sendDirect(digest: Uint8Array, at: number, page: Uint8Array): void {
+    const slot = this.direct.add(page);
+    slot.buf.set(digest.subarray(at, at + DIGEST_BYTES), slot.at);
+    if (this.direct.full) this.flush();
+  }
+
+  private onAck(link: RelayLink, stored: number[], refused: Refused[]): void {
+    for (const cid of stored) {
+      this.mask[cid]! |= 1 << link.index;
+      if (--this.pending[cid]! === 0) this.locations.push({ digest: this.index.digestOf(cid).slice(), mask: this.mask[cid]! });
+    }
+    for (const r of refused) {
+      // place this replica elsewhere: another relay not holding it, or the gather
+      this.stats.replacedPages++;
+      const n = rankRelays(
+        r.digest,
+        0,
+        this.salts,
+        (i) => i !== link.index && !(this.mask[r.cid]! & (1 << i)) && this.relays[i]!.accepting,
+        1,
+        this.rank,
+      );
+      if (n > 0) {
+        this.relays[this.rank[0]!]!.add(r.cid, r.digest, 0, r.page);
+      } else if (--this.pending[r.cid]! === 0) {
+        if (this.mask[r.cid] === 0) {
+          // no relay holds it: the gather gets it directly
+          this.sendDirect(r.digest, 0, r.page);
+        } else {
+          this.locations.push({ digest: this.index.digestOf(r.cid).slice(), mask: this.mask[r.cid]! });
+        }
+      }
+    }
+    if (refused.length > 0) this.flush();
+    for (const listener of this.ackListeners) listener(refused.length > 0);
+    this.wakeDrainWaiters();
+  }
+
+  private fail(reason: Error): void {
+    if (this.failure) return;
+    this.failure = reason;
+    for (const listener of this.failListeners) listener(reason);
+    this.wakeDrainWaiters();
+  }
+
+  private grow(cid: number): void {
+    if (cid < this.pending.length) return;
+    const size = Math.max(cid + 1, this.pending.length * 2);
+    const pending = new Uint8Array(size);
+    pending.set(this.pending);
+    this.pending = pending;
+    const mask = new Uint32Array(size);
+    mask.set(this.mask);
+    this.mask = mask;
+  }
+}

@@ -1,0 +1,141 @@
+// Scatter's connection to one relay: batches pages into PUT frames and keeps
+// each batch until the relay acknowledges it, so a page the relay refused
+// (it is full) can still be placed elsewhere.
+
+import { DIGEST_BYTES } from "../dedup/digest.ts";
+import { SgmError } from "../errors.ts";
+import type { PeerConnection } from "../wire/connection.ts";
+import { decodeControl, FrameType } from "../wire/messages.ts";
+import { PutBuilder, readAck, readPut, RelayFrame } from "../wire/relay-messages.ts";
+
+/** A page the relay refused: its content id and where its digest and bytes still are. */
+export interface Refused {
+  cid: number;
+  digest: Uint8Array;
+  page: Uint8Array;
+}
+
+export interface RelayLinkEvents {
+  /** A PUT was acknowledged: these content ids are now held (refused ones are not). */
+  onAck(stored: number[], refused: Refused[]): void;
+  onFull(capacity: number, used: number): void;
+  onLost(reason: Error): void;
+}
+
+interface InFlight {
+  seq: number;
+  buffer: Uint8Array;
+  payload: Uint8Array;
+  cids: number[];
+}
+
+/** Unacknowledged PUT batches a relay may have before it takes no more pages. */
+const MAX_IN_FLIGHT = 64;
+
+export class RelayLink {
+  readonly index: number;
+  readonly address: string;
+  readonly conn: PeerConnection;
+  /** The relay refused a page: it gets no more. */
+  full = false;
+  pagesPut = 0;
+  pagesRefused = 0;
+  private readonly run: Uint8Array;
+  private readonly events: RelayLinkEvents;
+  private builder: PutBuilder;
+  private cids: number[] = [];
+  private spare: Uint8Array[] = [];
+  private readonly inFlight: InFlight[] = [];
+  private nextSeq = 0;
+  private ackedSeq = 0;
+
+  constructor(index: number, address: string, conn: PeerConnection, run: Uint8Array, events: RelayLinkEvents) {
+    this.index = index;
+    this.address = address;
+    this.conn = conn;
+    this.run = run;
+    this.events = events;
+    this.builder = new PutBuilder(this.buffer());
+    conn.onFrame((type, payload) => this.onFrame(type, payload));
+    void conn.closed.then((reason) => {
+      if (this.inFlight.length > 0 || this.builder.pages > 0 || reason) {
+        this.events.onLost(new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`));
+      }
+    });
+  }
+
+  /** PUT batches sent so far (including one being built, once flushed). */
+  get sentSeq(): number {
+    return this.nextSeq;
+  }
+
+  /** PUT batches acknowledged so far. */
+  get acked(): number {
+    return this.ackedSeq;
+  }
+
+  /** Can take pages now: not full, not too far ahead of its acknowledgements. */
+  get accepting(): boolean {
+    return !this.full && this.inFlight.length < MAX_IN_FLIGHT;
+  }
+
+  get queuedBytes(): number {
+    return this.conn.queuedBytes;
+  }
+
+  add(cid: number, digest: Uint8Array, digestAt: number, page: Uint8Array): void {
+    this.builder.add(digest, digestAt, page);
+    this.cids.push(cid);
+    this.pagesPut++;
+    if (this.builder.full) this.flush();
+  }
+
+  flush(): void {
+    if (this.builder.pages === 0) return;
+    const seq = this.nextSeq++;
+    const { payload, buffer } = this.builder.take(this.run, seq, this.buffer());
+    this.inFlight.push({ seq, buffer, payload, cids: this.cids });
+    this.cids = [];
+    this.conn.send(RelayFrame.PUT, payload);
+  }
+
+  private buffer(): Uint8Array {
+    return this.spare.pop() ?? new Uint8Array(PutBuilder.BUFFER_BYTES);
+  }
+
+  private onFrame(type: number, payload: Uint8Array): void {
+    if (type === FrameType.CONTROL) {
+      const message = decodeControl(payload);
+      if (message.t === "relay-full") {
+        this.full = true;
+        this.events.onFull(message.capacity, message.used);
+        return;
+      }
+      throw new SgmError("data", `relay ${this.address} sent '${message.t}'`);
+    }
+    if (type !== RelayFrame.ACK) throw new SgmError("data", `relay ${this.address} sent frame type ${type}`);
+    const ack = readAck(payload);
+    const batch = this.inFlight.shift();
+    if (!batch || batch.seq !== ack.seq || ack.refused.length !== batch.cids.length) {
+      throw new SgmError("data", `relay ${this.address} acknowledged PUT ${ack.seq} out of order`);
+    }
+    this.ackedSeq = ack.seq + 1;
+    const stored: number[] = [];
+    const refused: Refused[] = [];
+    const put = readPut(batch.payload);
+    batch.cids.forEach((cid, n) => {
+      if (!ack.refused[n]) {
+        stored.push(cid);
+        return;
+      }
+      this.full = true;
+      this.pagesRefused++;
+      const d = put.digestAt(n);
+      const p = put.pageAt(n);
+      refused.push({ cid, digest: batch.payload.subarray(d, d + DIGEST_BYTES), page: batch.payload.subarray(p, p + 4096) });
+    });
+    // refused pages are read (and placed elsewhere) before the buffer is reused
+    this.events.onAck(stored, refused);
+    this.spare.push(batch.buffer);
+  }
+}
