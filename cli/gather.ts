@@ -11,6 +11,7 @@ interface GatherFlags {
   vm?: unknown;
   pskFile?: unknown;
   postcopyBandwidth?: unknown;
+  maxRate?: unknown;
   json?: boolean;
 }
 
@@ -21,15 +22,17 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
     .option("--listen <host:port>", "Address to listen on for the scatter")
     .option("--vm <name=qmp>", "A VM to receive: its name and the QMP socket of its destination QEMU (repeatable)")
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
+    .option("--max-rate <rate>", "Receive at most this much per second, from the scatter and relays together, e.g. 100MiB/s")
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm gather --listen 0.0.0.0:7700 --vm web1=/run/qemu/web1-in.qmp --psk-file /etc/sgm/psk")
     .action(async (flags: GatherFlags) => {
       const listen = parseHostPort("--listen", requireString("--listen", flags.listen));
       const vms = parseVmPairs(flags.vm);
+      const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
       const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
-      const report = await runGather({ listen, vms, psk, postcopyBandwidth, signal, log: info });
+      const report = await runGather({ listen, vms, psk, maxRate, postcopyBandwidth, signal, log: info });
       render(report);
       if (flags.json) printJson(report);
       return report.exitCode;
@@ -47,4 +50,8 @@ function render(report: GatherReport): void {
       info(`${vm.name}: NOT completed: ${vm.error}`);
     }
   }
+  info(
+    `received ${formatBytes(report.bytesFromScatter)} from the scatter` +
+      (report.relays.length ? ` and ${report.relays.map((r) => `${formatBytes(r.bytesIn)} from ${r.address}`).join(", ")}` : ""),
+  );
 }
