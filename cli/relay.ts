@@ -1,18 +1,91 @@
 // sgm relay: runs on an intermediary host with spare memory.
 
 import type { CAC } from "cac";
+import { closeSync, fstatSync, writeSync } from "node:fs";
+import { PAGE_BYTES } from "../core/dedup/digest.ts";
 import { SgmError } from "../core/errors.ts";
+import { type RelayStats, startRelay } from "../core/relay/engine.ts";
+import { loadPsk } from "../core/wire/auth.ts";
+import { parseCount, parseHostPort, parseSize, requireString } from "./args.ts";
+import { formatBytes, info, printJson } from "./output.ts";
 
-export function registerRelay(cli: CAC, _signal: AbortSignal): void {
+interface RelayFlags {
+  listen?: unknown;
+  capacity?: unknown;
+  pskFile?: unknown;
+  ttl?: unknown;
+  readyFd?: unknown;
+  json?: boolean;
+}
+
+const DEFAULT_TTL_SECONDS = 3600;
+
+export function registerRelay(cli: CAC, signal: AbortSignal): void {
   cli
     .command("relay", "Hold pages in memory for gathers that cannot take them yet")
     .usage("relay --listen HOST:PORT --capacity SIZE --psk-file FILE [options]")
     .option("--listen <host:port>", "Address to listen on")
     .option("--capacity <size>", "Memory to hold pages in, e.g. 8GiB")
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
+    .option("--ttl <seconds>", `Drop the pages of a run idle (no put, no release) this long (default ${DEFAULT_TTL_SECONDS})`)
+    .option("--ready-fd <n>", "Once listening, write 'ready HOST:PORT' and a newline to this file descriptor and close it")
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm relay --listen 0.0.0.0:7701 --capacity 8GiB --psk-file /etc/sgm/psk")
-    .action(async () => {
-      throw new SgmError("internal", "relay is not built yet");
+    .action(async (flags: RelayFlags) => {
+      const listen = parseHostPort("--listen", requireString("--listen", flags.listen));
+      // A bare number of bytes reaches us as a number.
+      const capacity = typeof flags.capacity === "number" ? String(flags.capacity) : requireString("--capacity", flags.capacity);
+      const capacityBytes = parseSize("--capacity", capacity);
+      if (capacityBytes < PAGE_BYTES) throw new SgmError("usage", `--capacity '${capacity}': less than one ${PAGE_BYTES}-byte page`);
+      const ttlSeconds = flags.ttl === undefined ? DEFAULT_TTL_SECONDS : parseCount("--ttl", flags.ttl, 1, 30 * 24 * 3600);
+      const readyFd = flags.readyFd === undefined ? undefined : parseCount("--ready-fd", flags.readyFd, 3, 65535);
+      const psk = loadPsk(requireString("--psk-file", flags.pskFile));
+      if (readyFd !== undefined) checkFd(readyFd);
+
+      const relay = startRelay({ ...listen, psk, capacityBytes, ttlMs: ttlSeconds * 1000, signal, log: info });
+      const address = listen.host.includes(":") ? `[${listen.host}]:${relay.port}` : `${listen.host}:${relay.port}`;
+      info(`relay listening on ${address} (capacity ${formatBytes(capacityBytes)})`);
+      if (readyFd !== undefined) {
+        try {
+          announceReady(readyFd, address);
+        } catch (err) {
+          await relay.close();
+          throw fdError(readyFd, err);
+        }
+      }
+      // Stopping by SIGINT or SIGTERM is how a relay ends: not an error.
+      await relay.closed;
+      const stats = relay.stats();
+      render(stats);
+      if (flags.json) printJson(stats);
+      return 0;
     });
+}
+
+/** Before listening, so a wrong fd fails the command before it takes the port. */
+function checkFd(fd: number): void {
+  try {
+    fstatSync(fd);
+  } catch (err) {
+    throw fdError(fd, err);
+  }
+}
+
+function announceReady(fd: number, address: string): void {
+  writeSync(fd, `ready ${address}\n`);
+  // Closed, so a script reading it to its end is not left waiting.
+  closeSync(fd);
+}
+
+function fdError(fd: number, err: unknown): SgmError {
+  const code = (err as NodeJS.ErrnoException).code;
+  const why = code === "EBADF" ? "not an open file descriptor" : code === "EPIPE" ? "nobody reads it" : (err as Error).message;
+  return new SgmError("usage", `--ready-fd ${fd}: ${why}`, { cause: err });
+}
+
+function render(s: RelayStats): void {
+  info(
+    `relay stopped: held ${formatBytes(s.used)} of ${formatBytes(s.capacity)} (${s.pages} pages, ${s.runs} runs); ` +
+      `${formatBytes(s.bytesIn)} in, ${formatBytes(s.bytesOut)} out, ${s.refusedPages} pages refused, ${s.expiredRuns} runs expired`,
+  );
 }

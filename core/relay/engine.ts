@@ -1,0 +1,139 @@
+// The relay role: holds pages in memory for gathers that cannot take them
+// yet. Scatters put pages under their run's id, gathers get and release
+// them; a run idle for longer than the TTL loses its pages, so a run whose
+// gather never came does not hold the relay's memory for ever.
+
+import { PageStore } from "../dedup/page-store.ts";
+import { SgmError } from "../errors.ts";
+import { listenPeers, type PeerConnection } from "../wire/connection.ts";
+import { maxPayload } from "../wire/messages.ts";
+import { RunHolds } from "./holds.ts";
+import { type RelayCounters, RelaySession } from "./session.ts";
+
+export interface RelayOptions {
+  host: string;
+  /** 0 for any free port; the relay's `port` says which. */
+  port: number;
+  psk: Uint8Array;
+  capacityBytes: number;
+  /** A run that has not put or released for this long loses its pages. */
+  ttlMs: number;
+  /** How often expired runs are looked for; by default a quarter of the TTL, within 10 ms to 10 s. */
+  sweepMs?: number;
+  log?: (line: string) => void;
+  /** Aborting stops the relay, as close() does. */
+  signal?: AbortSignal;
+}
+
+export interface RelayStats {
+  capacity: number;
+  /** Bytes of distinct pages held. */
+  used: number;
+  pages: number;
+  /** Runs holding at least one page. */
+  runs: number;
+  /** Page bytes of accepted PUT entries (a page put twice counts twice). */
+  bytesIn: number;
+  /** Page bytes sent in PAGES replies. */
+  bytesOut: number;
+  refusedPages: number;
+  /** Runs whose pages were dropped by the TTL. */
+  expiredRuns: number;
+  connections: number;
+  /** Reply bytes waiting in the relay for clients to read them. */
+  queuedBytes: number;
+}
+
+export interface Relay {
+  readonly port: number;
+  stats(): RelayStats;
+  /** Stops listening and ends every connection; the pages are gone. */
+  close(): Promise<void>;
+  /** Resolves once the relay has stopped, whoever stopped it. */
+  readonly closed: Promise<void>;
+}
+
+/** How long close() lets connections flush their replies before it cuts them. */
+const CLOSE_GRACE_MS = 1000;
+
+/** Listens at once (a listen failure throws an "unavailable" SgmError) and serves until closed. */
+export function startRelay(options: RelayOptions): Relay {
+  if (!(options.ttlMs > 0)) throw new SgmError("internal", `relay TTL of ${options.ttlMs} ms`);
+  const log = options.log ?? (() => {});
+  const store = new PageStore({ capacityBytes: options.capacityBytes });
+  const holds = new RunHolds(store, options.ttlMs);
+  const counters: RelayCounters = { bytesIn: 0, bytesOut: 0, refusedPages: 0 };
+  const shared = { store, holds, counters, now: () => performance.now() };
+  const connections = new Set<PeerConnection>();
+  let expiredRuns = 0;
+
+  const listener = listenPeers({
+    host: options.host,
+    port: options.port,
+    psk: options.psk,
+    role: "relay",
+    acceptRoles: ["scatter", "gather"],
+    maxPayload,
+    onConnection: (conn) => {
+      connections.add(conn);
+      log(`${conn.peerRole} connected from ${conn.remoteAddress}`);
+      new RelaySession(conn, shared);
+      void conn.closed.then((reason) => {
+        connections.delete(conn);
+        log(reason ? `${conn.peerRole} dropped: ${reason.message}` : `${conn.peerRole} ${conn.remoteAddress} disconnected`);
+      });
+    },
+    onRejected: (address, err) => log(`refused ${address}: ${err.message}`),
+  });
+
+  const sweepMs = options.sweepMs ?? Math.min(10_000, Math.max(10, options.ttlMs / 4));
+  const sweeper = setInterval(() => {
+    for (const { run, pages } of holds.expire(shared.now())) {
+      expiredRuns++;
+      log(`run ${run} idle for ${options.ttlMs / 1000} s: released its ${pages} pages`);
+    }
+  }, sweepMs);
+
+  let stopping: Promise<void> | undefined;
+  let markClosed!: () => void;
+  const closed = new Promise<void>((resolve) => {
+    markClosed = resolve;
+  });
+  const close = (): Promise<void> => {
+    stopping ??= (async () => {
+      clearInterval(sweeper);
+      options.signal?.removeEventListener("abort", onAbort);
+      listener.close();
+      const open = [...connections];
+      for (const conn of open) conn.close();
+      // A client that stopped reading never finishes its close; it is cut after the grace.
+      let timer: Timer | undefined;
+      await Promise.race([Promise.all(open.map((conn) => conn.closed)), new Promise((resolve) => (timer = setTimeout(resolve, CLOSE_GRACE_MS)))]);
+      clearTimeout(timer);
+      for (const conn of open) conn.abort(new SgmError("unavailable", `${conn.remoteAddress}: relay stopped`));
+      markClosed();
+    })();
+    return stopping;
+  };
+  const onAbort = (): void => void close();
+  if (options.signal?.aborted) onAbort();
+  else options.signal?.addEventListener("abort", onAbort);
+
+  return {
+    port: listener.port,
+    stats: () => ({
+      capacity: store.capacityBytes,
+      used: store.usedBytes,
+      pages: store.pages,
+      runs: holds.runCount,
+      bytesIn: counters.bytesIn,
+      bytesOut: counters.bytesOut,
+      refusedPages: counters.refusedPages,
+      expiredRuns,
+      connections: connections.size,
+      queuedBytes: [...connections].reduce((sum, conn) => sum + conn.queuedBytes, 0),
+    }),
+    close,
+    closed,
+  };
+}

@@ -1,0 +1,100 @@
+// Which scatter run holds which pages on a relay, and for how long.
+//
+// Each (run, digest) hold is one reference in the PageStore, so a page
+// shared by several runs stays until the last of them lets go, and a run
+// that puts the same content twice still holds it once: one RELEASE from
+// the gather then frees it.
+//
+// A run lives while it holds pages and has been active within the TTL. Only
+// PUT and RELEASE refresh it: they name the run, GET and HAS do not, and
+// finding every run behind a digest would cost a page→runs map the relay
+// otherwise never needs. A gather that fetches a run's pages releases them
+// as it goes, and one that must wait without releasing sends a RELEASE of
+// no digests to keep the run alive.
+
+import { DIGEST_BYTES } from "../dedup/digest.ts";
+import type { PageStore } from "../dedup/page-store.ts";
+
+interface Run {
+  /**
+   * PageStore ids held, one reference each; an id stays valid while we hold
+   * it. A Set costs a few tens of bytes per entry, under 2% of the page.
+   */
+  readonly ids: Set<number>;
+  deadline: number;
+}
+
+export interface ExpiredRun {
+  run: string;
+  pages: number;
+}
+
+export class RunHolds {
+  private readonly store: PageStore;
+  private readonly ttlMs: number;
+  private readonly runs = new Map<string, Run>();
+
+  constructor(store: PageStore, ttlMs: number) {
+    this.store = store;
+    this.ttlMs = ttlMs;
+  }
+
+  /** Runs holding at least one page. */
+  get runCount(): number {
+    return this.runs.size;
+  }
+
+  /**
+   * Holds the page for `run`: true if the run now holds it (already did, or
+   * the store took it), false if the store is full and does not have it.
+   */
+  hold(run: string, digest: Uint8Array, digestAt: number, page: Uint8Array, now: number): boolean {
+    let entry = this.runs.get(run);
+    if (entry) {
+      entry.deadline = now + this.ttlMs;
+      const id = this.store.idOf(digest, digestAt);
+      if (id !== -1 && entry.ids.has(id)) return true;
+    }
+    const put = this.store.put(digest, digestAt, page);
+    if (put === null) return false;
+    if (!entry) {
+      entry = { ids: new Set(), deadline: now + this.ttlMs };
+      this.runs.set(run, entry);
+    }
+    entry.ids.add(put.id);
+    return true;
+  }
+
+  /**
+   * Drops the run's holds on `count` digests at digests[0 ..). Digests or
+   * runs it does not know are skipped, so a repeated RELEASE is harmless.
+   * Returns how many holds were dropped.
+   */
+  release(run: string, digests: Uint8Array, count: number, now: number): number {
+    const entry = this.runs.get(run);
+    if (!entry) return 0;
+    entry.deadline = now + this.ttlMs;
+    let dropped = 0;
+    for (let n = 0; n < count; n++) {
+      const id = this.store.idOf(digests, n * DIGEST_BYTES);
+      if (id !== -1 && entry.ids.delete(id)) {
+        this.store.release(id);
+        dropped++;
+      }
+    }
+    if (entry.ids.size === 0) this.runs.delete(run);
+    return dropped;
+  }
+
+  /** Drops every hold of the runs whose deadline has passed. */
+  expire(now: number): ExpiredRun[] {
+    const expired: ExpiredRun[] = [];
+    for (const [run, entry] of this.runs) {
+      if (entry.deadline > now) continue;
+      for (const id of entry.ids) this.store.release(id);
+      this.runs.delete(run);
+      expired.push({ run, pages: entry.ids.size });
+    }
+    return expired;
+  }
+}

@@ -1,0 +1,188 @@
+// One client of a relay (a scatter putting pages, a gather getting and
+// releasing them): its frames, applied in order to the shared store, each
+// answered on the same connection. Any authenticated peer may send any
+// relay request; the run id, not the connection, says whose pages they are.
+
+import { Buffer } from "node:buffer";
+import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../dedup/digest.ts";
+import type { PageStore } from "../dedup/page-store.ts";
+import { SgmError } from "../errors.ts";
+import type { PeerConnection } from "../wire/connection.ts";
+import { FrameType, decodeControl, encodeControl } from "../wire/messages.ts";
+import {
+  PagesBuilder,
+  RelayFrame,
+  encodeAck,
+  encodeHasReply,
+  readDigestRequest,
+  readPut,
+  readRelease,
+} from "../wire/relay-messages.ts";
+import type { RunHolds } from "./holds.ts";
+
+// A client that sends requests but does not read the replies would make us
+// queue them without end: above PAUSE_ABOVE bytes queued we stop reading its
+// requests, and go on once the queue is down to RESUME_AT.
+export const PAUSE_ABOVE = 4 << 20;
+export const RESUME_AT = 1 << 20;
+
+export interface RelayCounters {
+  /** Page bytes of PUT entries the relay accepted. */
+  bytesIn: number;
+  /** Page bytes sent in PAGES replies. */
+  bytesOut: number;
+  /** PUT entries refused because the store was full. */
+  refusedPages: number;
+}
+
+/** What every session of one relay shares. */
+export interface RelayShared {
+  readonly store: PageStore;
+  readonly holds: RunHolds;
+  readonly counters: RelayCounters;
+  /** Monotonic milliseconds, for run deadlines. */
+  now(): number;
+}
+
+const FRAME_NAMES = new Map<number, string>(
+  [...Object.entries(FrameType), ...Object.entries(RelayFrame)].map(([name, type]) => [type, name]),
+);
+
+export class RelaySession {
+  private readonly conn: PeerConnection;
+  private readonly shared: RelayShared;
+  private readonly digest = new Uint8Array(DIGEST_BYTES);
+  private fullSent = false;
+  private paused = false;
+
+  constructor(conn: PeerConnection, shared: RelayShared) {
+    this.conn = conn;
+    this.shared = shared;
+    // A throw from here is a data error: the connection drops this peer alone.
+    conn.onFrame((type, payload) => this.onFrame(type, payload));
+  }
+
+  private onFrame(type: number, payload: Uint8Array): void {
+    switch (type) {
+      case RelayFrame.PUT:
+        this.put(payload);
+        break;
+      case RelayFrame.GET:
+        this.get(payload);
+        break;
+      case RelayFrame.HAS:
+        this.has(payload);
+        break;
+      case RelayFrame.RELEASE:
+        this.release(payload);
+        break;
+      case FrameType.CONTROL:
+        this.control(payload);
+        break;
+      default:
+        throw new SgmError("data", `frame type ${type} (${FRAME_NAMES.get(type) ?? "unknown"}) is not a relay request`);
+    }
+    this.throttle();
+  }
+
+  private put(payload: Uint8Array): void {
+    const put = readPut(payload);
+    // All pages are checked before any is stored, so a bad frame changes nothing.
+    for (let n = 0; n < put.count; n++) {
+      const pageAt = put.pageAt(n);
+      digestPage(payload.subarray(pageAt, pageAt + PAGE_BYTES), this.digest);
+      if (!sameDigest(this.digest, payload, put.digestAt(n))) {
+        throw new SgmError("data", `relay PUT ${put.seq}: page ${n} does not match its digest`);
+      }
+    }
+    const { holds, counters } = this.shared;
+    const run = runKey(put.run);
+    const now = this.shared.now();
+    const refused: boolean[] = [];
+    let anyRefused = false;
+    for (let n = 0; n < put.count; n++) {
+      const pageAt = put.pageAt(n);
+      const held = holds.hold(run, payload, put.digestAt(n), payload.subarray(pageAt, pageAt + PAGE_BYTES), now);
+      refused.push(!held);
+      if (held) {
+        counters.bytesIn += PAGE_BYTES;
+      } else {
+        counters.refusedPages++;
+        anyRefused = true;
+      }
+    }
+    if (anyRefused && !this.fullSent) {
+      // Once per connection: the client learns why from the first refusal, then reads the ACK bitmaps.
+      this.fullSent = true;
+      const { store } = this.shared;
+      this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-full", capacity: store.capacityBytes, used: store.usedBytes }));
+    }
+    this.conn.send(RelayFrame.ACK, encodeAck(put.seq, refused));
+  }
+
+  private get(payload: Uint8Array): void {
+    const { req, count, digests } = readDigestRequest(payload, "GET");
+    const { store, counters } = this.shared;
+    const reply = new PagesBuilder(req, count);
+    for (let n = 0; n < count; n++) {
+      const page = store.getByDigest(digests, n * DIGEST_BYTES);
+      reply.add(digests, n * DIGEST_BYTES, page);
+      if (page) counters.bytesOut += PAGE_BYTES;
+    }
+    // The builder's buffer is the reply's own, so the connection may keep it until written.
+    this.conn.send(RelayFrame.PAGES, reply.take());
+  }
+
+  private has(payload: Uint8Array): void {
+    const { req, count, digests } = readDigestRequest(payload, "HAS");
+    const held: boolean[] = [];
+    for (let n = 0; n < count; n++) held.push(this.shared.store.has(digests, n * DIGEST_BYTES));
+    this.conn.send(RelayFrame.HAS_REPLY, encodeHasReply(req, held));
+  }
+
+  private release(payload: Uint8Array): void {
+    const { run, count, digests } = readRelease(payload);
+    this.shared.holds.release(runKey(run), digests, count, this.shared.now());
+  }
+
+  private control(payload: Uint8Array): void {
+    const message = decodeControl(payload);
+    if (message.t !== "relay-stats?") throw new SgmError("data", `control message '${message.t}' is not a relay request`);
+    const { store, holds, counters } = this.shared;
+    this.conn.send(
+      FrameType.CONTROL,
+      encodeControl({
+        t: "relay-stats",
+        capacity: store.capacityBytes,
+        used: store.usedBytes,
+        pages: store.pages,
+        bytesIn: counters.bytesIn,
+        bytesOut: counters.bytesOut,
+        runs: holds.runCount,
+      }),
+    );
+  }
+
+  private throttle(): void {
+    if (this.paused || this.conn.queuedBytes <= PAUSE_ABOVE) return;
+    this.paused = true;
+    this.conn.pauseReading();
+    this.conn.whenWritable(RESUME_AT).then(
+      () => {
+        this.paused = false;
+        this.conn.resumeReading();
+      },
+      () => {}, // closed while paused: nothing left to resume
+    );
+  }
+}
+
+/** A run id as a map key. */
+function runKey(run: Uint8Array): string {
+  return Buffer.from(run.buffer, run.byteOffset, run.length).toString("hex");
+}
+
+function sameDigest(digest: Uint8Array, bytes: Uint8Array, at: number): boolean {
+  for (let i = 0; i < DIGEST_BYTES; i++) if (digest[i] !== bytes[at + i]) return false;
+  return true;
+}

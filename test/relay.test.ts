@@ -1,0 +1,395 @@
+// The relay: its engine over real loopback sockets, with test clients
+// speaking the relay frames, and the compiled `sgm relay` command.
+
+import { afterEach, describe, expect, test } from "bun:test";
+import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../core/dedup/digest.ts";
+import { type Relay, type RelayOptions, startRelay } from "../core/relay/engine.ts";
+import { PAUSE_ABOVE } from "../core/relay/session.ts";
+import type { Role } from "../core/wire/auth.ts";
+import { PeerConnection } from "../core/wire/connection.ts";
+import { type Control, FrameType, decodeControl, encodeControl, maxPayload } from "../core/wire/messages.ts";
+import {
+  PutBuilder,
+  RelayFrame,
+  encodeDigestRequest,
+  encodeRelease,
+  readAck,
+  readHasReply,
+  readPages,
+} from "../core/wire/relay-messages.ts";
+import { track } from "./harness/processes.ts";
+import { runSgm, sgmBinary } from "./harness/sgm.ts";
+import { makeTempDir, removeDir } from "./harness/tmp.ts";
+
+const HOST = "127.0.0.1";
+const KEY = "sgm relay test key 0123456789abcdef";
+const psk = new TextEncoder().encode(KEY);
+
+interface Page {
+  digest: Uint8Array;
+  page: Uint8Array;
+}
+
+function randomPages(count: number): Page[] {
+  return Array.from({ length: count }, () => {
+    const page = crypto.getRandomValues(new Uint8Array(PAGE_BYTES));
+    const digest = new Uint8Array(DIGEST_BYTES);
+    digestPage(page, digest);
+    return { digest, page };
+  });
+}
+
+function runId(label: number): Uint8Array {
+  return new Uint8Array(16).fill(label);
+}
+
+function joinDigests(pages: readonly Page[]): Uint8Array {
+  const out = new Uint8Array(pages.length * DIGEST_BYTES);
+  pages.forEach((p, i) => out.set(p.digest, i * DIGEST_BYTES));
+  return out;
+}
+
+function putPayload(run: Uint8Array, seq: number, pages: readonly Page[]): Uint8Array {
+  const builder = new PutBuilder();
+  for (const p of pages) builder.add(p.digest, 0, p.page);
+  return builder.take(run, seq, new Uint8Array(0)).payload;
+}
+
+interface Frame {
+  type: number;
+  payload: Uint8Array;
+}
+
+/** A scatter or gather speaking to the relay; frames are kept until a test asks for them. */
+class Client {
+  readonly conn: PeerConnection;
+  /** Every control message received, in order. */
+  readonly controls: Control[] = [];
+  private readonly frames: Frame[] = [];
+  private waiter: { type: number; resolve: (payload: Uint8Array) => void } | undefined;
+  private nextReq = 1;
+
+  private constructor(conn: PeerConnection) {
+    this.conn = conn;
+    conn.onFrame((type, payload) => {
+      const frame = { type, payload: payload.slice() };
+      if (type === FrameType.CONTROL) this.controls.push(decodeControl(frame.payload));
+      if (this.waiter?.type === type) {
+        const { resolve } = this.waiter;
+        this.waiter = undefined;
+        resolve(frame.payload);
+      } else {
+        this.frames.push(frame);
+      }
+    });
+  }
+
+  static async connect(port: number, role: Role = "scatter"): Promise<Client> {
+    const conn = await PeerConnection.connect({ host: HOST, port, psk, role, expectRole: "relay", maxPayload, timeoutMs: 5000 });
+    clients.push(conn);
+    return new Client(conn);
+  }
+
+  /** The next frame of `type`, waiting for it if need be. */
+  next(type: number): Promise<Uint8Array> {
+    const i = this.frames.findIndex((f) => f.type === type);
+    if (i >= 0) return Promise.resolve(this.frames.splice(i, 1)[0]!.payload);
+    return new Promise((resolve, reject) => {
+      this.waiter = { type, resolve };
+      void this.conn.closed.then((reason) => reject(reason ?? new Error("relay closed the connection")));
+    });
+  }
+
+  /** PUTs the pages under `run`; resolves with the refused bitmap of the ACK. */
+  async put(run: Uint8Array, seq: number, pages: readonly Page[]): Promise<boolean[]> {
+    this.conn.send(RelayFrame.PUT, putPayload(run, seq, pages));
+    const ack = readAck(await this.next(RelayFrame.ACK));
+    expect(ack.seq).toBe(seq);
+    return ack.refused;
+  }
+
+  /** GETs the digests; each page found, or undefined. */
+  async get(pages: readonly Page[]): Promise<Array<Uint8Array | undefined>> {
+    const req = this.nextReq++;
+    this.conn.send(RelayFrame.GET, encodeDigestRequest(req, joinDigests(pages)));
+    const payload = await this.next(RelayFrame.PAGES);
+    const found: Array<Uint8Array | undefined> = [];
+    const replyReq = readPages(payload, (digestAt, pageAt) => {
+      expect(payload.subarray(digestAt, digestAt + DIGEST_BYTES)).toEqual(pages[found.length]!.digest);
+      found.push(pageAt < 0 ? undefined : payload.slice(pageAt, pageAt + PAGE_BYTES));
+    });
+    expect(replyReq).toBe(req);
+    return found;
+  }
+
+  async has(pages: readonly Page[]): Promise<boolean[]> {
+    const req = this.nextReq++;
+    this.conn.send(RelayFrame.HAS, encodeDigestRequest(req, joinDigests(pages)));
+    const reply = readHasReply(await this.next(RelayFrame.HAS_REPLY));
+    expect(reply.req).toBe(req);
+    return reply.held;
+  }
+
+  release(run: Uint8Array, pages: readonly Page[]): void {
+    this.conn.send(RelayFrame.RELEASE, encodeRelease(run, joinDigests(pages)));
+  }
+
+  /** Asks for the relay's figures; since replies come in order, this also waits for every earlier request. */
+  async stats(): Promise<Extract<Control, { t: "relay-stats" }>> {
+    this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-stats?" }));
+    for (;;) {
+      const message = decodeControl(await this.next(FrameType.CONTROL));
+      if (message.t === "relay-stats") return message;
+    }
+  }
+}
+
+const relays: Relay[] = [];
+const clients: PeerConnection[] = [];
+let logs: string[] = [];
+
+function relay(options: Partial<RelayOptions> = {}): Relay {
+  const r = startRelay({ host: HOST, port: 0, psk, capacityBytes: 64 << 20, ttlMs: 60_000, log: (line) => logs.push(line), ...options });
+  relays.push(r);
+  return r;
+}
+
+afterEach(async () => {
+  for (const conn of clients.splice(0)) conn.abort();
+  await Promise.all(relays.splice(0).map((r) => r.close()));
+  logs = [];
+});
+
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: Timer | undefined;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms)));
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+describe("relay engine", () => {
+  test("a page put by a scatter comes back to a gather byte for byte; unknown digests are not found", async () => {
+    const r = relay();
+    const scatter = await Client.connect(r.port, "scatter");
+    const pages = randomPages(100);
+    expect(await scatter.put(runId(1), 0, pages.slice(0, 64))).toEqual(Array(64).fill(false));
+    expect(await scatter.put(runId(1), 1, pages.slice(64))).toEqual(Array(36).fill(false));
+
+    const gather = await Client.connect(r.port, "gather");
+    const [unknown] = randomPages(1);
+    const asked = [...pages, unknown!];
+    const got = await gather.get(asked);
+    expect(got.length).toBe(101);
+    pages.forEach((p, i) => expect(got[i]).toEqual(p.page));
+    expect(got[100]).toBeUndefined();
+
+    expect(await gather.has([pages[3]!, unknown!, pages[99]!])).toEqual([true, false, true]);
+    const stats = await gather.stats();
+    expect(stats).toMatchObject({ pages: 100, used: 100 * PAGE_BYTES, bytesIn: 100 * PAGE_BYTES, bytesOut: 100 * PAGE_BYTES, runs: 1 });
+  });
+
+  test("beyond capacity puts are refused in the ACK, relay-full comes once, and held content is still accepted", async () => {
+    const r = relay({ capacityBytes: 4 * PAGE_BYTES });
+    const scatter = await Client.connect(r.port);
+    const pages = randomPages(8);
+    expect(await scatter.put(runId(1), 0, pages.slice(0, 6))).toEqual([false, false, false, false, true, true]);
+    // Another run's put of a page the relay holds takes no memory, so it is accepted; new content is not.
+    expect(await scatter.put(runId(2), 1, [pages[0]!, pages[6]!, pages[7]!])).toEqual([false, true, true]);
+
+    const stats = await scatter.stats();
+    expect(stats).toMatchObject({ capacity: 4 * PAGE_BYTES, used: 4 * PAGE_BYTES, pages: 4, runs: 2, bytesIn: 5 * PAGE_BYTES });
+    const full = scatter.controls.filter((c) => c.t === "relay-full");
+    expect(full).toEqual([{ t: "relay-full", capacity: 4 * PAGE_BYTES, used: 4 * PAGE_BYTES }]);
+    expect(r.stats().refusedPages).toBe(4);
+
+    // The refused pages are not there, the accepted ones are.
+    const gather = await Client.connect(r.port, "gather");
+    expect((await gather.get(pages)).map((p) => p !== undefined)).toEqual([true, true, true, true, false, false, false, false]);
+  });
+
+  test("a release frees a run's pages, but a page held by two runs stays until both release it", async () => {
+    const r = relay();
+    const scatter = await Client.connect(r.port);
+    const [solo, shared, twice] = randomPages(3) as [Page, Page, Page];
+    await scatter.put(runId(1), 0, [solo, shared, twice]);
+    await scatter.put(runId(2), 1, [shared]);
+    // Put again by the same run: still one hold, so one release frees it.
+    await scatter.put(runId(1), 2, [twice, twice]);
+
+    const gather = await Client.connect(r.port, "gather");
+    gather.release(runId(1), [solo, shared, twice]);
+    expect((await gather.get([solo, shared, twice])).map((p) => p !== undefined)).toEqual([false, true, false]);
+    expect(await gather.stats()).toMatchObject({ pages: 1, runs: 1 });
+
+    // Releasing again, or for a run the relay does not know, changes nothing.
+    gather.release(runId(1), [solo, shared, twice]);
+    gather.release(runId(9), [shared]);
+    expect(await gather.has([shared])).toEqual([true]);
+
+    gather.release(runId(2), [shared]);
+    expect(await gather.get([shared])).toEqual([undefined]);
+    expect(await gather.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
+  });
+
+  test("an idle run's pages go when its TTL passes; a run kept alive by empty releases keeps its pages", async () => {
+    const r = relay({ ttlMs: 300 });
+    const scatter = await Client.connect(r.port);
+    const [idle, alive] = randomPages(2) as [Page, Page];
+    await scatter.put(runId(1), 0, [idle]);
+    await scatter.put(runId(2), 1, [alive]);
+    const gather = await Client.connect(r.port, "gather");
+    for (let i = 0; i < 7; i++) {
+      gather.release(runId(2), []);
+      await Bun.sleep(100);
+    }
+    expect((await gather.get([idle, alive])).map((p) => p !== undefined)).toEqual([false, true]);
+    expect(r.stats()).toMatchObject({ pages: 1, runs: 1, expiredRuns: 1 });
+    expect(logs.some((line) => line.includes(`run ${"01".repeat(16)} idle`))).toBe(true);
+  });
+
+  test("a PUT whose page does not match its digest drops that connection and stores nothing from it", async () => {
+    const r = relay();
+    const good = await Client.connect(r.port);
+    const bad = await Client.connect(r.port);
+    const pages = randomPages(3);
+    const forged = { digest: pages[2]!.digest, page: pages[1]!.page };
+    bad.conn.send(RelayFrame.PUT, putPayload(runId(1), 7, [pages[0]!, forged]));
+    expect(await within(bad.conn.closed, 5000, "the relay dropping the forger")).toBeUndefined();
+
+    expect(await good.put(runId(2), 0, [pages[2]!])).toEqual([false]);
+    expect((await good.get(pages)).map((p) => p !== undefined)).toEqual([false, false, true]);
+    expect(await good.stats()).toMatchObject({ pages: 1, runs: 1 });
+    expect(logs.some((line) => /scatter dropped: 127\.0\.0\.1:\d+: relay PUT 7: page 1 does not match its digest/.test(line))).toBe(true);
+  });
+
+  test.each([
+    ["a PAGE_MAP frame", FrameType.PAGE_MAP, new Uint8Array(8), /frame type 18 \(PAGE_MAP\) is not a relay request/],
+    ["an ACK frame", RelayFrame.ACK, new Uint8Array(8), /frame type 21 \(ACK\) is not a relay request/],
+    ["a control message for a gather", FrameType.CONTROL, encodeControl({ t: "switch-go", vm: 0 }), /control message 'switch-go' is not a relay request/],
+    ["a truncated PUT", RelayFrame.PUT, new Uint8Array(30), /relay PUT of 30 bytes does not hold 0 pages/],
+    ["a GET of too many digests", RelayFrame.GET, new Uint8Array([0, 0, 0, 1, 0, 0, 1, 1]), /relay GET of 8 bytes does not hold 257 digests/],
+  ])("%s drops only the connection that sent it", async (_what, type, payload, message) => {
+    const r = relay();
+    const scatter = await Client.connect(r.port);
+    const pages = randomPages(2);
+    await scatter.put(runId(1), 0, pages);
+    const rogue = await Client.connect(r.port, "gather");
+    rogue.conn.send(type, payload);
+    await within(rogue.conn.closed, 5000, "the relay dropping the sender");
+    expect(logs.some((line) => message.test(line))).toBe(true);
+    expect(await scatter.get(pages)).toEqual(pages.map((p) => p.page));
+    expect(r.stats().connections).toBe(1);
+  });
+
+  test("a client that does not read its replies does not make the relay queue them without bound", async () => {
+    const r = relay();
+    const scatter = await Client.connect(r.port);
+    const pages = randomPages(256);
+    for (let seq = 0; seq < 4; seq++) await scatter.put(runId(1), seq, pages.slice(seq * 64, seq * 64 + 64));
+
+    const gather = await PeerConnection.connect({ host: HOST, port: r.port, psk, role: "gather", maxPayload, timeoutMs: 5000 });
+    clients.push(gather);
+    let replies = 0;
+    let lastReply = new Uint8Array(0);
+    gather.onFrame((type, payload) => {
+      if (type !== RelayFrame.PAGES) return;
+      replies++;
+      lastReply = payload.slice();
+    });
+    gather.pauseReading();
+    const requests = 200; // 200 MiB of replies
+    const digests = joinDigests(pages);
+    for (let req = 0; req < requests; req++) gather.send(RelayFrame.GET, encodeDigestRequest(req, digests));
+
+    let maxQueued = 0;
+    for (const until = Date.now() + 400; Date.now() < until; ) {
+      maxQueued = Math.max(maxQueued, r.stats().queuedBytes);
+      await Bun.sleep(5);
+    }
+    expect(maxQueued).toBeGreaterThan(PAUSE_ABOVE / 2); // it did queue, then stopped
+    expect(maxQueued).toBeLessThan(16 << 20);
+    expect(r.stats().bytesOut).toBeLessThan((requests * 256 * PAGE_BYTES) / 4);
+
+    // Once the client reads again, every reply comes, in order.
+    gather.resumeReading();
+    for (const until = Date.now() + 20_000; replies < requests && Date.now() < until; ) await Bun.sleep(10);
+    expect(replies).toBe(requests);
+    expect(readPages(lastReply, () => {})).toBe(requests - 1);
+    expect(r.stats().bytesOut).toBe(requests * 256 * PAGE_BYTES);
+  });
+
+  test("close() ends every connection and resolves closed", async () => {
+    const r = relay();
+    const scatter = await Client.connect(r.port);
+    await scatter.put(runId(1), 0, randomPages(1));
+    await within(r.close(), 3000, "close");
+    await within(r.closed, 100, "closed");
+    await within(scatter.conn.closed, 3000, "the client's connection closing");
+    expect(r.stats().connections).toBe(0);
+  });
+
+  test("an abort of its signal stops the relay", async () => {
+    const abort = new AbortController();
+    const r = relay({ signal: abort.signal });
+    abort.abort();
+    await within(r.closed, 3000, "closed");
+  });
+});
+
+describe("sgm relay", () => {
+  test("announces itself on --ready-fd, serves a put and a get, and exits 0 on SIGTERM with its figures", async () => {
+    const dir = makeTempDir("relay");
+    try {
+      const pskFile = `${dir}/psk`;
+      await Bun.write(pskFile, `${KEY}\n`);
+      const args = ["relay", "--listen", "127.0.0.1:0", "--capacity", "64MiB", "--psk-file", pskFile, "--ready-fd", "3", "--json"];
+      const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"] }));
+      const stdout = new Response(proc.stdout).text();
+      const stderr = new Response(proc.stderr).text();
+      const ready = await within(Bun.file(proc.stdio[3] as number).text(), 10_000, "the ready line");
+      const m = /^ready 127\.0\.0\.1:(\d+)\n$/.exec(ready);
+      expect(m).not.toBeNull();
+
+      const scatter = await Client.connect(Number(m![1]));
+      const pages = randomPages(10);
+      expect(await scatter.put(runId(1), 0, pages)).toEqual(Array(10).fill(false));
+      expect(await scatter.get(pages)).toEqual(pages.map((p) => p.page));
+      scatter.conn.close();
+
+      proc.kill("SIGTERM");
+      expect(await within(proc.exited, 10_000, "exit after SIGTERM")).toBe(0);
+      const report = JSON.parse(await stdout) as Record<string, number>;
+      expect(report).toMatchObject({ capacity: 64 << 20, pages: 10, bytesIn: 10 * PAGE_BYTES, bytesOut: 10 * PAGE_BYTES, runs: 1 });
+      const err = await stderr;
+      expect(err).toMatch(/^sgm: relay listening on 127\.0\.0\.1:\d+ \(capacity 64\.0 MiB\)$/m);
+      expect(err).toMatch(/^sgm: relay stopped: held 40\.0 KiB of 64\.0 MiB \(10 pages, 1 runs\)/m);
+    } finally {
+      removeDir(dir);
+    }
+  });
+
+  test.each([
+    [["--capacity", "lots"], "--capacity 'lots': expected a size such as 8GiB or 512MiB"],
+    [["--capacity", "100"], "--capacity '100': less than one 4096-byte page"],
+    [["--capacity", "1GiB", "--ttl", "0"], "--ttl '0': expected a whole number from 1 to 2592000"],
+    [["--capacity", "1GiB", "--ready-fd", "1"], "--ready-fd '1': expected a whole number from 3 to 65535"],
+    [["--capacity", "1GiB", "--ready-fd", "99"], "--ready-fd 99: not an open file descriptor"],
+    [["--listen", "0.0.0.0"], "--listen '0.0.0.0': expected HOST:PORT"],
+  ])("usage error %j exits 2 on one line", async (flags, message) => {
+    const dir = makeTempDir("relay-usage");
+    try {
+      await Bun.write(`${dir}/psk`, `${KEY}\n`);
+      const base: Record<string, string> = { "--listen": "127.0.0.1:0", "--capacity": "1GiB", "--psk-file": `${dir}/psk` };
+      for (let i = 0; i < flags.length; i += 2) base[flags[i]!] = flags[i + 1]!;
+      const r = await runSgm(["relay", ...Object.entries(base).flat()]);
+      expect(r.code).toBe(2);
+      expect(r.stdout).toBe("");
+      expect(r.stderr).toBe(`sgm: error: ${message}\n`);
+    } finally {
+      removeDir(dir);
+    }
+  });
+});
