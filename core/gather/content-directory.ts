@@ -8,7 +8,8 @@ import { DigestIndex } from "../dedup/digest-index.ts";
 import { PageStore } from "../dedup/page-store.ts";
 import { SgmError } from "../errors.ts";
 
-export type Unreferenced = (digest: Uint8Array, relayMask: number) => void;
+/** Content no longer referenced: its id is gone (and may be reused). */
+export type Unreferenced = (cid: number, digest: Uint8Array, relayMask: number) => void;
 
 export class ContentDirectory {
   private readonly index = new DigestIndex();
@@ -21,7 +22,7 @@ export class ContentDirectory {
   /** Content ever made local here, received or fetched. */
   localPages = 0;
 
-  constructor(unreferenced: Unreferenced = () => {}) {
+  constructor(unreferenced: Unreferenced) {
     this.unreferenced = unreferenced;
   }
 
@@ -98,8 +99,7 @@ export class ContentDirectory {
     if (--this.refs[cid]! > 0) return;
     const id = this.storeId[cid]!;
     if (id >= 0) this.store.release(id);
-    const mask = this.relays[cid]!;
-    if (mask !== 0) this.unreferenced(this.index.digestOf(cid).slice(0, DIGEST_BYTES), mask);
+    this.unreferenced(cid, this.index.digestOf(cid).slice(0, DIGEST_BYTES), this.relays[cid]!);
     this.waiters.delete(cid);
     this.index.remove(cid);
   }

@@ -143,7 +143,7 @@ class ScatterSession {
   constructor(conn: PeerConnection, shared: Shared) {
     this.conn = conn;
     this.shared = shared;
-    this.dir = new ContentDirectory((digest, mask) => this.fetcher.release(digest, mask));
+    this.dir = new ContentDirectory((cid, digest, mask) => this.fetcher.release(cid, digest, mask));
     this.fetcher = new RelayFetcher(this.dir, shared.limiter, (err) => this.failAll(asSgmError(err)));
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => this.onClosed(reason));

@@ -45,6 +45,7 @@ export class RelayFetcher {
   private readonly requests = new Map<number, { relay: number; digests: Uint8Array }>();
   private readonly tried = new Map<number, number>();
   private pumpTimer: ReturnType<typeof setTimeout> | null = null;
+  private keepAlive: ReturnType<typeof setInterval> | null = null;
   private urgentFetches = 0;
 
   constructor(dir: ContentDirectory, limiter: RateLimiter | null, onError: (err: Error) => void) {
@@ -69,6 +70,17 @@ export class RelayFetcher {
         return relay;
       }),
     );
+    // relays drop a run's pages once it has been idle for their TTL; an
+    // empty RELEASE now and then says the run still needs them
+    this.keepAlive = setInterval(() => {
+      for (const relay of this.relays) {
+        try {
+          relay.conn.send(RelayFrame.RELEASE, encodeRelease(this.run, new Uint8Array(0)));
+        } catch {
+          // a relay gone away is noticed through its connection
+        }
+      }
+    }, 60_000);
     this.relays.forEach((relay, index) => {
       relay.conn.onFrame((type, payload) => this.onFrame(index, type, payload));
       void relay.conn.closed.then((reason) => {
@@ -100,8 +112,10 @@ export class RelayFetcher {
     this.pump();
   }
 
-  /** The gather no longer needs this content: the relays holding it may drop it. */
-  release(digest: Uint8Array, mask: number): void {
+  /** The gather no longer needs this content: no fetching it, and the relays holding it may drop it. */
+  release(cid: number, digest: Uint8Array, mask: number): void {
+    this.wanted.delete(cid);
+    this.tried.delete(cid);
     this.relays.forEach((relay, i) => {
       if (!(mask & (1 << i))) return;
       relay.releases.push(digest);
@@ -117,6 +131,7 @@ export class RelayFetcher {
   close(): void {
     this.flushAllReleases();
     if (this.pumpTimer) clearTimeout(this.pumpTimer);
+    if (this.keepAlive) clearInterval(this.keepAlive);
     for (const relay of this.relays) relay.conn.close();
   }
 

@@ -37,8 +37,8 @@ export async function writePsk(dir: string, key = "sgm test key 0123456789abcdef
 }
 
 /** Starts `sgm gather` for the pairs and waits until it listens. */
-export async function startGather(pairs: VmPair[], psk: string, extra: string[] = []): Promise<{ gather: SgmProcess; port: number }> {
-  const port = await freePort();
+export async function startGather(pairs: VmPair[], psk: string, extra: string[] = [], listenPort?: number): Promise<{ gather: SgmProcess; port: number }> {
+  const port = listenPort ?? (await freePort());
   const gather = await startSgm([
     "gather",
     "--listen",
@@ -73,4 +73,11 @@ export function report<T>(result: RunResult): T {
   } catch {
     throw new Error(`no JSON report (exit ${result.code}); stderr:\n${result.stderr}`);
   }
+}
+
+/** Starts `sgm relay` on a free loopback port; resolves once it listens. */
+export async function startRelay(psk: string, capacity = "1GiB", extra: string[] = []): Promise<{ relay: SgmProcess; address: string }> {
+  const relay = await startSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", capacity, "--psk-file", psk, ...extra]);
+  const m = await relay.waitStderr(/relay listening on (\S+)/);
+  return { relay, address: m[1]! };
 }

@@ -1,0 +1,125 @@
+// Scatter-Gather end to end through the compiled binary: relays absorb what
+// a slow gather cannot take yet, so the source is evicted long before the
+// destination holds every page.
+
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import type { GatherReport } from "../core/gather/engine.ts";
+import { queryMigrate } from "../core/qmp/migration.ts";
+import type { ScatterReport } from "../core/scatter/engine.ts";
+import { report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
+import { compareGuestMemory, dumpMemory } from "./harness/memory.ts";
+import { killAll } from "./harness/processes.ts";
+import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
+
+let dir: string;
+let psk: string;
+
+beforeAll(async () => {
+  dir = makeTempDir("scatter-gather");
+  psk = await writePsk(dir);
+});
+afterEach(() => killAll());
+afterAll(() => removeDir(dir));
+
+async function provedEqual(pair: VmPair): Promise<void> {
+  expect((await pair.destination.haltGuest()).report).toContain("SGMGUEST verify ok");
+  const comparison = compareGuestMemory(
+    await dumpMemory(pair.source, dir, "final"),
+    await dumpMemory(pair.destination, dir, "halted"),
+    pair.layout,
+  );
+  expect(comparison.mismatched).toEqual([]);
+}
+
+describe("scatter-gather with relays", () => {
+  test("two VMs, two relays, a slow gather: evicted long before the migration completes, memory equal", async () => {
+    const pairs = await Promise.all([
+      startPair(dir, "sg1", { memMiB: 256, seed: 201, rate: 2000 }),
+      startPair(dir, "sg2", { memMiB: 256, seed: 202, rate: 2000 }),
+    ]);
+    const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
+    const { gather, port } = await startGather(pairs, psk, ["--max-rate", "48MiB/s"]);
+    const scatter = await startScatter(pairs, port, psk, ["--keep-source", "--via", `${r1.address},${r2.address}`]);
+    const s = await scatter.result();
+    const g = await gather.result();
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+
+    const sr = report<ScatterReport>(s);
+    const gr = report<GatherReport>(g);
+    for (const name of ["sg1", "sg2"]) {
+      const evicted = sr.vms.find((v) => v.name === name)!;
+      const arrived = gr.vms.find((v) => v.name === name)!;
+      expect(evicted.ok).toBe(true);
+      expect(arrived.ok).toBe(true);
+      // the point of it all: the source is free long before the destination has everything
+      expect(evicted.evictionMs!).toBeLessThan(arrived.totalMs! / 2);
+      expect(arrived.downtimeMs).toBe(evicted.downtimeMs);
+    }
+    // pages went every way: straight to the gather, to both relays, and back from them
+    expect(sr.placement.directPages).toBeGreaterThan(0);
+    for (const relay of sr.relays) expect(relay.pages).toBeGreaterThan(1000);
+    expect(gr.bytesFromRelays).toBeGreaterThan(100 * 1024 * 1024);
+    for (const pair of pairs) await provedEqual(pair);
+
+    // the gather released everything it fetched: the relays end empty
+    for (const r of [r1, r2]) {
+      r.relay.proc.kill("SIGTERM");
+      expect((await r.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
+    }
+  }, 300_000);
+
+  test("a relay at capacity refuses pages; they are placed elsewhere and the eviction completes", async () => {
+    const pair = await startPair(dir, "full", { memMiB: 256, seed: 203, rate: 1000 });
+    const small = await startRelay(psk, "24MiB");
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "64MiB/s"]);
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--via", small.address]);
+    const s = await scatter.result();
+    const g = await gather.result();
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+    const sr = report<ScatterReport>(s);
+    expect(sr.relays[0]!.refusedPages).toBeGreaterThan(0);
+    expect(sr.relays[0]!.pages * 4096).toBeLessThanOrEqual(24 * 1024 * 1024);
+    expect(sr.placement.replacedPages).toBe(sr.relays[0]!.refusedPages);
+    await provedEqual(pair);
+  }, 180_000);
+
+  test("a gather that starts after the scatter is waited for", async () => {
+    const pair = await startPair(dir, "late", { memMiB: 64, seed: 204, rate: 500 });
+    const port = await freePort();
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--wait-gather", "20"]);
+    await scatter.waitStderr(/waiting for the gather at 127\.0\.0\.1:\d+/);
+    await Bun.sleep(1000);
+    const { gather } = await startGather([pair], psk, [], port);
+    const [s, g] = [await scatter.result(), await gather.result()];
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+    await provedEqual(pair);
+  }, 120_000);
+
+  test("an unreachable relay is left out when enough others remain", async () => {
+    const pair = await startPair(dir, "oneup", { memMiB: 64, seed: 205, rate: 500 });
+    const live = await startRelay(psk);
+    const dead = `127.0.0.1:${await freePort()}`;
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "32MiB/s"]);
+    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", `${dead},${live.address}`])).result();
+    const g = await gather.result();
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+    expect(s.stderr).toContain(`sgm: relay ${dead} left out: ${dead}: connection refused`);
+    expect(report<ScatterReport>(s).relays.map((r) => r.address)).toEqual([live.address]);
+    await provedEqual(pair);
+  }, 120_000);
+
+  test("with no relay reachable for --replicas, nothing moves and the VM keeps running", async () => {
+    const pair = await startPair(dir, "nonewup", { memMiB: 32, seed: 206 });
+    const dead = `127.0.0.1:${await freePort()}`;
+    const { port } = await startGather([pair], psk);
+    const s = await (await startScatter([pair], port, psk, ["--via", dead])).result();
+    expect(s.code).toBe(69);
+    expect(s.stderr).toMatch(/sgm: error: only 0 of 1 relays reachable, fewer than --replicas 1\n$/);
+    expect((await queryMigrate(pair.source.qmp)).status ?? "none").toBe("none");
+    expect(await pair.source.status()).toBe("running");
+  }, 60_000);
+});
