@@ -1,32 +1,47 @@
-// make demo: evicts a test VM that dirties its memory, from one QEMU to
-// another on this machine, through the compiled sgm (scatter and gather as
-// separate processes), then proves the destination's memory and prints what
-// it measured.
+// make demo: empties a "host" of a VM whose destination is slow. The VM (the
+// test guest, dirtying its memory) is evicted through the compiled sgm:
+// scatter, two relays and a gather held to a low receive rate, all separate
+// processes on this machine. For comparison, QEMU's own precopy migrates the
+// same kind of VM over a link of the same rate. Then the destination's memory
+// is proved equal to the source's.
 
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
-import { report, startGather, startPair, startScatter, writePsk } from "../test/harness/cluster.ts";
+import { report, startGather, startPair, startRelay, startScatter, writePsk } from "../test/harness/cluster.ts";
+import { migrateDirect } from "../test/harness/direct.ts";
 import { compareGuestMemory, dumpMemory } from "../test/harness/memory.ts";
 import { killAll } from "../test/harness/processes.ts";
 import { makeTempDir, removeDir } from "../test/harness/tmp.ts";
 
 const memMiB = 256;
-const rate = 5000;
+const dirtyRate = 2000;
+const linkMiB = 32;
 const dir = makeTempDir("demo");
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+const s1 = (ms: number | null) => (ms === null ? "-" : `${(ms / 1000).toFixed(2)} s`);
+
 try {
-  console.log(`starting a ${memMiB} MiB test VM (QEMU 7.2, TCG) that dirties ${rate} pages/s, and an empty destination QEMU`);
+  console.log(`a ${memMiB} MiB VM (QEMU 7.2, TCG) dirtying ${dirtyRate} pages/s; the destination receives at most ${linkMiB} MiB/s\n`);
+
+  console.log("1. QEMU's own precopy, source straight to destination at that rate");
+  const plain = await startPair(dir, "plain", { memMiB, seed: 42, rate: dirtyRate });
+  const direct = await migrateDirect(plain.source, plain.destination, dir, { maxBandwidth: linkMiB * 2 ** 20 });
+  await killAll();
+
+  console.log("2. sgm: scatter -> two relays and the gather (held to the same rate) -> destination");
   const psk = await writePsk(dir);
-  const pair = await startPair(dir, "demo", { memMiB, seed: 42, rate });
-  const { gather, port } = await startGather([pair], psk);
-  console.log(`guest memory filled; sgm gather listens on 127.0.0.1:${port}; running sgm scatter`);
-  const scatter = await startScatter([pair], port, psk, ["--keep-source"]);
+  const pair = await startPair(dir, "demo", { memMiB, seed: 42, rate: dirtyRate });
+  const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
+  const { gather, port } = await startGather([pair], psk, ["--max-rate", `${linkMiB}MiB/s`]);
+  const scatter = await startScatter([pair], port, psk, ["--keep-source", "--via", `${r1.address},${r2.address}`]);
   const s = await scatter.result();
   const g = await gather.result();
-  process.stderr.write(s.stderr + g.stderr);
-  if (s.code !== 0 || g.code !== 0) throw new Error(`sgm failed (scatter ${s.code}, gather ${g.code})`);
-  const sr = report<ScatterReport>(s).vms[0]!;
-  const gr = report<GatherReport>(g).vms[0]!;
+  process.stderr.write(`\n${s.stderr}${g.stderr}\n`);
+  if (s.code !== 0 || g.code !== 0) throw new Error(`sgm failed (scatter exit ${s.code}, gather exit ${g.code})`);
+  const sr = report<ScatterReport>(s);
+  const gr = report<GatherReport>(g);
+  const evicted = sr.vms[0]!;
+  const arrived = gr.vms[0]!;
 
   const halted = await pair.destination.haltGuest();
   const comparison = compareGuestMemory(
@@ -34,16 +49,26 @@ try {
     await dumpMemory(pair.destination, dir, "halted"),
     pair.layout,
   );
+
   console.log("");
-  console.log(`eviction time          ${sr.evictionMs} ms   (source host holds none of the VM's state)`);
-  console.log(`total migration time   ${gr.totalMs} ms   (destination QEMU holds every page)`);
-  console.log(`downtime               ${sr.downtimeMs} ms   (source STOP to destination RESUME)`);
-  console.log(`bytes from source QEMU ${mib(sr.bytes.fromSource)}`);
-  console.log(`bytes to the gather    ${mib(report<ScatterReport>(s).bytesToGather)} (dedup saved ${mib(sr.bytes.dedupSaved)})`);
-  console.log(`bytes to dest QEMU     ${mib(gr.bytes.toQemu)}`);
-  console.log(`pages                  ${gr.pages.fedPages} fed before switchover, ${gr.pages.deliveredPages} after, ${gr.pages.requestedPagesServed} on request`);
-  console.log(`guest self-check       ${halted.verified ? "every page intact" : "FAILED"}`);
-  console.log(`memory vs source       ${comparison.identical} pages identical, ${comparison.rewrittenAfter} rewritten by the guest after resume, ${comparison.mismatched.length} wrong`);
+  console.log("                          QEMU precopy     sgm");
+  console.log(`eviction time             ${s1(direct.totalMs).padEnd(16)} ${s1(evicted.evictionMs)}   (source host free of the VM's state)`);
+  console.log(`total migration time      ${s1(direct.totalMs).padEnd(16)} ${s1(arrived.totalMs)}   (destination holds every page)`);
+  console.log(`downtime                  ${`${Math.round(direct.downtimeMs)} ms`.padEnd(16)} ${evicted.downtimeMs} ms`);
+  console.log("");
+  console.log("sgm bytes per path:");
+  console.log(`  source QEMU -> scatter          ${mib(evicted.bytes.fromSource)}`);
+  console.log(`  scatter -> gather (direct)      ${mib(sr.bytesToGather)}`);
+  for (const r of sr.relays) console.log(`  scatter -> relay ${r.address.padEnd(15)} ${mib(r.bytesSent)}`);
+  for (const r of gr.relays) console.log(`  relay ${r.address.padEnd(15)} -> gather ${mib(r.bytesIn)}`);
+  console.log(`  gather -> destination QEMU      ${mib(arrived.bytes.toQemu)}`);
+  console.log(`  saved by dedup                  ${mib(evicted.bytes.dedupSaved)}`);
+  console.log(`pages after switchover: ${arrived.pages.deliveredPages} delivered, ${arrived.pages.requestedPagesServed} of them on the guest's request`);
+  console.log(`guest self-check: ${halted.verified ? "every page intact" : "FAILED"}`);
+  console.log(
+    `memory vs source: ${comparison.identical} pages identical, ${comparison.rewrittenAfter} rewritten by the guest after it resumed, ${comparison.mismatched.length} wrong`,
+  );
+  for (const r of [r1, r2]) r.relay.proc.kill("SIGTERM");
   if (!halted.verified || comparison.mismatched.length > 0) process.exitCode = 1;
 } finally {
   await killAll();

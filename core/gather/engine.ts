@@ -139,6 +139,9 @@ class ScatterSession {
   private pins: number[] = [];
   private readonly scratch = new Uint8Array(DIGEST_BYTES);
   private resumeTimer: ReturnType<typeof setTimeout> | null = null;
+  /** PAGE_DATA payload bytes taken in, and how many of them the scatter has been told of. */
+  private dataTaken = 0;
+  private dataReported = 0;
 
   constructor(conn: PeerConnection, shared: Shared) {
     this.conn = conn;
@@ -168,6 +171,12 @@ class ScatterSession {
           this.dir.addLocal(cid, page);
           this.pin(cid);
         });
+        this.dataTaken += payload.length;
+        // the scatter keeps little direct content in flight: tell it often
+        if (this.dataTaken - this.dataReported >= 256 * 1024) {
+          this.dataReported = this.dataTaken;
+          this.send({ t: "received", bytes: this.dataTaken });
+        }
         return;
       case FrameType.LOCATIONS:
         readLocations(payload, (digestAt, mask) => {

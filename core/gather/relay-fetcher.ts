@@ -19,6 +19,9 @@ const BATCH = 64;
 interface Relay {
   address: string;
   conn: PeerConnection;
+  /** Content ids to fetch from this relay in the background, in the order asked. */
+  queue: number[];
+  queueHead: number;
   inFlight: number;
   releases: Uint8Array[];
   bytesIn: number;
@@ -38,8 +41,6 @@ export class RelayFetcher {
   private run: Uint8Array = new Uint8Array(16);
   /** Content ids asked for and not arrived yet. */
   private readonly wanted = new Set<number>();
-  private readonly queue: number[] = [];
-  private queueHead = 0;
   private nextReq = 1;
   /** GET requests in flight: the relay asked and the digests asked for. */
   private readonly requests = new Map<number, { relay: number; digests: Uint8Array }>();
@@ -66,7 +67,7 @@ export class RelayFetcher {
             throw new SgmError("unavailable", `relay ${address}: ${err.message}`);
           },
         );
-        const relay: Relay = { address, conn, inFlight: 0, releases: [], bytesIn: 0, pages: 0 };
+        const relay: Relay = { address, conn, queue: [], queueHead: 0, inFlight: 0, releases: [], bytesIn: 0, pages: 0 };
         return relay;
       }),
     );
@@ -108,7 +109,13 @@ export class RelayFetcher {
     }
     if (this.wanted.has(cid)) return;
     this.wanted.add(cid);
-    this.queue.push(cid);
+    try {
+      const relay = this.relays[this.pickRelay(cid)]!;
+      relay.queue.push(cid);
+    } catch (err) {
+      this.onError(err as Error);
+      return;
+    }
     this.pump();
   }
 
@@ -135,40 +142,31 @@ export class RelayFetcher {
     for (const relay of this.relays) relay.conn.close();
   }
 
-  /** Issues background GETs while the rate and the windows allow. */
+  /** Issues background GETs, a batch per relay at a time, while the rate and the windows allow. */
   private pump(): void {
-    while (this.queueHead < this.queue.length) {
-      if (this.limiter && (this.limiter.scatterWaiting || !this.limiter.has(BATCH * 4096))) {
-        this.pumpLater(this.limiter.waitMs() + 5);
-        return;
-      }
-      const first = this.queue[this.queueHead]!;
-      if (!this.wanted.has(first) || this.dir.isLocal(first)) {
-        this.queueHead++;
-        continue;
-      }
-      let relay: number;
-      try {
-        relay = this.pickRelay(first);
-      } catch (err) {
-        this.onError(err as Error);
-        return;
-      }
-      if (this.relays[relay]!.inFlight >= WINDOW) return; // a reply will pump again
-      const batch: number[] = [];
-      while (this.queueHead < this.queue.length && batch.length < BATCH) {
-        const cid = this.queue[this.queueHead]!;
-        if (this.wanted.has(cid) && !this.dir.isLocal(cid)) {
-          if (this.pickRelay(cid) !== relay) break;
-          batch.push(cid);
+    for (let progress = true; progress; ) {
+      progress = false;
+      for (let r = 0; r < this.relays.length; r++) {
+        const relay = this.relays[r]!;
+        if (relay.inFlight >= WINDOW || relay.queueHead >= relay.queue.length) continue; // a reply will pump again
+        if (this.limiter && (this.limiter.scatterWaiting || !this.limiter.has(BATCH * 4096))) {
+          this.pumpLater(this.limiter.waitMs() + 5);
+          return;
         }
-        this.queueHead++;
+        const batch: number[] = [];
+        while (relay.queueHead < relay.queue.length && batch.length < BATCH) {
+          const cid = relay.queue[relay.queueHead++]!;
+          if (this.wanted.has(cid) && !this.dir.isLocal(cid)) batch.push(cid);
+        }
+        if (relay.queueHead >= relay.queue.length) {
+          relay.queue = [];
+          relay.queueHead = 0;
+        }
+        if (batch.length === 0) continue;
+        this.send(r, batch);
+        progress = true;
       }
-      this.limiter?.take(batch.length * 4096);
-      this.send(relay, batch);
     }
-    this.queue.length = 0;
-    this.queueHead = 0;
   }
 
   private pumpLater(ms: number): void {

@@ -128,6 +128,10 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   conn.onFrame((type, payload) => {
     if (type !== FrameType.CONTROL) throw new SgmError("data", `gather sent frame type ${type}`);
     const message = decodeControl(payload);
+    if (message.t === "received") {
+      placement.gatherReceived(message.bytes);
+      return;
+    }
     if (!("vm" in message)) throw new SgmError("data", `gather sent '${message.t}'`);
     const eviction = evictions[message.vm];
     if (!eviction) throw new SgmError("data", `gather named unknown VM id ${message.vm}`);

@@ -12,8 +12,13 @@ import type { PeerConnection } from "../wire/connection.ts";
 import { encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
 import { type Refused, RelayLink } from "./relay-link.ts";
 
-/** New content goes straight to the gather while less than this waits on its connection. */
-const DIRECT_WINDOW = 1024 * 1024;
+/**
+ * With relays, new content goes straight to the gather only while less than
+ * this is sent and not yet taken in by it. The window is what must drain
+ * before switchover, so it is kept small: at a 32 MiB/s destination, 2 MiB
+ * is 60 ms of downtime at worst.
+ */
+const DIRECT_WINDOW = 2 * 1024 * 1024;
 /** A relay whose connection queues more than this takes no new pages for now. */
 const RELAY_WINDOW = 8 * 1024 * 1024;
 /** The source is read no further while the gather queues this much and no relay takes pages. */
@@ -43,13 +48,21 @@ export class RunPlacement {
   private readonly drainWaiters: Array<() => void> = [];
   private failure: Error | null = null;
   private readonly failListeners = new Set<(reason: Error) => void>();
+  /** PAGE_DATA payload bytes sent to the gather, and taken in by it. */
   directBytes = 0;
+  private directTaken = 0;
 
   constructor(gather: PeerConnection, replicas: number) {
     this.gather = gather;
     this.replicas = replicas;
     this.directBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.direct = new PageDataBuilder(() => this.directBuffers.acquire());
+  }
+
+  /** The gather reports how much direct content it has taken in. */
+  gatherReceived(bytes: number): void {
+    this.directTaken = Math.max(this.directTaken, bytes);
+    this.wakeDrainWaiters();
   }
 
   addRelay(address: string, conn: PeerConnection, run: Uint8Array): void {
@@ -132,8 +145,16 @@ export class RunPlacement {
 
   /** Too much waits to go anywhere: the source should not be read further for now. */
   get congested(): boolean {
-    if (this.gather.queuedBytes <= GATHER_HIGH) return false;
+    if (this.relays.length === 0 ? this.gather.queuedBytes <= GATHER_HIGH : this.gatherAccepting) return false;
     return !this.relays.some((r) => r.accepting && r.queuedBytes <= RELAY_WINDOW);
+  }
+
+  get directInFlight(): number {
+    return this.directBytes - this.directTaken;
+  }
+
+  private get gatherAccepting(): boolean {
+    return this.directBytes - this.directTaken < DIRECT_WINDOW && this.gather.queuedBytes < DIRECT_WINDOW;
   }
 
   /** Resolves once not congested. */
@@ -156,7 +177,7 @@ export class RunPlacement {
   }
 
   private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
-    const viaGather = this.relays.length === 0 || this.gather.queuedBytes < DIRECT_WINDOW;
+    const viaGather = this.relays.length === 0 || this.gatherAccepting;
     const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting && this.relays[r]!.queuedBytes <= RELAY_WINDOW, this.replicas, this.rank);
     if (n === 0) {
       // the gather takes it: either it keeps up, or no relay can (and the source waits)

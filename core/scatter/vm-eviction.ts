@@ -217,6 +217,7 @@ export class VmEviction {
     const device = await streamDone.promise;
     // every page named to the gather must be held before the device state follows
     await this.pipeline.whenAllSent();
+    trace(`${this.name} every page held; device state and source-done to the gather (${this.conn.queuedBytes} bytes queued, ${this.options.placement.directInFlight} direct in flight)`);
     for (let at = 0; at < device.length || at === 0; at += MAX_VM_BYTES) {
       const part = device.subarray(at, at + MAX_VM_BYTES);
       this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.DEVICE_STATE, at + MAX_VM_BYTES >= device.length, part));

@@ -73,6 +73,8 @@ export type Control =
   | { t: "completed"; vm: number; completedAt: number }
   /** either way: this VM's eviction cannot go on. */
   | { t: "failed"; vm: number; reason: string }
+  /** gather → scatter: PAGE_DATA payload bytes it has taken in so far (scatter's window for direct pages). */
+  | { t: "received"; bytes: number }
   /** scatter → gather, before any offer: the run's id (hex) and its relays, in mask bit order. */
   | { t: "relays"; run: string; relays: string[] }
   /** to a relay: its figures, please. */
@@ -94,6 +96,7 @@ const FIELDS: Record<ControlType, Record<string, "number" | "string" | "strings"
   running: { vm: "number", resumedAt: "number" },
   completed: { vm: "number", completedAt: "number" },
   failed: { vm: "number", reason: "string" },
+  received: { bytes: "number" },
   relays: { run: "string", relays: "strings" },
   "relay-stats?": {},
   "relay-stats": { capacity: "number", used: "number", pages: "number", bytesIn: "number", bytesOut: "number", runs: "number" },
