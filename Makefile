@@ -7,7 +7,7 @@ VERSION := $(shell node -p "require('./package.json').version")+$(shell git rev-
 SOURCES := $(shell find cli core -name '*.ts')
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps system-deps test demo bench typecheck clean
+.PHONY: all deps system-deps test demo typecheck clean
 
 all: dist/sgm
 
@@ -41,9 +41,6 @@ test: deps dist/sgm typecheck
 
 demo: deps dist/sgm
 	$(BUN) demo/demo.ts
-
-bench: deps dist/sgm
-	$(BUN) test/benchmarks/run.ts
 
 clean:
 	rm -rf dist .cache
