@@ -1,7 +1,9 @@
 // sgm scatter: runs on the host being emptied.
 
 import type { CAC } from "cac";
-import { runScatter, type ScatterReport } from "../core/scatter/engine.ts";
+import { SgmError } from "../core/errors.ts";
+import { DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, runScatter, type ScatterReport } from "../core/scatter/engine.ts";
+import type { SwitchoverMode } from "../core/scatter/vm-eviction.ts";
 import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { parseCount, parseHostPort, parseHostPortList, parseVmPairs, requireString } from "./args.ts";
@@ -16,6 +18,8 @@ interface ScatterFlags {
   keepSource?: boolean;
   downtimeLimit?: unknown;
   waitGather?: unknown;
+  switchover?: unknown;
+  postcopyAfterPass?: unknown;
   json?: boolean;
 }
 
@@ -29,6 +33,8 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
+    .option("--switchover <mode>", `precopy: the source converges into scatter; postcopy: it switches to postcopy and sends each remaining page once (default: ${DEFAULT_SWITCHOVER})`)
+    .option("--postcopy-after-pass <n>", `With --switchover postcopy: precopy passes before the switch, 0 for at once (default: ${DEFAULT_POSTCOPY_AFTER_PASS})`)
     .option("--downtime-limit <ms>", `The source QEMU's downtime-limit for its final pass (default: ${DEFAULT_DOWNTIME_LIMIT_MS}; QEMU's own is 300)`)
     .option("--wait-gather <seconds>", "How long to keep trying a gather that is not listening yet", { default: 30 })
     .option("--json", "Print the final report as JSON on stdout")
@@ -39,6 +45,11 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
       const relays = parseHostPortList("--via", flags.via);
       const replicas = parseCount("--replicas", flags.replicas, 1, 16);
       const gatherWaitMs = parseCount("--wait-gather", flags.waitGather, 0, 24 * 3600) * 1000;
+      const switchover = flags.switchover === undefined ? undefined : parseSwitchover(String(flags.switchover));
+      const postcopyAfterPass = flags.postcopyAfterPass === undefined ? undefined : parseCount("--postcopy-after-pass", flags.postcopyAfterPass, 0, 1000);
+      if (postcopyAfterPass !== undefined && (switchover ?? DEFAULT_SWITCHOVER) !== "postcopy") {
+        throw new SgmError("usage", "--postcopy-after-pass needs --switchover postcopy");
+      }
       const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const report = await runScatter({
@@ -47,6 +58,8 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         relays,
         replicas,
         gatherWaitMs,
+        switchover,
+        postcopyAfterPass,
         psk,
         keepSource: Boolean(flags.keepSource),
         downtimeLimitMs,
@@ -59,11 +72,16 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     });
 }
 
+function parseSwitchover(text: string): SwitchoverMode {
+  if (text === "precopy" || text === "postcopy") return text;
+  throw new SgmError("usage", `--switchover '${text}': expected precopy or postcopy`);
+}
+
 function render(report: ScatterReport): void {
   for (const vm of report.vms) {
     if (vm.ok) {
       info(
-        `${vm.name}: evicted in ${formatMs(vm.evictionMs ?? 0)}, downtime ${vm.downtimeMs === null ? "unknown" : formatMs(vm.downtimeMs)}; ` +
+        `${vm.name}: evicted in ${formatMs(vm.evictionMs ?? 0)} (${vm.switchover} switchover after ${vm.passes} passes), downtime ${vm.downtimeMs === null ? "unknown" : formatMs(vm.downtimeMs)}; ` +
           `read ${formatBytes(vm.bytes.fromSource)} from QEMU ${vm.qemu.source} (dedup saved ${formatBytes(vm.bytes.dedupSaved)}); source ${vm.source}`,
       );
     } else {

@@ -20,7 +20,7 @@ import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import { trace } from "../trace.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
-import { NOT_FED, PageTable, UNKNOWN, ZERO } from "./page-table.ts";
+import { NOT_FED, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
 export interface FeedStats {
   /** Pages written before switchover (counting re-feeds of changed pages). */
@@ -33,6 +33,8 @@ export interface FeedStats {
   requestedPagesServed: number;
   /** Requested pages whose content first had to come from a relay. */
   requestedFromRelays: number;
+  /** Requested pages a postcopy source still had: asked of it through the scatter. */
+  requestedFromSource: number;
 }
 
 export interface FeedOptions {
@@ -46,6 +48,8 @@ export interface FeedOptions {
   dir: ContentDirectory;
   /** Asks for content held only on relays; `urgent` when the destination waits for it. */
   fetch: (cid: number, urgent: boolean) => void;
+  /** Asks the scatter for a page a postcopy source has not sent again yet. */
+  fromSource: (block: number, page: number) => void;
   /**
    * Bytes per second for the background push after switchover (like QEMU's
    * max-postcopy-bandwidth); requested pages are never held back.
@@ -71,6 +75,7 @@ export class DestinationFeed {
     requests: 0,
     requestedPagesServed: 0,
     requestedFromRelays: 0,
+    requestedFromSource: 0,
   };
   /** Resolves when the destination reports the migration completed. */
   readonly completed: Promise<void>;
@@ -92,10 +97,19 @@ export class DestinationFeed {
   private readonly blockIndex: Map<string, number>;
   private readonly done = Promise.withResolvers<void>();
   private failure: Error | null = null;
+  /** After switchover: pages to deliver, in order, by the delivery loop. */
+  private postQueue: number[] = [];
+  private postHead = 0;
+  private delivering = false;
   /** After switchover: pages whose content is on its way from a relay. */
   private readonly awaiting = new Set<number>();
-  private scanned = false;
   private flushQueued = false;
+  /** Pages a postcopy source discarded and has not sent again yet. */
+  private pending = 0;
+  /** Pending pages the destination asked for; the source was asked for them. */
+  private readonly askedSource = new Set<number>();
+  /** No more page maps will come (set before switchover for a precopy source). */
+  private sourceDone = false;
 
   constructor(options: FeedOptions) {
     this.options = options;
@@ -146,7 +160,27 @@ export class DestinationFeed {
     if (cid >= 0) this.dir.retain(cid);
     t.content[i] = cid;
     if (old >= 0) this.dir.release(old);
-    if (this.phase === "precopy" && t.fed[i] !== cid) this.enqueue(i);
+    if (old === PENDING) this.pending--;
+    if (cid === PENDING) this.pending++;
+    if (this.phase === "precopy") {
+      if (t.fed[i] !== cid) this.enqueue(i);
+      return;
+    }
+    // after switchover only a postcopy source's pages come, each once
+    if (this.phase !== "postcopy" || cid === PENDING) return;
+    if (t.delivered[i]) throw new SgmError("data", `VM ${this.name}: the source sent page ${page} of block ${block} after it was delivered`);
+    if (this.askedSource.delete(i)) {
+      // the destination waits for it
+      this.serveRequested(i);
+      this.writer.flush();
+      return;
+    }
+    if (cid >= 0) {
+      this.postQueue.push(i);
+      void this.deliverLoop().catch((err: Error) => this.fail(err));
+    } else {
+      void this.finishIfDone();
+    }
   }
 
   /** Switches the destination over: discards, device state, RUN. Postcopy delivery starts. */
@@ -194,7 +228,8 @@ export class DestinationFeed {
     trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
     this.writer.packageAndRun(deviceState);
     this.phase = "postcopy";
-    void this.deliverAll().catch((err: Error) => this.fail(err));
+    for (let i = 0; i < t.total; i++) if (t.needsDelivery(i)) this.postQueue.push(i);
+    void this.deliverLoop().catch((err: Error) => this.fail(err));
   }
 
   /** Wall-clock time (epoch ms) the VM resumed at the destination. */
@@ -233,7 +268,7 @@ export class DestinationFeed {
         const i = this.queue[this.queueHead++]!;
         this.queued[i] = 0;
         const c = t.content[i]!;
-        if (c === UNKNOWN || t.fed[i] === c) continue;
+        if (c === UNKNOWN || c === PENDING || t.fed[i] === c) continue;
         if (c >= 0 && !this.dir.isLocal(c)) {
           // on a relay: fetch it at the gather's pace and come back to this page
           this.options.fetch(c, false);
@@ -262,35 +297,47 @@ export class DestinationFeed {
 
   // ---- postcopy phase --------------------------------------------------------
 
-  private async deliverAll(): Promise<void> {
+  /**
+   * Delivers the queued pages (first every page the destination lacks at
+   * switchover, then those a postcopy source sends) with backpressure, and
+   * ends the stream once nothing is missing.
+   */
+  private async deliverLoop(): Promise<void> {
+    if (this.delivering) return;
+    this.delivering = true;
     const t = this.table;
     const sock = this.sock!;
     const started = performance.now();
     let pushed = 0;
-    for (let i = 0; i < t.total; i++) {
-      if (this.phase !== "postcopy") return;
-      if (!t.needsDelivery(i)) continue;
-      const c = t.content[i]!;
-      if (!this.dir.isLocal(c)) {
-        this.awaiting.add(i);
-        this.options.fetch(c, false);
-        this.dir.whenLocal(c, () => this.arrived(i));
-        continue;
+    try {
+      while (this.postHead < this.postQueue.length && this.phase === "postcopy") {
+        const i = this.postQueue[this.postHead++]!;
+        if (!t.needsDelivery(i)) continue;
+        const c = t.content[i]!;
+        if (!this.dir.isLocal(c)) {
+          this.awaiting.add(i);
+          this.options.fetch(c, false);
+          this.dir.whenLocal(c, () => this.arrived(i));
+          continue;
+        }
+        this.deliver(i);
+        pushed += TPS;
+        if (sock.queuedBytes > POSTCOPY_HIGH) {
+          this.writer.flush();
+          await sock.whenWritable(POSTCOPY_LOW);
+        }
+        const ahead = (pushed / this.postcopyBandwidth) * 1000 - (performance.now() - started);
+        if (ahead > 5) {
+          this.writer.flush();
+          await Bun.sleep(ahead);
+        }
       }
-      this.deliver(i);
-      pushed += TPS;
-      if (sock.queuedBytes > POSTCOPY_HIGH) {
-        this.writer.flush();
-        await sock.whenWritable(POSTCOPY_LOW);
-      }
-      const ahead = (pushed / this.postcopyBandwidth) * 1000 - (performance.now() - started);
-      if (ahead > 5) {
-        this.writer.flush();
-        await Bun.sleep(ahead);
-      }
+      this.postQueue.length = 0;
+      this.postHead = 0;
+      if (this.phase === "postcopy") this.writer.flush();
+    } finally {
+      this.delivering = false;
     }
-    this.writer.flush();
-    this.scanned = true;
     await this.finishIfDone();
   }
 
@@ -302,11 +349,22 @@ export class DestinationFeed {
       this.deliver(i);
       this.flushSoon();
     }
-    if (this.scanned) void this.finishIfDone();
+    void this.finishIfDone();
+  }
+
+  /** The postcopy source's stream ended: every page it owed has come. */
+  sourceFinished(): void {
+    this.sourceDone = true;
+    if (this.pending > 0) {
+      this.fail(new SgmError("data", `VM ${this.name}: the source's stream ended with ${this.pending} pages it discarded never sent again`));
+      return;
+    }
+    void this.finishIfDone();
   }
 
   private async finishIfDone(): Promise<void> {
-    if (this.phase !== "postcopy" || !this.scanned || this.awaiting.size > 0) return;
+    if (this.phase !== "postcopy" || this.delivering || this.postHead < this.postQueue.length) return;
+    if (this.awaiting.size > 0 || this.pending > 0 || !this.sourceDone) return;
     this.writer.end();
     this.phase = "ended";
     trace(`${this.name} every page sent; EOF`);
@@ -350,24 +408,38 @@ export class DestinationFeed {
     for (let p = first; p < first + count && t.blockStart[b]! + p < t.blockStart[b + 1]!; p++) {
       const i = t.index(b, p);
       // already sent (maybe still in flight): QEMU takes no page twice, so never resend
-      if (t.delivered[i]) continue;
-      if (t.content[i] === UNKNOWN) t.content[i] = ZERO;
-      const c = t.content[i]!;
+      if (t.delivered[i] || this.askedSource.has(i)) continue;
       served++;
-      if (c >= 0 && !this.dir.isLocal(c)) {
-        this.stats.requestedFromRelays++;
-        this.awaiting.add(i);
-        this.options.fetch(c, true);
-        this.dir.whenLocal(c, () => this.arrived(i));
+      if (t.content[i] === PENDING) {
+        // still at the source: ask it, through the scatter
+        this.askedSource.add(i);
+        this.stats.requestedFromSource++;
+        this.options.fromSource(b, p);
         continue;
       }
-      this.deliver(i);
+      this.serveRequested(i);
     }
     if (served > 0) {
       this.stats.requestedPagesServed += served;
       this.writer.flush();
     }
   }
+
+  /** A page the destination waits for: now, or as soon as its relay answers. */
+  private serveRequested(i: number): void {
+    const t = this.table;
+    if (t.content[i] === UNKNOWN) t.content[i] = ZERO;
+    const c = t.content[i]!;
+    if (c >= 0 && !this.dir.isLocal(c)) {
+      this.stats.requestedFromRelays++;
+      this.awaiting.add(i);
+      this.options.fetch(c, true);
+      this.dir.whenLocal(c, () => this.arrived(i));
+      return;
+    }
+    this.deliver(i);
+  }
+
 
   private fail(reason: Error): void {
     // after EOF QEMU closes the stream itself; completion is judged over QMP

@@ -16,6 +16,7 @@ import {
   decodeControl,
   decodeVmBytes,
   encodeControl,
+  ENTRY_PENDING,
   FrameType,
   maxPayload,
   readLocations,
@@ -25,7 +26,7 @@ import {
 } from "../wire/messages.ts";
 import { ContentDirectory } from "./content-directory.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
-import { ZERO } from "./page-table.ts";
+import { PENDING, ZERO } from "./page-table.ts";
 import { type FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
 import { type ArrivalReport, VmArrival } from "./vm-arrival.ts";
 
@@ -188,7 +189,7 @@ class ScatterSession {
       case FrameType.PAGE_MAP:
         readPageMap(payload, (vm, block, page, digestAt) => {
           const arrival = this.vm(vm);
-          let cid = ZERO;
+          let cid = digestAt === ENTRY_PENDING ? PENDING : ZERO;
           if (digestAt >= 0) {
             cid = this.dir.lookup(payload, digestAt);
             if (cid < 0) throw new SgmError("data", `VM ${arrival.name}: page map names content the gather was never told of`);
@@ -248,7 +249,11 @@ class ScatterSession {
         const arrival = this.vm(message.vm);
         // nothing else may be applied until the destination stream exists
         this.conn.pauseReading();
-        const content = { dir: this.dir, fetch: (cid: number, urgent: boolean) => this.fetcher.want(cid, urgent) };
+        const content = {
+          dir: this.dir,
+          fetch: (cid: number, urgent: boolean) => this.fetcher.want(cid, urgent),
+          fromSource: (block: number, page: number) => this.send({ t: "want", vm: message.vm, block, page }),
+        };
         arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, this.shared.postcopyBandwidth).then(
           () => this.conn.resumeReading(),
           (err: unknown) => {
@@ -261,6 +266,9 @@ class ScatterSession {
       case "source-done":
         this.vm(message.vm).sourceDone(message.stoppedAt);
         this.releasePinsIfDone();
+        return;
+      case "source-switched":
+        this.vm(message.vm).sourceSwitched(message.stoppedAt);
         return;
       case "switch-go": {
         const arrival = this.vm(message.vm);

@@ -12,6 +12,8 @@ export const ZERO = -1;
 export const UNKNOWN = -2;
 /** Fed: nothing was fed for this page before switchover. */
 export const NOT_FED = -3;
+/** Content: a postcopy source discarded the page; it sends the page again. */
+export const PENDING = -4;
 
 export class PageTable {
   readonly blocks: readonly RamBlockInfo[];

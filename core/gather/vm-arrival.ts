@@ -42,6 +42,10 @@ export class VmArrival {
   private readonly finished = Promise.withResolvers<void>();
   private send: (message: Control) => void = () => {};
   private vmId = -1;
+  /** The source runs postcopy: page maps keep coming after the switch. */
+  private postcopy = false;
+  /** The source's stream has ended: no more page maps. */
+  private sourceFinished = false;
 
   constructor(dest: DestinationQemu) {
     this.name = dest.name;
@@ -54,7 +58,7 @@ export class VmArrival {
 
   /** Its source may still send page maps that name content. */
   get isStreaming(): boolean {
-    return this.stage === "offered" || this.stage === "streaming";
+    return this.stage === "offered" || this.stage === "streaming" || (this.postcopy && !this.sourceFinished && this.stage !== "failed");
   }
 
   /** Resolves when the VM completed or failed. */
@@ -81,7 +85,11 @@ export class VmArrival {
   async start(
     blocks: RamBlockInfo[],
     sectionId: number,
-    content: { dir: ContentDirectory; fetch: (cid: number, urgent: boolean) => void },
+    content: {
+      dir: ContentDirectory;
+      fetch: (cid: number, urgent: boolean) => void;
+      fromSource: (block: number, page: number) => void;
+    },
     socketDir: string,
     postcopyBandwidth?: number,
   ): Promise<void> {
@@ -97,6 +105,7 @@ export class VmArrival {
       sectionId,
       dir: content.dir,
       fetch: content.fetch,
+      fromSource: content.fromSource,
       postcopyBandwidth,
     });
     this.feed = feed;
@@ -110,7 +119,9 @@ export class VmArrival {
   map(block: number, page: number, id: number): void {
     if (this.stage === "failed") return;
     const feed = this.feed;
-    if (!feed || this.stage !== "streaming") throw new SgmError("data", `VM ${this.name}: page map in stage ${this.stage}`);
+    // a postcopy source keeps sending after the switch
+    const open = this.stage === "streaming" || (this.postcopy && !this.sourceFinished);
+    if (!feed || !open) throw new SgmError("data", `VM ${this.name}: page map in stage ${this.stage}`);
     if (block >= feed.table.blocks.length || page >= feed.table.blocks[block]!.usedLength / 4096) {
       throw new SgmError("data", `VM ${this.name}: page map entry for block ${block} page ${page} outside its RAM`);
     }
@@ -127,9 +138,30 @@ export class VmArrival {
   /** Every page and the device state have arrived. */
   sourceDone(stoppedAt: number): void {
     if (this.stage === "failed") return;
+    if (this.postcopy) {
+      // the postcopy source's stream has ended: every page is named, its content held
+      if (this.sourceFinished) throw new SgmError("data", `VM ${this.name}: source done twice`);
+      this.sourceFinished = true;
+      this.feed!.sourceFinished();
+      this.send({ t: "held", vm: this.vmId });
+      return;
+    }
     if (this.stage !== "streaming" || !this.deviceComplete) throw new SgmError("data", `VM ${this.name}: source done without its device state`);
     this.stage = "source-done";
+    this.sourceFinished = true;
+    this.feed!.sourceFinished();
     trace(`${this.name} source-done`);
+    this.stoppedAt = stoppedAt;
+    this.send({ t: "switch-ready", vm: this.vmId });
+  }
+
+  /** The source switched to postcopy: the device state is here, pending pages will follow. */
+  sourceSwitched(stoppedAt: number): void {
+    if (this.stage === "failed") return;
+    if (this.stage !== "streaming" || !this.deviceComplete) throw new SgmError("data", `VM ${this.name}: source switched without its device state`);
+    this.stage = "source-done";
+    this.postcopy = true;
+    trace(`${this.name} source-switched`);
     this.stoppedAt = stoppedAt;
     this.send({ t: "switch-ready", vm: this.vmId });
   }
@@ -146,8 +178,12 @@ export class VmArrival {
     this.send({ t: "running", vm: this.vmId, resumedAt: this.resumedAt });
   }
 
-  /** The scatter is gone: fatal before switchover; after it, the gather has all it needs. */
+  /** The scatter is gone: fatal before switchover, and while a postcopy source still owes pages. */
   onScatterLost(reason: string): void {
+    if (this.postcopy && !this.sourceFinished) {
+      this.fail(new SgmError("unavailable", `VM ${this.name}: scatter went away while the source still had pages to send (${reason})`));
+      return;
+    }
     if (this.stage === "offered" || this.stage === "streaming" || this.stage === "source-done") {
       this.fail(new SgmError("unavailable", `VM ${this.name}: scatter went away before switchover (${reason})`));
     }
@@ -180,6 +216,7 @@ export class VmArrival {
         requests: stats?.requests ?? 0,
         requestedPagesServed: stats?.requestedPagesServed ?? 0,
         requestedFromRelays: stats?.requestedFromRelays ?? 0,
+        requestedFromSource: stats?.requestedFromSource ?? 0,
       },
     };
   }

@@ -47,7 +47,7 @@ export interface ReaderHandler {
    * up to (not including) the EOF byte. Called once; the stream is complete.
    */
   onDeviceState(bytes: Uint8Array, vmdesc: VmDescription | null): void;
-  /** The EOF byte after the last RAM section of a postcopy stream. */
+  /** The EOF byte after the last RAM section of a postcopy stream (the stream is complete). */
   onEof(): void;
 }
 
@@ -75,6 +75,8 @@ export class MigrationStreamReader {
   private openSection: { id: number; last: boolean } | null = null;
   private footers: boolean | undefined;
   private advised = false;
+  /** PACKAGED arrived: the source runs postcopy, and its stream ends with EOF, no device state. */
+  private postcopy = false;
   /** Block of the previous page record, for RAM_SAVE_FLAG_CONTINUE. */
   private lastBlock = -1;
   private zeroFill = new Map<number, Uint8Array>();
@@ -272,7 +274,7 @@ export class MigrationStreamReader {
       case Section.COMMAND:
         return this.parseCommand(pos, end);
       case Section.EOF:
-        if (!this.advised) throw this.error("EOF before the device state");
+        if (!this.postcopy) throw this.error("EOF before the device state");
         this.phase = "done";
         this.handler.onEof();
         return pos + 1;
@@ -363,7 +365,8 @@ export class MigrationStreamReader {
       if (next === NEED_MORE) return NEED_MORE;
       this.openSection = null;
       this.handler.onRamSectionEnd(section.last);
-      if (section.last && !this.advised) this.phase = "device";
+      // a source with postcopy-ram on that converged in precopy ends like any precopy stream
+      if (section.last && !this.postcopy) this.phase = "device";
       return next;
     }
     if (base !== RamFlag.PAGE && base !== RamFlag.ZERO) throw this.unsupportedRecord(flags);
@@ -439,6 +442,7 @@ export class MigrationStreamReader {
           return NEED_MORE;
         }
         this.lastBlock = -1; // the source resets it at the switch to postcopy
+        this.postcopy = true;
         this.handler.onPackaged(this.b.subarray(pos + 9, pos + 9 + blobLen));
         return pos + 9 + blobLen;
       }

@@ -13,6 +13,10 @@ import { FrameType, PageMapBuilder } from "../wire/messages.ts";
 import type { RunPlacement } from "./placement.ts";
 
 export interface PipelineStats {
+  /** Pages a postcopy source discarded (it sends them again). */
+  pendingPages: number;
+  /** Pages the destination asked for that went ahead of the rest. */
+  urgentPages: number;
   /** Page records read from the source, zero or not, counting re-sent pages. */
   pages: number;
   zeroPages: number;
@@ -30,7 +34,7 @@ interface PendingFrame {
 }
 
 export class PagePipeline {
-  readonly stats: PipelineStats = { pages: 0, zeroPages: 0, newPages: 0, dedupPages: 0, mapBytes: 0 };
+  readonly stats: PipelineStats = { pendingPages: 0, urgentPages: 0, pages: 0, zeroPages: 0, newPages: 0, dedupPages: 0, mapBytes: 0 };
   private readonly vm: number;
   private readonly placement: RunPlacement;
   private readonly mapBuffers: RecycledBuffers;
@@ -64,6 +68,37 @@ export class PagePipeline {
       else this.stats.dedupPages++;
     }
     if (this.map.full) this.flush();
+  }
+
+  /** A postcopy source discarded the page: whatever the gather has for it is stale until it comes again. */
+  pending(block: number, page: number): void {
+    this.stats.pendingPages++;
+    this.map.addPending(block, page);
+    if (this.map.full) this.flush();
+  }
+
+  /**
+   * A page the destination waits for, after switchover: its content goes to
+   * the gather at once and its map entry ahead of the frames waiting for
+   * relays. Safe to reorder: every earlier entry naming this page left before
+   * the device state did, and a postcopy source sends a page once.
+   */
+  urgent(block: number, page: number, content: Uint8Array | null): void {
+    this.stats.pages++;
+    this.stats.urgentPages++;
+    const one = new PageMapBuilder(() => new Uint8Array(8 + 7 + 32));
+    if (content === null || isZeroPage(content)) {
+      this.stats.zeroPages++;
+      one.addZero(block, page);
+    } else {
+      const entry = one.addDigest(block, page);
+      digestPage(content, entry.buf, entry.at);
+      this.placement.placeUrgent(entry.buf, entry.at, content);
+    }
+    const { payload } = one.take(this.vm);
+    this.stats.mapBytes += payload.length;
+    this.placement.sendLocations();
+    this.placement.gather.send(FrameType.PAGE_MAP, payload);
   }
 
   /** Ends the current map frame; it leaves as soon as what it names is held. */

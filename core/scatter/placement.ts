@@ -91,15 +91,37 @@ export class RunPlacement {
     return true;
   }
 
+  /**
+   * A page the destination waits for: its content goes to the gather now,
+   * unless the gather has it or a relay holds it already.
+   */
+  placeUrgent(digest: Uint8Array, at: number, page: Uint8Array): void {
+    let cid = this.index.lookup(digest, at);
+    if (cid >= 0 && this.pending[cid] === 0) {
+      this.stats.dedupPages++;
+      return;
+    }
+    if (cid < 0) {
+      cid = this.index.insert(digest, at);
+      this.grow(cid);
+    }
+    this.stats.directPages++;
+    this.sendDirect(digest, at, page);
+    this.flushDirect();
+  }
+
   /** Sends every batch being built: direct pages, relay PUTs. */
   flush(): void {
-    if (this.direct.pages > 0) {
-      const { payload, buffer } = this.direct.take();
-      this.directBytes += payload.length;
-      this.gather.send(FrameType.PAGE_DATA, payload);
-      this.directBuffers.queued(buffer, this.gather.bytesSent + this.gather.queuedBytes);
-    }
+    this.flushDirect();
     for (const link of this.relays) link.flush();
+  }
+
+  private flushDirect(): void {
+    if (this.direct.pages === 0) return;
+    const { payload, buffer } = this.direct.take();
+    this.directBytes += payload.length;
+    this.gather.send(FrameType.PAGE_DATA, payload);
+    this.directBuffers.queued(buffer, this.gather.bytesSent + this.gather.queuedBytes);
   }
 
   /** PUT batches sent per relay so far: a map frame may go once these are acknowledged. */

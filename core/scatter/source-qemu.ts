@@ -94,9 +94,9 @@ export class SourceQemu {
    * complete: until then, losing scatter fails the migration and QEMU
    * resumes the VM.
    */
-  async migrateTo(socketPath: string, options: { downtimeLimitMs?: number } = {}): Promise<void> {
+  async migrateTo(socketPath: string, options: { downtimeLimitMs?: number; postcopy?: boolean } = {}): Promise<void> {
     const downtimeLimit = options.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS;
-    await setCapabilities(this.qmp, { events: true, "return-path": true, "postcopy-ram": false });
+    await setCapabilities(this.qmp, { events: true, "return-path": true, "postcopy-ram": options.postcopy ?? false });
     // QEMU's default cap of 128 MiB/s is far below what scatter absorbs.
     await setParameters(this.qmp, {
       "max-bandwidth": 64 * 1024 * 1024 * 1024,
@@ -105,6 +105,18 @@ export class SourceQemu {
     this.stopEvent = this.qmp.waitForEvent("STOP", undefined, 24 * 3600 * 1000);
     this.stopEvent.catch(() => {}); // observed through stoppedAt()
     await this.qmp.execute("migrate", { uri: `unix:${socketPath}` });
+  }
+
+  /** Calls `listener` with each pass number the source reports (MIGRATION_PASS). */
+  onPass(listener: (pass: number) => void): () => void {
+    return this.qmp.onEvent((event) => {
+      if (event.event === "MIGRATION_PASS") listener(Number(event.data.pass));
+    });
+  }
+
+  /** Has the source switch to postcopy: it stops the VM and sends the device state now. */
+  async startPostcopy(): Promise<void> {
+    await this.qmp.execute("migrate-start-postcopy");
   }
 
   /** Wall-clock time (epoch ms) of the STOP that ends the source's run. */

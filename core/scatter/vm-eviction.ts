@@ -1,37 +1,50 @@
 // One VM's eviction, on the source host: scatter becomes the migration
 // target of the source QEMU, reads its stream at local speed and passes the
 // pages on. The switchover is a handshake, so a VM never runs in two places
-// and is never lost:
+// and is never lost.
 //
+// Precopy switchover (the source converges into scatter):
 //   source done ─▶ gather: "source-done"   (all pages and the device state sent)
 //   gather ─▶ "switch-ready"               (it holds everything: the VM is evicted)
 //   scatter ─▶ SHUT to the source QEMU     (its migration completes; the VM stays stopped)
 //   scatter ─▶ "switch-go"                 (from here on, the VM may run at the destination)
 //   gather ─▶ "running"                    (it does)
-//
 // Any failure before switch-go leaves the VM running at the source: scatter
-// drops the migration socket, so QEMU fails the migration and resumes the VM.
+// drops the migration socket, so QEMU fails the migration and resumes it.
+//
+// Postcopy switchover (the source stops the VM early and sends each
+// remaining page once): the source's discards mark pages pending, its
+// PACKAGED carries the device state; scatter sends it with
+// "source-switched", the gather answers "switch-ready", and switch-go
+// follows at once. Pages keep coming from the source, the destination's
+// requests for pending ones travel back to it, and when the source's stream
+// ends and every page is held ("source-done", "held") the VM is evicted.
 
 import { join } from "node:path";
 import { asSgmError, SgmError } from "../errors.ts";
-import { trace } from "../trace.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
-import { Command, commandName } from "../qemu/constants.ts";
-import { encodePong, encodeShut } from "../qemu/return-path.ts";
-import { MigrationStreamReader } from "../qemu/stream-reader.ts";
+import { Command, commandName, TPS } from "../qemu/constants.ts";
+import { readDiscard, splitPackage } from "../qemu/postcopy-commands.ts";
+import { encodePageRequest, encodePong, encodeShut } from "../qemu/return-path.ts";
+import { MigrationStreamReader, type RamBlockInfo } from "../qemu/stream-reader.ts";
 import type { QmpAddress } from "../qmp/client.ts";
+import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
 import { PagePipeline, type PipelineStats } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
 import { SourceQemu } from "./source-qemu.ts";
 
+export type SwitchoverMode = "precopy" | "postcopy";
+
 export interface EvictionReport {
   name: string;
   ok: boolean;
   error?: string;
   qemu: { source: string; destination: string | null; machine: string };
-  /** From scatter's start until the gather held every byte of the final state. */
+  /** How the source switched over: converged in precopy, or switched to postcopy. */
+  switchover: SwitchoverMode | null;
+  /** From scatter's start until every byte of the final state was held off the source. */
   evictionMs: number | null;
   /** Source STOP to destination RESUME. */
   downtimeMs: number | null;
@@ -39,8 +52,10 @@ export interface EvictionReport {
   totalMs: number | null;
   /** Where the source VM is now: quit, paused (--keep-source), running (eviction failed). */
   source: string;
+  /** Precopy passes the source made (its MIGRATION_PASS events). */
+  passes: number;
   bytes: { fromSource: number; dedupSaved: number };
-  pages: PipelineStats;
+  pages: PipelineStats & { requestedFromSource: number };
   /** The exit code this VM's failure maps to. */
   exitCode?: number;
 }
@@ -56,10 +71,16 @@ export interface EvictionOptions {
   startedAt: { mono: number; wall: number };
   keepSource: boolean;
   downtimeLimitMs?: number;
+  mode: SwitchoverMode;
+  /** In postcopy mode: switch after this many precopy passes (0: at once). */
+  postcopyAfterPass: number;
   log: (line: string) => void;
 }
 
-type Stage = "offered" | "streaming" | "source-done" | "evicted" | "go" | "running" | "failed";
+/** How the source's stream reached its switchover. */
+type SwitchPoint = { kind: "precopy"; device: Uint8Array } | { kind: "postcopy"; device: Uint8Array };
+
+type Stage = "offered" | "streaming" | "switching" | "source-postcopy" | "go" | "running" | "failed";
 
 export class VmEviction {
   readonly id: number;
@@ -69,15 +90,26 @@ export class VmEviction {
   private readonly conn: PeerConnection;
   private readonly pipeline: PagePipeline;
   private stage: Stage = "offered";
+  /** run() is over: nothing can fail any more. */
+  private finished = false;
   private sock: ByteSocket | null = null;
   private throttled = false;
   private destinationQemu: string | null = null;
+  private switchover: SwitchoverMode | null = null;
   private evictedAt: number | null = null;
   private stoppedAt: number | null = null;
   private resumedAt: number | null = null;
   private completedAt: number | null = null;
+  private passes = 0;
   private readonly replies = new Map<Control["t"], PromiseWithResolvers<Control>>();
   private readonly failed = Promise.withResolvers<never>();
+  // the postcopy phase: pages the source still owes, and those the destination asked for
+  private blocks: readonly RamBlockInfo[] = [];
+  private blockStart: number[] = [];
+  private owed: Uint8Array = new Uint8Array(0);
+  private readonly requested = new Set<number>();
+  private requestedFromSource = 0;
+  private readonly streamEnded = Promise.withResolvers<void>();
 
   constructor(options: EvictionOptions) {
     this.options = options;
@@ -87,6 +119,7 @@ export class VmEviction {
     this.conn = options.conn;
     this.pipeline = new PagePipeline(options.id, options.placement);
     this.failed.promise.catch(() => {});
+    this.streamEnded.promise.catch(() => {});
     options.placement.onFailure((reason) => this.fail(reason));
   }
 
@@ -100,6 +133,10 @@ export class VmEviction {
       this.fail(new SgmError("unavailable", `VM ${this.name}: gather: ${message.reason}`));
       return;
     }
+    if (message.t === "want") {
+      this.askSource(message.block, message.page);
+      return;
+    }
     if (message.t === "completed") this.completedAt = message.completedAt;
     this.reply(message.t).resolve(message);
   }
@@ -110,7 +147,7 @@ export class VmEviction {
   }
 
   fail(reason: Error): void {
-    if (this.stage === "failed" || this.stage === "running") return;
+    if (this.stage === "failed" || this.finished) return;
     this.failed.reject(reason);
   }
 
@@ -119,27 +156,19 @@ export class VmEviction {
     let error: SgmError | undefined;
     let sourceState = "running";
     try {
-      await this.race(this.offerAndStream());
-      // The gather holds every byte of the final state: evicted.
-      await this.race(this.wait("switch-ready"));
-      this.evictedAt = performance.now();
-      trace(`${this.name} switch-ready: evicted`);
-      this.stage = "evicted";
-      o.log(`${this.name}: evicted in ${Math.round(this.evictedAt - o.startedAt.mono)} ms; switching over`);
-      await this.race(this.completeSource());
-      this.stage = "go";
-      trace(`${this.name} source completed; switch-go`);
-      this.send({ t: "switch-go", vm: this.id });
-      const running = await this.race(this.wait("running"));
-      if (running.t === "running") this.resumedAt = running.resumedAt;
-      this.stage = "running";
+      const point = await this.race(this.stream());
+      this.switchover = point.kind;
+      if (point.kind === "precopy") await this.switchAfterPrecopy(point.device);
+      else await this.switchInPostcopy(point.device);
       sourceState = o.keepSource ? "paused" : "quit";
       if (!o.keepSource) await this.source.quit();
       o.log(`${this.name}: running at the destination; source ${sourceState}`);
+      this.finished = true;
     } catch (err) {
       error = asSgmError(err);
       sourceState = await this.undo(error);
     } finally {
+      this.finished = true;
       this.sock?.destroy();
       this.pipeline.close();
     }
@@ -149,14 +178,60 @@ export class VmEviction {
       ok: error === undefined,
       ...(error ? { error: error.message } : {}),
       qemu: { source: this.source.info.qemuVersion, destination: this.destinationQemu, machine: this.source.info.machine },
+      switchover: this.switchover,
       evictionMs: this.evictedAt === null ? null : Math.round(this.evictedAt - o.startedAt.mono),
       downtimeMs: this.stoppedAt !== null && this.resumedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
       totalMs: this.completedAt === null ? null : Math.round(this.completedAt - o.startedAt.wall),
       source: sourceState,
-      bytes: { fromSource: this.sock?.bytesRead ?? 0, dedupSaved: s.dedupPages * 4096 },
-      pages: { ...s },
+      passes: this.passes,
+      bytes: { fromSource: this.sock?.bytesRead ?? 0, dedupSaved: s.dedupPages * TPS },
+      pages: { ...s, requestedFromSource: this.requestedFromSource },
       ...(error ? { exitCode: error.exitCode } : {}),
     };
+  }
+
+  /** The source converged: the gather gets everything, then SHUT, then go. */
+  private async switchAfterPrecopy(device: Uint8Array): Promise<void> {
+    await this.race(this.sendDeviceState(device, "source-done"));
+    await this.race(this.wait("switch-ready"));
+    this.evicted();
+    this.sock!.write(encodeShut(0));
+    await this.race(this.source.waitFor(["completed"], 30_000));
+    trace(`${this.name} source completed; switch-go`);
+    this.stage = "go";
+    this.send({ t: "switch-go", vm: this.id });
+    await this.awaitRunning();
+  }
+
+  /** The source switched to postcopy: the VM runs at the destination at once; pages keep coming. */
+  private async switchInPostcopy(device: Uint8Array): Promise<void> {
+    await this.race(this.sendDeviceState(device, "source-switched"));
+    await this.race(this.wait("switch-ready"));
+    trace(`${this.name} switch-go while the source still sends`);
+    this.stage = "go";
+    this.send({ t: "switch-go", vm: this.id });
+    await this.awaitRunning();
+    await this.race(this.streamEnded.promise);
+    this.pipeline.flush();
+    await this.race(this.pipeline.whenAllSent());
+    this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt! });
+    await this.race(this.wait("held"));
+    this.evicted();
+    this.sock!.write(encodeShut(0));
+    await this.race(this.source.waitFor(["completed"], 30_000));
+  }
+
+  private evicted(): void {
+    const o = this.options;
+    this.evictedAt = performance.now();
+    trace(`${this.name} every page held: evicted`);
+    o.log(`${this.name}: evicted in ${Math.round(this.evictedAt - o.startedAt.mono)} ms`);
+  }
+
+  private async awaitRunning(): Promise<void> {
+    const running = await this.race(this.wait("running"));
+    if (running.t === "running") this.resumedAt = running.resumedAt;
+    this.stage = "running";
   }
 
   /** Throws the reason if this eviction fails meanwhile. */
@@ -164,7 +239,8 @@ export class VmEviction {
     return Promise.race([promise, this.failed.promise]);
   }
 
-  private async offerAndStream(): Promise<void> {
+  /** Offers the VM, starts the source's migration, and reads its stream up to the switchover. */
+  private async stream(): Promise<SwitchPoint> {
     const o = this.options;
     const info = this.source.info;
     this.send({ t: "offer", vm: this.id, name: this.name, qemu: info.qemuVersion, machine: info.machine, startedAt: o.startedAt.wall });
@@ -173,7 +249,13 @@ export class VmEviction {
 
     const path = join(o.socketDir, `${this.name}.scatter.sock`);
     const listening = ByteSocket.listenUnixOnce(path, `VM ${this.name}: source stream`);
-    await this.source.migrateTo(path, { downtimeLimitMs: o.downtimeLimitMs });
+    const postcopy = o.mode === "postcopy";
+    this.source.onPass((pass) => {
+      this.passes = pass;
+      if (postcopy && o.postcopyAfterPass > 0 && pass === o.postcopyAfterPass + 1) void this.switchSourceToPostcopy();
+    });
+    await this.source.migrateTo(path, { downtimeLimitMs: o.downtimeLimitMs, postcopy });
+    if (postcopy && o.postcopyAfterPass === 0) void this.switchSourceToPostcopy();
     const timer = setTimeout(listening.stop, 30_000);
     const sock = await listening.accepted.finally(() => clearTimeout(timer));
     this.sock = sock;
@@ -181,56 +263,130 @@ export class VmEviction {
     trace(`${this.name} source stream accepted`);
     o.log(`${this.name}: source QEMU ${this.source.info.qemuVersion} is streaming`);
 
-    const streamDone = Promise.withResolvers<Uint8Array>();
+    const reached = Promise.withResolvers<SwitchPoint>();
+    let inPostcopy = false;
     const reader = new MigrationStreamReader({
       onHeader: (bytes) => this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.HEADER, true, bytes)),
-      onRamBlocks: (blocks) => this.send({ t: "blocks", vm: this.id, sectionId: reader.ramSection, blocks: [...blocks] }),
+      onRamBlocks: (blocks) => {
+        this.learnBlocks(blocks);
+        this.send({ t: "blocks", vm: this.id, sectionId: reader.ramSection, blocks: [...blocks] });
+      },
       onPage: (block, page, data) => {
+        if (inPostcopy) {
+          const i = this.blockStart[block]! + page;
+          this.owed[i] = 0;
+          if (this.requested.delete(i)) {
+            this.pipeline.urgent(block, page, data);
+            return;
+          }
+        }
         this.pipeline.page(block, page, data);
         if (o.placement.congested) this.throttle();
       },
       onRamSectionEnd: () => this.pipeline.flush(),
       onCommand: (cmd, payload) => {
-        if (cmd === Command.PING) sock.write(encodePong(new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0)));
-        else if (cmd !== Command.OPEN_RETURN_PATH && cmd !== Command.SWITCHOVER_START) {
-          throw new SgmError("data", `VM ${this.name}: unexpected ${commandName(cmd)} in a precopy stream`);
+        switch (cmd) {
+          case Command.PING:
+            sock.write(encodePong(new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0)));
+            return;
+          case Command.POSTCOPY_RAM_DISCARD:
+            this.onDiscard(payload);
+            return;
+          case Command.OPEN_RETURN_PATH:
+          case Command.SWITCHOVER_START:
+          case Command.POSTCOPY_ADVISE:
+            return;
+          default:
+            throw new SgmError("data", `VM ${this.name}: unexpected ${commandName(cmd)} in the source's stream`);
         }
       },
-      onPackaged: () => {
-        throw new SgmError("data", `VM ${this.name}: PACKAGED in a precopy stream`);
+      onPackaged: (blob) => {
+        const pkg = splitPackage(blob);
+        trace(`${this.name} source switched to postcopy (${pkg.deviceState.length} bytes of device state)`);
+        // the source's PINGs inside the package ask whether the devices loaded: for scatter they have
+        for (const value of pkg.pings) sock.write(encodePong(value));
+        inPostcopy = true;
+        this.stage = "source-postcopy";
+        this.pipeline.flush();
+        reached.resolve({ kind: "postcopy", device: pkg.deviceState.slice() });
       },
       onEof: () => {
-        throw new SgmError("data", `VM ${this.name}: postcopy EOF in a precopy stream`);
+        this.pipeline.flush();
+        this.streamEnded.resolve();
       },
       onDeviceState: (bytes) => {
         trace(`${this.name} device state read (${bytes.length} bytes)`);
         this.pipeline.flush();
-        streamDone.resolve(bytes.slice());
+        reached.resolve({ kind: "precopy", device: bytes.slice() });
       },
     });
     sock.setDataHandler((data) => reader.feed(data));
     void sock.closed.then((reason) => {
-      if (!reader.isComplete) {
-        streamDone.reject(reason ?? new SgmError("unavailable", `VM ${this.name}: the source QEMU closed its stream early`));
-      }
+      if (reader.isComplete) return;
+      const why = reason ?? new SgmError("unavailable", `VM ${this.name}: the source QEMU closed its stream early`);
+      reached.reject(why);
+      this.streamEnded.reject(why);
+      this.fail(why);
     });
-    const device = await streamDone.promise;
-    // every page named to the gather must be held before the device state follows
+    return reached.promise;
+  }
+
+  /** Every page named to the gather is held; then the device state follows, and the word. */
+  private async sendDeviceState(device: Uint8Array, word: "source-done" | "source-switched"): Promise<void> {
     await this.pipeline.whenAllSent();
-    trace(`${this.name} every page held; device state and source-done to the gather (${this.conn.queuedBytes} bytes queued, ${this.options.placement.directInFlight} direct in flight)`);
+    this.stoppedAt = await this.withTimeout(this.source.stoppedAt(), 10_000, "no STOP event from the source QEMU");
+    trace(`${this.name} every page named is held; device state and ${word} to the gather`);
     for (let at = 0; at < device.length || at === 0; at += MAX_VM_BYTES) {
       const part = device.subarray(at, at + MAX_VM_BYTES);
       this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.DEVICE_STATE, at + MAX_VM_BYTES >= device.length, part));
     }
-    this.stoppedAt = await this.withTimeout(this.source.stoppedAt(), 10_000, "no STOP event from the source QEMU");
-    this.stage = "source-done";
-    this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt });
+    this.stage = "switching";
+    this.send({ t: word, vm: this.id, stoppedAt: this.stoppedAt });
   }
 
-  /** SHUT lets the source QEMU call its migration done; it stays stopped, holding its state. */
-  private async completeSource(): Promise<void> {
-    this.sock!.write(encodeShut(0));
-    await this.source.waitFor(["completed"], 30_000);
+  private async switchSourceToPostcopy(): Promise<void> {
+    try {
+      await this.source.startPostcopy();
+      trace(`${this.name} asked the source to switch to postcopy (pass ${this.passes})`);
+    } catch (err) {
+      // the source may have converged first; then its precopy completion is what follows
+      this.options.log(`${this.name}: postcopy switch not taken: ${asSgmError(err).message}`);
+    }
+  }
+
+  private learnBlocks(blocks: readonly RamBlockInfo[]): void {
+    this.blocks = blocks;
+    let total = 0;
+    this.blockStart = blocks.map((b) => {
+      const start = total;
+      total += b.usedLength / TPS;
+      return start;
+    });
+    this.owed = new Uint8Array(total);
+  }
+
+  /** A postcopy source will send these pages again: they are pending at the gather, owed by the source. */
+  private onDiscard(payload: Uint8Array): void {
+    const discard = readDiscard(payload);
+    const block = this.blocks.findIndex((b) => b.name === discard.block);
+    if (block < 0) throw new SgmError("data", `VM ${this.name}: discard for unknown RAM block '${discard.block}'`);
+    const pages = this.blocks[block]!.usedLength / TPS;
+    for (const [first, count] of discard.ranges) {
+      if (first + count > pages) throw new SgmError("data", `VM ${this.name}: discard beyond RAM block '${discard.block}'`);
+      for (let p = first; p < first + count; p++) {
+        this.pipeline.pending(block, p);
+        this.owed[this.blockStart[block]! + p] = 1;
+      }
+    }
+  }
+
+  /** The destination waits for a page the source still owes: ask the source for it on its return path. */
+  private askSource(block: number, page: number): void {
+    const i = (this.blockStart[block] ?? -1) + page;
+    if (!this.sock || this.stage === "streaming" || this.owed[i] !== 1 || this.requested.has(i)) return;
+    this.requested.add(i);
+    this.requestedFromSource++;
+    this.sock.write(encodePageRequest(this.blocks[block]!.name, page * TPS, TPS));
   }
 
   /** Stops reading the source until the gather or a relay takes pages again: memory stays bounded. */
@@ -247,12 +403,16 @@ export class VmEviction {
 
   /** After a failure: the VM must run at the source unless the destination may run it. */
   private async undo(error: SgmError): Promise<string> {
-    const mayRunThere = this.stage === "go";
+    const stage = this.stage;
     this.stage = "failed";
     this.sock?.destroy(error);
     this.send({ t: "failed", vm: this.id, reason: error.message });
-    if (mayRunThere) {
-      this.options.log(`${this.name}: switchover was under way when this failed; the source stays paused`);
+    if (stage === "go" || stage === "running") {
+      this.options.log(`${this.name}: the destination may be running the VM; the source stays paused`);
+      return "paused";
+    }
+    if (stage === "source-postcopy" || (stage === "switching" && this.switchover === "postcopy")) {
+      this.options.log(`${this.name}: the source had switched to postcopy and cannot resume the VM; it stays paused there`);
       return "paused";
     }
     try {

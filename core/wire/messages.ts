@@ -4,7 +4,8 @@
 //
 // PAGE_DATA: u32 count, then count x (32-byte SHA-256 digest, 4096-byte page)
 // PAGE_MAP:  u16 vm, u16 0, u32 count, then count x entry:
-//            u16 block, u32 page, u8 kind (0 zero, 1 digest), [32-byte digest]
+//            u16 block, u32 page, u8 kind (0 zero, 1 digest, 2 pending), [32-byte digest]
+//            (pending: a postcopy source discarded the page and sends it again)
 // VM_BYTES:  u16 vm, u8 kind (1 stream header, 2 device state), u8 last, bytes
 // LOCATIONS: u32 count, then count x (32-byte digest, u32 relay mask): content
 //            the gather must fetch from those relays (bit i: the run's relay i)
@@ -50,7 +51,10 @@ export function maxPayload(type: number): number | undefined {
 }
 
 export const VmBytesKind = { HEADER: 1, DEVICE_STATE: 2 } as const;
-export const MapKind = { ZERO: 0, DIGEST: 1 } as const;
+export const MapKind = { ZERO: 0, DIGEST: 1, PENDING: 2 } as const;
+/** What readPageMap passes as the digest offset of entries without a digest. */
+export const ENTRY_ZERO = -1;
+export const ENTRY_PENDING = -2;
 
 // ---- control messages ----------------------------------------------------------
 
@@ -63,6 +67,15 @@ export type Control =
   | { t: "blocks"; vm: number; sectionId: number; blocks: RamBlockInfo[] }
   /** scatter → gather: the stream is complete (device state sent); stoppedAt: source STOP, epoch ms. */
   | { t: "source-done"; vm: number; stoppedAt: number }
+  /**
+   * scatter → gather: the source switched to postcopy: the device state is
+   * sent and every page it will send again is marked pending.
+   */
+  | { t: "source-switched"; vm: number; stoppedAt: number }
+  /** gather → scatter, after a postcopy source-done: it has every page's content named and held. */
+  | { t: "held"; vm: number }
+  /** gather → scatter: the destination waits for this pending page; ask the source for it. */
+  | { t: "want"; vm: number; block: number; page: number }
   /** gather → scatter: holds everything scatter sent for this VM, ready to switch over. */
   | { t: "switch-ready"; vm: number }
   /** scatter → gather: the source has completed; run the VM at the destination. */
@@ -91,6 +104,9 @@ const FIELDS: Record<ControlType, Record<string, "number" | "string" | "strings"
   refuse: { vm: "number", reason: "string" },
   blocks: { vm: "number", sectionId: "number", blocks: "blocks" },
   "source-done": { vm: "number", stoppedAt: "number" },
+  "source-switched": { vm: "number", stoppedAt: "number" },
+  want: { vm: "number", block: "number", page: "number" },
+  held: { vm: "number" },
   "switch-ready": { vm: "number" },
   "switch-go": { vm: "number" },
   running: { vm: "number", resumedAt: "number" },
@@ -177,7 +193,7 @@ export function decodeVmBytes(payload: Uint8Array): { vm: number; kind: number; 
 
 // ---- PAGE_MAP ---------------------------------------------------------------------
 
-/** Walks a PAGE_MAP payload; `digestAt` is an offset into `payload` (or -1 for a zero page). */
+/** Walks a PAGE_MAP payload; `digestAt` is an offset into `payload`, or ENTRY_ZERO, or ENTRY_PENDING. */
 export function readPageMap(
   payload: Uint8Array,
   visit: (vm: number, block: number, page: number, digestAt: number) => void,
@@ -192,8 +208,8 @@ export function readPageMap(
     const block = dv.getUint16(p);
     const page = dv.getUint32(p + 2);
     const kind = payload[p + 6]!;
-    if (kind === MapKind.ZERO) {
-      visit(vm, block, page, -1);
+    if (kind === MapKind.ZERO || kind === MapKind.PENDING) {
+      visit(vm, block, page, kind === MapKind.ZERO ? ENTRY_ZERO : ENTRY_PENDING);
       p += MAP_ENTRY_ZERO;
     } else if (kind === MapKind.DIGEST) {
       if (p + MAP_ENTRY_DIGEST > payload.length) throw new SgmError("data", `PAGE_MAP frame ends inside entry ${n} of ${count}`);
@@ -230,9 +246,17 @@ export class PageMapBuilder {
   }
 
   addZero(block: number, page: number): void {
+    this.addShort(block, page, MapKind.ZERO);
+  }
+
+  addPending(block: number, page: number): void {
+    this.addShort(block, page, MapKind.PENDING);
+  }
+
+  private addShort(block: number, page: number, kind: number): void {
     this.dv.setUint16(this.len, block);
     this.dv.setUint32(this.len + 2, page);
-    this.buf[this.len + 6] = MapKind.ZERO;
+    this.buf[this.len + 6] = kind;
     this.len += MAP_ENTRY_ZERO;
     this.count++;
   }

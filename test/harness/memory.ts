@@ -53,6 +53,18 @@ export function pageIsIntact(words: Uint32Array, frame: number, seed: number): b
   return true;
 }
 
+/**
+ * Was `dst` written after `src`? Versions only grow, and so does the TSC
+ * stamp of each write (QEMU carries the TSC across a migration). A page the
+ * guest rewrote at the destination with a version it had already written at
+ * the source (its counters can lag after a TCG migration, see the README)
+ * still has a later stamp; a stale copy never does.
+ */
+function isNewer(dst: Uint32Array, src: Uint32Array): boolean {
+  if (dst[2] !== src[2]) return dst[2]! > src[2]!;
+  return dst[5] !== src[5] ? dst[5]! > src[5]! : dst[4]! > src[4]!;
+}
+
 function pagesEqual(a: Uint8Array, b: Uint8Array, offset: number): boolean {
   return Buffer.compare(a.subarray(offset, offset + PAGE), b.subarray(offset, offset + PAGE)) === 0;
 }
@@ -78,7 +90,7 @@ export function compareGuestMemory(source: Uint8Array, destination: Uint8Array, 
     if (inData) {
       const src = srcWords.subarray(offset / 4, offset / 4 + PAGE / 4);
       const dst = dstWords.subarray(offset / 4, offset / 4 + PAGE / 4);
-      if (pageIsIntact(dst, frame, layout.seed) && pageIsIntact(src, frame, layout.seed) && dst[2]! > src[2]!) {
+      if (pageIsIntact(dst, frame, layout.seed) && pageIsIntact(src, frame, layout.seed) && isNewer(dst, src)) {
         result.rewrittenAfter++;
         continue;
       }
