@@ -56,5 +56,12 @@ test("the comparison notices a page the destination lacks", async () => {
   expect(compareGuestMemory(dump, newer, layout)).toMatchObject({ mismatched: [], rewrittenAfter: 1 });
   expect(compareGuestMemory(dump, damaged, layout).mismatched).toEqual([layout.dataStart / 4096 + 5]);
   expect(compareGuestMemory(dump, dump, layout).mismatched).toEqual([]);
+
+  // A source stopped inside a header write leaves it torn; the destination
+  // resumes and finishes it. Only that one page, and only finished or newer.
+  const torn = newer.slice();
+  new Uint32Array(torn.buffer, frame * 4096, 8)[6] = 12345;
+  expect(compareGuestMemory(torn, newer, layout)).toMatchObject({ mismatched: [], finishedAfter: 1 });
+  expect(compareGuestMemory(torn, dump, layout).mismatched).toEqual([frame]);
   await source.kill();
 }, 60_000);

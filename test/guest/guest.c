@@ -43,8 +43,12 @@ static inline unsigned char inb(unsigned short port) {
 }
 /* QEMU's TCG logs a guest write for migration only when it refills the TLB
  * entry of the page (a migration bitmap sync does not reset TLB entries),
- * so a page the guest keeps writing through a hot TLB entry can reach the
- * destination stale. The guest drops the entry before each tracked write. */
+ * and it marks the page dirty just before the store lands, so a sync in
+ * between sends the page without it. Either way a page can reach the
+ * destination stale, even in QEMU's own migration. The guest therefore
+ * drops the TLB entry before a tracked write and, after it, drops it again
+ * and writes the same values once more: that second write is logged after
+ * the first has landed, and changes nothing if it races a sync itself. */
 static inline void invlpg(const void *p) {
 	__asm__ volatile("invlpg (%0)" : : "r"(p) : "memory");
 }
@@ -163,15 +167,19 @@ static u32 check_word(u32 frame, u32 version, u32 seed, u32 tlo, u32 thi) {
 static u32 seed, rate, ram_end, npages, step, step_inv;
 static u32 pass, pos; /* dirtying counter: k = pass * npages + pos */
 
+/* The check word is computed first so the stores run back to back: a VM
+ * stopped between two of them (at a TCG block boundary) leaves a torn
+ * header in its final memory, which the destination then completes. */
 static void write_header(u32 *p, u32 frame, u32 version, u64 tsc) {
 	u32 tlo = (u32)tsc, thi = (u32)(tsc >> 32);
+	u32 check = check_word(frame, version, seed, tlo, thi);
 	p[0] = MAGIC;
 	p[1] = frame;
 	p[2] = version;
 	p[3] = seed;
 	p[4] = tlo;
 	p[5] = thi;
-	p[6] = check_word(frame, version, seed, tlo, thi);
+	p[6] = check;
 	p[7] = 0;
 }
 
@@ -225,8 +233,12 @@ static u32 inverse(u32 a, u32 n) {
 static void dirty_one(void) {
 	u32 idx = mulmod(pos, step, npages);
 	u32 frame = DATA_START / PAGE + idx;
-	invlpg((u32 *)(frame * PAGE));
-	write_header((u32 *)(frame * PAGE), frame, pass + 1, rdtsc());
+	u32 *p = (u32 *)(frame * PAGE);
+	u64 tsc = rdtsc();
+	invlpg(p);
+	write_header(p, frame, pass + 1, tsc);
+	invlpg(p);
+	write_header(p, frame, pass + 1, tsc);
 	if (++pos == npages) {
 		pos = 0;
 		pass++;
@@ -373,6 +385,11 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
 		}
 		/* sleep until the next tick or byte; sti's shadow makes sti+hlt atomic */
 		__asm__ volatile("cli");
+		/* the loop's writes to stack and counters are logged once more, after they landed */
+		for (char *p = scratch_start; p < scratch_end; p += PAGE) {
+			invlpg(p);
+			*(volatile u32 *)p = *(volatile u32 *)p;
+		}
 		if (rx_tail == rx_head && ticks == seen) __asm__ volatile("sti; hlt" ::: "memory");
 		else __asm__ volatile("sti");
 		if (!rate) seen = ticks;

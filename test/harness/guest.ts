@@ -8,14 +8,22 @@ import { join } from "node:path";
 const root = join(import.meta.dir, "..", "..");
 const sources = ["boot.S", "guest.c", "link.ld"].map((name) => join(root, "test", "guest", name));
 
-export async function buildGuest(): Promise<string> {
+let building: Promise<string> | undefined;
+
+/** The guest's ELF, built once per test process (VMs start in parallel). */
+export function buildGuest(): Promise<string> {
+  building ??= build();
+  return building;
+}
+
+async function build(): Promise<string> {
   const digest = createHash("sha256");
   for (const file of sources) digest.update(readFileSync(file));
   const cacheDir = join(root, ".cache");
   const out = join(cacheDir, `guest-${digest.digest("hex").slice(0, 16)}.elf`);
   if (existsSync(out)) return out;
   mkdirSync(cacheDir, { recursive: true });
-  const tmp = `${out}.${process.pid}.tmp`;
+  const tmp = `${out}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
   const proc = Bun.spawn(
     [
       "gcc", "-m32", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector",

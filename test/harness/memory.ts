@@ -26,6 +26,11 @@ export interface MemoryComparison {
   identical: number;
   /** Data pages the destination guest rewrote after it resumed. */
   rewrittenAfter: number;
+  /**
+   * The page the source stopped in the middle of writing (at most one): torn
+   * in the source's final memory, finished or rewritten at the destination.
+   */
+  finishedAfter: number;
   /** Frames that differ without a legitimate reason: must be empty. */
   mismatched: number[];
 }
@@ -71,7 +76,7 @@ function pagesEqual(a: Uint8Array, b: Uint8Array, offset: number): boolean {
 
 export function compareGuestMemory(source: Uint8Array, destination: Uint8Array, layout: GuestLayout): MemoryComparison {
   if (source.length !== destination.length) throw new Error(`dump sizes differ: ${source.length} vs ${destination.length}`);
-  const result: MemoryComparison = { pages: 0, identical: 0, rewrittenAfter: 0, mismatched: [] };
+  const result: MemoryComparison = { pages: 0, identical: 0, rewrittenAfter: 0, finishedAfter: 0, mismatched: [] };
   const srcWords = new Uint32Array(source.buffer, source.byteOffset, source.length / 4);
   const dstWords = new Uint32Array(destination.buffer, destination.byteOffset, destination.length / 4);
   for (let offset = 0; offset < source.length; offset += PAGE) {
@@ -90,8 +95,16 @@ export function compareGuestMemory(source: Uint8Array, destination: Uint8Array, 
     if (inData) {
       const src = srcWords.subarray(offset / 4, offset / 4 + PAGE / 4);
       const dst = dstWords.subarray(offset / 4, offset / 4 + PAGE / 4);
-      if (pageIsIntact(dst, frame, layout.seed) && pageIsIntact(src, frame, layout.seed) && isNewer(dst, src)) {
+      const dstIntact = pageIsIntact(dst, frame, layout.seed);
+      const srcIntact = pageIsIntact(src, frame, layout.seed);
+      if (dstIntact && srcIntact && isNewer(dst, src)) {
         result.rewrittenAfter++;
+        continue;
+      }
+      // the header write the source was stopped in: the destination resumed it where it was
+      const finished = [0, 1, 2, 3, 4, 5].every((w) => dst[w] === src[w]);
+      if (dstIntact && !srcIntact && result.finishedAfter === 0 && src[0] === MAGIC && (finished || isNewer(dst, src))) {
+        result.finishedAfter++;
         continue;
       }
     }
