@@ -85,6 +85,25 @@ describe("scatter-gather with relays", () => {
     await provedEqual(pair);
   }, 180_000);
 
+  test("with --replicas 2, the gather finishes from one relay when the other goes away", async () => {
+    const pair = await startPair(dir, "twice", { memMiB: 128, seed: 207, rate: 1000 });
+    const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
+    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", `${r1.address},${r2.address}`, "--replicas", "2"])).result();
+    expect(s.code).toBe(0);
+    const sr = report<ScatterReport>(s);
+    // every relayed page is on both relays
+    expect(sr.relays[0]!.pages).toBe(sr.placement.relayedPages);
+    expect(sr.relays[1]!.pages).toBe(sr.placement.relayedPages);
+    // the source is evicted; the slow gather has most pages still to fetch when a relay dies
+    r1.relay.proc.kill("SIGKILL");
+    const g = await gather.result();
+    expect(g.code).toBe(0);
+    const gr = report<GatherReport>(g);
+    expect(gr.relays.find((r) => r.address === r2.address)!.pagesFetched).toBeGreaterThan(sr.placement.relayedPages / 2);
+    await provedEqual(pair);
+  }, 180_000);
+
   test("a gather that starts after the scatter is waited for", async () => {
     const pair = await startPair(dir, "late", { memMiB: 64, seed: 204, rate: 500 });
     const port = await freePort();

@@ -45,6 +45,9 @@ export class RelayFetcher {
   /** GET requests in flight: the relay asked and the digests asked for. */
   private readonly requests = new Map<number, { relay: number; digests: Uint8Array }>();
   private readonly tried = new Map<number, number>();
+  /** Relays whose connection is gone (a bit per relay). */
+  private lost = 0;
+  private closing = false;
   private pumpTimer: ReturnType<typeof setTimeout> | null = null;
   private keepAlive: ReturnType<typeof setInterval> | null = null;
   private urgentFetches = 0;
@@ -85,7 +88,7 @@ export class RelayFetcher {
     this.relays.forEach((relay, index) => {
       relay.conn.onFrame((type, payload) => this.onFrame(index, type, payload));
       void relay.conn.closed.then((reason) => {
-        if (this.wanted.size > 0) this.onError(new SgmError("unavailable", `relay ${relay.address}: ${reason?.message ?? "connection closed"}`));
+        if (!this.closing) this.onRelayLost(index, reason);
       });
     });
   }
@@ -136,6 +139,7 @@ export class RelayFetcher {
   }
 
   close(): void {
+    this.closing = true;
     this.flushAllReleases();
     if (this.pumpTimer) clearTimeout(this.pumpTimer);
     if (this.keepAlive) clearInterval(this.keepAlive);
@@ -177,9 +181,41 @@ export class RelayFetcher {
     }, ms);
   }
 
-  /** The relay to ask: the first holder not yet tried for this content. */
+  /**
+   * A relay went away: what was asked of it or queued for it is asked of
+   * the other relays holding it (with --replicas 2 and up, there are some).
+   */
+  private onRelayLost(index: number, reason: Error | undefined): void {
+    const relay = this.relays[index]!;
+    this.lost |= 1 << index;
+    if (this.wanted.size === 0) return;
+    const again: number[] = relay.queue.slice(relay.queueHead);
+    relay.queue = [];
+    relay.queueHead = 0;
+    for (const [req, request] of this.requests) {
+      if (request.relay !== index) continue;
+      this.requests.delete(req);
+      for (let at = 0; at < request.digests.length; at += DIGEST_BYTES) {
+        const cid = this.dir.lookup(request.digests, at);
+        if (cid >= 0) again.push(cid);
+      }
+    }
+    relay.inFlight = 0;
+    for (const cid of again) {
+      if (!this.wanted.has(cid) || this.dir.isLocal(cid)) continue;
+      try {
+        this.relays[this.pickRelay(cid)]!.queue.push(cid);
+      } catch {
+        this.onError(new SgmError("unavailable", `relay ${relay.address} went away (${reason?.message ?? "connection closed"}) holding pages no other relay has`));
+        return;
+      }
+    }
+    this.pump();
+  }
+
+  /** The relay to ask: the first live holder not yet tried for this content. */
   private pickRelay(cid: number): number {
-    const mask = this.dir.relayMask(cid) & ~(this.tried.get(cid) ?? 0);
+    const mask = this.dir.relayMask(cid) & ~(this.tried.get(cid) ?? 0) & ~this.lost;
     if (mask === 0) throw new SgmError("unavailable", `no relay holds page content ${this.hex(cid)} any more`);
     return 31 - Math.clz32(mask & -mask);
   }

@@ -168,7 +168,7 @@ export class RunPlacement {
   /** Too much waits to go anywhere: the source should not be read further for now. */
   get congested(): boolean {
     if (this.relays.length === 0 ? this.gather.queuedBytes <= GATHER_HIGH : this.gatherAccepting) return false;
-    return !this.relays.some((r) => r.accepting && r.queuedBytes <= RELAY_WINDOW);
+    return this.relays.filter((r) => r.accepting && r.queuedBytes <= RELAY_WINDOW).length < this.replicas;
   }
 
   get directInFlight(): number {
@@ -200,9 +200,11 @@ export class RunPlacement {
 
   private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
     const viaGather = this.relays.length === 0 || this.gatherAccepting;
-    const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting && this.relays[r]!.queuedBytes <= RELAY_WINDOW, this.replicas, this.rank);
-    if (n === 0) {
-      // the gather takes it: either it keeps up, or no relay can (and the source waits)
+    const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting, this.replicas, this.rank);
+    const relaysTakeIt = n === this.replicas && this.rank.slice(0, n).every((r) => this.relays[r]!.queuedBytes <= RELAY_WINDOW);
+    if (!relaysTakeIt) {
+      // the gather takes it: either it keeps up, or not enough relays can
+      // hold --replicas copies now (and the source waits)
       this.stats.directPages++;
       this.sendDirect(digest, at, page);
       return;
