@@ -63,6 +63,30 @@ describe("evictions across QEMU versions", () => {
     expect(comparison.mismatched).toEqual([]);
   }, 120_000);
 
+  test("a QEMU 10.0 source switching to postcopy (SWITCHOVER_START and all) to 10.0", async () => {
+    const pair = await startPair(dir, "pc10", {
+      memMiB: 128,
+      seed: 33,
+      rate: 20_000,
+      machine: "pc-i440fx-10.0",
+      sourceBinary: binaries["10.0"],
+      destinationBinary: binaries["10.0"],
+    });
+    const { gather, port } = await startGather([pair], psk);
+    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--switchover", "postcopy", "--postcopy-after-pass", "0"])).result();
+    const g = await gather.result();
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+    expect(report<ScatterReport>(s).vms[0]!.switchover).toBe("postcopy");
+    expect((await pair.destination.haltGuest()).verified).toBe(true);
+    const comparison = compareGuestMemory(
+      await dumpMemory(pair.source, dir, "final"),
+      await dumpMemory(pair.destination, dir, "halted"),
+      pair.layout,
+    );
+    expect(comparison.mismatched).toEqual([]);
+  }, 120_000);
+
   test("different machine types are refused before anything moves, naming both versions", async () => {
     const name = "mtype";
     // a destination on 7.2 cannot run pc-i440fx-10.0: an operator starts it with 7.2's newest
