@@ -7,9 +7,8 @@
 
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
-import { report, startGather, startPair, startRelay, startScatter, writePsk } from "../test/harness/cluster.ts";
+import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, writePsk } from "../test/harness/cluster.ts";
 import { migrateDirect } from "../test/harness/direct.ts";
-import { compareGuestMemory, dumpMemory } from "../test/harness/memory.ts";
 import { killAll } from "../test/harness/processes.ts";
 import { makeTempDir, removeDir } from "../test/harness/tmp.ts";
 
@@ -43,13 +42,7 @@ try {
   const evicted = sr.vms[0]!;
   const arrived = gr.vms[0]!;
 
-  const halted = await pair.destination.haltGuest();
-  const comparison = compareGuestMemory(
-    await dumpMemory(pair.source, dir, "final"),
-    await dumpMemory(pair.destination, dir, "halted"),
-    pair.layout,
-  );
-
+  const { verified, comparison } = await haltAndCompare(pair, dir);
   console.log("");
   console.log("                          QEMU precopy     sgm");
   console.log(`eviction time             ${s1(direct.totalMs).padEnd(16)} ${s1(evicted.evictionMs)}   (source host free of the VM's state)`);
@@ -64,12 +57,12 @@ try {
   console.log(`  gather -> destination QEMU      ${mib(arrived.bytes.toQemu)}`);
   console.log(`  saved by dedup                  ${mib(evicted.bytes.dedupSaved)}`);
   console.log(`pages after switchover: ${arrived.pages.deliveredPages} delivered, ${arrived.pages.requestedPagesServed} of them on the guest's request`);
-  console.log(`guest self-check: ${halted.verified ? "every page intact" : "FAILED"}`);
+  console.log(`guest self-check: ${verified ? "every page intact" : "FAILED"}`);
   console.log(
     `memory vs source: ${comparison.identical} pages identical, ${comparison.rewrittenAfter} rewritten by the guest after it resumed, ${comparison.mismatched.length} wrong`,
   );
   for (const r of [r1, r2]) r.relay.proc.kill("SIGTERM");
-  if (!halted.verified || comparison.mismatched.length > 0) process.exitCode = 1;
+  if (!verified || comparison.mismatched.length > 0) process.exitCode = 1;
 } finally {
   await killAll();
   removeDir(dir);

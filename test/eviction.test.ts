@@ -6,8 +6,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
-import { report, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
-import { compareGuestMemory, dumpMemory } from "./harness/memory.ts";
+import { haltAndCompare, report, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
 import type { TestVm } from "./harness/qemu.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
@@ -23,24 +22,6 @@ afterEach(async () => {
   await killAll();
 });
 afterAll(() => removeDir(dir));
-
-/** The guest's dirtying counter, read twice: it moves only while the guest runs. */
-async function guestKeepsRunning(vm: TestVm): Promise<boolean> {
-  const count = async () => {
-    const before = vm.serialText().length;
-    await vm.sendSerial("s");
-    const deadline = Date.now() + 10_000;
-    while (Date.now() < deadline) {
-      const m = vm.serialText().slice(before).match(/SGMGUEST status pass=(\d+) pos=(\d+)/);
-      if (m) return Number(m[1]) * 1e9 + Number(m[2]);
-      await Bun.sleep(20);
-    }
-    throw new Error(`${vm.name}: guest did not answer`);
-  };
-  const a = await count();
-  await Bun.sleep(300);
-  return (await count()) > a;
-}
 
 describe("eviction through scatter and gather", () => {
   test("a dirtying 256 MiB VM arrives whole: every page equal to the source's final memory", async () => {
@@ -63,13 +44,8 @@ describe("eviction through scatter and gather", () => {
     expect(await pair.source.status()).toBe("postmigrate");
     expect(await pair.destination.status()).toBe("running");
 
-    const halted = await pair.destination.haltGuest();
-    expect(halted.report).toContain("SGMGUEST verify ok");
-    const comparison = compareGuestMemory(
-      await dumpMemory(pair.source, dir, "final"),
-      await dumpMemory(pair.destination, dir, "halted"),
-      pair.layout,
-    );
+    const { verified, comparison } = await haltAndCompare(pair, dir);
+    expect(verified).toBe(true);
     expect(comparison.mismatched).toEqual([]);
     expect(comparison.identical).toBeGreaterThan(comparison.pages * 0.9);
   }, 180_000);
@@ -90,8 +66,8 @@ describe("eviction through scatter and gather", () => {
     const gr = report<GatherReport>(g).vms[0]!;
     expect(gr.pages.requests).toBeGreaterThan(0);
     expect(gr.pages.requestedPagesServed).toBeGreaterThan(0);
-    expect(await guestKeepsRunning(pair.destination)).toBe(true);
-    expect((await pair.destination.haltGuest()).report).toContain("SGMGUEST verify ok");
+    expect(await pair.destination.keepsRunning()).toBe(true);
+    expect((await pair.destination.haltGuest()).verified).toBe(true);
   }, 180_000);
 });
 
@@ -107,7 +83,7 @@ describe("a failure before switchover leaves the VM running at the source", () =
     expect(report<GatherReport>(g).vms[0]!.error).toMatch(/scatter went away before switchover/);
     await waitMigrationEnded(pair.source);
     expect(await pair.source.status()).toBe("running");
-    expect(await guestKeepsRunning(pair.source)).toBe(true);
+    expect(await pair.source.keepsRunning()).toBe(true);
   }, 120_000);
 
   test("gather killed while streaming", async () => {
@@ -123,7 +99,7 @@ describe("a failure before switchover leaves the VM running at the source", () =
     expect(sr.source).toBe("running");
     expect(s.stderr).toMatch(/web|k2: NOT evicted: .*gather/);
     expect(await pair.source.status()).toBe("running");
-    expect(await guestKeepsRunning(pair.source)).toBe(true);
+    expect(await pair.source.keepsRunning()).toBe(true);
   }, 120_000);
 
   test("scatter interrupted with SIGINT exits 130", async () => {

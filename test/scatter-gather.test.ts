@@ -6,8 +6,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test
 import type { GatherReport } from "../core/gather/engine.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
-import { report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
-import { compareGuestMemory, dumpMemory } from "./harness/memory.ts";
+import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
@@ -22,12 +21,8 @@ afterEach(() => killAll());
 afterAll(() => removeDir(dir));
 
 async function provedEqual(pair: VmPair): Promise<void> {
-  expect((await pair.destination.haltGuest()).report).toContain("SGMGUEST verify ok");
-  const comparison = compareGuestMemory(
-    await dumpMemory(pair.source, dir, "final"),
-    await dumpMemory(pair.destination, dir, "halted"),
-    pair.layout,
-  );
+  const { verified, comparison } = await haltAndCompare(pair, dir);
+  expect(verified).toBe(true);
   expect(comparison.mismatched).toEqual([]);
 }
 

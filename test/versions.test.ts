@@ -7,8 +7,7 @@ import type { GatherReport } from "../core/gather/engine.ts";
 import { checkSupported } from "../core/qemu/versions.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
-import { report, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
-import { compareGuestMemory, dumpMemory } from "./harness/memory.ts";
+import { haltAndCompare, report, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
 import { type QemuBinary, TestVm } from "./harness/qemu.ts";
 import { QEMU_7_2, qemu10_0 } from "./harness/qemu-binaries.ts";
@@ -54,12 +53,8 @@ describe("evictions across QEMU versions", () => {
     expect(sr.qemu.destination!.startsWith(`${to}.`)).toBe(true);
     expect(gr.qemu).toEqual({ source: sr.qemu.source, destination: sr.qemu.destination!, machine });
 
-    expect((await pair.destination.haltGuest()).verified).toBe(true);
-    const comparison = compareGuestMemory(
-      await dumpMemory(pair.source, dir, "final"),
-      await dumpMemory(pair.destination, dir, "halted"),
-      pair.layout,
-    );
+    const { verified, comparison } = await haltAndCompare(pair, dir);
+    expect(verified).toBe(true);
     expect(comparison.mismatched).toEqual([]);
   }, 120_000);
 
@@ -78,12 +73,8 @@ describe("evictions across QEMU versions", () => {
     expect(s.code).toBe(0);
     expect(g.code).toBe(0);
     expect(report<ScatterReport>(s).vms[0]!.switchover).toBe("postcopy");
-    expect((await pair.destination.haltGuest()).verified).toBe(true);
-    const comparison = compareGuestMemory(
-      await dumpMemory(pair.source, dir, "final"),
-      await dumpMemory(pair.destination, dir, "halted"),
-      pair.layout,
-    );
+    const { verified, comparison } = await haltAndCompare(pair, dir);
+    expect(verified).toBe(true);
     expect(comparison.mismatched).toEqual([]);
   }, 120_000);
 

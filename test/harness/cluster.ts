@@ -4,6 +4,7 @@
 
 import { join } from "node:path";
 import { startSgm, type RunResult, type SgmProcess } from "./sgm.ts";
+import { compareGuestMemory, dumpMemory, type MemoryComparison } from "./memory.ts";
 import { type GuestLayout, type QemuBinary, TestVm, type VmOptions } from "./qemu.ts";
 import { freePort } from "./tmp.ts";
 
@@ -80,4 +81,25 @@ export async function startRelay(psk: string, capacity = "1GiB", extra: string[]
   const relay = await startSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", capacity, "--psk-file", psk, ...extra]);
   const m = await relay.waitStderr(/relay listening on (\S+)/);
   return { relay, address: m[1]! };
+}
+
+export interface Arrival {
+  /** The destination guest checked every page against its own counters. */
+  verified: boolean;
+  comparison: MemoryComparison;
+}
+
+/**
+ * Halts the destination guest, which checks every page itself, then
+ * compares its memory with the source's final memory (the source must have
+ * been kept, --keep-source).
+ */
+export async function haltAndCompare(pair: VmPair, dir: string): Promise<Arrival> {
+  const halted = await pair.destination.haltGuest();
+  const comparison = compareGuestMemory(
+    await dumpMemory(pair.source, dir, "final"),
+    await dumpMemory(pair.destination, dir, "halted"),
+    pair.layout,
+  );
+  return { verified: halted.verified, comparison };
 }

@@ -169,6 +169,26 @@ export class TestVm {
     return { verified: /SGMGUEST verify ok/.test(report), report };
   }
 
+  /** The guest's dirtying counter (pass and position), asked over serial. */
+  async dirtyCounter(): Promise<number> {
+    const before = this.serialText().length;
+    await this.sendSerial("s");
+    const deadline = Date.now() + 10_000;
+    while (Date.now() < deadline) {
+      const m = this.serialText().slice(before).match(/SGMGUEST status pass=(\d+) pos=(\d+)/);
+      if (m) return Number(m[1]) * 1e9 + Number(m[2]);
+      await Bun.sleep(20);
+    }
+    throw new Error(`${this.name}: guest did not answer`);
+  }
+
+  /** Does the guest run (its counter moves)? For guests that dirty memory. */
+  async keepsRunning(): Promise<boolean> {
+    const a = await this.dirtyCounter();
+    await Bun.sleep(300);
+    return (await this.dirtyCounter()) > a;
+  }
+
   async status(): Promise<string> {
     const r = await this.qmp.execute<{ status: string }>("query-status");
     return r.status;
