@@ -104,9 +104,16 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     for (const a of shared.arrivals.values()) a.fail(reason);
   };
   options.signal?.addEventListener("abort", onAbort);
+  const progress = setInterval(() => {
+    for (const a of shared.arrivals.values()) {
+      const line = a.progress();
+      if (line) log(line);
+    }
+  }, 5000);
   try {
     await Promise.all([...shared.arrivals.values()].map((a) => a.done));
   } finally {
+    clearInterval(progress);
     options.signal?.removeEventListener("abort", onAbort);
     listener.close();
     for (const s of sessions) s.close();

@@ -198,6 +198,16 @@ export class VmArrival {
     this.finished.resolve();
   }
 
+  /** One line of where this VM is, for the periodic progress on stderr. */
+  progress(): string | null {
+    const stats = this.feed?.stats;
+    if (!stats || this.stage === "completed" || this.stage === "failed") return null;
+    const total = this.feed!.table.total;
+    const done = this.stage === "running" ? stats.deliveredPages : stats.fedPages;
+    const what = this.stage === "running" ? "delivered after switchover" : "fed before switchover";
+    return `${this.name}: ${this.stage}; ${done} of ${total} pages ${what}, ${stats.requests} page requests`;
+  }
+
   report(): ArrivalReport {
     const stats = this.feed?.stats;
     return {

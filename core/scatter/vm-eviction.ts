@@ -155,6 +155,8 @@ export class VmEviction {
     const o = this.options;
     let error: SgmError | undefined;
     let sourceState = "running";
+    // long evictions say how far they are, every few seconds, on stderr
+    const progress = setInterval(() => o.log(this.progress()), 5000);
     try {
       const point = await this.race(this.stream());
       this.switchover = point.kind;
@@ -168,6 +170,7 @@ export class VmEviction {
       error = asSgmError(err);
       sourceState = await this.undo(error);
     } finally {
+      clearInterval(progress);
       this.finished = true;
       this.sock?.destroy();
       this.pipeline.close();
@@ -188,6 +191,14 @@ export class VmEviction {
       pages: { ...s, requestedFromSource: this.requestedFromSource },
       ...(error ? { exitCode: error.exitCode } : {}),
     };
+  }
+
+  private progress(): string {
+    const s = this.pipeline.stats;
+    const read = ((this.sock?.bytesRead ?? 0) / 2 ** 20).toFixed(0);
+    const where = this.stage === "streaming" ? `pass ${this.passes}` : this.stage;
+    const waiting = this.pipeline.waiting > 0 ? `, ${this.pipeline.waiting} map frames waiting for relays` : "";
+    return `${this.name}: ${where}; ${read} MiB read from the source, ${s.pages} pages (${s.newPages} new, ${s.zeroPages} zero)${waiting}`;
   }
 
   /** The source converged: the gather gets everything, then SHUT, then go. */
