@@ -181,7 +181,7 @@ class ScatterSession {
         });
         this.dataTaken += payload.length;
         // the scatter keeps little direct content in flight: tell it often
-        if (this.dataTaken - this.dataReported >= 256 * 1024) {
+        if (this.dataTaken - this.dataReported >= 128 * 1024) {
           this.dataReported = this.dataTaken;
           this.send({ t: "received", bytes: this.dataTaken });
         }

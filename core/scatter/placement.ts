@@ -15,10 +15,11 @@ import { type Refused, RelayLink } from "./relay-link.ts";
 /**
  * With relays, new content goes straight to the gather only while less than
  * this is sent and not yet taken in by it. The window is what must drain
- * before switchover, so it is kept small: at a 32 MiB/s destination, 2 MiB
- * is 60 ms of downtime at worst.
+ * before switchover, so it is kept small: at a 32 MiB/s destination, 1 MiB
+ * is 30 ms of downtime at worst, and still far above the bandwidth-delay
+ * product of any link a gather sits behind.
  */
-const DIRECT_WINDOW = 2 * 1024 * 1024;
+const DIRECT_WINDOW = 1024 * 1024;
 /** A relay whose connection queues more than this takes no new pages for now. */
 const RELAY_WINDOW = 8 * 1024 * 1024;
 /** The source is read no further while the gather queues this much and no relay takes pages. */
