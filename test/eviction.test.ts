@@ -52,11 +52,11 @@ describe("eviction through scatter and gather", () => {
 
   test("the destination's page requests are answered while the guest runs on, and the source is quit", async () => {
     // A fast-dirtying guest leaves many pages stale at switchover; with the
-    // background push held to 32 MiB/s it touches them at the destination
+    // background push held to 8 MiB/s it touches them at the destination
     // before the push gets there.
-    const pair = await startPair(dir, "busy", { memMiB: 256, seed: 102, rate: 20000 });
-    const { gather, port } = await startGather([pair], psk, ["--postcopy-bandwidth", "32MiB/s"]);
-    const scatter = await startScatter([pair], port, psk);
+    const pair = await startPair(dir, "busy", { memMiB: 256, seed: 102, rate: 40000 });
+    const { gather, port } = await startGather([pair], psk, ["--postcopy-bandwidth", "8MiB/s"]);
+    const scatter = await startScatter([pair], port, psk, ["--switchover", "precopy"]);
     const s = await scatter.result();
     const g = await gather.result();
     expect(s.code).toBe(0);
