@@ -2,17 +2,12 @@
 // error naming the flag and the value.
 
 import { SgmError } from "../core/errors.ts";
-
-export interface HostPort {
-  host: string;
-  port: number;
-}
+import { type HostPort, parseHostPort as parse } from "../core/net/host-port.ts";
 
 export function parseHostPort(flag: string, text: string): HostPort {
-  const m = /^(\[[^\]]+\]|[^:\s]+):(\d{1,5})$/.exec(text);
-  const port = m ? Number(m[2]) : NaN;
-  if (!m || port < 0 || port > 65535) throw new SgmError("usage", `${flag} '${text}': expected HOST:PORT`);
-  return { host: m[1]!.replace(/^\[|\]$/g, ""), port };
+  const hp = parse(text);
+  if (!hp) throw new SgmError("usage", `${flag} '${text}': expected HOST:PORT`);
+  return hp;
 }
 
 export function parseHostPortList(flag: string, values: unknown): HostPort[] {

@@ -6,6 +6,7 @@ import { PAGE_BYTES } from "../core/dedup/digest.ts";
 import { SgmError } from "../core/errors.ts";
 import { type RelayStats, startRelay } from "../core/relay/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
+import { formatHostPort } from "../core/net/host-port.ts";
 import { parseCount, parseHostPort, parseSize, requireString } from "./args.ts";
 import { formatBytes, info, printJson } from "./output.ts";
 
@@ -43,7 +44,7 @@ export function registerRelay(cli: CAC, signal: AbortSignal): void {
       if (readyFd !== undefined) checkFd(readyFd);
 
       const relay = startRelay({ ...listen, psk, capacityBytes, ttlMs: ttlSeconds * 1000, signal, log: info });
-      const address = listen.host.includes(":") ? `[${listen.host}]:${relay.port}` : `${listen.host}:${relay.port}`;
+      const address = formatHostPort(listen.host, relay.port);
       info(`relay listening on ${address} (capacity ${formatBytes(capacityBytes)})`);
       if (readyFd !== undefined) {
         try {

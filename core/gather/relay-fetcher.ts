@@ -6,6 +6,7 @@
 
 import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
+import { parseHostPort } from "../net/host-port.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
 import { PeerConnection } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
@@ -63,9 +64,9 @@ export class RelayFetcher {
     this.run = run;
     this.relays = await Promise.all(
       addresses.map(async (address) => {
-        const m = /^\[?(.+?)\]?:(\d+)$/.exec(address);
-        if (!m) throw new SgmError("data", `scatter named relay '${address}'`);
-        const conn = await PeerConnection.connect({ host: m[1]!, port: Number(m[2]), psk, role: "gather", expectRole: "relay", maxPayload, timeoutMs: 10_000 }).catch(
+        const to = parseHostPort(address);
+        if (!to) throw new SgmError("data", `scatter named relay '${address}'`);
+        const conn = await PeerConnection.connect({ host: to.host, port: to.port, psk, role: "gather", expectRole: "relay", maxPayload, timeoutMs: 10_000 }).catch(
           (err: Error) => {
             throw new SgmError("unavailable", `relay ${address}: ${err.message}`);
           },

@@ -7,11 +7,12 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { asSgmError, SgmError } from "../errors.ts";
+import { formatHostPort, type HostPort } from "../net/host-port.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import { PeerConnection } from "../wire/connection.ts";
 import { decodeControl, encodeControl, FrameType, maxPayload } from "../wire/messages.ts";
 import { type PlacementStats, RunPlacement } from "./placement.ts";
-import type { SourceQemu } from "./source-qemu.ts";
+import { SourceQemu } from "./source-qemu.ts";
 import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-eviction.ts";
 
 /**
@@ -23,11 +24,6 @@ import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-evict
  */
 export const DEFAULT_SWITCHOVER: SwitchoverMode = "postcopy";
 export const DEFAULT_POSTCOPY_AFTER_PASS = 2;
-
-export interface HostPort {
-  host: string;
-  port: number;
-}
 
 export interface ScatterOptions {
   gather: HostPort;
@@ -67,7 +63,7 @@ export interface ScatterReport {
   exitCode: number;
 }
 
-const address = (hp: HostPort) => (hp.host.includes(":") ? `[${hp.host}]:${hp.port}` : `${hp.host}:${hp.port}`);
+const address = (hp: HostPort) => formatHostPort(hp.host, hp.port);
 
 export async function runScatter(options: ScatterOptions): Promise<ScatterReport> {
   const log = options.log ?? (() => {});
@@ -81,7 +77,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   options.signal?.throwIfAborted();
 
   // Every source is checked before anything moves.
-  const opened = await Promise.allSettled(options.vms.map((vm) => VmEviction.openSource(vm.name, parseQmpAddress(vm.qmp))));
+  const opened = await Promise.allSettled(options.vms.map((vm) => SourceQemu.open(vm.name, parseQmpAddress(vm.qmp))));
   const sources = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
   const refused = opened.find((r): r is PromiseRejectedResult => r.status === "rejected");
   const opens: PeerConnection[] = [];

@@ -27,13 +27,12 @@ import { Command, commandName, TPS } from "../qemu/constants.ts";
 import { readDiscard, splitPackage } from "../qemu/postcopy-commands.ts";
 import { encodePageRequest, encodePong, encodeShut } from "../qemu/return-path.ts";
 import { MigrationStreamReader, type RamBlockInfo } from "../qemu/stream-reader.ts";
-import type { QmpAddress } from "../qmp/client.ts";
 import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
 import { PagePipeline, type PipelineStats } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
-import { SourceQemu } from "./source-qemu.ts";
+import type { SourceQemu } from "./source-qemu.ts";
 
 export type SwitchoverMode = "precopy" | "postcopy";
 
@@ -121,10 +120,6 @@ export class VmEviction {
     this.failed.promise.catch(() => {});
     this.streamEnded.promise.catch(() => {});
     options.placement.onFailure((reason) => this.fail(reason));
-  }
-
-  static async openSource(name: string, address: QmpAddress): Promise<SourceQemu> {
-    return SourceQemu.open(name, address);
   }
 
   /** A control message from the gather about this VM. */

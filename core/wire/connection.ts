@@ -8,6 +8,7 @@
 
 import type { Socket, SocketHandler, TCPSocketListener } from "bun";
 import { SgmError, asSgmError } from "../errors.ts";
+import { formatHostPort as formatAddress } from "../net/host-port.ts";
 import { ClientHandshake, ServerHandshake, handshakeMaxPayload, type HandshakeStep, type Role } from "./auth.ts";
 import {
   FIRST_APP_FRAME_TYPE,
@@ -543,10 +544,6 @@ export class PeerConnection {
  */
 export function listenPeers(options: ListenOptions): PeerListener {
   return PeerConnection.listen(options);
-}
-
-function formatAddress(host: string, port: number): string {
-  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
 function connectError(address: string, err: unknown): SgmError {
