@@ -39,8 +39,14 @@ export class DigestIndex {
   private readonly freeIds: number[] = [];
   private nextId = 0;
   private count = 0;
+  private readonly reuseIds: boolean;
 
-  constructor(expectedEntries = 0) {
+  /**
+   * With `reuseIds` false a removed digest's id is never handed out again
+   * and its digest stays readable (digestEverHeld), at 32 bytes per id.
+   */
+  constructor(expectedEntries = 0, options: { reuseIds?: boolean } = {}) {
+    this.reuseIds = options.reuseIds ?? true;
     const slotCount = slotCountFor(expectedEntries);
     this.slots = new Int32Array(slotCount * 2).fill(EMPTY);
     this.mask = slotCount - 1;
@@ -116,7 +122,7 @@ export class DigestIndex {
     slots[2 * hole] = EMPTY;
 
     this.live[id] = 0;
-    this.freeIds.push(id);
+    if (this.reuseIds) this.freeIds.push(id);
     this.count--;
   }
 
@@ -132,6 +138,17 @@ export class DigestIndex {
    */
   digestOf(id: number): Uint8Array {
     this.checkLive(id);
+    return this.digests.subarray(id * DIGEST_BYTES, (id + 1) * DIGEST_BYTES);
+  }
+
+  /**
+   * The digest an id was given, even after its removal, in an index that
+   * does not reuse ids; a view, good until the next insert.
+   */
+  digestEverHeld(id: number): Uint8Array {
+    if (this.reuseIds || !(Number.isInteger(id) && id >= 0 && id < this.nextId)) {
+      throw new SgmError("internal", `digest id ${id} was never held, or ids are reused`);
+    }
     return this.digests.subarray(id * DIGEST_BYTES, (id + 1) * DIGEST_BYTES);
   }
 

@@ -2,6 +2,9 @@
 // store) and/or on relays (a bit per relay of the run). References come from
 // VMs' page tables and from the scatter while it may still name the content;
 // when the last goes, the local copy is dropped and the relays are told.
+//
+// Content ids are never reused within a run, so an id names one content for
+// good: page tables compare ids, and the final page map is read off them.
 
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
@@ -12,7 +15,7 @@ import { SgmError } from "../errors.ts";
 export type Unreferenced = (cid: number, digest: Uint8Array, relayMask: number) => void;
 
 export class ContentDirectory {
-  private readonly index = new DigestIndex();
+  private readonly index = new DigestIndex(0, { reuseIds: false });
   private readonly store = new PageStore();
   private storeId = new Int32Array(1024).fill(-1);
   private relays = new Uint32Array(1024);
@@ -42,8 +45,9 @@ export class ContentDirectory {
     return this.index.lookup(digest, at);
   }
 
+  /** The content's digest (a view, good until the next intern), held or not any more. */
   digestOf(cid: number): Uint8Array {
-    return this.index.digestOf(cid);
+    return this.index.digestEverHeld(cid);
   }
 
   isLocal(cid: number): boolean {

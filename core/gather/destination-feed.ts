@@ -14,13 +14,15 @@ import { join } from "node:path";
 import { SgmError } from "../errors.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
 import { TPS } from "../qemu/constants.ts";
-import { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
+import { PING_DEVICE_LOADED, PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
 import { ReturnPathReader } from "../qemu/return-path.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import { trace } from "../trace.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
-import { NOT_FED, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
+import { injected } from "../test-faults.ts";
+import { checkDelivery, finalMapDigest } from "./final-checks.ts";
+import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
 export interface FeedStats {
   /** Pages written before switchover (counting re-feeds of changed pages). */
@@ -96,6 +98,7 @@ export class DestinationFeed {
   private pumped: Promise<void> = Promise.resolve();
   private readonly blockIndex: Map<string, number>;
   private readonly done = Promise.withResolvers<void>();
+  private readonly devicesLoaded = Promise.withResolvers<void>();
   private failure: Error | null = null;
   /** After switchover: pages to deliver, in order, by the delivery loop. */
   private postQueue: number[] = [];
@@ -110,6 +113,7 @@ export class DestinationFeed {
   private readonly askedSource = new Set<number>();
   /** No more page maps will come (set before switchover for a precopy source). */
   private sourceDone = false;
+  private skipOne = injected("gather-delivery");
 
   constructor(options: FeedOptions) {
     this.options = options;
@@ -140,7 +144,10 @@ export class DestinationFeed {
       onShut: (status) => {
         if (status !== 0) this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU ended the migration with an error (SHUT ${status})`));
       },
-      onPong: (value) => trace(`${this.name} PONG ${value} from the destination`),
+      onPong: (value) => {
+        trace(`${this.name} PONG ${value} from the destination`);
+        if (value === PING_DEVICE_LOADED) this.devicesLoaded.resolve();
+      },
       onPageRequest: (block, start, length) => this.onRequest(block, start, length),
     });
     sock.setDataHandler((data) => rp.feed(data));
@@ -214,14 +221,14 @@ export class DestinationFeed {
       if (ranges.length > 0) this.writer.discard(b, ranges);
     });
     this.stats.discardedPages = discarded;
-    // pages fed and still current are at the destination for good
+    // pages fed and still current are at the destination for good; the others it holds nothing of
     for (let i = 0; i < t.total; i++) {
       const fed = t.fed[i]!;
       const current = fed === t.content[i];
       if (current) {
         t.delivered[i] = 1;
         if (fed >= 0) this.dir.release(fed); // the content reference
-      }
+      } else t.written[i] = NOT_WRITTEN;
       if (fed >= 0) this.dir.release(fed); // the fed reference
       t.fed[i] = current ? fed : NOT_FED;
     }
@@ -232,9 +239,14 @@ export class DestinationFeed {
     void this.deliverLoop().catch((err: Error) => this.fail(err));
   }
 
-  /** Wall-clock time (epoch ms) the VM resumed at the destination. */
-  resumedAt(): Promise<number> {
-    return this.dest.resumedAt();
+  /** The digest of the final page map, once every page is named (see final-checks.ts). */
+  finalMapDigest(): string {
+    return finalMapDigest(this.name, this.table, this.dir);
+  }
+
+  /** Wall-clock time (epoch ms) the VM resumed at the destination; null if it stays paused there (-S). */
+  resumedAt(): Promise<number | null> {
+    return this.dest.resumedAt(this.devicesLoaded.promise);
   }
 
   /** Stops feeding; the destination QEMU's incoming migration fails. */
@@ -277,8 +289,7 @@ export class DestinationFeed {
           });
           continue;
         }
-        const b = t.blockOf(i);
-        this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
+        this.write(i, c);
         if (c >= 0) this.dir.retain(c);
         const old = t.fed[i]!;
         t.fed[i] = c;
@@ -365,6 +376,12 @@ export class DestinationFeed {
   private async finishIfDone(): Promise<void> {
     if (this.phase !== "postcopy" || this.delivering || this.postHead < this.postQueue.length) return;
     if (this.awaiting.size > 0 || this.pending > 0 || !this.sourceDone) return;
+    try {
+      checkDelivery(this.name, this.table, this.dir);
+    } catch (err) {
+      this.fail(err as Error);
+      return;
+    }
     this.writer.end();
     this.phase = "ended";
     trace(`${this.name} every page sent; EOF`);
@@ -380,11 +397,20 @@ export class DestinationFeed {
   private deliver(i: number): void {
     const t = this.table;
     const c = t.content[i]!;
-    const b = t.blockOf(i);
-    this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
     t.delivered[i] = 1;
+    if (this.skipOne && c >= 0) {
+      this.skipOne = false; // SGM_TEST_FAULT=gather-delivery: the delivery check must notice
+    } else this.write(i, c);
     if (c >= 0) this.dir.release(c);
     this.stats.deliveredPages++;
+  }
+
+  /** The one place page bytes go to the destination. */
+  private write(i: number, c: number): void {
+    const t = this.table;
+    const b = t.blockOf(i);
+    this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
+    t.written[i] = c;
   }
 
   private flushSoon(): void {

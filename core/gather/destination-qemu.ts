@@ -54,11 +54,31 @@ export class DestinationQemu {
     await this.qmp.execute("migrate-incoming", { uri: `unix:${socketPath}` });
   }
 
-  /** Wall-clock time (epoch ms) the VM resumed here. */
-  async resumedAt(): Promise<number> {
-    if (!this.resumeEvent) throw new SgmError("internal", "resumedAt before listen");
-    const event = await this.resumeEvent;
-    return event.timestamp.seconds * 1000 + event.timestamp.microseconds / 1000;
+  /**
+   * Once the VM runs here: the wall-clock time (epoch ms) of its RESUME; or
+   * null once `devicesLoaded` has resolved and QEMU left the VM paused, as a
+   * destination started with -S does (the operator starts it).
+   */
+  async resumedAt(devicesLoaded: Promise<void>): Promise<number | null> {
+    const resume = this.resumeEvent;
+    if (!resume) throw new SgmError("internal", "resumedAt before listen");
+    const asTime = (event: QmpEvent) => event.timestamp.seconds * 1000 + event.timestamp.microseconds / 1000;
+    let settled = false;
+    const paused = devicesLoaded.then(async () => {
+      // POSTCOPY_RUN follows the devices at once: QEMU leaves 'inmigrate' for running, or paused under -S
+      for (;;) {
+        if (settled) return null;
+        const status = await this.qmp.execute<{ status: string }>("query-status");
+        if (status.status === "paused") return null;
+        if (status.status !== "inmigrate") return asTime(await resume);
+        await Bun.sleep(10);
+      }
+    });
+    try {
+      return await Promise.race([resume.then(asTime), paused]);
+    } finally {
+      settled = true;
+    }
   }
 
   async waitCompleted(timeoutMs: number): Promise<void> {

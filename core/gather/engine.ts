@@ -271,7 +271,7 @@ class ScatterSession {
         return;
       }
       case "source-done":
-        this.vm(message.vm).sourceDone(message.stoppedAt);
+        this.vm(message.vm).sourceDone(message.stoppedAt, message.map);
         this.releasePinsIfDone();
         return;
       case "source-switched":
@@ -286,7 +286,7 @@ class ScatterSession {
         return;
       }
       case "failed":
-        this.vm(message.vm).fail(new SgmError("unavailable", `VM ${this.vm(message.vm).name}: scatter: ${message.reason}`));
+        this.vm(message.vm).fail(new SgmError(message.kind === "data" ? "data" : "unavailable", `VM ${this.vm(message.vm).name}: scatter: ${message.reason}`));
         return;
       default:
         throw new SgmError("data", `scatter sent '${message.t}'`);

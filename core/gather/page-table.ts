@@ -1,7 +1,8 @@
 // What the gather knows of one VM's pages, indexed by a global page number
-// over all RAM blocks: the content each page must end up with (a page store
-// id, or zero), the content fed to the destination before switchover, and
-// whether the page was delivered after switchover.
+// over all RAM blocks: the content each page must end up with (a content
+// id, or zero), the content fed to the destination before switchover,
+// whether the page was delivered after switchover, and what the destination
+// was last given for it.
 
 import { TPS } from "../qemu/constants.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
@@ -14,6 +15,8 @@ export const UNKNOWN = -2;
 export const NOT_FED = -3;
 /** Content: a postcopy source discarded the page; it sends the page again. */
 export const PENDING = -4;
+/** Written: the destination holds nothing of ours for the page (never written, or discarded); it reads as zero. */
+export const NOT_WRITTEN = -5;
 
 export class PageTable {
   readonly blocks: readonly RamBlockInfo[];
@@ -22,6 +25,8 @@ export class PageTable {
   readonly content: Int32Array;
   readonly fed: Int32Array;
   readonly delivered: Uint8Array;
+  /** The content last written to the destination for each page (a content id, ZERO or NOT_WRITTEN). */
+  readonly written: Int32Array;
 
   constructor(blocks: readonly RamBlockInfo[]) {
     this.blocks = blocks;
@@ -36,6 +41,7 @@ export class PageTable {
     this.content = new Int32Array(total).fill(UNKNOWN);
     this.fed = new Int32Array(total).fill(NOT_FED);
     this.delivered = new Uint8Array(total);
+    this.written = new Int32Array(total).fill(NOT_WRITTEN);
   }
 
   index(block: number, page: number): number {

@@ -135,24 +135,44 @@ export class VmArrival {
     this.deviceComplete = last;
   }
 
-  /** Every page and the device state have arrived. */
-  sourceDone(stoppedAt: number): void {
+  /** Every page and the device state have arrived; `map` is the final map's digest as scatter read it. */
+  sourceDone(stoppedAt: number, map: string): void {
     if (this.stage === "failed") return;
     if (this.postcopy) {
       // the postcopy source's stream has ended: every page is named, its content held
       if (this.sourceFinished) throw new SgmError("data", `VM ${this.name}: source done twice`);
       this.sourceFinished = true;
+      const mine = this.checkFinalMap(map);
+      if (!mine) return;
       this.feed!.sourceFinished();
-      this.send({ t: "held", vm: this.vmId });
+      this.send({ t: "held", vm: this.vmId, map: mine });
       return;
     }
     if (this.stage !== "streaming" || !this.deviceComplete) throw new SgmError("data", `VM ${this.name}: source done without its device state`);
     this.stage = "source-done";
     this.sourceFinished = true;
+    const mine = this.checkFinalMap(map);
+    if (!mine) return;
     this.feed!.sourceFinished();
     trace(`${this.name} source-done`);
     this.stoppedAt = stoppedAt;
-    this.send({ t: "switch-ready", vm: this.vmId });
+    this.send({ t: "switch-ready", vm: this.vmId, map: mine });
+  }
+
+  /** The gather's final map digest if it is scatter's; otherwise the VM fails here and null. */
+  private checkFinalMap(theirs: string): string | null {
+    try {
+      const mine = this.feed!.finalMapDigest();
+      if (mine === theirs) return mine;
+      throw new SgmError(
+        "data",
+        `VM ${this.name}: the gather's final page map differs from the source's (digest ${mine.slice(0, 16)} against ${theirs.slice(0, 16)}); ` +
+          (this.postcopy ? "the VM runs at the destination on memory that may be wrong" : "the VM keeps running at the source"),
+      );
+    } catch (err) {
+      this.fail(err as SgmError);
+      return null;
+    }
   }
 
   /** The source switched to postcopy: the device state is here, pending pages will follow. */
@@ -163,7 +183,7 @@ export class VmArrival {
     this.postcopy = true;
     trace(`${this.name} source-switched`);
     this.stoppedAt = stoppedAt;
-    this.send({ t: "switch-ready", vm: this.vmId });
+    this.send({ t: "switch-ready", vm: this.vmId, map: null });
   }
 
   async switchGo(): Promise<void> {
@@ -191,10 +211,14 @@ export class VmArrival {
 
   fail(reason: SgmError): void {
     if (this.stage === "completed" || this.stage === "failed") return;
+    if (reason.kind === "data" && (this.stage === "switching" || this.stage === "running")) {
+      // a wrong page may already be in use: the VM must not run on here
+      void this.dest.qmp.execute("stop").catch(() => {});
+    }
     this.stage = "failed";
     this.error = reason;
     this.feed?.abort(reason);
-    this.send({ t: "failed", vm: this.vmId, reason: reason.message });
+    this.send({ t: "failed", vm: this.vmId, reason: reason.message, kind: reason.kind });
     this.finished.resolve();
   }
 

@@ -6,9 +6,17 @@
 // A map frame leaves only once every relay PUT sent before it is
 // acknowledged: the gather never learns of a page before its content is
 // held somewhere.
+//
+// It also keeps the final page map as the source sent it (content id per
+// page), whose digest the gather's must match before the VM may run there.
 
 import { digestPage, isZeroPage } from "../dedup/digest.ts";
+import { pageMapDigest } from "../dedup/page-map-digest.ts";
+import { SgmError } from "../errors.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
+import { TPS } from "../qemu/constants.ts";
+import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import { injected } from "../test-faults.ts";
 import { FrameType, PageMapBuilder } from "../wire/messages.ts";
 import type { RunPlacement } from "./placement.ts";
 
@@ -27,6 +35,11 @@ export interface PipelineStats {
   mapBytes: number;
 }
 
+/** Final map entries that are no content id. */
+const ZERO = -1;
+const NEVER_SENT = -2;
+const PENDING = -3;
+
 interface PendingFrame {
   payload: Uint8Array;
   buffer: Uint8Array;
@@ -42,6 +55,9 @@ export class PagePipeline {
   private readonly fifo: PendingFrame[] = [];
   private drained: Array<() => void> = [];
   private readonly offAcked: () => void;
+  private blockStart: number[] = [];
+  /** Per page (global index over the blocks): its content id, or ZERO, NEVER_SENT, PENDING. */
+  private final = new Int32Array(0);
 
   constructor(vm: number, placement: RunPlacement) {
     this.vm = vm;
@@ -55,16 +71,31 @@ export class PagePipeline {
     });
   }
 
+  /** The source's RAM blocks, before any page. */
+  setBlocks(blocks: readonly RamBlockInfo[]): void {
+    let total = 0;
+    this.blockStart = blocks.map((b) => {
+      const start = total;
+      total += b.usedLength / TPS;
+      return start;
+    });
+    this.final = new Int32Array(total).fill(NEVER_SENT);
+  }
+
   page(block: number, page: number, content: Uint8Array | null): void {
     this.stats.pages++;
+    const index = this.blockStart[block]! + page;
     // QEMU 9.0+ with zero-page-detection=none sends zero pages as content
     if (content === null || isZeroPage(content)) {
       this.stats.zeroPages++;
       this.map.addZero(block, page);
+      this.final[index] = ZERO;
     } else {
       const entry = this.map.addDigest(block, page);
       digestPage(content, entry.buf, entry.at);
-      if (this.placement.place(entry.buf, entry.at, content)) this.stats.newPages++;
+      const known = this.placement.contents;
+      this.final[index] = this.placement.place(entry.buf, entry.at, content);
+      if (this.placement.contents > known) this.stats.newPages++;
       else this.stats.dedupPages++;
     }
     if (this.map.full) this.flush();
@@ -74,7 +105,21 @@ export class PagePipeline {
   pending(block: number, page: number): void {
     this.stats.pendingPages++;
     this.map.addPending(block, page);
+    this.final[this.blockStart[block]! + page] = PENDING;
     if (this.map.full) this.flush();
+  }
+
+  /** The digest of the final page map; every page the source discarded must have come again. */
+  finalMapDigest(vmName: string): string {
+    const final = this.final;
+    const owed = final.indexOf(PENDING);
+    if (owed >= 0) throw new SgmError("data", `VM ${vmName}: the source's stream ended without page ${owed} it had discarded`);
+    const wrong = injected("scatter-map") ? final.findIndex((c) => c >= 0) : -1;
+    return pageMapDigest(final.length, (i) => {
+      const c = final[i]!;
+      if (i === wrong) return this.placement.digestOf(c).map((b) => b ^ 0xff);
+      return c >= 0 ? this.placement.digestOf(c) : null;
+    });
   }
 
   /**
@@ -87,13 +132,15 @@ export class PagePipeline {
     this.stats.pages++;
     this.stats.urgentPages++;
     const one = new PageMapBuilder(() => new Uint8Array(8 + 7 + 32));
+    const index = this.blockStart[block]! + page;
     if (content === null || isZeroPage(content)) {
       this.stats.zeroPages++;
       one.addZero(block, page);
+      this.final[index] = ZERO;
     } else {
       const entry = one.addDigest(block, page);
       digestPage(content, entry.buf, entry.at);
-      this.placement.placeUrgent(entry.buf, entry.at, content);
+      this.final[index] = this.placement.placeUrgent(entry.buf, entry.at, content);
     }
     const { payload } = one.take(this.vm);
     this.stats.mapBytes += payload.length;

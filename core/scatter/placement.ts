@@ -76,31 +76,41 @@ export class RunPlacement {
     this.salts.push(relaySalt(address));
   }
 
+  /** Distinct contents the run has placed. */
+  get contents(): number {
+    return this.index.size;
+  }
+
+  /** The digest of placed content `cid`; a view, good until the next place. */
+  digestOf(cid: number): Uint8Array {
+    return this.index.digestOf(cid);
+  }
+
   /**
    * Places the content whose digest is at `digest[at..]` unless the run has
-   * placed it before; new content is copied out at once. Returns whether it
-   * was new.
+   * placed it before; new content is copied out at once. Returns its id.
    */
-  place(digest: Uint8Array, at: number, page: Uint8Array): boolean {
-    if (this.index.lookup(digest, at) >= 0) {
+  place(digest: Uint8Array, at: number, page: Uint8Array): number {
+    const known = this.index.lookup(digest, at);
+    if (known >= 0) {
       this.stats.dedupPages++;
-      return false;
+      return known;
     }
     const cid = this.index.insert(digest, at);
     this.grow(cid);
     this.put(cid, digest, at, page);
-    return true;
+    return cid;
   }
 
   /**
    * A page the destination waits for: its content goes to the gather now,
-   * unless the gather has it or a relay holds it already.
+   * unless the gather has it or a relay holds it already. Returns its id.
    */
-  placeUrgent(digest: Uint8Array, at: number, page: Uint8Array): void {
+  placeUrgent(digest: Uint8Array, at: number, page: Uint8Array): number {
     let cid = this.index.lookup(digest, at);
     if (cid >= 0 && this.pending[cid] === 0) {
       this.stats.dedupPages++;
-      return;
+      return cid;
     }
     if (cid < 0) {
       cid = this.index.insert(digest, at);
@@ -109,6 +119,7 @@ export class RunPlacement {
     this.stats.directPages++;
     this.sendDirect(digest, at, page);
     this.flushDirect();
+    return cid;
   }
 
   /** Sends every batch being built: direct pages, relay PUTs. */

@@ -125,7 +125,8 @@ export class VmEviction {
   /** A control message from the gather about this VM. */
   onControl(message: Control): void {
     if (message.t === "failed" || message.t === "refuse") {
-      this.fail(new SgmError("unavailable", `VM ${this.name}: gather: ${message.reason}`));
+      const kind = message.t === "failed" && message.kind === "data" ? "data" : "unavailable";
+      this.fail(new SgmError(kind, `VM ${this.name}: gather: ${message.reason}`));
       return;
     }
     if (message.t === "want") {
@@ -198,8 +199,9 @@ export class VmEviction {
 
   /** The source converged: the gather gets everything, then SHUT, then go. */
   private async switchAfterPrecopy(device: Uint8Array): Promise<void> {
-    await this.race(this.sendDeviceState(device, "source-done"));
-    await this.race(this.wait("switch-ready"));
+    const map = await this.race(this.sendDeviceState(device, "source-done"));
+    const ready = await this.race(this.wait("switch-ready"));
+    this.checkGatherMap(ready, map!);
     this.evicted();
     this.sock!.write(encodeShut(0));
     await this.race(this.source.waitFor(["completed"], 30_000));
@@ -220,11 +222,20 @@ export class VmEviction {
     await this.race(this.streamEnded.promise);
     this.pipeline.flush();
     await this.race(this.pipeline.whenAllSent());
-    this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt! });
-    await this.race(this.wait("held"));
+    const map = this.pipeline.finalMapDigest(this.name);
+    this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt!, map });
+    const held = await this.race(this.wait("held"));
+    this.checkGatherMap(held, map);
     this.evicted();
     this.sock!.write(encodeShut(0));
     await this.race(this.source.waitFor(["completed"], 30_000));
+  }
+
+  /** The gather's final page map must be the one the source sent: otherwise nothing more happens. */
+  private checkGatherMap(reply: Control, map: string): void {
+    const theirs = reply.t === "switch-ready" || reply.t === "held" ? reply.map : null;
+    if (theirs === map) return;
+    throw new SgmError("data", `VM ${this.name}: the gather's final page map differs from the source's (digest ${String(theirs).slice(0, 16)} against ${map.slice(0, 16)})`);
   }
 
   private evicted(): void {
@@ -337,8 +348,12 @@ export class VmEviction {
     return reached.promise;
   }
 
-  /** Every page named to the gather is held; then the device state follows, and the word. */
-  private async sendDeviceState(device: Uint8Array, word: "source-done" | "source-switched"): Promise<void> {
+  /**
+   * Every page named to the gather is held; then the device state follows,
+   * and the word: source-done with the final map's digest (returned), or
+   * source-switched while a postcopy source still sends.
+   */
+  private async sendDeviceState(device: Uint8Array, word: "source-done" | "source-switched"): Promise<string | null> {
     await this.pipeline.whenAllSent();
     this.stoppedAt = await this.withTimeout(this.source.stoppedAt(), 10_000, "no STOP event from the source QEMU");
     trace(`${this.name} every page named is held; device state and ${word} to the gather`);
@@ -347,7 +362,13 @@ export class VmEviction {
       this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.DEVICE_STATE, at + MAX_VM_BYTES >= device.length, part));
     }
     this.stage = "switching";
-    this.send({ t: word, vm: this.id, stoppedAt: this.stoppedAt });
+    if (word === "source-switched") {
+      this.send({ t: word, vm: this.id, stoppedAt: this.stoppedAt });
+      return null;
+    }
+    const map = this.pipeline.finalMapDigest(this.name);
+    this.send({ t: word, vm: this.id, stoppedAt: this.stoppedAt, map });
+    return map;
   }
 
   private async switchSourceToPostcopy(): Promise<void> {
@@ -362,6 +383,7 @@ export class VmEviction {
 
   private learnBlocks(blocks: readonly RamBlockInfo[]): void {
     this.blocks = blocks;
+    this.pipeline.setBlocks(blocks);
     let total = 0;
     this.blockStart = blocks.map((b) => {
       const start = total;
@@ -412,7 +434,7 @@ export class VmEviction {
     const stage = this.stage;
     this.stage = "failed";
     this.sock?.destroy(error);
-    this.send({ t: "failed", vm: this.id, reason: error.message });
+    this.send({ t: "failed", vm: this.id, reason: error.message, kind: error.kind });
     if (stage === "go" || stage === "running") {
       this.options.log(`${this.name}: the destination may be running the VM; the source stays paused`);
       return "paused";

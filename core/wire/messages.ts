@@ -65,27 +65,37 @@ export type Control =
   | { t: "refuse"; vm: number; reason: string }
   /** scatter → gather: the RAM block list and section id, after the header bytes. */
   | { t: "blocks"; vm: number; sectionId: number; blocks: RamBlockInfo[] }
-  /** scatter → gather: the stream is complete (device state sent); stoppedAt: source STOP, epoch ms. */
-  | { t: "source-done"; vm: number; stoppedAt: number }
+  /**
+   * scatter → gather: the stream is complete (device state sent); stoppedAt:
+   * source STOP, epoch ms; map: the final page map's digest (page-map-digest.ts).
+   */
+  | { t: "source-done"; vm: number; stoppedAt: number; map: string }
   /**
    * scatter → gather: the source switched to postcopy: the device state is
    * sent and every page it will send again is marked pending.
    */
   | { t: "source-switched"; vm: number; stoppedAt: number }
-  /** gather → scatter, after a postcopy source-done: it has every page's content named and held. */
-  | { t: "held"; vm: number }
+  /** gather → scatter, after a postcopy source-done: it has every page's content named and held, and this final map. */
+  | { t: "held"; vm: number; map: string }
   /** gather → scatter: the destination waits for this pending page; ask the source for it. */
   | { t: "want"; vm: number; block: number; page: number }
-  /** gather → scatter: holds everything scatter sent for this VM, ready to switch over. */
-  | { t: "switch-ready"; vm: number }
+  /**
+   * gather → scatter: holds everything scatter sent for this VM, ready to
+   * switch over; map: its final map's digest (null while a postcopy source still sends).
+   */
+  | { t: "switch-ready"; vm: number; map: string | null }
   /** scatter → gather: the source has completed; run the VM at the destination. */
   | { t: "switch-go"; vm: number }
-  /** gather → scatter: the destination VM runs (resumedAt: epoch ms of its RESUME). */
-  | { t: "running"; vm: number; resumedAt: number }
+  /**
+   * gather → scatter: the destination has taken the VM over: it runs
+   * (resumedAt: epoch ms of its RESUME), or stays paused as it was started
+   * (-S; resumedAt null).
+   */
+  | { t: "running"; vm: number; resumedAt: number | null }
   /** gather → scatter: the destination holds every page. */
   | { t: "completed"; vm: number; completedAt: number }
-  /** either way: this VM's eviction cannot go on. */
-  | { t: "failed"; vm: number; reason: string }
+  /** either way: this VM's eviction cannot go on; kind: the sender's error kind ("data" when a check found a wrong page map). */
+  | { t: "failed"; vm: number; reason: string; kind: string }
   /** gather → scatter: PAGE_DATA payload bytes it has taken in so far (scatter's window for direct pages). */
   | { t: "received"; bytes: number }
   /** scatter → gather, before any offer: the run's id (hex) and its relays, in mask bit order. */
@@ -98,20 +108,20 @@ export type Control =
 
 type ControlType = Control["t"];
 
-const FIELDS: Record<ControlType, Record<string, "number" | "string" | "strings" | "blocks">> = {
+const FIELDS: Record<ControlType, Record<string, "number" | "number|null" | "string" | "string|null" | "strings" | "blocks">> = {
   offer: { vm: "number", name: "string", qemu: "string", machine: "string", startedAt: "number" },
   accept: { vm: "number", qemu: "string" },
   refuse: { vm: "number", reason: "string" },
   blocks: { vm: "number", sectionId: "number", blocks: "blocks" },
-  "source-done": { vm: "number", stoppedAt: "number" },
+  "source-done": { vm: "number", stoppedAt: "number", map: "string" },
   "source-switched": { vm: "number", stoppedAt: "number" },
   want: { vm: "number", block: "number", page: "number" },
-  held: { vm: "number" },
-  "switch-ready": { vm: "number" },
+  held: { vm: "number", map: "string" },
+  "switch-ready": { vm: "number", map: "string|null" },
   "switch-go": { vm: "number" },
-  running: { vm: "number", resumedAt: "number" },
+  running: { vm: "number", resumedAt: "number|null" },
   completed: { vm: "number", completedAt: "number" },
-  failed: { vm: "number", reason: "string" },
+  failed: { vm: "number", reason: "string", kind: "string" },
   received: { bytes: "number" },
   relays: { run: "string", relays: "strings" },
   "relay-stats?": {},
@@ -146,7 +156,11 @@ export function decodeControl(payload: Uint8Array): Control {
         ? isBlockList(v)
         : kind === "strings"
           ? Array.isArray(v) && v.length <= 32 && v.every((x) => typeof x === "string" && x.length < 300)
-          : typeof v === kind && (kind !== "number" || Number.isFinite(v));
+          : kind === "number|null"
+            ? v === null || (typeof v === "number" && Number.isFinite(v))
+            : kind === "string|null"
+              ? v === null || typeof v === "string"
+              : typeof v === kind && (kind !== "number" || Number.isFinite(v));
     if (!ok) throw new SgmError("data", `control message '${record.t}': bad or missing '${field}'`);
   }
   return record as unknown as Control;
