@@ -1,0 +1,102 @@
+// An eviction in one process: model source and destination QEMUs (see
+// source-qemu.ts, destination-qemu.ts) around the real scatter, relay and
+// gather engines. A test scripts the guest's pages and gets back both
+// reports and every page the destination ended with that differs from the
+// source's final memory.
+
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { type GatherReport, runGather } from "../../../core/gather/engine.ts";
+import { type Relay, startRelay } from "../../../core/relay/engine.ts";
+import { runScatter, type ScatterReport } from "../../../core/scatter/engine.ts";
+import type { SwitchoverMode } from "../../../core/scatter/vm-eviction.ts";
+import { ModelDestinationQemu } from "./destination-qemu.ts";
+import { ModelSourceQemu, type SourceScript } from "./source-qemu.ts";
+
+export interface ModelVm {
+  name: string;
+  script: SourceScript;
+  touches?: number[];
+}
+
+export interface ModelEvictionOptions {
+  vms: ModelVm[];
+  relays?: number;
+  replicas?: number;
+  /** Relay capacity in bytes (default 1 GiB). */
+  relayCapacity?: number;
+  switchover?: SwitchoverMode;
+  postcopyAfterPass?: number;
+  /** The gather's --max-rate, so that relays take pages. */
+  gatherMaxRate?: number;
+}
+
+export interface PageMismatch {
+  page: number;
+  /** Content id the source ended with, and what the destination holds (-1: no content id's bytes). */
+  source: number;
+  destination: number;
+}
+
+export interface ModelEvictionResult {
+  scatter: ScatterReport;
+  gather: GatherReport;
+  sources: ModelSourceQemu[];
+  destinations: ModelDestinationQemu[];
+  /** Per VM, the pages whose destination bytes are not the source's final content. */
+  mismatches: Map<string, PageMismatch[]>;
+}
+
+const psk = new TextEncoder().encode("model eviction key 0123456789");
+
+export async function runModelEviction(options: ModelEvictionOptions): Promise<ModelEvictionResult> {
+  const dir = mkdtempSync(join(tmpdir(), "sgm-model-"));
+  const sources = options.vms.map((vm) => new ModelSourceQemu(dir, vm.name, vm.script));
+  const destinations = options.vms.map(
+    (vm) => new ModelDestinationQemu(dir, `${vm.name}-in`, { blocks: vm.script.blocks, touches: vm.touches }),
+  );
+  const relays: Relay[] = [];
+  try {
+    for (let r = 0; r < (options.relays ?? 0); r++) {
+      relays.push(startRelay({ host: "127.0.0.1", port: 0, psk, capacityBytes: options.relayCapacity ?? 2 ** 30, ttlMs: 600_000 }));
+    }
+    const listening = Promise.withResolvers<number>();
+    const gathering = runGather({
+      listen: { host: "127.0.0.1", port: 0 },
+      vms: options.vms.map((vm, i) => ({ name: vm.name, qmp: destinations[i]!.qmpPath })),
+      psk,
+      maxRate: options.gatherMaxRate,
+      onListening: (port) => listening.resolve(port),
+    });
+    gathering.catch((err: Error) => listening.reject(err));
+    const port = await listening.promise;
+    const scatter = await runScatter({
+      gather: { host: "127.0.0.1", port },
+      vms: options.vms.map((vm, i) => ({ name: vm.name, qmp: sources[i]!.qmpPath })),
+      relays: relays.map((r) => ({ host: "127.0.0.1", port: r.port })),
+      replicas: options.replicas,
+      psk,
+      keepSource: true,
+      switchover: options.switchover,
+      postcopyAfterPass: options.postcopyAfterPass,
+    });
+    const gather = await gathering;
+    const mismatches = new Map<string, PageMismatch[]>();
+    options.vms.forEach((vm, n) => {
+      const source = sources[n]!.memory.content;
+      const held = destinations[n]!.contentIds();
+      const wrong: PageMismatch[] = [];
+      for (let i = 0; i < source.length; i++) {
+        if (held[i] !== source[i]) wrong.push({ page: i, source: source[i]!, destination: held[i]! });
+      }
+      mismatches.set(vm.name, wrong);
+    });
+    return { scatter, gather, sources, destinations, mismatches };
+  } finally {
+    await Promise.all(relays.map((r) => r.close()));
+    for (const m of [...sources, ...destinations]) m.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+

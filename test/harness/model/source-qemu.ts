@@ -1,0 +1,338 @@
+// A model of a source QEMU for in-process eviction tests: it speaks QMP like
+// QEMU and, on `migrate`, sends a real migration stream of a scripted guest.
+// The script says which pages the guest writes before each pass, so a test
+// replays exactly the page sequence it wants (content that repeats, moves,
+// vanishes and comes back) through the real scatter, relays and gather.
+//
+// Passes follow QEMU: each begins with a bitmap sync (MIGRATION_PASS) and
+// sends the pages dirtied since the previous one; after `passes` the source
+// stops the VM and sends the rest with its device state (precopy), or, once
+// asked (migrate-start-postcopy), stops, discards what it will send again,
+// sends the device state packaged and then each remaining page once,
+// requested pages first (postcopy).
+
+import { join } from "node:path";
+import { ByteSocket } from "../../../core/net/byte-socket.ts";
+import { QEVM_MAGIC, QEVM_VERSION, RamFlag, Section, TPS } from "../../../core/qemu/constants.ts";
+import { PostcopyStreamWriter } from "../../../core/qemu/postcopy-writer.ts";
+import { ReturnPathReader } from "../../../core/qemu/return-path.ts";
+import { type BlockLayout, contentBytes, GuestMemory } from "./guest-memory.ts";
+import { QmpError, QmpServer } from "./qmp-server.ts";
+
+export const MODEL_MACHINE = "pc-i440fx-7.2";
+const RAM_SECTION_ID = 2;
+const DEVICE_SECTION_ID = 3;
+
+export interface SourceScript {
+  blocks: BlockLayout[];
+  /** Content id of each page (global index) before the migration starts. */
+  initial(index: number): number;
+  /**
+   * Pages the guest writes, as [global index, content id], before pass
+   * `pass` (2, 3, ...). The writes before the source stops come as the pass
+   * after the last precopy pass.
+   */
+  writes(pass: number): Array<[number, number]>;
+  /** Precopy passes before the source converges (at least 1). */
+  passes: number;
+  /**
+   * The pass at whose start the source waits for migrate-start-postcopy
+   * (scatter asks for it after N passes); without it, a request is taken at
+   * the next pass it finds waiting.
+   */
+  postcopyAtPass?: number;
+}
+
+type Status = "none" | "setup" | "active" | "postcopy-active" | "device" | "completed" | "failed" | "cancelled";
+
+export class ModelSourceQemu {
+  readonly name: string;
+  readonly qmpPath: string;
+  readonly memory: GuestMemory;
+  /** Pass numbers the source went through, and whether it switched to postcopy. */
+  passes = 0;
+  switchedToPostcopy = false;
+  /** Page requests the source got on its return path. */
+  requests = 0;
+  private readonly script: SourceScript;
+  private readonly qmp: QmpServer;
+  private status: Status = "none";
+  runState: "running" | "paused" | "postmigrate" = "running";
+  private capabilities = new Set<string>(["events"]);
+  private postcopyAsked = Promise.withResolvers<void>();
+  private postcopyWanted = false;
+  private dirty: Uint8Array;
+  private sock: ByteSocket | null = null;
+  private readonly shut = Promise.withResolvers<number>();
+  private readonly requested: number[] = [];
+  private cancelled = false;
+
+  constructor(dir: string, name: string, script: SourceScript) {
+    this.name = name;
+    this.script = script;
+    this.memory = new GuestMemory(script.blocks);
+    for (let i = 0; i < this.memory.total; i++) this.memory.content[i] = script.initial(i);
+    this.dirty = new Uint8Array(this.memory.total);
+    this.shut.promise.catch(() => {});
+    this.qmpPath = join(dir, `${name}.qmp`);
+    this.qmp = new QmpServer(this.qmpPath, { major: 10, minor: 0, micro: 2 }, {
+      "query-status": () => ({ status: this.runState, running: this.runState === "running" }),
+      "query-migrate": () => (this.status === "none" ? {} : { status: this.status }),
+      "query-migrate-capabilities": () => [...this.capabilities].map((capability) => ({ capability, state: true })),
+      "query-migrate-parameters": () => ({}),
+      "migrate-set-capabilities": (args) => {
+        for (const c of args.capabilities as Array<{ capability: string; state: boolean }>) {
+          if (c.state) this.capabilities.add(c.capability);
+          else this.capabilities.delete(c.capability);
+        }
+      },
+      "migrate-set-parameters": () => {},
+      "qom-get": () => `${MODEL_MACHINE}-machine`,
+      migrate: (args) => {
+        const uri = String(args.uri);
+        if (!uri.startsWith("unix:")) throw new QmpError(`model source migrates to unix: only, not ${uri}`);
+        this.setStatus("setup");
+        void this.migrate(uri.slice(5)).catch((err: Error) => this.fail(err));
+      },
+      "migrate-start-postcopy": () => {
+        if (!this.capabilities.has("postcopy-ram")) throw new QmpError("Enable postcopy with migrate_set_capability before the start of migration");
+        this.postcopyWanted = true;
+        this.postcopyAsked.resolve();
+      },
+      migrate_cancel: () => {
+        this.cancelled = true;
+        this.sock?.destroy();
+        if (this.status !== "completed") this.setStatus("cancelled");
+        if (this.runState !== "running" && !this.switchedToPostcopy) this.resume();
+      },
+      cont: () => this.resume(),
+      quit: () => {
+        this.runState = "postmigrate";
+      },
+    });
+  }
+
+  close(): void {
+    this.sock?.destroy();
+    this.qmp.close();
+  }
+
+  private setStatus(status: Status): void {
+    this.status = status;
+    this.qmp.event("MIGRATION", { status });
+  }
+
+  private resume(): void {
+    if (this.runState === "running") return;
+    this.runState = "running";
+    this.qmp.event("RESUME");
+  }
+
+  private stop(): void {
+    this.runState = "paused";
+    this.qmp.event("STOP");
+  }
+
+  private fail(err: Error): void {
+    if (this.cancelled || this.status === "completed") return;
+    this.setStatus("failed");
+    this.sock?.destroy();
+    if (!this.switchedToPostcopy) this.resume();
+    void err;
+  }
+
+  private async migrate(path: string): Promise<void> {
+    const sock = await ByteSocket.connectUnix(path, `model ${this.name} stream`);
+    this.sock = sock;
+    const rp = new ReturnPathReader({
+      onShut: (status) => this.shut.resolve(status),
+      onPong: () => {},
+      onPageRequest: (block, start) => {
+        this.requests++;
+        this.requested.push(this.memory.blockStart[this.blockIndex(block)]! + start / TPS);
+      },
+    });
+    sock.setDataHandler((data) => rp.feed(data));
+    void sock.closed.then((reason) => {
+      this.shut.reject(reason ?? new Error("scatter closed the stream"));
+      if (this.status !== "completed") this.fail(reason ?? new Error("closed"));
+    });
+
+    const writer = new PostcopyStreamWriter({
+      header: header(),
+      blocks: this.script.blocks.map((b) => ({ name: b.name, usedLength: b.pages * TPS })),
+      ramSectionId: RAM_SECTION_ID,
+      sink: sock,
+    });
+    writer.begin();
+    this.setStatus("active");
+    this.dirty.fill(1);
+    for (let pass = 1; ; pass++) {
+      if (pass > 1) this.guestWrites(pass);
+      this.sync(pass);
+      if (this.script.postcopyAtPass === pass) await this.waitForPostcopyRequest();
+      else await Bun.sleep(0); // a request may be on its way
+      if (this.postcopyWanted && this.capabilities.has("postcopy-ram")) {
+        await this.postcopy(writer, pass + 1);
+        return;
+      }
+      await this.sendDirty(writer);
+      if (pass >= this.script.passes) break;
+    }
+    // converged: the VM stops, the last dirty pages and the device state follow
+    this.guestWrites(this.passes + 1);
+    this.stop();
+    this.sync(this.passes + 1);
+    await this.sendDirty(writer);
+    writer.flush();
+    sock.write(precopyEnd());
+    this.setStatus("device");
+    await this.finish();
+  }
+
+  private async postcopy(writer: PostcopyStreamWriter, pass: number): Promise<void> {
+    this.guestWrites(pass);
+    this.stop();
+    this.sync(pass);
+    this.switchedToPostcopy = true;
+    this.script.blocks.forEach((block, b) => {
+      const ranges: Array<[number, number]> = [];
+      for (let p = 0; p < block.pages; p++) {
+        if (!this.dirty[this.memory.blockStart[b]! + p]) continue;
+        const last = ranges[ranges.length - 1];
+        if (last && last[0] + last[1] === p) last[1]++;
+        else ranges.push([p, 1]);
+      }
+      if (ranges.length > 0) writer.discard(b, ranges);
+    });
+    writer.packageAndRun(deviceSection());
+    this.setStatus("postcopy-active");
+    // each remaining page once, requested ones first
+    let next = 0;
+    for (;;) {
+      let i = -1;
+      while (this.requested.length > 0 && i < 0) {
+        const r = this.requested.shift()!;
+        if (this.dirty[r]) i = r;
+      }
+      if (i < 0) {
+        while (next < this.memory.total && !this.dirty[next]) next++;
+        if (next >= this.memory.total) break;
+        i = next;
+      }
+      this.sendPage(writer, i);
+      if (this.sock!.queuedBytes > 256 * 1024) {
+        writer.flush();
+        await this.sock!.whenWritable(64 * 1024);
+      }
+      if (i % 64 === 0) {
+        writer.flush();
+        await Bun.sleep(0); // let page requests in
+      }
+    }
+    writer.end();
+    await this.finish();
+  }
+
+  private async finish(): Promise<void> {
+    const status = await this.shut.promise;
+    if (status !== 0) throw new Error(`scatter sent SHUT ${status}`);
+    this.runState = "postmigrate";
+    this.setStatus("completed");
+  }
+
+  private waitForPostcopyRequest(): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<void>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`model ${this.name}: no migrate-start-postcopy at pass ${this.passes}`)), 10_000);
+    });
+    return Promise.race([this.postcopyAsked.promise, timeout]).finally(() => clearTimeout(timer));
+  }
+
+  private guestWrites(pass: number): void {
+    for (const [i, id] of this.script.writes(pass)) {
+      this.memory.content[i] = id;
+      this.dirty[i] = 1;
+    }
+  }
+
+  private sync(pass: number): void {
+    this.passes = pass;
+    this.qmp.event("MIGRATION_PASS", { pass });
+  }
+
+  private async sendDirty(writer: PostcopyStreamWriter): Promise<void> {
+    for (let i = 0; i < this.memory.total; i++) {
+      if (!this.dirty[i]) continue;
+      this.sendPage(writer, i);
+      if (this.sock!.queuedBytes > 1024 * 1024) {
+        writer.flush();
+        await this.sock!.whenWritable(256 * 1024);
+      }
+    }
+    writer.flush();
+  }
+
+  private sendPage(writer: PostcopyStreamWriter, i: number): void {
+    const { block, page } = this.memory.blockOf(i);
+    writer.page(block, page, contentBytes(this.memory.content[i]!));
+    this.dirty[i] = 0;
+  }
+
+  private blockIndex(name: string): number {
+    const b = this.script.blocks.findIndex((x) => x.name === name);
+    if (b < 0) throw new Error(`page request for unknown block ${name}`);
+    return b;
+  }
+}
+
+function header(): Uint8Array {
+  const machine = new TextEncoder().encode(MODEL_MACHINE);
+  const out = new Uint8Array(13 + machine.length);
+  const dv = new DataView(out.buffer);
+  dv.setUint32(0, QEVM_MAGIC);
+  dv.setUint32(4, QEVM_VERSION);
+  out[8] = Section.CONFIGURATION;
+  dv.setUint32(9, machine.length);
+  out.set(machine, 13);
+  return out;
+}
+
+/** One device's FULL section, as QEMU sends the device state. */
+export function deviceSection(): Uint8Array {
+  const name = new TextEncoder().encode("timer");
+  const out = new Uint8Array(1 + 4 + 1 + name.length + 8 + 16 + 5);
+  const dv = new DataView(out.buffer);
+  out[0] = Section.FULL;
+  dv.setUint32(1, DEVICE_SECTION_ID);
+  out[5] = name.length;
+  out.set(name, 6);
+  let p = 6 + name.length;
+  dv.setUint32(p, 0); // instance
+  dv.setUint32(p + 4, 2); // version
+  p += 8;
+  for (let i = 0; i < 16; i++) out[p + i] = 0xa0 + i;
+  p += 16;
+  out[p] = Section.FOOTER;
+  dv.setUint32(p + 1, DEVICE_SECTION_ID);
+  return out;
+}
+
+/** RAM's END section, the device state, EOF and the VM description. */
+function precopyEnd(): Uint8Array {
+  const end = new Uint8Array(1 + 4 + 8 + 5);
+  const dv = new DataView(end.buffer);
+  end[0] = Section.END;
+  dv.setUint32(1, RAM_SECTION_ID);
+  dv.setUint32(9, RamFlag.EOS);
+  end[13] = Section.FOOTER;
+  dv.setUint32(14, RAM_SECTION_ID);
+  const json = new TextEncoder().encode(JSON.stringify({ page_size: TPS, devices: [{ name: "timer", instance_id: 0 }] }));
+  const desc = new Uint8Array(2 + 4 + json.length);
+  desc[0] = Section.EOF;
+  desc[1] = Section.VMDESCRIPTION;
+  new DataView(desc.buffer).setUint32(2, json.length);
+  desc.set(json, 6);
+  return Buffer.concat([end, deviceSection(), desc]);
+}
+

@@ -1,0 +1,159 @@
+// Evictions of scripted guests through the real scatter, relays and gather,
+// with model QEMUs at both ends (test/harness/model): deterministic page
+// sequences, every page of the destination checked against the source.
+
+import { describe, expect, test } from "bun:test";
+import { type ModelEvictionOptions, type ModelEvictionResult, runModelEviction } from "./harness/model/eviction.ts";
+import type { SourceScript } from "./harness/model/source-qemu.ts";
+
+const blocks = [
+  { name: "pc.ram", pages: 2048 },
+  { name: "/rom@etc/acpi/tables", pages: 32 },
+];
+const TOTAL = 2048 + 32;
+
+/** A small deterministic generator, so every script replays exactly. */
+function rng(seed: number): (n: number) => number {
+  let x = seed * 2654435761 + 1;
+  return (n) => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) % n;
+  };
+}
+
+/**
+ * Memory that behaves like a real guest's: contents from a small pool on
+ * many pages, ids shared by every VM (below 100), content that moves, swaps,
+ * goes to zero and back, and vanishes from every page to return later.
+ */
+function churningScript(seed: number, passes: number, writesPerPass: number, salt: number): SourceScript {
+  const random = rng(seed);
+  const pool = Array.from({ length: 24 }, (_, k) => (k < 12 ? 1 + k : 100 + salt * 100_000 + k));
+  let fresh = 200 + salt * 100_000;
+  // a quarter zero, a quarter from the pool, half unique
+  const memory = new Int32Array(TOTAL).map((_, i) => (i % 4 === 3 ? 0 : i % 4 === 2 ? pool[i % pool.length]! : fresh++));
+  const initial = memory.slice();
+  const byPass = new Map<number, Array<[number, number]>>();
+  const vanished: number[] = [];
+  for (let pass = 2; pass <= passes + 2; pass++) {
+    const writes: Array<[number, number]> = [];
+    const set = (i: number, id: number) => {
+      memory[i] = id;
+      writes.push([i, id]);
+    };
+    for (let n = 0; n < writesPerPass; n++) {
+      const p = random(TOTAL);
+      const q = random(TOTAL);
+      const r = random(100);
+      if (r < 30) set(p, pool[random(pool.length)]!);
+      else if (r < 40) set(p, fresh++);
+      else if (r < 55) set(p, memory[q]!);
+      else if (r < 65) {
+        const a = memory[p]!;
+        set(p, memory[q]!);
+        set(q, a);
+      } else if (r < 75) set(p, 0);
+      else if (r < 85 && vanished.length > 0) set(p, vanished[random(vanished.length)]!);
+      else if (r < 87) {
+        const id = memory[p]!;
+        if (id === 0) continue;
+        for (let i = 0; i < TOTAL; i++) if (memory[i] === id) set(i, fresh++);
+        vanished.push(id);
+      } else set(p, 1 + random(12));
+    }
+    byPass.set(pass, writes);
+  }
+  return { blocks, initial: (i) => initial[i]!, writes: (pass) => byPass.get(pass) ?? [], passes };
+}
+
+async function expectIntact(options: ModelEvictionOptions): Promise<ModelEvictionResult> {
+  const r = await runModelEviction(options);
+  for (const d of r.destinations) expect(d.error).toBeNull();
+  expect(r.scatter.vms.map((v) => v.error ?? "ok")).toEqual(options.vms.map(() => "ok"));
+  expect(r.gather.vms.map((v) => v.error ?? "ok")).toEqual(options.vms.map(() => "ok"));
+  for (const vm of options.vms) expect(r.mismatches.get(vm.name)).toEqual([]);
+  return r;
+}
+
+describe("model eviction: every page arrives in its last version", () => {
+  test("an idle guest, no relays, precopy", async () => {
+    await expectIntact({ vms: [{ name: "a", script: churningScript(1, 3, 0, 0) }], switchover: "precopy" });
+  });
+
+  const cases: Array<[string, Omit<ModelEvictionOptions, "vms">, number]> = [
+    ["precopy, no relays", { switchover: "precopy" }, 1],
+    ["precopy, one relay", { switchover: "precopy", relays: 1, gatherMaxRate: 8 << 20 }, 1],
+    ["precopy, two relays, two replicas", { switchover: "precopy", relays: 2, replicas: 2, gatherMaxRate: 8 << 20 }, 1],
+    ["postcopy after 2 passes, one relay", { switchover: "postcopy", postcopyAfterPass: 2, relays: 1, gatherMaxRate: 8 << 20 }, 1],
+    ["postcopy at once, two relays", { switchover: "postcopy", postcopyAfterPass: 0, relays: 2, gatherMaxRate: 8 << 20 }, 1],
+    ["two VMs sharing content, no relays", { switchover: "postcopy", postcopyAfterPass: 2 }, 2],
+    ["two VMs sharing content, one relay", { switchover: "postcopy", postcopyAfterPass: 2, relays: 1, gatherMaxRate: 8 << 20 }, 2],
+  ];
+  for (const [name, options, vmCount] of cases) {
+    for (const seed of [11, 12, 13]) {
+      test(`${name}, churning guest seed ${seed}`, async () => {
+        const postcopyAtPass = options.switchover === "postcopy" ? (options.postcopyAfterPass ?? 2) + 1 : undefined;
+        const vms = Array.from({ length: vmCount }, (_, v) => {
+          const script = { ...churningScript(seed * 10 + v, 4, 600, v), postcopyAtPass };
+          // after the switch the guest touches pages the source still owes
+          const touches = postcopyAtPass ? script.writes(postcopyAtPass + 1).slice(0, 8).map(([i]) => i) : undefined;
+          return { name: `vm${v}`, script, touches };
+        });
+        const r = await expectIntact({ ...options, vms });
+        // the run went every way it was meant to
+        expect(r.scatter.placement.dedupPages).toBeGreaterThan(0);
+        if (options.relays) expect(r.scatter.placement.relayedPages).toBeGreaterThan(0);
+        for (const source of r.sources) {
+          expect(source.switchedToPostcopy).toBe(options.switchover === "postcopy");
+          expect(source.passes).toBeGreaterThanOrEqual(options.postcopyAfterPass === 0 ? 2 : 4);
+        }
+        if (options.switchover === "postcopy") {
+          expect(r.scatter.vms.every((v) => v.pages.pendingPages > 0)).toBe(true);
+          expect(r.destinations.every((d) => d.requests > 0)).toBe(true);
+        }
+      });
+    }
+  }
+});
+
+describe("model eviction: a wrong final page map is caught", () => {
+  async function withFault<T>(fault: string, run: () => Promise<T>): Promise<T> {
+    process.env.SGM_TEST_FAULT = fault;
+    try {
+      return await run();
+    } finally {
+      delete process.env.SGM_TEST_FAULT;
+    }
+  }
+  const vm = () => ({ name: "f", script: churningScript(7, 3, 300, 0) });
+
+  for (const side of ["scatter", "gather"]) {
+    test(`${side}'s map corrupted, precopy: no switchover, the VM runs on at the source (exit 65)`, async () => {
+      const r = await withFault(`${side}-map`, () => runModelEviction({ vms: [vm()], switchover: "precopy", relays: 1, gatherMaxRate: 8 << 20 }));
+      expect(r.scatter.exitCode).toBe(65);
+      expect(r.scatter.vms[0]!.error).toMatch(/final page map differs from the source's/);
+      expect(r.scatter.vms[0]!.source).toBe("running");
+      expect(r.sources[0]!.runState).toBe("running");
+      expect(r.gather.exitCode).toBe(65);
+      expect(r.destinations[0]!.runState).toBe("inmigrate");
+    });
+  }
+
+  test("gather's map corrupted, postcopy: both fail loudly at the end and the destination VM is paused", async () => {
+    const script = { ...churningScript(8, 4, 300, 0), postcopyAtPass: 3 };
+    const r = await withFault("gather-map", () => runModelEviction({ vms: [{ name: "p", script }], switchover: "postcopy", postcopyAfterPass: 2 }));
+    expect(r.scatter.exitCode).toBe(65);
+    expect(r.gather.exitCode).toBe(65);
+    expect(r.gather.vms[0]!.error).toMatch(/final page map differs from the source's/);
+    expect(r.destinations[0]!.runState).toBe("paused");
+  });
+
+  test("a page the gather never delivers is named, and the migration never completes", async () => {
+    const r = await withFault("gather-delivery", () => runModelEviction({ vms: [vm()], switchover: "precopy" }));
+    expect(r.gather.exitCode).toBe(65);
+    expect(r.gather.vms[0]!.error).toMatch(/not given the final content of 1 pages \(page \d+ \(0x[0-9a-f]+\) of block 'pc.ram'\)/);
+    expect(r.destinations[0]!.runState).toBe("paused");
+  });
+});
