@@ -74,6 +74,17 @@ function pagesEqual(a: Uint8Array, b: Uint8Array, offset: number): boolean {
   return Buffer.compare(a.subarray(offset, offset + PAGE), b.subarray(offset, offset + PAGE)) === 0;
 }
 
+/** Frames (outside the legacy VGA/BIOS window) whose bytes differ. */
+export function compareExactly(source: Uint8Array, destination: Uint8Array): number[] {
+  if (source.length !== destination.length) throw new Error(`dump sizes differ: ${source.length} vs ${destination.length}`);
+  const differ: number[] = [];
+  for (let offset = 0; offset < source.length; offset += PAGE) {
+    if (offset >= VGA_HOLE_START && offset < VGA_HOLE_END) continue;
+    if (!pagesEqual(source, destination, offset)) differ.push(offset / PAGE);
+  }
+  return differ;
+}
+
 export function compareGuestMemory(source: Uint8Array, destination: Uint8Array, layout: GuestLayout): MemoryComparison {
   if (source.length !== destination.length) throw new Error(`dump sizes differ: ${source.length} vs ${destination.length}`);
   const result: MemoryComparison = { pages: 0, identical: 0, rewrittenAfter: 0, finishedAfter: 0, mismatched: [] };

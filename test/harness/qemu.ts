@@ -8,6 +8,7 @@ import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { QmpClient } from "../../core/qmp/client.ts";
 import { buildGuest } from "./guest.ts";
+import { linuxGuest } from "./linux-guest.ts";
 import { track } from "./processes.ts";
 
 export interface QemuBinary {
@@ -24,6 +25,13 @@ export const SYSTEM_QEMU: QemuBinary = { path: "qemu-system-x86_64", dataDirs: [
 /** Stable on every QEMU from 7.2 on, so any two of them can migrate. */
 export const DEFAULT_MACHINE = "pc-i440fx-7.2";
 
+/** The Linux test guest (test/linux-guest): sizes in MiB, churn in changes per second. */
+export interface LinuxGuestOptions {
+  randMiB: number;
+  churnMiB: number;
+  churnRate: number;
+}
+
 export interface VmOptions {
   dir: string;
   name: string;
@@ -31,6 +39,8 @@ export interface VmOptions {
   seed?: number;
   /** Pages the guest dirties per second; 0 = none. */
   rate?: number;
+  /** Boot the Linux test guest instead of the bare test guest. */
+  linux?: LinuxGuestOptions;
   /** Start with -incoming defer, as a migration destination. */
   incoming?: boolean;
   machine?: string;
@@ -72,7 +82,14 @@ export class TestVm {
     const { dir, name } = options;
     const memMiB = options.memMiB ?? 256;
     const binary = options.binary ?? SYSTEM_QEMU;
-    const kernel = await buildGuest();
+    const seed = options.seed ?? 1;
+    const boot = options.linux
+      ? await linuxGuest().then((image) => [
+          "-kernel", image.kernel,
+          "-initrd", image.initrd,
+          "-append", `console=ttyS0 quiet sgm.rand=${options.linux!.randMiB} sgm.churn=${options.linux!.churnMiB} sgm.seed=${seed} sgm.rate=${options.linux!.churnRate}`,
+        ])
+      : ["-kernel", await buildGuest(), "-append", `seed=${seed} rate=${options.rate ?? 0}`];
     const args = [
       binary.path,
       ...binary.dataDirs.flatMap((d) => ["-L", d]),
@@ -82,8 +99,7 @@ export class TestVm {
       "-m", String(memMiB),
       "-nodefaults",
       "-display", "none",
-      "-kernel", kernel,
-      "-append", `seed=${options.seed ?? 1} rate=${options.rate ?? 0}`,
+      ...boot,
       "-chardev", `socket,id=ser0,path=${join(dir, `${name}.serial`)},server=on,wait=off,logfile=${join(dir, `${name}.serial.log`)}`,
       "-serial", "chardev:ser0",
       "-qmp", `unix:${join(dir, `${name}.qmp`)},server=on,wait=off`,

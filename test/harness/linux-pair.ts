@@ -1,0 +1,56 @@
+// Source and destination QEMUs running the Linux test guest (see
+// linux-guest.ts), and the proof that a guest arrived intact: its memory
+// equal to the source's final memory where the destination waited paused
+// (-S), and the guest's own checks passing as it runs on.
+
+import { expect } from "bun:test";
+import type { VmPair } from "./cluster.ts";
+import { compareExactly, dumpMemory } from "./memory.ts";
+import { type QemuBinary, TestVm } from "./qemu.ts";
+
+export const LINUX_GUEST = { randMiB: 64, churnMiB: 64, churnRate: 2000 };
+
+export interface LinuxPairOptions {
+  binary: QemuBinary;
+  seed: number;
+  memMiB?: number;
+  /** The destination starts with -S: after the switchover it waits, paused, for `cont`. */
+  paused?: boolean;
+}
+
+/** Resolves once the source guest has filled its memory and checked it once. */
+export async function startLinuxPair(dir: string, name: string, options: LinuxPairOptions): Promise<VmPair> {
+  const common = { dir, memMiB: options.memMiB ?? 512, seed: options.seed, linux: LINUX_GUEST, binary: options.binary };
+  const [source, destination] = await Promise.all([
+    TestVm.start({ ...common, name }),
+    TestVm.start({ ...common, name: `${name}-in`, incoming: true, extraArgs: options.paused ? ["-S"] : [] }),
+  ]);
+  await source.waitSerial(/SGMLINUX check n=1 ok/, 180_000);
+  return { name, source, destination, layout: { seed: options.seed, dataStart: 0, dataEnd: 0, scratchStart: 0, scratchEnd: 0 } };
+}
+
+/** Every page of the paused destination equals the source's final memory. */
+export async function expectMemoryEqual(pair: VmPair, dir: string): Promise<void> {
+  const source = await dumpMemory(pair.source, dir, "final");
+  const destination = await dumpMemory(pair.destination, dir, "arrived");
+  expect(compareExactly(source, destination)).toEqual([]);
+}
+
+const TROUBLE = /SGMCHURN BAD|SGMLINUX check n=\d+ BAD|Kernel panic|Oops|BUG:|general protection|segfault|Call Trace/;
+
+/**
+ * The guest runs on at the destination: two more full sweeps of its churned
+ * memory and one more checksum round, all ok, and nothing the kernel would
+ * print about broken memory.
+ */
+export async function expectGuestRunsOn(pair: VmPair): Promise<void> {
+  const before = pair.source.serialText();
+  const sweep = Number([...before.matchAll(/SGMCHURN sweep=(\d+)/g)].at(-1)?.[1] ?? -1);
+  const check = Number([...before.matchAll(/SGMLINUX check n=(\d+)/g)].at(-1)?.[1] ?? 0);
+  await pair.destination.waitSerial(new RegExp(`SGMCHURN sweep=${sweep + 2} |${TROUBLE.source}`), 120_000);
+  await pair.destination.waitSerial(new RegExp(`SGMLINUX check n=${check + 1} |${TROUBLE.source}`), 120_000);
+  const after = pair.destination.serialText();
+  expect(after.split("\n").filter((line) => TROUBLE.test(line))).toEqual([]);
+  expect(after).toMatch(new RegExp(`SGMCHURN sweep=${sweep + 2} ok`));
+  expect(after).toMatch(new RegExp(`SGMLINUX check n=${check + 1} ok`));
+}
