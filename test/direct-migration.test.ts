@@ -19,8 +19,8 @@ afterAll(async () => {
 });
 
 test("direct QEMU-to-QEMU migration of a dirtying guest keeps every page", async () => {
-  const source = await TestVm.start({ dir, name: "src", memMiB: 128, seed: 11, rate: 2000 });
-  const destination = await TestVm.start({ dir, name: "dst", memMiB: 128, seed: 11, rate: 2000, incoming: true });
+  const source = await TestVm.start({ dir, name: "src", memMiB: 128, seed: 11, rate: 2000, churn: 300 });
+  const destination = await TestVm.start({ dir, name: "dst", memMiB: 128, seed: 11, rate: 2000, churn: 300, incoming: true });
   const layout = await source.waitFilled();
   await Bun.sleep(300); // let it dirty a while first
 
@@ -37,7 +37,32 @@ test("direct QEMU-to-QEMU migration of a dirtying guest keeps every page", async
   expect(comparison.mismatched).toEqual([]);
   expect(comparison.identical).toBeGreaterThan(comparison.pages / 2);
   expect(comparison.rewrittenAfter).toBeGreaterThan(0);
+  expect(comparison.churnRewrittenAfter).toBeGreaterThan(0);
 }, 120_000);
+
+test("one wrong churn page is noticed by the guest's own check and by the memory proof", async () => {
+  const vm = await TestVm.start({ dir, name: "spoil", memMiB: 32, seed: 5, churn: 100 });
+  const layout = await vm.waitFilled();
+  const dump = await dumpMemory(vm, dir, "before");
+  await vm.sendSerial("x");
+  const halted = await vm.haltGuest();
+  expect(halted.report).toMatch(/SGMGUEST bad churn page=\d+ want=\d+/);
+  expect(halted.report).toContain("SGMGUEST verify bad=1\n");
+
+  // in a dump: a churn page holding another page's content under its own entry
+  const frame = (layout.churnStart + 4096 * 7) / 4096;
+  const moved = dump.slice();
+  moved.copyWithin(frame * 4096, frame * 4096 + 4096, frame * 4096 + 8192);
+  const differs = Buffer.compare(dump.subarray(frame * 4096, frame * 4096 + 4096), moved.subarray(frame * 4096, frame * 4096 + 4096)) !== 0;
+  expect(differs).toBe(true);
+  expect(compareGuestMemory(dump, moved, layout).mismatched).toEqual([frame]);
+  // an entry older at the destination than at the source is stale, whatever the page holds
+  const older = dump.slice();
+  const entry = new Uint32Array(older.buffer, layout.tableStart + 8 * 7, 2);
+  entry[1] = entry[1]! - 1;
+  expect(compareGuestMemory(dump, older, layout).mismatched).toEqual([frame]);
+  expect(compareGuestMemory(older, dump, layout)).toMatchObject({ mismatched: [], churnRewrittenAfter: 1 });
+}, 60_000);
 
 test("the comparison notices a page the destination lacks", async () => {
   const source = await TestVm.start({ dir, name: "src2", memMiB: 32, seed: 3 });

@@ -28,7 +28,7 @@ try {
     ["QEMU precopy, default 128 MiB/s cap", undefined],
     ["QEMU precopy, uncapped", 64 * 1024 ** 3],
   ] as const) {
-    const pair = await startPair(dir, `direct${rows.length}`, { memMiB, seed: 1, rate });
+    const pair = await startPair(dir, `direct${rows.length}`, { memMiB, seed: 1, rate, churn: 0 });
     const r = await migrateDirect(pair.source, pair.destination, dir, { maxBandwidth });
     // In precopy the source is free only once the destination has it all.
     rows.push({ how, evictionMs: r.totalMs, totalMs: r.totalMs, downtimeMs: r.downtimeMs });
@@ -36,7 +36,7 @@ try {
   }
 
   const psk = await writePsk(dir);
-  const pair = await startPair(dir, "sgm", { memMiB, seed: 1, rate });
+  const pair = await startPair(dir, "sgm", { memMiB, seed: 1, rate, churn: 0 });
   const { gather, port } = await startGather([pair], psk);
   const scatter = await startScatter([pair], port, psk);
   const [s, g] = [await scatter.result(), await gather.result()];

@@ -26,7 +26,7 @@ function statusKiB(pid: number, field: string): number {
 
 try {
   const psk = await writePsk(dir);
-  const pair = await startPair(dir, "mem", { memMiB, seed: 9, rate: 0 });
+  const pair = await startPair(dir, "mem", { memMiB, seed: 9, rate: 0, churn: 0 });
   const [r1, r2] = await Promise.all([startRelay(psk, "2GiB"), startRelay(psk, "2GiB")]);
   const { gather, port } = await startGather([pair], psk, ["--max-rate", rate]);
   const scatter = await startScatter([pair], port, psk, ["--via", `${r1.address},${r2.address}`]);

@@ -32,7 +32,7 @@ try {
   let n = 0;
   for (const guest of guests) {
     for (const mode of modes) {
-      const pair = await startPair(dir, `b${n++}`, { memMiB, seed: 5, rate: guest.rate });
+      const pair = await startPair(dir, `b${n++}`, { memMiB, seed: 5, rate: guest.rate, churn: 0 });
       const { gather, port } = await startGather([pair], psk);
       const scatter = await startScatter([pair], port, psk, mode.args);
       const timer = setTimeout(() => scatter.proc.kill("SIGINT"), boundMs);

@@ -3,7 +3,7 @@
  * its RAM above 2 MiB with content derived from the page's address and a
  * seed, then dirties pages at a set rate until told over COM1 to halt.
  *
- * Command line (multiboot, QEMU -append): seed=N rate=PAGES_PER_SECOND
+ * Command line (multiboot, QEMU -append): seed=N rate=PAGES_PER_SECOND churn=STEPS_PER_SECOND
  *
  * Every data page starts with a header that the guest and the test bench
  * can both check without any other state:
@@ -17,16 +17,19 @@
  * Pages are dirtied in a fixed permutation (frame = start + k*step mod n),
  * so the version every page must have follows from (pass, pos) alone.
  *
+ * The last quarter of the data pages, and a table after them, are the churn
+ * region (churn.c): contents that repeat, move, vanish and come back, as in
+ * real memory, changed churn=N times a second.
+ *
  * Serial commands (one byte): 'h' stop dirtying, verify all pages, halt;
- * 'v' verify and go on; 's' print counters.
+ * 'v' verify and go on; 's' print counters; 'x' spoil one churn page (for
+ * the test that proves a wrong page is noticed).
  *
  * Between timer ticks (1 kHz) and serial input the guest sleeps in HLT, so an
  * idle guest costs the host no CPU, as a real idle VM would not.
  */
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "guest.h"
 
-#define PAGE 4096u
 #define DATA_START 0x200000u
 #define MAGIC 0x50474d53u /* "SGMP" */
 #define PIT_HZ 1193182u
@@ -49,9 +52,6 @@ static inline unsigned char inb(unsigned short port) {
  * drops the TLB entry before a tracked write and, after it, drops it again
  * and writes the same values once more: that second write is logged after
  * the first has landed, and changes nothing if it races a sync itself. */
-static inline void invlpg(const void *p) {
-	__asm__ volatile("invlpg (%0)" : : "r"(p) : "memory");
-}
 static inline u64 rdtsc(void) {
 	u32 lo, hi;
 	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
@@ -73,10 +73,10 @@ static void putc_(char c) {
 	}
 	outb(0x3f8, (unsigned char)c);
 }
-static void puts_(const char *s) {
+void puts_(const char *s) {
 	while (*s) putc_(*s++);
 }
-static void putdec(u32 v) {
+void putdec(u32 v) {
 	char b[12];
 	int i = 0;
 	do {
@@ -85,7 +85,7 @@ static void putdec(u32 v) {
 	} while (v);
 	while (i) putc_(b[--i]);
 }
-static void puthex(u32 v) {
+void puthex(u32 v) {
 	puts_("0x");
 	for (int s = 28; s >= 0; s -= 4) putc_("0123456789abcdef"[(v >> s) & 15]);
 }
@@ -151,7 +151,7 @@ static void interrupts_init(void) {
 }
 
 /* ---- content ---- */
-static u32 mix(u32 x) {
+u32 mix(u32 x) {
 	x ^= x >> 16;
 	x *= 0x7feb352du;
 	x ^= x >> 15;
@@ -164,7 +164,7 @@ static u32 check_word(u32 frame, u32 version, u32 seed, u32 tlo, u32 thi) {
 	return mix(frame ^ mix(version ^ mix(seed ^ mix(tlo ^ mix(thi)))));
 }
 
-static u32 seed, rate, ram_end, npages, step, step_inv;
+static u32 seed, rate, churn, ram_end, npages, step, step_inv;
 static u32 pass, pos; /* dirtying counter: k = pass * npages + pos */
 
 /* The check word is computed first so the stores run back to back: a VM
@@ -289,7 +289,7 @@ static void report_counter(const char *what) {
 }
 
 static void do_verify(void) {
-	u32 bad = verify();
+	u32 bad = verify() + churn_verify();
 	if (bad) {
 		puts_("SGMGUEST verify bad=");
 		putdec(bad);
@@ -333,8 +333,15 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
 	const char *cmd = (mbi->flags & 4) ? (const char *)mbi->cmdline : "";
 	seed = parse_u32(cmdline_value(cmd, "seed"), 1);
 	rate = parse_u32(cmdline_value(cmd, "rate"), 0);
+	churn = parse_u32(cmdline_value(cmd, "churn"), 0);
 	ram_end = 0x100000u + mbi->mem_upper * 1024u;
-	npages = (ram_end - DATA_START) / PAGE;
+	/* versioned pages, then the churn region, then its table (8 bytes a page) */
+	u32 all = (ram_end - DATA_START) / PAGE;
+	u32 churn_pages = all / 4;
+	u32 table_pages = (churn_pages * 8 + PAGE - 1) / PAGE;
+	npages = all - churn_pages - table_pages;
+	u32 churn_start = DATA_START + npages * PAGE;
+	u32 table_start = churn_start + churn_pages * PAGE;
 	if ((u32)scratch_end > DATA_START || ram_end <= DATA_START) {
 		puts_("SGMGUEST error layout\n");
 		return;
@@ -358,22 +365,32 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
 	puthex((u32)scratch_start);
 	puts_("-");
 	puthex((u32)scratch_end);
+	puts_(" churn=");
+	puthex(churn_start);
+	puts_("-");
+	puthex(table_start);
+	puts_(" table=");
+	puthex(table_start);
+	puts_("-");
+	puthex(table_start + table_pages * PAGE);
 	puts_("\n");
 	fill();
+	churn_init((u32 *)churn_start, churn_pages, (u32 *)table_start, seed);
 	puts_("SGMGUEST filled pages=");
 	putdec(npages);
 	puts_("\n");
 
 	interrupts_init();
-	u32 seen = 0, credit = 0;
+	u32 seen = 0, credit = 0, churn_credit = 0;
 	for (;;) {
 		for (char *p = scratch_start; p < scratch_end; p += PAGE) invlpg(p);
 		int c = next_command();
 		if (c == 'h') break;
 		if (c == 'v') do_verify();
 		if (c == 's') report_counter("status");
+		if (c == 'x') churn_corrupt();
 		u32 now = ticks;
-		if (rate && now != seen) {
+		if (now != seen) {
 			/* after a long stall, catch up at most 50 ms worth */
 			u32 elapsed = now - seen > 50 ? 50 : now - seen;
 			seen = now;
@@ -381,6 +398,11 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
 			while (credit >= TICK_HZ) {
 				credit -= TICK_HZ;
 				dirty_one();
+			}
+			churn_credit += elapsed * churn;
+			while (churn_credit >= TICK_HZ) {
+				churn_credit -= TICK_HZ;
+				churn_one();
 			}
 		}
 		/* sleep until the next tick or byte; sti's shadow makes sti+hlt atomic */
@@ -392,7 +414,6 @@ void guest_main(u32 magic, struct multiboot_info *mbi) {
 		}
 		if (rx_tail == rx_head && ticks == seen) __asm__ volatile("sti; hlt" ::: "memory");
 		else __asm__ volatile("sti");
-		if (!rate) seen = ticks;
 	}
 	__asm__ volatile("cli");
 	report_counter("halt");

@@ -20,9 +20,13 @@ export interface PairOptions extends Omit<VmOptions, "dir" | "name" | "incoming"
   destinationBinary?: QemuBinary;
 }
 
-/** Starts a source VM and its waiting destination; resolves once the guest filled its RAM. */
+/**
+ * Starts a source VM and its waiting destination; resolves once the guest
+ * filled its RAM. The guest churns 200 steps a second unless told otherwise.
+ */
 export async function startPair(dir: string, name: string, options: PairOptions = {}): Promise<VmPair> {
-  const { sourceBinary, destinationBinary, ...vm } = options;
+  const { sourceBinary, destinationBinary, ...rest } = options;
+  const vm = { churn: 200, ...rest };
   const [source, destination] = await Promise.all([
     TestVm.start({ ...vm, dir, name, binary: sourceBinary }),
     TestVm.start({ ...vm, dir, name: `${name}-in`, incoming: true, binary: destinationBinary }),

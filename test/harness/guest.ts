@@ -6,7 +6,7 @@ import { existsSync, mkdirSync, readFileSync, renameSync } from "node:fs";
 import { join } from "node:path";
 
 const root = join(import.meta.dir, "..", "..");
-const sources = ["boot.S", "guest.c", "link.ld"].map((name) => join(root, "test", "guest", name));
+const sources = ["boot.S", "guest.c", "churn.c", "guest.h", "link.ld"].map((name) => join(root, "test", "guest", name));
 
 let building: Promise<string> | undefined;
 
@@ -28,7 +28,7 @@ async function build(): Promise<string> {
     [
       "gcc", "-m32", "-ffreestanding", "-fno-pic", "-fno-pie", "-fno-stack-protector",
       "-fno-asynchronous-unwind-tables", "-O2", "-Wall", "-Wextra", "-Werror", "-nostdlib", "-static", "-no-pie",
-      "-Wl,-m,elf_i386", "-Wl,--build-id=none", "-T", sources[2]!, "-o", tmp, sources[0]!, sources[1]!,
+      "-Wl,-m,elf_i386", "-Wl,--build-id=none", "-T", sources[4]!, "-o", tmp, sources[0]!, sources[1]!, sources[2]!,
     ],
     { stdout: "pipe", stderr: "pipe" },
   );

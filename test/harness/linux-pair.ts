@@ -26,7 +26,8 @@ export async function startLinuxPair(dir: string, name: string, options: LinuxPa
     TestVm.start({ ...common, name: `${name}-in`, incoming: true, extraArgs: options.paused ? ["-S"] : [] }),
   ]);
   await source.waitSerial(/SGMLINUX check n=1 ok/, 180_000);
-  return { name, source, destination, layout: { seed: options.seed, dataStart: 0, dataEnd: 0, scratchStart: 0, scratchEnd: 0 } };
+  const none = { dataStart: 0, dataEnd: 0, scratchStart: 0, scratchEnd: 0, churnStart: 0, tableStart: 0, tableEnd: 0 };
+  return { name, source, destination, layout: { seed: options.seed, ...none } };
 }
 
 /** Every page of the paused destination equals the source's final memory. */

@@ -1,8 +1,9 @@
 // Proves two guests' memory equal: dumps guest-physical RAM with QMP pmemsave
 // and compares it page by page, knowing the test guest's page format (see
-// test/guest/guest.c). A destination that kept running after the migration
-// may have rewritten pages since; such a page is accepted only if it carries
-// a newer version than the source's final copy and is itself intact.
+// test/guest/guest.c and churn.c). A destination that kept running after the
+// migration may have rewritten pages since; such a page is accepted only if
+// it carries a newer version than the source's final copy and is itself
+// intact.
 
 import { readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
@@ -31,6 +32,8 @@ export interface MemoryComparison {
    * in the source's final memory, finished or rewritten at the destination.
    */
   finishedAfter: number;
+  /** Churn pages (and table entries) the destination rewrote after it resumed. */
+  churnRewrittenAfter: number;
   /** Frames that differ without a legitimate reason: must be empty. */
   mismatched: number[];
 }
@@ -74,6 +77,37 @@ function pagesEqual(a: Uint8Array, b: Uint8Array, offset: number): boolean {
   return Buffer.compare(a.subarray(offset, offset + PAGE), b.subarray(offset, offset + PAGE)) === 0;
 }
 
+/** Word w of churn content `id` (test/guest/churn.c: content_word). */
+function churnWord(id: number, w: number, seed: number): number {
+  const salt = id <= 256 ? 0 : seed;
+  if (w === 0) return id;
+  if (w === 1) return salt;
+  return mix((Math.imul(id, 0x9e3779b9) ^ salt ^ mix(w)) >>> 0);
+}
+
+function churnPageIs(words: Uint32Array, at: number, id: number, seed: number): boolean {
+  for (let w = 0; w < PAGE / 4; w++) if (words[at + w] !== (id === 0 ? 0 : churnWord(id, w, seed))) return false;
+  return true;
+}
+
+/**
+ * A churn page, judged by both tables' entries (content id, version): same
+ * version, the bytes must be the source's; a newer one at the destination,
+ * the bytes must be that entry's content; an older one is a stale entry.
+ */
+function compareChurnPage(src: Uint32Array, dst: Uint32Array, offset: number, layout: GuestLayout): "identical" | "rewritten" | "wrong" {
+  const p = (offset - layout.churnStart) / PAGE;
+  const entry = layout.tableStart / 4 + 2 * p;
+  const [idS, verS, idD, verD] = [src[entry]!, src[entry + 1]!, dst[entry]!, dst[entry + 1]!];
+  const at = offset / 4;
+  if (verD === verS) {
+    if (idD !== idS) return "wrong";
+    for (let w = 0; w < PAGE / 4; w++) if (src[at + w] !== dst[at + w]) return "wrong";
+    return "identical";
+  }
+  return verD > verS && churnPageIs(dst, at, idD, layout.seed) ? "rewritten" : "wrong";
+}
+
 /** Frames (outside the legacy VGA/BIOS window) whose bytes differ. */
 export function compareExactly(source: Uint8Array, destination: Uint8Array): number[] {
   if (source.length !== destination.length) throw new Error(`dump sizes differ: ${source.length} vs ${destination.length}`);
@@ -87,7 +121,7 @@ export function compareExactly(source: Uint8Array, destination: Uint8Array): num
 
 export function compareGuestMemory(source: Uint8Array, destination: Uint8Array, layout: GuestLayout): MemoryComparison {
   if (source.length !== destination.length) throw new Error(`dump sizes differ: ${source.length} vs ${destination.length}`);
-  const result: MemoryComparison = { pages: 0, identical: 0, rewrittenAfter: 0, finishedAfter: 0, mismatched: [] };
+  const result: MemoryComparison = { pages: 0, identical: 0, rewrittenAfter: 0, finishedAfter: 0, churnRewrittenAfter: 0, mismatched: [] };
   const srcWords = new Uint32Array(source.buffer, source.byteOffset, source.length / 4);
   const dstWords = new Uint32Array(destination.buffer, destination.byteOffset, destination.length / 4);
   for (let offset = 0; offset < source.length; offset += PAGE) {
@@ -96,7 +130,16 @@ export function compareGuestMemory(source: Uint8Array, destination: Uint8Array, 
     // destination.
     if (offset >= VGA_HOLE_START && offset < VGA_HOLE_END) continue;
     if (offset >= layout.scratchStart && offset < layout.scratchEnd) continue;
+    // the table is checked entry by entry with its pages
+    if (offset >= layout.tableStart && offset < layout.tableEnd) continue;
     result.pages++;
+    if (offset >= layout.churnStart && offset < layout.tableStart) {
+      const verdict = compareChurnPage(srcWords, dstWords, offset, layout);
+      if (verdict === "identical") result.identical++;
+      else if (verdict === "rewritten") result.churnRewrittenAfter++;
+      else result.mismatched.push(offset / PAGE);
+      continue;
+    }
     if (pagesEqual(source, destination, offset)) {
       result.identical++;
       continue;

@@ -39,6 +39,8 @@ export interface VmOptions {
   seed?: number;
   /** Pages the guest dirties per second; 0 = none. */
   rate?: number;
+  /** Churn steps per second in the guest's churn region (test/guest/churn.c); 0 = none. */
+  churn?: number;
   /** Boot the Linux test guest instead of the bare test guest. */
   linux?: LinuxGuestOptions;
   /** Start with -incoming defer, as a migration destination. */
@@ -50,10 +52,15 @@ export interface VmOptions {
 
 export interface GuestLayout {
   seed: number;
+  /** Versioned pages (guest.c). */
   dataStart: number;
   dataEnd: number;
   scratchStart: number;
   scratchEnd: number;
+  /** The churn region and its table (churn.c); empty for guests without one. */
+  churnStart: number;
+  tableStart: number;
+  tableEnd: number;
 }
 
 export class TestVm {
@@ -89,7 +96,7 @@ export class TestVm {
           "-initrd", image.initrd,
           "-append", `console=ttyS0 quiet sgm.rand=${options.linux!.randMiB} sgm.churn=${options.linux!.churnMiB} sgm.seed=${seed} sgm.rate=${options.linux!.churnRate}`,
         ])
-      : ["-kernel", await buildGuest(), "-append", `seed=${seed} rate=${options.rate ?? 0}`];
+      : ["-kernel", await buildGuest(), "-append", `seed=${seed} rate=${options.rate ?? 0} churn=${options.churn ?? 0}`];
     const args = [
       binary.path,
       ...binary.dataDirs.flatMap((d) => ["-L", d]),
@@ -153,7 +160,9 @@ export class TestVm {
   }
 
   layout(): GuestLayout {
-    const m = this.serialText().match(/SGMGUEST boot seed=(\d+) rate=\d+ data=(0x[0-9a-f]+)-(0x[0-9a-f]+) scratch=(0x[0-9a-f]+)-(0x[0-9a-f]+)/);
+    const m = this.serialText().match(
+      /SGMGUEST boot seed=(\d+) rate=\d+ data=(0x[0-9a-f]+)-(0x[0-9a-f]+) scratch=(0x[0-9a-f]+)-(0x[0-9a-f]+) churn=(0x[0-9a-f]+)-0x[0-9a-f]+ table=(0x[0-9a-f]+)-(0x[0-9a-f]+)/,
+    );
     if (!m) throw new Error(`${this.name}: guest has not booted`);
     return {
       seed: Number(m[1]),
@@ -161,11 +170,14 @@ export class TestVm {
       dataEnd: Number(m[3]),
       scratchStart: Number(m[4]),
       scratchEnd: Number(m[5]),
+      churnStart: Number(m[6]),
+      tableStart: Number(m[7]),
+      tableEnd: Number(m[8]),
     };
   }
 
-  /** Sends a one-byte command to the guest: h (halt), v (verify), s (status). */
-  async sendSerial(command: "h" | "v" | "s"): Promise<void> {
+  /** Sends a one-byte command to the guest: h (halt), v (verify), s (status), x (spoil one churn page). */
+  async sendSerial(command: "h" | "v" | "s" | "x"): Promise<void> {
     if (!this.serial) {
       this.serial = await new Promise<net.Socket>((resolve, reject) => {
         const socket = net.connect({ path: this.serialPath }, () => resolve(socket));
