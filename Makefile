@@ -1,13 +1,14 @@
 # make        build dist/sgm (one executable, bun build --compile)
 # make test   install what is missing, then run every test
 # make demo   install what is missing, then evict a demo VM and print the report
+# make soak   the Linux-guest eviction RUNS times (default 40) over a matrix; not part of make test
 
 BUN := node_modules/.bin/bun
 VERSION := $(shell node -p "require('./package.json').version")+$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 SOURCES := $(shell find cli core -name '*.ts')
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps system-deps test demo typecheck clean
+.PHONY: all deps system-deps test demo soak typecheck clean
 
 all: dist/sgm
 
@@ -41,6 +42,10 @@ test: deps dist/sgm typecheck
 
 demo: deps dist/sgm
 	$(BUN) demo/demo.ts
+
+RUNS ?= 40
+soak: deps dist/sgm
+	$(BUN) test/soak/linux-eviction.soak.ts $(RUNS)
 
 clean:
 	rm -rf dist .cache

@@ -1,0 +1,113 @@
+// make soak: the Linux-guest eviction many times over a matrix of relays,
+// replicas, switchover modes and VM counts, with every guest proved intact.
+// Runs alternate between a destination that waits paused (-S), whose memory
+// must equal the source's final memory page for page before it runs on, and
+// one that runs at once (page requests and all), whose guest must run on.
+//
+//   bun test/soak/linux-eviction.soak.ts [RUNS]    (default 40)
+
+import type { GatherReport } from "../../core/gather/engine.ts";
+import type { ScatterReport } from "../../core/scatter/engine.ts";
+import { report, startGather, startRelay, startScatter, type VmPair, writePsk } from "../harness/cluster.ts";
+import { expectGuestRunsOn, expectMemoryEqual, startLinuxPair } from "../harness/linux-pair.ts";
+import { killAll } from "../harness/processes.ts";
+import { qemu10_0 } from "../harness/qemu-binaries.ts";
+import { makeTempDir, removeDir } from "../harness/tmp.ts";
+
+interface Case {
+  relays: number;
+  replicas: number;
+  switchover: "precopy" | "postcopy after 2" | "postcopy at once";
+  vms: number;
+}
+
+const switchovers: Record<Case["switchover"], string[]> = {
+  precopy: ["--switchover", "precopy"],
+  "postcopy after 2": ["--switchover", "postcopy", "--postcopy-after-pass", "2"],
+  "postcopy at once": ["--switchover", "postcopy", "--postcopy-after-pass", "0"],
+};
+
+const cases: Case[] = [];
+for (const relays of [0, 1, 2, 3]) {
+  for (const replicas of [1, 2]) {
+    if (replicas > Math.max(1, relays)) continue;
+    for (const switchover of Object.keys(switchovers) as Case["switchover"][]) {
+      for (const vms of [1, 2]) cases.push({ relays, replicas, switchover, vms });
+    }
+  }
+}
+
+interface Outcome {
+  runs: number;
+  wrongGuests: number;
+  sgmFailures: number;
+  notes: string[];
+}
+
+const runs = Number(process.argv[2] ?? 40);
+const binary = await qemu10_0();
+const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
+const started = Date.now();
+
+for (let n = 0; n < runs; n++) {
+  const c = cases[n % cases.length]!;
+  const paused = Math.floor(n / cases.length) % 2 === 0 ? n % 2 === 0 : n % 2 === 1;
+  const outcome = outcomes.get(c)!;
+  outcome.runs++;
+  const label = `${n + 1}/${runs} relays=${c.relays} replicas=${c.replicas} ${c.switchover} vms=${c.vms} ${paused ? "paused destination" : "running destination"}`;
+  const dir = makeTempDir("soak");
+  const t0 = Date.now();
+  try {
+    const verdict = await Promise.race([evict(dir, c, paused, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
+    if (verdict !== "ok") {
+      if (verdict.startsWith("wrong guest")) outcome.wrongGuests++;
+      else outcome.sgmFailures++;
+      outcome.notes.push(verdict);
+    }
+    console.error(`${label}: ${verdict} (${Math.round((Date.now() - t0) / 1000)} s)`);
+  } finally {
+    await killAll();
+    removeDir(dir);
+  }
+}
+
+console.log(`\n${runs} runs in ${Math.round((Date.now() - started) / 60_000)} min, QEMU 10.0, Linux guest 512 MiB\n`);
+console.log("| relays | replicas | switchover | VMs | runs | wrong guests | sgm failures |");
+console.log("|---|---|---|---|---|---|---|");
+for (const [c, o] of outcomes) {
+  if (o.runs === 0) continue;
+  console.log(`| ${c.relays} | ${c.replicas} | ${c.switchover} | ${c.vms} | ${o.runs} | ${o.wrongGuests} | ${o.sgmFailures} |`);
+}
+const notes = [...outcomes.values()].flatMap((o) => o.notes);
+for (const note of notes) console.log(`- ${note}`);
+process.exit([...outcomes.values()].some((o) => o.wrongGuests + o.sgmFailures > 0) ? 1 : 0);
+
+/** One eviction; "ok", or what went wrong ("wrong guest: ..." when a guest did not arrive intact). */
+async function evict(dir: string, c: Case, paused: boolean, n: number): Promise<string> {
+  const psk = await writePsk(dir);
+  const pairs: VmPair[] = await Promise.all(
+    Array.from({ length: c.vms }, (_, v) => startLinuxPair(dir, `s${n}v${v}`, { binary, seed: 100 + n * 4 + v, paused })),
+  );
+  const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk)));
+  // a gather slower than the source, so that relays take pages
+  const { gather, port } = await startGather(pairs, psk, c.relays > 0 ? ["--max-rate", "48MiB/s"] : []);
+  const via = relays.length > 0 ? ["--via", relays.map((r) => r.address).join(","), "--replicas", String(c.replicas)] : [];
+  const scatter = await startScatter(pairs, port, psk, ["--keep-source", ...via, ...switchovers[c.switchover]]);
+  const [s, g] = await Promise.all([scatter.result(), gather.result()]);
+  if (s.code !== 0 || g.code !== 0) {
+    const why = [...report<ScatterReport>(s).vms, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
+    return `sgm failed: scatter ${s.code}, gather ${g.code}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
+  }
+  for (const pair of pairs) {
+    try {
+      if (paused) {
+        await expectMemoryEqual(pair, dir);
+        await pair.destination.qmp.execute("cont");
+      }
+      await expectGuestRunsOn(pair);
+    } catch (err) {
+      return `wrong guest: ${pair.name}: ${(err as Error).message.split("\n").slice(0, 6).join(" ")}`;
+    }
+  }
+  return "ok";
+}
