@@ -84,12 +84,12 @@ describe("model eviction: every page arrives in its last version", () => {
 
   const cases: Array<[string, Omit<ModelEvictionOptions, "vms">, number]> = [
     ["precopy, no relays", { switchover: "precopy" }, 1],
-    ["precopy, one relay", { switchover: "precopy", relays: 1, gatherMaxRate: 8 << 20 }, 1],
-    ["precopy, two relays, two replicas", { switchover: "precopy", relays: 2, replicas: 2, gatherMaxRate: 8 << 20 }, 1],
-    ["postcopy after 2 passes, one relay", { switchover: "postcopy", postcopyAfterPass: 2, relays: 1, gatherMaxRate: 8 << 20 }, 1],
-    ["postcopy at once, two relays", { switchover: "postcopy", postcopyAfterPass: 0, relays: 2, gatherMaxRate: 8 << 20 }, 1],
+    ["precopy, one relay", { switchover: "precopy", relays: 1, slowDestination: true }, 1],
+    ["precopy, two relays, two replicas", { switchover: "precopy", relays: 2, replicas: 2, slowDestination: true }, 1],
+    ["postcopy after 2 passes, one relay", { switchover: "postcopy", postcopyAfterPass: 2, relays: 1, slowDestination: true }, 1],
+    ["postcopy at once, two relays", { switchover: "postcopy", postcopyAfterPass: 0, relays: 2, slowDestination: true }, 1],
     ["two VMs sharing content, no relays", { switchover: "postcopy", postcopyAfterPass: 2 }, 2],
-    ["two VMs sharing content, one relay", { switchover: "postcopy", postcopyAfterPass: 2, relays: 1, gatherMaxRate: 8 << 20 }, 2],
+    ["two VMs sharing content, one relay", { switchover: "postcopy", postcopyAfterPass: 2, relays: 1, slowDestination: true }, 2],
   ];
   for (const [name, options, vmCount] of cases) {
     for (const seed of [11, 12, 13]) {
@@ -131,7 +131,7 @@ describe("model eviction: a wrong final page map is caught", () => {
 
   for (const side of ["scatter", "gather"]) {
     test(`${side}'s map corrupted, precopy: no switchover, the VM runs on at the source (exit 65)`, async () => {
-      const r = await withFault(`${side}-map`, () => runModelEviction({ vms: [vm()], switchover: "precopy", relays: 1, gatherMaxRate: 8 << 20 }));
+      const r = await withFault(`${side}-map`, () => runModelEviction({ vms: [vm()], switchover: "precopy", relays: 1, slowDestination: true }));
       expect(r.scatter.exitCode).toBe(65);
       expect(r.scatter.vms[0]!.error).toMatch(/final page map differs from the source's/);
       expect(r.scatter.vms[0]!.source).toBe("running");

@@ -2,10 +2,9 @@
 // switchover it feeds pages as the gather learns them, as fast as QEMU
 // reads; at switchover it discards every page whose fed content is stale
 // (or was never fed), sends the device state packaged with LISTEN and RUN,
-// and from then on delivers every remaining page exactly once, serving the
-// destination's page requests ahead of the background scan. Content on
-// relays is fetched first: at once for a requested page, in the background
-// for the rest.
+// and from then on postcopy-delivery.ts delivers every remaining page
+// exactly once. Once every page is in, it checks its delivery and ends the
+// stream.
 //
 // The page table holds one reference for a page's current content and one
 // for what was fed, so a content id it compares is never reused meanwhile.
@@ -22,7 +21,8 @@ import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
 import { injected } from "../test-faults.ts";
 import { checkDelivery, finalMapDigest } from "./final-checks.ts";
-import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
+import { PostcopyDelivery } from "./postcopy-delivery.ts";
+import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN } from "./page-table.ts";
 
 export interface FeedStats {
   /** Pages written before switchover (counting re-feeds of changed pages). */
@@ -59,11 +59,9 @@ export interface FeedOptions {
   postcopyBandwidth?: number;
 }
 
-/** Queue bounds towards QEMU: small after switchover so a requested page never waits behind much. */
+/** Queue bounds towards QEMU before switchover. */
 const PRECOPY_HIGH = 1024 * 1024;
 const PRECOPY_LOW = 256 * 1024;
-const POSTCOPY_HIGH = 512 * 1024;
-const POSTCOPY_LOW = 128 * 1024;
 
 type Phase = "precopy" | "switching" | "postcopy" | "ended" | "failed";
 
@@ -100,17 +98,10 @@ export class DestinationFeed {
   private readonly done = Promise.withResolvers<void>();
   private readonly devicesLoaded = Promise.withResolvers<void>();
   private failure: Error | null = null;
-  /** After switchover: pages to deliver, in order, by the delivery loop. */
-  private postQueue: number[] = [];
-  private postHead = 0;
-  private delivering = false;
-  /** After switchover: pages whose content is on its way from a relay. */
-  private readonly awaiting = new Set<number>();
-  private flushQueued = false;
+  /** After switchover. */
+  private delivery: PostcopyDelivery | null = null;
   /** Pages a postcopy source discarded and has not sent again yet. */
   private pending = 0;
-  /** Pending pages the destination asked for; the source was asked for them. */
-  private readonly askedSource = new Set<number>();
   /** No more page maps will come (set before switchover for a precopy source). */
   private sourceDone = false;
   private skipOne = injected("gather-delivery");
@@ -176,18 +167,7 @@ export class DestinationFeed {
     // after switchover only a postcopy source's pages come, each once
     if (this.phase !== "postcopy" || cid === PENDING) return;
     if (t.delivered[i]) throw new SgmError("data", `VM ${this.name}: the source sent page ${page} of block ${block} after it was delivered`);
-    if (this.askedSource.delete(i)) {
-      // the destination waits for it
-      this.serveRequested(i);
-      this.writer.flush();
-      return;
-    }
-    if (cid >= 0) {
-      this.postQueue.push(i);
-      void this.deliverLoop().catch((err: Error) => this.fail(err));
-    } else {
-      void this.finishIfDone();
-    }
+    this.delivery!.sourcePage(i, cid);
   }
 
   /** Switches the destination over: discards, device state, RUN. Postcopy delivery starts. */
@@ -235,8 +215,21 @@ export class DestinationFeed {
     trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
     this.writer.packageAndRun(deviceState);
     this.phase = "postcopy";
-    for (let i = 0; i < t.total; i++) if (t.needsDelivery(i)) this.postQueue.push(i);
-    void this.deliverLoop().catch((err: Error) => this.fail(err));
+    this.delivery = new PostcopyDelivery({
+      table: t,
+      dir: this.dir,
+      writer: this.writer,
+      sock: this.sock!,
+      stats: this.stats,
+      bandwidth: this.postcopyBandwidth,
+      fetch: this.options.fetch,
+      fromSource: this.options.fromSource,
+      deliver: (i) => this.deliver(i),
+      active: () => this.phase === "postcopy",
+      progressed: () => void this.finishIfDone(),
+      fail: (err) => this.fail(err),
+    });
+    this.delivery.start();
   }
 
   /** The digest of the final page map, once every page is named (see final-checks.ts). */
@@ -306,62 +299,7 @@ export class DestinationFeed {
     }
   }
 
-  // ---- postcopy phase --------------------------------------------------------
-
-  /**
-   * Delivers the queued pages (first every page the destination lacks at
-   * switchover, then those a postcopy source sends) with backpressure, and
-   * ends the stream once nothing is missing.
-   */
-  private async deliverLoop(): Promise<void> {
-    if (this.delivering) return;
-    this.delivering = true;
-    const t = this.table;
-    const sock = this.sock!;
-    const started = performance.now();
-    let pushed = 0;
-    try {
-      while (this.postHead < this.postQueue.length && this.phase === "postcopy") {
-        const i = this.postQueue[this.postHead++]!;
-        if (!t.needsDelivery(i)) continue;
-        const c = t.content[i]!;
-        if (!this.dir.isLocal(c)) {
-          this.awaiting.add(i);
-          this.options.fetch(c, false);
-          this.dir.whenLocal(c, () => this.arrived(i));
-          continue;
-        }
-        this.deliver(i);
-        pushed += TPS;
-        if (sock.queuedBytes > POSTCOPY_HIGH) {
-          this.writer.flush();
-          await sock.whenWritable(POSTCOPY_LOW);
-        }
-        const ahead = (pushed / this.postcopyBandwidth) * 1000 - (performance.now() - started);
-        if (ahead > 5) {
-          this.writer.flush();
-          await Bun.sleep(ahead);
-        }
-      }
-      this.postQueue.length = 0;
-      this.postHead = 0;
-      if (this.phase === "postcopy") this.writer.flush();
-    } finally {
-      this.delivering = false;
-    }
-    await this.finishIfDone();
-  }
-
-  /** Content for page i came from a relay. */
-  private arrived(i: number): void {
-    this.awaiting.delete(i);
-    if (this.phase !== "postcopy") return;
-    if (this.table.needsDelivery(i)) {
-      this.deliver(i);
-      this.flushSoon();
-    }
-    void this.finishIfDone();
-  }
+  // ---- after switchover ------------------------------------------------------
 
   /** The postcopy source's stream ended: every page it owed has come. */
   sourceFinished(): void {
@@ -374,8 +312,7 @@ export class DestinationFeed {
   }
 
   private async finishIfDone(): Promise<void> {
-    if (this.phase !== "postcopy" || this.delivering || this.postHead < this.postQueue.length) return;
-    if (this.awaiting.size > 0 || this.pending > 0 || !this.sourceDone) return;
+    if (this.phase !== "postcopy" || !this.delivery!.idle || this.pending > 0 || !this.sourceDone) return;
     try {
       checkDelivery(this.name, this.table, this.dir);
     } catch (err) {
@@ -413,59 +350,13 @@ export class DestinationFeed {
     t.written[i] = c;
   }
 
-  private flushSoon(): void {
-    if (this.flushQueued) return;
-    this.flushQueued = true;
-    queueMicrotask(() => {
-      this.flushQueued = false;
-      if (this.phase === "postcopy") this.writer.flush();
-    });
-  }
-
   private onRequest(blockName: string, start: number, length: number): void {
     this.stats.requests++;
     const b = this.blockIndex.get(blockName);
     if (b === undefined) throw new SgmError("data", `VM ${this.name}: destination requested a page of unknown block '${blockName}'`);
-    if (this.phase !== "postcopy") return; // after EOF every page is in; before RUN none can be requested
-    const t = this.table;
-    const first = start / TPS;
-    const count = Math.max(1, Math.ceil(length / TPS));
-    let served = 0;
-    for (let p = first; p < first + count && t.blockStart[b]! + p < t.blockStart[b + 1]!; p++) {
-      const i = t.index(b, p);
-      // already sent (maybe still in flight): QEMU takes no page twice, so never resend
-      if (t.delivered[i] || this.askedSource.has(i)) continue;
-      served++;
-      if (t.content[i] === PENDING) {
-        // still at the source: ask it, through the scatter
-        this.askedSource.add(i);
-        this.stats.requestedFromSource++;
-        this.options.fromSource(b, p);
-        continue;
-      }
-      this.serveRequested(i);
-    }
-    if (served > 0) {
-      this.stats.requestedPagesServed += served;
-      this.writer.flush();
-    }
+    // before RUN none can be requested; after EOF every page is in
+    if (this.phase === "postcopy") this.delivery!.request(b, start / TPS, Math.max(1, Math.ceil(length / TPS)));
   }
-
-  /** A page the destination waits for: now, or as soon as its relay answers. */
-  private serveRequested(i: number): void {
-    const t = this.table;
-    if (t.content[i] === UNKNOWN) t.content[i] = ZERO;
-    const c = t.content[i]!;
-    if (c >= 0 && !this.dir.isLocal(c)) {
-      this.stats.requestedFromRelays++;
-      this.awaiting.add(i);
-      this.options.fetch(c, true);
-      this.dir.whenLocal(c, () => this.arrived(i));
-      return;
-    }
-    this.deliver(i);
-  }
-
 
   private fail(reason: Error): void {
     // after EOF QEMU closes the stream itself; completion is judged over QMP

@@ -23,6 +23,8 @@ export interface DestinationOptions {
   touches?: number[];
   /** Started with -S: it stays paused after the switchover. */
   paused?: boolean;
+  /** migrate-incoming answers only once this resolves: a destination slow to start listening. */
+  listenAfter?: Promise<void>;
 }
 
 type Status = "none" | "active" | "postcopy-active" | "completed" | "failed";
@@ -58,9 +60,10 @@ export class ModelDestinationQemu {
       "query-migrate": () => (this.status === "none" ? {} : { status: this.status, ...(this.error ? { "error-desc": this.error } : {}) }),
       "migrate-set-capabilities": () => {},
       "qom-get": () => `${MODEL_MACHINE}-machine`,
-      "migrate-incoming": (args) => {
+      "migrate-incoming": async (args) => {
         const uri = String(args.uri);
         if (!uri.startsWith("unix:")) throw new QmpError(`model destination listens on unix: only, not ${uri}`);
+        await options.listenAfter;
         this.listen(uri.slice(5));
       },
       cont: () => {

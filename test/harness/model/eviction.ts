@@ -28,8 +28,14 @@ export interface ModelEvictionOptions {
   relayCapacity?: number;
   switchover?: SwitchoverMode;
   postcopyAfterPass?: number;
-  /** The gather's --max-rate, so that relays take pages. */
+  /** The gather's --max-rate. */
   gatherMaxRate?: number;
+  /**
+   * The destinations start listening only once their source has sent its
+   * first pass: the gather takes nothing meanwhile, so relays must take it,
+   * however fast this machine is. Needs relays with room for a whole VM.
+   */
+  slowDestination?: boolean;
 }
 
 export interface PageMismatch {
@@ -54,7 +60,12 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
   const dir = mkdtempSync(join(tmpdir(), "sgm-model-"));
   const sources = options.vms.map((vm) => new ModelSourceQemu(dir, vm.name, vm.script));
   const destinations = options.vms.map(
-    (vm) => new ModelDestinationQemu(dir, `${vm.name}-in`, { blocks: vm.script.blocks, touches: vm.touches }),
+    (vm, i) =>
+      new ModelDestinationQemu(dir, `${vm.name}-in`, {
+        blocks: vm.script.blocks,
+        touches: vm.touches,
+        listenAfter: options.slowDestination ? sources[i]!.firstPassSent : undefined,
+      }),
   );
   const relays: Relay[] = [];
   try {

@@ -54,6 +54,9 @@ export class ModelSourceQemu {
   switchedToPostcopy = false;
   /** Page requests the source got on its return path. */
   requests = 0;
+  /** Resolves once every page has been sent at least once (by the first pass, or in postcopy). */
+  readonly firstPassSent: Promise<void>;
+  private readonly firstPass = Promise.withResolvers<void>();
   private readonly script: SourceScript;
   private readonly qmp: QmpServer;
   private status: Status = "none";
@@ -74,6 +77,7 @@ export class ModelSourceQemu {
     for (let i = 0; i < this.memory.total; i++) this.memory.content[i] = script.initial(i);
     this.dirty = new Uint8Array(this.memory.total);
     this.shut.promise.catch(() => {});
+    this.firstPassSent = this.firstPass.promise;
     this.qmpPath = join(dir, `${name}.qmp`);
     this.qmp = new QmpServer(this.qmpPath, { major: 10, minor: 0, micro: 2 }, {
       "query-status": () => ({ status: this.runState, running: this.runState === "running" }),
@@ -177,6 +181,7 @@ export class ModelSourceQemu {
         return;
       }
       await this.sendDirty(writer);
+      this.firstPass.resolve();
       if (pass >= this.script.passes) break;
     }
     // converged: the VM stops, the last dirty pages and the device state follow
@@ -230,6 +235,7 @@ export class ModelSourceQemu {
         await Bun.sleep(0); // let page requests in
       }
     }
+    this.firstPass.resolve();
     writer.end();
     await this.finish();
   }

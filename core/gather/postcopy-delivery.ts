@@ -1,0 +1,182 @@
+// After switchover: every page the destination still lacks goes to it
+// exactly once, the pages it asks for (requests on its return path) ahead of
+// the background push. Content on relays is fetched first: at once for a
+// requested page, in the background for the rest; a page a postcopy source
+// still owes is asked of the source, through the scatter.
+
+import type { ByteSocket } from "../net/byte-socket.ts";
+import { TPS } from "../qemu/constants.ts";
+import type { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
+import type { ContentDirectory } from "./content-directory.ts";
+import type { FeedStats } from "./destination-feed.ts";
+import { type PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
+
+/** Bytes queued towards QEMU: small, so a requested page never waits behind much. */
+const HIGH = 512 * 1024;
+const LOW = 128 * 1024;
+
+export interface DeliveryContext {
+  table: PageTable;
+  dir: ContentDirectory;
+  writer: PostcopyStreamWriter;
+  sock: ByteSocket;
+  stats: FeedStats;
+  /** Bytes per second for the background push; requested pages are never held back. */
+  bandwidth: number;
+  /** Asks for content held only on relays; `urgent` when the destination waits for it. */
+  fetch(cid: number, urgent: boolean): void;
+  /** Asks the scatter for a page a postcopy source has not sent again yet. */
+  fromSource(block: number, page: number): void;
+  /** Writes page i's content `c` to the destination (marks it delivered first). */
+  deliver(i: number): void;
+  /** The feed still runs (it has not failed or ended). */
+  active(): boolean;
+  /** Delivery may have become idle: the feed sees whether the stream can end. */
+  progressed(): void;
+  fail(err: Error): void;
+}
+
+export class PostcopyDelivery {
+  private readonly ctx: DeliveryContext;
+  /** Pages to deliver, in order, by the background loop. */
+  private queue: number[] = [];
+  private head = 0;
+  private delivering = false;
+  /** Pages whose content is on its way from a relay. */
+  private readonly awaiting = new Set<number>();
+  /** Pending pages the destination asked for; the source was asked for them. */
+  private readonly askedSource = new Set<number>();
+  private flushQueued = false;
+
+  constructor(ctx: DeliveryContext) {
+    this.ctx = ctx;
+  }
+
+  /** Nothing is queued, running or awaited. */
+  get idle(): boolean {
+    return !this.delivering && this.head >= this.queue.length && this.awaiting.size === 0;
+  }
+
+  /** Queues every page the destination lacks now, and starts pushing. */
+  start(): void {
+    const t = this.ctx.table;
+    for (let i = 0; i < t.total; i++) if (t.needsDelivery(i)) this.queue.push(i);
+    this.run();
+  }
+
+  /** A postcopy source sent page i again (its content is set): deliver it. */
+  sourcePage(i: number, cid: number): void {
+    if (this.askedSource.delete(i)) {
+      // the destination waits for it
+      this.serve(i);
+      this.ctx.writer.flush();
+      return;
+    }
+    if (cid >= 0) {
+      this.queue.push(i);
+      this.run();
+    } else this.ctx.progressed();
+  }
+
+  /** The destination waits for pages first..first+count-1 of block b. */
+  request(b: number, first: number, count: number): void {
+    const { table: t, stats } = this.ctx;
+    let served = 0;
+    for (let p = first; p < first + count && t.blockStart[b]! + p < t.blockStart[b + 1]!; p++) {
+      const i = t.index(b, p);
+      // already sent (maybe still in flight): QEMU takes no page twice, so never resend
+      if (t.delivered[i] || this.askedSource.has(i)) continue;
+      served++;
+      if (t.content[i] === PENDING) {
+        // still at the source: ask it, through the scatter
+        this.askedSource.add(i);
+        stats.requestedFromSource++;
+        this.ctx.fromSource(b, p);
+        continue;
+      }
+      this.serve(i);
+    }
+    if (served > 0) {
+      stats.requestedPagesServed += served;
+      this.ctx.writer.flush();
+    }
+  }
+
+  private run(): void {
+    void this.loop().catch((err: Error) => this.ctx.fail(err));
+  }
+
+  /** The background push, with backpressure and the bandwidth cap. */
+  private async loop(): Promise<void> {
+    if (this.delivering) return;
+    this.delivering = true;
+    const { table: t, dir, sock, writer } = this.ctx;
+    const started = performance.now();
+    let pushed = 0;
+    try {
+      while (this.head < this.queue.length && this.ctx.active()) {
+        const i = this.queue[this.head++]!;
+        if (!t.needsDelivery(i)) continue;
+        const c = t.content[i]!;
+        if (!dir.isLocal(c)) {
+          this.awaiting.add(i);
+          this.ctx.fetch(c, false);
+          dir.whenLocal(c, () => this.arrived(i));
+          continue;
+        }
+        this.ctx.deliver(i);
+        pushed += TPS;
+        if (sock.queuedBytes > HIGH) {
+          writer.flush();
+          await sock.whenWritable(LOW);
+        }
+        const ahead = (pushed / this.ctx.bandwidth) * 1000 - (performance.now() - started);
+        if (ahead > 5) {
+          writer.flush();
+          await Bun.sleep(ahead);
+        }
+      }
+      this.queue.length = 0;
+      this.head = 0;
+      if (this.ctx.active()) writer.flush();
+    } finally {
+      this.delivering = false;
+    }
+    this.ctx.progressed();
+  }
+
+  /** A page the destination waits for: now, or as soon as its relay answers. */
+  private serve(i: number): void {
+    const { table: t, dir } = this.ctx;
+    if (t.content[i] === UNKNOWN) t.content[i] = ZERO;
+    const c = t.content[i]!;
+    if (c >= 0 && !dir.isLocal(c)) {
+      this.ctx.stats.requestedFromRelays++;
+      this.awaiting.add(i);
+      this.ctx.fetch(c, true);
+      dir.whenLocal(c, () => this.arrived(i));
+      return;
+    }
+    this.ctx.deliver(i);
+  }
+
+  /** Content for page i came from a relay. */
+  private arrived(i: number): void {
+    this.awaiting.delete(i);
+    if (!this.ctx.active()) return;
+    if (this.ctx.table.needsDelivery(i)) {
+      this.ctx.deliver(i);
+      this.flushSoon();
+    }
+    this.ctx.progressed();
+  }
+
+  private flushSoon(): void {
+    if (this.flushQueued) return;
+    this.flushQueued = true;
+    queueMicrotask(() => {
+      this.flushQueued = false;
+      if (this.ctx.active()) this.ctx.writer.flush();
+    });
+  }
+}
