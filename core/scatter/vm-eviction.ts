@@ -23,16 +23,15 @@
 import { join } from "node:path";
 import { asSgmError, SgmError } from "../errors.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
-import { Command, commandName, TPS } from "../qemu/constants.ts";
-import { readDiscard, splitPackage } from "../qemu/postcopy-commands.ts";
-import { encodePageRequest, encodePong, encodeShut } from "../qemu/return-path.ts";
-import { MigrationStreamReader, type RamBlockInfo } from "../qemu/stream-reader.ts";
+import { TPS } from "../qemu/constants.ts";
+import { encodeShut } from "../qemu/return-path.ts";
 import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
 import { PagePipeline, type PipelineStats } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
 import type { SourceQemu } from "./source-qemu.ts";
+import { SourceStream, type SwitchPoint } from "./source-stream.ts";
 
 export type SwitchoverMode = "precopy" | "postcopy";
 
@@ -76,8 +75,6 @@ export interface EvictionOptions {
   log: (line: string) => void;
 }
 
-/** How the source's stream reached its switchover. */
-type SwitchPoint = { kind: "precopy"; device: Uint8Array } | { kind: "postcopy"; device: Uint8Array };
 
 type Stage = "offered" | "streaming" | "switching" | "source-postcopy" | "go" | "running" | "failed";
 
@@ -102,13 +99,7 @@ export class VmEviction {
   private passes = 0;
   private readonly replies = new Map<Control["t"], PromiseWithResolvers<Control>>();
   private readonly failed = Promise.withResolvers<never>();
-  // the postcopy phase: pages the source still owes, and those the destination asked for
-  private blocks: readonly RamBlockInfo[] = [];
-  private blockStart: number[] = [];
-  private owed: Uint8Array = new Uint8Array(0);
-  private readonly requested = new Set<number>();
-  private requestedFromSource = 0;
-  private readonly streamEnded = Promise.withResolvers<void>();
+  private stream: SourceStream | null = null;
 
   constructor(options: EvictionOptions) {
     this.options = options;
@@ -118,7 +109,6 @@ export class VmEviction {
     this.conn = options.conn;
     this.pipeline = new PagePipeline(options.id, options.placement);
     this.failed.promise.catch(() => {});
-    this.streamEnded.promise.catch(() => {});
     options.placement.onFailure((reason) => this.fail(reason));
   }
 
@@ -130,7 +120,7 @@ export class VmEviction {
       return;
     }
     if (message.t === "want") {
-      this.askSource(message.block, message.page);
+      this.stream?.ask(message.block, message.page);
       return;
     }
     if (message.t === "completed") this.completedAt = message.completedAt;
@@ -154,7 +144,7 @@ export class VmEviction {
     // long evictions say how far they are, every few seconds, on stderr
     const progress = setInterval(() => o.log(this.progress()), 5000);
     try {
-      const point = await this.race(this.stream());
+      const point = await this.race(this.startStream());
       this.switchover = point.kind;
       if (point.kind === "precopy") await this.switchAfterPrecopy(point.device);
       else await this.switchInPostcopy(point.device);
@@ -184,7 +174,7 @@ export class VmEviction {
       source: sourceState,
       passes: this.passes,
       bytes: { fromSource: this.sock?.bytesRead ?? 0, dedupSaved: s.dedupPages * TPS },
-      pages: { ...s, requestedFromSource: this.requestedFromSource },
+      pages: { ...s, requestedFromSource: this.stream?.requestedFromSource ?? 0 },
       ...(error ? { exitCode: error.exitCode } : {}),
     };
   }
@@ -219,7 +209,7 @@ export class VmEviction {
     this.stage = "go";
     this.send({ t: "switch-go", vm: this.id });
     await this.awaitRunning();
-    await this.race(this.streamEnded.promise);
+    await this.race(this.stream!.ended);
     this.pipeline.flush();
     await this.race(this.pipeline.whenAllSent());
     const map = this.pipeline.finalMapDigest(this.name);
@@ -257,7 +247,7 @@ export class VmEviction {
   }
 
   /** Offers the VM, starts the source's migration, and reads its stream up to the switchover. */
-  private async stream(): Promise<SwitchPoint> {
+  private async startStream(): Promise<SwitchPoint> {
     const o = this.options;
     const info = this.source.info;
     this.send({ t: "offer", vm: this.id, name: this.name, qemu: info.qemuVersion, machine: info.machine, startedAt: o.startedAt.wall });
@@ -280,72 +270,20 @@ export class VmEviction {
     trace(`${this.name} source stream accepted`);
     o.log(`${this.name}: source QEMU ${this.source.info.qemuVersion} is streaming`);
 
-    const reached = Promise.withResolvers<SwitchPoint>();
-    let inPostcopy = false;
-    const reader = new MigrationStreamReader({
+    const stream = new SourceStream(this.name, sock, this.pipeline, {
       onHeader: (bytes) => this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.HEADER, true, bytes)),
-      onRamBlocks: (blocks) => {
-        this.learnBlocks(blocks);
-        this.send({ t: "blocks", vm: this.id, sectionId: reader.ramSection, blocks: [...blocks] });
-      },
-      onPage: (block, page, data) => {
-        if (inPostcopy) {
-          const i = this.blockStart[block]! + page;
-          this.owed[i] = 0;
-          if (this.requested.delete(i)) {
-            this.pipeline.urgent(block, page, data);
-            return;
-          }
-        }
-        this.pipeline.page(block, page, data);
+      onBlocks: (blocks, sectionId) => this.send({ t: "blocks", vm: this.id, sectionId, blocks: [...blocks] }),
+      afterPage: () => {
         if (o.placement.congested) this.throttle();
       },
-      onRamSectionEnd: () => this.pipeline.flush(),
-      onCommand: (cmd, payload) => {
-        switch (cmd) {
-          case Command.PING:
-            sock.write(encodePong(new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0)));
-            return;
-          case Command.POSTCOPY_RAM_DISCARD:
-            this.onDiscard(payload);
-            return;
-          case Command.OPEN_RETURN_PATH:
-          case Command.SWITCHOVER_START:
-          case Command.POSTCOPY_ADVISE:
-            return;
-          default:
-            throw new SgmError("data", `VM ${this.name}: unexpected ${commandName(cmd)} in the source's stream`);
-        }
-      },
-      onPackaged: (blob) => {
-        const pkg = splitPackage(blob);
-        trace(`${this.name} source switched to postcopy (${pkg.deviceState.length} bytes of device state)`);
-        // the source's PINGs inside the package ask whether the devices loaded: for scatter they have
-        for (const value of pkg.pings) sock.write(encodePong(value));
-        inPostcopy = true;
+      onPostcopy: () => {
         this.stage = "source-postcopy";
-        this.pipeline.flush();
-        reached.resolve({ kind: "postcopy", device: pkg.deviceState.slice() });
-      },
-      onEof: () => {
-        this.pipeline.flush();
-        this.streamEnded.resolve();
-      },
-      onDeviceState: (bytes) => {
-        trace(`${this.name} device state read (${bytes.length} bytes)`);
-        this.pipeline.flush();
-        reached.resolve({ kind: "precopy", device: bytes.slice() });
       },
     });
-    sock.setDataHandler((data) => reader.feed(data));
-    void sock.closed.then((reason) => {
-      if (reader.isComplete) return;
-      const why = reason ?? new SgmError("unavailable", `VM ${this.name}: the source QEMU closed its stream early`);
-      reached.reject(why);
-      this.streamEnded.reject(why);
-      this.fail(why);
-    });
-    return reached.promise;
+    this.stream = stream;
+    stream.reached.catch((err: Error) => this.fail(err));
+    stream.ended.catch((err: Error) => this.fail(err));
+    return stream.reached;
   }
 
   /**
@@ -379,42 +317,6 @@ export class VmEviction {
       // the source may have converged first; then its precopy completion is what follows
       this.options.log(`${this.name}: postcopy switch not taken: ${asSgmError(err).message}`);
     }
-  }
-
-  private learnBlocks(blocks: readonly RamBlockInfo[]): void {
-    this.blocks = blocks;
-    this.pipeline.setBlocks(blocks);
-    let total = 0;
-    this.blockStart = blocks.map((b) => {
-      const start = total;
-      total += b.usedLength / TPS;
-      return start;
-    });
-    this.owed = new Uint8Array(total);
-  }
-
-  /** A postcopy source will send these pages again: they are pending at the gather, owed by the source. */
-  private onDiscard(payload: Uint8Array): void {
-    const discard = readDiscard(payload);
-    const block = this.blocks.findIndex((b) => b.name === discard.block);
-    if (block < 0) throw new SgmError("data", `VM ${this.name}: discard for unknown RAM block '${discard.block}'`);
-    const pages = this.blocks[block]!.usedLength / TPS;
-    for (const [first, count] of discard.ranges) {
-      if (first + count > pages) throw new SgmError("data", `VM ${this.name}: discard beyond RAM block '${discard.block}'`);
-      for (let p = first; p < first + count; p++) {
-        this.pipeline.pending(block, p);
-        this.owed[this.blockStart[block]! + p] = 1;
-      }
-    }
-  }
-
-  /** The destination waits for a page the source still owes: ask the source for it on its return path. */
-  private askSource(block: number, page: number): void {
-    const i = (this.blockStart[block] ?? -1) + page;
-    if (!this.sock || this.stage === "streaming" || this.owed[i] !== 1 || this.requested.has(i)) return;
-    this.requested.add(i);
-    this.requestedFromSource++;
-    this.sock.write(encodePageRequest(this.blocks[block]!.name, page * TPS, TPS));
   }
 
   /** Stops reading the source until the gather or a relay takes pages again: memory stays bounded. */
