@@ -4,7 +4,8 @@ import type { CAC } from "cac";
 import { type GatherReport, runGather } from "../core/gather/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts";
-import { formatBytes, formatMs, info, printJson } from "./output.ts";
+import { formatBytes } from "../core/units.ts";
+import { formatMs, info, printJson } from "./output.ts";
 
 interface GatherFlags {
   listen?: unknown;

@@ -8,7 +8,8 @@ import { type RelayStats, startRelay } from "../core/relay/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
 import { parseCount, parseHostPort, parseSize, requireString } from "./args.ts";
-import { formatBytes, info, printJson } from "./output.ts";
+import { formatBytes } from "../core/units.ts";
+import { info, printJson } from "./output.ts";
 
 interface RelayFlags {
   listen?: unknown;

@@ -2,12 +2,13 @@
 
 import type { CAC } from "cac";
 import { SgmError } from "../core/errors.ts";
-import { DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, runScatter, type ScatterReport } from "../core/scatter/engine.ts";
+import { DEFAULT_MAX_PASSES, DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, runScatter, type ScatterReport } from "../core/scatter/engine.ts";
 import type { SwitchoverMode } from "../core/scatter/vm-eviction.ts";
 import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { parseCount, parseHostPort, parseHostPortList, parseVmPairs, requireString } from "./args.ts";
-import { formatBytes, formatMs, info, printJson } from "./output.ts";
+import { formatBytes } from "../core/units.ts";
+import { formatMs, info, printJson } from "./output.ts";
 
 interface ScatterFlags {
   to?: unknown;
@@ -20,6 +21,7 @@ interface ScatterFlags {
   waitGather?: unknown;
   switchover?: unknown;
   postcopyAfterPass?: unknown;
+  maxPasses?: unknown;
   json?: boolean;
 }
 
@@ -35,6 +37,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
     .option("--switchover <mode>", `precopy: the source converges into scatter; postcopy: it switches to postcopy and sends each remaining page once (default: ${DEFAULT_SWITCHOVER})`)
     .option("--postcopy-after-pass <n>", `With --switchover postcopy: precopy passes before the switch, 0 for at once (default: ${DEFAULT_POSTCOPY_AFTER_PASS})`)
+    .option("--max-passes <n>", `With --switchover precopy: give up when the source has not converged after this many passes; the VM runs on at the source and scatter exits 75 (default: ${DEFAULT_MAX_PASSES})`)
     .option("--downtime-limit <ms>", `The source QEMU's downtime-limit for its final pass (default: ${DEFAULT_DOWNTIME_LIMIT_MS}; QEMU's own is 300)`)
     .option("--wait-gather <seconds>", "How long to keep trying a gather that is not listening yet", { default: 30 })
     .option("--json", "Print the final report as JSON on stdout")
@@ -50,6 +53,10 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
       if (postcopyAfterPass !== undefined && (switchover ?? DEFAULT_SWITCHOVER) !== "postcopy") {
         throw new SgmError("usage", "--postcopy-after-pass needs --switchover postcopy");
       }
+      const maxPasses = flags.maxPasses === undefined ? undefined : parseCount("--max-passes", flags.maxPasses, 1, 10_000);
+      if (maxPasses !== undefined && (switchover ?? DEFAULT_SWITCHOVER) !== "precopy") {
+        throw new SgmError("usage", "--max-passes needs --switchover precopy (in postcopy the source switches after --postcopy-after-pass)");
+      }
       const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const report = await runScatter({
@@ -60,6 +67,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         gatherWaitMs,
         switchover,
         postcopyAfterPass,
+        maxPasses,
         psk,
         keepSource: Boolean(flags.keepSource),
         downtimeLimitMs,

@@ -48,6 +48,8 @@ describe("dist/sgm", () => {
     [["scatter", "--to", "h:1", "--vm", "noequals", "--psk-file", "/k"], "--vm 'noequals': expected NAME=QMP_SOCKET (NAME: letters, digits, . _ -)"],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--vm", "a=/y", "--psk-file", "/k"], "--vm: 'a' is given twice"],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/nonexistent/psk"], "--psk-file '/nonexistent/psk': "],
+    [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--max-passes", "5"], "--max-passes needs --switchover precopy"],
+    [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--switchover", "precopy", "--max-passes", "0"], "--max-passes '0': expected a whole number from 1 to 10000"],
     [["gather", "--listen", "127.0.0.1:0", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],
     [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--postcopy-bandwidth", "fast"], "--postcopy-bandwidth 'fast': expected a size such as 8GiB or 512MiB"],
   ])("usage error %j", async (args, message) => {

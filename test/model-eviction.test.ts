@@ -157,3 +157,18 @@ describe("model eviction: a wrong final page map is caught", () => {
     expect(r.destinations[0]!.runState).toBe("paused");
   });
 });
+
+describe("model eviction: precopy that cannot converge ends", () => {
+  test("past --max-passes the migration is cancelled, the VM runs on at the source, exit 75", async () => {
+    const busy = { ...churningScript(9, 50, 400, 0) };
+    const r = await runModelEviction({ vms: [{ name: "slow", script: busy }], switchover: "precopy", maxPasses: 3 });
+    expect(r.scatter.exitCode).toBe(75);
+    const vm = r.scatter.vms[0]!;
+    expect(vm.error).toMatch(/^VM slow: precopy did not converge in 3 passes \(\d+\.\d MiB read from the source in \d+ s, [\d.]+ [KMG]iB\/s\); it runs on at the source; evict it with --switchover postcopy$/);
+    expect(vm.source).toBe("running");
+    expect(r.sources[0]!.runState).toBe("running");
+    expect(r.sources[0]!.passes).toBe(4);
+    expect(r.gather.exitCode).not.toBe(0);
+    expect(r.destinations[0]!.runState).toBe("inmigrate");
+  });
+});

@@ -28,7 +28,16 @@ export interface MigrationInfo {
   downtime?: number;
   "setup-time"?: number;
   "error-desc"?: string;
-  ram?: { transferred: number; total: number; remaining: number; duplicate: number; normal: number; "dirty-sync-count": number; mbps: number };
+  ram?: {
+    transferred: number;
+    total: number;
+    remaining: number;
+    duplicate: number;
+    normal: number;
+    "dirty-sync-count": number;
+    "dirty-pages-rate": number;
+    mbps: number;
+  };
 }
 
 export async function setCapabilities(qmp: QmpClient, capabilities: Record<string, boolean>): Promise<void> {

@@ -24,6 +24,12 @@ import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-evict
  */
 export const DEFAULT_SWITCHOVER: SwitchoverMode = "postcopy";
 export const DEFAULT_POSTCOPY_AFTER_PASS = 2;
+/**
+ * With precopy switchover, passes the source may make before scatter gives
+ * up: VMs that converge at all do so within a few (two, measured for an
+ * idle and a moderately busy guest), and one that has not by 30 will not.
+ */
+export const DEFAULT_MAX_PASSES = 30;
 
 export interface ScatterOptions {
   gather: HostPort;
@@ -38,6 +44,8 @@ export interface ScatterOptions {
   switchover?: SwitchoverMode;
   /** In postcopy mode: precopy passes before the switch (0: at once). */
   postcopyAfterPass?: number;
+  /** In precopy mode: passes before scatter gives up on convergence (the VM runs on at the source). */
+  maxPasses?: number;
   /** How long to keep trying a gather that is not up yet. */
   gatherWaitMs?: number;
   signal?: AbortSignal;
@@ -133,6 +141,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
         downtimeLimitMs: options.downtimeLimitMs,
         mode: options.switchover ?? DEFAULT_SWITCHOVER,
         postcopyAfterPass: options.postcopyAfterPass ?? DEFAULT_POSTCOPY_AFTER_PASS,
+        maxPasses: options.maxPasses ?? DEFAULT_MAX_PASSES,
         log,
       }),
   );

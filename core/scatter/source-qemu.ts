@@ -114,6 +114,12 @@ export class SourceQemu {
     });
   }
 
+  /** Pages per second the guest dirties, as QEMU measures it during precopy. */
+  async dirtyPageRate(): Promise<number | null> {
+    const info = await queryMigrate(this.qmp);
+    return info.ram?.["dirty-pages-rate"] ?? null;
+  }
+
   /** Has the source switch to postcopy: it stops the VM and sends the device state now. */
   async startPostcopy(): Promise<void> {
     await this.qmp.execute("migrate-start-postcopy");

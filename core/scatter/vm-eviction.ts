@@ -25,6 +25,7 @@ import { asSgmError, SgmError } from "../errors.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
 import { TPS } from "../qemu/constants.ts";
 import { encodeShut } from "../qemu/return-path.ts";
+import { formatBytes, formatRate } from "../units.ts";
 import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
@@ -72,6 +73,8 @@ export interface EvictionOptions {
   mode: SwitchoverMode;
   /** In postcopy mode: switch after this many precopy passes (0: at once). */
   postcopyAfterPass: number;
+  /** In precopy mode: give up (the VM runs on at the source) when the source starts a pass beyond this. */
+  maxPasses: number;
   log: (line: string) => void;
 }
 
@@ -260,7 +263,9 @@ export class VmEviction {
     this.source.onPass((pass) => {
       this.passes = pass;
       if (postcopy && o.postcopyAfterPass > 0 && pass === o.postcopyAfterPass + 1) void this.switchSourceToPostcopy();
+      if (!postcopy && pass > o.maxPasses && this.stage === "streaming") void this.giveUpConverging(migrating);
     });
+    const migrating = performance.now();
     await this.source.migrateTo(path, { downtimeLimitMs: o.downtimeLimitMs, postcopy });
     if (postcopy && o.postcopyAfterPass === 0) void this.switchSourceToPostcopy();
     const timer = setTimeout(listening.stop, 30_000);
@@ -307,6 +312,21 @@ export class VmEviction {
     const map = this.pipeline.finalMapDigest(this.name);
     this.send({ t: word, vm: this.id, stoppedAt: this.stoppedAt, map });
     return map;
+  }
+
+  /** Precopy has not converged within --max-passes: the VM stays at the source, with the figures that say why. */
+  private async giveUpConverging(since: number): Promise<void> {
+    const seconds = (performance.now() - since) / 1000;
+    const read = this.sock?.bytesRead ?? 0;
+    const dirtyPages = await this.source.dirtyPageRate().catch(() => null);
+    const dirtying = dirtyPages === null ? "" : `; the guest dirties ${formatRate(dirtyPages * TPS)}`;
+    this.fail(
+      new SgmError(
+        "unconverged",
+        `VM ${this.name}: precopy did not converge in ${this.options.maxPasses} passes (${formatBytes(read)} read from the source in ${seconds.toFixed(0)} s, ` +
+          `${formatRate(read / Math.max(seconds, 0.001))}${dirtying}); it runs on at the source; evict it with --switchover postcopy`,
+      ),
+    );
   }
 
   private async switchSourceToPostcopy(): Promise<void> {

@@ -28,6 +28,7 @@ export interface ModelEvictionOptions {
   relayCapacity?: number;
   switchover?: SwitchoverMode;
   postcopyAfterPass?: number;
+  maxPasses?: number;
   /** The gather's --max-rate. */
   gatherMaxRate?: number;
   /**
@@ -91,6 +92,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       keepSource: true,
       switchover: options.switchover,
       postcopyAfterPass: options.postcopyAfterPass,
+      maxPasses: options.maxPasses,
     });
     const gather = await gathering;
     const mismatches = new Map<string, PageMismatch[]>();
