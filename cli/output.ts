@@ -24,8 +24,18 @@ export function reportError(err: unknown): number {
   return e.exitCode;
 }
 
-export function printJson(report: unknown): void {
-  process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
+/**
+ * The final report on stdout, with what this process cost by its own
+ * accounting: CPU seconds (user, system) and peak resident memory.
+ */
+export function printJson(report: object): void {
+  const cpu = process.cpuUsage();
+  const resources = {
+    cpuUserSeconds: cpu.user / 1e6,
+    cpuSystemSeconds: cpu.system / 1e6,
+    peakRssBytes: process.resourceUsage().maxRSS * 1024,
+  };
+  process.stdout.write(`${JSON.stringify({ ...report, process: resources }, null, 2)}\n`);
 }
 
 export function formatMs(ms: number): string {

@@ -1,0 +1,152 @@
+// Benchmark (not a test): what moving a guest costs each sgm role, in CPU
+// seconds per GiB (the process's own accounting, in its --json report) and
+// peak resident memory, beside QEMU's own migration of the same guest and a
+// plain Bun socket on this machine, all in one run. CPU per GiB holds from
+// machine to machine; wall times only as ratios to the baselines.
+//
+//   bun test/benchmarks/cost.bench.ts [MiB, default 1024] [runs, default 3]
+//
+// The guest is the test guest with its churn region (shared, zero and
+// unique content), idle otherwise. "sgm direct" moves it scatter -> gather;
+// "sgm via relays" holds the gather to 256 MiB/s so that two relays take
+// most pages. GiB are of the source's stream, which every role carries once.
+
+import type { GatherReport } from "../../core/gather/engine.ts";
+import type { ScatterReport } from "../../core/scatter/engine.ts";
+import { report, startGather, startPair, startRelay, startScatter, writePsk } from "../harness/cluster.ts";
+import { migrateDirect } from "../harness/direct.ts";
+import { killAll } from "../harness/processes.ts";
+import { makeTempDir, removeDir } from "../harness/tmp.ts";
+
+interface Resources {
+  cpuUserSeconds: number;
+  cpuSystemSeconds: number;
+  peakRssBytes: number;
+}
+
+const GiB = 2 ** 30;
+
+if (process.argv[2] === "--sink") await sink(Number(process.argv[3]));
+else await main(Number(process.argv[2] ?? 1024), Number(process.argv[3] ?? 3));
+
+/** Receives `expected` bytes on one connection, then answers a byte (run in a child process). */
+async function sink(expected: number): Promise<void> {
+  const server = Bun.listen<{ got: number }>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open(socket) {
+        socket.data = { got: 0 };
+      },
+      data(socket, chunk) {
+        socket.data.got += chunk.length;
+        if (socket.data.got === expected) socket.write(new Uint8Array([1]));
+      },
+    },
+  });
+  process.stdout.write(`${server.port}\n`);
+}
+
+/** Bun's own socket rate on this machine: bytes per second over loopback, sender here, receiver in a child. */
+async function rawSocketRate(bytes: number): Promise<number> {
+  const child = Bun.spawn([process.execPath, import.meta.path, "--sink", String(bytes)], { stdout: "pipe" });
+  const reader = child.stdout.getReader();
+  const { value } = await reader.read();
+  const port = Number(new TextDecoder().decode(value).trim());
+  const chunk = new Uint8Array(256 * 1024).fill(7);
+  const done = Promise.withResolvers<void>();
+  let sent = 0;
+  const started = performance.now();
+  const pump = (socket: { write(b: Uint8Array): number }) => {
+    while (sent < bytes) {
+      const n = socket.write(chunk.subarray(0, Math.min(chunk.length, bytes - sent)));
+      sent += Math.max(n, 0);
+      if (n < chunk.length) return;
+    }
+  };
+  await Bun.connect({
+    hostname: "127.0.0.1",
+    port,
+    socket: { open: pump, drain: pump, data: () => done.resolve() },
+  });
+  await done.promise;
+  const seconds = (performance.now() - started) / 1000;
+  child.kill();
+  return bytes / seconds;
+}
+
+interface SgmRun {
+  totalMs: number;
+  evictionMs: number;
+  streamBytes: number;
+  roles: Map<string, Resources & { bytes: number }>;
+}
+
+async function sgmRun(dir: string, memMiB: number, n: number, relays: number): Promise<SgmRun> {
+  const psk = await writePsk(dir);
+  const pair = await startPair(dir, `sgm${relays}r${n}`, { memMiB, seed: 1, rate: 0 });
+  const rs = await Promise.all(Array.from({ length: relays }, () => startRelay(psk, "4GiB", ["--json"])));
+  const { gather, port } = await startGather([pair], psk, relays > 0 ? ["--max-rate", "256MiB/s"] : []);
+  const via = rs.length > 0 ? ["--via", rs.map((r) => r.address).join(",")] : [];
+  const scatter = await startScatter([pair], port, psk, via);
+  const [s, g] = [await scatter.result(), await gather.result()];
+  if (s.code !== 0 || g.code !== 0) throw new Error(`sgm failed:\n${s.stderr}\n${g.stderr}`);
+  const sr = report<ScatterReport & { process: Resources }>(s);
+  const gr = report<GatherReport & { process: Resources }>(g);
+  const streamBytes = sr.vms[0]!.bytes.fromSource;
+  const roles = new Map<string, Resources & { bytes: number }>();
+  roles.set("scatter", { ...sr.process, bytes: streamBytes });
+  roles.set("gather", { ...gr.process, bytes: streamBytes });
+  for (const [i, r] of rs.entries()) {
+    r.relay.proc.kill("SIGTERM");
+    const out = await r.relay.result();
+    const stats = JSON.parse(out.stdout) as { bytesIn: number; process: Resources };
+    // a relay carries what it took in, and gives it out again
+    roles.set(`relay ${i + 1}`, { ...stats.process, bytes: stats.bytesIn });
+  }
+  await killAll();
+  return { totalMs: gr.vms[0]!.totalMs!, evictionMs: sr.vms[0]!.evictionMs!, streamBytes, roles };
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+async function main(memMiB: number, runs: number): Promise<void> {
+  const dir = makeTempDir("bench-cost");
+  const qemuMs: number[] = [];
+  const socketRates: number[] = [];
+  const sgm: Record<string, SgmRun[]> = { "sgm direct": [], "sgm via 2 relays": [] };
+  try {
+    for (let n = 0; n < runs; n++) {
+      socketRates.push(await rawSocketRate(memMiB * 2 ** 20));
+      const pair = await startPair(dir, `qemu${n}`, { memMiB, seed: 1, rate: 0 });
+      qemuMs.push((await migrateDirect(pair.source, pair.destination, dir, { maxBandwidth: 64 * GiB })).totalMs);
+      await killAll();
+      sgm["sgm direct"]!.push(await sgmRun(dir, memMiB, n, 0));
+      sgm["sgm via 2 relays"]!.push(await sgmRun(dir, memMiB, n, 2));
+    }
+  } finally {
+    await killAll();
+    removeDir(dir);
+  }
+
+  const qemu = median(qemuMs);
+  console.log(`\n${memMiB} MiB test guest (churn region on, TCG), loopback, median of ${runs} runs\n`);
+  console.log(`Bun socket, loopback: ${(median(socketRates) / 2 ** 20).toFixed(0)} MiB/s`);
+  console.log(`QEMU precopy, uncapped: ${Math.round(qemu)} ms (${((memMiB / qemu) * 1000).toFixed(0)} MiB/s)\n`);
+  console.log("| how | role | CPU user s/GiB | CPU system s/GiB | CPU total s/GiB | peak RSS | wall rate | total / QEMU |");
+  console.log("|---|---|---|---|---|---|---|---|");
+  for (const [how, list] of Object.entries(sgm)) {
+    const total = median(list.map((r) => r.totalMs));
+    const rate = median(list.map((r) => r.streamBytes / (r.totalMs / 1000)));
+    for (const role of list[0]!.roles.keys()) {
+      const per = (f: (r: Resources & { bytes: number }) => number) => median(list.map((r) => f(r.roles.get(role)!) / (r.roles.get(role)!.bytes / GiB)));
+      const user = per((r) => r.cpuUserSeconds);
+      const system = per((r) => r.cpuSystemSeconds);
+      const rss = median(list.map((r) => r.roles.get(role)!.peakRssBytes)) / 2 ** 20;
+      console.log(
+        `| ${how} | ${role} | ${user.toFixed(2)} | ${system.toFixed(2)} | ${(user + system).toFixed(2)} | ${rss.toFixed(0)} MiB | ${(rate / 2 ** 20).toFixed(0)} MiB/s | ${(total / qemu).toFixed(1)}x |`,
+      );
+    }
+    console.log(`| ${how} | (eviction ${Math.round(median(list.map((r) => r.evictionMs)))} ms, total ${Math.round(total)} ms) | | | | | | |`);
+  }
+}
