@@ -108,7 +108,9 @@ async function sgmRun(dir: string, memMiB: number, n: number, relays: number): P
   return { totalMs: gr.vms[0]!.totalMs!, evictionMs: sr.vms[0]!.evictionMs!, streamBytes, roles };
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+function median(xs: number[]): number {
+  return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+}
 
 async function main(memMiB: number, runs: number): Promise<void> {
   const dir = makeTempDir("bench-cost");
