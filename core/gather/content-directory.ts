@@ -1,43 +1,53 @@
-// Every page content the gather knows of, by digest: held here (in the page
-// store) and/or on relays (a bit per relay of the run). References come from
-// VMs' page tables and from the scatter while it may still name the content;
-// when the last goes, the local copy is dropped and the relays are told.
+// Every page content the gather knows of, by digest: its bytes held here
+// (in the page store) and/or on relays (a bit per relay of the run).
+//
+// Content stays known while the scatter may still name it (a pin: it sent
+// the bytes here, or told where relays hold them) or a page still owes it
+// to the destination (a need). Its bytes stay here only while a page needs
+// them, or while they are pinned and no relay holds them; otherwise they can
+// be fetched again. So what the gather holds is bounded by what the scatter
+// keeps pinned here (it unpins as it goes) and by what pages owe the
+// destination, not by the VM's size.
 //
 // Content ids are never reused within a run, so an id names one content for
 // good: page tables compare ids, and the final page map is read off them.
 
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
-import { PageStore } from "../dedup/page-store.ts";
+import { PageSlots } from "../dedup/page-slots.ts";
 import { SgmError } from "../errors.ts";
 
-/** Content no longer referenced: its id is gone (and may be reused). */
-export type Unreferenced = (cid: number, digest: Uint8Array, relayMask: number) => void;
+/** Content no longer known: the relays holding it may drop it. */
+export type Forgotten = (cid: number, digest: Uint8Array, relayMask: number) => void;
+
+const NO_BYTES = -1;
 
 export class ContentDirectory {
   private readonly index = new DigestIndex(0, { reuseIds: false });
-  private readonly store = new PageStore();
-  private storeId = new Int32Array(1024).fill(-1);
+  private readonly store = new PageSlots();
+  private storeId = new Int32Array(1024).fill(NO_BYTES);
   private relays = new Uint32Array(1024);
-  private refs = new Int32Array(1024);
+  /** Bit 1: the scatter sent the bytes here; bit 2: it told where relays hold them. */
+  private pins = new Uint8Array(1024);
+  private needs = new Int32Array(1024);
   private readonly waiters = new Map<number, Array<() => void>>();
-  private readonly unreferenced: Unreferenced;
+  private readonly forgotten: Forgotten;
+  private readonly shrinkWaiters: Array<{ below: number; wake: () => void }> = [];
   /** Content ever made local here, received or fetched. */
   localPages = 0;
+  /** The most page bytes held here at once. */
+  peakBytes = 0;
 
-  constructor(unreferenced: Unreferenced) {
-    this.unreferenced = unreferenced;
+  constructor(forgotten: Forgotten) {
+    this.forgotten = forgotten;
   }
 
-  /** The id of the content with this digest (new, unreferenced, if not known). */
+  /** The id of the content with this digest (new if not known). */
   intern(digest: Uint8Array, at: number): number {
     const known = this.index.lookup(digest, at);
     if (known >= 0) return known;
     const cid = this.index.insert(digest, at);
     this.grow(cid);
-    this.storeId[cid] = -1;
-    this.relays[cid] = 0;
-    this.refs[cid] = 0;
     return cid;
   }
 
@@ -45,13 +55,13 @@ export class ContentDirectory {
     return this.index.lookup(digest, at);
   }
 
-  /** The content's digest (a view, good until the next intern), held or not any more. */
+  /** The content's digest (a view, good until the next intern), known or not any more. */
   digestOf(cid: number): Uint8Array {
     return this.index.digestEverHeld(cid);
   }
 
   isLocal(cid: number): boolean {
-    return this.storeId[cid]! >= 0;
+    return this.storeId[cid]! !== NO_BYTES;
   }
 
   relayMask(cid: number): number {
@@ -61,32 +71,56 @@ export class ContentDirectory {
   /** The content's bytes; only for local content. */
   data(cid: number): Uint8Array {
     const id = this.storeId[cid]!;
-    if (id < 0) throw new SgmError("internal", "content asked for before it arrived");
-    return this.store.get(id);
+    if (id === NO_BYTES) throw new SgmError("internal", "content asked for before it arrived");
+    return this.store.view(id);
   }
 
-  addRelays(cid: number, mask: number): void {
+  /** The scatter sent these bytes (verified against the digest): it may name them from now on. */
+  receive(cid: number, page: Uint8Array): void {
+    this.pins[cid]! |= 1;
+    this.keep(cid, page);
+  }
+
+  /** The scatter says relays hold this content: it may name it from now on. */
+  locate(cid: number, mask: number): void {
+    this.pins[cid]! |= 2;
     this.relays[cid]! |= mask;
   }
 
-  /** Keeps a copy of `page` (already verified against the digest) and wakes whoever waits for it. */
-  addLocal(cid: number, page: Uint8Array): void {
-    if (this.storeId[cid]! >= 0) return;
-    const digest = this.index.digestOf(cid);
-    const put = this.store.put(digest, 0, page);
-    if (!put) throw new SgmError("internal", "gather page store refused a page");
-    this.storeId[cid] = put.id;
-    this.localPages++;
-    const waiting = this.waiters.get(cid);
-    if (waiting) {
-      this.waiters.delete(cid);
-      for (const wake of waiting) wake();
+  /** Bytes fetched from a relay (verified): kept if a page still needs them. */
+  fetched(cid: number, page: Uint8Array): void {
+    if (this.needs[cid]! > 0) this.keep(cid, page);
+  }
+
+  /** The scatter will not name content it sent here unless it sends it again. */
+  unpin(cid: number): void {
+    this.pins[cid]! &= ~1;
+    this.settle(cid);
+  }
+
+  /** The end of the run's streams: the scatter names nothing more. */
+  unpinAll(): void {
+    for (let cid = 0; cid < this.pins.length; cid++) {
+      if (this.pins[cid] === 0) continue;
+      this.pins[cid] = 0;
+      this.settle(cid);
     }
+  }
+
+  /** A page owes this content to the destination. */
+  need(cid: number): void {
+    this.needs[cid]!++;
+  }
+
+  /** A page no longer owes it (written, or changed). */
+  unneed(cid: number): void {
+    if (--this.needs[cid]! < 0) throw new SgmError("internal", `content ${cid} needed fewer than zero times`);
+    this.settle(cid);
   }
 
   /** Calls `wake` once the content is local (at once if it is). */
   whenLocal(cid: number, wake: () => void): void {
-    if (this.storeId[cid]! >= 0) {
+    if (this.isLocal(cid)) {
       wake();
       return;
     }
@@ -95,34 +129,68 @@ export class ContentDirectory {
     else this.waiters.set(cid, [wake]);
   }
 
-  retain(cid: number): void {
-    this.refs[cid]!++;
-  }
-
-  release(cid: number): void {
-    if (--this.refs[cid]! > 0) return;
-    const id = this.storeId[cid]!;
-    if (id >= 0) this.store.release(id);
-    this.unreferenced(cid, this.index.digestOf(cid).slice(0, DIGEST_BYTES), this.relays[cid]!);
-    this.waiters.delete(cid);
-    this.index.remove(cid);
+  /** Resolves once the bytes held here are below `bytes`. */
+  whenBelow(bytes: number): Promise<void> {
+    if (this.usedBytes < bytes) return Promise.resolve();
+    return new Promise((wake) => this.shrinkWaiters.push({ below: bytes, wake }));
   }
 
   get usedBytes(): number {
     return this.store.usedBytes;
   }
 
+  private keep(cid: number, page: Uint8Array): void {
+    if (this.storeId[cid] !== NO_BYTES) return;
+    this.storeId[cid] = this.store.put(page);
+    this.localPages++;
+    if (this.store.usedBytes > this.peakBytes) this.peakBytes = this.store.usedBytes;
+    const waiting = this.waiters.get(cid);
+    if (waiting) {
+      this.waiters.delete(cid);
+      for (const wake of waiting) wake();
+    }
+  }
+
+  /** Drops what is not needed any more: the bytes, or the content altogether. */
+  private settle(cid: number): void {
+    if (this.needs[cid]! > 0) return;
+    const pins = this.pins[cid]!;
+    const id = this.storeId[cid]!;
+    // pinned bytes that only this gather holds must stay
+    if (id !== NO_BYTES && !(pins & 1 && this.relays[cid] === 0)) {
+      this.store.freeSlot(id);
+      this.storeId[cid] = NO_BYTES;
+      this.wakeShrinkWaiters();
+    }
+    if (pins !== 0 || !this.index.has(cid)) return;
+    this.forgotten(cid, this.index.digestOf(cid).slice(0, DIGEST_BYTES), this.relays[cid]!);
+    this.waiters.delete(cid);
+    this.index.remove(cid);
+  }
+
+  private wakeShrinkWaiters(): void {
+    for (let k = this.shrinkWaiters.length - 1; k >= 0; k--) {
+      const w = this.shrinkWaiters[k]!;
+      if (this.usedBytes >= w.below) continue;
+      this.shrinkWaiters.splice(k, 1);
+      w.wake();
+    }
+  }
+
   private grow(cid: number): void {
-    if (cid < this.refs.length) return;
-    const size = Math.max(cid + 1, this.refs.length * 2);
-    const storeId = new Int32Array(size).fill(-1);
+    if (cid < this.needs.length) return;
+    const size = Math.max(cid + 1, this.needs.length * 2);
+    const storeId = new Int32Array(size).fill(NO_BYTES);
     storeId.set(this.storeId);
     this.storeId = storeId;
     const relays = new Uint32Array(size);
     relays.set(this.relays);
     this.relays = relays;
-    const refs = new Int32Array(size);
-    refs.set(this.refs);
-    this.refs = refs;
+    const pins = new Uint8Array(size);
+    pins.set(this.pins);
+    this.pins = pins;
+    const needs = new Int32Array(size);
+    needs.set(this.needs);
+    this.needs = needs;
   }
 }

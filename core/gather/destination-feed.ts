@@ -6,8 +6,9 @@
 // exactly once. Once every page is in, it checks its delivery and ends the
 // stream.
 //
-// The page table holds one reference for a page's current content and one
-// for what was fed, so a content id it compares is never reused meanwhile.
+// A page that owes the destination its current content holds a need on it
+// (content-directory.ts), so the bytes stay until written there; written,
+// the page lets go, and the gather holds no copy of the VM.
 
 import { join } from "node:path";
 import { SgmError } from "../errors.ts";
@@ -22,7 +23,7 @@ import type { DestinationQemu } from "./destination-qemu.ts";
 import { injected } from "../test-faults.ts";
 import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
-import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN } from "./page-table.ts";
+import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
 export interface FeedStats {
   /** Pages written before switchover (counting re-feeds of changed pages). */
@@ -105,6 +106,8 @@ export class DestinationFeed {
   /** No more page maps will come (set before switchover for a precopy source). */
   private sourceDone = false;
   private skipOne = injected("gather-delivery");
+  /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
+  private spare = -1;
 
   constructor(options: FeedOptions) {
     this.options = options;
@@ -150,14 +153,12 @@ export class DestinationFeed {
     void this.dest.qmp.closed.then(() => this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU went away`)));
   }
 
-  /** The page's content is now `cid` (or ZERO). Takes a reference on it. */
+  /** The page's content is now `cid` (or ZERO, PENDING). */
   map(block: number, page: number, cid: number): void {
     const t = this.table;
     const i = t.index(block, page);
     const old = t.content[i]!;
-    if (cid >= 0) this.dir.retain(cid);
-    t.content[i] = cid;
-    if (old >= 0) this.dir.release(old);
+    this.setContent(i, cid);
     if (old === PENDING) this.pending--;
     if (cid === PENDING) this.pending++;
     if (this.phase === "precopy") {
@@ -189,28 +190,31 @@ export class DestinationFeed {
       return ranges;
     });
     let discarded = discards.reduce((sum, ranges) => sum + ranges.reduce((n, [, count]) => n + count, 0), 0);
+    const spare = this.spare >= 0 ? this.spare : this.pickSpare();
     if (discarded === 0) {
       // QEMU needs at least one discard before LISTEN or its listen thread
-      // deadlocks; give up the first page fed and deliver it again later
-      if (t.fed[0]! >= 0) this.dir.release(t.fed[0]!);
-      t.fed[0] = NOT_FED;
-      discards[0]!.push([0, 1]);
+      // deadlocks; give up a page fed and deliver it again later
+      if (spare < 0) throw new SgmError("internal", `VM ${this.name}: no page to discard at switchover`);
+      t.fed[spare] = NOT_FED;
+      this.setContent(spare, t.content[spare]!);
+      const b = t.blockOf(spare);
+      discards[b]!.push([spare - t.blockStart[b]!, 1]);
       discarded = 1;
     }
+    if (this.spare >= 0 && t.content[this.spare]! >= 0) this.dir.unneed(t.content[this.spare]!);
+    this.spare = -1;
     discards.forEach((ranges, b) => {
       if (ranges.length > 0) this.writer.discard(b, ranges);
     });
     this.stats.discardedPages = discarded;
     // pages fed and still current are at the destination for good; the others it holds nothing of
     for (let i = 0; i < t.total; i++) {
-      const fed = t.fed[i]!;
-      const current = fed === t.content[i];
-      if (current) {
-        t.delivered[i] = 1;
-        if (fed >= 0) this.dir.release(fed); // the content reference
-      } else t.written[i] = NOT_WRITTEN;
-      if (fed >= 0) this.dir.release(fed); // the fed reference
-      t.fed[i] = current ? fed : NOT_FED;
+      const current = t.fed[i] === t.content[i];
+      if (current) t.delivered[i] = 1;
+      else {
+        t.written[i] = NOT_WRITTEN;
+        t.fed[i] = NOT_FED;
+      }
     }
     trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
     this.writer.packageAndRun(deviceState);
@@ -283,10 +287,7 @@ export class DestinationFeed {
           continue;
         }
         this.write(i, c);
-        if (c >= 0) this.dir.retain(c);
-        const old = t.fed[i]!;
         t.fed[i] = c;
-        if (old >= 0) this.dir.release(old);
         this.stats.fedPages++;
       }
       this.writer.flush();
@@ -304,6 +305,13 @@ export class DestinationFeed {
   /** The postcopy source's stream ended: every page it owed has come. */
   sourceFinished(): void {
     this.sourceDone = true;
+    if (this.phase === "precopy") {
+      // a page to give again at switchover if need be (see there), chosen
+      // while the scatter's pins still keep content here; a need keeps it
+      this.spare = this.pickSpare();
+      const c = this.spare >= 0 ? this.table.content[this.spare]! : -1;
+      if (c >= 0) this.dir.need(c);
+    }
     if (this.pending > 0) {
       this.fail(new SgmError("data", `VM ${this.name}: the source's stream ended with ${this.pending} pages it discarded never sent again`));
       return;
@@ -337,17 +345,54 @@ export class DestinationFeed {
     t.delivered[i] = 1;
     if (this.skipOne && c >= 0) {
       this.skipOne = false; // SGM_TEST_FAULT=gather-delivery: the delivery check must notice
+      this.letGo(i);
     } else this.write(i, c);
-    if (c >= 0) this.dir.release(c);
     this.stats.deliveredPages++;
   }
 
-  /** The one place page bytes go to the destination. */
+  /** A page the destination can be given again: zero, or its content here or on a relay. */
+  private pickSpare(): number {
+    const t = this.table;
+    let onRelay = -1;
+    for (let i = 0; i < t.total; i++) {
+      const c = t.content[i]!;
+      if (c === ZERO) return i;
+      if (c < 0) continue;
+      if (this.dir.isLocal(c)) return i;
+      if (onRelay < 0 && this.dir.relayMask(c) !== 0) onRelay = i;
+    }
+    return onRelay;
+  }
+
+  /** The one place page bytes go to the destination; the page owes nothing more. */
   private write(i: number, c: number): void {
     const t = this.table;
     const b = t.blockOf(i);
     this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
     t.written[i] = c;
+    this.letGo(i);
+  }
+
+  /**
+   * Page i's content is `cid` now: the page owes it to the destination
+   * (holds a need on it) unless the destination has it already.
+   */
+  private setContent(i: number, cid: number): void {
+    const t = this.table;
+    this.letGo(i);
+    t.content[i] = cid;
+    const has = t.delivered[i] === 1 || t.fed[i] === cid;
+    if (cid >= 0 && !has) {
+      this.dir.need(cid);
+      t.owing[i] = 1;
+    }
+  }
+
+  private letGo(i: number): void {
+    const t = this.table;
+    if (t.owing[i] === 0) return;
+    t.owing[i] = 0;
+    this.dir.unneed(t.content[i]!);
   }
 
   private onRequest(blockName: string, start: number, length: number): void {

@@ -21,6 +21,7 @@ import {
   maxPayload,
   readLocations,
   readPageData,
+  readDigests,
   readPageMap,
   VmBytesKind,
 } from "../wire/messages.ts";
@@ -50,9 +51,20 @@ export interface GatherReport {
   /** Bytes received, frames included: from the scatter directly, and from relays. */
   bytesFromScatter: number;
   bytesFromRelays: number;
+  /** The most page bytes the gather held at once (pinned by the scatter, or owed to a destination). */
+  peakHeldBytes: number;
   relays: FetcherStats["relays"];
   exitCode: number;
 }
+
+/**
+ * The gather stops reading its scatter while it holds more page bytes than
+ * this (pages the destination has yet to take, plus the scatter's pins:
+ * scatter/placement.ts pins at most 64 MiB here), and reads on below
+ * HELD_LOW: its memory does not grow with the VMs it gathers.
+ */
+const HELD_HIGH = 128 * 1024 * 1024;
+const HELD_LOW = 96 * 1024 * 1024;
 
 interface Shared {
   arrivals: Map<string, VmArrival>;
@@ -128,6 +140,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     vms: reports,
     bytesFromScatter: sessions.reduce((n, s) => n + s.conn.bytesReceived, 0),
     bytesFromRelays: relays.reduce((n, r) => n + r.bytesIn, 0),
+    peakHeldBytes: sessions.reduce((n, s) => n + s.peakHeldBytes, 0),
     relays,
     exitCode: failures.length === 0 ? 0 : Math.max(...failures.map((r) => r.exitCode ?? 70)),
   };
@@ -143,8 +156,8 @@ class ScatterSession {
   private readonly shared: Shared;
   private readonly dir: ContentDirectory;
   private readonly vms = new Map<number, VmArrival>();
-  /** References held for the scatter, which may name any content it sent again. */
-  private pins: number[] = [];
+  /** Why reading the scatter's frames is paused now. */
+  private readonly holds = new Set<string>();
   private readonly scratch = new Uint8Array(DIGEST_BYTES);
   private resumeTimer: ReturnType<typeof setTimeout> | null = null;
   /** PAGE_DATA payload bytes taken in, and how many of them the scatter has been told of. */
@@ -158,6 +171,10 @@ class ScatterSession {
     this.fetcher = new RelayFetcher(this.dir, shared.limiter, (err) => this.failAll(asSgmError(err)));
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => this.onClosed(reason));
+  }
+
+  get peakHeldBytes(): number {
+    return this.dir.peakBytes;
   }
 
   close(): void {
@@ -175,11 +192,10 @@ class ScatterSession {
           for (let i = 0; i < DIGEST_BYTES; i++) {
             if (this.scratch[i] !== payload[digestAt + i]) throw new SgmError("data", `${this.conn.remoteAddress}: page content does not match its digest`);
           }
-          const cid = this.dir.intern(payload, digestAt);
-          this.dir.addLocal(cid, page);
-          this.pin(cid);
+          this.dir.receive(this.dir.intern(payload, digestAt), page);
         });
         this.dataTaken += payload.length;
+        if (this.dir.usedBytes > HELD_HIGH) this.holdWhileFull();
         // the scatter keeps little direct content in flight: tell it often
         if (this.dataTaken - this.dataReported >= 128 * 1024) {
           this.dataReported = this.dataTaken;
@@ -187,10 +203,12 @@ class ScatterSession {
         }
         return;
       case FrameType.LOCATIONS:
-        readLocations(payload, (digestAt, mask) => {
-          const cid = this.dir.intern(payload, digestAt);
-          this.dir.addRelays(cid, mask);
-          this.pin(cid);
+        readLocations(payload, (digestAt, mask) => this.dir.locate(this.dir.intern(payload, digestAt), mask));
+        return;
+      case FrameType.UNPIN:
+        readDigests(payload, (digestAt) => {
+          const cid = this.dir.lookup(payload, digestAt);
+          if (cid >= 0) this.dir.unpin(cid);
         });
         return;
       case FrameType.PAGE_MAP:
@@ -224,9 +242,9 @@ class ScatterSession {
       case "relays": {
         if (message.relays.length === 0) return;
         // nothing may be applied until the relays are reachable
-        this.conn.pauseReading();
+        this.hold("relays");
         this.fetcher.connect(Buffer.from(message.run, "hex"), message.relays, this.shared.psk).then(
-          () => this.conn.resumeReading(),
+          () => this.unhold("relays"),
           (err: unknown) => {
             this.shared.log(`cannot reach the run's relays: ${asSgmError(err).message}`);
             this.conn.abort(asSgmError(err));
@@ -255,17 +273,17 @@ class ScatterSession {
       case "blocks": {
         const arrival = this.vm(message.vm);
         // nothing else may be applied until the destination stream exists
-        this.conn.pauseReading();
+        this.hold("destination");
         const content = {
           dir: this.dir,
           fetch: (cid: number, urgent: boolean) => this.fetcher.want(cid, urgent),
           fromSource: (block: number, page: number) => this.send({ t: "want", vm: message.vm, block, page }),
         };
         arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, this.shared.postcopyBandwidth).then(
-          () => this.conn.resumeReading(),
+          () => this.unhold("destination"),
           (err: unknown) => {
             arrival.fail(asSgmError(err));
-            this.conn.resumeReading();
+            this.unhold("destination");
           },
         );
         return;
@@ -301,17 +319,34 @@ class ScatterSession {
     const wait = limiter.waitMs();
     if (wait <= 0 || this.resumeTimer) return;
     limiter.scatterWaiting = true;
-    this.conn.pauseReading();
+    this.hold("rate");
     this.resumeTimer = setTimeout(() => {
       this.resumeTimer = null;
       limiter.scatterWaiting = false;
-      this.conn.resumeReading();
+      this.unhold("rate");
     }, wait);
   }
 
-  private pin(cid: number): void {
-    this.dir.retain(cid);
-    this.pins.push(cid);
+  /**
+   * Takes no more from the scatter until what the gather holds is down
+   * again: pages the destination has yet to take, and what the scatter
+   * keeps pinned here (it pins far less than this, so holding stops).
+   */
+  private holdWhileFull(): void {
+    if (this.holds.has("memory")) return;
+    this.hold("memory");
+    void this.dir.whenBelow(HELD_LOW).then(() => this.unhold("memory"));
+  }
+
+  /** Reading the scatter's frames stops while any reason holds it. */
+  private hold(reason: string): void {
+    this.holds.add(reason);
+    this.conn.pauseReading();
+  }
+
+  private unhold(reason: string): void {
+    this.holds.delete(reason);
+    if (this.holds.size === 0) this.conn.resumeReading();
   }
 
   private vm(id: number): VmArrival {
@@ -327,9 +362,7 @@ class ScatterSession {
   }
 
   private releasePins(): void {
-    const pins = this.pins;
-    this.pins = [];
-    for (const cid of pins) this.dir.release(cid);
+    this.dir.unpinAll();
     this.fetcher.flushAllReleases();
   }
 

@@ -27,6 +27,8 @@ export class PageTable {
   readonly delivered: Uint8Array;
   /** The content last written to the destination for each page (a content id, ZERO or NOT_WRITTEN). */
   readonly written: Int32Array;
+  /** The page owes the destination its content, and holds a need on it until written. */
+  readonly owing: Uint8Array;
 
   constructor(blocks: readonly RamBlockInfo[]) {
     this.blocks = blocks;
@@ -42,6 +44,7 @@ export class PageTable {
     this.fed = new Int32Array(total).fill(NOT_FED);
     this.delivered = new Uint8Array(total);
     this.written = new Int32Array(total).fill(NOT_WRITTEN);
+    this.owing = new Uint8Array(total);
   }
 
   index(block: number, page: number): number {

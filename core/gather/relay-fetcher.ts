@@ -258,7 +258,7 @@ export class RelayFetcher {
       if (cid < 0) return;
       this.wanted.delete(cid);
       this.tried.delete(cid);
-      this.dir.addLocal(cid, page);
+      this.dir.fetched(cid, page);
     });
     this.requests.delete(req);
     relay.inFlight--;

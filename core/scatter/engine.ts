@@ -46,6 +46,8 @@ export interface ScatterOptions {
   postcopyAfterPass?: number;
   /** In precopy mode: passes before scatter gives up on convergence (the VM runs on at the source). */
   maxPasses?: number;
+  /** Pages of content kept pinned at the gather for dedup (default GATHER_PIN_PAGES). */
+  gatherPinPages?: number;
   /** How long to keep trying a gather that is not up yet. */
   gatherWaitMs?: number;
   signal?: AbortSignal;
@@ -122,7 +124,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   if (relays.length > 0) log(`relays: ${relays.map((r) => r.address).join(", ")} (${replicas} per page)`);
 
   const run = randomBytes(16);
-  const placement = new RunPlacement(conn, replicas);
+  const placement = new RunPlacement(conn, replicas, options.gatherPinPages);
   for (const r of relays) placement.addRelay(r.address, r.conn, run);
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: run.toString("hex"), relays: relays.map((r) => r.address) }));
 

@@ -18,6 +18,7 @@ import { TPS } from "../qemu/constants.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import { injected } from "../test-faults.ts";
 import { FrameType, PageMapBuilder } from "../wire/messages.ts";
+import type { MapProgress } from "./gather-pins.ts";
 import type { RunPlacement } from "./placement.ts";
 
 export interface PipelineStats {
@@ -44,6 +45,7 @@ interface PendingFrame {
   payload: Uint8Array;
   buffer: Uint8Array;
   marks: number[];
+  entries: number;
 }
 
 export class PagePipeline {
@@ -55,6 +57,7 @@ export class PagePipeline {
   private readonly fifo: PendingFrame[] = [];
   private drained: Array<() => void> = [];
   private readonly offAcked: () => void;
+  private readonly progress: MapProgress;
   private blockStart: number[] = [];
   /** Per page (global index over the blocks): its content id, or ZERO, NEVER_SENT, PENDING. */
   private final = new Int32Array(0);
@@ -65,6 +68,7 @@ export class PagePipeline {
     const gather = placement.gather;
     this.mapBuffers = new RecycledBuffers(PageMapBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.map = new PageMapBuilder(() => this.mapBuffers.acquire());
+    this.progress = placement.mapStream();
     this.offAcked = placement.onAcked((replaced) => {
       if (replaced) this.raiseMarks();
       this.release();
@@ -84,6 +88,7 @@ export class PagePipeline {
 
   page(block: number, page: number, content: Uint8Array | null): void {
     this.stats.pages++;
+    this.progress.added++;
     const index = this.blockStart[block]! + page;
     // QEMU 9.0+ with zero-page-detection=none sends zero pages as content
     if (content === null || isZeroPage(content)) {
@@ -104,6 +109,7 @@ export class PagePipeline {
   /** A postcopy source discarded the page: whatever the gather has for it is stale until it comes again. */
   pending(block: number, page: number): void {
     this.stats.pendingPages++;
+    this.progress.added++;
     this.map.addPending(block, page);
     this.final[this.blockStart[block]! + page] = PENDING;
     if (this.map.full) this.flush();
@@ -145,6 +151,8 @@ export class PagePipeline {
     const { payload } = one.take(this.vm);
     this.stats.mapBytes += payload.length;
     this.placement.sendLocations();
+    // not counted in the map progress: it goes at once, and content unpinned
+    // after it is unpinned after it on the wire too
     this.placement.gather.send(FrameType.PAGE_MAP, payload);
   }
 
@@ -152,8 +160,9 @@ export class PagePipeline {
   flush(): void {
     if (this.map.entries === 0) return;
     this.placement.flush();
+    const entries = this.map.entries;
     const { payload, buffer } = this.map.take(this.vm);
-    this.fifo.push({ payload, buffer, marks: this.placement.sentMarks() });
+    this.fifo.push({ payload, buffer, marks: this.placement.sentMarks(), entries });
     this.release();
   }
 
@@ -175,6 +184,9 @@ export class PagePipeline {
 
   close(): void {
     this.offAcked();
+    // frames never sent now name nothing the gather must keep
+    this.progress.sent = this.progress.added;
+    this.placement.flushUnpins();
   }
 
   private release(): void {
@@ -185,7 +197,9 @@ export class PagePipeline {
       this.stats.mapBytes += frame.payload.length;
       gather.send(FrameType.PAGE_MAP, frame.payload);
       this.mapBuffers.queued(frame.buffer, gather.bytesSent + gather.queuedBytes);
+      this.progress.sent += frame.entries;
     }
     if (this.fifo.length === 0) for (const resolve of this.drained.splice(0)) resolve();
+    this.placement.flushUnpins();
   }
 }

@@ -2,14 +2,17 @@
 // to the gather while its connection takes it (TCP backpressure is the
 // signal), otherwise to the relays that rank highest for the page's digest
 // (rendezvous hashing, --replicas of them). Content seen before in the run
-// is not placed again: one digest index serves every VM.
+// is not placed again while the gather or relays hold it: one digest index
+// serves every VM. What the gather holds only for that is bounded
+// (gather-pins.ts).
 
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
+import { encodeDigests, encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
+import { GatherPins, type MapProgress } from "./gather-pins.ts";
 import { type Refused, RelayLink } from "./relay-link.ts";
 
 /**
@@ -24,6 +27,12 @@ const DIRECT_WINDOW = 1024 * 1024;
 const RELAY_WINDOW = 8 * 1024 * 1024;
 /** The source is read no further while the gather queues this much and no relay takes pages. */
 const GATHER_HIGH = 8 * 1024 * 1024;
+/**
+ * Content pinned at the gather for dedup, in pages (64 MiB): well below
+ * what the gather holds before it stops reading (see its engine), and
+ * enough to catch what repeats within and across the VMs of a run.
+ */
+export const GATHER_PIN_PAGES = 16384;
 
 export interface PlacementStats {
   directPages: number;
@@ -49,13 +58,15 @@ export class RunPlacement {
   private readonly drainWaiters: Array<() => void> = [];
   private failure: Error | null = null;
   private readonly failListeners = new Set<(reason: Error) => void>();
+  private readonly pins: GatherPins;
   /** PAGE_DATA payload bytes sent to the gather, and taken in by it. */
   directBytes = 0;
   private directTaken = 0;
 
-  constructor(gather: PeerConnection, replicas: number) {
+  constructor(gather: PeerConnection, replicas: number, gatherPinPages = GATHER_PIN_PAGES) {
     this.gather = gather;
     this.replicas = replicas;
+    this.pins = new GatherPins(gatherPinPages);
     this.directBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.direct = new PageDataBuilder(() => this.directBuffers.acquire());
   }
@@ -92,14 +103,25 @@ export class RunPlacement {
    */
   place(digest: Uint8Array, at: number, page: Uint8Array): number {
     const known = this.index.lookup(digest, at);
-    if (known >= 0) {
+    if (known >= 0 && this.isHeld(known)) {
       this.stats.dedupPages++;
+      this.pins.touch(known);
       return known;
     }
-    const cid = this.index.insert(digest, at);
+    const cid = known >= 0 ? known : this.index.insert(digest, at);
     this.grow(cid);
     this.put(cid, digest, at, page);
     return cid;
+  }
+
+  /** A VM's page pipeline registers the progress of its map entries (UNPINs wait for them). */
+  mapStream(): MapProgress {
+    return this.pins.mapStream();
+  }
+
+  /** The gather or relays hold the content (or will, once acknowledged): a reference to it is enough. */
+  private isHeld(cid: number): boolean {
+    return this.pins.isPinned(cid) || this.mask[cid] !== 0 || this.pending[cid]! > 0;
   }
 
   /**
@@ -108,8 +130,9 @@ export class RunPlacement {
    */
   placeUrgent(digest: Uint8Array, at: number, page: Uint8Array): number {
     let cid = this.index.lookup(digest, at);
-    if (cid >= 0 && this.pending[cid] === 0) {
+    if (cid >= 0 && this.pending[cid] === 0 && this.isHeld(cid)) {
       this.stats.dedupPages++;
+      this.pins.touch(cid);
       return cid;
     }
     if (cid < 0) {
@@ -117,9 +140,22 @@ export class RunPlacement {
       this.grow(cid);
     }
     this.stats.directPages++;
-    this.sendDirect(digest, at, page);
+    this.sendDirect(cid, digest, at, page);
     this.flushDirect();
     return cid;
+  }
+
+  /** Sends the UNPINs whose map entries have all gone before them. */
+  flushUnpins(): void {
+    const ready = this.pins.takeReady();
+    if (ready.length === 0) return;
+    try {
+      // the bytes of content being unpinned must reach the gather first
+      this.flushDirect();
+      for (let i = 0; i < ready.length; i += 16384) this.gather.send(FrameType.UNPIN, encodeDigests(ready.slice(i, i + 16384)));
+    } catch {
+      // the gather is gone: its connection reports that, and it holds nothing now
+    }
   }
 
   /** Sends every batch being built: direct pages, relay PUTs. */
@@ -218,7 +254,7 @@ export class RunPlacement {
       // the gather takes it: either it keeps up, or not enough relays can
       // hold --replicas copies now (and the source waits)
       this.stats.directPages++;
-      this.sendDirect(digest, at, page);
+      this.sendDirect(cid, digest, at, page);
       return;
     }
     this.pending[cid] = n;
@@ -227,7 +263,8 @@ export class RunPlacement {
     for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.add(cid, digest, at, page);
   }
 
-  private sendDirect(digest: Uint8Array, at: number, page: Uint8Array): void {
+  private sendDirect(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
+    this.pins.pin(cid, (c) => this.index.digestOf(c));
     const slot = this.direct.add(page);
     slot.buf.set(digest.subarray(at, at + DIGEST_BYTES), slot.at);
     if (this.direct.full) this.flush();
@@ -254,7 +291,7 @@ export class RunPlacement {
       } else if (--this.pending[r.cid]! === 0) {
         if (this.mask[r.cid] === 0) {
           // no relay holds it: the gather gets it directly
-          this.sendDirect(r.digest, 0, r.page);
+          this.sendDirect(r.cid, r.digest, 0, r.page);
         } else {
           this.locations.push({ digest: this.index.digestOf(r.cid).slice(), mask: this.mask[r.cid]! });
         }

@@ -9,6 +9,8 @@
 // VM_BYTES:  u16 vm, u8 kind (1 stream header, 2 device state), u8 last, bytes
 // LOCATIONS: u32 count, then count x (32-byte digest, u32 relay mask): content
 //            the gather must fetch from those relays (bit i: the run's relay i)
+// UNPIN:     u32 count, then count x 32-byte digest: content the scatter sent
+//            the gather and will not name again unless it sends it again
 
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
@@ -21,6 +23,7 @@ export const FrameType = {
   PAGE_MAP: 18,
   PAGE_DATA: 19,
   LOCATIONS: 27,
+  UNPIN: 28,
 } as const;
 
 export const MAX_CONTROL = 1024 * 1024;
@@ -45,6 +48,8 @@ export function maxPayload(type: number): number | undefined {
       return 4 + DATA_BATCH * DATA_ENTRY;
     case FrameType.LOCATIONS:
       return 4 + MAP_BATCH * LOCATION_ENTRY;
+    case FrameType.UNPIN:
+      return 4 + MAP_BATCH * DIGEST_BYTES;
     default:
       return relayMaxPayload(type);
   }
@@ -348,6 +353,22 @@ export class PageDataBuilder {
     this.count = 0;
     return { payload, buffer };
   }
+}
+
+// ---- UNPIN --------------------------------------------------------------------------
+
+export function encodeDigests(digests: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(4 + digests.length * DIGEST_BYTES);
+  new DataView(out.buffer).setUint32(0, digests.length);
+  digests.forEach((d, n) => out.set(d, 4 + n * DIGEST_BYTES));
+  return out;
+}
+
+export function readDigests(payload: Uint8Array, visit: (digestAt: number) => void): void {
+  if (payload.length < 4) throw new SgmError("data", "UNPIN frame shorter than its header");
+  const count = new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0);
+  if (payload.length !== 4 + count * DIGEST_BYTES) throw new SgmError("data", `UNPIN frame of ${payload.length} bytes does not hold ${count} digests`);
+  for (let n = 0; n < count; n++) visit(4 + n * DIGEST_BYTES);
 }
 
 // ---- LOCATIONS ------------------------------------------------------------------------

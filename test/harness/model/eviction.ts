@@ -29,6 +29,8 @@ export interface ModelEvictionOptions {
   switchover?: SwitchoverMode;
   postcopyAfterPass?: number;
   maxPasses?: number;
+  /** Pages the scatter keeps pinned at the gather (small, so that it unpins often). */
+  gatherPinPages?: number;
   /** The gather's --max-rate. */
   gatherMaxRate?: number;
   /**
@@ -93,6 +95,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       switchover: options.switchover,
       postcopyAfterPass: options.postcopyAfterPass,
       maxPasses: options.maxPasses,
+      gatherPinPages: options.gatherPinPages,
     });
     const gather = await gathering;
     const mismatches = new Map<string, PageMismatch[]>();
