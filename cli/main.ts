@@ -4,6 +4,7 @@
 
 import { cac } from "cac";
 import { SgmError } from "../core/errors.ts";
+import { runWithTunedAllocator } from "./allocator.ts";
 import { registerGather } from "./gather.ts";
 import { reportError } from "./output.ts";
 import { registerRelay } from "./relay.ts";
@@ -45,6 +46,7 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-process.exitCode = await main(process.argv.slice(2));
+const tuned = await runWithTunedAllocator(process.argv.slice(2));
+process.exitCode = tuned ?? (await main(process.argv.slice(2)));
 // Sockets or timers a failed run left behind must not keep the process alive.
 process.exit();
