@@ -13,16 +13,24 @@ import { SgmError } from "../errors.ts";
 export const DIGEST_BYTES = 32;
 export const PAGE_BYTES = 4096;
 
+const scratch = new Uint8Array(DIGEST_BYTES);
+
 /**
  * Writes the SHA-256 digest of `page` (any length, any byteOffset) into
- * out[outOffset .. outOffset + 32). Allocates nothing when outOffset is 0.
+ * out[outOffset .. outOffset + 32). Allocates nothing.
  */
 export function digestPage(page: Uint8Array, out: Uint8Array, outOffset = 0): void {
   if (outOffset < 0 || outOffset + DIGEST_BYTES > out.length) {
     throw new SgmError("internal", `digest output needs ${DIGEST_BYTES} bytes at offset ${outOffset} of ${out.length}`);
   }
-  // Bun writes the digest at the start of the view it is given, whatever its length.
-  Bun.SHA256.hash(page, outOffset === 0 ? out : out.subarray(outOffset));
+  if (outOffset === 0) {
+    Bun.SHA256.hash(page, out);
+    return;
+  }
+  // Bun writes at the start of the view it is given: a view at the offset
+  // would be an object per page, so the digest goes through a scratch copy
+  Bun.SHA256.hash(page, scratch);
+  for (let k = 0; k < DIGEST_BYTES; k++) out[outOffset + k] = scratch[k]!;
 }
 
 // Compared against with Buffer.equals, which is a native memcmp: it needs no

@@ -4,6 +4,7 @@
 // faults). Slots carry no identity; their owner says what is in them.
 
 import { PAGE_BYTES } from "./digest.ts";
+import { allocateSlab } from "./slab-memory.ts";
 
 const SLAB_PAGES = 1024;
 
@@ -18,7 +19,7 @@ export class PageSlots {
   put(page: Uint8Array): number {
     const slot = this.free.pop() ?? this.next++;
     const slab = slot >>> 10;
-    if (slab === this.slabs.length) this.slabs.push(new Uint8Array(SLAB_PAGES * PAGE_BYTES));
+    if (slab === this.slabs.length) this.slabs.push(allocateSlab(SLAB_PAGES * PAGE_BYTES));
     this.view(slot).set(page);
     this.used++;
     return slot;

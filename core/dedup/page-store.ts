@@ -11,6 +11,7 @@
 import { SgmError } from "../errors.ts";
 import { DigestIndex } from "./digest-index.ts";
 import { PAGE_BYTES } from "./digest.ts";
+import { allocateSlab } from "./slab-memory.ts";
 
 export interface PageStoreOptions {
   /** Bound on the bytes of pages held; Infinity (the default) for none. */
@@ -152,7 +153,7 @@ export class PageStore {
     let slab = this.slabs[slabNumber];
     if (slab === undefined) {
       if (!allocate) throw new SgmError("internal", `page ${id} has no slab`);
-      slab = new Uint8Array((this.slabMask + 1) * PAGE_BYTES);
+      slab = allocateSlab((this.slabMask + 1) * PAGE_BYTES);
       this.slabs[slabNumber] = slab;
     }
     const start = (id & this.slabMask) * PAGE_BYTES;

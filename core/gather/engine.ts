@@ -60,11 +60,11 @@ export interface GatherReport {
 /**
  * The gather stops reading its scatter while it holds more page bytes than
  * this (pages the destination has yet to take, plus the scatter's pins:
- * scatter/placement.ts pins at most 64 MiB here), and reads on below
+ * scatter/placement.ts pins at most 32 MiB here), and reads on below
  * HELD_LOW: its memory does not grow with the VMs it gathers.
  */
-const HELD_HIGH = 128 * 1024 * 1024;
-const HELD_LOW = 96 * 1024 * 1024;
+const HELD_HIGH = 64 * 1024 * 1024;
+const HELD_LOW = 48 * 1024 * 1024;
 
 interface Shared {
   arrivals: Map<string, VmArrival>;

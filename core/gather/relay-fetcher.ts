@@ -16,6 +16,12 @@ import type { ContentDirectory } from "./content-directory.ts";
 /** Background GETs in flight per relay. */
 const WINDOW = 8;
 const BATCH = 64;
+/**
+ * Background fetches wait while the gather holds this much (fetched pages
+ * the destination has yet to take, and the scatter's pins), so a
+ * destination slower than the relays does not make the gather hold the VM.
+ */
+const FETCH_HIGH = 56 * 1024 * 1024;
 
 interface Relay {
   address: string;
@@ -50,6 +56,7 @@ export class RelayFetcher {
   private lost = 0;
   private closing = false;
   private pumpTimer: ReturnType<typeof setTimeout> | null = null;
+  private waitingForRoom = false;
   private keepAlive: ReturnType<typeof setInterval> | null = null;
   private urgentFetches = 0;
 
@@ -147,8 +154,17 @@ export class RelayFetcher {
     for (const relay of this.relays) relay.conn.close();
   }
 
-  /** Issues background GETs, a batch per relay at a time, while the rate and the windows allow. */
+  /** Issues background GETs, a batch per relay at a time, while the rate, the windows and the gather's memory allow. */
   private pump(): void {
+    if (this.dir.usedBytes >= FETCH_HIGH) {
+      if (this.waitingForRoom) return;
+      this.waitingForRoom = true;
+      void this.dir.whenBelow(FETCH_HIGH * 0.75).then(() => {
+        this.waitingForRoom = false;
+        this.pump();
+      });
+      return;
+    }
     for (let progress = true; progress; ) {
       progress = false;
       for (let r = 0; r < this.relays.length; r++) {

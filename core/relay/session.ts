@@ -10,6 +10,7 @@ import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { FrameType, decodeControl, encodeControl } from "../wire/messages.ts";
 import {
+  GET_BATCH,
   PagesBuilder,
   RelayFrame,
   encodeAck,
@@ -18,6 +19,7 @@ import {
   readPut,
   readRelease,
 } from "../wire/relay-messages.ts";
+import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import type { RunHolds } from "./holds.ts";
 
 // A client that sends requests but does not read the replies would make us
@@ -54,10 +56,12 @@ export class RelaySession {
   private readonly digest = new Uint8Array(DIGEST_BYTES);
   private fullSent = false;
   private paused = false;
+  private readonly replyBuffers: RecycledBuffers;
 
   constructor(conn: PeerConnection, shared: RelayShared) {
     this.conn = conn;
     this.shared = shared;
+    this.replyBuffers = new RecycledBuffers(PagesBuilder.bytesFor(GET_BATCH), () => conn.bytesSent);
     // A throw from here is a data error: the connection drops this peer alone.
     conn.onFrame((type, payload) => this.onFrame(type, payload));
   }
@@ -123,14 +127,17 @@ export class RelaySession {
   private get(payload: Uint8Array): void {
     const { req, count, digests } = readDigestRequest(payload, "GET");
     const { store, counters } = this.shared;
-    const reply = new PagesBuilder(req, count);
+    // a buffer whose earlier reply has been written: fresh memory costs page faults
+    const buffer = this.replyBuffers.acquire();
+    const reply = new PagesBuilder(req, count, buffer);
     for (let n = 0; n < count; n++) {
       const page = store.getByDigest(digests, n * DIGEST_BYTES);
       reply.add(digests, n * DIGEST_BYTES, page);
       if (page) counters.bytesOut += PAGE_BYTES;
     }
-    // The builder's buffer is the reply's own, so the connection may keep it until written.
+    // the connection keeps the buffer until written; it is used again after that
     this.conn.send(RelayFrame.PAGES, reply.take());
+    this.replyBuffers.queued(buffer, this.conn.bytesSent + this.conn.queuedBytes);
   }
 
   private has(payload: Uint8Array): void {

@@ -6,26 +6,32 @@
 // to the gather only once every map entry written before the decision has
 // been sent, so no map frame still to come names content the gather let go.
 
-import { DIGEST_BYTES } from "../dedup/digest.ts";
-
 /** Map entries one VM's pipeline has written, and how many of them it has sent. */
 export interface MapProgress {
   added: number;
   sent: number;
 }
 
+/** Unpins decided between two takeReady calls, and the map entries written by the last of them. */
+interface Batch {
+  cids: number[];
+  /** Each content's pin generation when it was unpinned: a later pin cancels the unpin. */
+  generations: number[];
+  mark: number[];
+}
+
 export class GatherPins {
   readonly budget: number;
   private pinned = new Uint8Array(1024);
   private referenced = new Uint8Array(1024);
+  /** Bumped by every pin, so an unpin decided before it is known stale. */
+  private generation = new Uint32Array(1024);
   private readonly ring: Int32Array;
   private count = 0;
   private hand = 0;
   private readonly streams: MapProgress[] = [];
-  private readonly queue: Array<{ cid: number; digest: Uint8Array; mark: number[]; cancelled: boolean }> = [];
-  /** Per content: the queue entry of its UNPIN not sent yet. */
-  private readonly unsent = new Map<number, { cancelled: boolean }>();
-  private queueHead = 0;
+  private open: Batch = { cids: [], generations: [], mark: [] };
+  private readonly queue: Batch[] = [];
 
   /** `budget`: pages of content at most pinned at the gather. */
   constructor(budget: number) {
@@ -49,23 +55,16 @@ export class GatherPins {
     this.referenced[cid] = 1;
   }
 
-  /**
-   * The content was sent to the gather: it is pinned there. Past the budget
-   * another is unpinned; `digestOf` gives that one's digest for its UNPIN.
-   */
-  pin(cid: number, digestOf: (cid: number) => Uint8Array): void {
+  /** The content was sent to the gather: it is pinned there. Past the budget another is unpinned. */
+  pin(cid: number): void {
     this.grow(cid);
     if (this.pinned[cid] === 1) {
       this.referenced[cid] = 1;
       return;
     }
     this.pinned[cid] = 1;
-    // sent again before its UNPIN left: the gather must not get that UNPIN after these bytes
-    const stale = this.unsent.get(cid);
-    if (stale) {
-      stale.cancelled = true;
-      this.unsent.delete(cid);
-    }
+    // an unpin decided before these bytes were sent must not reach the gather after them
+    this.generation[cid]!++;
     if (this.count < this.budget) {
       this.ring[this.count++] = cid;
       return;
@@ -78,30 +77,30 @@ export class GatherPins {
         continue;
       }
       this.pinned[held] = 0;
-      const entry = { cid: held, digest: digestOf(held).slice(0, DIGEST_BYTES), mark: this.streams.map((s) => s.added), cancelled: false };
-      this.queue.push(entry);
-      this.unsent.set(held, entry);
+      this.open.cids.push(held);
+      this.open.generations.push(this.generation[held]!);
       this.ring[this.hand] = cid;
       this.hand = (this.hand + 1) % this.budget;
       return;
     }
   }
 
-  /** Digests whose UNPIN may go now: every map entry written before it has been sent. */
-  takeReady(): Uint8Array[] {
-    const ready: Uint8Array[] = [];
-    while (this.queueHead < this.queue.length) {
-      const next = this.queue[this.queueHead]!;
-      if (!next.cancelled && !next.mark.every((added, k) => this.streams[k]!.sent >= added)) break;
-      if (!next.cancelled) {
-        ready.push(next.digest);
-        this.unsent.delete(next.cid);
-      }
-      this.queueHead++;
+  /** Contents whose UNPIN may go now: every map entry written before it has been sent. */
+  takeReady(): number[] {
+    if (this.open.cids.length > 0) {
+      // stamped now, after every unpin in it was decided: waiting longer is safe
+      this.open.mark = this.streams.map((s) => s.added);
+      this.queue.push(this.open);
+      this.open = { cids: [], generations: [], mark: [] };
     }
-    if (this.queueHead > 1024 && this.queueHead * 2 > this.queue.length) {
-      this.queue.splice(0, this.queueHead);
-      this.queueHead = 0;
+    const ready: number[] = [];
+    while (this.queue.length > 0) {
+      const batch = this.queue[0]!;
+      if (!batch.mark.every((added, k) => this.streams[k]!.sent >= added)) break;
+      this.queue.shift();
+      batch.cids.forEach((cid, n) => {
+        if (this.generation[cid] === batch.generations[n]) ready.push(cid);
+      });
     }
     return ready;
   }
@@ -115,5 +114,8 @@ export class GatherPins {
     const referenced = new Uint8Array(size);
     referenced.set(this.referenced);
     this.referenced = referenced;
+    const generation = new Uint32Array(size);
+    generation.set(this.generation);
+    this.generation = generation;
   }
 }

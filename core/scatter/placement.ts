@@ -28,11 +28,11 @@ const RELAY_WINDOW = 8 * 1024 * 1024;
 /** The source is read no further while the gather queues this much and no relay takes pages. */
 const GATHER_HIGH = 8 * 1024 * 1024;
 /**
- * Content pinned at the gather for dedup, in pages (64 MiB): well below
+ * Content pinned at the gather for dedup, in pages (32 MiB): well below
  * what the gather holds before it stops reading (see its engine), and
  * enough to catch what repeats within and across the VMs of a run.
  */
-export const GATHER_PIN_PAGES = 16384;
+export const GATHER_PIN_PAGES = 8192;
 
 export interface PlacementStats {
   directPages: number;
@@ -152,7 +152,9 @@ export class RunPlacement {
     try {
       // the bytes of content being unpinned must reach the gather first
       this.flushDirect();
-      for (let i = 0; i < ready.length; i += 16384) this.gather.send(FrameType.UNPIN, encodeDigests(ready.slice(i, i + 16384)));
+      for (let i = 0; i < ready.length; i += 16384) {
+        this.gather.send(FrameType.UNPIN, encodeDigests(ready.slice(i, i + 16384).map((cid) => this.index.digestOf(cid))));
+      }
     } catch {
       // the gather is gone: its connection reports that, and it holds nothing now
     }
@@ -264,7 +266,7 @@ export class RunPlacement {
   }
 
   private sendDirect(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
-    this.pins.pin(cid, (c) => this.index.digestOf(c));
+    this.pins.pin(cid);
     const slot = this.direct.add(page);
     slot.buf.set(digest.subarray(at, at + DIGEST_BYTES), slot.at);
     if (this.direct.full) this.flush();

@@ -8,6 +8,7 @@
 
 import type { Socket, SocketHandler, TCPSocketListener } from "bun";
 import { SgmError, asSgmError } from "../errors.ts";
+import { noteReceived } from "../net/garbage.ts";
 import { formatHostPort as formatAddress } from "../net/host-port.ts";
 import { ClientHandshake, ServerHandshake, handshakeMaxPayload, type HandshakeStep, type Role } from "./auth.ts";
 import {
@@ -275,6 +276,7 @@ export class PeerConnection {
   /** Accepts one chunk from the socket. */
   private onData(chunk: Uint8Array): void {
     if (this.phase === "closed") return;
+    noteReceived(chunk.length);
     try {
       this.decoder.feed(chunk);
     } catch (err) {

@@ -179,14 +179,19 @@ export function readDigestRequest(payload: Uint8Array, what: string): { req: num
 
 // ---- PAGES --------------------------------------------------------------------------
 
-/** Builds a PAGES reply entry by entry; found pages are copied in. */
+/** Builds a PAGES reply entry by entry, into `buf` (at least pagesBytes(maxEntries)); found pages are copied in. */
 export class PagesBuilder {
   private readonly buf: Uint8Array;
   private len = 8;
   private count = 0;
 
-  constructor(req: number, maxEntries: number) {
-    this.buf = new Uint8Array(8 + maxEntries * (1 + PUT_ENTRY));
+  static bytesFor(maxEntries: number): number {
+    return 8 + maxEntries * (1 + PUT_ENTRY);
+  }
+
+  constructor(req: number, maxEntries: number, buf: Uint8Array = new Uint8Array(PagesBuilder.bytesFor(maxEntries))) {
+    if (buf.length < PagesBuilder.bytesFor(maxEntries)) throw new SgmError("internal", `PAGES buffer of ${buf.length} bytes for ${maxEntries} entries`);
+    this.buf = buf;
     view(this.buf).setUint32(0, req);
   }
 

@@ -1,0 +1,36 @@
+// Memory for pages held in bulk (the slabs of page stores), backed by 2 MiB
+// pages where the kernel gives them on request (transparent huge pages in
+// madvise mode, as Debian ships). The first touch of a 4 KiB page cost
+// ~15 us on the machines sgm is tested on: 3.9 s for every GiB a relay or
+// gather fills. Advised huge, 256 MiB filled in 0.03 s instead of 1.0 s.
+
+import { dlopen, FFIType, ptr } from "bun:ffi";
+
+const HUGE_PAGE = 2 * 1024 * 1024;
+const MADV_HUGEPAGE = 14;
+
+type Madvise = (address: ReturnType<typeof ptr>, length: number, advice: number) => number;
+let madvise: Madvise | null | undefined;
+
+function loadMadvise(): Madvise | null {
+  if (process.platform !== "linux") return null;
+  try {
+    const libc = dlopen("libc.so.6", { madvise: { args: [FFIType.ptr, FFIType.u64, FFIType.i32], returns: FFIType.i32 } });
+    return libc.symbols.madvise as Madvise;
+  } catch {
+    return null; // no libc to call: plain pages, just slower
+  }
+}
+
+/** A zeroed slab of `bytes`; in huge pages when `bytes` is a multiple of 2 MiB and the system allows. */
+export function allocateSlab(bytes: number): Uint8Array {
+  if (bytes % HUGE_PAGE !== 0) return new Uint8Array(bytes);
+  madvise ??= loadMadvise();
+  if (!madvise) return new Uint8Array(bytes);
+  // huge pages need 2 MiB-aligned ranges, and the advice must come before the first touch
+  const raw = new Uint8Array(bytes + HUGE_PAGE);
+  const skip = (HUGE_PAGE - (Number(ptr(raw)) % HUGE_PAGE)) % HUGE_PAGE;
+  const slab = raw.subarray(skip, skip + bytes);
+  madvise(ptr(slab), bytes, MADV_HUGEPAGE);
+  return slab;
+}
