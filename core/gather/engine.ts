@@ -8,6 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
 import { asSgmError, SgmError } from "../errors.ts";
+import { collectGarbageEvery } from "../net/garbage.ts";
 import { RateLimiter } from "../net/rate-limiter.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import { listenPeers, type PeerConnection, type PeerListener } from "../wire/connection.ts";
@@ -77,6 +78,8 @@ interface Shared {
 
 export async function runGather(options: GatherOptions): Promise<GatherReport> {
   const log = options.log ?? (() => {});
+  // socket reads are garbage at once: collected often, they do not add up to the VM
+  collectGarbageEvery(16 * 1024 * 1024);
   options.signal?.throwIfAborted();
   const opened = await Promise.allSettled(options.vms.map((vm) => DestinationQemu.open(vm.name, parseQmpAddress(vm.qmp))));
   const dests = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));

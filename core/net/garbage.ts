@@ -2,15 +2,23 @@
 // collector, seeing a small heap, let those pile up: the gather of a 1 GiB
 // VM peaked at 508 MiB resident while holding 64 MiB of pages. Collecting
 // after every 16 MiB received kept it near 250 MiB, at no measurable cost in
-// CPU (a small heap collects in about a millisecond).
+// CPU for a process whose heap is small (a collection then takes about a
+// millisecond). A process with a large heap pays more per collection, so
+// only a role that bounds its memory turns this on (the gather).
 
-const EVERY_BYTES = 16 * 1024 * 1024;
+let every = 0;
 let received = 0;
 
-/** Counts bytes read from a socket; collects garbage every EVERY_BYTES. */
+/** From now on, collect garbage after every `bytes` read from sockets. */
+export function collectGarbageEvery(bytes: number): void {
+  every = bytes;
+}
+
+/** Counts bytes read from a socket. */
 export function noteReceived(bytes: number): void {
+  if (every === 0) return;
   received += bytes;
-  if (received < EVERY_BYTES) return;
+  if (received < every) return;
   received = 0;
   Bun.gc(true);
 }
