@@ -116,6 +116,24 @@ describe("a failure before switchover leaves the VM running at the source", () =
   }, 120_000);
 });
 
+describe("a wrong final page map is never switched over", () => {
+  test("the gather's map made wrong (a test hook): no switchover, exit 65 on both sides, the VM runs on at the source", async () => {
+    const pair = await startPair(dir, "wrongmap", { memMiB: 64, seed: 110, rate: 500 });
+    const { gather, port } = await startGather([pair], psk, [], undefined, { SGM_TEST_FAULT: "gather-map" });
+    const s = await (await startScatter([pair], port, psk, ["--switchover", "precopy"])).result();
+    const g = await gather.result();
+    expect(s.code).toBe(65);
+    expect(g.code).toBe(65);
+    expect(report<ScatterReport>(s).vms[0]!).toMatchObject({ ok: false, source: "running" });
+    expect(s.stderr).toMatch(/wrongmap: NOT evicted: VM wrongmap: gather: VM wrongmap: the gather's final page map differs from the source's/);
+    expect(await pair.source.status()).toBe("running");
+    expect(await pair.source.keepsRunning()).toBe(true);
+    // the destination never ran: its incoming migration failed and it quit, or it still waits
+    const destination = pair.destination.proc.exitCode === null ? await pair.destination.status().catch(() => "gone") : "gone";
+    expect(["inmigrate", "gone"]).toContain(destination);
+  }, 120_000);
+});
+
 describe("refusals before anything moves", () => {
   test("a source whose migration capabilities change the stream (xbzrle)", async () => {
     const pair = await startPair(dir, "xb", { memMiB: 32, seed: 109 });

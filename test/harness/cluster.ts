@@ -42,7 +42,13 @@ export async function writePsk(dir: string, key = "sgm test key 0123456789abcdef
 }
 
 /** Starts `sgm gather` for the pairs and waits until it listens. */
-export async function startGather(pairs: VmPair[], psk: string, extra: string[] = [], listenPort?: number): Promise<{ gather: SgmProcess; port: number }> {
+export async function startGather(
+  pairs: VmPair[],
+  psk: string,
+  extra: string[] = [],
+  listenPort?: number,
+  env: Record<string, string> = {},
+): Promise<{ gather: SgmProcess; port: number }> {
   const port = listenPort ?? (await freePort());
   const gather = await startSgm([
     "gather",
@@ -53,7 +59,7 @@ export async function startGather(pairs: VmPair[], psk: string, extra: string[] 
     psk,
     "--json",
     ...extra,
-  ]);
+  ], env);
   await gather.waitStderr(/listening on/);
   return { gather, port };
 }

@@ -46,9 +46,9 @@ export interface SgmProcess {
   result(): Promise<RunResult>;
 }
 
-/** Starts dist/sgm in the background; it is killed with the test's other processes. */
-export async function startSgm(args: string[]): Promise<SgmProcess> {
-  const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" }));
+/** Starts dist/sgm in the background (with `env` added to ours); it is killed with the test's other processes. */
+export async function startSgm(args: string[], env: Record<string, string> = {}): Promise<SgmProcess> {
+  const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } }));
   let err = "";
   const decoder = new TextDecoder();
   const stderrDone = (async () => {
