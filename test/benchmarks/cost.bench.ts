@@ -16,6 +16,7 @@ import type { ScatterReport } from "../../core/scatter/engine.ts";
 import { report, startGather, startPair, startRelay, startScatter, writePsk } from "../harness/cluster.ts";
 import { migrateDirect } from "../harness/direct.ts";
 import { killAll } from "../harness/processes.ts";
+import { runSink } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
 
 interface Resources {
@@ -26,26 +27,9 @@ interface Resources {
 
 const GiB = 2 ** 30;
 
-if (process.argv[2] === "--sink") await sink(Number(process.argv[3]));
+if (process.argv[2] === "--sink") runSink(Number(process.argv[3]));
 else await main(Number(process.argv[2] ?? 1024), Number(process.argv[3] ?? 3));
 
-/** Receives `expected` bytes on one connection, then answers a byte (run in a child process). */
-async function sink(expected: number): Promise<void> {
-  const server = Bun.listen<{ got: number }>({
-    hostname: "127.0.0.1",
-    port: 0,
-    socket: {
-      open(socket) {
-        socket.data = { got: 0 };
-      },
-      data(socket, chunk) {
-        socket.data.got += chunk.length;
-        if (socket.data.got === expected) socket.write(new Uint8Array([1]));
-      },
-    },
-  });
-  process.stdout.write(`${server.port}\n`);
-}
 
 /** Bun's own socket rate on this machine: bytes per second over loopback, sender here, receiver in a child. */
 async function rawSocketRate(bytes: number): Promise<number> {

@@ -26,6 +26,7 @@ import {
   readPages,
 } from "../../core/wire/relay-messages.ts";
 import { sgmBinary } from "../harness/sgm.ts";
+import { runSink } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
 
 const HOST = "127.0.0.1";
@@ -33,26 +34,9 @@ const PUT_WINDOW = 8; // PUT frames awaiting their ACK
 const GET_WINDOW = 4; // GET requests awaiting their PAGES
 const ROUNDS = 3;
 
-if (process.argv[2] === "--sink") sink(Number(process.argv[3]));
+if (process.argv[2] === "--sink") runSink(Number(process.argv[3]));
 else await main(Number(process.argv[2] ?? 512));
 
-/** The plain stream's receiver (in a child process): on each connection, counts bytes and answers one byte when all arrived. */
-function sink(expected: number): void {
-  const server = Bun.listen<{ got: number }>({
-    hostname: HOST,
-    port: 0,
-    socket: {
-      open(socket) {
-        socket.data = { got: 0 };
-      },
-      data(socket, chunk) {
-        socket.data.got += chunk.length;
-        if (socket.data.got === expected) socket.write(new Uint8Array([1]));
-      },
-    },
-  });
-  process.stdout.write(`${server.port}\n`);
-}
 
 interface Row {
   path: string;

@@ -6,6 +6,7 @@
 import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { PrivateApt } from "./apt.ts";
 
 const root = join(import.meta.dir, "..", "..");
 const cacheDir = join(root, ".cache");
@@ -59,26 +60,22 @@ async function fetchPackages(): Promise<{ kernel: string; busybox: string }> {
   const have = found();
   if (have) return have;
   const work = join(cacheDir, `linux-guest.${process.pid}.tmp`);
-  rmSync(work, { recursive: true, force: true });
-  mkdirSync(join(work, "lists/partial"), { recursive: true });
-  mkdirSync(join(work, "debs"));
-  writeFileSync(join(work, "sources.list"), "deb http://deb.debian.org/debian bookworm main\ndeb http://deb.debian.org/debian-security bookworm-security main\n");
-  const apt = [
-    "-q",
-    "-o", `Dir::Etc::SourceList=${join(work, "sources.list")}`,
-    "-o", "Dir::Etc::SourceParts=/dev/null",
-    "-o", `Dir::State::Lists=${join(work, "lists")}`,
-  ];
-  await run(["apt-get", ...apt, "update"], work, "apt-get update");
-  const depends = await output(["apt-cache", ...apt, "depends", "linux-image-cloud-amd64"], work);
+  const apt = new PrivateApt(
+    work,
+    ["deb http://deb.debian.org/debian bookworm main", "deb http://deb.debian.org/debian-security bookworm-security main"],
+    "the Linux test guest",
+  );
+  await apt.update();
+  const depends = await apt.depends("linux-image-cloud-amd64");
   const image = depends.match(/Depends: (linux-image-[0-9][^\s]*-cloud-amd64)/)?.[1];
   if (!image) throw new Error(`linux-image-cloud-amd64 names no kernel:\n${depends}`);
-  await run(["apt-get", ...apt, "download", image, "busybox-static"], join(work, "debs"), "apt-get download");
-  for (const deb of readdirSync(join(work, "debs"))) await run(["dpkg", "-x", join(work, "debs", deb), join(work, "root")], work, "dpkg -x");
-  rmSync(join(work, "root", "lib"), { recursive: true, force: true }); // the modules: the initramfs needs none
-  rmSync(join(work, "debs"), { recursive: true, force: true });
+  const unpacked = join(work, "root");
+  await apt.downloadAndUnpack([image, "busybox-static"], unpacked);
+  rmSync(join(unpacked, "lib"), { recursive: true, force: true }); // the modules: the initramfs needs none
   rmSync(folder, { recursive: true, force: true });
-  renameSync(work, folder);
+  mkdirSync(folder, { recursive: true });
+  renameSync(unpacked, join(folder, "root"));
+  rmSync(work, { recursive: true, force: true });
   const fetched = found();
   if (!fetched) throw new Error(`no kernel and busybox in ${folder}`);
   return fetched;
@@ -88,13 +85,6 @@ async function run(cmd: string[], cwd: string, what: string): Promise<void> {
   const proc = Bun.spawn(cmd, { cwd, stdout: "pipe", stderr: "pipe" });
   const [code, err] = await Promise.all([proc.exited, new Response(proc.stderr).text()]);
   if (code !== 0) throw new Error(`${what} failed (${code}) while preparing the Linux test guest:\n${err}`);
-}
-
-async function output(cmd: string[], cwd: string): Promise<string> {
-  const proc = Bun.spawn(cmd, { cwd, stdout: "pipe", stderr: "pipe" });
-  const [code, out, err] = await Promise.all([proc.exited, new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
-  if (code !== 0) throw new Error(`${cmd.join(" ")} failed (${code}):\n${err}`);
-  return out;
 }
 
 /** The "newc" cpio format the kernel unpacks an initramfs from. */
