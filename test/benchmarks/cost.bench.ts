@@ -23,6 +23,7 @@ interface Resources {
   cpuUserSeconds: number;
   cpuSystemSeconds: number;
   peakRssBytes: number;
+  minorPageFaults: number;
 }
 
 const GiB = 2 ** 30;
@@ -119,8 +120,8 @@ async function main(memMiB: number, runs: number): Promise<void> {
   console.log(`\n${memMiB} MiB test guest (churn region on, TCG), loopback, median of ${runs} runs\n`);
   console.log(`Bun socket, loopback: ${(median(socketRates) / 2 ** 20).toFixed(0)} MiB/s`);
   console.log(`QEMU precopy, uncapped: ${Math.round(qemu)} ms (${((memMiB / qemu) * 1000).toFixed(0)} MiB/s)\n`);
-  console.log("| how | role | CPU user s/GiB | CPU system s/GiB | CPU total s/GiB | peak RSS | wall rate | total / QEMU |");
-  console.log("|---|---|---|---|---|---|---|---|");
+  console.log("| how | role | CPU user s/GiB | CPU system s/GiB | CPU total s/GiB | page faults /GiB | peak RSS | wall rate | total / QEMU |");
+  console.log("|---|---|---|---|---|---|---|---|---|");
   for (const [how, list] of Object.entries(sgm)) {
     const total = median(list.map((r) => r.totalMs));
     const rate = median(list.map((r) => r.streamBytes / (r.totalMs / 1000)));
@@ -128,11 +129,12 @@ async function main(memMiB: number, runs: number): Promise<void> {
       const per = (f: (r: Resources & { bytes: number }) => number) => median(list.map((r) => f(r.roles.get(role)!) / (r.roles.get(role)!.bytes / GiB)));
       const user = per((r) => r.cpuUserSeconds);
       const system = per((r) => r.cpuSystemSeconds);
+      const faults = per((r) => r.minorPageFaults);
       const rss = median(list.map((r) => r.roles.get(role)!.peakRssBytes)) / 2 ** 20;
       console.log(
-        `| ${how} | ${role} | ${user.toFixed(2)} | ${system.toFixed(2)} | ${(user + system).toFixed(2)} | ${rss.toFixed(0)} MiB | ${(rate / 2 ** 20).toFixed(0)} MiB/s | ${(total / qemu).toFixed(1)}x |`,
+        `| ${how} | ${role} | ${user.toFixed(2)} | ${system.toFixed(2)} | ${(user + system).toFixed(2)} | ${Math.round(faults)} | ${rss.toFixed(0)} MiB | ${(rate / 2 ** 20).toFixed(0)} MiB/s | ${(total / qemu).toFixed(1)}x |`,
       );
     }
-    console.log(`| ${how} | (eviction ${Math.round(median(list.map((r) => r.evictionMs)))} ms, total ${Math.round(total)} ms) | | | | | | |`);
+    console.log(`| ${how} | (eviction ${Math.round(median(list.map((r) => r.evictionMs)))} ms, total ${Math.round(total)} ms) | | | | | | | |`);
   }
 }
