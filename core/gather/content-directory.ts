@@ -9,10 +9,15 @@
 // keeps pinned here (it unpins as it goes) and by what pages owe the
 // destination, not by the VM's size.
 //
+// The two are counted apart: bytes owed drain to the destination whatever
+// the scatter does, so the gather may stop reading the scatter until they
+// do; bytes held only for a pin go when an UNPIN arrives from the scatter,
+// so waiting for those with the scatter unread would wait for ever.
+//
 // Content ids are never reused within a run, so an id names one content for
 // good: page tables compare ids, and the final page map is read off them.
 
-import { DIGEST_BYTES } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
 import { PageSlots } from "../dedup/page-slots.ts";
 import { SgmError } from "../errors.ts";
@@ -32,7 +37,9 @@ export class ContentDirectory {
   private needs = new Int32Array(1024);
   private readonly waiters = new Map<number, Array<() => void>>();
   private readonly forgotten: Forgotten;
-  private readonly shrinkWaiters: Array<{ below: number; wake: () => void }> = [];
+  private readonly owedWaiters: Array<{ below: number; wake: () => void }> = [];
+  /** Local contents a page still owes the destination. */
+  private owed = 0;
   /** Content ever made local here, received or fetched. */
   localPages = 0;
   /** The most page bytes held here at once. */
@@ -109,12 +116,17 @@ export class ContentDirectory {
 
   /** A page owes this content to the destination. */
   need(cid: number): void {
-    this.needs[cid]!++;
+    if (this.needs[cid]!++ === 0 && this.isLocal(cid)) this.owed++;
   }
 
   /** A page no longer owes it (written, or changed). */
   unneed(cid: number): void {
-    if (--this.needs[cid]! < 0) throw new SgmError("internal", `content ${cid} needed fewer than zero times`);
+    const left = --this.needs[cid]!;
+    if (left < 0) throw new SgmError("internal", `content ${cid} needed fewer than zero times`);
+    if (left === 0 && this.isLocal(cid)) {
+      this.owed--;
+      this.wakeOwedWaiters();
+    }
     this.settle(cid);
   }
 
@@ -129,12 +141,18 @@ export class ContentDirectory {
     else this.waiters.set(cid, [wake]);
   }
 
-  /** Resolves once the bytes held here are below `bytes`. */
-  whenBelow(bytes: number): Promise<void> {
-    if (this.usedBytes < bytes) return Promise.resolve();
-    return new Promise((wake) => this.shrinkWaiters.push({ below: bytes, wake }));
+  /** Resolves once the bytes owed to destinations are below `bytes` (see the top of this file). */
+  whenOwedBelow(bytes: number): Promise<void> {
+    if (this.owedBytes < bytes) return Promise.resolve();
+    return new Promise((wake) => this.owedWaiters.push({ below: bytes, wake }));
   }
 
+  /** Bytes held here that a page still owes a destination. */
+  get owedBytes(): number {
+    return this.owed * PAGE_BYTES;
+  }
+
+  /** Bytes held here: owed, or kept for the scatter's pins. */
   get usedBytes(): number {
     return this.store.usedBytes;
   }
@@ -142,6 +160,7 @@ export class ContentDirectory {
   private keep(cid: number, page: Uint8Array): void {
     if (this.storeId[cid] !== NO_BYTES) return;
     this.storeId[cid] = this.store.put(page);
+    if (this.needs[cid]! > 0) this.owed++;
     this.localPages++;
     if (this.store.usedBytes > this.peakBytes) this.peakBytes = this.store.usedBytes;
     const waiting = this.waiters.get(cid);
@@ -160,7 +179,6 @@ export class ContentDirectory {
     if (id !== NO_BYTES && !(pins & 1 && this.relays[cid] === 0)) {
       this.store.freeSlot(id);
       this.storeId[cid] = NO_BYTES;
-      this.wakeShrinkWaiters();
     }
     if (pins !== 0 || !this.index.has(cid)) return;
     this.forgotten(cid, this.index.digestOf(cid).slice(0, DIGEST_BYTES), this.relays[cid]!);
@@ -168,11 +186,11 @@ export class ContentDirectory {
     this.index.remove(cid);
   }
 
-  private wakeShrinkWaiters(): void {
-    for (let k = this.shrinkWaiters.length - 1; k >= 0; k--) {
-      const w = this.shrinkWaiters[k]!;
-      if (this.usedBytes >= w.below) continue;
-      this.shrinkWaiters.splice(k, 1);
+  private wakeOwedWaiters(): void {
+    for (let k = this.owedWaiters.length - 1; k >= 0; k--) {
+      const w = this.owedWaiters[k]!;
+      if (this.owedBytes >= w.below) continue;
+      this.owedWaiters.splice(k, 1);
       w.wake();
     }
   }

@@ -59,13 +59,15 @@ export interface GatherReport {
 }
 
 /**
- * The gather stops reading its scatter while it holds more page bytes than
- * this (pages the destination has yet to take, plus the scatter's pins:
- * scatter/placement.ts pins at most 32 MiB here), and reads on below
- * HELD_LOW: its memory does not grow with the VMs it gathers.
+ * The gather stops reading its scatter while it holds more than this of
+ * pages its destinations have yet to take, and reads on below HELD_LOW.
+ * Besides these it holds what the scatter keeps pinned here (GatherPins in
+ * scatter/: 32 MiB and the unpins on their way), which only the scatter's
+ * frames release, so that never stops the reading (content-directory.ts).
+ * Its memory does not grow with the VMs it gathers.
  */
-const HELD_HIGH = 64 * 1024 * 1024;
-const HELD_LOW = 48 * 1024 * 1024;
+const HELD_HIGH = 32 * 1024 * 1024;
+const HELD_LOW = 24 * 1024 * 1024;
 
 interface Shared {
   arrivals: Map<string, VmArrival>;
@@ -198,7 +200,7 @@ class ScatterSession {
           this.dir.receive(this.dir.intern(payload, digestAt), page);
         });
         this.dataTaken += payload.length;
-        if (this.dir.usedBytes > HELD_HIGH) this.holdWhileFull();
+        if (this.dir.owedBytes > HELD_HIGH) this.holdWhileFull();
         // the scatter keeps little direct content in flight: tell it often
         if (this.dataTaken - this.dataReported >= 128 * 1024) {
           this.dataReported = this.dataTaken;
@@ -330,15 +332,11 @@ class ScatterSession {
     }, wait);
   }
 
-  /**
-   * Takes no more from the scatter until what the gather holds is down
-   * again: pages the destination has yet to take, and what the scatter
-   * keeps pinned here (it pins far less than this, so holding stops).
-   */
+  /** Takes no more from the scatter until the destinations have taken what they are owed. */
   private holdWhileFull(): void {
     if (this.holds.has("memory")) return;
     this.hold("memory");
-    void this.dir.whenBelow(HELD_LOW).then(() => this.unhold("memory"));
+    void this.dir.whenOwedBelow(HELD_LOW).then(() => this.unhold("memory"));
   }
 
   /** Reading the scatter's frames stops while any reason holds it. */

@@ -17,11 +17,11 @@ import type { ContentDirectory } from "./content-directory.ts";
 const WINDOW = 8;
 const BATCH = 64;
 /**
- * Background fetches wait while the gather holds this much (fetched pages
- * the destination has yet to take, and the scatter's pins), so a
- * destination slower than the relays does not make the gather hold the VM.
+ * Background fetches wait while the gather holds this much that its
+ * destinations have yet to take, so a destination slower than the relays
+ * does not make the gather hold the VM.
  */
-const FETCH_HIGH = 56 * 1024 * 1024;
+const FETCH_HIGH = 28 * 1024 * 1024;
 
 interface Relay {
   address: string;
@@ -156,10 +156,10 @@ export class RelayFetcher {
 
   /** Issues background GETs, a batch per relay at a time, while the rate, the windows and the gather's memory allow. */
   private pump(): void {
-    if (this.dir.usedBytes >= FETCH_HIGH) {
+    if (this.dir.owedBytes >= FETCH_HIGH) {
       if (this.waitingForRoom) return;
       this.waitingForRoom = true;
-      void this.dir.whenBelow(FETCH_HIGH * 0.75).then(() => {
+      void this.dir.whenOwedBelow(FETCH_HIGH * 0.75).then(() => {
         this.waitingForRoom = false;
         this.pump();
       });

@@ -46,6 +46,14 @@ export class GatherPins {
     return progress;
   }
 
+  /**
+   * Unpins decided since the last takeReady: the gather still holds their
+   * content, on top of the budget, until the map entries before them go.
+   */
+  get undecidedUnpins(): number {
+    return this.open.cids.length;
+  }
+
   isPinned(cid: number): boolean {
     return this.pinned[cid] === 1;
   }

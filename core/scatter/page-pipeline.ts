@@ -103,7 +103,7 @@ export class PagePipeline {
       if (this.placement.contents > known) this.stats.newPages++;
       else this.stats.dedupPages++;
     }
-    if (this.map.full) this.flush();
+    if (this.map.full || this.placement.unpinsWaitForMap) this.flush();
   }
 
   /** A postcopy source discarded the page: whatever the gather has for it is stale until it comes again. */

@@ -28,9 +28,9 @@ const RELAY_WINDOW = 8 * 1024 * 1024;
 /** The source is read no further while the gather queues this much and no relay takes pages. */
 const GATHER_HIGH = 8 * 1024 * 1024;
 /**
- * Content pinned at the gather for dedup, in pages (32 MiB): well below
- * what the gather holds before it stops reading (see its engine), and
- * enough to catch what repeats within and across the VMs of a run.
+ * Content pinned at the gather for dedup, in pages (32 MiB), enough to
+ * catch what repeats within and across the VMs of a run. The gather holds
+ * it apart from what it owes its destinations (see its engine).
  */
 export const GATHER_PIN_PAGES = 8192;
 
@@ -69,6 +69,15 @@ export class RunPlacement {
     this.pins = new GatherPins(gatherPinPages);
     this.directBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.direct = new PageDataBuilder(() => this.directBuffers.acquire());
+  }
+
+  /**
+   * The open map frames should go now: a quarter of the pin budget waits
+   * for them to be unpinned. A RAM section (and so a map frame) can run to
+   * MAP_BATCH pages, and the gather would hold them all besides the budget.
+   */
+  get unpinsWaitForMap(): boolean {
+    return this.pins.undecidedUnpins >= Math.max(1, this.pins.budget >> 2);
   }
 
   /** The gather reports how much direct content it has taken in. */

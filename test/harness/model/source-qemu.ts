@@ -41,6 +41,12 @@ export interface SourceScript {
    * the next pass it finds waiting.
    */
   postcopyAtPass?: number;
+  /**
+   * Pages per RAM section at most (default: what fits in 256 KiB). QEMU
+   * ends a section every 50 ms or so, which on a fast host can be tens of
+   * thousands of pages.
+   */
+  sectionPages?: number;
 }
 
 type Status = "none" | "setup" | "active" | "postcopy-active" | "device" | "completed" | "failed" | "cancelled";
@@ -167,6 +173,8 @@ export class ModelSourceQemu {
       blocks: this.script.blocks.map((b) => ({ name: b.name, usedLength: b.pages * TPS })),
       ramSectionId: RAM_SECTION_ID,
       sink: sock,
+      // a flush ends the section
+      bufferBytes: this.script.sectionPages === undefined ? undefined : this.script.sectionPages * (TPS + 8),
     });
     writer.begin();
     this.setStatus("active");
