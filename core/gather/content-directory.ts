@@ -35,7 +35,7 @@ export class ContentDirectory {
   /** Bit 1: the scatter sent the bytes here; bit 2: it told where relays hold them. */
   private pins = new Uint8Array(1024);
   private needs = new Int32Array(1024);
-  private readonly waiters = new Map<number, Array<() => void>>();
+  private readonly localListeners: Array<(cid: number) => void> = [];
   private readonly forgotten: Forgotten;
   private readonly owedWaiters: Array<{ below: number; wake: () => void }> = [];
   /** Local contents a page still owes the destination. */
@@ -130,15 +130,9 @@ export class ContentDirectory {
     this.settle(cid);
   }
 
-  /** Calls `wake` once the content is local (at once if it is). */
-  whenLocal(cid: number, wake: () => void): void {
-    if (this.isLocal(cid)) {
-      wake();
-      return;
-    }
-    const waiting = this.waiters.get(cid);
-    if (waiting) waiting.push(wake);
-    else this.waiters.set(cid, [wake]);
+  /** Calls `listener` with every content id whose bytes arrive here from now on. */
+  onLocal(listener: (cid: number) => void): void {
+    this.localListeners.push(listener);
   }
 
   /** Resolves once the bytes owed to destinations are below `bytes` (see the top of this file). */
@@ -163,11 +157,7 @@ export class ContentDirectory {
     if (this.needs[cid]! > 0) this.owed++;
     this.localPages++;
     if (this.store.usedBytes > this.peakBytes) this.peakBytes = this.store.usedBytes;
-    const waiting = this.waiters.get(cid);
-    if (waiting) {
-      this.waiters.delete(cid);
-      for (const wake of waiting) wake();
-    }
+    for (const listener of this.localListeners) listener(cid);
   }
 
   /** Drops what is not needed any more: the bytes, or the content altogether. */
@@ -182,7 +172,6 @@ export class ContentDirectory {
     }
     if (pins !== 0 || !this.index.has(cid)) return;
     this.forgotten(cid, this.index.digestOf(cid).slice(0, DIGEST_BYTES), this.relays[cid]!);
-    this.waiters.delete(cid);
     this.index.remove(cid);
   }
 

@@ -22,6 +22,7 @@ import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
 import { injected } from "../test-faults.ts";
 import { checkDelivery, finalMapDigest } from "./final-checks.ts";
+import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
 import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
@@ -101,6 +102,8 @@ export class DestinationFeed {
   private failure: Error | null = null;
   /** After switchover. */
   private delivery: PostcopyDelivery | null = null;
+  /** Pages waiting for content from a relay, before switchover and after. */
+  private readonly waits: PageWaits;
   /** Pages a postcopy source discarded and has not sent again yet. */
   private pending = 0;
   /** No more page maps will come (set before switchover for a precopy source). */
@@ -117,6 +120,8 @@ export class DestinationFeed {
     this.postcopyBandwidth = options.postcopyBandwidth ?? Infinity;
     this.table = new PageTable(options.blocks);
     this.queued = new Uint8Array(this.table.total);
+    this.waits = new PageWaits(this.table.total);
+    this.dir.onLocal((cid) => this.waits.wake(cid, (i) => this.arrived(i)));
     this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
     this.socketPath = join(options.socketDir, `${options.name}.incoming.sock`);
     this.completed = this.done.promise;
@@ -219,9 +224,12 @@ export class DestinationFeed {
     trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
     this.writer.packageAndRun(deviceState);
     this.phase = "postcopy";
+    // delivery parks again what it still waits for
+    this.waits.clear();
     this.delivery = new PostcopyDelivery({
       table: t,
       dir: this.dir,
+      waits: this.waits,
       writer: this.writer,
       sock: this.sock!,
       stats: this.stats,
@@ -276,14 +284,13 @@ export class DestinationFeed {
         }
         const i = this.queue[this.queueHead++]!;
         this.queued[i] = 0;
+        this.waits.unpark(i);
         const c = t.content[i]!;
         if (c === UNKNOWN || c === PENDING || t.fed[i] === c) continue;
         if (c >= 0 && !this.dir.isLocal(c)) {
-          // on a relay: fetch it at the gather's pace and come back to this page
+          // on a relay: fetch it at the gather's pace and come back to this page (arrived)
+          this.waits.park(i, c);
           this.options.fetch(c, false);
-          this.dir.whenLocal(c, () => {
-            if (this.phase === "precopy" && t.content[i] === c && t.fed[i] !== c) this.enqueue(i);
-          });
           continue;
         }
         this.write(i, c);
@@ -298,6 +305,14 @@ export class DestinationFeed {
     } finally {
       this.pumping = false;
     }
+  }
+
+  /** The content page i waited for came from a relay. */
+  private arrived(i: number): void {
+    if (this.phase === "precopy") {
+      const t = this.table;
+      if (t.fed[i] !== t.content[i]) this.enqueue(i);
+    } else if (this.phase === "postcopy") this.delivery!.arrived(i);
   }
 
   // ---- after switchover ------------------------------------------------------

@@ -9,6 +9,7 @@ import { TPS } from "../qemu/constants.ts";
 import type { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import type { FeedStats } from "./destination-feed.ts";
+import type { PageWaits } from "./page-waits.ts";
 import { type PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
 /** Bytes queued towards QEMU: small, so a requested page never waits behind much. */
@@ -21,6 +22,8 @@ export interface DeliveryContext {
   writer: PostcopyStreamWriter;
   sock: ByteSocket;
   stats: FeedStats;
+  /** Pages whose content is on its way from a relay (the feed wakes them: arrived). */
+  waits: PageWaits;
   /** Bytes per second for the background push; requested pages are never held back. */
   bandwidth: number;
   /** Asks for content held only on relays; `urgent` when the destination waits for it. */
@@ -42,8 +45,6 @@ export class PostcopyDelivery {
   private queue: number[] = [];
   private head = 0;
   private delivering = false;
-  /** Pages whose content is on its way from a relay. */
-  private readonly awaiting = new Set<number>();
   /** Pending pages the destination asked for; the source was asked for them. */
   private readonly askedSource = new Set<number>();
   private flushQueued = false;
@@ -54,7 +55,7 @@ export class PostcopyDelivery {
 
   /** Nothing is queued, running or awaited. */
   get idle(): boolean {
-    return !this.delivering && this.head >= this.queue.length && this.awaiting.size === 0;
+    return !this.delivering && this.head >= this.queue.length && this.ctx.waits.count === 0;
   }
 
   /** Queues every page the destination lacks now, and starts pushing. */
@@ -119,9 +120,8 @@ export class PostcopyDelivery {
         if (!t.needsDelivery(i)) continue;
         const c = t.content[i]!;
         if (!dir.isLocal(c)) {
-          this.awaiting.add(i);
+          this.ctx.waits.park(i, c);
           this.ctx.fetch(c, false);
-          dir.whenLocal(c, () => this.arrived(i));
           continue;
         }
         this.ctx.deliver(i);
@@ -152,17 +152,15 @@ export class PostcopyDelivery {
     const c = t.content[i]!;
     if (c >= 0 && !dir.isLocal(c)) {
       this.ctx.stats.requestedFromRelays++;
-      this.awaiting.add(i);
+      this.ctx.waits.park(i, c);
       this.ctx.fetch(c, true);
-      dir.whenLocal(c, () => this.arrived(i));
       return;
     }
     this.ctx.deliver(i);
   }
 
   /** Content for page i came from a relay. */
-  private arrived(i: number): void {
-    this.awaiting.delete(i);
+  arrived(i: number): void {
     if (!this.ctx.active()) return;
     if (this.ctx.table.needsDelivery(i)) {
       this.ctx.deliver(i);
