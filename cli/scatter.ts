@@ -17,6 +17,7 @@ interface ScatterFlags {
   replicas?: unknown;
   pskFile?: unknown;
   keepSource?: boolean;
+  dedup?: boolean;
   downtimeLimit?: unknown;
   waitGather?: unknown;
   switchover?: unknown;
@@ -34,6 +35,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--via <host:port,...>", "Relays to place pages on when the gather cannot take them yet (repeatable)")
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
+    .option("--no-dedup", "Send content again wherever it recurs instead of naming what the gather or a relay holds: only to measure what dedup saves")
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
     .option("--switchover <mode>", `precopy: the source converges into scatter; postcopy: it switches to postcopy and sends each remaining page once (default: ${DEFAULT_SWITCHOVER})`)
     .option("--postcopy-after-pass <n>", `With --switchover postcopy: precopy passes before the switch, 0 for at once (default: ${DEFAULT_POSTCOPY_AFTER_PASS})`)
@@ -70,6 +72,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         maxPasses,
         psk,
         keepSource: Boolean(flags.keepSource),
+        dedup: flags.dedup !== false,
         downtimeLimitMs,
         signal,
         log: info,

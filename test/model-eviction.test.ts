@@ -200,3 +200,25 @@ describe("model eviction: the gather holds a bounded share of the VM", () => {
     expect(r.gather.peakHeldBytes).toBeLessThan(80 * 2 ** 20);
   }, 60_000);
 });
+
+describe("model eviction: dedup off (--no-dedup) sends recurring content again", () => {
+  const cases: Array<[string, Omit<ModelEvictionOptions, "vms">]> = [
+    ["no relays, precopy", { switchover: "precopy" }],
+    ["two relays, postcopy after 2 passes", { switchover: "postcopy", postcopyAfterPass: 2, relays: 2, slowDestination: true }],
+    ["two relays, two replicas, precopy", { switchover: "precopy", relays: 2, replicas: 2, slowDestination: true }],
+  ];
+  for (const [name, options] of cases) {
+    test(`${name}: two VMs sharing content arrive intact, with more pages placed than with dedup`, async () => {
+      const postcopyAtPass = options.switchover === "postcopy" ? 3 : undefined;
+      const vms = () => [0, 1].map((v) => ({ name: `nd${v}`, script: { ...churningScript(70 + v, 4, 600, v), postcopyAtPass } }));
+      const placed = (r: ModelEvictionResult) => r.scatter.placement.directPages + r.scatter.placement.relayedPages;
+      const off = await expectIntact({ ...options, vms: vms(), dedup: false });
+      const on = await expectIntact({ ...options, vms: vms() });
+      if (options.relays) expect(off.scatter.placement.relayedPages).toBeGreaterThan(0);
+      // the pool's content recurs on a quarter of the pages of each VM
+      expect(placed(off)).toBeGreaterThan(placed(on) + 500);
+      // what is still named: copies in flight to relays when the content recurs
+      expect(off.scatter.placement.dedupPages).toBeLessThan(on.scatter.placement.dedupPages / 3);
+    });
+  }
+});

@@ -48,6 +48,8 @@ export interface ScatterOptions {
   maxPasses?: number;
   /** Pages of content kept pinned at the gather for dedup (default GATHER_PIN_PAGES). */
   gatherPinPages?: number;
+  /** False to send every recurring content again (default true): the cost of no dedup, measured. */
+  dedup?: boolean;
   /** How long to keep trying a gather that is not up yet. */
   gatherWaitMs?: number;
   signal?: AbortSignal;
@@ -124,7 +126,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   if (relays.length > 0) log(`relays: ${relays.map((r) => r.address).join(", ")} (${replicas} per page)`);
 
   const run = randomBytes(16);
-  const placement = new RunPlacement(conn, replicas, options.gatherPinPages);
+  const placement = new RunPlacement(conn, replicas, { gatherPinPages: options.gatherPinPages, dedup: options.dedup });
   for (const r of relays) placement.addRelay(r.address, r.conn, run);
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: run.toString("hex"), relays: relays.map((r) => r.address) }));
 

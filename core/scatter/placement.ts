@@ -62,10 +62,14 @@ export class RunPlacement {
   /** PAGE_DATA payload bytes sent to the gather, and taken in by it. */
   directBytes = 0;
   private directTaken = 0;
+  /** False (--no-dedup) to send held content again wherever it recurs, for measuring what dedup saves. */
+  private readonly dedup: boolean;
 
-  constructor(gather: PeerConnection, replicas: number, gatherPinPages = GATHER_PIN_PAGES) {
+  constructor(gather: PeerConnection, replicas: number, options: { gatherPinPages?: number; dedup?: boolean } = {}) {
     this.gather = gather;
     this.replicas = replicas;
+    this.dedup = options.dedup ?? true;
+    const gatherPinPages = options.gatherPinPages ?? GATHER_PIN_PAGES;
     this.pins = new GatherPins(gatherPinPages);
     this.directBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.direct = new PageDataBuilder(() => this.directBuffers.acquire());
@@ -112,7 +116,9 @@ export class RunPlacement {
    */
   place(digest: Uint8Array, at: number, page: Uint8Array): number {
     const known = this.index.lookup(digest, at);
-    if (known >= 0 && this.isHeld(known)) {
+    // --no-dedup sends held content again, once no copy of it is in flight
+    // to relays (a map entry naming it waits for exactly those copies)
+    if (known >= 0 && this.isHeld(known) && (this.dedup || this.pending[known]! > 0)) {
       this.stats.dedupPages++;
       this.pins.touch(known);
       return known;
@@ -268,8 +274,10 @@ export class RunPlacement {
       this.sendDirect(cid, digest, at, page);
       return;
     }
+    // Nothing of this content is in flight (pending 0). With --no-dedup,
+    // relays may hold it already: the mask keeps them, and the gather merges
+    // the locations it is told.
     this.pending[cid] = n;
-    this.mask[cid] = 0;
     this.stats.relayedPages++;
     for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.add(cid, digest, at, page);
   }

@@ -31,6 +31,8 @@ export interface ModelEvictionOptions {
   maxPasses?: number;
   /** Pages the scatter keeps pinned at the gather (small, so that it unpins often). */
   gatherPinPages?: number;
+  /** The scatter's dedup (default on); off sends recurring content again. */
+  dedup?: boolean;
   /** The gather's --max-rate. */
   gatherMaxRate?: number;
   /**
@@ -96,6 +98,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       postcopyAfterPass: options.postcopyAfterPass,
       maxPasses: options.maxPasses,
       gatherPinPages: options.gatherPinPages,
+      dedup: options.dedup,
     });
     const gather = await gathering;
     const mismatches = new Map<string, PageMismatch[]>();
