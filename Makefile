@@ -2,13 +2,15 @@
 # make test   install what is missing, then run every test
 # make demo   install what is missing, then evict a demo VM and print the report
 # make soak   the Linux-guest eviction RUNS times (default 40) over a matrix; not part of make test
+# make bench  the paper's experiment on a bed of hosts (network namespaces, root): table, JSON and
+#             PNG into bench-results/; BENCH_ARGS passes flags (see test/benchmarks/paper.bench.ts)
 
 BUN := node_modules/.bin/bun
 VERSION := $(shell node -p "require('./package.json').version")+$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 SOURCES := $(shell find cli core -name '*.ts')
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps system-deps test demo soak typecheck clean
+.PHONY: all deps system-deps test demo soak bench typecheck clean
 
 all: dist/sgm
 
@@ -47,5 +49,10 @@ RUNS ?= 40
 soak: deps dist/sgm
 	$(BUN) test/soak/linux-eviction.soak.ts $(RUNS)
 
+BENCH_ARGS ?=
+bench: deps dist/sgm
+	mkdir -p bench-results
+	$(BUN) test/benchmarks/paper.bench.ts --markdown bench-results/bench.md --json bench-results/bench.json --png bench-results/bench.png $(BENCH_ARGS)
+
 clean:
-	rm -rf dist .cache
+	rm -rf dist .cache bench-results

@@ -262,6 +262,7 @@ export class VmEviction {
     const postcopy = o.mode === "postcopy";
     this.source.onPass((pass) => {
       this.passes = pass;
+      trace(`${this.name} pass ${pass} began; ${this.sock?.bytesRead ?? 0} bytes read so far`);
       if (postcopy && o.postcopyAfterPass > 0 && pass === o.postcopyAfterPass + 1) void this.switchSourceToPostcopy();
       if (!postcopy && pass > o.maxPasses && this.stage === "streaming") void this.giveUpConverging(migrating);
     });

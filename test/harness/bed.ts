@@ -30,7 +30,15 @@ export interface Bed {
   readonly delayApplied: boolean;
   /** The command line that runs argv inside a host. */
   exec(host: string, argv: string[]): string[];
+  /** Bytes a host has sent and received on its link so far. */
+  linkBytes(host: string): { tx: number; rx: number };
   destroy(): void;
+}
+
+function hostOf(hosts: ReadonlyMap<string, BedHost>, name: string): BedHost {
+  const h = hosts.get(name);
+  if (!h) throw new Error(`no host ${name} in the bed`);
+  return h;
 }
 
 function ip(...args: string[]): void {
@@ -109,9 +117,12 @@ export function createBed(specs: HostSpec[], options: { delayMs?: number; owner?
     hosts,
     delayApplied: Boolean(options.delayMs) && delayApplied,
     exec(host, argv) {
-      const h = hosts.get(host);
-      if (!h) throw new Error(`no host ${host} in the bed`);
-      return ["ip", "netns", "exec", h.ns, ...argv];
+      return ["ip", "netns", "exec", hostOf(hosts, host).ns, ...argv];
+    },
+    linkBytes(host) {
+      const r = Bun.spawnSync(["ip", "-n", hostOf(hosts, host).ns, "-j", "-s", "link", "show", "dev", "eth0"], { stdout: "pipe" });
+      const [link] = JSON.parse(r.stdout.toString()) as Array<{ stats64: { rx: { bytes: number }; tx: { bytes: number } } }>;
+      return { tx: link!.stats64.tx.bytes, rx: link!.stats64.rx.bytes };
     },
     destroy() {
       for (const ns of made) {

@@ -48,6 +48,8 @@ export interface VmOptions {
   machine?: string;
   binary?: QemuBinary;
   extraArgs?: string[];
+  /** Runs QEMU through this (a host of the bed: ip netns exec NS). */
+  launcher?: string[];
 }
 
 export interface GuestLayout {
@@ -98,6 +100,7 @@ export class TestVm {
         ])
       : ["-kernel", await buildGuest(), "-append", `seed=${seed} rate=${options.rate ?? 0} churn=${options.churn ?? 0}`];
     const args = [
+      ...(options.launcher ?? []),
       binary.path,
       ...binary.dataDirs.flatMap((d) => ["-L", d]),
       "-name", name,

@@ -46,9 +46,12 @@ export interface SgmProcess {
   result(): Promise<RunResult>;
 }
 
-/** Starts dist/sgm in the background (with `env` added to ours); it is killed with the test's other processes. */
-export async function startSgm(args: string[], env: Record<string, string> = {}): Promise<SgmProcess> {
-  const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } }));
+/**
+ * Starts dist/sgm in the background (with `env` added to ours, through
+ * `launcher` if given); it is killed with the test's other processes.
+ */
+export async function startSgm(args: string[], env: Record<string, string> = {}, launcher: string[] = []): Promise<SgmProcess> {
+  const proc = track(Bun.spawn([...launcher, await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } }));
   let err = "";
   const decoder = new TextDecoder();
   const stderrDone = (async () => {
