@@ -189,6 +189,7 @@ export function ratios(summaries: Summary[]): string[] {
 
 /** Eviction and total time per method and VM count, medians with min–max bars, as PNG. */
 export async function renderChart(summaries: Summary[], title: string): Promise<Uint8Array> {
+  const order = [...new Set(summaries.map((s) => s.label))];
   const values = summaries.flatMap((s) =>
     (
       [
@@ -197,17 +198,16 @@ export async function renderChart(summaries: Summary[], title: string): Promise<
       ] as const
     )
       .filter(([, v]) => v !== null)
-      .map(([figure, v]) => ({ vms: `${s.vms} VM${s.vms > 1 ? "s" : ""}`, method: s.label, figure, median: v!.median, min: v!.min, max: v!.max })),
+      .map(([figure, v]) => ({ vms: `${s.vms} VM${s.vms > 1 ? "s" : ""}`, method: s.label, order: order.indexOf(s.label), figure, median: v!.median, min: v!.min, max: v!.max })),
   );
-  const order = [...new Set(summaries.map((s) => s.label))];
-  const x = { field: "method", type: "nominal", sort: order, title: null, axis: { labelAngle: -35, labelLimit: 240 } } as const;
+  const x = { field: "method", type: "nominal", sort: { field: "order", op: "min" }, title: null, axis: { labelAngle: -35, labelLimit: 240 } } as const;
   const spec: vl.TopLevelSpec = {
     $schema: "https://vega.github.io/schema/vega-lite/v6.json",
     title,
     data: { values },
     facet: { column: { field: "vms", type: "nominal", title: null } },
     spec: {
-      width: 260,
+      width: { step: 22 },
       height: 220,
       layer: [
         {
@@ -225,9 +225,12 @@ export async function renderChart(summaries: Summary[], title: string): Promise<
         },
       ],
     },
+    // each VM count shows only the methods it ran
+    resolve: { scale: { x: "independent" } },
     config: { background: "white" },
   };
-  const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: "none" });
+  // Vega-Lite warns that the facets' independent x scales share one field: they do, on purpose
+  const view = new vega.View(vega.parse(vl.compile(spec, { logger: vega.logger(vega.Error) }).spec), { renderer: "none" });
   const svg = await view.toSVG();
   view.finalize();
   return new Resvg(svg, { font: { loadSystemFonts: true } }).render().asPng();
