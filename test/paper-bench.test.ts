@@ -17,7 +17,7 @@ describe("make bench --quick", () => {
   test("every method empties the source of a busy Linux guest that arrives intact; table, JSON and PNG written, the bed torn down", async () => {
     const json = join(dir, "bench.json");
     const png = join(dir, "bench.png");
-    const proc = Bun.spawn(["bun", join(import.meta.dir, "benchmarks", "paper.bench.ts"), "--quick", "--json", json, "--png", png], {
+    const proc = Bun.spawn([process.execPath, join(import.meta.dir, "benchmarks", "paper.bench.ts"), "--quick", "--json", json, "--png", png], {
       stdout: "pipe",
       stderr: "pipe",
     });
