@@ -1,6 +1,7 @@
 // Parsing of flag values shared by the subcommands. Each failure is a usage
 // error naming the flag and the value.
 
+import { readFileSync } from "node:fs";
 import { SgmError } from "../core/errors.ts";
 import { type HostPort, parseHostPort as parse } from "../core/net/host-port.ts";
 
@@ -15,6 +16,28 @@ export function parseHostPortList(flag: string, values: unknown): HostPort[] {
     .flatMap((v) => v.split(","))
     .filter((v) => v !== "")
     .map((v) => parseHostPort(flag, v));
+}
+
+/**
+ * A fleet's relay list kept in one file: one HOST:PORT a line; blank lines
+ * and everything after a # are ignored.
+ */
+export function parseHostPortFile(flag: string, path: string): HostPort[] {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (err) {
+    throw new SgmError("usage", `${flag} '${path}': cannot read it (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+  }
+  const out: HostPort[] = [];
+  text.split("\n").forEach((raw, i) => {
+    const line = raw.replace(/#.*/, "").trim();
+    if (line === "") return;
+    const hp = parse(line);
+    if (!hp) throw new SgmError("usage", `${flag} ${path} line ${i + 1}: '${line}': expected HOST:PORT`);
+    out.push(hp);
+  });
+  return out;
 }
 
 const UNITS: Record<string, number> = { "": 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };

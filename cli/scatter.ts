@@ -6,7 +6,8 @@ import { DEFAULT_MAX_PASSES, DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, ru
 import type { SwitchoverMode } from "../core/scatter/vm-eviction.ts";
 import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
 import { loadPsk } from "../core/wire/auth.ts";
-import { parseCount, parseHostPort, parseHostPortList, parseVmPairs, requireString } from "./args.ts";
+import { formatHostPort } from "../core/net/host-port.ts";
+import { parseCount, parseHostPort, parseHostPortFile, parseHostPortList, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson } from "./output.ts";
 
@@ -14,6 +15,7 @@ interface ScatterFlags {
   to?: unknown;
   vm?: unknown;
   via?: unknown;
+  viaFile?: unknown;
   replicas?: unknown;
   pskFile?: unknown;
   keepSource?: boolean;
@@ -33,6 +35,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--to <host:port>", "Address of the gather on the destination host")
     .option("--vm <name=qmp>", "A VM to evict: its name (as the gather knows it) and its QMP socket (repeatable)")
     .option("--via <host:port,...>", "Relays to place pages on when the gather cannot take them yet (repeatable)")
+    .option("--via-file <file>", "Relays listed in a file, one HOST:PORT a line (# starts a comment), besides any --via")
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--no-dedup", "Send content again wherever it recurs instead of naming what the gather or a relay holds: only to measure what dedup saves")
@@ -47,7 +50,16 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .action(async (flags: ScatterFlags) => {
       const gather = parseHostPort("--to", requireString("--to", flags.to));
       const vms = parseVmPairs(flags.vm);
-      const relays = parseHostPortList("--via", flags.via);
+      const relays = [
+        ...parseHostPortList("--via", flags.via),
+        ...(flags.viaFile === undefined ? [] : parseHostPortFile("--via-file", requireString("--via-file", flags.viaFile))),
+      ];
+      const seen = new Set<string>();
+      for (const r of relays) {
+        const key = formatHostPort(r.host, r.port);
+        if (seen.has(key)) throw new SgmError("usage", `relay ${key} is given twice (--via, --via-file)`);
+        seen.add(key);
+      }
       const replicas = parseCount("--replicas", flags.replicas, 1, 16);
       const gatherWaitMs = parseCount("--wait-gather", flags.waitGather, 0, 24 * 3600) * 1000;
       const switchover = flags.switchover === undefined ? undefined : parseSwitchover(String(flags.switchover));

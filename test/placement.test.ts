@@ -60,3 +60,27 @@ describe("rankRelays", () => {
     expect(b.slice(0, 2)).toEqual(a.slice(0, 2));
   });
 });
+
+describe("rankRelays with weights", () => {
+  const weights = [1, 2, 1, 4];
+  test("each relay's share of pages is its share of the weight, within 5%", () => {
+    const counts = [0, 0, 0, 0];
+    const out: number[] = [];
+    for (let n = 0; n < 40_000; n++) {
+      rankRelays(digest(n), 0, salts, () => true, 1, out, weights);
+      counts[out[0]!]!++;
+    }
+    counts.forEach((c, r) => expect(Math.abs(c / 40_000 - weights[r]! / 8)).toBeLessThan(0.05 * (weights[r]! / 8)));
+  });
+
+  test("replicas are distinct relays, and a relay taken out moves only its pages", () => {
+    const top: number[] = [];
+    const out: number[] = [];
+    for (let n = 0; n < 5000; n++) {
+      expect(rankRelays(digest(n), 0, salts, () => true, 2, top, weights)).toBe(2);
+      expect(top[0]).not.toBe(top[1]);
+      rankRelays(digest(n), 0, salts, (r) => r !== 3, 1, out, weights);
+      if (top[0] !== 3) expect(out[0]).toBe(top[0]!);
+    }
+  });
+});

@@ -1,6 +1,7 @@
-// Rendezvous (highest-random-weight) hashing: each page goes to the relays
-// that score highest for its digest. Every relay gets an even share, and
-// taking a relay out moves only the pages it held.
+// Weighted rendezvous (highest-random-weight) hashing: each page goes to the
+// relays that score highest for its digest. A relay's share of pages is its
+// weight over the sum of weights (a relay with twice the room gets about
+// twice the pages), and taking a relay out moves only the pages it held.
 
 /** A relay's salt: a 32-bit hash of its address, so scores differ per relay. */
 export function relaySalt(address: string): number {
@@ -20,6 +21,7 @@ function score(salt: number, d0: number, d1: number): number {
 /**
  * Fills `out` with the indexes of the `count` best-scoring eligible relays
  * for the digest at `digest[at..]`, best first; returns how many it found.
+ * `weights` (positive; all 1 when left out) set each relay's share.
  */
 export function rankRelays(
   digest: Uint8Array,
@@ -28,6 +30,7 @@ export function rankRelays(
   eligible: (relay: number) => boolean,
   count: number,
   out: number[],
+  weights?: readonly number[],
 ): number {
   const d0 = (digest[at]! | (digest[at + 1]! << 8) | (digest[at + 2]! << 16) | (digest[at + 3]! << 24)) >>> 0;
   const d1 = (digest[at + 4]! | (digest[at + 5]! << 8) | (digest[at + 6]! << 16) | (digest[at + 7]! << 24)) >>> 0;
@@ -35,7 +38,10 @@ export function rankRelays(
   const scores: number[] = [];
   for (let r = 0; r < salts.length; r++) {
     if (!eligible(r)) continue;
-    const s = score(salts[r]!, d0, d1);
+    const h = score(salts[r]!, d0, d1);
+    // w / -ln(u), u uniform in (0, 1): the highest of these falls on each
+    // relay in proportion to its weight (Schindelhauer and Schomaker)
+    const s = weights ? weights[r]! / -Math.log((h + 0.5) / 4294967296) : h;
     // insertion into the short sorted prefix
     let i = Math.min(found, count);
     while (i > 0 && scores[i - 1]! < s) {

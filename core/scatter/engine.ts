@@ -6,12 +6,15 @@ import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { PAGE_BYTES } from "../dedup/digest.ts";
 import { asSgmError, SgmError } from "../errors.ts";
 import { formatHostPort, type HostPort } from "../net/host-port.ts";
+import { formatBytes } from "../units.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import { PeerConnection } from "../wire/connection.ts";
 import { decodeControl, encodeControl, FrameType, maxPayload } from "../wire/messages.ts";
 import { type PlacementStats, RunPlacement } from "./placement.ts";
+import { askRelayRoom } from "./relay-link.ts";
 import { SourceQemu } from "./source-qemu.ts";
 import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-eviction.ts";
 
@@ -103,18 +106,32 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   }
 
   let conn: PeerConnection;
-  const relays: Array<{ address: string; conn: PeerConnection }> = [];
+  const relays: Array<{ address: string; conn: PeerConnection; room: number }> = [];
   try {
     conn = await connectGather(options, log);
     opens.push(conn);
     log(`connected to the gather at ${conn.remoteAddress}`);
-    const reached = await Promise.allSettled(relayAddresses.map((r) => connectPeer(r, options.psk, "relay")));
+    const reached = await Promise.allSettled(
+      relayAddresses.map(async (r) => {
+        const relay = await connectPeer(r, options.psk, "relay");
+        try {
+          const room = await askRelayRoom(relay, address(r));
+          if (room < PAGE_BYTES) throw new SgmError("unavailable", `it has no room (${formatBytes(room)} free)`);
+          return { relay, room };
+        } catch (err) {
+          relay.abort();
+          throw err;
+        }
+      }),
+    );
     reached.forEach((r, i) => {
       const where = address(relayAddresses[i]!);
-      if (r.status === "fulfilled") {
-        opens.push(r.value);
-        relays.push({ address: where, conn: r.value });
-      } else log(`relay ${where} left out: ${asSgmError(r.reason).message}`);
+      if (r.status === "rejected") {
+        log(`relay ${where} left out: ${asSgmError(r.reason).message}`);
+        return;
+      }
+      opens.push(r.value.relay);
+      relays.push({ address: where, conn: r.value.relay, room: r.value.room });
     });
     if (relayAddresses.length > 0 && relays.length < replicas) {
       throw new SgmError("unavailable", `only ${relays.length} of ${relayAddresses.length} relays reachable, fewer than --replicas ${replicas}`);
@@ -123,11 +140,13 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
     closeAll();
     throw err;
   }
-  if (relays.length > 0) log(`relays: ${relays.map((r) => r.address).join(", ")} (${replicas} per page)`);
+  if (relays.length > 0) {
+    log(`relays: ${relays.map((r) => `${r.address} (${formatBytes(r.room)} free)`).join(", ")}; ${replicas} per page, shared by room`);
+  }
 
   const run = randomBytes(16);
   const placement = new RunPlacement(conn, replicas, { gatherPinPages: options.gatherPinPages, dedup: options.dedup });
-  for (const r of relays) placement.addRelay(r.address, r.conn, run);
+  for (const r of relays) placement.addRelay(r.address, r.conn, run, r.room);
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: run.toString("hex"), relays: relays.map((r) => r.address) }));
 
   const socketDir = mkdtempSync(join(tmpdir(), "sgm-scatter-"));

@@ -50,6 +50,7 @@ export class RunPlacement {
   private pending = new Uint8Array(1024);
   private mask = new Uint32Array(1024);
   private readonly salts: number[] = [];
+  private readonly weights: number[] = [];
   private readonly directBuffers: RecycledBuffers;
   private readonly direct: PageDataBuilder;
   private locations: Array<{ digest: Uint8Array; mask: number }> = [];
@@ -90,7 +91,8 @@ export class RunPlacement {
     this.wakeDrainWaiters();
   }
 
-  addRelay(address: string, conn: PeerConnection, run: Uint8Array): void {
+  /** A relay with `room` bytes free: its share of the pages relayed is its share of the room. */
+  addRelay(address: string, conn: PeerConnection, run: Uint8Array, room: number): void {
     const link = new RelayLink(this.relays.length, address, conn, run, {
       onAck: (stored, refused) => this.onAck(link, stored, refused),
       onFull: () => {},
@@ -98,6 +100,7 @@ export class RunPlacement {
     });
     this.relays.push(link);
     this.salts.push(relaySalt(address));
+    this.weights.push(room);
   }
 
   /** Distinct contents the run has placed. */
@@ -265,7 +268,7 @@ export class RunPlacement {
 
   private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
     const viaGather = this.relays.length === 0 || this.gatherAccepting;
-    const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting, this.replicas, this.rank);
+    const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting, this.replicas, this.rank, this.weights);
     const relaysTakeIt = n === this.replicas && this.rank.slice(0, n).every((r) => this.relays[r]!.queuedBytes <= RELAY_WINDOW);
     if (!relaysTakeIt) {
       // the gather takes it: either it keeps up, or not enough relays can
@@ -304,6 +307,7 @@ export class RunPlacement {
         (i) => i !== link.index && !(this.mask[r.cid]! & (1 << i)) && this.relays[i]!.accepting,
         1,
         this.rank,
+        this.weights,
       );
       if (n > 0) {
         this.relays[this.rank[0]!]!.add(r.cid, r.digest, 0, r.page);
