@@ -177,7 +177,12 @@ export class RelayFetcher {
         const batch: number[] = [];
         while (relay.queueHead < relay.queue.length && batch.length < BATCH) {
           const cid = relay.queue[relay.queueHead++]!;
-          if (this.wanted.has(cid) && !this.dir.isLocal(cid)) batch.push(cid);
+          if (!this.wanted.has(cid)) continue;
+          // its bytes came otherwise (the scatter sent them again, as with
+          // --no-dedup): no longer wanted, so that if they are dropped and
+          // needed again, want() queues a fetch instead of trusting this one
+          if (this.dir.isLocal(cid)) this.wanted.delete(cid);
+          else batch.push(cid);
         }
         if (relay.queueHead >= relay.queue.length) {
           relay.queue = [];
