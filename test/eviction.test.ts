@@ -39,7 +39,10 @@ describe("eviction through scatter and gather", () => {
     expect(sr.evictionMs).toBeGreaterThan(0);
     expect(sr.downtimeMs).toBeGreaterThan(0);
     expect(gr).toMatchObject({ name: "web1", ok: true, downtimeMs: sr.downtimeMs });
-    expect(gr.totalMs).toBeGreaterThanOrEqual(sr.evictionMs!);
+    // scatter times eviction on its monotonic clock, the gather the total on
+    // the wall clock from scatter's start: a few ms apart at most (in
+    // precopy the destination completes as the VM is evicted)
+    expect(gr.totalMs!).toBeGreaterThanOrEqual(sr.evictionMs! - 50);
     expect(sr.bytes.fromSource).toBeGreaterThan(256 * 1024 * 1024);
     expect(await pair.source.status()).toBe("postmigrate");
     expect(await pair.destination.status()).toBe("running");
