@@ -7,7 +7,7 @@ import { SgmError } from "../core/errors.ts";
 import { type RelayStats, startRelay } from "../core/relay/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
-import { parseCount, parseHostPort, parseSize, requireString } from "./args.ts";
+import { parseCount, parseHostPort, parseRate, parseSize, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
 import { info, printJson } from "./output.ts";
 
@@ -16,6 +16,7 @@ interface RelayFlags {
   capacity?: unknown;
   pskFile?: unknown;
   ttl?: unknown;
+  maxRate?: unknown;
   readyFd?: unknown;
   json?: boolean;
 }
@@ -30,6 +31,7 @@ export function registerRelay(cli: CAC, signal: AbortSignal): void {
     .option("--capacity <size>", "Memory to hold pages in, e.g. 8GiB")
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--ttl <seconds>", `Drop the pages of a run idle (no put, no release) this long (default ${DEFAULT_TTL_SECONDS})`)
+    .option("--max-rate <rate>", "Take at most this much per second from all clients together, e.g. 100MiB/s (as a slower link would)")
     .option("--ready-fd <n>", "Once listening, write 'ready HOST:PORT' and a newline to this file descriptor and close it")
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm relay --listen 0.0.0.0:7701 --capacity 8GiB --psk-file /etc/sgm/psk")
@@ -40,13 +42,14 @@ export function registerRelay(cli: CAC, signal: AbortSignal): void {
       const capacityBytes = parseSize("--capacity", capacity);
       if (capacityBytes < PAGE_BYTES) throw new SgmError("usage", `--capacity '${capacity}': less than one ${PAGE_BYTES}-byte page`);
       const ttlSeconds = flags.ttl === undefined ? DEFAULT_TTL_SECONDS : parseCount("--ttl", flags.ttl, 1, 30 * 24 * 3600);
+      const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
       const readyFd = flags.readyFd === undefined ? undefined : parseCount("--ready-fd", flags.readyFd, 3, 65535);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       if (readyFd !== undefined) checkFd(readyFd);
 
-      const relay = startRelay({ ...listen, psk, capacityBytes, ttlMs: ttlSeconds * 1000, signal, log: info });
+      const relay = startRelay({ ...listen, psk, capacityBytes, maxRate, ttlMs: ttlSeconds * 1000, signal, log: info });
       const address = formatHostPort(listen.host, relay.port);
-      info(`relay listening on ${address} (capacity ${formatBytes(capacityBytes)})`);
+      info(`relay listening on ${address} (capacity ${formatBytes(capacityBytes)}${maxRate ? `, at most ${formatBytes(maxRate)}/s` : ""})`);
       if (readyFd !== undefined) {
         try {
           announceReady(readyFd, address);
@@ -87,7 +90,7 @@ function fdError(fd: number, err: unknown): SgmError {
 
 function render(s: RelayStats): void {
   info(
-    `relay stopped: held ${formatBytes(s.used)} of ${formatBytes(s.capacity)} (${s.pages} pages, ${s.runs} runs); ` +
+    `relay stopped: held ${formatBytes(s.used)} of ${formatBytes(s.capacity)} (${s.pages} pages, ${s.runs} runs; at most ${formatBytes(s.peakUsed)}); ` +
       `${formatBytes(s.bytesIn)} in, ${formatBytes(s.bytesOut)} out, ${s.refusedPages} pages refused, ${s.expiredRuns} runs expired`,
   );
 }

@@ -2,12 +2,14 @@
 
 import type { CAC } from "cac";
 import { SgmError } from "../core/errors.ts";
-import { DEFAULT_MAX_PASSES, DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, runScatter, type ScatterReport } from "../core/scatter/engine.ts";
+import { DEFAULT_MAX_PASSES, DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, planScatter, runScatter, type ScatterReport } from "../core/scatter/engine.ts";
+import { shortfallError } from "../core/scatter/survey.ts";
 import type { SwitchoverMode } from "../core/scatter/vm-eviction.ts";
 import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
-import { parseCount, parseHostPort, parseHostPortFile, parseHostPortList, parseVmPairs, requireString } from "./args.ts";
+import { parseCount, parseHostPort, parseHostPortFile, parseHostPortList, parseRate, parseVmPairs, requireString } from "./args.ts";
+import { renderPlan } from "./plan-output.ts";
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson } from "./output.ts";
 
@@ -25,6 +27,10 @@ interface ScatterFlags {
   switchover?: unknown;
   postcopyAfterPass?: unknown;
   maxPasses?: unknown;
+  sourceRate?: unknown;
+  allRelays?: boolean;
+  allowShortfall?: boolean;
+  plan?: boolean;
   json?: boolean;
 }
 
@@ -37,6 +43,10 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--via <host:port,...>", "Relays to place pages on when the gather cannot take them yet (repeatable)")
     .option("--via-file <file>", "Relays listed in a file, one HOST:PORT a line (# starts a comment), besides any --via")
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
+    .option("--source-rate <rate>", "What this host sends at, e.g. 1.2GiB/s; by default measured with rate probes to the gather and relays")
+    .option("--all-relays", "Use every reachable relay with room, not only the fewest that take the source's rate and hold what will not go direct")
+    .option("--allow-shortfall", "Start even when the relays cannot hold what will not go direct: the rest waits for the gather")
+    .option("--plan", "Check the VMs, measure the gather and relays, print which relays the run would use and why, and exit: 0 if it would start, 78 if the relays are short of memory, 69 if too few are reachable. Moves nothing")
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--no-dedup", "Send content again wherever it recurs instead of naming what the gather or a relay holds: only to measure what dedup saves")
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
@@ -72,22 +82,24 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         throw new SgmError("usage", "--max-passes needs --switchover precopy (in postcopy the source switches after --postcopy-after-pass)");
       }
       const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
+      const sourceRate = flags.sourceRate === undefined ? undefined : parseRate("--source-rate", String(flags.sourceRate));
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
+      const common = { gather, vms, relays, replicas, gatherWaitMs, sourceRate, allRelays: Boolean(flags.allRelays), psk, signal, log: info };
+      if (flags.plan) {
+        const plan = await planScatter(common);
+        renderPlan(plan);
+        if (flags.json) printJson(plan);
+        return shortfallError(plan)?.exitCode ?? 0;
+      }
       const report = await runScatter({
-        gather,
-        vms,
-        relays,
-        replicas,
-        gatherWaitMs,
+        ...common,
         switchover,
         postcopyAfterPass,
         maxPasses,
-        psk,
         keepSource: Boolean(flags.keepSource),
+        allowShortfall: Boolean(flags.allowShortfall),
         dedup: flags.dedup !== false,
         downtimeLimitMs,
-        signal,
-        log: info,
       });
       render(report);
       if (flags.json) printJson(report);

@@ -1,13 +1,14 @@
 // One error type for the whole tool. Its kind decides the process exit code,
 // so scripts can tell bad usage from an unreachable peer from bad data.
 
-export type ErrorKind = "usage" | "data" | "unavailable" | "unconverged" | "internal" | "interrupted";
+export type ErrorKind = "usage" | "data" | "unavailable" | "unconverged" | "insufficient" | "internal" | "interrupted";
 
 export const EXIT_CODES: Readonly<Record<ErrorKind, number>> = {
   usage: 2, // bad flags or arguments (sysexits EX_USAGE is 64; 2 is what shells expect)
   data: 65, // malformed input: a stream, a frame, a file (EX_DATAERR)
   unavailable: 69, // a peer or QEMU is unreachable, refused, or went away (EX_UNAVAILABLE)
   unconverged: 75, // precopy did not converge within its bound; the VM runs on at the source (EX_TEMPFAIL)
+  insufficient: 78, // the relays named cannot hold what will not go direct; nothing moved (EX_CONFIG)
   internal: 70, // a bug in sgm (EX_SOFTWARE)
   interrupted: 130, // SIGINT/SIGTERM (128 + 2)
 };

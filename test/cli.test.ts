@@ -11,8 +11,8 @@ describe("dist/sgm", () => {
   });
 
   test.each([
-    ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--json"]],
-    ["relay", ["--listen", "--capacity", "--psk-file"]],
+    ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--plan", "--source-rate", "--all-relays", "--allow-shortfall", "--json"]],
+    ["relay", ["--listen", "--capacity", "--psk-file", "--max-rate"]],
     ["gather", ["--listen", "--vm", "--psk-file", "--json"]],
   ])("%s --help shows its own flags", async (role, flags) => {
     const r = await runSgm([role, "--help"]);
@@ -52,6 +52,8 @@ describe("dist/sgm", () => {
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--switchover", "precopy", "--max-passes", "0"], "--max-passes '0': expected a whole number from 1 to 10000"],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--via-file", "/nonexistent/relays"], "--via-file '/nonexistent/relays': cannot read it (ENOENT)"],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--via-file", `${import.meta.dir}/cli.test.ts`], `--via-file ${import.meta.dir}/cli.test.ts line 1: `],
+    [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--source-rate", "quick"], "--source-rate 'quick': expected a size such as 8GiB or 512MiB"],
+    [["relay", "--listen", "127.0.0.1:0", "--capacity", "1GiB", "--psk-file", "/k", "--max-rate", "0"], "--max-rate '0': must be more than zero"],
     [["gather", "--listen", "127.0.0.1:0", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],
     [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--postcopy-bandwidth", "fast"], "--postcopy-bandwidth 'fast': expected a size such as 8GiB or 512MiB"],
   ])("usage error %j", async (args, message) => {

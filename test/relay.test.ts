@@ -17,6 +17,7 @@ import {
   readHasReply,
   readPages,
 } from "../core/wire/relay-messages.ts";
+import { probeRate } from "../core/scatter/rate-probe.ts";
 import { track } from "./harness/processes.ts";
 import { runSgm, sgmBinary } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
@@ -134,9 +135,18 @@ class Client {
     this.conn.send(RelayFrame.RELEASE, encodeRelease(run, joinDigests(pages)));
   }
 
-  /** Asks for the relay's figures; since replies come in order, this also waits for every earlier request. */
-  async stats(): Promise<Extract<Control, { t: "relay-stats" }>> {
-    this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-stats?" }));
+  /** Reserves room for the run; resolves with what the relay granted. */
+  async reserve(run: Uint8Array, bytes: number): Promise<number> {
+    this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserve", run: Buffer.from(run).toString("hex"), bytes }));
+    for (;;) {
+      const message = decodeControl(await this.next(FrameType.CONTROL));
+      if (message.t === "relay-reserved") return message.bytes;
+    }
+  }
+
+  /** Asks for the relay's figures (its room as `run` sees it); since replies come in order, this also waits for every earlier request. */
+  async stats(run?: Uint8Array): Promise<Extract<Control, { t: "relay-stats" }>> {
+    this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-stats?", run: run ? Buffer.from(run).toString("hex") : "" }));
     for (;;) {
       const message = decodeControl(await this.next(FrameType.CONTROL));
       if (message.t === "relay-stats") return message;
@@ -208,6 +218,58 @@ describe("relay engine", () => {
     // The refused pages are not there, the accepted ones are.
     const gather = await Client.connect(r.port, "gather");
     expect((await gather.get(pages)).map((p) => p !== undefined)).toEqual([true, true, true, true, false, false, false, false]);
+  });
+
+  test("room a run reserved is set aside from other runs until it fills it or gives it back; the store never passes its capacity", async () => {
+    const r = relay({ capacityBytes: 8 * PAGE_BYTES });
+    const scatter = await Client.connect(r.port);
+    const pages = randomPages(12);
+    expect(await scatter.reserve(runId(1), 5 * PAGE_BYTES)).toBe(5 * PAGE_BYTES);
+    expect(await scatter.stats(runId(2))).toMatchObject({ free: 3 * PAGE_BYTES, reserved: 5 * PAGE_BYTES, runs: 1 });
+    expect(await scatter.stats(runId(1))).toMatchObject({ free: 8 * PAGE_BYTES });
+    // another run gets only what is not reserved
+    expect(await scatter.put(runId(2), 0, pages.slice(0, 4))).toEqual([false, false, false, true]);
+    // a second reservation gets what is left; the first run still fills all of its own
+    expect(await scatter.reserve(runId(3), 4 * PAGE_BYTES)).toBe(0);
+    expect(await scatter.put(runId(1), 1, pages.slice(4, 9))).toEqual([false, false, false, false, false]);
+    expect(await scatter.stats(runId(2))).toMatchObject({ used: 8 * PAGE_BYTES, free: 0, reserved: 0 });
+    expect(await scatter.put(runId(1), 2, pages.slice(9, 10))).toEqual([true]);
+    expect(r.stats()).toMatchObject({ used: 8 * PAGE_BYTES, peakUsed: 8 * PAGE_BYTES });
+
+    // a reservation not yet filled goes back with a reservation of 0
+    const gather = await Client.connect(r.port, "gather");
+    gather.release(runId(1), pages.slice(4, 9));
+    // no more than its room: 8 pages less the other run's 3
+    expect(await scatter.reserve(runId(1), 6 * PAGE_BYTES)).toBe(5 * PAGE_BYTES);
+    expect(await scatter.stats(runId(2))).toMatchObject({ free: 0, reserved: 5 * PAGE_BYTES });
+    expect(await scatter.reserve(runId(1), 0)).toBe(0);
+    expect(await scatter.stats(runId(2))).toMatchObject({ free: 5 * PAGE_BYTES, reserved: 0, runs: 1 });
+  });
+
+  test("a reservation alone keeps its run until the TTL, then it is dropped", async () => {
+    const r = relay({ capacityBytes: 8 * PAGE_BYTES, ttlMs: 300 });
+    const scatter = await Client.connect(r.port);
+    await scatter.reserve(runId(1), 8 * PAGE_BYTES);
+    expect(await scatter.stats(runId(2))).toMatchObject({ free: 0, runs: 1 });
+    await within(
+      (async () => {
+        while ((await scatter.stats(runId(2))).free === 0) await Bun.sleep(50);
+      })(),
+      5000,
+      "the reservation of a run idle past its TTL was not dropped",
+    );
+    expect(r.stats()).toMatchObject({ runs: 0, reserved: 0, expiredRuns: 1 });
+  });
+
+  test("rate probes are acknowledged, and a relay held to a rate takes them no faster", async () => {
+    const limit = 20 << 20;
+    const r = relay({ maxRate: limit });
+    const prober = await Client.connect(r.port);
+    const rate = await within(probeRate(prober.conn, "the relay", 1000), 15_000, "the rate probe did not finish");
+    expect(rate).toBeGreaterThan(0);
+    // the bucket's burst and one chunk in flight are all it can gain over a second
+    expect(rate).toBeLessThan(limit * 1.25);
+    expect(await (await Client.connect(r.port)).stats()).toMatchObject({ maxRate: limit, used: 0 });
   });
 
   test("a release frees a run's pages, but a page held by two runs stays until both release it", async () => {
@@ -370,7 +432,7 @@ describe("sgm relay", () => {
       expect(report).toMatchObject({ capacity: 64 << 20, pages: 10, bytesIn: 10 * PAGE_BYTES, bytesOut: 10 * PAGE_BYTES, runs: 1 });
       const err = await stderr;
       expect(err).toMatch(/^sgm: relay listening on 127\.0\.0\.1:\d+ \(capacity 64\.0 MiB\)$/m);
-      expect(err).toMatch(/^sgm: relay stopped: held 40\.0 KiB of 64\.0 MiB \(10 pages, 1 runs\)/m);
+      expect(err).toMatch(/^sgm: relay stopped: held 40\.0 KiB of 64\.0 MiB \(10 pages, 1 runs; at most 40\.0 KiB\)/m);
     } finally {
       removeDir(dir);
     }

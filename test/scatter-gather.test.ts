@@ -8,6 +8,11 @@ import type { GatherReport } from "../core/gather/engine.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
 import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
+import { DIGEST_BYTES, digestPage, PAGE_BYTES } from "../core/dedup/digest.ts";
+import { PeerConnection } from "../core/wire/connection.ts";
+import { loadPsk } from "../core/wire/auth.ts";
+import { maxPayload } from "../core/wire/messages.ts";
+import { PUT_BATCH, PutBuilder, readAck, RelayFrame, RUN_ID_BYTES } from "../core/wire/relay-messages.ts";
 import { killAll } from "./harness/processes.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
@@ -20,6 +25,39 @@ beforeAll(async () => {
 });
 afterEach(() => killAll());
 afterAll(() => removeDir(dir));
+
+/** Another run puts pages of its own on the relay until it refuses one; resolves with the bytes it took. */
+async function fillRelay(address: string): Promise<number> {
+  const [host, port] = [address.slice(0, address.lastIndexOf(":")), Number(address.slice(address.lastIndexOf(":") + 1))];
+  const conn = await PeerConnection.connect({ host, port, psk: loadPsk(psk), role: "scatter", expectRole: "relay", maxPayload, timeoutMs: 5000 });
+  const run = crypto.getRandomValues(new Uint8Array(RUN_ID_BYTES));
+  let held = 0;
+  try {
+    for (let seq = 0; ; seq++) {
+      const builder = new PutBuilder();
+      for (let n = 0; n < PUT_BATCH; n++) {
+        // unique content, cheap to make: the run id, then the page's number
+        const page = new Uint8Array(PAGE_BYTES);
+        page.set(run);
+        new DataView(page.buffer).setUint32(RUN_ID_BYTES, seq * PUT_BATCH + n);
+        const digest = new Uint8Array(DIGEST_BYTES);
+        digestPage(page, digest);
+        builder.add(digest, 0, page);
+      }
+      const acked = new Promise<boolean[]>((resolve) =>
+        conn.onFrame((type, payload) => {
+          if (type === RelayFrame.ACK) resolve(readAck(payload).refused);
+        }),
+      );
+      conn.send(RelayFrame.PUT, builder.take(run, seq, new Uint8Array(0)).payload);
+      const refused = await acked;
+      held += refused.filter((r) => !r).length * PAGE_BYTES;
+      if (refused.some((r) => r)) return held;
+    }
+  } finally {
+    conn.close();
+  }
+}
 
 async function provedEqual(pair: VmPair): Promise<void> {
   const { verified, comparison } = await haltAndCompare(pair, dir);
@@ -37,7 +75,7 @@ describe("scatter-gather with relays", () => {
     ]);
     const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
     const { gather, port } = await startGather(pairs, psk, ["--max-rate", "16MiB/s"]);
-    const scatter = await startScatter(pairs, port, psk, ["--keep-source", "--via", `${r1.address},${r2.address}`]);
+    const scatter = await startScatter(pairs, port, psk, ["--keep-source", "--all-relays", "--via", `${r1.address},${r2.address}`]);
     const s = await scatter.result();
     const g = await gather.result();
     expect(s.code).toBe(0);
@@ -67,19 +105,30 @@ describe("scatter-gather with relays", () => {
     }
   }, 300_000);
 
-  test("a relay at capacity refuses pages; they are placed elsewhere and the eviction completes", async () => {
+  test("a relay another run fills mid-run refuses pages; they go to the other relay and the eviction does not wait for the gather", async () => {
     const pair = await startPair(dir, "full", { memMiB: 128, seed: 203, rate: 1000 });
-    const small = await startRelay(psk, "24MiB");
-    const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
-    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--via", small.address]);
+    const [shared, other] = await Promise.all([startRelay(psk, "64MiB"), startRelay(psk, "512MiB")]);
+    // the gather needs over 16 s for 128 MiB: a source held to its pace would wait as long
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
+    // told the source is barely faster than the gather, the plan reserves little: the run soon goes past its reservations
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--source-rate", "9MiB/s", "--via", `${shared.address},${other.address}`]);
+    await scatter.waitStderr(/relays: /);
+    const taken = await fillRelay(shared.address);
+    let gatherDone = false;
+    const g = gather.result().then((r) => {
+      gatherDone = true;
+      return r;
+    });
     const s = await scatter.result();
-    const g = await gather.result();
     expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expect(gatherDone).toBe(false);
+    expect((await g).code).toBe(0);
     const sr = report<ScatterReport>(s);
-    expect(sr.relays[0]!.refusedPages).toBeGreaterThan(0);
-    expect(sr.relays[0]!.pages * 4096).toBeLessThanOrEqual(24 * 1024 * 1024);
-    expect(sr.placement.replacedPages).toBe(sr.relays[0]!.refusedPages);
+    const relay = (address: string) => sr.relays.find((r) => r.address === address)!;
+    expect(taken).toBeGreaterThan(32 << 20);
+    expect(relay(shared.address).refusedPages).toBeGreaterThan(0);
+    expect(sr.placement.replacedPages).toBe(relay(shared.address).refusedPages);
+    expect(relay(other.address).pages).toBeGreaterThan(10_000);
     await provedEqual(pair);
   }, 180_000);
 
@@ -89,11 +138,11 @@ describe("scatter-gather with relays", () => {
     const viaFile = join(dir, "relays");
     await Bun.write(viaFile, `# the fleet's relays\n\n${large.address}   # twice the room\n`);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
-    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--via", small.address, "--via-file", viaFile]);
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", small.address, "--via-file", viaFile]);
     const s = await scatter.result();
     expect(s.code).toBe(0);
     expect((await gather.result()).code).toBe(0);
-    expect(s.stderr).toContain(`${large.address} (1.0 GiB free)`);
+    expect(s.stderr).toContain(`${large.address} (1.0 GiB free, `);
     const sr = report<ScatterReport>(s);
     const pages = (address: string) => sr.relays.find((r) => r.address === address)!.pages;
     const share = pages(large.address) / (pages(small.address) + pages(large.address));

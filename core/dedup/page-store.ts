@@ -35,6 +35,7 @@ export class PageStore {
   private readonly slabs: (Uint8Array | undefined)[] = [];
   // Indexed by id; 0 for an id not held.
   private refCounts = new Int32Array(1024);
+  private peak = 0;
 
   constructor(options: PageStoreOptions = {}) {
     const capacityBytes = options.capacityBytes ?? Infinity;
@@ -57,6 +58,11 @@ export class PageStore {
   /** Bytes of page content held: pages × 4096. */
   get usedBytes(): number {
     return this.index.size * PAGE_BYTES;
+  }
+
+  /** The most bytes of page content held at once. */
+  get peakBytes(): number {
+    return this.peak * PAGE_BYTES;
   }
 
   /**
@@ -91,6 +97,7 @@ export class PageStore {
       this.refCounts = grown;
     }
     this.refCounts[id] = 1;
+    if (this.index.size > this.peak) this.peak = this.index.size;
     return { id, added: true };
   }
 

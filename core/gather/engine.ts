@@ -10,6 +10,7 @@ import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
 import { asSgmError, SgmError } from "../errors.ts";
 import { collectGarbageEvery } from "../net/garbage.ts";
 import { RateLimiter } from "../net/rate-limiter.ts";
+import { encodeProbeAck, ProbeFrame } from "../wire/probe-frames.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import { listenPeers, type PeerConnection, type PeerListener } from "../wire/connection.ts";
 import {
@@ -236,6 +237,10 @@ class ScatterSession {
       }
       case FrameType.CONTROL:
         this.onControl(decodeControl(payload));
+        return;
+      case ProbeFrame.PROBE:
+        // answered once read, after the throttle above: the scatter measures the rate this gather takes
+        this.conn.send(ProbeFrame.PROBE_ACK, encodeProbeAck(payload));
         return;
       default:
         throw new SgmError("data", `scatter sent frame type ${type}`);

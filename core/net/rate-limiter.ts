@@ -1,6 +1,6 @@
 // A token bucket over bytes: the gather's --max-rate holds everything it
 // receives (from the scatter and from relays) to one rate, as a slow
-// destination link would.
+// destination link would; a relay's holds what all its clients send it.
 
 export class RateLimiter {
   readonly bytesPerSecond: number;

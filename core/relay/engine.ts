@@ -7,6 +7,7 @@ import { PageStore } from "../dedup/page-store.ts";
 import { SgmError } from "../errors.ts";
 import { listenPeers, type PeerConnection } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
+import { RateLimiter } from "../net/rate-limiter.ts";
 import { RunHolds } from "./holds.ts";
 import { type RelayCounters, RelaySession } from "./session.ts";
 
@@ -16,6 +17,8 @@ export interface RelayOptions {
   port: number;
   psk: Uint8Array;
   capacityBytes: number;
+  /** Take at most this many bytes a second from all clients together (a slow link, for tests); none by default. */
+  maxRate?: number;
   /** A run that has not put or released for this long loses its pages. */
   ttlMs: number;
   /** How often expired runs are looked for; by default a quarter of the TTL, within 10 ms to 10 s. */
@@ -29,6 +32,10 @@ export interface RelayStats {
   capacity: number;
   /** Bytes of distinct pages held. */
   used: number;
+  /** The most bytes held at once. */
+  peakUsed: number;
+  /** Bytes runs have reserved and not filled. */
+  reserved: number;
   pages: number;
   /** Runs holding at least one page. */
   runs: number;
@@ -63,7 +70,9 @@ export function startRelay(options: RelayOptions): Relay {
   const store = new PageStore({ capacityBytes: options.capacityBytes });
   const holds = new RunHolds(store, options.ttlMs);
   const counters: RelayCounters = { bytesIn: 0, bytesOut: 0, refusedPages: 0 };
-  const shared = { store, holds, counters, now: () => performance.now() };
+  // a burst of 10 ms: a rate probe of 100 ms then sees the rate, not the bucket
+  const limiter = options.maxRate ? new RateLimiter(options.maxRate, Math.max(64 * 1024, options.maxRate / 100)) : null;
+  const shared = { store, holds, counters, limiter, now: () => performance.now() };
   const connections = new Set<PeerConnection>();
   let expiredRuns = 0;
 
@@ -124,6 +133,8 @@ export function startRelay(options: RelayOptions): Relay {
     stats: () => ({
       capacity: store.capacityBytes,
       used: store.usedBytes,
+      peakUsed: store.peakBytes,
+      reserved: holds.outstandingBytes,
       pages: store.pages,
       runs: holds.runCount,
       bytesIn: counters.bytesIn,

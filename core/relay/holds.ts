@@ -11,8 +11,14 @@
 // otherwise never needs. A gather that fetches a run's pages releases them
 // as it goes, and one that must wait without releasing sends a RELEASE of
 // no digests to keep the run alive.
+//
+// A run may also reserve room before it puts anything, so that several
+// scatters sharing a relay do not overcommit it: what a run has reserved
+// and not yet filled is set aside from every other run's room. Pages held
+// by several runs count in each one's fill, which can only make the set
+// aside smaller than it should be, never the store larger than its capacity.
 
-import { DIGEST_BYTES } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import type { PageStore } from "../dedup/page-store.ts";
 
 interface Run {
@@ -22,6 +28,8 @@ interface Run {
    */
   readonly ids: Set<number>;
   deadline: number;
+  /** Bytes of pages the run expects to hold, counting those it does; 0 for none. */
+  reserved: number;
 }
 
 export interface ExpiredRun {
@@ -39,9 +47,36 @@ export class RunHolds {
     this.ttlMs = ttlMs;
   }
 
-  /** Runs holding at least one page. */
+  /** Runs holding at least one page or a reservation. */
   get runCount(): number {
     return this.runs.size;
+  }
+
+  /** Bytes reserved by every run and not yet filled. */
+  get outstandingBytes(): number {
+    return this.outstandingExcept(null);
+  }
+
+  /** What `run` may still fill: the store's free room less what other runs have reserved and not filled. */
+  roomFor(run: string | null): number {
+    return Math.max(0, this.store.capacityBytes - this.store.usedBytes - this.outstandingExcept(run));
+  }
+
+  /**
+   * Sets the run's reservation to `bytes`, or to as much of it as its held
+   * pages and its room allow; returns what was reserved.
+   */
+  reserve(run: string, bytes: number, now: number): number {
+    let entry = this.runs.get(run);
+    if (!entry) {
+      if (bytes <= 0) return 0;
+      entry = { ids: new Set(), deadline: 0, reserved: 0 };
+      this.runs.set(run, entry);
+    }
+    entry.deadline = now + this.ttlMs;
+    entry.reserved = Math.max(0, Math.min(bytes, entry.ids.size * PAGE_BYTES + this.roomFor(run)));
+    this.dropIfEmpty(run, entry);
+    return entry.reserved;
   }
 
   /**
@@ -50,15 +85,17 @@ export class RunHolds {
    */
   hold(run: string, digest: Uint8Array, digestAt: number, page: Uint8Array, now: number): boolean {
     let entry = this.runs.get(run);
+    const id = this.store.idOf(digest, digestAt);
     if (entry) {
       entry.deadline = now + this.ttlMs;
-      const id = this.store.idOf(digest, digestAt);
       if (id !== -1 && entry.ids.has(id)) return true;
     }
+    // content the store has already takes no room; new content must fit beside other runs' reservations
+    if (id === -1 && this.roomFor(run) < PAGE_BYTES) return false;
     const put = this.store.put(digest, digestAt, page);
     if (put === null) return false;
     if (!entry) {
-      entry = { ids: new Set(), deadline: now + this.ttlMs };
+      entry = { ids: new Set(), deadline: now + this.ttlMs, reserved: 0 };
       this.runs.set(run, entry);
     }
     entry.ids.add(put.id);
@@ -82,7 +119,7 @@ export class RunHolds {
         dropped++;
       }
     }
-    if (entry.ids.size === 0) this.runs.delete(run);
+    this.dropIfEmpty(run, entry);
     return dropped;
   }
 
@@ -96,5 +133,17 @@ export class RunHolds {
       expired.push({ run, pages: entry.ids.size });
     }
     return expired;
+  }
+
+  private outstandingExcept(run: string | null): number {
+    let outstanding = 0;
+    for (const [key, entry] of this.runs) {
+      if (key !== run) outstanding += Math.max(0, entry.reserved - entry.ids.size * PAGE_BYTES);
+    }
+    return outstanding;
+  }
+
+  private dropIfEmpty(run: string, entry: Run): void {
+    if (entry.ids.size === 0 && entry.reserved === 0) this.runs.delete(run);
   }
 }

@@ -20,6 +20,8 @@ import {
   readRelease,
 } from "../wire/relay-messages.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
+import type { RateLimiter } from "../net/rate-limiter.ts";
+import { encodeProbeAck, ProbeFrame } from "../wire/probe-frames.ts";
 import type { RunHolds } from "./holds.ts";
 
 // A client that sends requests but does not read the replies would make us
@@ -42,12 +44,14 @@ export interface RelayShared {
   readonly store: PageStore;
   readonly holds: RunHolds;
   readonly counters: RelayCounters;
+  /** The relay's --max-rate over everything its clients send it, or null. */
+  readonly limiter: RateLimiter | null;
   /** Monotonic milliseconds, for run deadlines. */
   now(): number;
 }
 
 const FRAME_NAMES = new Map<number, string>(
-  [...Object.entries(FrameType), ...Object.entries(RelayFrame)].map(([name, type]) => [type, name]),
+  [...Object.entries(FrameType), ...Object.entries(RelayFrame), ...Object.entries(ProbeFrame)].map(([name, type]) => [type, name]),
 );
 
 export class RelaySession {
@@ -55,7 +59,8 @@ export class RelaySession {
   private readonly shared: RelayShared;
   private readonly digest = new Uint8Array(DIGEST_BYTES);
   private fullSent = false;
-  private paused = false;
+  /** Why reading this client's requests is paused: its replies queue up, or the relay's rate is spent. */
+  private readonly pausedFor = new Set<"replies" | "rate">();
   private readonly replyBuffers: RecycledBuffers;
 
   constructor(conn: PeerConnection, shared: RelayShared) {
@@ -83,10 +88,14 @@ export class RelaySession {
       case FrameType.CONTROL:
         this.control(payload);
         break;
+      case ProbeFrame.PROBE:
+        this.conn.send(ProbeFrame.PROBE_ACK, encodeProbeAck(payload));
+        break;
       default:
         throw new SgmError("data", `frame type ${type} (${FRAME_NAMES.get(type) ?? "unknown"}) is not a relay request`);
     }
-    this.throttle();
+    this.throttleReplies();
+    this.throttleRate(payload.length);
   }
 
   private put(payload: Uint8Array): void {
@@ -154,33 +163,58 @@ export class RelaySession {
 
   private control(payload: Uint8Array): void {
     const message = decodeControl(payload);
+    const { store, holds, counters, limiter } = this.shared;
+    if (message.t === "relay-reserve") {
+      const bytes = holds.reserve(message.run, message.bytes, this.shared.now());
+      this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserved", run: message.run, bytes }));
+      return;
+    }
     if (message.t !== "relay-stats?") throw new SgmError("data", `control message '${message.t}' is not a relay request`);
-    const { store, holds, counters } = this.shared;
     this.conn.send(
       FrameType.CONTROL,
       encodeControl({
         t: "relay-stats",
         capacity: store.capacityBytes,
         used: store.usedBytes,
+        free: holds.roomFor(message.run),
+        reserved: holds.outstandingBytes,
         pages: store.pages,
         bytesIn: counters.bytesIn,
         bytesOut: counters.bytesOut,
         runs: holds.runCount,
+        maxRate: limiter?.bytesPerSecond ?? null,
       }),
     );
   }
 
-  private throttle(): void {
-    if (this.paused || this.conn.queuedBytes <= PAUSE_ABOVE) return;
-    this.paused = true;
-    this.conn.pauseReading();
+  private throttleReplies(): void {
+    if (this.pausedFor.has("replies") || this.conn.queuedBytes <= PAUSE_ABOVE) return;
+    this.pause("replies");
     this.conn.whenWritable(RESUME_AT).then(
-      () => {
-        this.paused = false;
-        this.conn.resumeReading();
-      },
+      () => this.resume("replies"),
       () => {}, // closed while paused: nothing left to resume
     );
+  }
+
+  /** Holds this client to the relay's --max-rate: reading waits while the bucket is in debt. */
+  private throttleRate(bytes: number): void {
+    const limiter = this.shared.limiter;
+    if (!limiter) return;
+    limiter.take(bytes);
+    const wait = limiter.waitMs();
+    if (wait <= 0 || this.pausedFor.has("rate")) return;
+    this.pause("rate");
+    setTimeout(() => this.resume("rate"), wait);
+  }
+
+  private pause(reason: "replies" | "rate"): void {
+    if (this.pausedFor.size === 0) this.conn.pauseReading();
+    this.pausedFor.add(reason);
+  }
+
+  private resume(reason: "replies" | "rate"): void {
+    if (!this.pausedFor.delete(reason) || this.pausedFor.size > 0) return;
+    this.conn.resumeReading();
   }
 }
 

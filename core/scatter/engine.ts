@@ -6,16 +6,17 @@ import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { PAGE_BYTES } from "../dedup/digest.ts";
 import { asSgmError, SgmError } from "../errors.ts";
-import { formatHostPort, type HostPort } from "../net/host-port.ts";
-import { formatBytes } from "../units.ts";
+import type { HostPort } from "../net/host-port.ts";
+import { formatBytes, formatRate } from "../units.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
-import { PeerConnection } from "../wire/connection.ts";
-import { decodeControl, encodeControl, FrameType, maxPayload } from "../wire/messages.ts";
+import type { PeerConnection } from "../wire/connection.ts";
+import { decodeControl, encodeControl, FrameType } from "../wire/messages.ts";
 import { type PlacementStats, RunPlacement } from "./placement.ts";
-import { askRelayRoom } from "./relay-link.ts";
+import type { RelayPlan } from "./relay-plan.ts";
+import { reserveRoom } from "./relay-queries.ts";
 import { SourceQemu } from "./source-qemu.ts";
+import { shortfallError, type Survey, survey, type SurveyOptions } from "./survey.ts";
 import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-eviction.ts";
 
 /**
@@ -34,13 +35,7 @@ export const DEFAULT_POSTCOPY_AFTER_PASS = 2;
  */
 export const DEFAULT_MAX_PASSES = 30;
 
-export interface ScatterOptions {
-  gather: HostPort;
-  vms: Array<{ name: string; qmp: string }>;
-  relays?: HostPort[];
-  /** Relays that hold each relayed page. */
-  replicas?: number;
-  psk: Uint8Array;
+export interface ScatterOptions extends PlanOptions {
   keepSource: boolean;
   downtimeLimitMs?: number;
   /** How the sources switch over (default: see DEFAULT_SWITCHOVER). */
@@ -53,10 +48,8 @@ export interface ScatterOptions {
   gatherPinPages?: number;
   /** False to send every recurring content again (default true): the cost of no dedup, measured. */
   dedup?: boolean;
-  /** How long to keep trying a gather that is not up yet. */
-  gatherWaitMs?: number;
-  signal?: AbortSignal;
-  log?: (line: string) => void;
+  /** Start even when the plan says the relays cannot hold what will not go direct: the rest waits for the gather. */
+  allowShortfall?: boolean;
 }
 
 export interface RelayReport {
@@ -74,80 +67,79 @@ export interface ScatterReport {
   bytesToGather: number;
   relays: RelayReport[];
   placement: PlacementStats;
+  /** The plan the run followed; null for a run without relays. */
+  plan: RelayPlan | null;
+  /** Milliseconds from the start to the first byte of migration: checks, connections, probes, plan. */
+  planMs: number;
   /** The exit code the run maps to (0 when every VM was evicted). */
   exitCode: number;
 }
 
-const address = (hp: HostPort) => formatHostPort(hp.host, hp.port);
+export interface PlanOptions {
+  gather: HostPort;
+  vms: Array<{ name: string; qmp: string }>;
+  relays?: HostPort[];
+  replicas?: number;
+  psk: Uint8Array;
+  /** The source's sending rate, bytes a second; measured with rate probes when absent. */
+  sourceRate?: number;
+  /** Use every reachable relay with room, not only those the rule needs. */
+  allRelays?: boolean;
+  gatherWaitMs?: number;
+  signal?: AbortSignal;
+  log?: (line: string) => void;
+}
+
+/**
+ * Does everything a run does before the first byte of migration and
+ * returns its plan; the VMs are only queried. A shortfall is in the plan,
+ * not thrown.
+ */
+export async function planScatter(options: PlanOptions): Promise<RelayPlan> {
+  const sources = await openSources(options);
+  try {
+    const found = await survey(surveyOptions(options, true), sources, randomBytes(16).toString("hex"));
+    found.gather.close();
+    for (const r of found.relays) r.conn.close();
+    return found.plan!;
+  } finally {
+    for (const s of sources) s.close();
+  }
+}
 
 export async function runScatter(options: ScatterOptions): Promise<ScatterReport> {
   const log = options.log ?? (() => {});
-  const startedAt = { mono: performance.now(), wall: Date.now() };
-  const replicas = options.replicas ?? 1;
-  const relayAddresses = options.relays ?? [];
-  if (relayAddresses.length > 32) throw new SgmError("usage", `--via: ${relayAddresses.length} relays; at most 32`);
-  if (relayAddresses.length > 0 && replicas > relayAddresses.length) {
-    throw new SgmError("usage", `--replicas ${replicas}: only ${relayAddresses.length} relays given`);
-  }
-  options.signal?.throwIfAborted();
-
-  // Every source is checked before anything moves.
-  const opened = await Promise.allSettled(options.vms.map((vm) => SourceQemu.open(vm.name, parseQmpAddress(vm.qmp))));
-  const sources = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
-  const refused = opened.find((r): r is PromiseRejectedResult => r.status === "rejected");
-  const opens: PeerConnection[] = [];
-  const closeAll = () => {
-    for (const s of sources) s.close();
-    for (const c of opens) c.abort();
-  };
-  if (refused) {
-    closeAll();
-    throw asSgmError(refused.reason);
-  }
-
-  let conn: PeerConnection;
-  const relays: Array<{ address: string; conn: PeerConnection; room: number }> = [];
+  const plannedAt = performance.now();
+  const sources = await openSources(options);
+  const run = randomBytes(16);
+  const runHex = run.toString("hex");
+  let found: Survey | undefined;
   try {
-    conn = await connectGather(options, log);
-    opens.push(conn);
-    log(`connected to the gather at ${conn.remoteAddress}`);
-    const reached = await Promise.allSettled(
-      relayAddresses.map(async (r) => {
-        const relay = await connectPeer(r, options.psk, "relay");
-        try {
-          const room = await askRelayRoom(relay, address(r));
-          if (room < PAGE_BYTES) throw new SgmError("unavailable", `it has no room (${formatBytes(room)} free)`);
-          return { relay, room };
-        } catch (err) {
-          relay.abort();
-          throw err;
-        }
-      }),
-    );
-    reached.forEach((r, i) => {
-      const where = address(relayAddresses[i]!);
-      if (r.status === "rejected") {
-        log(`relay ${where} left out: ${asSgmError(r.reason).message}`);
-        return;
+    found = await survey(surveyOptions(options, false), sources, runHex);
+    const { plan } = found;
+    if (plan) {
+      logPlan(plan, log);
+      const short = shortfallError(plan);
+      if (short && !(options.allowShortfall && plan.shortfall?.kind === "relay-memory")) throw short;
+      for (const [i, r] of found.relays.entries()) {
+        // a relay grants less when other runs reserved the rest; the placement then learns it by refusals
+        await reserveRoom(r.conn, r.address, runHex, plan.chosen[i]!.expectedBytes);
       }
-      opens.push(r.value.relay);
-      relays.push({ address: where, conn: r.value.relay, room: r.value.room });
-    });
-    if (relayAddresses.length > 0 && relays.length < replicas) {
-      throw new SgmError("unavailable", `only ${relays.length} of ${relayAddresses.length} relays reachable, fewer than --replicas ${replicas}`);
     }
   } catch (err) {
-    closeAll();
+    found?.gather.abort();
+    for (const r of found?.relays ?? []) r.conn.abort();
+    for (const s of sources) s.close();
     throw err;
   }
-  if (relays.length > 0) {
-    log(`relays: ${relays.map((r) => `${r.address} (${formatBytes(r.room)} free)`).join(", ")}; ${replicas} per page, shared by room`);
-  }
+  const conn = found.gather;
+  const relays = found.relays;
+  const opens = [conn, ...relays.map((r) => r.conn)];
+  const startedAt = { mono: performance.now(), wall: Date.now() };
 
-  const run = randomBytes(16);
-  const placement = new RunPlacement(conn, replicas, { gatherPinPages: options.gatherPinPages, dedup: options.dedup });
-  for (const r of relays) placement.addRelay(r.address, r.conn, run, r.room);
-  conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: run.toString("hex"), relays: relays.map((r) => r.address) }));
+  const placement = new RunPlacement(conn, options.replicas ?? 1, { gatherPinPages: options.gatherPinPages, dedup: options.dedup });
+  for (const r of relays) placement.addRelay(r.address, r.conn, run, r.free);
+  conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: runHex, relays: relays.map((r) => r.address) }));
 
   const socketDir = mkdtempSync(join(tmpdir(), "sgm-scatter-"));
   const evictions = sources.map(
@@ -199,10 +191,14 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
       bytesToGather: conn.bytesSent,
       relays: placement.relays.map((r) => ({ address: r.address, pages: r.pagesPut - r.pagesRefused, refusedPages: r.pagesRefused, bytesSent: r.conn.bytesSent })),
       placement: { ...placement.stats },
+      plan: found.plan,
+      planMs: Math.round(startedAt.mono - plannedAt),
       exitCode: failures.length === 0 ? 0 : Math.max(...failures.map((r) => r.exitCode ?? 70)),
     };
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
+    // what the run reserved and did not fill goes back to other runs; the pages it placed stay held
+    for (const r of relays) if (r.conn.isOpen) r.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserve", run: runHex, bytes: 0 }));
     await conn.whenWritable(0).catch(() => {});
     for (const c of opens) c.close();
     for (const s of sources) s.close();
@@ -210,25 +206,41 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   }
 }
 
-function connectPeer(to: HostPort, psk: Uint8Array, expectRole: "gather" | "relay"): Promise<PeerConnection> {
-  return PeerConnection.connect({ host: to.host, port: to.port, psk, role: "scatter", expectRole, maxPayload, timeoutMs: 10_000 });
+async function openSources(options: PlanOptions): Promise<SourceQemu[]> {
+  const replicas = options.replicas ?? 1;
+  const relays = options.relays ?? [];
+  if (relays.length > 32) throw new SgmError("usage", `--via: ${relays.length} relays; at most 32`);
+  if (relays.length > 0 && replicas > relays.length) throw new SgmError("usage", `--replicas ${replicas}: only ${relays.length} relays given`);
+  options.signal?.throwIfAborted();
+  // Every source is checked before anything moves.
+  const opened = await Promise.allSettled(options.vms.map((vm) => SourceQemu.open(vm.name, parseQmpAddress(vm.qmp))));
+  const sources = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+  const refused = opened.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  if (refused) {
+    for (const s of sources) s.close();
+    throw asSgmError(refused.reason);
+  }
+  return sources;
 }
 
-/** A gather started a little after the scatter is waited for, up to gatherWaitMs. */
-async function connectGather(options: ScatterOptions, log: (line: string) => void): Promise<PeerConnection> {
-  const deadline = Date.now() + (options.gatherWaitMs ?? 30_000);
-  let said = false;
-  for (;;) {
-    try {
-      return await connectPeer(options.gather, options.psk, "gather");
-    } catch (err) {
-      const e = asSgmError(err);
-      // only a gather that is not listening yet is worth waiting for
-      if (!/connection refused/.test(e.message) || Date.now() >= deadline) throw e;
-      if (!said) log(`waiting for the gather at ${address(options.gather)}`);
-      said = true;
-      options.signal?.throwIfAborted();
-      await Bun.sleep(250);
-    }
+function surveyOptions(options: PlanOptions, planAlways: boolean): SurveyOptions {
+  return {
+    gather: options.gather,
+    relays: options.relays ?? [],
+    psk: options.psk,
+    replicas: options.replicas ?? 1,
+    sourceRate: options.sourceRate,
+    useAll: options.allRelays ?? false,
+    planAlways,
+    gatherWaitMs: options.gatherWaitMs ?? 30_000,
+    signal: options.signal,
+    log: options.log ?? (() => {}),
+  };
+}
+
+function logPlan(plan: RelayPlan, log: (line: string) => void): void {
+  for (const r of plan.leftOut) if (r.reason.startsWith("not needed")) log(`relay ${r.address} left out: ${r.reason}`);
+  if (plan.chosen.length > 0) {
+    log(`relays: ${plan.chosen.map((r) => `${r.address} (${formatBytes(r.free)} free, ${formatRate(r.rate)})`).join(", ")}; ${plan.replicas} per page, shared by room`);
   }
 }

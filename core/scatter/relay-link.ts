@@ -5,33 +5,8 @@
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { decodeControl, encodeControl, FrameType } from "../wire/messages.ts";
+import { decodeControl, FrameType } from "../wire/messages.ts";
 import { PutBuilder, readAck, readPut, RelayFrame } from "../wire/relay-messages.ts";
-
-/** How long a relay has to say how much room it has before it is left out. */
-const ROOM_TIMEOUT_MS = 5000;
-
-/**
- * Asks a relay, before it is given any page, how much room it has: its
- * capacity less what it holds for every run. The answer weighs its share
- * of pages.
- */
-export function askRelayRoom(conn: PeerConnection, address: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new SgmError("unavailable", `relay ${address} did not say how much room it has`)), ROOM_TIMEOUT_MS);
-    conn.onFrame((type, payload) => {
-      const message = type === FrameType.CONTROL ? decodeControl(payload) : null;
-      if (message?.t !== "relay-stats") throw new SgmError("data", `relay ${address} answered with frame type ${type}`);
-      clearTimeout(timer);
-      resolve(Math.max(0, message.capacity - message.used));
-    });
-    void conn.closed.then((reason) => {
-      clearTimeout(timer);
-      reject(new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`));
-    });
-    conn.send(FrameType.CONTROL, encodeControl({ t: "relay-stats?" }));
-  });
-}
 
 /** A page the relay refused: its content id and where its digest and bytes still are. */
 export interface Refused {
@@ -136,6 +111,8 @@ export class RelayLink {
         this.events.onFull(message.capacity, message.used);
         return;
       }
+      // the answer to the run's last reservation, given back as it ends
+      if (message.t === "relay-reserved") return;
       throw new SgmError("data", `relay ${this.address} sent '${message.t}'`);
     }
     if (type !== RelayFrame.ACK) throw new SgmError("data", `relay ${this.address} sent frame type ${type}`);

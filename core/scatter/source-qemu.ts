@@ -3,6 +3,7 @@
 // follows it to the end, or cancels it so the VM keeps running.
 
 import { SgmError } from "../errors.ts";
+import type { VmEstimate } from "./relay-plan.ts";
 import { checkSupported, machineType, versionString } from "../qemu/versions.ts";
 import { type QmpAddress, QmpClient, type QmpEvent, describeQmpAddress } from "../qmp/client.ts";
 import {
@@ -86,6 +87,19 @@ export class SourceQemu {
       qmp.close();
       throw err;
     }
+  }
+
+  /**
+   * What QEMU can tell, before it migrates, of the RAM it will send: its
+   * size, less what a balloon has taken back (sent as zero pages). Zero
+   * pages in the guest cannot be known until QEMU reads them.
+   */
+  async estimate(): Promise<VmEstimate> {
+    const memory = await this.qmp.execute<{ "base-memory": number; "plugged-memory"?: number }>("query-memory-size-summary");
+    const ramBytes = memory["base-memory"] + (memory["plugged-memory"] ?? 0);
+    // without a balloon device QEMU answers with an error: nothing is ballooned
+    const balloon = await this.qmp.execute<{ actual: number }>("query-balloon").catch(() => null);
+    return { name: this.name, ramBytes, balloonedBytes: balloon ? Math.max(0, ramBytes - balloon.actual) : 0 };
   }
 
   /**

@@ -174,6 +174,11 @@ export class PeerConnection {
     return this.authenticatedRole;
   }
 
+  /** Frames may be sent: authenticated and not closing. */
+  get isOpen(): boolean {
+    return this.phase === "open";
+  }
+
   /** Bytes accepted by send() and not yet handed to the kernel. */
   get queuedBytes(): number {
     return this.queued;

@@ -15,6 +15,7 @@
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import { probeMaxPayload } from "./probe-frames.ts";
 import { relayMaxPayload } from "./relay-messages.ts";
 
 export const FrameType = {
@@ -51,7 +52,7 @@ export function maxPayload(type: number): number | undefined {
     case FrameType.UNPIN:
       return 4 + MAP_BATCH * DIGEST_BYTES;
     default:
-      return relayMaxPayload(type);
+      return relayMaxPayload(type) ?? probeMaxPayload(type);
   }
 }
 
@@ -106,8 +107,14 @@ export type Control =
   /** scatter → gather, before any offer: the run's id (hex) and its relays, in mask bit order. */
   | { t: "relays"; run: string; relays: string[] }
   /** to a relay: its figures, please. */
-  | { t: "relay-stats?" }
-  | { t: "relay-stats"; capacity: number; used: number; pages: number; bytesIn: number; bytesOut: number; runs: number }
+  /** to a relay: its figures, please, with its room as `run` (hex) sees it. */
+  | { t: "relay-stats?"; run: string }
+  /** free: what `run` may still fill, once other runs' reservations are set aside; maxRate: its --max-rate, or null. */
+  | { t: "relay-stats"; capacity: number; used: number; free: number; reserved: number; pages: number; bytesIn: number; bytesOut: number; runs: number; maxRate: number | null }
+  /** to a relay: hold room for `bytes` of `run`'s pages (counting those it holds); 0 gives back what it did not use. */
+  | { t: "relay-reserve"; run: string; bytes: number }
+  /** relay → client: the bytes reserved for the run, which may be less than asked. */
+  | { t: "relay-reserved"; run: string; bytes: number }
   /** relay → client, on its first refused put: it is full. */
   | { t: "relay-full"; capacity: number; used: number };
 
@@ -129,8 +136,20 @@ const FIELDS: Record<ControlType, Record<string, "number" | "number|null" | "str
   failed: { vm: "number", reason: "string", kind: "string" },
   received: { bytes: "number" },
   relays: { run: "string", relays: "strings" },
-  "relay-stats?": {},
-  "relay-stats": { capacity: "number", used: "number", pages: "number", bytesIn: "number", bytesOut: "number", runs: "number" },
+  "relay-stats?": { run: "string" },
+  "relay-stats": {
+    capacity: "number",
+    used: "number",
+    free: "number",
+    reserved: "number",
+    pages: "number",
+    bytesIn: "number",
+    bytesOut: "number",
+    runs: "number",
+    maxRate: "number|null",
+  },
+  "relay-reserve": { run: "string", bytes: "number" },
+  "relay-reserved": { run: "string", bytes: "number" },
   "relay-full": { capacity: "number", used: "number" },
 };
 

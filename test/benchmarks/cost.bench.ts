@@ -72,7 +72,7 @@ async function sgmRun(dir: string, memMiB: number, n: number, relays: number): P
   const pair = await startPair(dir, `sgm${relays}r${n}`, { memMiB, seed: 1, rate: 0 });
   const rs = await Promise.all(Array.from({ length: relays }, () => startRelay(psk, "4GiB", ["--json"])));
   const { gather, port } = await startGather([pair], psk, relays > 0 ? ["--max-rate", "256MiB/s"] : []);
-  const via = rs.length > 0 ? ["--via", rs.map((r) => r.address).join(",")] : [];
+  const via = rs.length > 0 ? ["--all-relays", "--via", rs.map((r) => r.address).join(",")] : [];
   const scatter = await startScatter([pair], port, psk, via);
   const [s, g] = [await scatter.result(), await gather.result()];
   if (s.code !== 0 || g.code !== 0) throw new Error(`sgm failed:\n${s.stderr}\n${g.stderr}`);

@@ -215,6 +215,6 @@ async function relayStats(conn: PeerConnection): Promise<{ pages: number }> {
     const message = decodeControl(payload);
     if (message.t === "relay-stats") reply.resolve(message);
   });
-  conn.send(FrameType.CONTROL, encodeControl({ t: "relay-stats?" }));
+  conn.send(FrameType.CONTROL, encodeControl({ t: "relay-stats?", run: "" }));
   return reply.promise;
 }

@@ -95,7 +95,7 @@ async function evict(dir: string, c: Case, paused: boolean, dedup: boolean, n: n
   const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk)));
   // a gather slower than the source, so that relays take pages
   const { gather, port } = await startGather(pairs, psk, c.relays > 0 ? ["--max-rate", "48MiB/s"] : []);
-  const via = relays.length > 0 ? ["--via", relays.map((r) => r.address).join(","), "--replicas", String(c.replicas)] : [];
+  const via = relays.length > 0 ? ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", String(c.replicas)] : [];
   const scatter = await startScatter(pairs, port, psk, ["--keep-source", ...via, ...switchovers[c.switchover], ...(dedup ? [] : ["--no-dedup"])]);
   const [s, g] = await Promise.all([scatter.result(), gather.result()]);
   if (s.code !== 0 || g.code !== 0) {

@@ -1,0 +1,137 @@
+// Everything a scatter learns before the first byte of migration: it
+// connects to the gather and to every named relay, asks each relay how much
+// room it has for this run, estimates what the VMs will send, times the
+// gather and each relay with a rate probe, and plans which relays to use.
+// Nothing here touches a VM.
+
+import { PAGE_BYTES } from "../dedup/digest.ts";
+import { asSgmError, SgmError } from "../errors.ts";
+import { formatHostPort, type HostPort } from "../net/host-port.ts";
+import { formatBytes } from "../units.ts";
+import { PeerConnection } from "../wire/connection.ts";
+import { maxPayload } from "../wire/messages.ts";
+import { probeRate } from "./rate-probe.ts";
+import { askRelayFigures } from "./relay-queries.ts";
+import { type LeftOut, planRelays, type RelayCandidate, type RelayPlan } from "./relay-plan.ts";
+import type { SourceQemu } from "./source-qemu.ts";
+
+export interface SurveyOptions {
+  gather: HostPort;
+  relays: HostPort[];
+  psk: Uint8Array;
+  replicas: number;
+  /** The source's sending rate in bytes a second; measured when absent. */
+  sourceRate?: number;
+  /** Use every reachable relay with room (--all-relays). */
+  useAll: boolean;
+  /** Plan even without relays, for the expected eviction time (--plan); otherwise a run without relays has no plan. */
+  planAlways: boolean;
+  gatherWaitMs: number;
+  signal?: AbortSignal;
+  log: (line: string) => void;
+}
+
+export interface Survey {
+  gather: PeerConnection;
+  /** The chosen relays' connections, in the plan's order. */
+  relays: Array<{ address: string; conn: PeerConnection; free: number }>;
+  /** Null for a run without relays that was not asked for a plan: nothing to choose, nothing probed. */
+  plan: RelayPlan | null;
+}
+
+const address = (hp: HostPort) => formatHostPort(hp.host, hp.port);
+
+/** On a throw every connection it made is closed. */
+export async function survey(options: SurveyOptions, sources: readonly SourceQemu[], run: string): Promise<Survey> {
+  const opens: PeerConnection[] = [];
+  try {
+    const gather = await connectGather(options);
+    opens.push(gather);
+    options.log(`connected to the gather at ${gather.remoteAddress}`);
+    const unreachable: LeftOut[] = [];
+    const full: LeftOut[] = [];
+    const reached: Array<{ address: string; conn: PeerConnection; free: number }> = [];
+    const answers = await Promise.allSettled(
+      options.relays.map(async (r) => {
+        const conn = await connectPeer(r, options.psk, "relay");
+        opens.push(conn);
+        return { conn, figures: await askRelayFigures(conn, address(r), run) };
+      }),
+    );
+    answers.forEach((answer, i) => {
+      const where = address(options.relays[i]!);
+      if (answer.status === "rejected") unreachable.push({ address: where, reason: asSgmError(answer.reason).message });
+      else if (answer.value.figures.free < PAGE_BYTES) full.push({ address: where, reason: `it has no room for this run (${formatBytes(answer.value.figures.free)} free)` });
+      else reached.push({ address: where, conn: answer.value.conn, free: answer.value.figures.free });
+    });
+    for (const u of [...unreachable, ...full]) options.log(`relay ${u.address} left out: ${u.reason}`);
+
+    if (options.relays.length === 0 && !options.planAlways) return { gather, relays: [], plan: null };
+    const vms = await Promise.all(sources.map((s) => s.estimate()));
+    // one peer at a time for its own rate, then all at once for the source's
+    const destinationRate = await probeRate(gather, "the gather");
+    const candidates: RelayCandidate[] = [];
+    for (const r of reached) {
+      options.signal?.throwIfAborted();
+      const rate = await probeRate(r.conn, `relay ${r.address}`).catch((err: unknown) => {
+        unreachable.push({ address: r.address, reason: asSgmError(err).message });
+        return null;
+      });
+      if (rate !== null) candidates.push({ address: r.address, free: r.free, rate });
+    }
+    const sourceRate = options.sourceRate ?? (await measureSourceRate(gather, reached.filter((r) => candidates.some((c) => c.address === r.address))));
+    const plan = planRelays({
+      vms,
+      sourceRate,
+      sourceRateFrom: options.sourceRate === undefined ? "measured" : "--source-rate",
+      destinationRate,
+      candidates,
+      unreachable,
+      full,
+      replicas: options.replicas,
+      useAll: options.useAll,
+    });
+    const chosen = plan.chosen.map((c) => reached.find((r) => r.address === c.address)!);
+    for (const r of reached) if (!chosen.includes(r)) r.conn.close();
+    return { gather, relays: chosen, plan };
+  } catch (err) {
+    for (const conn of opens) conn.abort();
+    throw err;
+  }
+}
+
+/** What the source sends the gather and every relay at once: its own rate, unless they are slower together. */
+async function measureSourceRate(gather: PeerConnection, relays: ReadonlyArray<{ address: string; conn: PeerConnection }>): Promise<number> {
+  const rates = await Promise.allSettled([probeRate(gather, "the gather"), ...relays.map((r) => probeRate(r.conn, `relay ${r.address}`))]);
+  // a peer that fails this second probe adds nothing; a gather gone fails the run when it starts
+  return rates.reduce((sum, rate) => sum + (rate.status === "fulfilled" ? rate.value : 0), 0);
+}
+
+function connectPeer(to: HostPort, psk: Uint8Array, expectRole: "gather" | "relay"): Promise<PeerConnection> {
+  return PeerConnection.connect({ host: to.host, port: to.port, psk, role: "scatter", expectRole, maxPayload, timeoutMs: 10_000 });
+}
+
+/** A gather started a little after the scatter is waited for, up to gatherWaitMs. */
+async function connectGather(options: SurveyOptions): Promise<PeerConnection> {
+  const deadline = Date.now() + options.gatherWaitMs;
+  let said = false;
+  for (;;) {
+    try {
+      return await connectPeer(options.gather, options.psk, "gather");
+    } catch (err) {
+      const e = asSgmError(err);
+      // only a gather that is not listening yet is worth waiting for
+      if (!/connection refused/.test(e.message) || Date.now() >= deadline) throw e;
+      if (!said) options.log(`waiting for the gather at ${address(options.gather)}`);
+      said = true;
+      options.signal?.throwIfAborted();
+      await Bun.sleep(250);
+    }
+  }
+}
+
+/** The error a shortfall stops a run with: nothing has moved, every VM runs on at the source. */
+export function shortfallError(plan: RelayPlan): SgmError | null {
+  if (!plan.shortfall) return null;
+  return new SgmError(plan.shortfall.kind === "no-relay" ? "unavailable" : "insufficient", plan.shortfall.message);
+}

@@ -1,0 +1,111 @@
+// Choosing a run's relays before anything moves, through the compiled
+// binary: the plan picks what the rule gives and touches no VM, a plan short
+// of relay memory stops the run, and relays shared by two runs at once hold
+// no more than their capacity.
+
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import type { RelayStats } from "../core/relay/engine.ts";
+import type { ScatterReport } from "../core/scatter/engine.ts";
+import type { RelayPlan } from "../core/scatter/relay-plan.ts";
+import { queryMigrate } from "../core/qmp/migration.ts";
+import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
+import { killAll } from "./harness/processes.ts";
+import { makeTempDir, removeDir } from "./harness/tmp.ts";
+
+let dir: string;
+let psk: string;
+
+beforeAll(async () => {
+  dir = makeTempDir("relay-choice");
+  psk = await writePsk(dir);
+});
+afterEach(() => killAll());
+afterAll(() => removeDir(dir));
+
+async function untouched(pair: VmPair): Promise<void> {
+  expect((await queryMigrate(pair.source.qmp)).status ?? "none").toBe("none");
+  expect(await pair.source.status()).toBe("running");
+}
+
+async function relayFigures(r: Awaited<ReturnType<typeof startRelay>>): Promise<RelayStats> {
+  r.relay.proc.kill("SIGTERM");
+  return report<RelayStats>(await r.relay.result());
+}
+
+describe("choosing relays", () => {
+  test("--plan on three relays of different room and rate picks the rule's set, says why the third is out, and moves nothing", async () => {
+    const pair = await startPair(dir, "plan", { memMiB: 128, seed: 301 });
+    // rates far apart, so their order holds on a slow machine: fast but small, slower with room, slowest
+    const [fastSmall, roomy, slow] = await Promise.all([
+      startRelay(psk, "64MiB", ["--max-rate", "200MiB/s", "--json"]),
+      startRelay(psk, "1GiB", ["--max-rate", "40MiB/s", "--json"]),
+      startRelay(psk, "1GiB", ["--max-rate", "10MiB/s", "--json"]),
+    ]);
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "5MiB/s"]);
+    const via = [slow, roomy, fastSmall].map((r) => r.address).join(",");
+    const s = await (await startScatter([pair], port, psk, ["--plan", "--source-rate", "100MiB/s", "--via", via])).result();
+    expect(s.code).toBe(0);
+    const plan = report<RelayPlan>(s);
+    // the fast relay takes the rate but holds 64 MiB of the ~130 MiB that will not go direct: the roomy one is added
+    expect(plan.chosen.map((r) => r.address)).toEqual([fastSmall.address, roomy.address]);
+    expect(plan.leftOut).toEqual([{ address: slow.address, reason: expect.stringMatching(/^not needed: /) }]);
+    expect(plan.sourceRateFrom).toBe("--source-rate");
+    expect(plan.shortfall).toBeNull();
+    expect(plan.vms).toEqual([expect.objectContaining({ name: "plan", ramBytes: 128 << 20, balloonedBytes: 0 })]);
+    // the probe measured the roomy relay at its held rate, not faster
+    expect(plan.chosen[1]!.rate).toBeLessThan(40 * 1.25 * (1 << 20));
+    for (const r of plan.chosen) expect(r.expectedBytes).toBeGreaterThan(0);
+    expect(s.stderr).toMatch(/plan fits: the eviction would start/);
+    expect(s.stderr).toContain(`relay ${slow.address} left out: not needed`);
+
+    await untouched(pair);
+    // nothing placed, nothing reserved, and the gather still waits for its scatter
+    for (const r of [fastSmall, roomy, slow]) expect(await relayFigures(r)).toMatchObject({ peakUsed: 0, reserved: 0, runs: 0 });
+    gather.proc.kill("SIGTERM");
+    expect((await gather.result()).code).toBe(130);
+  }, 120_000);
+
+  test("a plan short of relay memory exits 78 naming it, and so does the run, with the VM running on untouched", async () => {
+    const pair = await startPair(dir, "short", { memMiB: 128, seed: 302 });
+    const [a, b] = await Promise.all([startRelay(psk, "16MiB"), startRelay(psk, "16MiB")]);
+    const { port } = await startGather([pair], psk, ["--max-rate", "5MiB/s"]);
+    const via = ["--via", `${a.address},${b.address}`, "--source-rate", "100MiB/s"];
+    const planned = await (await startScatter([pair], port, psk, ["--plan", ...via])).result();
+    expect(planned.code).toBe(78);
+    expect(planned.stderr).toMatch(/plan falls short: the relays have room for 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)/);
+    expect(report<RelayPlan>(planned).shortfall?.kind).toBe("relay-memory");
+
+    const run = await (await startScatter([pair], port, psk, via)).result();
+    expect(run.code).toBe(78);
+    expect(run.stderr).toMatch(/sgm: error: the relays have room for 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)\n$/);
+    await untouched(pair);
+  }, 120_000);
+
+  test("two scatters sharing one relay at once both complete, and the relay never holds more than its capacity", async () => {
+    const pairs = await Promise.all([startPair(dir, "share1", { memMiB: 64, seed: 303, rate: 1000 }), startPair(dir, "share2", { memMiB: 64, seed: 304, rate: 1000 })]);
+    const shared = await startRelay(psk, "96MiB", ["--json"]);
+    // slow gathers: each run wants about 68 MiB of the relay, more than the two can have together
+    const gathers = await Promise.all(pairs.map((p) => startGather([p], psk, ["--max-rate", "8MiB/s"])));
+    const scatters = await Promise.all(
+      pairs.map((p, i) => startScatter([p], gathers[i]!.port, psk, ["--keep-source", "--via", shared.address, "--source-rate", "200MiB/s", "--allow-shortfall"])),
+    );
+    const results = await Promise.all(scatters.map((s) => s.result()));
+    for (const r of results) expect(r.code).toBe(0);
+    for (const g of gathers) expect((await g.gather.result()).code).toBe(0);
+    const reports = results.map((r) => report<ScatterReport>(r));
+    // both runs placed pages there, and what did not fit beside the other's reservation went direct
+    for (const r of reports) expect(r.relays[0]!.pages).toBeGreaterThan(1000);
+    const placed = reports.reduce((sum, r) => sum + r.relays[0]!.pages * 4096, 0);
+    const wanted = reports.reduce((sum, r) => sum + r.plan!.relayedBytes, 0);
+    expect(wanted).toBeGreaterThan(96 << 20);
+    expect(placed).toBeLessThanOrEqual(96 << 20);
+    const figures = await relayFigures(shared);
+    expect(figures.peakUsed).toBeLessThanOrEqual(96 << 20);
+    expect(figures).toMatchObject({ used: 0, reserved: 0, runs: 0 });
+    for (const pair of pairs) {
+      const { verified, comparison } = await haltAndCompare(pair, dir);
+      expect(verified).toBe(true);
+      expect(comparison.mismatched).toEqual([]);
+    }
+  }, 300_000);
+});
