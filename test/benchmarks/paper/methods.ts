@@ -4,10 +4,9 @@
 
 import { readFileSync } from "node:fs";
 import type { GatherReport } from "../../../core/gather/engine.ts";
-import type { QmpEvent } from "../../../core/qmp/client.ts";
-import { queryMigrate, setCapabilities, setParameters, waitForMigrationStatus } from "../../../core/qmp/migration.ts";
 import type { ScatterReport } from "../../../core/scatter/engine.ts";
 import type { Bed } from "../../harness/bed.ts";
+import { migrateDirect } from "../../harness/direct.ts";
 import { report } from "../../harness/cluster.ts";
 import { startSgm } from "../../harness/sgm.ts";
 import type { VmAt } from "./guests.ts";
@@ -113,60 +112,24 @@ interface ProcessResources {
   cpuSystemSeconds: number;
 }
 
-const eventMs = (event: QmpEvent) => event.timestamp.seconds * 1000 + event.timestamp.microseconds / 1000;
-
 async function runQemu(ctx: RunContext, postcopy: boolean): Promise<Timing> {
   const address = ctx.bed.hosts.get("dst")!.address;
-  const limitMs = ctx.qemuLimitMs;
   let evictedVms = 0;
   const per = await Promise.all(
-    ctx.vms.map(async ({ source, destination }, v) => {
-      const uri = `tcp:${address}:${4400 + v}`;
-      const capabilities = { events: true, "postcopy-ram": postcopy };
-      await setCapabilities(destination.qmp, capabilities);
-      await destination.qmp.execute("migrate-incoming", { uri });
-      await setCapabilities(source.qmp, capabilities);
-      // QEMU's default cap (128 MiB/s) would hide the links; the bed's rates hold it
-      await setParameters(source.qmp, { "max-bandwidth": 64 * 2 ** 30 });
-      const stop = source.qmp.waitForEvent("STOP", undefined, limitMs);
-      const resume = destination.qmp.waitForEvent("RESUME", undefined, limitMs);
-      // a migration given up leaves these unawaited
-      stop.catch(() => {});
-      resume.catch(() => {});
-      const started = performance.now();
-      await source.qmp.execute("migrate", { uri });
-      try {
-        if (postcopy) await switchAfterFirstPass(source.qmp, limitMs);
-        const evicted = waitForMigrationStatus(source.qmp, ["completed"], limitMs, `${source.name} source`).then(() => {
+    ctx.vms.map(({ source, destination }, v) =>
+      migrateDirect(source, destination, "", {
+        uri: `tcp:${address}:${4400 + v}`,
+        postcopy,
+        // QEMU's default cap (128 MiB/s) would hide the links; the bed's rates hold it
+        maxBandwidth: 64 * 2 ** 30,
+        timeoutMs: ctx.qemuLimitMs,
+        onSourceCompleted: () => {
           if (++evictedVms === ctx.vms.length) ctx.cpu.evicted();
-          return performance.now();
-        });
-        const arrived = waitForMigrationStatus(destination.qmp, ["completed"], limitMs, `${source.name} destination`).then(() => performance.now());
-        arrived.catch(() => {});
-        const [evictedAt, arrivedAt, stopped, resumed] = await Promise.all([evicted, arrived, stop, resume]);
-        return { evictionMs: evictedAt - started, totalMs: arrivedAt - started, downtimeMs: eventMs(resumed) - eventMs(stopped) };
-      } catch (err) {
-        const status = (await queryMigrate(source.qmp).catch(() => ({ status: "unknown" }))).status;
-        await source.qmp.execute("migrate_cancel").catch(() => {});
-        if (status === "active") throw new Error(`still copying after ${limitMs / 1000} s: it did not converge`);
-        throw err;
-      }
-    }),
+        },
+      }),
+    ),
   );
   return worst(per);
-}
-
-/** Post-copy as it is usually run: once the first pass has gone, every page left moves once. */
-async function switchAfterFirstPass(qmp: VmAt["source"]["qmp"], limitMs: number): Promise<void> {
-  const deadline = performance.now() + limitMs;
-  for (;;) {
-    const info = await queryMigrate(qmp);
-    if ((info.ram?.["dirty-sync-count"] ?? 0) >= 2) break;
-    if (info.status === "completed" || info.status === "failed") return;
-    if (performance.now() > deadline) throw new Error("the first pass did not end in time");
-    await Bun.sleep(20);
-  }
-  await qmp.execute("migrate-start-postcopy");
 }
 
 // sgm runs itself again with this set (cli/allocator.ts); set here, the
@@ -194,7 +157,7 @@ async function runSgm(ctx: RunContext, relayCount: number, dedup: boolean): Prom
   );
   await gather.waitStderr(/listening on/);
   ctx.cpu.track("gather", gather.proc.pid);
-  const via = relays.length > 0 ? ["--via", relays.map((r) => r.listen).join(",")] : [];
+  const via = relays.length > 0 ? ["--all-relays", "--via", relays.map((r) => r.listen).join(",")] : [];
   const scatter = await startSgm(
     // --keep-source: the source QEMU stays, paused, as QEMU's own migrations leave it, so its CPU can be read
     ["scatter", "--to", to, ...vms.flatMap((vm, v) => ["--vm", `${names[v]}=${vm.source.qmpPath}`]), ...via, "--psk-file", psk, "--json", "--keep-source", ...(dedup ? [] : ["--no-dedup"])],
@@ -220,8 +183,13 @@ async function runSgm(ctx: RunContext, relayCount: number, dedup: boolean): Prom
     }
     const gr = report<GatherReport & { process: ProcessResources }>(g);
     ctx.cpu.report("gather", cpuOf(gr));
+    // sgm's times start at its first byte of migration; its checks, probes and plan come before, as QEMU's setup does in its own
     return worst(
-      sr.vms.map((vm) => ({ evictionMs: vm.evictionMs!, downtimeMs: vm.downtimeMs ?? NaN, totalMs: gr.vms.find((a) => a.name === vm.name)!.totalMs! })),
+      sr.vms.map((vm) => ({
+        evictionMs: sr.planMs + vm.evictionMs!,
+        downtimeMs: vm.downtimeMs ?? NaN,
+        totalMs: sr.planMs + gr.vms.find((a) => a.name === vm.name)!.totalMs!,
+      })),
     );
   } finally {
     clearTimeout(limit);
