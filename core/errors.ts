@@ -1,9 +1,10 @@
 // One error type for the whole tool. Its kind decides the process exit code,
 // so scripts can tell bad usage from an unreachable peer from bad data.
 
-export type ErrorKind = "usage" | "data" | "unavailable" | "unconverged" | "insufficient" | "internal" | "interrupted";
+export type ErrorKind = "usage" | "data" | "unavailable" | "unconverged" | "insufficient" | "partial" | "internal" | "interrupted";
 
 export const EXIT_CODES: Readonly<Record<ErrorKind, number>> = {
+  partial: 3, // some VMs evicted, every other one still running at the source (no error is thrown with it)
   usage: 2, // bad flags or arguments (sysexits EX_USAGE is 64; 2 is what shells expect)
   data: 65, // malformed input: a stream, a frame, a file (EX_DATAERR)
   unavailable: 69, // a peer or QEMU is unreachable, refused, or went away (EX_UNAVAILABLE)

@@ -172,6 +172,23 @@ describe("refusals before anything moves", () => {
     expect((await queryMigrate(stray.source.qmp)).status ?? "none").toBe("none");
     expect(await stray.source.status()).toBe("running");
   }, 60_000);
+
+  test("one VM of two without a destination: the other is evicted, it runs on at the source, exit 3 (partial)", async () => {
+    const pair = await startPair(dir, "served", { memMiB: 32, seed: 109 });
+    const stray = await startPair(dir, "unserved", { memMiB: 32, seed: 110 });
+    const { gather, port } = await startGather([pair], psk);
+    const s = await (await startScatter([pair, stray], port, psk, ["--keep-source"])).result();
+    expect(s.code).toBe(3);
+    const vms = report<ScatterReport>(s).vms;
+    expect(vms.find((v) => v.name === "served")).toMatchObject({ ok: true, source: "paused" });
+    expect(vms.find((v) => v.name === "unserved")).toMatchObject({ ok: false, source: "running" });
+    expect(s.stderr).toMatch(/unserved: NOT evicted: .*no destination for VM unserved here/);
+    expect((await gather.result()).code).toBe(0);
+    expect(await stray.source.status()).toBe("running");
+    const { verified, comparison } = await haltAndCompare(pair, dir);
+    expect(verified).toBe(true);
+    expect(comparison.mismatched).toEqual([]);
+  }, 120_000);
 });
 
 async function waitMigrationEnded(vm: TestVm): Promise<void> {

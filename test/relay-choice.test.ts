@@ -72,12 +72,12 @@ describe("choosing relays", () => {
     const via = ["--via", `${a.address},${b.address}`, "--source-rate", "100MiB/s"];
     const planned = await (await startScatter([pair], port, psk, ["--plan", ...via])).result();
     expect(planned.code).toBe(78);
-    expect(planned.stderr).toMatch(/plan falls short: the relays have room for 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)/);
+    expect(planned.stderr).toMatch(/plan falls short: the relays can hold 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)/);
     expect(report<RelayPlan>(planned).shortfall?.kind).toBe("relay-memory");
 
     const run = await (await startScatter([pair], port, psk, via)).result();
     expect(run.code).toBe(78);
-    expect(run.stderr).toMatch(/sgm: error: the relays have room for 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)\n$/);
+    expect(run.stderr).toMatch(/sgm: error: the relays can hold 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)\n$/);
     await untouched(pair);
   }, 120_000);
 
@@ -96,7 +96,7 @@ describe("choosing relays", () => {
     // both runs placed pages there, and what did not fit beside the other's reservation went direct
     for (const r of reports) expect(r.relays[0]!.pages).toBeGreaterThan(1000);
     const placed = reports.reduce((sum, r) => sum + r.relays[0]!.pages * 4096, 0);
-    const wanted = reports.reduce((sum, r) => sum + r.plan!.relayedBytes, 0);
+    const wanted = reports.reduce((sum, r) => sum + r.plan!.bytes - r.plan!.directBytes, 0);
     expect(wanted).toBeGreaterThan(96 << 20);
     expect(placed).toBeLessThanOrEqual(96 << 20);
     const figures = await relayFigures(shared);

@@ -69,7 +69,7 @@ describe("relay plan", () => {
   test("too little room on every relay is a memory shortfall naming both figures", () => {
     const plan = planRelays(input({ candidates: [{ address: "r:1", free: 100 * MiB, rate: 500 * MiB }], replicas: 1 }));
     expect(plan.shortfall?.kind).toBe("relay-memory");
-    expect(plan.shortfall?.message).toMatch(/^the relays have room for 100\.0 MiB of the 9\d\d\.\d MiB that will not go direct \(1 copy\)$/);
+    expect(plan.shortfall?.message).toMatch(/^the relays can hold 100\.0 MiB of the 9\d\d\.\d MiB that will not go direct \(1 copy\)$/);
     // what does not fit waits for the destination: slower than the bound
     expect(plan.expectedEvictionMs).toBeGreaterThan(plan.boundMs * 5);
   });
@@ -84,6 +84,36 @@ describe("relay plan", () => {
     expect(two.chosen.length).toBe(2);
     expect(two.shortfall).toBeNull();
     expect(two.chosen[0]!.expectedBytes).toBe(two.relayedBytes);
+  });
+
+  test("with --replicas 2 each page needs two relays with room: a big relay beside a small one holds no more than the small", () => {
+    const plan = planRelays(
+      input({
+        vms: [{ name: "a", ramBytes: 8 * GiB, balloonedBytes: 0 }],
+        sourceRate: GiB,
+        destinationRate: 100 * MiB,
+        replicas: 2,
+        candidates: [
+          { address: "big:1", free: 16 * GiB, rate: GiB },
+          { address: "small:1", free: GiB, rate: GiB },
+        ],
+      }),
+    );
+    expect(plan.shortfall?.kind).toBe("relay-memory");
+    expect(plan.shortfall?.message).toMatch(/^the relays can hold 1\.0 GiB of the /);
+    // no relay is expected to hold more than one copy of what is relayed
+    for (const r of plan.chosen) expect(r.expectedBytes).toBeLessThanOrEqual(plan.relayedBytes);
+  });
+
+  test("relays with room fewer than --replicas are a memory shortfall when relays are needed", () => {
+    const plan = planRelays(
+      input({
+        replicas: 2,
+        candidates: [{ address: "a:1", free: 16 * GiB, rate: GiB }],
+        full: [{ address: "b:1", reason: "it has no room for this run (0 B free)" }],
+      }),
+    );
+    expect(plan.shortfall).toEqual({ kind: "relay-memory", message: "only 1 of 2 relays have room for this run, fewer than --replicas 2" });
   });
 
   test("fewer reachable relays than --replicas is a no-relay shortfall, whatever the rates", () => {

@@ -144,7 +144,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
   return {
     ok: failures.length === 0,
     vms: reports,
-    bytesFromScatter: sessions.reduce((n, s) => n + s.conn.bytesReceived, 0),
+    bytesFromScatter: sessions.reduce((n, s) => n + s.conn.bytesReceived - s.probeBytes, 0),
     bytesFromRelays: relays.reduce((n, r) => n + r.bytesIn, 0),
     peakHeldBytes: sessions.reduce((n, s) => n + s.peakHeldBytes, 0),
     relays,
@@ -169,6 +169,8 @@ class ScatterSession {
   /** PAGE_DATA payload bytes taken in, and how many of them the scatter has been told of. */
   private dataTaken = 0;
   private dataReported = 0;
+  /** Bytes of the scatter's rate probes (frame headers included): not the run's. */
+  probeBytes = 0;
 
   constructor(conn: PeerConnection, shared: Shared) {
     this.conn = conn;
@@ -240,6 +242,7 @@ class ScatterSession {
         return;
       case ProbeFrame.PROBE:
         // answered once read, after the throttle above: the scatter measures the rate this gather takes
+        this.probeBytes += payload.length + 8;
         this.conn.send(ProbeFrame.PROBE_ACK, encodeProbeAck(payload));
         return;
       default:

@@ -6,15 +6,16 @@ import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { asSgmError, SgmError } from "../errors.ts";
+import { PAGE_BYTES } from "../dedup/digest.ts";
+import { asSgmError, EXIT_CODES, SgmError } from "../errors.ts";
 import type { HostPort } from "../net/host-port.ts";
 import { formatBytes, formatRate } from "../units.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { decodeControl, encodeControl, FrameType } from "../wire/messages.ts";
 import { type PlacementStats, RunPlacement } from "./placement.ts";
-import type { RelayPlan } from "./relay-plan.ts";
-import { reserveRoom } from "./relay-queries.ts";
+import { planRelays, type RelayPlan } from "./relay-plan.ts";
+import { releaseRoom, reserveRoom } from "./relay-queries.ts";
 import { SourceQemu } from "./source-qemu.ts";
 import { shortfallError, type Survey, survey, type SurveyOptions } from "./survey.ts";
 import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-eviction.ts";
@@ -116,25 +117,27 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   let found: Survey | undefined;
   try {
     found = await survey(surveyOptions(options, false), sources, runHex);
-    const { plan } = found;
-    if (plan) {
-      logPlan(plan, log);
-      const short = shortfallError(plan);
-      if (short && !(options.allowShortfall && plan.shortfall?.kind === "relay-memory")) throw short;
-      for (const [i, r] of found.relays.entries()) {
-        // a relay grants less when other runs reserved the rest; the placement then learns it by refusals
-        await reserveRoom(r.conn, r.address, runHex, plan.chosen[i]!.expectedBytes);
-      }
+    if (found.plan) {
+      logPlan(found.plan, log);
+      await settleReservations(found, runHex, options.signal, log);
+      const short = shortfallError(found.plan);
+      if (short && !(options.allowShortfall && found.plan.shortfall?.kind === "relay-memory")) throw short;
     }
   } catch (err) {
-    found?.gather.abort();
-    for (const r of found?.relays ?? []) r.conn.abort();
+    // what was reserved goes back now, not at the TTL
+    for (const r of found?.relays ?? []) {
+      releaseRoom(r.conn, runHex);
+      r.conn.close();
+    }
+    found?.gather.close();
     for (const s of sources) s.close();
     throw err;
   }
   const conn = found.gather;
   const relays = found.relays;
   const opens = [conn, ...relays.map((r) => r.conn)];
+  // the survey's probes are not the run's bytes
+  const sentBefore = new Map(opens.map((c) => [c, c.bytesSent]));
   const startedAt = { mono: performance.now(), wall: Date.now() };
 
   const placement = new RunPlacement(conn, options.replicas ?? 1, { gatherPinPages: options.gatherPinPages, dedup: options.dedup });
@@ -181,29 +184,80 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
     for (const e of evictions) e.fail(reason);
   };
   options.signal?.addEventListener("abort", onAbort);
+  if (options.signal?.aborted) onAbort();
 
   try {
     const reports = await Promise.all(evictions.map((e) => e.run()));
-    const failures = reports.filter((r) => !r.ok);
     return {
-      ok: failures.length === 0,
+      ok: reports.every((r) => r.ok),
       vms: reports,
-      bytesToGather: conn.bytesSent,
-      relays: placement.relays.map((r) => ({ address: r.address, pages: r.pagesPut - r.pagesRefused, refusedPages: r.pagesRefused, bytesSent: r.conn.bytesSent })),
+      bytesToGather: conn.bytesSent - sentBefore.get(conn)!,
+      relays: placement.relays.map((r) => ({
+        address: r.address,
+        pages: r.pagesPut - r.pagesRefused,
+        refusedPages: r.pagesRefused,
+        bytesSent: r.conn.bytesSent - (sentBefore.get(r.conn) ?? 0),
+      })),
       placement: { ...placement.stats },
       plan: found.plan,
       planMs: Math.round(startedAt.mono - plannedAt),
-      exitCode: failures.length === 0 ? 0 : Math.max(...failures.map((r) => r.exitCode ?? 70)),
+      exitCode: exitCodeOf(reports),
     };
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
     // what the run reserved and did not fill goes back to other runs; the pages it placed stay held
-    for (const r of relays) if (r.conn.isOpen) r.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserve", run: runHex, bytes: 0 }));
+    for (const r of relays) releaseRoom(r.conn, runHex);
     await conn.whenWritable(0).catch(() => {});
     for (const c of opens) c.close();
     for (const s of sources) s.close();
     rmSync(socketDir, { recursive: true, force: true });
   }
+}
+
+/**
+ * 0 when every VM was evicted; 3 (partial) when some were and every other
+ * one runs on at the source, so a script can retry just those; otherwise
+ * the worst failure's code.
+ */
+function exitCodeOf(reports: readonly EvictionReport[]): number {
+  const failures = reports.filter((r) => !r.ok);
+  if (failures.length === 0) return 0;
+  // a script must know it was stopped, even when the rest was evicted
+  if (failures.some((r) => r.exitCode === EXIT_CODES.interrupted)) return EXIT_CODES.interrupted;
+  if (failures.length < reports.length && failures.every((r) => r.source === "running")) return EXIT_CODES.partial;
+  return Math.max(...failures.map((r) => r.exitCode ?? EXIT_CODES.internal));
+}
+
+/**
+ * Reserves on each chosen relay what the plan expects there. A relay that
+ * grants less had that room reserved by another run since it was asked:
+ * the plan is made again with what was granted (a relay that granted
+ * nothing is left out), so its shortfall, and the placement's weights, are
+ * what this run really has.
+ */
+async function settleReservations(found: Survey, run: string, signal: AbortSignal | undefined, log: (line: string) => void): Promise<void> {
+  const plan = found.plan!;
+  const granted: number[] = [];
+  for (const [i, r] of found.relays.entries()) granted.push(await reserveRoom(r.conn, r.address, run, plan.chosen[i]!.expectedBytes, signal));
+  signal?.throwIfAborted();
+  if (plan.chosen.every((c, i) => granted[i]! >= c.expectedBytes)) return;
+  const input = found.input!;
+  const shrunk = plan.chosen.map((c, i) => ({ ...c, free: granted[i]! < c.expectedBytes ? granted[i]! : c.free }));
+  const kept = shrunk.filter((c) => c.free >= PAGE_BYTES);
+  const gone = shrunk.filter((c) => c.free < PAGE_BYTES);
+  for (const c of gone) {
+    log(`relay ${c.address} left out: another run reserved its room`);
+    const relay = found.relays.find((r) => r.address === c.address)!;
+    releaseRoom(relay.conn, run);
+    relay.conn.close();
+  }
+  found.plan = planRelays({
+    ...input,
+    candidates: kept,
+    full: [...input.full, ...gone.map((c) => ({ address: c.address, reason: "another run reserved its room" }))],
+    useAll: true,
+  });
+  found.relays = kept.map((c) => ({ ...found.relays.find((r) => r.address === c.address)!, free: c.free }));
 }
 
 async function openSources(options: PlanOptions): Promise<SourceQemu[]> {

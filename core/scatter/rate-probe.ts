@@ -10,16 +10,26 @@ import { PROBE_CHUNK, ProbeFrame, probeHeader, readProbeAck } from "../wire/prob
 
 /** Long enough for a link's queues to fill and its rate to show; short beside an eviction. */
 export const PROBE_MS = 100;
-/** Unacknowledged probe bytes: past a shaped link's burst, small enough to drain fast from a slow peer. */
+/** Bytes a probe frame carries: small beside the window, so the first frame, read before any limit shows, is a small part. */
+const CHUNK_BYTES = PROBE_CHUNK / 4;
+/** Unacknowledged probe bytes: past a shaped link's burst, enough for a fast link's round trip. */
 const WINDOW_BYTES = 4 * PROBE_CHUNK;
-/** A peer that has not taken the window this long after the probe's end is left out. */
-const DRAIN_TIMEOUT_MS = 10_000;
+/** A peer that has not taken the window this long after the probe's end is dropped: slower than 140 KiB/s. */
+const DRAIN_TIMEOUT_MS = 30_000;
 
-const filler = new Uint8Array(PROBE_CHUNK - 4);
+const filler = new Uint8Array(CHUNK_BYTES - 4);
 
-/** Bytes a second the peer took during a probe of about durationMs. */
-export function probeRate(conn: PeerConnection, label: string, durationMs = PROBE_MS): Promise<number> {
+/**
+ * Bytes a second the peer took during a probe of about durationMs. A peer
+ * that does not take it in time has its connection aborted, so that no late
+ * acknowledgement reaches whoever reads the connection next.
+ */
+export function probeRate(conn: PeerConnection, label: string, durationMs = PROBE_MS, signal?: AbortSignal): Promise<number> {
   return new Promise((resolve, reject) => {
+    if (signal?.aborted) {
+      reject(signal.reason);
+      return;
+    }
     const start = performance.now();
     let next = 0;
     let inFlight = 0;
@@ -27,20 +37,29 @@ export function probeRate(conn: PeerConnection, label: string, durationMs = PROB
     let firstAckAt = 0;
     let acked = 0;
     let lastAckAt = start;
-    const timer = setTimeout(() => reject(new SgmError("unavailable", `${label} took no more of the rate probe for ${DRAIN_TIMEOUT_MS / 1000} s`)), durationMs + DRAIN_TIMEOUT_MS);
+    const fail = (err: unknown): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+      conn.abort(err instanceof Error ? err : undefined);
+      reject(err);
+    };
+    const onAbort = (): void => fail(signal?.reason);
+    signal?.addEventListener("abort", onAbort);
+    const timer = setTimeout(() => fail(new SgmError("unavailable", `${label} took no more of the rate probe for ${DRAIN_TIMEOUT_MS / 1000} s`)), durationMs + DRAIN_TIMEOUT_MS);
     const pump = (): void => {
-      while (performance.now() - start < durationMs && inFlight + PROBE_CHUNK <= WINDOW_BYTES) {
+      while (performance.now() - start < durationMs && inFlight + CHUNK_BYTES <= WINDOW_BYTES) {
         conn.sendParts(ProbeFrame.PROBE, [probeHeader(next++), filler]);
-        inFlight += PROBE_CHUNK;
+        inFlight += CHUNK_BYTES;
       }
       if (inFlight > 0) return;
       clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
       resolve((acked * 1000) / Math.max(1, lastAckAt - firstAckAt));
     };
     conn.onFrame((type, payload) => {
       if (type !== ProbeFrame.PROBE_ACK) throw new SgmError("data", `${label} answered the rate probe with frame type ${type}`);
       const ack = readProbeAck(payload);
-      if (ack.bytes !== PROBE_CHUNK) throw new SgmError("data", `${label} acknowledged ${ack.bytes} probe bytes, not ${PROBE_CHUNK}`);
+      if (ack.bytes !== CHUNK_BYTES) throw new SgmError("data", `${label} acknowledged ${ack.bytes} probe bytes, not ${CHUNK_BYTES}`);
       inFlight -= ack.bytes;
       lastAckAt = performance.now();
       if (firstAckAt === 0) firstAckAt = lastAckAt;
@@ -49,6 +68,7 @@ export function probeRate(conn: PeerConnection, label: string, durationMs = PROB
     });
     void conn.closed.then((reason) => {
       clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
       reject(new SgmError("unavailable", `${label}: ${reason?.message ?? "connection closed"} during the rate probe`));
     });
     pump();

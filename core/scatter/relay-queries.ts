@@ -11,27 +11,47 @@ const ANSWER_TIMEOUT_MS = 5000;
 export type RelayFigures = Extract<Control, { t: "relay-stats" }>;
 
 /** The relay's figures, with `free` the room this run may fill. */
-export function askRelayFigures(conn: PeerConnection, address: string, run: string): Promise<RelayFigures> {
-  return ask(conn, address, { t: "relay-stats?", run }, "relay-stats");
+export function askRelayFigures(conn: PeerConnection, address: string, run: string, signal?: AbortSignal): Promise<RelayFigures> {
+  return ask(conn, address, { t: "relay-stats?", run }, "relay-stats", signal);
 }
 
 /** Reserves `bytes` of the relay's room for the run; resolves with what the relay granted. */
-export async function reserveRoom(conn: PeerConnection, address: string, run: string, bytes: number): Promise<number> {
-  const reply = await ask(conn, address, { t: "relay-reserve", run, bytes: Math.round(bytes) }, "relay-reserved");
+export async function reserveRoom(conn: PeerConnection, address: string, run: string, bytes: number, signal?: AbortSignal): Promise<number> {
+  const reply = await ask(conn, address, { t: "relay-reserve", run, bytes: Math.round(bytes) }, "relay-reserved", signal);
   return reply.bytes;
 }
 
-function ask<T extends Control["t"]>(conn: PeerConnection, address: string, question: Control, answer: T): Promise<Extract<Control, { t: T }>> {
+/** Gives back the run's reservation, without waiting for the answer (whoever reads the connection next skips it). */
+export function releaseRoom(conn: PeerConnection, run: string): void {
+  if (conn.isOpen) conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserve", run, bytes: 0 }));
+}
+
+function ask<T extends Control["t"]>(conn: PeerConnection, address: string, question: Control, answer: T, signal?: AbortSignal): Promise<Extract<Control, { t: T }>> {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new SgmError("unavailable", `relay ${address} did not answer '${question.t}' within ${ANSWER_TIMEOUT_MS / 1000} s`)), ANSWER_TIMEOUT_MS);
+    const fail = (err: unknown): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+      // an answer that comes later must not reach whoever reads the connection next
+      conn.abort(err instanceof Error ? err : undefined);
+      reject(err);
+    };
+    const onAbort = (): void => fail(signal?.reason);
+    if (signal?.aborted) {
+      reject(signal.reason);
+      return;
+    }
+    signal?.addEventListener("abort", onAbort);
+    const timer = setTimeout(() => fail(new SgmError("unavailable", `relay ${address} did not answer '${question.t}' within ${ANSWER_TIMEOUT_MS / 1000} s`)), ANSWER_TIMEOUT_MS);
     conn.onFrame((type, payload) => {
       const message = type === FrameType.CONTROL ? decodeControl(payload) : null;
       if (message?.t !== answer) throw new SgmError("data", `relay ${address} answered '${question.t}' with ${message ? `'${message.t}'` : `frame type ${type}`}`);
       clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
       resolve(message as Extract<Control, { t: T }>);
     });
     void conn.closed.then((reason) => {
       clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
       reject(new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`));
     });
     conn.send(FrameType.CONTROL, encodeControl(question));

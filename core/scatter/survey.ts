@@ -12,7 +12,7 @@ import { PeerConnection } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
 import { probeRate } from "./rate-probe.ts";
 import { askRelayFigures } from "./relay-queries.ts";
-import { type LeftOut, planRelays, type RelayCandidate, type RelayPlan } from "./relay-plan.ts";
+import { type LeftOut, type PlanInput, planRelays, type RelayCandidate, type RelayPlan } from "./relay-plan.ts";
 import type { SourceQemu } from "./source-qemu.ts";
 
 export interface SurveyOptions {
@@ -37,6 +37,8 @@ export interface Survey {
   relays: Array<{ address: string; conn: PeerConnection; free: number }>;
   /** Null for a run without relays that was not asked for a plan: nothing to choose, nothing probed. */
   plan: RelayPlan | null;
+  /** What the plan was made from, to plan again with what the relays granted. */
+  input: PlanInput | null;
 }
 
 const address = (hp: HostPort) => formatHostPort(hp.host, hp.port);
@@ -55,7 +57,7 @@ export async function survey(options: SurveyOptions, sources: readonly SourceQem
       options.relays.map(async (r) => {
         const conn = await connectPeer(r, options.psk, "relay");
         opens.push(conn);
-        return { conn, figures: await askRelayFigures(conn, address(r), run) };
+        return { conn, figures: await askRelayFigures(conn, address(r), run, options.signal) };
       }),
     );
     answers.forEach((answer, i) => {
@@ -66,21 +68,24 @@ export async function survey(options: SurveyOptions, sources: readonly SourceQem
     });
     for (const u of [...unreachable, ...full]) options.log(`relay ${u.address} left out: ${u.reason}`);
 
-    if (options.relays.length === 0 && !options.planAlways) return { gather, relays: [], plan: null };
+    if (options.relays.length === 0 && !options.planAlways) return { gather, relays: [], plan: null, input: null };
     const vms = await Promise.all(sources.map((s) => s.estimate()));
     // one peer at a time for its own rate, then all at once for the source's
-    const destinationRate = await probeRate(gather, "the gather");
+    const destinationRate = await probeRate(gather, "the gather", undefined, options.signal);
     const candidates: RelayCandidate[] = [];
     for (const r of reached) {
       options.signal?.throwIfAborted();
-      const rate = await probeRate(r.conn, `relay ${r.address}`).catch((err: unknown) => {
+      const rate = await probeRate(r.conn, `relay ${r.address}`, undefined, options.signal).catch((err: unknown) => {
+        options.signal?.throwIfAborted();
         unreachable.push({ address: r.address, reason: asSgmError(err).message });
         return null;
       });
       if (rate !== null) candidates.push({ address: r.address, free: r.free, rate });
     }
-    const sourceRate = options.sourceRate ?? (await measureSourceRate(gather, reached.filter((r) => candidates.some((c) => c.address === r.address))));
-    const plan = planRelays({
+    const probed = reached.filter((r) => candidates.some((c) => c.address === r.address));
+    // never below what the gather alone took: the source sent that much
+    const sourceRate = options.sourceRate ?? Math.max(destinationRate, await measureSourceRate(gather, probed, options.signal));
+    const input: PlanInput = {
       vms,
       sourceRate,
       sourceRateFrom: options.sourceRate === undefined ? "measured" : "--source-rate",
@@ -90,10 +95,11 @@ export async function survey(options: SurveyOptions, sources: readonly SourceQem
       full,
       replicas: options.replicas,
       useAll: options.useAll,
-    });
+    };
+    const plan = planRelays(input);
     const chosen = plan.chosen.map((c) => reached.find((r) => r.address === c.address)!);
-    for (const r of reached) if (!chosen.includes(r)) r.conn.close();
-    return { gather, relays: chosen, plan };
+    for (const conn of opens) if (conn !== gather && !chosen.some((r) => r.conn === conn)) conn.close();
+    return { gather, relays: chosen, plan, input };
   } catch (err) {
     for (const conn of opens) conn.abort();
     throw err;
@@ -101,9 +107,10 @@ export async function survey(options: SurveyOptions, sources: readonly SourceQem
 }
 
 /** What the source sends the gather and every relay at once: its own rate, unless they are slower together. */
-async function measureSourceRate(gather: PeerConnection, relays: ReadonlyArray<{ address: string; conn: PeerConnection }>): Promise<number> {
-  const rates = await Promise.allSettled([probeRate(gather, "the gather"), ...relays.map((r) => probeRate(r.conn, `relay ${r.address}`))]);
-  // a peer that fails this second probe adds nothing; a gather gone fails the run when it starts
+async function measureSourceRate(gather: PeerConnection, relays: ReadonlyArray<{ address: string; conn: PeerConnection }>, signal?: AbortSignal): Promise<number> {
+  const rates = await Promise.allSettled([probeRate(gather, "the gather", undefined, signal), ...relays.map((r) => probeRate(r.conn, `relay ${r.address}`, undefined, signal))]);
+  signal?.throwIfAborted();
+  // a peer that fails this second probe adds nothing (its connection is dropped, and the run finds out); a gather gone fails the run when it starts
   return rates.reduce((sum, rate) => sum + (rate.status === "fulfilled" ? rate.value : 0), 0);
 }
 

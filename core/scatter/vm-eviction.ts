@@ -89,6 +89,8 @@ export class VmEviction {
   private readonly conn: PeerConnection;
   private readonly pipeline: PagePipeline;
   private stage: Stage = "offered";
+  /** The gather refused or failed this VM itself. */
+  private gatherGaveUp = false;
   /** run() is over: nothing can fail any more. */
   private finished = false;
   private sock: ByteSocket | null = null;
@@ -119,6 +121,8 @@ export class VmEviction {
   onControl(message: Control): void {
     if (message.t === "failed" || message.t === "refuse") {
       const kind = message.t === "failed" && message.kind === "data" ? "data" : "unavailable";
+      // the gather knows: telling it back would name a VM it refused or gave up
+      this.gatherGaveUp = true;
       this.fail(new SgmError(kind, `VM ${this.name}: gather: ${message.reason}`));
       return;
     }
@@ -357,7 +361,7 @@ export class VmEviction {
     const stage = this.stage;
     this.stage = "failed";
     this.sock?.destroy(error);
-    this.send({ t: "failed", vm: this.id, reason: error.message, kind: error.kind });
+    if (!this.gatherGaveUp) this.send({ t: "failed", vm: this.id, reason: error.message, kind: error.kind });
     if (stage === "go" || stage === "running") {
       this.options.log(`${this.name}: the destination may be running the VM; the source stays paused`);
       return "paused";
