@@ -9,21 +9,16 @@ import { registerGather } from "./gather.ts";
 import { reportError } from "./output.ts";
 import { registerRelay } from "./relay.ts";
 import { registerScatter } from "./scatter.ts";
+import { Signals } from "./signals.ts";
 import { VERSION } from "./version.ts";
 
 async function main(argv: string[]): Promise<number> {
   const cli = cac("sgm");
   cli.usage("<scatter|relay|gather> [options]\n\n  Scatter-Gather live migration: evict QEMU/KVM virtual machines from a host fast,\n  even when the destination is slow to receive them.");
-  // SIGINT/SIGTERM abort the running role, which then undoes what it can
-  // (the source VM keeps running) and exits 130.
-  const abort = new AbortController();
-  const onSignal = (signal: NodeJS.Signals) => abort.abort(new SgmError("interrupted", `interrupted by ${signal}`));
-  process.on("SIGINT", onSignal);
-  process.on("SIGTERM", onSignal);
-
-  registerScatter(cli, abort.signal);
-  registerRelay(cli, abort.signal);
-  registerGather(cli, abort.signal);
+  const signals = new Signals();
+  registerScatter(cli, signals.stop);
+  registerRelay(cli, signals);
+  registerGather(cli, signals.stop);
   cli.help();
 
   if (argv.length === 1 && (argv[0] === "--version" || argv[0] === "-v")) {

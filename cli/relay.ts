@@ -10,6 +10,8 @@ import { formatHostPort } from "../core/net/host-port.ts";
 import { parseCount, parseHostPort, parseRate, parseSize, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
 import { info, printJson } from "./output.ts";
+import type { Signals } from "./signals.ts";
+import { type RelayHttp, serveRelayHttp } from "../core/relay/http.ts";
 
 interface RelayFlags {
   listen?: unknown;
@@ -17,13 +19,14 @@ interface RelayFlags {
   pskFile?: unknown;
   ttl?: unknown;
   maxRate?: unknown;
+  http?: unknown;
   readyFd?: unknown;
   json?: boolean;
 }
 
 const DEFAULT_TTL_SECONDS = 3600;
 
-export function registerRelay(cli: CAC, signal: AbortSignal): void {
+export function registerRelay(cli: CAC, signals: Signals): void {
   cli
     .command("relay", "Hold pages in memory for gathers that cannot take them yet")
     .usage("relay --listen HOST:PORT --capacity SIZE --psk-file FILE [options]")
@@ -32,9 +35,11 @@ export function registerRelay(cli: CAC, signal: AbortSignal): void {
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--ttl <seconds>", `Drop the pages of a run idle (no put, no release) this long (default ${DEFAULT_TTL_SECONDS})`)
     .option("--max-rate <rate>", "Take at most this much per second from all clients together, e.g. 100MiB/s (as a slower link would)")
+    .option("--http <host:port>", "Serve GET /metrics (Prometheus text format) and GET /healthz on this address")
     .option("--ready-fd <n>", "Once listening, write 'ready HOST:PORT' and a newline to this file descriptor and close it")
     .option("--json", "Print the final report as JSON on stdout")
-    .example("sgm relay --listen 0.0.0.0:7701 --capacity 8GiB --psk-file /etc/sgm/psk")
+    .example("sgm relay --listen 0.0.0.0:7701 --capacity 8GiB --psk-file /etc/sgm/psk --http 127.0.0.1:9701")
+    .example("SIGTERM drains: no new runs, the runs it holds finish, then exit 0; SIGINT or a second SIGTERM stops at once")
     .action(async (flags: RelayFlags) => {
       const listen = parseHostPort("--listen", requireString("--listen", flags.listen));
       // A bare number of bytes reaches us as a number.
@@ -43,23 +48,32 @@ export function registerRelay(cli: CAC, signal: AbortSignal): void {
       if (capacityBytes < PAGE_BYTES) throw new SgmError("usage", `--capacity '${capacity}': less than one ${PAGE_BYTES}-byte page`);
       const ttlSeconds = flags.ttl === undefined ? DEFAULT_TTL_SECONDS : parseCount("--ttl", flags.ttl, 1, 30 * 24 * 3600);
       const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
+      const http = flags.http === undefined ? undefined : parseHostPort("--http", requireString("--http", flags.http));
       const readyFd = flags.readyFd === undefined ? undefined : parseCount("--ready-fd", flags.readyFd, 3, 65535);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       if (readyFd !== undefined) checkFd(readyFd);
 
-      const relay = startRelay({ ...listen, psk, capacityBytes, maxRate, ttlMs: ttlSeconds * 1000, signal, log: info });
+      const relay = startRelay({ ...listen, psk, capacityBytes, maxRate, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
       const address = formatHostPort(listen.host, relay.port);
-      info(`relay listening on ${address} (capacity ${formatBytes(capacityBytes)}${maxRate ? `, at most ${formatBytes(maxRate)}/s` : ""})`);
-      if (readyFd !== undefined) {
-        try {
-          announceReady(readyFd, address);
-        } catch (err) {
-          await relay.close();
-          throw fdError(readyFd, err);
-        }
+      let served: RelayHttp | undefined;
+      try {
+        if (http) served = serveRelayHttp(relay, http.host, http.port);
+        info(`relay listening on ${address} (capacity ${formatBytes(capacityBytes)}${maxRate ? `, at most ${formatBytes(maxRate)}/s` : ""})${served ? `; metrics on http://${formatHostPort(http!.host, served.port)}/metrics` : ""}`);
+        if (readyFd !== undefined) announceReady(readyFd, address);
+      } catch (err) {
+        served?.stop();
+        await relay.close();
+        throw readyFd !== undefined && !(err instanceof SgmError) ? fdError(readyFd, err) : err;
       }
-      // Stopping by SIGINT or SIGTERM is how a relay ends: not an error.
+      signals.takeFirstTerm(() => {
+        void relay.drain().then(() => {
+          info("drained: every run it held has finished");
+          void relay.close();
+        });
+      });
+      // Stopping by a signal, or drained, is how a relay ends: not an error.
       await relay.closed;
+      served?.stop();
       const stats = relay.stats();
       render(stats);
       if (flags.json) printJson(stats);

@@ -61,7 +61,7 @@ try {
   console.log(
     `memory vs source: ${comparison.identical} pages identical, ${comparison.rewrittenAfter} rewritten by the guest after it resumed, ${comparison.mismatched.length} wrong`,
   );
-  for (const r of [r1, r2]) r.relay.proc.kill("SIGTERM");
+  for (const r of [r1, r2]) r.relay.proc.kill("SIGINT");
   if (!verified || comparison.mismatched.length > 0) process.exitCode = 1;
 } finally {
   await killAll();

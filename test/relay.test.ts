@@ -19,7 +19,7 @@ import {
 } from "../core/wire/relay-messages.ts";
 import { probeRate } from "../core/scatter/rate-probe.ts";
 import { track } from "./harness/processes.ts";
-import { runSgm, sgmBinary } from "./harness/sgm.ts";
+import { runSgm, sgmBinary, startSgm } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 const HOST = "127.0.0.1";
@@ -407,7 +407,7 @@ describe("relay engine", () => {
 });
 
 describe("sgm relay", () => {
-  test("announces itself on --ready-fd, serves a put and a get, and exits 0 on SIGTERM with its figures", async () => {
+  test("announces itself on --ready-fd, serves a put and a get, and exits 0 at once on SIGINT with its figures", async () => {
     const dir = makeTempDir("relay");
     try {
       const pskFile = `${dir}/psk`;
@@ -426,8 +426,8 @@ describe("sgm relay", () => {
       expect(await scatter.get(pages)).toEqual(pages.map((p) => p.page));
       scatter.conn.close();
 
-      proc.kill("SIGTERM");
-      expect(await within(proc.exited, 10_000, "exit after SIGTERM")).toBe(0);
+      proc.kill("SIGINT");
+      expect(await within(proc.exited, 10_000, "exit after SIGINT")).toBe(0);
       const report = JSON.parse(await stdout) as Record<string, number>;
       expect(report).toMatchObject({ capacity: 64 << 20, pages: 10, bytesIn: 10 * PAGE_BYTES, bytesOut: 10 * PAGE_BYTES, runs: 1 });
       const err = await stderr;
@@ -455,6 +455,50 @@ describe("sgm relay", () => {
       expect(r.code).toBe(2);
       expect(r.stdout).toBe("");
       expect(r.stderr).toBe(`sgm: error: ${message}\n`);
+    } finally {
+      removeDir(dir);
+    }
+  });
+
+  test("--http serves /metrics and /healthz; SIGTERM drains: no new run, the held run finishes, then it exits 0", async () => {
+    const dir = makeTempDir("relay-http");
+    try {
+      const pskFile = `${dir}/psk`;
+      await Bun.write(pskFile, `${KEY}\n`);
+      const relay = await startSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", "64MiB", "--psk-file", pskFile, "--http", "127.0.0.1:0", "--json"]);
+      const m = await relay.waitStderr(/relay listening on 127\.0\.0\.1:(\d+) .*; metrics on (http:\/\/127\.0\.0\.1:\d+)\/metrics/);
+      const port = Number(m[1]);
+      const base = m[2]!;
+      expect(await (await fetch(`${base}/healthz`)).text()).toBe("ok\n");
+
+      const scatter = await Client.connect(port);
+      const pages = randomPages(10);
+      expect(await scatter.put(runId(1), 0, pages)).toEqual(Array(10).fill(false));
+      const metrics = await (await fetch(`${base}/metrics`)).text();
+      expect(metrics).toMatch(/^sgm_relay_held_pages 10$/m);
+      expect(metrics).toMatch(/^sgm_relay_put_bytes_total 40960$/m);
+      expect(metrics).toMatch(/^sgm_relay_capacity_bytes 67108864$/m);
+      expect(metrics).toMatch(/^sgm_relay_runs 1$/m);
+      expect(metrics).toMatch(/^# TYPE sgm_relay_put_bytes_total counter$/m);
+
+      relay.proc.kill("SIGTERM");
+      await relay.waitStderr(/draining: no new runs; waiting for the 1 held to finish/, 10_000);
+      expect((await fetch(`${base}/healthz`)).status).toBe(503);
+      // a run it does not hold is refused; the one it holds still puts and gets
+      expect(await scatter.put(runId(2), 1, randomPages(1))).toEqual([true]);
+      const more = randomPages(1);
+      expect(await scatter.put(runId(1), 2, more)).toEqual([false]);
+      scatter.conn.close();
+      const gather = await Client.connect(port, "gather");
+      expect(await gather.get(pages)).toEqual(pages.map((p) => p.page));
+      expect(relay.proc.exitCode).toBeNull();
+
+      // once its last run is released, with no scatter connected, it ends by itself
+      gather.release(runId(1), [...pages, ...more]);
+      const r = await within(relay.result(), 10_000, "the drained relay did not exit");
+      expect(r.code).toBe(0);
+      expect(r.stderr).toMatch(/drained: every run it held has finished/);
+      expect(JSON.parse(r.stdout)).toMatchObject({ pages: 0, runs: 0, refusedPages: 1, bytesIn: 11 * PAGE_BYTES });
     } finally {
       removeDir(dir);
     }

@@ -176,6 +176,28 @@ describe("scatter-gather with relays", () => {
     await provedEqual(pair);
   }, 180_000);
 
+  test("a relay service mid-run: /metrics shows the pages it holds; SIGTERM lets the run finish, then it exits 0", async () => {
+    const pair = await startPair(dir, "svc", { memMiB: 128, seed: 209, rate: 1000 });
+    const r = await startRelay(psk, "1GiB", ["--http", "127.0.0.1:0"]);
+    const base = (await r.relay.waitStderr(/metrics on (http:\/\/\S+)\/metrics/))[1]!;
+    // the gather needs over 16 s: when the source is evicted the relay still holds most pages
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
+    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", r.address])).result();
+    expect(s.code).toBe(0);
+    const held = Number(/^sgm_relay_held_pages (\d+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1]);
+    expect(held).toBeGreaterThan(1000);
+
+    r.relay.proc.kill("SIGTERM");
+    await r.relay.waitStderr(/draining: no new runs; waiting for the 1 held to finish/, 10_000);
+    const g = await gather.result();
+    expect(g.code).toBe(0);
+    const stopped = await r.relay.result();
+    expect(stopped.code).toBe(0);
+    expect(stopped.stderr).toMatch(/drained: every run it held has finished/);
+    expect(report<GatherReport>(g).bytesFromRelays).toBeGreaterThan(held * 2048);
+    await provedEqual(pair);
+  }, 180_000);
+
   test("a gather that starts after the scatter is waited for", async () => {
     const pair = await startPair(dir, "late", { memMiB: 64, seed: 204, rate: 500 });
     const port = await freePort();

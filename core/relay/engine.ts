@@ -54,6 +54,14 @@ export interface RelayStats {
 export interface Relay {
   readonly port: number;
   stats(): RelayStats;
+  /** Set once drain() is called. */
+  readonly draining: boolean;
+  /**
+   * Takes no new run (its room shows as 0, its pages and reservations are
+   * refused) and resolves once every run it holds has been released or has
+   * expired; the relay still serves them until then.
+   */
+  drain(): Promise<void>;
   /** Stops listening and ends every connection; the pages are gone. */
   close(): Promise<void>;
   /** Resolves once the relay has stopped, whoever stopped it. */
@@ -103,6 +111,25 @@ export function startRelay(options: RelayOptions): Relay {
     }
   }, sweepMs);
 
+  let draining: Promise<void> | undefined;
+  let drainTimer: Timer | undefined;
+  const drain = (): Promise<void> => {
+    draining ??= new Promise<void>((resolve) => {
+      holds.closeToNewRuns();
+      log(`draining: no new runs; waiting for the ${holds.runCount} held to finish`);
+      const check = (): void => {
+        // a scatter still connected may put for a run whose pages its gather has all released so far
+        if (holds.runCount > 0 || [...connections].some((conn) => conn.peerRole === "scatter")) return;
+        clearInterval(drainTimer);
+        resolve();
+      };
+      // runs end by the gathers' releases or the TTL, on any connection: looked at often, it costs little
+      drainTimer = setInterval(check, 100);
+      check();
+    });
+    return draining;
+  };
+
   let stopping: Promise<void> | undefined;
   let markClosed!: () => void;
   const closed = new Promise<void>((resolve) => {
@@ -111,6 +138,7 @@ export function startRelay(options: RelayOptions): Relay {
   const close = (): Promise<void> => {
     stopping ??= (async () => {
       clearInterval(sweeper);
+      clearInterval(drainTimer);
       options.signal?.removeEventListener("abort", onAbort);
       listener.close();
       const open = [...connections];
@@ -144,6 +172,10 @@ export function startRelay(options: RelayOptions): Relay {
       connections: connections.size,
       queuedBytes: [...connections].reduce((sum, conn) => sum + conn.queuedBytes, 0),
     }),
+    get draining() {
+      return draining !== undefined;
+    },
+    drain,
     close,
     closed,
   };

@@ -41,6 +41,8 @@ export class RunHolds {
   private readonly store: PageStore;
   private readonly ttlMs: number;
   private readonly runs = new Map<string, Run>();
+  /** Draining: runs it does not hold yet are refused, those it holds go on. */
+  private closedToNewRuns = false;
 
   constructor(store: PageStore, ttlMs: number) {
     this.store = store;
@@ -52,6 +54,11 @@ export class RunHolds {
     return this.runs.size;
   }
 
+  /** From now on a run it holds nothing for gets no room: no page, no reservation. */
+  closeToNewRuns(): void {
+    this.closedToNewRuns = true;
+  }
+
   /** Bytes reserved by every run and not yet filled. */
   get outstandingBytes(): number {
     return this.outstandingExcept(null);
@@ -59,6 +66,7 @@ export class RunHolds {
 
   /** What `run` may still fill: the store's free room less what other runs have reserved and not filled. */
   roomFor(run: string | null): number {
+    if (this.closedToNewRuns && (run === null || !this.runs.has(run))) return 0;
     return Math.max(0, this.store.capacityBytes - this.store.usedBytes - this.outstandingExcept(run));
   }
 
@@ -69,7 +77,7 @@ export class RunHolds {
   reserve(run: string, bytes: number, now: number): number {
     let entry = this.runs.get(run);
     if (!entry) {
-      if (bytes <= 0) return 0;
+      if (bytes <= 0 || this.closedToNewRuns) return 0;
       entry = { ids: new Set(), deadline: 0, reserved: 0 };
       this.runs.set(run, entry);
     }
@@ -89,6 +97,8 @@ export class RunHolds {
     if (entry) {
       entry.deadline = now + this.ttlMs;
       if (id !== -1 && entry.ids.has(id)) return true;
+    } else if (this.closedToNewRuns) {
+      return false;
     }
     // content the store has already takes no room; new content must fit beside other runs' reservations
     if (id === -1 && this.roomFor(run) < PAGE_BYTES) return false;

@@ -83,7 +83,8 @@ async function sgmRun(dir: string, memMiB: number, n: number, relays: number): P
   roles.set("scatter", { ...sr.process, bytes: streamBytes });
   roles.set("gather", { ...gr.process, bytes: streamBytes });
   for (const [i, r] of rs.entries()) {
-    r.relay.proc.kill("SIGTERM");
+    // at once: SIGTERM would wait for any run still held
+    r.relay.proc.kill("SIGINT");
     const out = await r.relay.result();
     const stats = JSON.parse(out.stdout) as { bytesIn: number; process: Resources };
     // a relay carries what it took in, and gives it out again

@@ -194,7 +194,7 @@ async function runSgm(ctx: RunContext, relayCount: number, dedup: boolean): Prom
   } finally {
     clearTimeout(limit);
     ctx.cpu.read();
-    for (const r of relays) r.relay.proc.kill("SIGTERM");
+    for (const r of relays) r.relay.proc.kill("SIGINT");
   }
 }
 
