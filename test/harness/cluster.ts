@@ -4,6 +4,7 @@
 
 import { join } from "node:path";
 import { startSgm, type RunResult, type SgmProcess } from "./sgm.ts";
+import { checkReport } from "./report-schemas.ts";
 import { compareGuestMemory, dumpMemory, type MemoryComparison } from "./memory.ts";
 import { type GuestLayout, type QemuBinary, TestVm, type VmOptions } from "./qemu.ts";
 import { freePort } from "./tmp.ts";
@@ -77,13 +78,16 @@ export function startScatter(pairs: VmPair[], port: number, psk: string, extra: 
   ]);
 }
 
-/** The JSON report a role printed on stdout. */
+/** The JSON report a role printed on stdout, checked against its published schema (docs/schemas/). */
 export function report<T>(result: RunResult): T {
+  let parsed: unknown;
   try {
-    return JSON.parse(result.stdout) as T;
+    parsed = JSON.parse(result.stdout);
   } catch {
     throw new Error(`no JSON report (exit ${result.code}); stderr:\n${result.stderr}`);
   }
+  checkReport(result.args, parsed);
+  return parsed as T;
 }
 
 /** Starts `sgm relay` on a free loopback port; resolves once it listens. */

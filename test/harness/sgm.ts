@@ -21,6 +21,8 @@ export interface RunResult {
   code: number;
   stdout: string;
   stderr: string;
+  /** The command line it ran, after the binary. */
+  args: string[];
 }
 
 /** Runs dist/sgm to completion. */
@@ -33,7 +35,7 @@ export async function runSgm(args: string[], options: { timeoutMs?: number } = {
     new Response(proc.stderr).text(),
   ]);
   clearTimeout(timer);
-  return { code, stdout, stderr };
+  return { code, stdout, stderr, args };
 }
 
 export interface SgmProcess {
@@ -73,7 +75,7 @@ export async function startSgm(args: string[], env: Record<string, string> = {},
     },
     async result() {
       const [code, out] = await Promise.all([proc.exited, stdout, stderrDone]);
-      return { code, stdout: out, stderr: err };
+      return { code, stdout: out, stderr: err, args };
     },
   };
 }
