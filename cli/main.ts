@@ -5,6 +5,7 @@
 import { cac } from "cac";
 import { SgmError } from "../core/errors.ts";
 import { runWithTunedAllocator } from "./allocator.ts";
+import { registerCheck } from "./check.ts";
 import { registerGather } from "./gather.ts";
 import { reportError } from "./output.ts";
 import { registerRelay } from "./relay.ts";
@@ -14,9 +15,10 @@ import { VERSION } from "./version.ts";
 
 async function main(argv: string[]): Promise<number> {
   const cli = cac("sgm");
-  cli.usage("<scatter|relay|gather> [options]\n\n  Scatter-Gather live migration: evict QEMU/KVM virtual machines from a host fast,\n  even when the destination is slow to receive them.");
+  cli.usage("<scatter|relay|gather|check> [options]\n\n  Scatter-Gather live migration: evict QEMU/KVM virtual machines from a host fast,\n  even when the destination is slow to receive them.");
   const signals = new Signals();
   registerScatter(cli, signals.stop);
+  registerCheck(cli, signals.stop);
   registerRelay(cli, signals);
   registerGather(cli, signals.stop);
   cli.help();

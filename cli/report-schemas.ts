@@ -9,6 +9,7 @@ import Type, { type Static, type TSchema } from "typebox";
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { RelayStats } from "../core/relay/engine.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
+import type { CheckReport } from "../core/scatter/preflight.ts";
 import type { RelayPlan } from "../core/scatter/relay-plan.ts";
 
 const closed = { additionalProperties: false } as const;
@@ -155,6 +156,25 @@ const RelayStatsSchema = Type.Object(
   closed,
 );
 
+const CheckReportSchema = Type.Object(
+  {
+    ok: Type.Boolean(),
+    checks: Type.Array(
+      Type.Object(
+        {
+          check: Type.String({ description: 'What was checked: "source NAME", "gather HOST:PORT", "destination NAME", "relay HOST:PORT" or "plan".' }),
+          verdict: Type.Union([Type.Literal("ok"), Type.Literal("warn"), Type.Literal("fail")], { description: "warn: it does not hold, but an eviction would still start." }),
+          detail: Type.String(),
+        },
+        closed,
+      ),
+    ),
+    plan: orNull(RelayPlanSchema),
+    exitCode: Type.Integer({ description: "0 if an eviction would start, else the code the first failure would stop it with." }),
+  },
+  closed,
+);
+
 /** A report as printed: the role's report and what the process cost. */
 const printed = <T extends ReturnType<typeof Type.Object>>(title: string, schema: T) =>
   Type.Object({ ...schema.properties, process: Process }, { ...closed, title, $schema: "https://json-schema.org/draft/2020-12/schema" });
@@ -164,6 +184,7 @@ export const REPORT_SCHEMAS = {
   "scatter-plan": printed("sgm scatter --plan --json", RelayPlanSchema),
   "gather-report": printed("sgm gather --json", GatherReportSchema),
   "relay-report": printed("sgm relay --json", RelayStatsSchema),
+  "check-report": printed("sgm check --json", CheckReportSchema),
 } as const;
 
 // Each schema and its TypeScript type must describe the same objects: same keys, each assignable to the other.
@@ -175,5 +196,6 @@ const checks: [
   Same<Static<typeof GatherReportSchema>, GatherReport>,
   Same<Static<typeof ArrivalReport>, GatherReport["vms"][number]>,
   Same<Static<typeof RelayStatsSchema>, RelayStats>,
-] = [true, true, true, true, true, true];
+  Same<Static<typeof CheckReportSchema>, CheckReport>,
+] = [true, true, true, true, true, true, true];
 void checks;

@@ -6,72 +6,42 @@ import { DEFAULT_MAX_PASSES, DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, pl
 import { shortfallError } from "../core/scatter/survey.ts";
 import type { SwitchoverMode } from "../core/scatter/vm-eviction.ts";
 import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
-import { loadPsk } from "../core/wire/auth.ts";
-import { formatHostPort } from "../core/net/host-port.ts";
-import { parseCount, parseHostPort, parseHostPortFile, parseHostPortList, parseRate, parseVmPairs, requireString } from "./args.ts";
+import { parseCount } from "./args.ts";
 import { renderPlan } from "./plan-output.ts";
+import { addRunOptions, parseRunFlags, readKey, type RunFlags } from "./run-flags.ts";
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson } from "./output.ts";
 
-interface ScatterFlags {
-  to?: unknown;
-  vm?: unknown;
-  via?: unknown;
-  viaFile?: unknown;
-  replicas?: unknown;
-  pskFile?: unknown;
+interface ScatterFlags extends RunFlags {
   keepSource?: boolean;
   dedup?: boolean;
   downtimeLimit?: unknown;
-  waitGather?: unknown;
   switchover?: unknown;
   postcopyAfterPass?: unknown;
   maxPasses?: unknown;
-  sourceRate?: unknown;
-  allRelays?: boolean;
   allowShortfall?: boolean;
   plan?: boolean;
   json?: boolean;
 }
 
 export function registerScatter(cli: CAC, signal: AbortSignal): void {
-  cli
-    .command("scatter", "Evict VMs from this host: read their migration streams and scatter the pages to the gather and relays")
-    .usage("scatter --to HOST:PORT --vm NAME=QMP_SOCKET [--vm ...] --psk-file FILE [options]")
-    .option("--to <host:port>", "Address of the gather on the destination host")
-    .option("--vm <name=qmp>", "A VM to evict: its name (as the gather knows it) and its QMP socket (repeatable)")
-    .option("--via <host:port,...>", "Relays to place pages on when the gather cannot take them yet (repeatable)")
-    .option("--via-file <file>", "Relays listed in a file, one HOST:PORT a line (# starts a comment), besides any --via")
-    .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
-    .option("--source-rate <rate>", "What this host sends at, e.g. 1.2GiB/s; by default measured with rate probes to the gather and relays")
-    .option("--all-relays", "Use every reachable relay with room, not only the fewest that take the source's rate and hold what will not go direct")
+  addRunOptions(
+    cli
+      .command("scatter", "Evict VMs from this host: read their migration streams and scatter the pages to the gather and relays")
+      .usage("scatter --to HOST:PORT --vm NAME=QMP_SOCKET [--vm ...] --psk-file FILE [options]"),
+  )
     .option("--allow-shortfall", "Start even when the relays cannot hold what will not go direct: the rest waits for the gather")
     .option("--plan", "Check the VMs, measure the gather and relays, print which relays the run would use and why, and exit: 0 if it would start, 78 if the relays are short of memory, 69 if too few are reachable. Moves nothing")
-    .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--no-dedup", "Send content again wherever it recurs instead of naming what the gather or a relay holds: only to measure what dedup saves")
     .option("--keep-source", "Leave the source QEMU paused after eviction instead of quitting it")
     .option("--switchover <mode>", `precopy: the source converges into scatter; postcopy: it switches to postcopy and sends each remaining page once (default: ${DEFAULT_SWITCHOVER})`)
     .option("--postcopy-after-pass <n>", `With --switchover postcopy: precopy passes before the switch, 0 for at once (default: ${DEFAULT_POSTCOPY_AFTER_PASS})`)
     .option("--max-passes <n>", `With --switchover precopy: give up when the source has not converged after this many passes; the VM runs on at the source and scatter exits 75 (default: ${DEFAULT_MAX_PASSES})`)
     .option("--downtime-limit <ms>", `The source QEMU's downtime-limit for its final pass (default: ${DEFAULT_DOWNTIME_LIMIT_MS}; QEMU's own is 300)`)
-    .option("--wait-gather <seconds>", "How long to keep trying a gather that is not listening yet", { default: 30 })
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm scatter --to dst:7700 --vm web1=/run/qemu/web1.qmp --via r1:7701,r2:7701 --psk-file /etc/sgm/psk")
     .action(async (flags: ScatterFlags) => {
-      const gather = parseHostPort("--to", requireString("--to", flags.to));
-      const vms = parseVmPairs(flags.vm);
-      const relays = [
-        ...parseHostPortList("--via", flags.via),
-        ...(flags.viaFile === undefined ? [] : parseHostPortFile("--via-file", requireString("--via-file", flags.viaFile))),
-      ];
-      const seen = new Set<string>();
-      for (const r of relays) {
-        const key = formatHostPort(r.host, r.port);
-        if (seen.has(key)) throw new SgmError("usage", `relay ${key} is given twice (--via, --via-file)`);
-        seen.add(key);
-      }
-      const replicas = parseCount("--replicas", flags.replicas, 1, 16);
-      const gatherWaitMs = parseCount("--wait-gather", flags.waitGather, 0, 24 * 3600) * 1000;
+      const run = parseRunFlags(flags);
       const switchover = flags.switchover === undefined ? undefined : parseSwitchover(String(flags.switchover));
       const postcopyAfterPass = flags.postcopyAfterPass === undefined ? undefined : parseCount("--postcopy-after-pass", flags.postcopyAfterPass, 0, 1000);
       if (postcopyAfterPass !== undefined && (switchover ?? DEFAULT_SWITCHOVER) !== "postcopy") {
@@ -82,9 +52,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         throw new SgmError("usage", "--max-passes needs --switchover precopy (in postcopy the source switches after --postcopy-after-pass)");
       }
       const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
-      const sourceRate = flags.sourceRate === undefined ? undefined : parseRate("--source-rate", String(flags.sourceRate));
-      const psk = loadPsk(requireString("--psk-file", flags.pskFile));
-      const common = { gather, vms, relays, replicas, gatherWaitMs, sourceRate, allRelays: Boolean(flags.allRelays), psk, signal, log: info };
+      const common = { ...run, psk: readKey(flags), signal, log: info };
       if (flags.plan) {
         const plan = await planScatter(common);
         renderPlan(plan);

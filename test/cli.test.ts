@@ -4,16 +4,17 @@ import { describe, expect, test } from "bun:test";
 import { runSgm } from "./harness/sgm.ts";
 
 describe("dist/sgm", () => {
-  test("--help lists the three roles", async () => {
+  test("--help lists the three roles and check", async () => {
     const r = await runSgm(["--help"]);
     expect(r.code).toBe(0);
-    for (const role of ["scatter", "relay", "gather"]) expect(r.stdout).toMatch(new RegExp(`^\\s+${role}\\s+\\S`, "m"));
+    for (const role of ["scatter", "relay", "gather", "check"]) expect(r.stdout).toMatch(new RegExp(`^\\s+${role}\\s+\\S`, "m"));
   });
 
   test.each([
     ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--plan", "--source-rate", "--all-relays", "--allow-shortfall", "--json"]],
     ["relay", ["--listen", "--capacity", "--psk-file", "--max-rate"]],
     ["gather", ["--listen", "--vm", "--psk-file", "--json"]],
+    ["check", ["--to", "--vm", "--via", "--via-file", "--replicas", "--source-rate", "--all-relays", "--psk-file", "--json"]],
   ])("%s --help shows its own flags", async (role, flags) => {
     const r = await runSgm([role, "--help"]);
     expect(r.code).toBe(0);
@@ -54,6 +55,7 @@ describe("dist/sgm", () => {
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--via-file", `${import.meta.dir}/cli.test.ts`], `--via-file ${import.meta.dir}/cli.test.ts line 1: `],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--source-rate", "quick"], "--source-rate 'quick': expected a size such as 8GiB or 512MiB"],
     [["relay", "--listen", "127.0.0.1:0", "--capacity", "1GiB", "--psk-file", "/k", "--max-rate", "0"], "--max-rate '0': must be more than zero"],
+    [["check", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to is required"],
     [["gather", "--listen", "127.0.0.1:0", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],
     [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--postcopy-bandwidth", "fast"], "--postcopy-bandwidth 'fast': expected a size such as 8GiB or 512MiB"],
   ])("usage error %j", async (args, message) => {

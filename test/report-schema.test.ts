@@ -23,6 +23,7 @@ describe("report schemas", () => {
     expect(schemaFor(["scatter", "--plan", "--json"])).toBe("scatter-plan");
     expect(schemaFor(["gather", "--json"])).toBe("gather-report");
     expect(schemaFor(["relay", "--json"])).toBe("relay-report");
+    expect(schemaFor(["check", "--json"])).toBe("check-report");
     expect(schemaFor(["relay"])).toBeNull();
   });
 

@@ -265,15 +265,14 @@ class ScatterSession {
         );
         return;
       }
+      case "check": {
+        const arrival = this.shared.arrivals.get(message.name);
+        this.send({ t: "check-result", vm: message.vm, refusal: this.refusal(message), qemu: arrival?.dest.qemuVersion ?? null, machine: arrival?.dest.machine ?? null });
+        return;
+      }
       case "offer": {
         const arrival = this.shared.arrivals.get(message.name);
-        const reason = !arrival
-          ? `no destination for VM ${message.name} here (not a --vm of this gather)`
-          : arrival.isTaken
-            ? `VM ${message.name} is already arriving`
-            : arrival.dest.machine !== message.machine
-              ? `machine types differ: the source (QEMU ${message.qemu}) runs ${message.machine}, the destination (QEMU ${arrival.dest.qemuVersion}) ${arrival.dest.machine}; QEMU migrates only between equal machine types`
-              : null;
+        const reason = this.refusal(message);
         if (reason || !arrival) {
           this.send({ t: "refuse", vm: message.vm, reason: reason ?? "" });
           return;
@@ -322,6 +321,17 @@ class ScatterSession {
       default:
         throw new SgmError("data", `scatter sent '${message.t}'`);
     }
+  }
+
+  /** Why this gather would not take the VM offered, or null if it would. */
+  private refusal(offer: { name: string; qemu: string; machine: string }): string | null {
+    const arrival = this.shared.arrivals.get(offer.name);
+    if (!arrival) return `no destination for VM ${offer.name} here (not a --vm of this gather)`;
+    if (arrival.isTaken) return `VM ${offer.name} is already arriving`;
+    if (arrival.dest.machine !== offer.machine) {
+      return `machine types differ: the source (QEMU ${offer.qemu}) runs ${offer.machine}, the destination (QEMU ${arrival.dest.qemuVersion}) ${arrival.dest.machine}; QEMU migrates only between equal machine types`;
+    }
+    return null;
   }
 
   /** Holds the scatter's connection to --max-rate: reading waits while the bucket is in debt. */

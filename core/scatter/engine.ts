@@ -8,16 +8,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PAGE_BYTES } from "../dedup/digest.ts";
 import { asSgmError, EXIT_CODES, SgmError } from "../errors.ts";
-import type { HostPort } from "../net/host-port.ts";
 import { formatBytes, formatRate } from "../units.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { decodeControl, encodeControl, FrameType } from "../wire/messages.ts";
 import { type PlacementStats, RunPlacement } from "./placement.ts";
 import { planRelays, type RelayPlan } from "./relay-plan.ts";
-import { releaseRoom, reserveRoom } from "./relay-queries.ts";
+import { releaseRoom, reserveRoom } from "./questions.ts";
 import { SourceQemu } from "./source-qemu.ts";
-import { shortfallError, type Survey, survey, type SurveyOptions } from "./survey.ts";
+import { checkRelayArgs, type PlanOptions, shortfallError, type Survey, survey, surveyOptions } from "./survey.ts";
 import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-eviction.ts";
 
 /**
@@ -74,21 +73,6 @@ export interface ScatterReport {
   planMs: number;
   /** The exit code the run maps to (0 when every VM was evicted). */
   exitCode: number;
-}
-
-export interface PlanOptions {
-  gather: HostPort;
-  vms: Array<{ name: string; qmp: string }>;
-  relays?: HostPort[];
-  replicas?: number;
-  psk: Uint8Array;
-  /** The source's sending rate, bytes a second; measured with rate probes when absent. */
-  sourceRate?: number;
-  /** Use every reachable relay with room, not only those the rule needs. */
-  allRelays?: boolean;
-  gatherWaitMs?: number;
-  signal?: AbortSignal;
-  log?: (line: string) => void;
 }
 
 /**
@@ -261,10 +245,7 @@ async function settleReservations(found: Survey, run: string, signal: AbortSigna
 }
 
 async function openSources(options: PlanOptions): Promise<SourceQemu[]> {
-  const replicas = options.replicas ?? 1;
-  const relays = options.relays ?? [];
-  if (relays.length > 32) throw new SgmError("usage", `--via: ${relays.length} relays; at most 32`);
-  if (relays.length > 0 && replicas > relays.length) throw new SgmError("usage", `--replicas ${replicas}: only ${relays.length} relays given`);
+  checkRelayArgs(options);
   options.signal?.throwIfAborted();
   // Every source is checked before anything moves.
   const opened = await Promise.allSettled(options.vms.map((vm) => SourceQemu.open(vm.name, parseQmpAddress(vm.qmp))));
@@ -275,21 +256,6 @@ async function openSources(options: PlanOptions): Promise<SourceQemu[]> {
     throw asSgmError(refused.reason);
   }
   return sources;
-}
-
-function surveyOptions(options: PlanOptions, planAlways: boolean): SurveyOptions {
-  return {
-    gather: options.gather,
-    relays: options.relays ?? [],
-    psk: options.psk,
-    replicas: options.replicas ?? 1,
-    sourceRate: options.sourceRate,
-    useAll: options.allRelays ?? false,
-    planAlways,
-    gatherWaitMs: options.gatherWaitMs ?? 30_000,
-    signal: options.signal,
-    log: options.log ?? (() => {}),
-  };
 }
 
 function logPlan(plan: RelayPlan, log: (line: string) => void): void {

@@ -11,9 +11,24 @@ import { formatBytes } from "../units.ts";
 import { PeerConnection } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
 import { probeRate } from "./rate-probe.ts";
-import { askRelayFigures } from "./relay-queries.ts";
+import { askRelayFigures } from "./questions.ts";
 import { type LeftOut, type PlanInput, planRelays, type RelayCandidate, type RelayPlan } from "./relay-plan.ts";
 import type { SourceQemu } from "./source-qemu.ts";
+
+export interface PlanOptions {
+  gather: HostPort;
+  vms: Array<{ name: string; qmp: string }>;
+  relays?: HostPort[];
+  replicas?: number;
+  psk: Uint8Array;
+  /** The source's sending rate, bytes a second; measured with rate probes when absent. */
+  sourceRate?: number;
+  /** Use every reachable relay with room, not only those the rule needs. */
+  allRelays?: boolean;
+  gatherWaitMs?: number;
+  signal?: AbortSignal;
+  log?: (line: string) => void;
+}
 
 export interface SurveyOptions {
   gather: HostPort;
@@ -114,12 +129,12 @@ async function measureSourceRate(gather: PeerConnection, relays: ReadonlyArray<{
   return rates.reduce((sum, rate) => sum + (rate.status === "fulfilled" ? rate.value : 0), 0);
 }
 
-function connectPeer(to: HostPort, psk: Uint8Array, expectRole: "gather" | "relay"): Promise<PeerConnection> {
+export function connectPeer(to: HostPort, psk: Uint8Array, expectRole: "gather" | "relay"): Promise<PeerConnection> {
   return PeerConnection.connect({ host: to.host, port: to.port, psk, role: "scatter", expectRole, maxPayload, timeoutMs: 10_000 });
 }
 
 /** A gather started a little after the scatter is waited for, up to gatherWaitMs. */
-async function connectGather(options: SurveyOptions): Promise<PeerConnection> {
+export async function connectGather(options: Pick<SurveyOptions, "gather" | "psk" | "gatherWaitMs" | "signal" | "log">): Promise<PeerConnection> {
   const deadline = Date.now() + options.gatherWaitMs;
   let said = false;
   for (;;) {
@@ -141,4 +156,27 @@ async function connectGather(options: SurveyOptions): Promise<PeerConnection> {
 export function shortfallError(plan: RelayPlan): SgmError | null {
   if (!plan.shortfall) return null;
   return new SgmError(plan.shortfall.kind === "no-relay" ? "unavailable" : "insufficient", plan.shortfall.message);
+}
+
+export function surveyOptions(options: PlanOptions, planAlways: boolean): SurveyOptions {
+  return {
+    gather: options.gather,
+    relays: options.relays ?? [],
+    psk: options.psk,
+    replicas: options.replicas ?? 1,
+    sourceRate: options.sourceRate,
+    useAll: options.allRelays ?? false,
+    planAlways,
+    gatherWaitMs: options.gatherWaitMs ?? 30_000,
+    signal: options.signal,
+    log: options.log ?? (() => {}),
+  };
+}
+
+/** Bad relay arguments are a usage error before anything is touched. */
+export function checkRelayArgs(options: Pick<PlanOptions, "relays" | "replicas">): void {
+  const replicas = options.replicas ?? 1;
+  const relays = options.relays ?? [];
+  if (relays.length > 32) throw new SgmError("usage", `--via: ${relays.length} relays; at most 32`);
+  if (relays.length > 0 && replicas > relays.length) throw new SgmError("usage", `--replicas ${replicas}: only ${relays.length} relays given`);
 }

@@ -106,6 +106,10 @@ export type Control =
   | { t: "received"; bytes: number }
   /** scatter → gather, before any offer: the run's id (hex) and its relays, in mask bit order. */
   | { t: "relays"; run: string; relays: string[] }
+  /** scatter → gather, from `sgm check`: would you take this VM? Nothing is set up. */
+  | { t: "check"; vm: number; name: string; qemu: string; machine: string }
+  /** gather → scatter: null if it would, else why not; its destination QEMU's version and machine, if it has one. */
+  | { t: "check-result"; vm: number; refusal: string | null; qemu: string | null; machine: string | null }
   /** to a relay: its figures, please. */
   /** to a relay: its figures, please, with its room as `run` (hex) sees it. */
   | { t: "relay-stats?"; run: string }
@@ -136,6 +140,8 @@ const FIELDS: Record<ControlType, Record<string, "number" | "number|null" | "str
   failed: { vm: "number", reason: "string", kind: "string" },
   received: { bytes: "number" },
   relays: { run: "string", relays: "strings" },
+  check: { vm: "number", name: "string", qemu: "string", machine: "string" },
+  "check-result": { vm: "number", refusal: "string|null", qemu: "string|null", machine: "string|null" },
   "relay-stats?": { run: "string" },
   "relay-stats": {
     capacity: "number",

@@ -1,23 +1,24 @@
-// What scatter asks a relay before it places any page there: how much room
-// it has for this run, and to hold some of that room while the run lasts.
+// What scatter asks its peers before any page moves: a relay how much room
+// it has for this run, and to hold some of it while the run lasts; the
+// gather (for `sgm check`) whether it would take a VM.
 
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, decodeControl, encodeControl, FrameType } from "../wire/messages.ts";
 
-/** How long a relay has to answer before it is left out. */
+/** How long a peer has to answer before it is dropped. */
 const ANSWER_TIMEOUT_MS = 5000;
 
 export type RelayFigures = Extract<Control, { t: "relay-stats" }>;
 
 /** The relay's figures, with `free` the room this run may fill. */
 export function askRelayFigures(conn: PeerConnection, address: string, run: string, signal?: AbortSignal): Promise<RelayFigures> {
-  return ask(conn, address, { t: "relay-stats?", run }, "relay-stats", signal);
+  return ask(conn, `relay ${address}`, { t: "relay-stats?", run }, "relay-stats", signal);
 }
 
 /** Reserves `bytes` of the relay's room for the run; resolves with what the relay granted. */
 export async function reserveRoom(conn: PeerConnection, address: string, run: string, bytes: number, signal?: AbortSignal): Promise<number> {
-  const reply = await ask(conn, address, { t: "relay-reserve", run, bytes: Math.round(bytes) }, "relay-reserved", signal);
+  const reply = await ask(conn, `relay ${address}`, { t: "relay-reserve", run, bytes: Math.round(bytes) }, "relay-reserved", signal);
   return reply.bytes;
 }
 
@@ -26,7 +27,8 @@ export function releaseRoom(conn: PeerConnection, run: string): void {
   if (conn.isOpen) conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserve", run, bytes: 0 }));
 }
 
-function ask<T extends Control["t"]>(conn: PeerConnection, address: string, question: Control, answer: T, signal?: AbortSignal): Promise<Extract<Control, { t: T }>> {
+/** Sends `question` and resolves with the peer's `answer`; the connection's frame handler is this exchange's until then. */
+export function ask<T extends Control["t"]>(conn: PeerConnection, who: string, question: Control, answer: T, signal?: AbortSignal): Promise<Extract<Control, { t: T }>> {
   return new Promise((resolve, reject) => {
     const fail = (err: unknown): void => {
       clearTimeout(timer);
@@ -41,10 +43,10 @@ function ask<T extends Control["t"]>(conn: PeerConnection, address: string, ques
       return;
     }
     signal?.addEventListener("abort", onAbort);
-    const timer = setTimeout(() => fail(new SgmError("unavailable", `relay ${address} did not answer '${question.t}' within ${ANSWER_TIMEOUT_MS / 1000} s`)), ANSWER_TIMEOUT_MS);
+    const timer = setTimeout(() => fail(new SgmError("unavailable", `${who} did not answer '${question.t}' within ${ANSWER_TIMEOUT_MS / 1000} s`)), ANSWER_TIMEOUT_MS);
     conn.onFrame((type, payload) => {
       const message = type === FrameType.CONTROL ? decodeControl(payload) : null;
-      if (message?.t !== answer) throw new SgmError("data", `relay ${address} answered '${question.t}' with ${message ? `'${message.t}'` : `frame type ${type}`}`);
+      if (message?.t !== answer) throw new SgmError("data", `${who} answered '${question.t}' with ${message ? `'${message.t}'` : `frame type ${type}`}`);
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
       resolve(message as Extract<Control, { t: T }>);
@@ -52,7 +54,7 @@ function ask<T extends Control["t"]>(conn: PeerConnection, address: string, ques
     void conn.closed.then((reason) => {
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
-      reject(new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`));
+      reject(new SgmError("unavailable", `${who}: ${reason?.message ?? "connection closed"}`));
     });
     conn.send(FrameType.CONTROL, encodeControl(question));
   });
