@@ -26,37 +26,45 @@ beforeAll(async () => {
 afterEach(() => killAll());
 afterAll(() => removeDir(dir));
 
-/** Another run puts pages of its own on the relay until it refuses one; resolves with the bytes it took. */
-async function fillRelay(address: string): Promise<number> {
-  const [host, port] = [address.slice(0, address.lastIndexOf(":")), Number(address.slice(address.lastIndexOf(":") + 1))];
-  const conn = await PeerConnection.connect({ host, port, psk: loadPsk(psk), role: "scatter", expectRole: "relay", maxPayload, timeoutMs: 5000 });
+/**
+ * Another run, ready to put pages of its own on a relay (connected, its
+ * PUTs built) so that fill() takes the relay's room at once: it sends them
+ * all without waiting, and resolves with the bytes the relay took.
+ */
+async function prepareFiller(address: string, bytes: number): Promise<{ fill(): Promise<number> }> {
+  const at = address.lastIndexOf(":");
+  const conn = await PeerConnection.connect({ host: address.slice(0, at), port: Number(address.slice(at + 1)), psk: loadPsk(psk), role: "scatter", expectRole: "relay", maxPayload, timeoutMs: 5000 });
   const run = crypto.getRandomValues(new Uint8Array(RUN_ID_BYTES));
-  let held = 0;
-  try {
-    for (let seq = 0; ; seq++) {
-      const builder = new PutBuilder();
-      for (let n = 0; n < PUT_BATCH; n++) {
-        // unique content, cheap to make: the run id, then the page's number
-        const page = new Uint8Array(PAGE_BYTES);
-        page.set(run);
-        new DataView(page.buffer).setUint32(RUN_ID_BYTES, seq * PUT_BATCH + n);
-        const digest = new Uint8Array(DIGEST_BYTES);
-        digestPage(page, digest);
-        builder.add(digest, 0, page);
-      }
-      const acked = new Promise<boolean[]>((resolve) =>
-        conn.onFrame((type, payload) => {
-          if (type === RelayFrame.ACK) resolve(readAck(payload).refused);
-        }),
-      );
-      conn.send(RelayFrame.PUT, builder.take(run, seq, new Uint8Array(0)).payload);
-      const refused = await acked;
-      held += refused.filter((r) => !r).length * PAGE_BYTES;
-      if (refused.some((r) => r)) return held;
+  const puts: Uint8Array[] = [];
+  for (let seq = 0; seq * PUT_BATCH * PAGE_BYTES < bytes; seq++) {
+    const builder = new PutBuilder();
+    for (let n = 0; n < PUT_BATCH; n++) {
+      // unique content, cheap to make: the run id, then the page's number
+      const page = new Uint8Array(PAGE_BYTES);
+      page.set(run);
+      new DataView(page.buffer).setUint32(RUN_ID_BYTES, seq * PUT_BATCH + n);
+      const digest = new Uint8Array(DIGEST_BYTES);
+      digestPage(page, digest);
+      builder.add(digest, 0, page);
     }
-  } finally {
-    conn.close();
+    puts.push(builder.take(run, seq, new Uint8Array(0)).payload);
   }
+  return {
+    fill: () =>
+      new Promise<number>((resolve) => {
+        let acks = 0;
+        let held = 0;
+        conn.onFrame((type, payload) => {
+          if (type !== RelayFrame.ACK) return;
+          held += readAck(payload).refused.filter((r) => !r).length * PAGE_BYTES;
+          if (++acks === puts.length) {
+            conn.close();
+            resolve(held);
+          }
+        });
+        for (const put of puts) conn.send(RelayFrame.PUT, put);
+      }),
+  };
 }
 
 async function provedEqual(pair: VmPair): Promise<void> {
@@ -111,9 +119,11 @@ describe("scatter-gather with relays", () => {
     // the gather needs over 16 s for 128 MiB: a source held to its pace would wait as long
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
     // told the source is barely faster than the gather, the plan reserves little: the run soon goes past its reservations
+    const filler = await prepareFiller(shared.address, 64 << 20);
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--source-rate", "9MiB/s", "--via", `${shared.address},${other.address}`]);
+    // printed once its reservations are made: from here, another run takes only what this one did not reserve
     await scatter.waitStderr(/relays: /);
-    const taken = await fillRelay(shared.address);
+    const taken = await filler.fill();
     let gatherDone = false;
     const g = gather.result().then((r) => {
       gatherDone = true;

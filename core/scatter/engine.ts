@@ -102,8 +102,9 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   try {
     found = await survey(surveyOptions(options, false), sources, runHex);
     if (found.plan) {
-      logPlan(found.plan, log);
       await settleReservations(found, runHex, options.signal, log);
+      // the relays as they will be used: after the reservations, which may have left some out
+      logPlan(found.plan, log);
       const short = shortfallError(found.plan);
       if (short && !(options.allowShortfall && found.plan.shortfall?.kind === "relay-memory")) throw short;
     }

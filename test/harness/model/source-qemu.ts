@@ -98,6 +98,11 @@ export class ModelSourceQemu {
       },
       "migrate-set-parameters": () => {},
       "qom-get": () => `${MODEL_MACHINE}-machine`,
+      "query-memory-size-summary": () => ({ "base-memory": this.memory.total * 4096 }),
+      // as QEMU without a balloon device answers
+      "query-balloon": () => {
+        throw new QmpError("No balloon device has been activated");
+      },
       migrate: (args) => {
         const uri = String(args.uri);
         if (!uri.startsWith("unix:")) throw new QmpError(`model source migrates to unix: only, not ${uri}`);
