@@ -8,13 +8,18 @@ import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { PROBE_CHUNK, ProbeFrame, probeHeader, readProbeAck } from "../wire/probe-frames.ts";
 
-/** Long enough for a link's queues to fill and its rate to show; short beside an eviction. */
-export const PROBE_MS = 100;
+/**
+ * Long enough for a shaped link's rate to show; short, since a probe takes
+ * the source's link from the eviction: 100 ms probes with a 4 MiB window cost
+ * one VM with 3 relays on the bench's bed 0.6 s and 84 MiB of the source's
+ * link; this is about half.
+ */
+export const PROBE_MS = 50;
 /** Bytes a probe frame carries: small beside the window, so the first frame, read before any limit shows, is a small part. */
 const CHUNK_BYTES = PROBE_CHUNK / 4;
 /** Unacknowledged probe bytes: past a shaped link's burst, enough for a fast link's round trip. */
-const WINDOW_BYTES = 4 * PROBE_CHUNK;
-/** A peer that has not taken the window this long after the probe's end is dropped: slower than 140 KiB/s. */
+const WINDOW_BYTES = 2 * PROBE_CHUNK;
+/** A peer that has not taken the window this long after the probe's end is dropped: slower than 70 KiB/s. */
 const DRAIN_TIMEOUT_MS = 30_000;
 
 const filler = new Uint8Array(CHUNK_BYTES - 4);

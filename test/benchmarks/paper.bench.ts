@@ -170,7 +170,7 @@ async function runOnce(bed: Bed, guests: Guests, vms: number, rep: number, metho
   const log: string[] = [];
   const t0 = performance.now();
   try {
-    timing = await runMethod(method, { bed, vms: at, psk, qemuLimitMs, sgmLimitMs: SGM_LIMIT_MS, cpu, log });
+    timing = await runMethod(method, { bed, vms: at, psk, qemuLimitMs, sgmLimitMs: SGM_LIMIT_MS, sourceRate: sourceBytesPerSecond, cpu, log });
   } catch (err) {
     error = (err as Error).message.split("\n")[0];
   }

@@ -52,6 +52,8 @@ export interface RunContext {
   qemuLimitMs: number;
   /** sgm still going after this has failed. */
   sgmLimitMs: number;
+  /** The source's link rate, bytes a second: scatter is told it, as an operator knows the host's link. */
+  sourceRate: number;
   /** Told of every process of the run, and of the moment the host is evicted. */
   cpu: CpuMeter;
   /** Filled in as the run goes: what scatter logged. */
@@ -157,7 +159,7 @@ async function runSgm(ctx: RunContext, relayCount: number, dedup: boolean): Prom
   );
   await gather.waitStderr(/listening on/);
   ctx.cpu.track("gather", gather.proc.pid);
-  const via = relays.length > 0 ? ["--all-relays", "--via", relays.map((r) => r.listen).join(",")] : [];
+  const via = relays.length > 0 ? ["--all-relays", "--source-rate", String(Math.round(ctx.sourceRate)), "--via", relays.map((r) => r.listen).join(",")] : [];
   const scatter = await startSgm(
     // --keep-source: the source QEMU stays, paused, as QEMU's own migrations leave it, so its CPU can be read
     ["scatter", "--to", to, ...vms.flatMap((vm, v) => ["--vm", `${names[v]}=${vm.source.qmpPath}`]), ...via, "--psk-file", psk, "--json", "--keep-source", ...(dedup ? [] : ["--no-dedup"])],

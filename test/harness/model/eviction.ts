@@ -92,6 +92,8 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       vms: options.vms.map((vm, i) => ({ name: vm.name, qmp: sources[i]!.qmpPath })),
       relays: relays.map((r) => ({ host: "127.0.0.1", port: r.port })),
       replicas: options.replicas,
+      // the model tests follow pages along every path: each relay named is used, whatever the plan would need
+      allRelays: true,
       psk,
       keepSource: true,
       switchover: options.switchover,
