@@ -74,20 +74,34 @@ async function provedEqual(pair: VmPair): Promise<void> {
 }
 
 describe("scatter-gather with relays", () => {
-  test("two VMs, two relays, a slow gather: relays take most pages and give them back, memory equal", async () => {
+  test("two VMs, two relays, a slow gather: relays take most pages and give them back, memory equal; a relay service drains mid-run", async () => {
     // the gather takes 16 MiB/s, a small fraction of what any machine of this
     // kind reads from a source: the relays take most pages
     const pairs = await Promise.all([
-      startPair(dir, "sg1", { memMiB: 128, seed: 201, rate: 2000 }),
-      startPair(dir, "sg2", { memMiB: 128, seed: 202, rate: 2000 }),
+      startPair(dir, "sg1", { memMiB: 64, seed: 201, rate: 2000 }),
+      startPair(dir, "sg2", { memMiB: 64, seed: 202, rate: 2000 }),
     ]);
-    const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
+    const [r1, r2] = await Promise.all([startRelay(psk, "1GiB", ["--http", "127.0.0.1:0"]), startRelay(psk)]);
+    const metrics = (await r1.relay.waitStderr(/metrics on (http:\/\/\S+)\/metrics/))[1]!;
     const { gather, port } = await startGather(pairs, psk, ["--max-rate", "16MiB/s"]);
     const scatter = await startScatter(pairs, port, psk, ["--keep-source", "--all-relays", "--via", `${r1.address},${r2.address}`]);
     const s = await scatter.result();
-    const g = await gather.result();
     expect(s.code).toBe(0);
+
+    // evicted while the gather still fetches: the relay's metrics show what it holds, and SIGTERM lets the run finish
+    const held = Number(/^sgm_relay_held_pages (\d+)$/m.exec(await (await fetch(`${metrics}/metrics`)).text())?.[1]);
+    expect(held).toBeGreaterThan(1000);
+    r1.relay.proc.kill("SIGTERM");
+    await r1.relay.waitStderr(/draining: no new runs; waiting for the 1 held to finish/, 10_000);
+    const g = await gather.result();
     expect(g.code).toBe(0);
+    const drained = await r1.relay.result();
+    expect(drained.code).toBe(0);
+    expect(drained.stderr).toMatch(/drained: every run it held has finished/);
+    // the gather released everything it fetched: the relays end empty
+    expect(drained.stderr).toMatch(/relay stopped: held 0 B of/);
+    r2.relay.proc.kill("SIGTERM");
+    expect((await r2.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
 
     const sr = report<ScatterReport>(s);
     const gr = report<GatherReport>(g);
@@ -103,23 +117,17 @@ describe("scatter-gather with relays", () => {
     // pages went every way: straight to the gather, to both relays, and back from them
     expect(sr.placement.directPages).toBeGreaterThan(0);
     for (const relay of sr.relays) expect(relay.pages).toBeGreaterThan(1000);
-    expect(gr.bytesFromRelays).toBeGreaterThan(64 * 1024 * 1024);
+    expect(gr.bytesFromRelays).toBeGreaterThan(held * 4096);
     for (const pair of pairs) await provedEqual(pair);
-
-    // the gather released everything it fetched: the relays end empty
-    for (const r of [r1, r2]) {
-      r.relay.proc.kill("SIGTERM");
-      expect((await r.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
-    }
   }, 300_000);
 
   test("a relay another run fills mid-run refuses pages; they go to the other relay and the eviction does not wait for the gather", async () => {
-    const pair = await startPair(dir, "full", { memMiB: 128, seed: 203, rate: 1000 });
-    const [shared, other] = await Promise.all([startRelay(psk, "64MiB"), startRelay(psk, "512MiB")]);
-    // the gather needs over 16 s for 128 MiB: a source held to its pace would wait as long
+    const pair = await startPair(dir, "full", { memMiB: 64, seed: 203, rate: 1000 });
+    const [shared, other] = await Promise.all([startRelay(psk, "32MiB"), startRelay(psk, "256MiB")]);
+    // the gather needs over 8 s for 64 MiB: a source held to its pace would wait as long
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
     // told the source is barely faster than the gather, the plan reserves little: the run soon goes past its reservations
-    const filler = await prepareFiller(shared.address, 64 << 20);
+    const filler = await prepareFiller(shared.address, 32 << 20);
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--source-rate", "9MiB/s", "--via", `${shared.address},${other.address}`]);
     // printed once its reservations are made: from here, another run takes only what this one did not reserve
     await scatter.waitStderr(/relays: /);
@@ -135,10 +143,10 @@ describe("scatter-gather with relays", () => {
     expect((await g).code).toBe(0);
     const sr = report<ScatterReport>(s);
     const relay = (address: string) => sr.relays.find((r) => r.address === address)!;
-    expect(taken).toBeGreaterThan(32 << 20);
+    expect(taken).toBeGreaterThan(16 << 20);
     expect(relay(shared.address).refusedPages).toBeGreaterThan(0);
     expect(sr.placement.replacedPages).toBe(relay(shared.address).refusedPages);
-    expect(relay(other.address).pages).toBeGreaterThan(10_000);
+    expect(relay(other.address).pages).toBeGreaterThan(5000);
     await provedEqual(pair);
   }, 180_000);
 
@@ -166,7 +174,7 @@ describe("scatter-gather with relays", () => {
   }, 180_000);
 
   test("with --replicas 2, the gather finishes from one relay when the other goes away", async () => {
-    const pair = await startPair(dir, "twice", { memMiB: 128, seed: 207, rate: 1000 });
+    const pair = await startPair(dir, "twice", { memMiB: 64, seed: 207, rate: 1000 });
     const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
     const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", `${r1.address},${r2.address}`, "--replicas", "2"])).result();
@@ -183,28 +191,6 @@ describe("scatter-gather with relays", () => {
     // the gather asks the first relay holding a page: the second served only once the first was gone
     const fetched = (address: string) => gr.relays.find((r) => r.address === address)!.pagesFetched;
     expect(fetched(r2.address)).toBeGreaterThan(0);
-    await provedEqual(pair);
-  }, 180_000);
-
-  test("a relay service mid-run: /metrics shows the pages it holds; SIGTERM lets the run finish, then it exits 0", async () => {
-    const pair = await startPair(dir, "svc", { memMiB: 128, seed: 209, rate: 1000 });
-    const r = await startRelay(psk, "1GiB", ["--http", "127.0.0.1:0"]);
-    const base = (await r.relay.waitStderr(/metrics on (http:\/\/\S+)\/metrics/))[1]!;
-    // the gather needs over 16 s: when the source is evicted the relay still holds most pages
-    const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
-    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", r.address])).result();
-    expect(s.code).toBe(0);
-    const held = Number(/^sgm_relay_held_pages (\d+)$/m.exec(await (await fetch(`${base}/metrics`)).text())?.[1]);
-    expect(held).toBeGreaterThan(1000);
-
-    r.relay.proc.kill("SIGTERM");
-    await r.relay.waitStderr(/draining: no new runs; waiting for the 1 held to finish/, 10_000);
-    const g = await gather.result();
-    expect(g.code).toBe(0);
-    const stopped = await r.relay.result();
-    expect(stopped.code).toBe(0);
-    expect(stopped.stderr).toMatch(/drained: every run it held has finished/);
-    expect(report<GatherReport>(g).bytesFromRelays).toBeGreaterThan(held * 2048);
     await provedEqual(pair);
   }, 180_000);
 
