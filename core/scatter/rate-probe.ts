@@ -11,7 +11,7 @@ import { PROBE_CHUNK, ProbeFrame, probeHeader, readProbeAck } from "../wire/prob
 /**
  * Long enough for a shaped link's rate to show; short, since a probe takes
  * the source's link from the eviction: 100 ms probes with a 4 MiB window cost
- * one VM with 3 relays on the bench's bed 0.6 s and 84 MiB of the source's
+ * one VM with 3 relays on the bench's bed 0.9 s and 84 MiB of the source's
  * link; this is about half.
  */
 export const PROBE_MS = 50;
