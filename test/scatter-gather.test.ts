@@ -165,11 +165,11 @@ describe("scatter-gather with relays", () => {
     const pages = (address: string) => sr.relays.find((r) => r.address === address)!.pages;
     const share = pages(large.address) / (pages(small.address) + pages(large.address));
     expect(pages(small.address) + pages(large.address)).toBeGreaterThan(10_000);
-    // the weights give the larger relay 2/3 (an even split gives 1/2); a relay
-    // that lags its acknowledgements is passed over for the next, by design,
-    // so on a loaded machine its share can fall short of 2/3
-    expect(share).toBeGreaterThan(0.58);
-    expect(share).toBeLessThan(0.74);
+    // the weights give the larger relay 2/3 (an even split gives 1/2), within
+    // 10%; a relay that lags its acknowledgements is passed over for the next,
+    // by design, which moved it by at most 2% in this session's runs
+    expect(share).toBeGreaterThan((2 / 3) * 0.9);
+    expect(share).toBeLessThan((2 / 3) * 1.1);
     await provedEqual(pair);
   }, 180_000);
 
