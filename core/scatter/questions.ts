@@ -5,6 +5,7 @@
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, decodeControl, encodeControl, FrameType } from "../wire/messages.ts";
+import { exchange } from "./exchange.ts";
 
 /** How long a peer has to answer before it is dropped. */
 const ANSWER_TIMEOUT_MS = 5000;
@@ -29,32 +30,12 @@ export function releaseRoom(conn: PeerConnection, run: string): void {
 
 /** Sends `question` and resolves with the peer's `answer`; the connection's frame handler is this exchange's until then. */
 export function ask<T extends Control["t"]>(conn: PeerConnection, who: string, question: Control, answer: T, signal?: AbortSignal): Promise<Extract<Control, { t: T }>> {
-  return new Promise((resolve, reject) => {
-    const fail = (err: unknown): void => {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", onAbort);
-      // an answer that comes later must not reach whoever reads the connection next
-      conn.abort(err instanceof Error ? err : undefined);
-      reject(err);
-    };
-    const onAbort = (): void => fail(signal?.reason);
-    if (signal?.aborted) {
-      reject(signal.reason);
-      return;
-    }
-    signal?.addEventListener("abort", onAbort);
-    const timer = setTimeout(() => fail(new SgmError("unavailable", `${who} did not answer '${question.t}' within ${ANSWER_TIMEOUT_MS / 1000} s`)), ANSWER_TIMEOUT_MS);
+  const timedOut = () => new SgmError("unavailable", `${who} did not answer '${question.t}' within ${ANSWER_TIMEOUT_MS / 1000} s`);
+  return exchange<Extract<Control, { t: T }>>(conn, { who, timeoutMs: ANSWER_TIMEOUT_MS, timedOut, signal }, (settle) => {
     conn.onFrame((type, payload) => {
       const message = type === FrameType.CONTROL ? decodeControl(payload) : null;
       if (message?.t !== answer) throw new SgmError("data", `${who} answered '${question.t}' with ${message ? `'${message.t}'` : `frame type ${type}`}`);
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", onAbort);
-      resolve(message as Extract<Control, { t: T }>);
-    });
-    void conn.closed.then((reason) => {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", onAbort);
-      reject(new SgmError("unavailable", `${who}: ${reason?.message ?? "connection closed"}`));
+      settle.resolve(message as Extract<Control, { t: T }>);
     });
     conn.send(FrameType.CONTROL, encodeControl(question));
   });

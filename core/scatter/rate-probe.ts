@@ -7,6 +7,7 @@
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { PROBE_CHUNK, ProbeFrame, probeHeader, readProbeAck } from "../wire/probe-frames.ts";
+import { exchange } from "./exchange.ts";
 
 /**
  * Long enough for a shaped link's rate to show; short, since a probe takes
@@ -30,11 +31,9 @@ const filler = new Uint8Array(CHUNK_BYTES - 4);
  * acknowledgement reaches whoever reads the connection next.
  */
 export function probeRate(conn: PeerConnection, label: string, durationMs = PROBE_MS, signal?: AbortSignal): Promise<number> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) {
-      reject(signal.reason);
-      return;
-    }
+  const timedOut = () => new SgmError("unavailable", `${label} took no more of the rate probe for ${DRAIN_TIMEOUT_MS / 1000} s`);
+  const options = { who: label, timeoutMs: durationMs + DRAIN_TIMEOUT_MS, timedOut, closedSuffix: " during the rate probe", signal };
+  return exchange<number>(conn, options, (settle) => {
     const start = performance.now();
     let next = 0;
     let inFlight = 0;
@@ -42,24 +41,12 @@ export function probeRate(conn: PeerConnection, label: string, durationMs = PROB
     let firstAckAt = 0;
     let acked = 0;
     let lastAckAt = start;
-    const fail = (err: unknown): void => {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", onAbort);
-      conn.abort(err instanceof Error ? err : undefined);
-      reject(err);
-    };
-    const onAbort = (): void => fail(signal?.reason);
-    signal?.addEventListener("abort", onAbort);
-    const timer = setTimeout(() => fail(new SgmError("unavailable", `${label} took no more of the rate probe for ${DRAIN_TIMEOUT_MS / 1000} s`)), durationMs + DRAIN_TIMEOUT_MS);
     const pump = (): void => {
       while (performance.now() - start < durationMs && inFlight + CHUNK_BYTES <= WINDOW_BYTES) {
         conn.sendParts(ProbeFrame.PROBE, [probeHeader(next++), filler]);
         inFlight += CHUNK_BYTES;
       }
-      if (inFlight > 0) return;
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", onAbort);
-      resolve((acked * 1000) / Math.max(1, lastAckAt - firstAckAt));
+      if (inFlight === 0) settle.resolve((acked * 1000) / Math.max(1, lastAckAt - firstAckAt));
     };
     conn.onFrame((type, payload) => {
       if (type !== ProbeFrame.PROBE_ACK) throw new SgmError("data", `${label} answered the rate probe with frame type ${type}`);
@@ -70,11 +57,6 @@ export function probeRate(conn: PeerConnection, label: string, durationMs = PROB
       if (firstAckAt === 0) firstAckAt = lastAckAt;
       else acked += ack.bytes;
       pump();
-    });
-    void conn.closed.then((reason) => {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", onAbort);
-      reject(new SgmError("unavailable", `${label}: ${reason?.message ?? "connection closed"} during the rate probe`));
     });
     pump();
   });
