@@ -34,7 +34,7 @@ system-deps:
 	fi
 
 dist/sgm: node_modules/.installed $(SOURCES)
-	$(BUN) build --compile --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts --outfile $@
+	$(BUN) build --compile --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts core/dedup/digest-worker.ts --outfile $@
 
 typecheck: node_modules/.installed
 	node_modules/.bin/tsc -p .

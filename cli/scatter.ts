@@ -1,6 +1,7 @@
 // sgm scatter: runs on the host being emptied.
 
 import type { CAC } from "cac";
+import { defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import { SgmError } from "../core/errors.ts";
 import { DEFAULT_MAX_PASSES, DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, planScatter, runScatter, type ScatterReport } from "../core/scatter/engine.ts";
 import { shortfallError } from "../core/scatter/survey.ts";
@@ -20,6 +21,7 @@ interface ScatterFlags extends RunFlags {
   postcopyAfterPass?: unknown;
   maxPasses?: unknown;
   allowShortfall?: boolean;
+  digestThreads?: unknown;
   plan?: boolean;
   json?: boolean;
 }
@@ -38,6 +40,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--postcopy-after-pass <n>", `With --switchover postcopy: precopy passes before the switch, 0 for at once (default: ${DEFAULT_POSTCOPY_AFTER_PASS})`)
     .option("--max-passes <n>", `With --switchover precopy: give up when the source has not converged after this many passes; the VM runs on at the source and scatter exits 75 (default: ${DEFAULT_MAX_PASSES})`)
     .option("--downtime-limit <ms>", `The source QEMU's downtime-limit for its final pass (default: ${DEFAULT_DOWNTIME_LIMIT_MS}; QEMU's own is 300)`)
+    .option("--digest-threads <n>", `Threads that hash pages beside the one that reads the sources; 0 to hash on that one (default here: ${defaultDigestThreads()}, from the cores: up to 4, leaving 2)`)
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm scatter --to dst:7700 --vm web1=/run/qemu/web1.qmp --via r1:7701,r2:7701 --psk-file /etc/sgm/psk")
     .action(async (flags: ScatterFlags) => {
@@ -51,6 +54,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
       if (maxPasses !== undefined && (switchover ?? DEFAULT_SWITCHOVER) !== "precopy") {
         throw new SgmError("usage", "--max-passes needs --switchover precopy (in postcopy the source switches after --postcopy-after-pass)");
       }
+      const digestThreads = flags.digestThreads === undefined ? defaultDigestThreads() : parseCount("--digest-threads", flags.digestThreads, 0, 64);
       const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
       const common = { ...run, psk: readKey(flags), signal, log: info };
       if (flags.plan) {
@@ -68,6 +72,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         allowShortfall: Boolean(flags.allowShortfall),
         dedup: flags.dedup !== false,
         downtimeLimitMs,
+        digestThreads,
       });
       render(report);
       if (flags.json) printJson(report);

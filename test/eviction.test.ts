@@ -24,10 +24,10 @@ afterEach(async () => {
 afterAll(() => removeDir(dir));
 
 describe("eviction through scatter and gather", () => {
-  test("a dirtying 256 MiB VM arrives whole: every page equal to the source's final memory", async () => {
+  test("a dirtying 256 MiB VM arrives whole, hashed on two digest threads: every page equal to the source's final memory", async () => {
     const pair = await startPair(dir, "web1", { memMiB: 256, seed: 101, rate: 3000 });
     const { gather, port } = await startGather([pair], psk);
-    const scatter = await startScatter([pair], port, psk, ["--keep-source"]);
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--digest-threads", "2"]);
     const s = await scatter.result();
     const g = await gather.result();
     expect(s.code).toBe(0);
@@ -53,13 +53,13 @@ describe("eviction through scatter and gather", () => {
     expect(comparison.identical).toBeGreaterThan(comparison.pages * 0.9);
   }, 180_000);
 
-  test("the destination's page requests are answered while the guest runs on, and the source is quit", async () => {
+  test("the destination's page requests are answered while the guest runs on, and the source is quit (one digest thread)", async () => {
     // Switched at once, the source still holds every page; the background
     // push is held to 8 MiB/s, so the guest, touching tens of thousands of
     // pages a second, asks for pages long before the push gets to them.
     const pair = await startPair(dir, "busy", { memMiB: 128, seed: 102, rate: 40000 });
     const { gather, port } = await startGather([pair], psk, ["--postcopy-bandwidth", "8MiB/s"]);
-    const scatter = await startScatter([pair], port, psk, ["--switchover", "postcopy", "--postcopy-after-pass", "0"]);
+    const scatter = await startScatter([pair], port, psk, ["--switchover", "postcopy", "--postcopy-after-pass", "0", "--digest-threads", "1"]);
     const s = await scatter.result();
     const g = await gather.result();
     expect(s.code).toBe(0);

@@ -7,6 +7,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PAGE_BYTES } from "../dedup/digest.ts";
+import { DigestPool } from "../dedup/digest-pool.ts";
 import { asSgmError, EXIT_CODES, SgmError } from "../errors.ts";
 import { formatBytes, formatRate } from "../units.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
@@ -50,6 +51,8 @@ export interface ScatterOptions extends PlanOptions {
   dedup?: boolean;
   /** Start even when the plan says the relays cannot hold what will not go direct: the rest waits for the gather. */
   allowShortfall?: boolean;
+  /** Threads that hash pages beside the one that reads the sources (default 0: that one hashes). */
+  digestThreads?: number;
 }
 
 export interface RelayReport {
@@ -130,6 +133,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: runHex, relays: relays.map((r) => r.address) }));
 
   const socketDir = mkdtempSync(join(tmpdir(), "sgm-scatter-"));
+  const digestPool = (options.digestThreads ?? 0) > 0 ? new DigestPool(options.digestThreads!) : null;
   const evictions = sources.map(
     (source: SourceQemu, id) =>
       new VmEviction({
@@ -138,6 +142,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
         source,
         conn,
         placement,
+        digestPool,
         socketDir,
         startedAt,
         keepSource: options.keepSource,
@@ -195,6 +200,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
     await conn.whenWritable(0).catch(() => {});
     for (const c of opens) c.close();
     for (const s of sources) s.close();
+    digestPool?.close();
     rmSync(socketDir, { recursive: true, force: true });
   }
 }

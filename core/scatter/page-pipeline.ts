@@ -10,7 +10,8 @@
 // It also keeps the final page map as the source sent it (content id per
 // page), whose digest the gather's must match before the VM may run there.
 
-import { digestPage, isZeroPage } from "../dedup/digest.ts";
+import { DIGEST_BYTES, digestPage, isZeroPage } from "../dedup/digest.ts";
+import type { DigestPool } from "../dedup/digest-pool.ts";
 import { pageMapDigest } from "../dedup/page-map-digest.ts";
 import { SgmError } from "../errors.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
@@ -19,6 +20,7 @@ import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import { injected } from "../test-faults.ts";
 import { FrameType, PageMapBuilder } from "../wire/messages.ts";
 import type { MapProgress } from "./gather-pins.ts";
+import { PageBatches, type RecordSink } from "./page-batches.ts";
 import type { RunPlacement } from "./placement.ts";
 
 export interface PipelineStats {
@@ -48,6 +50,11 @@ interface PendingFrame {
   entries: number;
 }
 
+/**
+ * With a digest pool, every record goes through PageBatches in the order
+ * it came and reaches the methods of `applied` (the same steps, digest
+ * given); without one, pages are hashed here and applied at once.
+ */
 export class PagePipeline {
   readonly stats: PipelineStats = { pendingPages: 0, urgentPages: 0, pages: 0, zeroPages: 0, newPages: 0, dedupPages: 0, mapBytes: 0 };
   private readonly vm: number;
@@ -61,10 +68,14 @@ export class PagePipeline {
   private blockStart: number[] = [];
   /** Per page (global index over the blocks): its content id, or ZERO, NEVER_SENT, PENDING. */
   private final = new Int32Array(0);
+  private readonly batches: PageBatches | null;
+  private onError: (err: SgmError) => void = () => {};
+  private readonly scratch = new Uint8Array(DIGEST_BYTES);
 
-  constructor(vm: number, placement: RunPlacement) {
+  constructor(vm: number, placement: RunPlacement, pool: DigestPool | null = null) {
     this.vm = vm;
     this.placement = placement;
+    this.batches = pool ? new PageBatches(pool, this.applied, (err) => this.onError(err)) : null;
     const gather = placement.gather;
     this.mapBuffers = new RecycledBuffers(PageMapBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.map = new PageMapBuilder(() => this.mapBuffers.acquire());
@@ -87,32 +98,36 @@ export class PagePipeline {
   }
 
   page(block: number, page: number, content: Uint8Array | null): void {
-    this.stats.pages++;
-    this.progress.added++;
-    const index = this.blockStart[block]! + page;
-    // QEMU 9.0+ with zero-page-detection=none sends zero pages as content
-    if (content === null || isZeroPage(content)) {
-      this.stats.zeroPages++;
-      this.map.addZero(block, page);
-      this.final[index] = ZERO;
-    } else {
-      const entry = this.map.addDigest(block, page);
-      digestPage(content, entry.buf, entry.at);
-      const known = this.placement.contents;
-      this.final[index] = this.placement.place(entry.buf, entry.at, content);
-      if (this.placement.contents > known) this.stats.newPages++;
-      else this.stats.dedupPages++;
+    if (this.batches) {
+      this.batches.page(block, page, content);
+      return;
     }
-    if (this.map.full || this.placement.unpinsWaitForMap) this.flush();
+    if (content === null || isZeroPage(content)) {
+      this.applied.zero(block, page);
+      return;
+    }
+    digestPage(content, this.scratch);
+    this.applied.page(block, page, this.scratch, 0, content);
+  }
+
+  /** Where a failure in applying records that waited for digests goes (the source stream ends with it). */
+  setErrorHandler(handler: (err: SgmError) => void): void {
+    this.onError = handler;
+  }
+
+  /** The source should be read no further until whenRoom(): too many pages wait for digests. */
+  get backlogged(): boolean {
+    return this.batches?.backlogged ?? false;
+  }
+
+  whenRoom(): Promise<void> {
+    return this.batches?.whenRoom() ?? Promise.resolve();
   }
 
   /** A postcopy source discarded the page: whatever the gather has for it is stale until it comes again. */
   pending(block: number, page: number): void {
-    this.stats.pendingPages++;
-    this.progress.added++;
-    this.map.addPending(block, page);
-    this.final[this.blockStart[block]! + page] = PENDING;
-    if (this.map.full) this.flush();
+    if (this.batches) this.batches.pending(block, page);
+    else this.applied.pending(block, page);
   }
 
   /** The digest of the final page map; every page the source discarded must have come again. */
@@ -135,29 +150,74 @@ export class PagePipeline {
    * the device state did, and a postcopy source sends a page once.
    */
   urgent(block: number, page: number, content: Uint8Array | null): void {
-    this.stats.pages++;
-    this.stats.urgentPages++;
-    const one = new PageMapBuilder(() => new Uint8Array(8 + 7 + 32));
-    const index = this.blockStart[block]! + page;
-    if (content === null || isZeroPage(content)) {
-      this.stats.zeroPages++;
-      one.addZero(block, page);
-      this.final[index] = ZERO;
-    } else {
-      const entry = one.addDigest(block, page);
-      digestPage(content, entry.buf, entry.at);
-      this.final[index] = this.placement.placeUrgent(entry.buf, entry.at, content);
+    if (this.batches) {
+      this.batches.urgent(block, page, content);
+      return;
     }
-    const { payload } = one.take(this.vm);
-    this.stats.mapBytes += payload.length;
-    this.placement.sendLocations();
-    // not counted in the map progress: it goes at once, and content unpinned
-    // after it is unpinned after it on the wire too
-    this.placement.gather.send(FrameType.PAGE_MAP, payload);
+    const zero = content === null || isZeroPage(content);
+    if (!zero) digestPage(content, this.scratch);
+    this.applied.urgent(block, page, zero ? null : this.scratch, 0, zero ? null : content);
   }
 
-  /** Ends the current map frame; it leaves as soon as what it names is held. */
+  /** Ends the current map frame (after every record before it); it leaves as soon as what it names is held. */
   flush(): void {
+    if (this.batches) this.batches.flush();
+    else this.flushMap();
+  }
+
+  /** The records, each applied in turn, with its digest. */
+  private readonly applied: RecordSink = {
+    page: (block, page, digests, at, content) => {
+      this.stats.pages++;
+      this.progress.added++;
+      const entry = this.map.addDigest(block, page);
+      for (let k = 0; k < DIGEST_BYTES; k++) entry.buf[entry.at + k] = digests[at + k]!;
+      const known = this.placement.contents;
+      this.final[this.blockStart[block]! + page] = this.placement.place(entry.buf, entry.at, content);
+      if (this.placement.contents > known) this.stats.newPages++;
+      else this.stats.dedupPages++;
+      if (this.map.full || this.placement.unpinsWaitForMap) this.flushMap();
+    },
+    zero: (block, page) => {
+      this.stats.pages++;
+      this.progress.added++;
+      this.stats.zeroPages++;
+      this.map.addZero(block, page);
+      this.final[this.blockStart[block]! + page] = ZERO;
+      if (this.map.full || this.placement.unpinsWaitForMap) this.flushMap();
+    },
+    pending: (block, page) => {
+      this.stats.pendingPages++;
+      this.progress.added++;
+      this.map.addPending(block, page);
+      this.final[this.blockStart[block]! + page] = PENDING;
+      if (this.map.full) this.flushMap();
+    },
+    urgent: (block, page, digests, at, content) => {
+      this.stats.pages++;
+      this.stats.urgentPages++;
+      const one = new PageMapBuilder(() => new Uint8Array(8 + 7 + 32));
+      const index = this.blockStart[block]! + page;
+      if (digests === null || content === null) {
+        this.stats.zeroPages++;
+        one.addZero(block, page);
+        this.final[index] = ZERO;
+      } else {
+        const entry = one.addDigest(block, page);
+        for (let k = 0; k < DIGEST_BYTES; k++) entry.buf[entry.at + k] = digests[at + k]!;
+        this.final[index] = this.placement.placeUrgent(entry.buf, entry.at, content);
+      }
+      const { payload } = one.take(this.vm);
+      this.stats.mapBytes += payload.length;
+      this.placement.sendLocations();
+      // not counted in the map progress: it goes at once, and content unpinned
+      // after it is unpinned after it on the wire too
+      this.placement.gather.send(FrameType.PAGE_MAP, payload);
+    },
+    flush: () => this.flushMap(),
+  };
+
+  private flushMap(): void {
     if (this.map.entries === 0) return;
     this.placement.flush();
     const entries = this.map.entries;
@@ -171,9 +231,10 @@ export class PagePipeline {
     return this.fifo.length;
   }
 
-  /** Resolves once every map frame has gone to the gather. */
-  whenAllSent(): Promise<void> {
-    if (this.fifo.length === 0) return Promise.resolve();
+  /** Resolves once every record so far is applied and every map frame has gone to the gather. */
+  async whenAllSent(): Promise<void> {
+    if (this.batches) await this.batches.whenIdle();
+    if (this.fifo.length === 0) return;
     return new Promise((resolve) => this.drained.push(resolve));
   }
 
@@ -183,6 +244,8 @@ export class PagePipeline {
   }
 
   close(): void {
+    // records still waiting for digests belong to an eviction that is over
+    this.batches?.stop();
     this.offAcked();
     // frames never sent now name nothing the gather must keep
     this.progress.sent = this.progress.added;

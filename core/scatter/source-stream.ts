@@ -108,6 +108,7 @@ export class SourceStream {
       },
     });
     sock.setDataHandler((data) => reader.feed(data));
+    pipeline.setErrorHandler((err) => sock.destroy(err));
     void sock.closed.then((reason) => {
       if (reader.isComplete) return;
       const why = reason ?? new SgmError("unavailable", `VM ${this.name}: the source QEMU closed its stream early`);

@@ -29,6 +29,7 @@ import { formatBytes, formatRate } from "../units.ts";
 import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
+import type { DigestPool } from "../dedup/digest-pool.ts";
 import { PagePipeline, type PipelineStats } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
 import type { SourceQemu } from "./source-qemu.ts";
@@ -65,6 +66,8 @@ export interface EvictionOptions {
   source: SourceQemu;
   conn: PeerConnection;
   placement: RunPlacement;
+  /** Threads that hash the pages, shared by the run's VMs; null to hash on this one. */
+  digestPool: DigestPool | null;
   socketDir: string;
   /** performance.now() and Date.now() at scatter's start. */
   startedAt: { mono: number; wall: number };
@@ -112,7 +115,7 @@ export class VmEviction {
     this.name = options.name;
     this.source = options.source;
     this.conn = options.conn;
-    this.pipeline = new PagePipeline(options.id, options.placement);
+    this.pipeline = new PagePipeline(options.id, options.placement, options.digestPool);
     this.failed.promise.catch(() => {});
     options.placement.onFailure((reason) => this.fail(reason));
   }
@@ -284,7 +287,7 @@ export class VmEviction {
       onHeader: (bytes) => this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.HEADER, true, bytes)),
       onBlocks: (blocks, sectionId) => this.send({ t: "blocks", vm: this.id, sectionId, blocks: [...blocks] }),
       afterPage: () => {
-        if (o.placement.congested) this.throttle();
+        if (o.placement.congested || this.pipeline.backlogged) this.throttle();
       },
       onPostcopy: () => {
         this.stage = "source-postcopy";
@@ -350,10 +353,15 @@ export class VmEviction {
     if (!sock || this.throttled) return;
     this.throttled = true;
     sock.pause();
-    void this.options.placement.whenUncongested().then(() => {
+    void (async () => {
+      const placement = this.options.placement;
+      while (placement.congested || this.pipeline.backlogged) {
+        await placement.whenUncongested();
+        await this.pipeline.whenRoom();
+      }
       this.throttled = false;
       sock.resume();
-    });
+    })();
   }
 
   /** After a failure: the VM must run at the source unless the destination may run it. */

@@ -1,0 +1,220 @@
+// How fast a relay takes and gives pages on loopback, against a plain TCP
+// stream of the same bytes. Run: bun test/benchmarks/relay.bench.ts [MiB, default 512]
+// (a script, not a test).
+//
+// The relay is the compiled dist/sgm in its own process and the plain
+// stream's receiver is this script in another, so each side has its own
+// event loop as in real use. The PUT row includes the relay's SHA-256 check
+// of every page; neither row hashes on the client side (digests are
+// computed before the clock starts), so they measure the relay and the wire.
+// Each row runs a few rounds; the best and the median are printed, since a
+// loaded two-core machine swung single runs by 2x.
+
+import { cpus } from "node:os";
+import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../../core/dedup/digest.ts";
+import { PeerConnection } from "../../core/wire/connection.ts";
+import { FrameType, decodeControl, encodeControl, maxPayload } from "../../core/wire/messages.ts";
+import {
+  GET_BATCH,
+  PUT_BATCH,
+  PutBuilder,
+  RELEASE_BATCH,
+  RelayFrame,
+  encodeDigestRequest,
+  encodeRelease,
+  readAck,
+  readPages,
+} from "../../core/wire/relay-messages.ts";
+import { sgmBinary } from "../harness/sgm.ts";
+import { runSink } from "../harness/socket-sink.ts";
+import { makeTempDir, removeDir } from "../harness/tmp.ts";
+
+const HOST = "127.0.0.1";
+const PUT_WINDOW = 8; // PUT frames awaiting their ACK
+const GET_WINDOW = 4; // GET requests awaiting their PAGES
+const ROUNDS = 3;
+
+if (process.argv[2] === "--sink") runSink(Number(process.argv[3]));
+else await main(Number(process.argv[2] ?? 512));
+
+
+interface Row {
+  path: string;
+  /** Milliseconds of each round. */
+  ms: number[];
+}
+
+async function main(mib: number): Promise<void> {
+  const pages = (mib << 20) / PAGE_BYTES;
+  if (!Number.isInteger(pages / GET_BATCH)) throw new Error(`${mib} MiB is not a whole number of ${GET_BATCH}-page requests`);
+  const data = new Uint8Array(pages * PAGE_BYTES);
+  for (let o = 0; o < data.length; o += 65536) crypto.getRandomValues(data.subarray(o, o + 65536));
+  const digests = new Uint8Array(pages * DIGEST_BYTES);
+  for (let i = 0; i < pages; i++) digestPage(page(data, i), digests, i * DIGEST_BYTES);
+
+  const dir = makeTempDir("bench-relay");
+  const tcp: Row = { path: "plain TCP stream (no framing)", ms: [] };
+  const put: Row = { path: `relay PUT, ${PUT_BATCH}-page frames, window ${PUT_WINDOW}`, ms: [] };
+  const get: Row = { path: `relay GET, ${GET_BATCH}-digest requests, window ${GET_WINDOW}`, ms: [] };
+  const children: Bun.Subprocess[] = [];
+  try {
+    const sinkProc = Bun.spawn([process.execPath, import.meta.path, "--sink", String(data.length)], { stdout: "pipe", stderr: "inherit" });
+    children.push(sinkProc);
+    const sinkPort = Number(new TextDecoder().decode((await sinkProc.stdout.getReader().read()).value).trim());
+    for (let round = 0; round < ROUNDS; round++) tcp.ms.push(await plainTcp(sinkPort, data));
+
+    const pskFile = `${dir}/psk`;
+    await Bun.write(pskFile, "sgm relay bench key 0123456789abcdef\n");
+    const psk = new TextEncoder().encode("sgm relay bench key 0123456789abcdef");
+    const relay = Bun.spawn(
+      [process.execPath, "--cpu-prof-md", "--cpu-prof-dir", "/tmp/prof", "cli/main.ts", "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3"],
+      { stdio: ["ignore", "ignore", "inherit", "pipe"], env: { ...process.env, MIMALLOC_PURGE_DELAY: "-1" } },
+    );
+    children.push(relay);
+    const ready = await Bun.file(relay.stdio[3] as number).text();
+    const port = Number(/:(\d+)\n$/.exec(ready)?.[1]);
+    const connect = (role: "scatter" | "gather") => PeerConnection.connect({ host: HOST, port, psk, role, maxPayload, timeoutMs: 5000 });
+    const scatter = await connect("scatter");
+    const gather = await connect("gather");
+    // Each round puts the pages under a new run and releases them after the
+    // GET, so every PUT round stores all of them again (in the slabs the
+    // first round allocated, as a relay that has run a while would).
+    for (let round = 0; round < ROUNDS; round++) {
+      const run = crypto.getRandomValues(new Uint8Array(16));
+      put.ms.push(await putAll(scatter, run, data, digests));
+      get.ms.push(await getAll(gather, digests));
+      const held = (await relayStats(gather)).pages;
+      if (held !== pages) throw new Error(`relay holds ${held} pages, not ${pages}`);
+      for (let from = 0; from < digests.length; from += RELEASE_BATCH * DIGEST_BYTES) {
+        gather.send(RelayFrame.RELEASE, encodeRelease(run, digests.subarray(from, from + RELEASE_BATCH * DIGEST_BYTES)));
+      }
+      const left = (await relayStats(gather)).pages;
+      if (left !== 0) throw new Error(`relay still holds ${left} pages after the release`);
+    }
+    scatter.close();
+    gather.close();
+  } finally {
+    for (const child of children) child.kill("SIGTERM");
+    await Promise.all(children.map((child) => child.exited));
+    removeDir(dir);
+  }
+
+  const mbps = (ms: number) => (data.length / 1e6 / (ms / 1000)).toFixed(0);
+  console.log(`${mib} MiB of random pages on loopback, ${ROUNDS} rounds, ${cpus().length} CPUs (MB/s: 10^6 bytes per second)\n`);
+  console.log(`${"path".padEnd(44)} ${"best s".padStart(7)} ${"best MB/s".padStart(10)} ${"median MB/s".padStart(12)}`);
+  for (const row of [tcp, put, get]) {
+    const sorted = [...row.ms].sort((x, y) => x - y);
+    const best = sorted[0]!;
+    const median = sorted[Math.floor(sorted.length / 2)]!;
+    console.log(`${row.path.padEnd(44)} ${(best / 1000).toFixed(2).padStart(7)} ${mbps(best).padStart(10)} ${mbps(median).padStart(12)}`);
+  }
+}
+
+function page(data: Uint8Array, i: number): Uint8Array {
+  return data.subarray(i * PAGE_BYTES, (i + 1) * PAGE_BYTES);
+}
+
+/** Milliseconds to stream `data` to the sink process, until it says it has all of it. */
+async function plainTcp(port: number, data: Uint8Array): Promise<number> {
+  const chunk = 1 << 20;
+  let offset = 0;
+  let start = 0;
+  const done = Promise.withResolvers<number>();
+  const pump = (socket: { write(b: Uint8Array): number }): void => {
+    while (offset < data.length) {
+      const part = data.subarray(offset, Math.min(offset + chunk, data.length));
+      const written = socket.write(part);
+      offset += Math.max(written, 0);
+      if (written < part.length) return; // the rest on drain
+    }
+  };
+  const socket = await Bun.connect({
+    hostname: HOST,
+    port,
+    socket: {
+      open(s) {
+        start = performance.now();
+        pump(s);
+      },
+      drain: pump,
+      data: () => done.resolve(performance.now() - start),
+    },
+  });
+  const ms = await done.promise;
+  socket.end();
+  return ms;
+}
+
+/** Milliseconds to PUT every page and have every ACK back. */
+async function putAll(conn: PeerConnection, run: Uint8Array, data: Uint8Array, digests: Uint8Array): Promise<number> {
+  const batches = data.length / PAGE_BYTES / PUT_BATCH;
+  // A buffer is free again once its frame's ACK is back, so the window's worth is enough.
+  const ring = Array.from({ length: PUT_WINDOW }, () => new Uint8Array(PutBuilder.BUFFER_BYTES));
+  let acked = 0;
+  let refused = 0;
+  let wake: (() => void) | undefined;
+  conn.onFrame((type, payload) => {
+    if (type !== RelayFrame.ACK) return;
+    refused += readAck(payload).refused.filter(Boolean).length;
+    acked++;
+    wake?.();
+  });
+  const waitFor = (condition: () => boolean) => waitUntil(condition, (w) => (wake = w));
+  const start = performance.now();
+  for (let seq = 0; seq < batches; seq++) {
+    await waitFor(() => seq - acked < PUT_WINDOW);
+    const builder = new PutBuilder(ring[seq % PUT_WINDOW]);
+    for (let n = 0; n < PUT_BATCH; n++) {
+      const i = seq * PUT_BATCH + n;
+      builder.add(digests, i * DIGEST_BYTES, page(data, i));
+    }
+    conn.send(RelayFrame.PUT, builder.take(run, seq, new Uint8Array(0)).payload);
+  }
+  await waitFor(() => acked === batches);
+  const ms = performance.now() - start;
+  if (refused > 0) throw new Error(`relay refused ${refused} pages`);
+  return ms;
+}
+
+/** Milliseconds to GET every page back. */
+async function getAll(conn: PeerConnection, digests: Uint8Array): Promise<number> {
+  const requests = digests.length / DIGEST_BYTES / GET_BATCH;
+  let replies = 0;
+  let missing = 0;
+  let wake: (() => void) | undefined;
+  conn.onFrame((type, payload) => {
+    if (type !== RelayFrame.PAGES) return;
+    readPages(payload, (_digestAt, pageAt) => {
+      if (pageAt < 0) missing++;
+    });
+    replies++;
+    wake?.();
+  });
+  const waitFor = (condition: () => boolean) => waitUntil(condition, (w) => (wake = w));
+  const start = performance.now();
+  for (let req = 0; req < requests; req++) {
+    await waitFor(() => req - replies < GET_WINDOW);
+    const from = req * GET_BATCH * DIGEST_BYTES;
+    conn.send(RelayFrame.GET, encodeDigestRequest(req, digests.subarray(from, from + GET_BATCH * DIGEST_BYTES)));
+  }
+  await waitFor(() => replies === requests);
+  const ms = performance.now() - start;
+  if (missing > 0) throw new Error(`relay did not find ${missing} pages`);
+  return ms;
+}
+
+/** Resolves once `condition` holds, checking it again each time the frame handler calls the waker. */
+async function waitUntil(condition: () => boolean, setWaker: (wake: () => void) => void): Promise<void> {
+  while (!condition()) await new Promise<void>((resolve) => setWaker(resolve));
+}
+
+async function relayStats(conn: PeerConnection): Promise<{ pages: number }> {
+  const reply = Promise.withResolvers<{ pages: number }>();
+  conn.onFrame((type, payload) => {
+    if (type !== FrameType.CONTROL) return;
+    const message = decodeControl(payload);
+    if (message.t === "relay-stats") reply.resolve(message);
+  });
+  conn.send(FrameType.CONTROL, encodeControl({ t: "relay-stats?", run: "" }));
+  return reply.promise;
+}
