@@ -21,6 +21,7 @@ const Process = Type.Object(
   {
     cpuUserSeconds: Type.Number({ minimum: 0 }),
     cpuSystemSeconds: Type.Number({ minimum: 0 }),
+    mainThreadCpuSeconds: orNull(Type.Number({ minimum: 0, description: "CPU seconds of the thread that runs the event loop (all threads are in the two above); null without /proc." })),
     peakRssBytes: bytes(),
     minorPageFaults: count(),
   },
