@@ -35,6 +35,8 @@ export interface ModelEvictionOptions {
   dedup?: boolean;
   /** The gather's --max-rate. */
   gatherMaxRate?: number;
+  /** The scatter's digest threads (default 0: it hashes on its one thread). */
+  digestThreads?: number;
   /**
    * The destinations start listening only once their source has sent its
    * first pass: the gather takes nothing meanwhile, so relays must take it,
@@ -101,6 +103,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       maxPasses: options.maxPasses,
       gatherPinPages: options.gatherPinPages,
       dedup: options.dedup,
+      digestThreads: options.digestThreads,
     });
     const gather = await gathering;
     const mismatches = new Map<string, PageMismatch[]>();
