@@ -10,7 +10,7 @@
 
 import { SgmError } from "../errors.ts";
 import { DigestIndex } from "./digest-index.ts";
-import { PAGE_BYTES } from "./digest.ts";
+import { PAGE_BYTES, copyBytes } from "./digest.ts";
 import { allocateSlab } from "./slab-memory.ts";
 
 export interface PageStoreOptions {
@@ -73,14 +73,14 @@ export class PageStore {
    * `page` is neither read nor compared: the digest is trusted to name the
    * content. This succeeds even when the store is full, as it takes no memory.
    *
-   * Otherwise the 4096 bytes of `page` are copied in with a count of one,
+   * Otherwise the 4096 bytes of `page` from `pageAt` are copied in with a count of one,
    * unless that would take the store past its capacity: then nothing changes
    * and put returns null. A full store is an expected condition for a relay
    * (the sender should go elsewhere or wait), not an error, hence no throw.
    */
-  put(digest: Uint8Array, digestOffset: number, page: Uint8Array): PutResult | null {
-    if (page.length !== PAGE_BYTES) {
-      throw new SgmError("internal", `page store given a ${page.length}-byte page, not ${PAGE_BYTES}`);
+  put(digest: Uint8Array, digestOffset: number, page: Uint8Array, pageAt = 0): PutResult | null {
+    if (pageAt === 0 ? page.length !== PAGE_BYTES : pageAt < 0 || pageAt + PAGE_BYTES > page.length) {
+      throw new SgmError("internal", `page store given a page at ${pageAt} of ${page.length} bytes, not ${PAGE_BYTES}`);
     }
     const existing = this.index.lookup(digest, digestOffset);
     if (existing !== -1) {
@@ -90,7 +90,7 @@ export class PageStore {
     if (this.index.size >= this.maxPages) return null;
 
     const id = this.index.insert(digest, digestOffset);
-    this.slotView(id, true).set(page);
+    copyBytes(page, pageAt, this.slabOf(id, true), this.slotStart(id), PAGE_BYTES);
     if (id >= this.refCounts.length) {
       const grown = new Int32Array(Math.max(this.refCounts.length * 2, id + 1));
       grown.set(this.refCounts);
@@ -108,7 +108,13 @@ export class PageStore {
    */
   get(id: number): Uint8Array {
     this.checkHeld(id);
-    return this.slotView(id, false);
+    return this.slotView(id);
+  }
+
+  /** Copies held page `id` into target[targetAt ..). */
+  copyOut(id: number, target: Uint8Array, targetAt: number): void {
+    this.checkHeld(id);
+    copyBytes(this.slabOf(id, false), this.slotStart(id), target, targetAt, PAGE_BYTES);
   }
 
   /** The id of the page with this digest, or -1 if it is not held. */
@@ -119,7 +125,7 @@ export class PageStore {
   /** The page with this digest, as get() returns it, or undefined if not held. */
   getByDigest(digest: Uint8Array, digestOffset = 0): Uint8Array | undefined {
     const id = this.index.lookup(digest, digestOffset);
-    return id === -1 ? undefined : this.slotView(id, false);
+    return id === -1 ? undefined : this.slotView(id);
   }
 
   has(digest: Uint8Array, digestOffset = 0): boolean {
@@ -155,7 +161,12 @@ export class PageStore {
     return remaining;
   }
 
-  private slotView(id: number, allocate: boolean): Uint8Array {
+  private slotView(id: number): Uint8Array {
+    const start = this.slotStart(id);
+    return this.slabOf(id, false).subarray(start, start + PAGE_BYTES);
+  }
+
+  private slabOf(id: number, allocate: boolean): Uint8Array {
     const slabNumber = id >>> this.slabShift;
     let slab = this.slabs[slabNumber];
     if (slab === undefined) {
@@ -163,8 +174,12 @@ export class PageStore {
       slab = allocateSlab((this.slabMask + 1) * PAGE_BYTES);
       this.slabs[slabNumber] = slab;
     }
-    const start = (id & this.slabMask) * PAGE_BYTES;
-    return slab.subarray(start, start + PAGE_BYTES);
+    return slab;
+  }
+
+  /** Where page `id` starts in its slab. */
+  private slotStart(id: number): number {
+    return (id & this.slabMask) * PAGE_BYTES;
   }
 
   private checkHeld(id: number): void {

@@ -4,6 +4,7 @@
 // gather never came does not hold the relay's memory for ever.
 
 import { PageStore } from "../dedup/page-store.ts";
+import { collectGarbageEvery } from "../net/garbage.ts";
 import { SgmError } from "../errors.ts";
 import { listenPeers, type PeerConnection } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
@@ -75,6 +76,11 @@ const CLOSE_GRACE_MS = 1000;
 export function startRelay(options: RelayOptions): Relay {
   if (!(options.ttlMs > 0)) throw new SgmError("internal", `relay TTL of ${options.ttlMs} ms`);
   const log = options.log ?? (() => {});
+  // Its pages are in slabs, outside the collected heap, so a collection is
+  // cheap; without them Bun's fresh buffer for every socket read piled up
+  // and was faulted in anew (relay benchmark: 88k page faults per GiB and
+  // 510 MiB peak, against 55k and 389 MiB with them).
+  collectGarbageEvery(16 * 1024 * 1024);
   const store = new PageStore({ capacityBytes: options.capacityBytes });
   const holds = new RunHolds(store, options.ttlMs);
   const counters: RelayCounters = { bytesIn: 0, bytesOut: 0, refusedPages: 0 };

@@ -88,10 +88,11 @@ export class RunHolds {
   }
 
   /**
-   * Holds the page for `run`: true if the run now holds it (already did, or
-   * the store took it), false if the store is full and does not have it.
+   * Holds the page (4096 bytes of `page` from `pageAt`) for `run`: true if
+   * the run now holds it (already did, or the store took it), false if the
+   * store is full and does not have it.
    */
-  hold(run: string, digest: Uint8Array, digestAt: number, page: Uint8Array, now: number): boolean {
+  hold(run: string, digest: Uint8Array, digestAt: number, page: Uint8Array, pageAt: number, now: number): boolean {
     let entry = this.runs.get(run);
     const id = this.store.idOf(digest, digestAt);
     if (entry) {
@@ -102,7 +103,7 @@ export class RunHolds {
     }
     // content the store has already takes no room; new content must fit beside other runs' reservations
     if (id === -1 && this.roomFor(run) < PAGE_BYTES) return false;
-    const put = this.store.put(digest, digestAt, page);
+    const put = this.store.put(digest, digestAt, page, pageAt);
     if (put === null) return false;
     if (!entry) {
       entry = { ids: new Set(), deadline: now + this.ttlMs, reserved: 0 };

@@ -115,7 +115,7 @@ export class RelaySession {
     let anyRefused = false;
     for (let n = 0; n < put.count; n++) {
       const pageAt = put.pageAt(n);
-      const held = holds.hold(run, payload, put.digestAt(n), payload.subarray(pageAt, pageAt + PAGE_BYTES), now);
+      const held = holds.hold(run, payload, put.digestAt(n), payload, pageAt, now);
       refused.push(!held);
       if (held) {
         counters.bytesIn += PAGE_BYTES;
@@ -140,9 +140,11 @@ export class RelaySession {
     const buffer = this.replyBuffers.acquire();
     const reply = new PagesBuilder(req, count, buffer);
     for (let n = 0; n < count; n++) {
-      const page = store.getByDigest(digests, n * DIGEST_BYTES);
-      reply.add(digests, n * DIGEST_BYTES, page);
-      if (page) counters.bytesOut += PAGE_BYTES;
+      const id = store.idOf(digests, n * DIGEST_BYTES);
+      const pageAt = reply.addEntry(digests, n * DIGEST_BYTES, id !== -1);
+      if (id === -1) continue;
+      store.copyOut(id, buffer, pageAt);
+      counters.bytesOut += PAGE_BYTES;
     }
     // the connection keeps the buffer until written; it is used again after that
     this.conn.send(RelayFrame.PAGES, reply.take());

@@ -10,7 +10,7 @@
 // RELAY_HAS   req(u32) count(u32) count x digest(32)
 // RELAY_HAS_REPLY req(u32) count(u32) held-bitmap(ceil(count/8))
 
-import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, copyBytes } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 
 export const RelayFrame = {
@@ -90,7 +90,7 @@ export class PutBuilder {
   /** Copies digest and page in. */
   add(digest: Uint8Array, digestAt: number, page: Uint8Array): void {
     const at = RUN_ID_BYTES + 8 + this.count * PUT_ENTRY;
-    this.buf.set(digest.subarray(digestAt, digestAt + DIGEST_BYTES), at);
+    copyBytes(digest, digestAt, this.buf, at, DIGEST_BYTES);
     this.buf.set(page, at + DIGEST_BYTES);
     this.count++;
   }
@@ -195,15 +195,20 @@ export class PagesBuilder {
     view(this.buf).setUint32(0, req);
   }
 
-  add(digest: Uint8Array, digestAt: number, page: Uint8Array | undefined): void {
-    this.buf[this.len] = page ? 1 : 0;
-    this.buf.set(digest.subarray(digestAt, digestAt + DIGEST_BYTES), this.len + 1);
+  /**
+   * Adds an entry for the digest at digest[digestAt ..]; when `found`,
+   * returns where in the buffer its page goes (the caller copies its 4096
+   * bytes there), otherwise -1.
+   */
+  addEntry(digest: Uint8Array, digestAt: number, found: boolean): number {
+    this.buf[this.len] = found ? 1 : 0;
+    copyBytes(digest, digestAt, this.buf, this.len + 1, DIGEST_BYTES);
     this.len += 1 + DIGEST_BYTES;
-    if (page) {
-      this.buf.set(page, this.len);
-      this.len += PAGE_BYTES;
-    }
     this.count++;
+    if (!found) return -1;
+    const pageAt = this.len;
+    this.len += PAGE_BYTES;
+    return pageAt;
   }
 
   take(): Uint8Array {

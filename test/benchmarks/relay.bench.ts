@@ -38,6 +38,14 @@ if (process.argv[2] === "--sink") runSink(Number(process.argv[3]));
 else await main(Number(process.argv[2] ?? 512));
 
 
+interface RelayCost {
+  cpuUserSeconds: number;
+  cpuSystemSeconds: number;
+  mainThreadCpuSeconds: number | null;
+  minorPageFaults: number;
+  peakRssBytes: number;
+}
+
 interface Row {
   path: string;
   /** Milliseconds of each round. */
@@ -57,6 +65,7 @@ async function main(mib: number): Promise<void> {
   const put: Row = { path: `relay PUT, ${PUT_BATCH}-page frames, window ${PUT_WINDOW}`, ms: [] };
   const get: Row = { path: `relay GET, ${GET_BATCH}-digest requests, window ${GET_WINDOW}`, ms: [] };
   const children: Bun.Subprocess[] = [];
+  let cost: (RelayCost & { moved: number }) | undefined;
   try {
     const sinkProc = Bun.spawn([process.execPath, import.meta.path, "--sink", String(data.length)], { stdout: "pipe", stderr: "inherit" });
     children.push(sinkProc);
@@ -67,8 +76,8 @@ async function main(mib: number): Promise<void> {
     await Bun.write(pskFile, "sgm relay bench key 0123456789abcdef\n");
     const psk = new TextEncoder().encode("sgm relay bench key 0123456789abcdef");
     const relay = Bun.spawn(
-      [await sgmBinary(), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3"],
-      { stdio: ["ignore", "ignore", "ignore", "pipe"] },
+      [await sgmBinary(), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json"],
+      { stdio: ["ignore", "pipe", "ignore", "pipe"] },
     );
     children.push(relay);
     const ready = await Bun.file(relay.stdio[3] as number).text();
@@ -93,6 +102,10 @@ async function main(mib: number): Promise<void> {
     }
     scatter.close();
     gather.close();
+    // SIGTERM drains: every run is released, so the relay exits with its report
+    relay.kill("SIGTERM");
+    const out = JSON.parse(await new Response(relay.stdout).text()) as { bytesIn: number; process: RelayCost };
+    cost = { ...out.process, moved: out.bytesIn };
   } finally {
     for (const child of children) child.kill("SIGTERM");
     await Promise.all(children.map((child) => child.exited));
@@ -107,6 +120,13 @@ async function main(mib: number): Promise<void> {
     const best = sorted[0]!;
     const median = sorted[Math.floor(sorted.length / 2)]!;
     console.log(`${row.path.padEnd(44)} ${(best / 1000).toFixed(2).padStart(7)} ${mbps(best).padStart(10)} ${mbps(median).padStart(12)}`);
+  }
+  if (cost) {
+    const per = (x: number) => (x / (cost.moved / 2 ** 30)).toFixed(2);
+    console.log(
+      `\nrelay process, per GiB taken in and given out again: CPU ${per(cost.cpuUserSeconds)} user + ${per(cost.cpuSystemSeconds)} system s` +
+        ` (main thread ${cost.mainThreadCpuSeconds === null ? "?" : per(cost.mainThreadCpuSeconds)}), ${per(cost.minorPageFaults)} page faults; peak RSS ${(cost.peakRssBytes / 2 ** 20).toFixed(0)} MiB`,
+    );
   }
 }
 
