@@ -301,6 +301,27 @@ describe("PageStore", () => {
     expect(store.getByDigest(b.digest)).toEqual(b.page);
   });
 
+  test("a page put from inside a larger buffer, and copied out into one", () => {
+    const store = new PageStore();
+    const a = pageOf(30);
+    const carrier = new Uint8Array(3 * PAGE_BYTES + 7);
+    carrier.set(a.page, PAGE_BYTES + 7);
+    const put = store.put(a.digest, 0, carrier, PAGE_BYTES + 7)!;
+    expect(put.added).toBe(true);
+    carrier.fill(0); // the store holds a copy
+    expect(store.get(put.id)).toEqual(a.page);
+    const out = new Uint8Array(2 * PAGE_BYTES).fill(0xee);
+    store.copyOut(put.id, out, 3);
+    expect(out.subarray(3, 3 + PAGE_BYTES)).toEqual(a.page);
+    expect(out[2]).toBe(0xee);
+    expect(out[3 + PAGE_BYTES]).toBe(0xee);
+    // no page fits at these offsets: nothing is stored, nothing written past the buffer
+    expectSgmError(() => store.put(pageOf(31).digest, 0, carrier, 2 * PAGE_BYTES + 8), "internal");
+    expectSgmError(() => store.put(pageOf(31).digest, 0, carrier, -1), "internal");
+    expectSgmError(() => store.copyOut(put.id, out, PAGE_BYTES + 1), "internal");
+    expect(store.pages).toBe(1);
+  });
+
   test("capacity: a new page past it is refused with null, a known one is not", () => {
     const store = new PageStore({ capacityBytes: 3 * PAGE_BYTES + 100 });
     expect(store.capacityBytes).toBe(3 * PAGE_BYTES + 100);
