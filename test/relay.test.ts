@@ -4,6 +4,7 @@
 import { afterEach, describe, expect, test } from "bun:test";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../core/dedup/digest.ts";
 import { type Relay, type RelayOptions, startRelay } from "../core/relay/engine.ts";
+import { IdSet } from "../core/relay/id-set.ts";
 import { PAUSE_ABOVE } from "../core/relay/session.ts";
 import type { Role } from "../core/wire/auth.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
@@ -179,6 +180,25 @@ async function within<T>(promise: Promise<T>, ms: number, what: string): Promise
     clearTimeout(timer);
   }
 }
+
+describe("a run's held ids", () => {
+  test("add, delete, has, size and iteration agree with a Set over random operations, growing as ids do", () => {
+    const ids = new IdSet();
+    const reference = new Set<number>();
+    let seed = 7;
+    const next = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0);
+    for (let n = 0; n < 50_000; n++) {
+      const id = next() % (n < 25_000 ? 5_000 : 300_000);
+      if (next() % 3 === 0) expect(ids.delete(id)).toBe(reference.delete(id));
+      else expect(ids.add(id)).toBe(!reference.has(id) && reference.add(id) !== undefined);
+      expect(ids.has(id)).toBe(reference.has(id));
+    }
+    expect(ids.size).toBe(reference.size);
+    expect([...ids]).toEqual([...reference].sort((a, b) => a - b));
+    expect(ids.has(10_000_000)).toBe(false);
+    expect(ids.delete(10_000_000)).toBe(false);
+  });
+});
 
 describe("relay engine", () => {
   test("a page put by a scatter comes back to a gather byte for byte; unknown digests are not found", async () => {

@@ -20,13 +20,11 @@
 
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import type { PageStore } from "../dedup/page-store.ts";
+import { IdSet } from "./id-set.ts";
 
 interface Run {
-  /**
-   * PageStore ids held, one reference each; an id stays valid while we hold
-   * it. A Set costs a few tens of bytes per entry, under 2% of the page.
-   */
-  readonly ids: Set<number>;
+  /** PageStore ids held, one reference each; an id stays valid while we hold it. */
+  readonly ids: IdSet;
   deadline: number;
   /** Bytes of pages the run expects to hold, counting those it does; 0 for none. */
   reserved: number;
@@ -78,7 +76,7 @@ export class RunHolds {
     let entry = this.runs.get(run);
     if (!entry) {
       if (bytes <= 0 || this.closedToNewRuns) return 0;
-      entry = { ids: new Set(), deadline: 0, reserved: 0 };
+      entry = { ids: new IdSet(), deadline: 0, reserved: 0 };
       this.runs.set(run, entry);
     }
     entry.deadline = now + this.ttlMs;
@@ -106,7 +104,7 @@ export class RunHolds {
     const put = this.store.put(digest, digestAt, page, pageAt);
     if (put === null) return false;
     if (!entry) {
-      entry = { ids: new Set(), deadline: now + this.ttlMs, reserved: 0 };
+      entry = { ids: new IdSet(), deadline: now + this.ttlMs, reserved: 0 };
       this.runs.set(run, entry);
     }
     entry.ids.add(put.id);
