@@ -5,7 +5,8 @@ import { type GatherReport, runGather } from "../core/gather/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
-import { formatMs, info, printJson } from "./output.ts";
+import { formatMs, info, printJson, setQuiet } from "./output.ts";
+import { progressDisplay } from "./progress.ts";
 
 interface GatherFlags {
   listen?: unknown;
@@ -14,6 +15,7 @@ interface GatherFlags {
   postcopyBandwidth?: unknown;
   maxRate?: unknown;
   json?: boolean;
+  quiet?: boolean;
 }
 
 export function registerGather(cli: CAC, signal: AbortSignal): void {
@@ -26,6 +28,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
     .option("--max-rate <rate>", "Receive at most this much per second, from the scatter and relays together, e.g. 100MiB/s")
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
     .option("--json", "Print the final report as JSON on stdout")
+    .option("--quiet", "Print no progress and no report lines on stderr; warnings and errors still")
     .example("sgm gather --listen 0.0.0.0:7700 --vm web1=/run/qemu/web1-in.qmp --psk-file /etc/sgm/psk")
     .action(async (flags: GatherFlags) => {
       const listen = parseHostPort("--listen", requireString("--listen", flags.listen));
@@ -33,7 +36,14 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
       const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
-      const report = await runGather({ listen, vms, psk, maxRate, postcopyBandwidth, signal, log: info });
+      setQuiet(Boolean(flags.quiet));
+      const display = progressDisplay({ verb: "gathered", quiet: Boolean(flags.quiet), live: Boolean(process.stderr.isTTY) });
+      let report: GatherReport;
+      try {
+        report = await runGather({ listen, vms, psk, maxRate, postcopyBandwidth, signal, log: info, onProgress: (source) => display.start(source) });
+      } finally {
+        display.stop();
+      }
       render(report);
       if (flags.json) printJson(report);
       return report.exitCode;

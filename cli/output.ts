@@ -7,18 +7,36 @@ import { asSgmError } from "../core/errors.ts";
 
 kleur.enabled = Boolean(process.stderr.isTTY) && !process.env.NO_COLOR;
 
+let quiet = false;
+let lineWriter: ((text: string) => void) | null = null;
+
+/** --quiet: from now on info lines are dropped; warnings and errors still print. */
+export function setQuiet(on: boolean): void {
+  quiet = on;
+}
+
+/** Where stderr lines go while a live progress display holds the bottom of the terminal (null: straight to stderr). */
+export function setLineWriter(writer: ((text: string) => void) | null): void {
+  lineWriter = writer;
+}
+
+function writeLine(text: string): void {
+  if (lineWriter) lineWriter(text);
+  else process.stderr.write(text);
+}
+
 export function info(line: string): void {
-  process.stderr.write(`${kleur.dim("sgm:")} ${line}\n`);
+  if (!quiet) writeLine(`${kleur.dim("sgm:")} ${line}\n`);
 }
 
 export function warn(line: string): void {
-  process.stderr.write(`${kleur.yellow("sgm: warning:")} ${line}\n`);
+  writeLine(`${kleur.yellow("sgm: warning:")} ${line}\n`);
 }
 
 /** Prints the error on one line and returns the exit code it maps to. */
 export function reportError(err: unknown): number {
   const e = asSgmError(err);
-  process.stderr.write(`${kleur.red("sgm: error:")} ${e.message}\n`);
+  writeLine(`${kleur.red("sgm: error:")} ${e.message}\n`);
   if (e.kind === "internal" && process.env.SGM_DEBUG && e.cause instanceof Error) {
     process.stderr.write(`${e.cause.stack}\n`);
   }

@@ -11,7 +11,8 @@ import { parseCount } from "./args.ts";
 import { renderPlan } from "./plan-output.ts";
 import { addRunOptions, parseRunFlags, readKey, type RunFlags } from "./run-flags.ts";
 import { formatBytes } from "../core/units.ts";
-import { formatMs, info, printJson } from "./output.ts";
+import { formatMs, info, printJson, setQuiet } from "./output.ts";
+import { progressDisplay } from "./progress.ts";
 
 interface ScatterFlags extends RunFlags {
   keepSource?: boolean;
@@ -24,6 +25,7 @@ interface ScatterFlags extends RunFlags {
   digestThreads?: unknown;
   plan?: boolean;
   json?: boolean;
+  quiet?: boolean;
 }
 
 export function registerScatter(cli: CAC, signal: AbortSignal): void {
@@ -42,6 +44,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
     .option("--downtime-limit <ms>", `The source QEMU's downtime-limit for its final pass (default: ${DEFAULT_DOWNTIME_LIMIT_MS}; QEMU's own is 300)`)
     .option("--digest-threads <n>", `Threads that hash pages beside the one that reads the sources; 0 to hash on that one (default here: ${defaultDigestThreads()}, from the cores: up to 4, leaving 2)`)
     .option("--json", "Print the final report as JSON on stdout")
+    .option("--quiet", "Print no progress and no report lines on stderr; warnings and errors still")
     .example("sgm scatter --to dst:7700 --vm web1=/run/qemu/web1.qmp --via r1:7701,r2:7701 --psk-file /etc/sgm/psk")
     .action(async (flags: ScatterFlags) => {
       const run = parseRunFlags(flags);
@@ -56,6 +59,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
       }
       const digestThreads = flags.digestThreads === undefined ? defaultDigestThreads() : parseCount("--digest-threads", flags.digestThreads, 0, 64);
       const downtimeLimitMs = flags.downtimeLimit === undefined ? undefined : parseCount("--downtime-limit", flags.downtimeLimit, 1, 60_000);
+      setQuiet(Boolean(flags.quiet));
       const common = { ...run, psk: readKey(flags), signal, log: info };
       if (flags.plan) {
         const plan = await planScatter(common);
@@ -63,17 +67,24 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         if (flags.json) printJson(plan);
         return shortfallError(plan)?.exitCode ?? 0;
       }
-      const report = await runScatter({
-        ...common,
-        switchover,
-        postcopyAfterPass,
-        maxPasses,
-        keepSource: Boolean(flags.keepSource),
-        allowShortfall: Boolean(flags.allowShortfall),
-        dedup: flags.dedup !== false,
-        downtimeLimitMs,
-        digestThreads,
-      });
+      const display = progressDisplay({ verb: "scattered", quiet: Boolean(flags.quiet), live: Boolean(process.stderr.isTTY) });
+      let report: ScatterReport;
+      try {
+        report = await runScatter({
+          ...common,
+          onProgress: (source) => display.start(source),
+          switchover,
+          postcopyAfterPass,
+          maxPasses,
+          keepSource: Boolean(flags.keepSource),
+          allowShortfall: Boolean(flags.allowShortfall),
+          dedup: flags.dedup !== false,
+          downtimeLimitMs,
+          digestThreads,
+        });
+      } finally {
+        display.stop();
+      }
       render(report);
       if (flags.json) printJson(report);
       return report.exitCode;

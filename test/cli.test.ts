@@ -11,9 +11,9 @@ describe("dist/sgm", () => {
   });
 
   test.each([
-    ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--plan", "--source-rate", "--all-relays", "--allow-shortfall", "--json"]],
+    ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--plan", "--source-rate", "--all-relays", "--allow-shortfall", "--digest-threads", "--quiet", "--json"]],
     ["relay", ["--listen", "--capacity", "--psk-file", "--max-rate"]],
-    ["gather", ["--listen", "--vm", "--psk-file", "--json"]],
+    ["gather", ["--listen", "--vm", "--psk-file", "--quiet", "--json"]],
     ["check", ["--to", "--vm", "--via", "--via-file", "--replicas", "--source-rate", "--all-relays", "--psk-file", "--json"]],
   ])("%s --help shows its own flags", async (role, flags) => {
     const r = await runSgm([role, "--help"]);
@@ -54,6 +54,7 @@ describe("dist/sgm", () => {
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--via-file", "/nonexistent/relays"], "--via-file '/nonexistent/relays': cannot read it (ENOENT)"],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--via-file", `${import.meta.dir}/cli.test.ts`], `--via-file ${import.meta.dir}/cli.test.ts line 1: `],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--source-rate", "quick"], "--source-rate 'quick': expected a size such as 8GiB or 512MiB"],
+    [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--digest-threads", "many"], "--digest-threads 'many': expected a whole number from 0 to 64"],
     [["relay", "--listen", "127.0.0.1:0", "--capacity", "1GiB", "--psk-file", "/k", "--max-rate", "0"], "--max-rate '0': must be more than zero"],
     [["check", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to is required"],
     [["gather", "--listen", "127.0.0.1:0", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],

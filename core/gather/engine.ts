@@ -8,6 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
 import { asSgmError, SgmError } from "../errors.ts";
+import type { ProgressSource } from "../progress.ts";
 import { collectGarbageEvery } from "../net/garbage.ts";
 import { RateLimiter } from "../net/rate-limiter.ts";
 import { encodeProbeAck, ProbeFrame } from "../wire/probe-frames.ts";
@@ -45,6 +46,8 @@ export interface GatherOptions {
   log?: (line: string) => void;
   /** Called once the gather listens, with the port it got. */
   onListening?: (port: number) => void;
+  /** Given, once it listens, what tells where each VM stands. */
+  onProgress?: (source: ProgressSource) => void;
 }
 
 export interface GatherReport {
@@ -122,16 +125,10 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     for (const a of shared.arrivals.values()) a.fail(reason);
   };
   options.signal?.addEventListener("abort", onAbort);
-  const progress = setInterval(() => {
-    for (const a of shared.arrivals.values()) {
-      const line = a.progress();
-      if (line) log(line);
-    }
-  }, 5000);
+  options.onProgress?.(() => [...shared.arrivals.values()].map((a) => a.snapshot()));
   try {
     await Promise.all([...shared.arrivals.values()].map((a) => a.done));
   } finally {
-    clearInterval(progress);
     options.signal?.removeEventListener("abort", onAbort);
     listener.close();
     for (const s of sessions) s.close();

@@ -1,6 +1,8 @@
 // One VM arriving at the destination host: from the scatter's offer to the
 // destination QEMU reporting the migration completed.
 
+import { TPS } from "../qemu/constants.ts";
+import type { Phase, VmProgress } from "../progress.ts";
 import { SgmError } from "../errors.ts";
 import { trace } from "../trace.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
@@ -223,13 +225,29 @@ export class VmArrival {
   }
 
   /** One line of where this VM is, for the periodic progress on stderr. */
-  progress(): string | null {
-    const stats = this.feed?.stats;
-    if (!stats || this.stage === "completed" || this.stage === "failed") return null;
-    const total = this.feed!.table.total;
-    const done = this.stage === "running" ? stats.deliveredPages : stats.fedPages;
-    const what = this.stage === "running" ? "delivered after switchover" : "fed before switchover";
-    return `${this.name}: ${this.stage}; ${done} of ${total} pages ${what}, ${stats.requests} page requests`;
+  /** Where this arrival stands, for the progress display. */
+  snapshot(): VmProgress {
+    const total = this.feed ? this.feed.table.total * TPS : null;
+    return { name: this.name, phase: this.phase(), pass: 0, bytes: this.feed?.bytesToQemu ?? 0, totalBytes: total };
+  }
+
+  private phase(): Phase {
+    switch (this.stage) {
+      case "waiting":
+      case "offered":
+        return "checking";
+      case "streaming":
+        return "gathering";
+      case "source-done":
+      case "switching":
+        return "switchover";
+      case "running":
+        return "running";
+      case "completed":
+        return "done";
+      case "failed":
+        return "failed";
+    }
   }
 
   report(): ArrivalReport {

@@ -8,6 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PAGE_BYTES } from "../dedup/digest.ts";
 import { DigestPool } from "../dedup/digest-pool.ts";
+import type { ProgressSource } from "../progress.ts";
 import { asSgmError, EXIT_CODES, SgmError } from "../errors.ts";
 import { formatBytes, formatRate } from "../units.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
@@ -53,6 +54,8 @@ export interface ScatterOptions extends PlanOptions {
   allowShortfall?: boolean;
   /** Threads that hash pages beside the one that reads the sources (default 0: that one hashes). */
   digestThreads?: number;
+  /** Given, once the evictions begin, what tells where each VM stands. */
+  onProgress?: (source: ProgressSource) => void;
 }
 
 export interface RelayReport {
@@ -153,6 +156,8 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
         log,
       }),
   );
+
+  options.onProgress?.(() => evictions.map((e) => e.snapshot()));
 
   conn.onFrame((type, payload) => {
     if (type !== FrameType.CONTROL) throw new SgmError("data", `gather sent frame type ${type}`);

@@ -226,6 +226,11 @@ export class PagePipeline {
     this.release();
   }
 
+  /** The VM's memory, once the source has named its RAM blocks. */
+  get totalBytes(): number | null {
+    return this.final.length === 0 ? null : this.final.length * TPS;
+  }
+
   /** Map frames built but not yet sent (waiting for relay acknowledgements). */
   get waiting(): number {
     return this.fifo.length;

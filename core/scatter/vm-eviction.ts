@@ -30,6 +30,7 @@ import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
 import type { DigestPool } from "../dedup/digest-pool.ts";
+import type { Phase, VmProgress } from "../progress.ts";
 import { PagePipeline, type PipelineStats } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
 import type { SourceQemu } from "./source-qemu.ts";
@@ -147,12 +148,26 @@ export class VmEviction {
     this.failed.reject(reason);
   }
 
+  /** Where this eviction stands, for the progress display. */
+  snapshot(): VmProgress {
+    return { name: this.name, phase: this.phase(), pass: this.passes, bytes: this.sock?.bytesRead ?? 0, totalBytes: this.pipeline.totalBytes };
+  }
+
+  private phase(): Phase {
+    if (this.stage === "failed") return "failed";
+    if (this.finished) return "done";
+    if (this.evictedAt !== null) return this.stage === "running" ? "running" : "evicted";
+    // the VM runs at the destination while a postcopy source still sends
+    if (this.stage === "go" || this.stage === "running") return "scattering";
+    if (this.stage === "switching" || this.stage === "source-postcopy") return "switchover";
+    if (this.stage === "streaming") return "precopy";
+    return "checking";
+  }
+
   async run(): Promise<EvictionReport> {
     const o = this.options;
     let error: SgmError | undefined;
     let sourceState = "running";
-    // long evictions say how far they are, every few seconds, on stderr
-    const progress = setInterval(() => o.log(this.progress()), 5000);
     try {
       const point = await this.race(this.startStream());
       this.switchover = point.kind;
@@ -166,7 +181,6 @@ export class VmEviction {
       error = asSgmError(err);
       sourceState = await this.undo(error);
     } finally {
-      clearInterval(progress);
       this.finished = true;
       this.sock?.destroy();
       this.pipeline.close();
@@ -187,14 +201,6 @@ export class VmEviction {
       pages: { ...s, requestedFromSource: this.stream?.requestedFromSource ?? 0 },
       ...(error ? { exitCode: error.exitCode } : {}),
     };
-  }
-
-  private progress(): string {
-    const s = this.pipeline.stats;
-    const read = ((this.sock?.bytesRead ?? 0) / 2 ** 20).toFixed(0);
-    const where = this.stage === "streaming" ? `pass ${this.passes}` : this.stage;
-    const waiting = this.pipeline.waiting > 0 ? `, ${this.pipeline.waiting} map frames waiting for relays` : "";
-    return `${this.name}: ${where}; ${read} MiB read from the source, ${s.pages} pages (${s.newPages} new, ${s.zeroPages} zero)${waiting}`;
   }
 
   /** The source converged: the gather gets everything, then SHUT, then go. */

@@ -1,0 +1,79 @@
+// The progress a person sees, through the compiled binary: under a
+// pseudo-terminal (script(1)) scatter draws its VMs in place, phase by
+// phase, and leaves the terminal clean; into a pipe the gather prints plain
+// timestamped lines without escape codes; --quiet prints nothing.
+
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { haltAndCompare, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
+import { killAll, track } from "./harness/processes.ts";
+import { sgmBinary, startSgm } from "./harness/sgm.ts";
+import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
+
+let dir: string;
+let psk: string;
+
+beforeAll(async () => {
+  dir = makeTempDir("progress");
+  psk = await writePsk(dir);
+});
+afterEach(async () => {
+  await killAll();
+});
+afterAll(() => removeDir(dir));
+
+const ESC = "\x1b[";
+
+/** A command line for sh -c, each argument quoted. */
+function shellLine(args: string[]): string {
+  return args.map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(" ");
+}
+
+describe("progress", () => {
+  test("on a terminal scatter redraws each VM's phase in place and ends cleanly; into a pipe the gather prints plain timestamped lines", async () => {
+    const pair = await startPair(dir, "tty", { memMiB: 128, seed: 301, rate: 2000 });
+    // held to 16 MiB/s, the gather takes several seconds: long enough for its plain lines
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
+    const scatterArgs = [await sgmBinary(), "scatter", "--to", `127.0.0.1:${port}`, "--vm", `tty=${pair.source.qmpPath}`, "--psk-file", psk, "--keep-source"];
+    // script gives scatter a pseudo-terminal for stdin, stdout and stderr, and copies what it shows to our stdout
+    const scatter = track(Bun.spawn(["script", "-qfec", shellLine(scatterArgs), "/dev/null"], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, TERM: "xterm" } }));
+    const [code, screen] = await Promise.all([scatter.exited, new Response(scatter.stdout).text()]);
+    const g = await gather.result();
+    expect(code).toBe(0);
+    expect(g.code).toBe(0);
+
+    // drawn in place: lines erased and redrawn, the phases in their order, the cursor shown again at the end
+    expect(screen).toContain(`${ESC}2K`);
+    const phases = ["precopy pass 1", "evicted", "done"].map((p) => screen.indexOf(`tty: ${p}`));
+    for (const at of phases) expect(at).toBeGreaterThanOrEqual(0);
+    expect([...phases].sort((a, b) => a - b)).toEqual(phases);
+    expect(screen).toMatch(/tty: precopy pass 1, [\d.]+ \w?i?B of 12\d(\.\d)? MiB scattered/);
+    expect(screen.lastIndexOf(`${ESC}?25h`)).toBeGreaterThan(screen.lastIndexOf("tty: done"));
+    // the log lines still print, above the display
+    expect(screen).toContain("evicted in");
+
+    // the gather's stderr is a pipe: plain lines, every few seconds, no escape codes
+    expect(g.stderr).not.toContain("\x1b");
+    expect(g.stderr).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ sgm: tty: (gathering|switchover|running), [\d.]+ \w?i?B of 12\d(\.\d)? MiB gathered/m);
+
+    const { verified, comparison } = await haltAndCompare(pair, dir);
+    expect(verified).toBe(true);
+    expect(comparison.mismatched).toEqual([]);
+  }, 180_000);
+
+  test("--quiet: scatter and gather print nothing on stderr, and the VM arrives", async () => {
+    const pair = await startPair(dir, "quiet", { memMiB: 64, seed: 302, rate: 1000 });
+    const port = await freePort();
+    const gather = await startSgm(["gather", "--listen", `127.0.0.1:${port}`, "--vm", `quiet=${pair.destination.qmpPath}`, "--psk-file", psk, "--json", "--quiet"]);
+    // it says nothing, not even that it listens: scatter keeps trying it until it does (--wait-gather)
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--quiet"]);
+    const [s, g] = await Promise.all([scatter.result(), gather.result()]);
+    expect(s.code).toBe(0);
+    expect(g.code).toBe(0);
+    expect(s.stderr).toBe("");
+    expect(g.stderr).toBe("");
+    expect(JSON.parse(s.stdout).vms[0].ok).toBe(true);
+    const { verified, comparison } = await haltAndCompare(pair, dir);
+    expect(verified).toBe(true);
+    expect(comparison.mismatched).toEqual([]);
+  }, 180_000);
+});
