@@ -60,6 +60,21 @@ describe("progress", () => {
     expect(comparison.mismatched).toEqual([]);
   }, 180_000);
 
+  test("colour on a terminal, none with NO_COLOR", async () => {
+    // a usage error prints one coloured line at once: no QEMU needed
+    const line = shellLine([await sgmBinary(), "scatter", "--to", "nohost", "--vm", "a=/x.qmp", "--psk-file", psk]);
+    const onTerminal = async (env: Record<string, string>) => {
+      const proc = track(Bun.spawn(["script", "-qfec", line, "/dev/null"], { stdout: "pipe", stdin: "ignore", env }));
+      const [code, screen] = await Promise.all([proc.exited, new Response(proc.stdout).text()]);
+      expect(code).toBe(2);
+      expect(screen).toContain("sgm: error:");
+      return screen;
+    };
+    const { NO_COLOR: _, ...withColour } = process.env as Record<string, string>;
+    expect(await onTerminal(withColour)).toContain(`${ESC}31m`);
+    expect(await onTerminal({ ...withColour, NO_COLOR: "1" })).not.toContain(ESC);
+  });
+
   test("--quiet: scatter and gather print nothing on stderr, and the VM arrives", async () => {
     const pair = await startPair(dir, "quiet", { memMiB: 64, seed: 302, rate: 1000 });
     const port = await freePort();
