@@ -3,6 +3,7 @@
 import type { CAC } from "cac";
 import { closeSync, fstatSync, writeSync } from "node:fs";
 import { PAGE_BYTES } from "../core/dedup/digest.ts";
+import { defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import { SgmError } from "../core/errors.ts";
 import { type RelayStats, startRelay } from "../core/relay/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
@@ -19,6 +20,7 @@ interface RelayFlags {
   pskFile?: unknown;
   ttl?: unknown;
   maxRate?: unknown;
+  digestThreads?: unknown;
   http?: unknown;
   readyFd?: unknown;
   json?: boolean;
@@ -35,6 +37,7 @@ export function registerRelay(cli: CAC, signals: Signals): void {
     .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
     .option("--ttl <seconds>", `Drop the pages of a run idle (no put, no release) this long (default ${DEFAULT_TTL_SECONDS})`)
     .option("--max-rate <rate>", "Take at most this much per second from all clients together, e.g. 100MiB/s (as a slower link would)")
+    .option("--digest-threads <n>", `Threads that check put pages against their digests beside the one that serves; 0 for that one (default here: ${defaultDigestThreads()}, from the cores: up to 4, leaving 2)`)
     .option("--http <host:port>", "Serve GET /metrics (Prometheus text format) and GET /healthz on this address")
     .option("--ready-fd <n>", "Once listening, write 'ready HOST:PORT' and a newline to this file descriptor and close it")
     .option("--json", "Print the final report as JSON on stdout")
@@ -48,12 +51,13 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       if (capacityBytes < PAGE_BYTES) throw new SgmError("usage", `--capacity '${capacity}': less than one ${PAGE_BYTES}-byte page`);
       const ttlSeconds = flags.ttl === undefined ? DEFAULT_TTL_SECONDS : parseCount("--ttl", flags.ttl, 1, 30 * 24 * 3600);
       const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
+      const digestThreads = flags.digestThreads === undefined ? defaultDigestThreads() : parseCount("--digest-threads", flags.digestThreads, 0, 64);
       const http = flags.http === undefined ? undefined : parseHostPort("--http", requireString("--http", flags.http));
       const readyFd = flags.readyFd === undefined ? undefined : parseCount("--ready-fd", flags.readyFd, 3, 65535);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       if (readyFd !== undefined) checkFd(readyFd);
 
-      const relay = startRelay({ ...listen, psk, capacityBytes, maxRate, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
+      const relay = startRelay({ ...listen, psk, capacityBytes, maxRate, digestThreads, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
       const address = formatHostPort(listen.host, relay.port);
       let served: RelayHttp | undefined;
       try {

@@ -1,7 +1,7 @@
 // The relay: its engine over real loopback sockets, with test clients
 // speaking the relay frames, and the compiled `sgm relay` command.
 
-import { afterEach, describe, expect, test } from "bun:test";
+import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../core/dedup/digest.ts";
 import { type Relay, type RelayOptions, startRelay } from "../core/relay/engine.ts";
 import { IdSet } from "../core/relay/id-set.ts";
@@ -158,9 +158,11 @@ class Client {
 const relays: Relay[] = [];
 const clients: PeerConnection[] = [];
 let logs: string[] = [];
+/** The engine tests run twice: PUTs checked on the relay's thread, then on digest threads. */
+let digestThreads = 0;
 
 function relay(options: Partial<RelayOptions> = {}): Relay {
-  const r = startRelay({ host: HOST, port: 0, psk, capacityBytes: 64 << 20, ttlMs: 60_000, log: (line) => logs.push(line), ...options });
+  const r = startRelay({ host: HOST, port: 0, psk, capacityBytes: 64 << 20, ttlMs: 60_000, digestThreads, log: (line) => logs.push(line), ...options });
   relays.push(r);
   return r;
 }
@@ -200,7 +202,11 @@ describe("a run's held ids", () => {
   });
 });
 
-describe("relay engine", () => {
+describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (threads) => {
+  beforeEach(() => {
+    digestThreads = threads;
+  });
+
   test("a page put by a scatter comes back to a gather byte for byte; unknown digests are not found", async () => {
     const r = relay();
     const scatter = await Client.connect(r.port, "scatter");

@@ -79,8 +79,8 @@ export class PageStore {
    * (the sender should go elsewhere or wait), not an error, hence no throw.
    */
   put(digest: Uint8Array, digestOffset: number, page: Uint8Array, pageAt = 0): PutResult | null {
-    if (pageAt === 0 ? page.length !== PAGE_BYTES : pageAt < 0 || pageAt + PAGE_BYTES > page.length) {
-      throw new SgmError("internal", `page store given a page at ${pageAt} of ${page.length} bytes, not ${PAGE_BYTES}`);
+    if (!(pageAt >= 0 && pageAt + PAGE_BYTES <= page.length)) {
+      throw new SgmError("internal", `page store given a page at ${pageAt} of ${page.length} bytes: no ${PAGE_BYTES} bytes there`);
     }
     const existing = this.index.lookup(digest, digestOffset);
     if (existing !== -1) {

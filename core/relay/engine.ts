@@ -4,6 +4,7 @@
 // gather never came does not hold the relay's memory for ever.
 
 import { PageStore } from "../dedup/page-store.ts";
+import { DigestPool } from "../dedup/digest-pool.ts";
 import { collectGarbageEvery } from "../net/garbage.ts";
 import { SgmError } from "../errors.ts";
 import { listenPeers, type PeerConnection } from "../wire/connection.ts";
@@ -27,6 +28,8 @@ export interface RelayOptions {
   log?: (line: string) => void;
   /** Aborting stops the relay, as close() does. */
   signal?: AbortSignal;
+  /** Threads that check PUT pages against their digests (default 0: the relay's one thread does). */
+  digestThreads?: number;
 }
 
 export interface RelayStats {
@@ -86,7 +89,8 @@ export function startRelay(options: RelayOptions): Relay {
   const counters: RelayCounters = { bytesIn: 0, bytesOut: 0, refusedPages: 0 };
   // a burst of 10 ms: a rate probe of 100 ms then sees the rate, not the bucket
   const limiter = options.maxRate ? new RateLimiter(options.maxRate, Math.max(64 * 1024, options.maxRate / 100)) : null;
-  const shared = { store, holds, counters, limiter, now: () => performance.now() };
+  const digestPool = (options.digestThreads ?? 0) > 0 ? new DigestPool(options.digestThreads!) : null;
+  const shared = { store, holds, counters, limiter, digestPool, now: () => performance.now() };
   const connections = new Set<PeerConnection>();
   let expiredRuns = 0;
 
@@ -154,6 +158,7 @@ export function startRelay(options: RelayOptions): Relay {
       await Promise.race([Promise.all(open.map((conn) => conn.closed)), new Promise((resolve) => (timer = setTimeout(resolve, CLOSE_GRACE_MS)))]);
       clearTimeout(timer);
       for (const conn of open) conn.abort(new SgmError("unavailable", `${conn.remoteAddress}: relay stopped`));
+      digestPool?.close();
       markClosed();
     })();
     return stopping;

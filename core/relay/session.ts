@@ -4,9 +4,10 @@
 // relay request; the run id, not the connection, says whose pages they are.
 
 import { Buffer } from "node:buffer";
-import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPage } from "../dedup/digest.ts";
+import type { DigestBatch, DigestPool } from "../dedup/digest-pool.ts";
 import type { PageStore } from "../dedup/page-store.ts";
-import { SgmError } from "../errors.ts";
+import { SgmError, asSgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { FrameType, decodeControl, encodeControl } from "../wire/messages.ts";
 import {
@@ -41,6 +42,8 @@ export interface RelayCounters {
 
 /** What every session of one relay shares. */
 export interface RelayShared {
+  /** Threads that check PUT pages against their digests; null to check them on this one. */
+  readonly digestPool: DigestPool | null;
   readonly store: PageStore;
   readonly holds: RunHolds;
   readonly counters: RelayCounters;
@@ -54,13 +57,34 @@ const FRAME_NAMES = new Map<number, string>(
   [...Object.entries(FrameType), ...Object.entries(RelayFrame), ...Object.entries(ProbeFrame)].map(([name, type]) => [type, name]),
 );
 
+/**
+ * A request waiting while a PUT before it is checked on a digest thread:
+ * requests are answered in the order they came.
+ */
+type Waiting =
+  | { kind: "put"; put: CheckedPut; checked: boolean }
+  | { kind: "other"; type: number; payload: Uint8Array };
+
+/** A PUT copied out of its frame for the digest threads: its pages in the batch, its digests beside. */
+interface CheckedPut {
+  run: Uint8Array;
+  seq: number;
+  count: number;
+  digests: Uint8Array;
+  batch: DigestBatch;
+}
+
+/** PUTs a client may have waiting for their check before the relay stops reading it. */
+const MAX_WAITING = 32;
+
 export class RelaySession {
   private readonly conn: PeerConnection;
   private readonly shared: RelayShared;
   private readonly digest = new Uint8Array(DIGEST_BYTES);
   private fullSent = false;
-  /** Why reading this client's requests is paused: its replies queue up, or the relay's rate is spent. */
-  private readonly pausedFor = new Set<"replies" | "rate">();
+  /** Why reading this client's requests is paused: its replies queue up, the relay's rate is spent, or PUTs wait for their check. */
+  private readonly pausedFor = new Set<"replies" | "rate" | "checks">();
+  private readonly waiting: Waiting[] = [];
   private readonly replyBuffers: RecycledBuffers;
 
   constructor(conn: PeerConnection, shared: RelayShared) {
@@ -72,6 +96,16 @@ export class RelaySession {
   }
 
   private onFrame(type: number, payload: Uint8Array): void {
+    if (this.shared.digestPool && (type === RelayFrame.PUT || this.waiting.length > 0)) {
+      this.wait(type, payload);
+      this.throttleRate(payload.length);
+      return;
+    }
+    this.apply(type, payload);
+    this.throttleRate(payload.length);
+  }
+
+  private apply(type: number, payload: Uint8Array): void {
     switch (type) {
       case RelayFrame.PUT:
         this.put(payload);
@@ -95,27 +129,95 @@ export class RelaySession {
         throw new SgmError("data", `frame type ${type} (${FRAME_NAMES.get(type) ?? "unknown"}) is not a relay request`);
     }
     this.throttleReplies();
-    this.throttleRate(payload.length);
+  }
+
+  /** A PUT goes to the digest threads, and what follows it waits for it. */
+  private wait(type: number, payload: Uint8Array): void {
+    if (type !== RelayFrame.PUT) {
+      // the frame's bytes are the connection's once this call returns
+      this.waiting.push({ kind: "other", type, payload: payload.slice() });
+    } else {
+      const put = readPut(payload);
+      const batch = this.shared.digestPool!.acquire();
+      const digests = new Uint8Array(put.count * DIGEST_BYTES);
+      for (let n = 0; n < put.count; n++) {
+        copyBytes(payload, put.pageAt(n), batch.pages, n * PAGE_BYTES, PAGE_BYTES);
+        copyBytes(payload, put.digestAt(n), digests, n * DIGEST_BYTES, DIGEST_BYTES);
+      }
+      batch.count = put.count;
+      const entry: Waiting = { kind: "put", put: { run: put.run.slice(), seq: put.seq, count: put.count, digests, batch }, checked: false };
+      this.waiting.push(entry);
+      // batches complete in the order they were submitted: this one's callback runs with it at the head
+      this.shared.digestPool!.submit(
+        batch,
+        () => {
+          entry.checked = true;
+          this.applyWaiting();
+        },
+        (err) => this.conn.abort(err),
+      );
+    }
+    if (this.waiting.length >= MAX_WAITING) this.pause("checks");
+  }
+
+  private applyWaiting(): void {
+    try {
+      while (this.waiting.length > 0) {
+        const head = this.waiting[0]!;
+        if (head.kind === "put" && !head.checked) break;
+        this.waiting.shift();
+        if (!this.conn.isOpen) continue; // gone: nothing to answer, nothing to keep
+        if (head.kind === "other") this.apply(head.type, head.payload);
+        else {
+          const { run, seq, count, digests, batch } = head.put;
+          this.checkDigests(seq, count, digests, (n) => n * DIGEST_BYTES, (n, out) => copyBytes(batch.digests, n * DIGEST_BYTES, out, 0, DIGEST_BYTES));
+          this.store(run, seq, count, digests, (n) => n * DIGEST_BYTES, batch.pages, (n) => n * PAGE_BYTES);
+          this.throttleReplies();
+        }
+      }
+    } catch (err) {
+      this.waiting.length = 0;
+      this.conn.abort(new SgmError("data", `${this.conn.remoteAddress}: ${asSgmError(err).message}`));
+      return;
+    }
+    if (this.waiting.length < MAX_WAITING / 4) this.resume("checks");
   }
 
   private put(payload: Uint8Array): void {
     const put = readPut(payload);
-    // All pages are checked before any is stored, so a bad frame changes nothing.
-    for (let n = 0; n < put.count; n++) {
+    this.checkDigests(put.seq, put.count, payload, put.digestAt, (n, out) => {
       const pageAt = put.pageAt(n);
-      digestPage(payload.subarray(pageAt, pageAt + PAGE_BYTES), this.digest);
-      if (!sameDigest(this.digest, payload, put.digestAt(n))) {
-        throw new SgmError("data", `relay PUT ${put.seq}: page ${n} does not match its digest`);
+      digestPage(payload.subarray(pageAt, pageAt + PAGE_BYTES), out);
+    });
+    this.store(put.run, put.seq, put.count, payload, put.digestAt, payload, put.pageAt);
+  }
+
+  /** All pages are checked before any is stored, so a bad frame changes nothing. */
+  private checkDigests(seq: number, count: number, digests: Uint8Array, digestAt: (n: number) => number, digestOf: (n: number, out: Uint8Array) => void): void {
+    for (let n = 0; n < count; n++) {
+      digestOf(n, this.digest);
+      if (!sameDigest(this.digest, digests, digestAt(n))) {
+        throw new SgmError("data", `relay PUT ${seq}: page ${n} does not match its digest`);
       }
     }
+  }
+
+  private store(
+    runId: Uint8Array,
+    seq: number,
+    count: number,
+    digests: Uint8Array,
+    digestAt: (n: number) => number,
+    pages: Uint8Array,
+    pageAt: (n: number) => number,
+  ): void {
     const { holds, counters } = this.shared;
-    const run = runKey(put.run);
+    const run = runKey(runId);
     const now = this.shared.now();
     const refused: boolean[] = [];
     let anyRefused = false;
-    for (let n = 0; n < put.count; n++) {
-      const pageAt = put.pageAt(n);
-      const held = holds.hold(run, payload, put.digestAt(n), payload, pageAt, now);
+    for (let n = 0; n < count; n++) {
+      const held = holds.hold(run, digests, digestAt(n), pages, pageAt(n), now);
       refused.push(!held);
       if (held) {
         counters.bytesIn += PAGE_BYTES;
@@ -130,7 +232,7 @@ export class RelaySession {
       const { store } = this.shared;
       this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-full", capacity: store.capacityBytes, used: store.usedBytes }));
     }
-    this.conn.send(RelayFrame.ACK, encodeAck(put.seq, refused));
+    this.conn.send(RelayFrame.ACK, encodeAck(seq, refused));
   }
 
   private get(payload: Uint8Array): void {
@@ -209,12 +311,12 @@ export class RelaySession {
     setTimeout(() => this.resume("rate"), wait);
   }
 
-  private pause(reason: "replies" | "rate"): void {
+  private pause(reason: "replies" | "rate" | "checks"): void {
     if (this.pausedFor.size === 0) this.conn.pauseReading();
     this.pausedFor.add(reason);
   }
 
-  private resume(reason: "replies" | "rate"): void {
+  private resume(reason: "replies" | "rate" | "checks"): void {
     if (!this.pausedFor.delete(reason) || this.pausedFor.size > 0) return;
     this.conn.resumeReading();
   }

@@ -1,6 +1,7 @@
 // How fast a relay takes and gives pages on loopback, against a plain TCP
 // stream of the same bytes. Run: bun test/benchmarks/relay.bench.ts [MiB, default 512]
-// (a script, not a test).
+// (a script, not a test). A second argument gives the relay digest threads
+// (default 0: it checks PUT pages on its one thread).
 //
 // The relay is the compiled dist/sgm in its own process and the plain
 // stream's receiver is this script in another, so each side has its own
@@ -35,7 +36,7 @@ const GET_WINDOW = 4; // GET requests awaiting their PAGES
 const ROUNDS = 3;
 
 if (process.argv[2] === "--sink") runSink(Number(process.argv[3]));
-else await main(Number(process.argv[2] ?? 512));
+else await main(Number(process.argv[2] ?? 512), Number(process.argv[3] ?? 0));
 
 
 interface RelayCost {
@@ -52,7 +53,7 @@ interface Row {
   ms: number[];
 }
 
-async function main(mib: number): Promise<void> {
+async function main(mib: number, digestThreads: number): Promise<void> {
   const pages = (mib << 20) / PAGE_BYTES;
   if (!Number.isInteger(pages / GET_BATCH)) throw new Error(`${mib} MiB is not a whole number of ${GET_BATCH}-page requests`);
   const data = new Uint8Array(pages * PAGE_BYTES);
@@ -76,7 +77,7 @@ async function main(mib: number): Promise<void> {
     await Bun.write(pskFile, "sgm relay bench key 0123456789abcdef\n");
     const psk = new TextEncoder().encode("sgm relay bench key 0123456789abcdef");
     const relay = Bun.spawn(
-      [await sgmBinary(), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json"],
+      [await sgmBinary(), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json", "--digest-threads", String(digestThreads)],
       { stdio: ["ignore", "pipe", "ignore", "pipe"] },
     );
     children.push(relay);
@@ -113,7 +114,7 @@ async function main(mib: number): Promise<void> {
   }
 
   const mbps = (ms: number) => (data.length / 1e6 / (ms / 1000)).toFixed(0);
-  console.log(`${mib} MiB of random pages on loopback, ${ROUNDS} rounds, ${cpus().length} CPUs (MB/s: 10^6 bytes per second)\n`);
+  console.log(`${mib} MiB of random pages on loopback, ${ROUNDS} rounds, ${cpus().length} CPUs, relay on ${digestThreads} digest threads (MB/s: 10^6 bytes per second)\n`);
   console.log(`${"path".padEnd(44)} ${"best s".padStart(7)} ${"best MB/s".padStart(10)} ${"median MB/s".padStart(12)}`);
   for (const row of [tcp, put, get]) {
     const sorted = [...row.ms].sort((x, y) => x - y);

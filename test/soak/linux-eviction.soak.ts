@@ -1,7 +1,8 @@
 // make soak: the Linux-guest eviction many times over a matrix of relays,
 // replicas, switchover modes and VM counts, with every guest proved intact;
 // every fourth run with --no-dedup (content sent again wherever it recurs);
-// two runs in three hash on digest threads (--digest-threads 1, then 2).
+// two runs in three hash on digest threads (--digest-threads 1, then 2, to
+// scatter and relays alike).
 // Runs alternate between a destination that waits paused (-S), whose memory
 // must equal the source's final memory page for page before it runs on, and
 // one that runs at once (page requests and all), whose guest must run on.
@@ -96,7 +97,7 @@ async function evict(dir: string, c: Case, paused: boolean, dedup: boolean, thre
   const pairs: VmPair[] = await Promise.all(
     Array.from({ length: c.vms }, (_, v) => startLinuxPair(dir, `s${n}v${v}`, { binary, seed: 100 + n * 4 + v, paused })),
   );
-  const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk)));
+  const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk, "1GiB", ["--digest-threads", String(threads)])));
   // a gather slower than the source, so that relays take pages
   const { gather, port } = await startGather(pairs, psk, c.relays > 0 ? ["--max-rate", "48MiB/s"] : []);
   const via = relays.length > 0 ? ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", String(c.replicas)] : [];
