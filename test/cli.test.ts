@@ -12,7 +12,7 @@ describe("dist/sgm", () => {
 
   test.each([
     ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--plan", "--source-rate", "--all-relays", "--allow-shortfall", "--digest-threads", "--quiet", "--json"]],
-    ["relay", ["--listen", "--capacity", "--psk-file", "--max-rate"]],
+    ["relay", ["--listen", "--capacity", "--psk-file", "--max-rate", "--digest-threads"]],
     ["gather", ["--listen", "--vm", "--psk-file", "--quiet", "--json"]],
     ["check", ["--to", "--vm", "--via", "--via-file", "--replicas", "--source-rate", "--all-relays", "--psk-file", "--json"]],
   ])("%s --help shows its own flags", async (role, flags) => {
