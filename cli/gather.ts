@@ -7,6 +7,8 @@ import { parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson, setQuiet } from "./output.ts";
 import { progressDisplay } from "./progress.ts";
+import { announceReady, parseReadyFd } from "./ready-fd.ts";
+import { formatHostPort } from "../core/net/host-port.ts";
 
 interface GatherFlags {
   listen?: unknown;
@@ -16,6 +18,7 @@ interface GatherFlags {
   maxRate?: unknown;
   json?: boolean;
   quiet?: boolean;
+  readyFd?: unknown;
 }
 
 export function registerGather(cli: CAC, signal: AbortSignal): void {
@@ -29,6 +32,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
     .option("--json", "Print the final report as JSON on stdout")
     .option("--quiet", "Print no progress and no report lines on stderr; warnings and errors still")
+    .option("--ready-fd <n>", "Once listening, write 'ready HOST:PORT' and a newline to this file descriptor and close it")
     .example("sgm gather --listen 0.0.0.0:7700 --vm web1=/run/qemu/web1-in.qmp --psk-file /etc/sgm/psk")
     .action(async (flags: GatherFlags) => {
       const listen = parseHostPort("--listen", requireString("--listen", flags.listen));
@@ -36,11 +40,18 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
       const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
+      const readyFd = parseReadyFd(flags.readyFd);
       setQuiet(Boolean(flags.quiet));
       const display = progressDisplay({ verb: "gathered", quiet: Boolean(flags.quiet), live: Boolean(process.stderr.isTTY) });
       let report: GatherReport;
       try {
-        report = await runGather({ listen, vms, psk, maxRate, postcopyBandwidth, signal, log: info, onProgress: (source) => display.start(source) });
+        report = await runGather({
+          ...{ listen, vms, psk, maxRate, postcopyBandwidth, signal, log: info },
+          onListening: (port) => {
+            if (readyFd !== undefined) announceReady(readyFd, formatHostPort(listen.host, port));
+          },
+          onProgress: (source) => display.start(source),
+        });
       } finally {
         display.stop();
       }

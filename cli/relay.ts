@@ -1,7 +1,6 @@
 // sgm relay: runs on an intermediary host with spare memory.
 
 import type { CAC } from "cac";
-import { closeSync, fstatSync, writeSync } from "node:fs";
 import { PAGE_BYTES } from "../core/dedup/digest.ts";
 import { defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import { SgmError } from "../core/errors.ts";
@@ -11,6 +10,7 @@ import { formatHostPort } from "../core/net/host-port.ts";
 import { parseCount, parseHostPort, parseRate, parseSize, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
 import { info, printJson } from "./output.ts";
+import { announceReady, parseReadyFd } from "./ready-fd.ts";
 import type { Signals } from "./signals.ts";
 import { type RelayHttp, serveRelayHttp } from "../core/relay/http.ts";
 
@@ -53,9 +53,8 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
       const digestThreads = flags.digestThreads === undefined ? defaultDigestThreads() : parseCount("--digest-threads", flags.digestThreads, 0, 64);
       const http = flags.http === undefined ? undefined : parseHostPort("--http", requireString("--http", flags.http));
-      const readyFd = flags.readyFd === undefined ? undefined : parseCount("--ready-fd", flags.readyFd, 3, 65535);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
-      if (readyFd !== undefined) checkFd(readyFd);
+      const readyFd = parseReadyFd(flags.readyFd);
 
       const relay = startRelay({ ...listen, psk, capacityBytes, maxRate, digestThreads, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
       const address = formatHostPort(listen.host, relay.port);
@@ -67,7 +66,7 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       } catch (err) {
         served?.stop();
         await relay.close();
-        throw readyFd !== undefined && !(err instanceof SgmError) ? fdError(readyFd, err) : err;
+        throw err;
       }
       signals.takeFirstTerm(() => {
         void relay.drain().then(() => {
@@ -83,27 +82,6 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       if (flags.json) printJson(stats);
       return 0;
     });
-}
-
-/** Before listening, so a wrong fd fails the command before it takes the port. */
-function checkFd(fd: number): void {
-  try {
-    fstatSync(fd);
-  } catch (err) {
-    throw fdError(fd, err);
-  }
-}
-
-function announceReady(fd: number, address: string): void {
-  writeSync(fd, `ready ${address}\n`);
-  // Closed, so a script reading it to its end is not left waiting.
-  closeSync(fd);
-}
-
-function fdError(fd: number, err: unknown): SgmError {
-  const code = (err as NodeJS.ErrnoException).code;
-  const why = code === "EBADF" ? "not an open file descriptor" : code === "EPIPE" ? "nobody reads it" : (err as Error).message;
-  return new SgmError("usage", `--ready-fd ${fd}: ${why}`, { cause: err });
 }
 
 function render(s: RelayStats): void {

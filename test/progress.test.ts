@@ -6,7 +6,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { haltAndCompare, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll, track } from "./harness/processes.ts";
-import { sgmBinary, startSgm } from "./harness/sgm.ts";
+import { sgmBinary } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -75,11 +75,20 @@ describe("progress", () => {
     expect(await onTerminal({ ...withColour, NO_COLOR: "1" })).not.toContain(ESC);
   });
 
-  test("--quiet: scatter and gather print nothing on stderr, and the VM arrives", async () => {
+  test("--quiet: scatter and gather print nothing on stderr, the gather says it listens on --ready-fd, and the VM arrives", async () => {
     const pair = await startPair(dir, "quiet", { memMiB: 64, seed: 302, rate: 1000 });
     const port = await freePort();
-    const gather = await startSgm(["gather", "--listen", `127.0.0.1:${port}`, "--vm", `quiet=${pair.destination.qmpPath}`, "--psk-file", psk, "--json", "--quiet"]);
-    // it says nothing, not even that it listens: scatter keeps trying it until it does (--wait-gather)
+    const args = ["gather", "--listen", `127.0.0.1:${port}`, "--vm", `quiet=${pair.destination.qmpPath}`, "--psk-file", psk, "--json", "--quiet", "--ready-fd", "3"];
+    const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"] }));
+    // the one line, then the descriptor closes: read to its end
+    const ready = await Bun.file(proc.stdio[3] as number).text();
+    expect(ready).toBe(`ready 127.0.0.1:${port}\n`);
+    const gather = {
+      result: async () => {
+        const [code, stdout, stderr] = await Promise.all([proc.exited, new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+        return { code, stdout, stderr, args };
+      },
+    };
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--quiet"]);
     const [s, g] = await Promise.all([scatter.result(), gather.result()]);
     expect(s.code).toBe(0);

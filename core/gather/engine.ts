@@ -117,7 +117,15 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     },
     onRejected: (address, err) => log(`dropped ${address}: ${err.message}`),
   });
-  options.onListening?.(listener.port);
+  try {
+    options.onListening?.(listener.port);
+  } catch (err) {
+    // nothing is arriving yet: let go of everything and say why
+    listener.close();
+    for (const d of dests) d.close();
+    rmSync(shared.socketDir, { recursive: true, force: true });
+    throw err;
+  }
   log(`listening on ${options.listen.host}:${listener.port} for ${[...shared.arrivals.keys()].join(", ")}`);
 
   const onAbort = () => {
