@@ -31,7 +31,17 @@ export interface ProgressDisplay {
 
 export function progressDisplay(options: ProgressOptions): ProgressDisplay {
   if (options.quiet) return { start() {}, stop() {} };
-  return options.live ? new LiveDisplay(options.verb) : new PlainDisplay(options.verb);
+  return new PolledDisplay(options.verb, options.live ? new TerminalSurface() : new PlainSurface());
+}
+
+/** Where the VMs' lines go, and how often. */
+interface Surface {
+  readonly everyMs: number;
+  /** Before the first show(); `redraw` shows the latest state at once. */
+  begin(redraw: () => void): void;
+  show(vms: ReadonlyArray<{ vm: VmProgress; line: string }>): void;
+  /** After the last show(). */
+  end(): void;
 }
 
 /** Bytes over time per VM, for rates. */
@@ -81,78 +91,81 @@ function sizedStderr(): NodeJS.WriteStream {
   }) as NodeJS.WriteStream;
 }
 
-class LiveDisplay implements ProgressDisplay {
+/** Asks the run where each VM stands, every surface.everyMs, and shows it. */
+class PolledDisplay implements ProgressDisplay {
   private readonly verb: string;
+  private readonly surface: Surface;
   private readonly rates = new Rates();
-  private readonly draw = createLogUpdate(sizedStderr(), { showCursor: false });
   private source: ProgressSource | null = null;
   private timer: ReturnType<typeof setInterval> | null = null;
 
-  constructor(verb: string) {
+  constructor(verb: string, surface: Surface) {
     this.verb = verb;
+    this.surface = surface;
   }
 
   start(source: ProgressSource): void {
     this.source = source;
+    this.surface.begin(() => this.show());
+    this.timer = setInterval(() => this.show(), this.surface.everyMs);
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+    if (!this.source) return;
+    this.surface.end();
+    this.source = null;
+  }
+
+  private show(): void {
+    if (!this.source) return;
+    const now = performance.now();
+    this.surface.show(this.source().map((vm) => ({ vm, line: describe(vm, this.rates.rate(vm, now), this.verb) })));
+  }
+}
+
+/** A terminal: the lines redrawn in place, log lines printed above them. */
+class TerminalSurface implements Surface {
+  readonly everyMs = REDRAW_MS;
+  private readonly draw = createLogUpdate(sizedStderr(), { showCursor: false });
+  private redraw: () => void = () => {};
+
+  begin(redraw: () => void): void {
+    this.redraw = redraw;
     // a log line clears the block, prints, and the block is drawn again below it
     setLineWriter((text) => {
       this.draw.clear();
       process.stderr.write(text);
-      this.render();
+      redraw();
     });
-    this.render();
-    this.timer = setInterval(() => this.render(), REDRAW_MS);
+    redraw();
   }
 
-  stop(): void {
-    if (this.timer) clearInterval(this.timer);
-    if (!this.source) return;
-    this.render();
+  show(vms: ReadonlyArray<{ vm: VmProgress; line: string }>): void {
+    const colour = ({ vm, line }: { vm: VmProgress; line: string }) =>
+      vm.phase === "failed" ? kleur.red(line) : vm.phase === "done" ? kleur.green(line) : line;
+    this.draw(vms.map(colour).join("\n"));
+  }
+
+  end(): void {
+    this.redraw();
     this.draw.done();
     setLineWriter(null);
-    this.source = null;
-  }
-
-  private render(): void {
-    if (!this.source) return;
-    const now = performance.now();
-    const lines = this.source().map((vm) => {
-      const line = describe(vm, this.rates.rate(vm, now), this.verb);
-      if (vm.phase === "failed") return kleur.red(line);
-      if (vm.phase === "done") return kleur.green(line);
-      return line;
-    });
-    this.draw(lines.join("\n"));
   }
 }
 
-class PlainDisplay implements ProgressDisplay {
-  private readonly verb: string;
-  private readonly rates = new Rates();
-  private source: ProgressSource | null = null;
-  private timer: ReturnType<typeof setInterval> | null = null;
+/** A pipe, a file, cron: a timestamped line per VM still under way, every few seconds. */
+class PlainSurface implements Surface {
+  readonly everyMs = PLAIN_EVERY_MS;
 
-  constructor(verb: string) {
-    this.verb = verb;
-  }
+  begin(): void {}
 
-  start(source: ProgressSource): void {
-    this.source = source;
-    this.timer = setInterval(() => this.print(), PLAIN_EVERY_MS);
-  }
-
-  stop(): void {
-    if (this.timer) clearInterval(this.timer);
-    this.source = null;
-  }
-
-  private print(): void {
-    if (!this.source) return;
-    const now = performance.now();
+  show(vms: ReadonlyArray<{ vm: VmProgress; line: string }>): void {
     const stamp = new Date().toISOString().replace(/\.\d+Z$/, "Z");
-    for (const vm of this.source()) {
-      if (vm.phase === "done" || vm.phase === "failed") continue;
-      process.stderr.write(`${stamp} sgm: ${describe(vm, this.rates.rate(vm, now), this.verb)}\n`);
+    for (const { vm, line } of vms) {
+      if (vm.phase !== "done" && vm.phase !== "failed") process.stderr.write(`${stamp} sgm: ${line}\n`);
     }
   }
+
+  end(): void {}
 }
