@@ -39,8 +39,10 @@ dist/sgm: node_modules/.installed $(SOURCES)
 typecheck: node_modules/.installed
 	node_modules/.bin/tsc -p .
 
+# a failure's reason is printed again at the end, where a log's tail shows it
 test: deps dist/sgm typecheck
-	$(BUN) test --timeout 600000
+	mkdir -p .cache && rm -f .cache/junit.xml
+	$(BUN) test --timeout 600000 --reporter=junit --reporter-outfile=.cache/junit.xml || { $(BUN) test/harness/failures.ts .cache/junit.xml; exit 1; }
 
 demo: deps dist/sgm
 	$(BUN) demo/demo.ts

@@ -6,7 +6,7 @@ import { queryMigrate } from "../core/qmp/migration.ts";
 import type { CheckReport } from "../core/scatter/preflight.ts";
 import { report, startGather, startPair, startRelay, type VmPair, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
-import { runSgm } from "./harness/sgm.ts";
+import { expectExit, runSgm } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -36,7 +36,7 @@ describe("sgm check", () => {
     const relay = await startRelay(psk, "1GiB", ["--json"]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
     const r = await check([pair], port, ["--via", relay.address]);
-    expect(r.code).toBe(0);
+    expectExit(r, 0);
     const c = report<CheckReport>(r);
     expect(verdicts(c)).toEqual({ "source good": "ok", "gather ADDR": "ok", "destination good": "ok", "relay ADDR": "ok", plan: "ok" });
     expect(r.stderr).toMatch(/^sgm: ok {4}destination good: QEMU [\d.]+, pc-i440fx-[\d.]+: waits with -incoming defer and can do postcopy \(userfaultfd\)$/m);
@@ -55,7 +55,7 @@ describe("sgm check", () => {
     const dead = `127.0.0.1:${await freePort()}`;
     const { port } = await startGather([pair, stray], psk);
     const r = await check([pair, stray, unserved], port, ["--via", dead]);
-    expect(r.code).toBe(2);
+    expectExit(r, 2);
     const c = report<CheckReport>(r);
     expect(verdicts(c)).toEqual({
       "source fine": "ok",
@@ -78,13 +78,13 @@ describe("sgm check", () => {
   test("a gather that is not there, or refuses the key, fails its check with 69", async () => {
     const pair = await startPair(dir, "lonely", { memMiB: 32, seed: 405 });
     const nobody = await check([pair], await freePort(), ["--wait-gather", "0"]);
-    expect(nobody.code).toBe(69);
+    expectExit(nobody, 69);
     expect(verdicts(report<CheckReport>(nobody))).toEqual({ "source lonely": "ok", "gather ADDR": "fail" });
 
     const { port } = await startGather([pair], psk);
     const wrongKey = await writePsk(makeTempDir("check-key"), "a different key of enough length");
     const refused = await check([pair], port, [], wrongKey);
-    expect(refused.code).toBe(69);
+    expectExit(refused, 69);
     expect(report<CheckReport>(refused).checks.find((x) => x.check.startsWith("gather"))!.detail).toMatch(/authentication failed/);
     await untouched(pair);
   }, 60_000);
@@ -94,7 +94,7 @@ describe("sgm check", () => {
     const small = await startRelay(psk, "16MiB");
     const { port } = await startGather([pair], psk, ["--max-rate", "5MiB/s"]);
     const r = await check([pair], port, ["--via", small.address, "--source-rate", "100MiB/s"]);
-    expect(r.code).toBe(78);
+    expectExit(r, 78);
     const plan = report<CheckReport>(r).checks.find((x) => x.check === "plan")!;
     expect(plan).toMatchObject({ verdict: "fail", detail: expect.stringMatching(/^the relays can hold 16\.0 MiB of the /) });
     await untouched(pair);

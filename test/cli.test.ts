@@ -1,12 +1,12 @@
 // The compiled executable's command line: help, version, and usage errors.
 
 import { describe, expect, test } from "bun:test";
-import { runSgm } from "./harness/sgm.ts";
+import { expectExit, runSgm } from "./harness/sgm.ts";
 
 describe("dist/sgm", () => {
   test("--help lists the three roles and check", async () => {
     const r = await runSgm(["--help"]);
-    expect(r.code).toBe(0);
+    expectExit(r, 0);
     for (const role of ["scatter", "relay", "gather", "check"]) expect(r.stdout).toMatch(new RegExp(`^\\s+${role}\\s+\\S`, "m"));
   });
 
@@ -17,7 +17,7 @@ describe("dist/sgm", () => {
     ["check", ["--to", "--vm", "--via", "--via-file", "--replicas", "--source-rate", "--all-relays", "--psk-file", "--json"]],
   ])("%s --help shows its own flags", async (role, flags) => {
     const r = await runSgm([role, "--help"]);
-    expect(r.code).toBe(0);
+    expectExit(r, 0);
     expect(r.stdout).toContain(`$ sgm ${role} `);
     for (const flag of flags) expect(r.stdout).toContain(flag);
   });
@@ -25,20 +25,20 @@ describe("dist/sgm", () => {
   test("--version prints the version baked in at build time", async () => {
     const pkg = (await Bun.file(`${import.meta.dir}/../package.json`).json()) as { version: string };
     const r = await runSgm(["--version"]);
-    expect(r.code).toBe(0);
+    expectExit(r, 0);
     expect(r.stdout).toMatch(new RegExp(`^sgm ${pkg.version.replace(/\./g, "\\.")}\\+[0-9a-f]+\\n$`));
   });
 
   test("an unknown command is a usage error (exit 2) on one line", async () => {
     const r = await runSgm(["evict"]);
-    expect(r.code).toBe(2);
+    expectExit(r, 2);
     expect(r.stdout).toBe("");
     expect(r.stderr).toBe("sgm: error: unknown command 'evict' (try sgm --help)\n");
   });
 
   test("an unknown flag is a usage error (exit 2)", async () => {
     const r = await runSgm(["relay", "--frobnicate"]);
-    expect(r.code).toBe(2);
+    expectExit(r, 2);
     expect(r.stderr).toBe("sgm: error: Unknown option `--frobnicate`\n");
   });
 
@@ -61,7 +61,7 @@ describe("dist/sgm", () => {
     [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--postcopy-bandwidth", "fast"], "--postcopy-bandwidth 'fast': expected a size such as 8GiB or 512MiB"],
   ])("usage error %j", async (args, message) => {
     const r = await runSgm(args);
-    expect(r.code).toBe(2);
+    expectExit(r, 2);
     expect(r.stdout).toBe("");
     expect(r.stderr.startsWith(`sgm: error: ${message}`)).toBe(true);
     expect(r.stderr.split("\n").length).toBe(2); // one line

@@ -9,6 +9,7 @@ import { queryMigrate } from "../core/qmp/migration.ts";
 import { haltAndCompare, report, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
 import type { TestVm } from "./harness/qemu.ts";
+import { expectExit } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -30,8 +31,8 @@ describe("eviction through scatter and gather", () => {
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--digest-threads", "2"]);
     const s = await scatter.result();
     const g = await gather.result();
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
 
     const sr = report<ScatterReport>(s).vms[0]!;
     const gr = report<GatherReport>(g).vms[0]!;
@@ -62,8 +63,8 @@ describe("eviction through scatter and gather", () => {
     const scatter = await startScatter([pair], port, psk, ["--switchover", "postcopy", "--postcopy-after-pass", "0", "--digest-threads", "1"]);
     const s = await scatter.result();
     const g = await gather.result();
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     expect(report<ScatterReport>(s).vms[0]!.source).toBe("quit");
     expect(await pair.source.proc.exited).toBe(0);
     const gr = report<GatherReport>(g).vms[0]!;
@@ -83,7 +84,7 @@ describe("a failure before switchover leaves the VM running at the source", () =
     await scatter.waitStderr(/is streaming/);
     scatter.proc.kill("SIGKILL");
     const g = await gather.result();
-    expect(g.code).toBe(69);
+    expectExit(g, 69);
     expect(report<GatherReport>(g).vms[0]!.error).toMatch(/scatter went away before switchover/);
     await waitMigrationEnded(pair.source);
     expect(await pair.source.status()).toBe("running");
@@ -97,7 +98,7 @@ describe("a failure before switchover leaves the VM running at the source", () =
     await scatter.waitStderr(/is streaming/);
     gather.proc.kill("SIGKILL");
     const s = await scatter.result();
-    expect(s.code).toBe(69);
+    expectExit(s, 69);
     const sr = report<ScatterReport>(s).vms[0]!;
     expect(sr.ok).toBe(false);
     expect(sr.source).toBe("running");
@@ -113,7 +114,7 @@ describe("a failure before switchover leaves the VM running at the source", () =
     await scatter.waitStderr(/is streaming/);
     scatter.proc.kill("SIGINT");
     const s = await scatter.result();
-    expect(s.code).toBe(130);
+    expectExit(s, 130);
     expect(report<ScatterReport>(s).vms[0]!.source).toBe("running");
     expect(await pair.source.status()).toBe("running");
   }, 120_000);
@@ -125,8 +126,8 @@ describe("a wrong final page map is never switched over", () => {
     const { gather, port } = await startGather([pair], psk, [], undefined, { SGM_TEST_FAULT: "gather-map" });
     const s = await (await startScatter([pair], port, psk, ["--switchover", "precopy"])).result();
     const g = await gather.result();
-    expect(s.code).toBe(65);
-    expect(g.code).toBe(65);
+    expectExit(s, 65);
+    expectExit(g, 65);
     expect(report<ScatterReport>(s).vms[0]!).toMatchObject({ ok: false, source: "running" });
     expect(s.stderr).toMatch(/wrongmap: NOT evicted: VM wrongmap: gather: VM wrongmap: the gather's final page map differs from the source's/);
     expect(await pair.source.status()).toBe("running");
@@ -143,7 +144,7 @@ describe("refusals before anything moves", () => {
     await pair.source.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "xbzrle", state: true }] });
     const { port } = await startGather([pair], psk);
     const s = await (await startScatter([pair], port, psk)).result();
-    expect(s.code).toBe(2);
+    expectExit(s, 2);
     expect(s.stderr).toBe("sgm: error: VM xb: migration capability 'xbzrle' is on (XBZRLE-encoded pages); sgm needs it off\n");
     expect((await queryMigrate(pair.source.qmp)).status ?? "none").toBe("none");
   }, 60_000);
@@ -154,7 +155,7 @@ describe("refusals before anything moves", () => {
     const other = await writePsk(makeTempDir("psk"), "a different key of enough length");
     const scatter = await startScatter([pair], port, other);
     const s = await scatter.result();
-    expect(s.code).toBe(69);
+    expectExit(s, 69);
     expect(s.stdout).toBe("");
     expect(s.stderr).toMatch(/^sgm: error: .*authentication failed.*\n$/m);
     expect(gather.proc.exitCode).toBeNull(); // the gather is unmoved and keeps waiting
@@ -167,7 +168,7 @@ describe("refusals before anything moves", () => {
     const { port } = await startGather([pair], psk);
     const scatter = await startScatter([stray], port, psk);
     const s = await scatter.result();
-    expect(s.code).toBe(69);
+    expectExit(s, 69);
     expect(report<ScatterReport>(s).vms[0]!.error).toBe("VM stray: gather: no destination for VM stray here (not a --vm of this gather)");
     expect((await queryMigrate(stray.source.qmp)).status ?? "none").toBe("none");
     expect(await stray.source.status()).toBe("running");
@@ -178,12 +179,12 @@ describe("refusals before anything moves", () => {
     const stray = await startPair(dir, "unserved", { memMiB: 32, seed: 110 });
     const { gather, port } = await startGather([pair], psk);
     const s = await (await startScatter([pair, stray], port, psk, ["--keep-source"])).result();
-    expect(s.code).toBe(3);
+    expectExit(s, 3);
     const vms = report<ScatterReport>(s).vms;
     expect(vms.find((v) => v.name === "served")).toMatchObject({ ok: true, source: "paused" });
     expect(vms.find((v) => v.name === "unserved")).toMatchObject({ ok: false, source: "running" });
     expect(s.stderr).toMatch(/unserved: NOT evicted: .*no destination for VM unserved here/);
-    expect((await gather.result()).code).toBe(0);
+    expectExit((await gather.result()), 0);
     expect(await stray.source.status()).toBe("running");
     const { verified, comparison } = await haltAndCompare(pair, dir);
     expect(verified).toBe(true);

@@ -11,6 +11,7 @@ import { report, startGather, startRelay, startScatter, writePsk } from "./harne
 import { expectGuestRunsOn, expectMemoryEqual, startLinuxPair } from "./harness/linux-pair.ts";
 import { killAll } from "./harness/processes.ts";
 import { qemu10_0 } from "./harness/qemu-binaries.ts";
+import { expectExit } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -32,8 +33,8 @@ describe("a real Linux guest", () => {
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "32MiB/s"]);
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--via", relays.map((r) => r.address).join(",")]);
     const [s, g] = await Promise.all([scatter.result(), gather.result()]);
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     const sr = report<ScatterReport>(s);
     expect(sr.placement.relayedPages).toBeGreaterThan(0);
     expect(sr.placement.dedupPages).toBeGreaterThan(0);
@@ -51,12 +52,13 @@ describe("a real Linux guest", () => {
     const { gather, port } = await startGather(pairs, psk, ["--max-rate", "48MiB/s"]);
     const scatter = await startScatter(pairs, port, psk, ["--via", relay.address]);
     const [s, g] = await Promise.all([scatter.result(), gather.result()]);
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     const sr = report<ScatterReport>(s);
+    const placed = `placement: ${JSON.stringify(sr.placement)}`;
     // the same kernel and busybox in both: much of one VM is sent as references to the other's
-    expect(sr.placement.dedupPages).toBeGreaterThan(10_000);
-    expect(sr.placement.relayedPages).toBeGreaterThan(0);
+    expect(sr.placement.dedupPages, placed).toBeGreaterThan(10_000);
+    expect(sr.placement.relayedPages, placed).toBeGreaterThan(0);
     for (const pair of pairs) await expectGuestRunsOn(pair);
   }, 300_000);
 });

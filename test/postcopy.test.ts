@@ -7,6 +7,7 @@ import type { ScatterReport } from "../core/scatter/engine.ts";
 import { haltAndCompare, report, startGather, startPair, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
 import { qemu10_0 } from "./harness/qemu-binaries.ts";
+import { expectExit } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -37,7 +38,7 @@ describe("postcopy switchover", () => {
     const g1 = await startGather([stuck], psk);
     const precopy = await startScatter([stuck], g1.port, psk, ["--switchover", "precopy", "--max-passes", "3", "--downtime-limit", "1"]);
     const p = await precopy.result();
-    expect(p.code).toBe(75);
+    expectExit(p, 75);
     expect(p.stderr).toMatch(
       /sgm: stuck: NOT evicted: VM stuck: precopy did not converge in 3 passes \([\d.]+ [KMG]iB read from the source in \d+ s, [\d.]+ [KMG]iB\/s; the guest dirties [\d.]+ [KMG]iB\/s\); it runs on at the source; evict it with --switchover postcopy/,
     );
@@ -60,8 +61,8 @@ describe("postcopy switchover", () => {
     const { gather, port } = await startGather([pair], psk);
     const s = await (await startScatter([pair], port, psk, ["--keep-source", "--switchover", "postcopy", "--postcopy-after-pass", "1"])).result();
     const g = await gather.result();
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     const sr = report<ScatterReport>(s).vms[0]!;
     const gr = report<GatherReport>(g).vms[0]!;
     expect(sr.switchover).toBe("postcopy");
@@ -80,8 +81,8 @@ describe("postcopy switchover", () => {
     const { gather, port } = await startGather([pair], psk);
     const s = await (await startScatter([pair], port, psk, ["--keep-source", "--switchover", "postcopy", "--postcopy-after-pass", "0"])).result();
     const g = await gather.result();
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     const sr = report<ScatterReport>(s).vms[0]!;
     const gr = report<GatherReport>(g).vms[0]!;
     // switched at once: the source had sent little, so most pages were pending

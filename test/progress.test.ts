@@ -6,7 +6,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { haltAndCompare, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll, track } from "./harness/processes.ts";
-import { sgmBinary } from "./harness/sgm.ts";
+import { expectExit, sgmBinary } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -39,7 +39,7 @@ describe("progress", () => {
     const [code, screen] = await Promise.all([scatter.exited, new Response(scatter.stdout).text()]);
     const g = await gather.result();
     expect(code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(g, 0);
 
     // drawn in place: lines erased and redrawn, the phases in their order, the cursor shown again at the end
     expect(screen).toContain(`${ESC}2K`);
@@ -91,8 +91,8 @@ describe("progress", () => {
     };
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--quiet"]);
     const [s, g] = await Promise.all([scatter.result(), gather.result()]);
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     expect(s.stderr).toBe("");
     expect(g.stderr).toBe("");
     expect(JSON.parse(s.stdout).vms[0].ok).toBe(true);

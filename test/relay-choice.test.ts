@@ -10,6 +10,7 @@ import type { RelayPlan } from "../core/scatter/relay-plan.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
 import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
+import { expectExit } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -44,7 +45,7 @@ describe("choosing relays", () => {
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "5MiB/s"]);
     const via = [slow, roomy, fastSmall].map((r) => r.address).join(",");
     const s = await (await startScatter([pair], port, psk, ["--plan", "--source-rate", "100MiB/s", "--via", via])).result();
-    expect(s.code).toBe(0);
+    expectExit(s, 0);
     const plan = report<RelayPlan>(s);
     // the fast relay takes the rate but holds 64 MiB of the ~130 MiB that will not go direct: the roomy one is added
     expect(plan.chosen.map((r) => r.address)).toEqual([fastSmall.address, roomy.address]);
@@ -62,7 +63,7 @@ describe("choosing relays", () => {
     // nothing placed, nothing reserved, and the gather still waits for its scatter
     for (const r of [fastSmall, roomy, slow]) expect(await relayFigures(r)).toMatchObject({ peakUsed: 0, reserved: 0, runs: 0 });
     gather.proc.kill("SIGTERM");
-    expect((await gather.result()).code).toBe(130);
+    expectExit((await gather.result()), 130);
   }, 120_000);
 
   test("a plan short of relay memory exits 78 naming it, and so does the run, with the VM running on untouched", async () => {
@@ -71,12 +72,12 @@ describe("choosing relays", () => {
     const { port } = await startGather([pair], psk, ["--max-rate", "5MiB/s"]);
     const via = ["--via", `${a.address},${b.address}`, "--source-rate", "100MiB/s"];
     const planned = await (await startScatter([pair], port, psk, ["--plan", ...via])).result();
-    expect(planned.code).toBe(78);
+    expectExit(planned, 78);
     expect(planned.stderr).toMatch(/plan falls short: the relays can hold 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)/);
     expect(report<RelayPlan>(planned).shortfall?.kind).toBe("relay-memory");
 
     const run = await (await startScatter([pair], port, psk, via)).result();
-    expect(run.code).toBe(78);
+    expectExit(run, 78);
     expect(run.stderr).toMatch(/sgm: error: the relays can hold 32\.0 MiB of the 1\d\d\.\d MiB that will not go direct \(1 copy\)\n$/);
     await untouched(pair);
   }, 120_000);
@@ -90,8 +91,8 @@ describe("choosing relays", () => {
       pairs.map((p, i) => startScatter([p], gathers[i]!.port, psk, ["--keep-source", "--via", shared.address, "--source-rate", "200MiB/s", "--allow-shortfall"])),
     );
     const results = await Promise.all(scatters.map((s) => s.result()));
-    for (const r of results) expect(r.code).toBe(0);
-    for (const g of gathers) expect((await g.gather.result()).code).toBe(0);
+    for (const r of results) expectExit(r, 0);
+    for (const g of gathers) expectExit((await g.gather.result()), 0);
     const reports = results.map((r) => report<ScatterReport>(r));
     // both runs placed pages there, and what did not fit beside the other's reservation went direct
     for (const r of reports) expect(r.relays[0]!.pages).toBeGreaterThan(1000);

@@ -20,7 +20,7 @@ import {
 } from "../core/wire/relay-messages.ts";
 import { probeRate } from "../core/scatter/rate-probe.ts";
 import { track } from "./harness/processes.ts";
-import { runSgm, sgmBinary, startSgm } from "./harness/sgm.ts";
+import { expectExit, runSgm, sgmBinary, startSgm } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 const HOST = "127.0.0.1";
@@ -478,7 +478,7 @@ describe("sgm relay", () => {
       const base: Record<string, string> = { "--listen": "127.0.0.1:0", "--capacity": "1GiB", "--psk-file": `${dir}/psk` };
       for (let i = 0; i < flags.length; i += 2) base[flags[i]!] = flags[i + 1]!;
       const r = await runSgm(["relay", ...Object.entries(base).flat()]);
-      expect(r.code).toBe(2);
+      expectExit(r, 2);
       expect(r.stdout).toBe("");
       expect(r.stderr).toBe(`sgm: error: ${message}\n`);
     } finally {
@@ -522,7 +522,7 @@ describe("sgm relay", () => {
       // once its last run is released, with no scatter connected, it ends by itself
       gather.release(runId(1), [...pages, ...more]);
       const r = await within(relay.result(), 10_000, "the drained relay did not exit");
-      expect(r.code).toBe(0);
+      expectExit(r, 0);
       expect(r.stderr).toMatch(/drained: every run it held has finished/);
       expect(JSON.parse(r.stdout)).toMatchObject({ pages: 0, runs: 0, refusedPages: 1, bytesIn: 11 * PAGE_BYTES });
     } finally {

@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { REPORT_SCHEMAS } from "../cli/report-schemas.ts";
 import { checkReport, SCHEMA_DIR, schemaFor } from "./harness/report-schemas.ts";
-import { runSgm, startSgm } from "./harness/sgm.ts";
+import { expectExit, runSgm, startSgm } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 describe("report schemas", () => {
@@ -36,7 +36,7 @@ describe("report schemas", () => {
       await relay.waitStderr(/relay listening on/);
       relay.proc.kill("SIGINT");
       const r = await relay.result();
-      expect(r.code).toBe(0);
+      expectExit(r, 0);
       const report = JSON.parse(r.stdout) as Record<string, unknown>;
       checkReport(r.args, report);
 
@@ -52,7 +52,7 @@ describe("report schemas", () => {
 
   test("a usage error prints no report at all", async () => {
     const r = await runSgm(["relay", "--json"]);
-    expect(r.code).toBe(2);
+    expectExit(r, 2);
     expect(r.stdout).toBe("");
   });
 });

@@ -14,6 +14,7 @@ import { loadPsk } from "../core/wire/auth.ts";
 import { maxPayload } from "../core/wire/messages.ts";
 import { PUT_BATCH, PutBuilder, readAck, RelayFrame, RUN_ID_BYTES } from "../core/wire/relay-messages.ts";
 import { killAll } from "./harness/processes.ts";
+import { expectExit } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -86,7 +87,7 @@ describe("scatter-gather with relays", () => {
     const { gather, port } = await startGather(pairs, psk, ["--max-rate", "16MiB/s"]);
     const scatter = await startScatter(pairs, port, psk, ["--keep-source", "--all-relays", "--via", `${r1.address},${r2.address}`]);
     const s = await scatter.result();
-    expect(s.code).toBe(0);
+    expectExit(s, 0);
 
     // evicted while the gather still fetches: the relay's metrics show what it holds, and SIGTERM lets the run finish
     const held = Number(/^sgm_relay_held_pages (\d+)$/m.exec(await (await fetch(`${metrics}/metrics`)).text())?.[1]);
@@ -94,9 +95,9 @@ describe("scatter-gather with relays", () => {
     r1.relay.proc.kill("SIGTERM");
     await r1.relay.waitStderr(/draining: no new runs; waiting for the 1 held to finish/, 10_000);
     const g = await gather.result();
-    expect(g.code).toBe(0);
+    expectExit(g, 0);
     const drained = await r1.relay.result();
-    expect(drained.code).toBe(0);
+    expectExit(drained, 0);
     expect(drained.stderr).toMatch(/drained: every run it held has finished/);
     // the gather released everything it fetched: the relays end empty
     expect(drained.stderr).toMatch(/relay stopped: held 0 B of/);
@@ -138,9 +139,9 @@ describe("scatter-gather with relays", () => {
       return r;
     });
     const s = await scatter.result();
-    expect(s.code).toBe(0);
+    expectExit(s, 0);
     expect(gatherDone).toBe(false);
-    expect((await g).code).toBe(0);
+    expectExit((await g), 0);
     const sr = report<ScatterReport>(s);
     const relay = (address: string) => sr.relays.find((r) => r.address === address)!;
     expect(taken).toBeGreaterThan(16 << 20);
@@ -158,8 +159,8 @@ describe("scatter-gather with relays", () => {
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", small.address, "--via-file", viaFile]);
     const s = await scatter.result();
-    expect(s.code).toBe(0);
-    expect((await gather.result()).code).toBe(0);
+    expectExit(s, 0);
+    expectExit((await gather.result()), 0);
     expect(s.stderr).toContain(`${large.address} (1.0 GiB free, `);
     const sr = report<ScatterReport>(s);
     const pages = (address: string) => sr.relays.find((r) => r.address === address)!.pages;
@@ -178,7 +179,7 @@ describe("scatter-gather with relays", () => {
     const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
     const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", `${r1.address},${r2.address}`, "--replicas", "2"])).result();
-    expect(s.code).toBe(0);
+    expectExit(s, 0);
     const sr = report<ScatterReport>(s);
     // every relayed page is on both relays
     expect(sr.relays[0]!.pages).toBe(sr.placement.relayedPages);
@@ -186,7 +187,7 @@ describe("scatter-gather with relays", () => {
     // the source is evicted; the slow gather still has pages to fetch when a relay dies
     r1.relay.proc.kill("SIGKILL");
     const g = await gather.result();
-    expect(g.code).toBe(0);
+    expectExit(g, 0);
     const gr = report<GatherReport>(g);
     // the gather asks the first relay holding a page: the second served only once the first was gone
     const fetched = (address: string) => gr.relays.find((r) => r.address === address)!.pagesFetched;
@@ -202,8 +203,8 @@ describe("scatter-gather with relays", () => {
     await Bun.sleep(1000);
     const { gather } = await startGather([pair], psk, [], port);
     const [s, g] = [await scatter.result(), await gather.result()];
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     await provedEqual(pair);
   }, 120_000);
 
@@ -214,8 +215,8 @@ describe("scatter-gather with relays", () => {
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "32MiB/s"]);
     const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", `${dead},${live.address}`])).result();
     const g = await gather.result();
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     expect(s.stderr).toContain(`sgm: relay ${dead} left out: ${dead}: connection refused`);
     expect(report<ScatterReport>(s).relays.map((r) => r.address)).toEqual([live.address]);
     await provedEqual(pair);
@@ -226,7 +227,7 @@ describe("scatter-gather with relays", () => {
     const dead = `127.0.0.1:${await freePort()}`;
     const { port } = await startGather([pair], psk);
     const s = await (await startScatter([pair], port, psk, ["--via", dead])).result();
-    expect(s.code).toBe(69);
+    expectExit(s, 69);
     expect(s.stderr).toMatch(/sgm: error: only 0 of 1 relays reachable, fewer than --replicas 1\n$/);
     expect((await queryMigrate(pair.source.qmp)).status ?? "none").toBe("none");
     expect(await pair.source.status()).toBe("running");

@@ -9,8 +9,9 @@ import { queryMigrate } from "../core/qmp/migration.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
 import { haltAndCompare, report, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
-import { type QemuBinary, TestVm } from "./harness/qemu.ts";
 import { QEMU_7_2, qemu10_0 } from "./harness/qemu-binaries.ts";
+import { type QemuBinary, TestVm } from "./harness/qemu.ts";
+import { expectExit } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -45,8 +46,8 @@ describe("evictions across QEMU versions", () => {
     const { gather, port } = await startGather([pair], psk);
     const s = await (await startScatter([pair], port, psk, ["--keep-source"])).result();
     const g = await gather.result();
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     const sr = report<ScatterReport>(s).vms[0]!;
     const gr = report<GatherReport>(g).vms[0]!;
     expect(sr.qemu.source.startsWith(`${from}.`)).toBe(true);
@@ -70,8 +71,8 @@ describe("evictions across QEMU versions", () => {
     const { gather, port } = await startGather([pair], psk);
     const s = await (await startScatter([pair], port, psk, ["--keep-source", "--switchover", "postcopy", "--postcopy-after-pass", "0"])).result();
     const g = await gather.result();
-    expect(s.code).toBe(0);
-    expect(g.code).toBe(0);
+    expectExit(s, 0);
+    expectExit(g, 0);
     expect(report<ScatterReport>(s).vms[0]!.switchover).toBe("postcopy");
     const { verified, comparison } = await haltAndCompare(pair, dir);
     expect(verified).toBe(true);
@@ -88,7 +89,7 @@ describe("evictions across QEMU versions", () => {
     const pair = { name, source, destination, layout: await source.waitFilled() };
     const { port } = await startGather([pair], psk);
     const s = await (await startScatter([pair], port, psk)).result();
-    expect(s.code).toBe(69);
+    expectExit(s, 69);
     expect(report<ScatterReport>(s).vms[0]!.error).toBe(
       `VM ${name}: gather: machine types differ: the source (QEMU 10.0.2) runs pc-i440fx-10.0, the destination (QEMU 7.2.22) pc-i440fx-7.2; QEMU migrates only between equal machine types`,
     );

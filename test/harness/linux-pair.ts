@@ -52,9 +52,10 @@ export async function expectGuestRunsOn(pair: VmPair): Promise<void> {
   const swept = await waitCount(pair.destination, /SGMCHURN sweep=(\d+) (\w+)/g, sweep + 2);
   const checked = await waitCount(pair.destination, /SGMLINUX check n=(\d+) (\w+)/g, check + 1);
   const after = pair.destination.serialText();
-  expect(after.split("\n").filter((line) => TROUBLE.test(line))).toEqual([]);
-  expect(swept).toBe("ok");
-  expect(checked).toBe("ok");
+  const tail = `${pair.name} at the destination printed, last:\n${after.split("\n").slice(-30).join("\n")}`;
+  expect(after.split("\n").filter((line) => TROUBLE.test(line)), tail).toEqual([]);
+  expect(swept, tail).toBe("ok");
+  expect(checked, tail).toBe("ok");
 }
 
 /** Waits for a line of `pattern` numbered at least `atLeast` (or for trouble); returns its verdict. */

@@ -1,6 +1,7 @@
 // The compiled sgm executable, as users run it. Built on first use (make
 // knows whether dist/sgm is older than its sources).
 
+import { expect } from "bun:test";
 import { join } from "node:path";
 import { track } from "./processes.ts";
 
@@ -23,6 +24,15 @@ export interface RunResult {
   stderr: string;
   /** The command line it ran, after the binary. */
   args: string[];
+}
+
+/**
+ * The run exited with `code`; if not, the failure names the command and
+ * ends with what sgm printed on stderr, so a CI log says why.
+ */
+export function expectExit(result: RunResult, code: number): void {
+  const said = result.stderr.trim().split("\n").slice(-15).join("\n");
+  expect(result.code, `sgm ${result.args[0]} exited ${result.code}, not ${code}; its stderr ended:\n${said}`).toBe(code);
 }
 
 /** Runs dist/sgm to completion. */
