@@ -105,7 +105,7 @@ export class ContentDirectory {
     this.settle(cid);
   }
 
-  /** The end of the run's streams: the scatter names nothing more. */
+  /** The scatter is gone: it names nothing more. */
   unpinAll(): void {
     for (let cid = 0; cid < this.pins.length; cid++) {
       if (this.pins[cid] === 0) continue;

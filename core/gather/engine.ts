@@ -306,8 +306,9 @@ class ScatterSession {
         return;
       }
       case "source-done":
+        // pins stay until the scatter goes: a VM it has not offered yet (one
+        // waiting for a slot) may still name any content the run placed
         this.vm(message.vm).sourceDone(message.stoppedAt, message.map);
-        this.releasePinsIfDone();
         return;
       case "source-switched":
         this.vm(message.vm).sourceSwitched(message.stoppedAt);
@@ -377,12 +378,6 @@ class ScatterSession {
     const arrival = this.vms.get(id);
     if (!arrival) throw new SgmError("data", `${this.conn.remoteAddress}: frame for VM id ${id}, which was never offered`);
     return arrival;
-  }
-
-  /** Once no source of this scatter streams any more, no content can be named again. */
-  private releasePinsIfDone(): void {
-    if ([...this.vms.values()].some((a) => a.isStreaming)) return;
-    this.releasePins();
   }
 
   private releasePins(): void {

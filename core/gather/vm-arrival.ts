@@ -58,11 +58,6 @@ export class VmArrival {
     return this.stage !== "waiting";
   }
 
-  /** Its source may still send page maps that name content. */
-  get isStreaming(): boolean {
-    return this.stage === "offered" || this.stage === "streaming" || (this.postcopy && !this.sourceFinished && this.stage !== "failed");
-  }
-
   /** Resolves when the VM completed or failed. */
   get done(): Promise<void> {
     return this.finished.promise;
