@@ -23,14 +23,8 @@ export function parseHostPortList(flag: string, values: unknown): HostPort[] {
  * and everything after a # are ignored.
  */
 export function parseHostPortFile(flag: string, path: string): HostPort[] {
-  let text: string;
-  try {
-    text = readFileSync(path, "utf8");
-  } catch (err) {
-    throw new SgmError("usage", `${flag} '${path}': cannot read it (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
-  }
   const out: HostPort[] = [];
-  text.split("\n").forEach((raw, i) => {
+  readTextFile(flag, path).split("\n").forEach((raw, i) => {
     const line = raw.replace(/#.*/, "").trim();
     if (line === "") return;
     const hp = parse(line);
@@ -69,7 +63,7 @@ export interface VmPair {
   qmp: string;
 }
 
-const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+export const VM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export function parseVmPairs(values: unknown): VmPair[] {
   const pairs = asStrings(values).map((text) => {
@@ -96,6 +90,14 @@ export function requireString(flag: string, value: unknown): string {
     throw new SgmError("usage", `${flag} is required`);
   }
   return value;
+}
+
+export function readTextFile(flag: string, path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch (err) {
+    throw new SgmError("usage", `${flag} '${path}': cannot read it (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+  }
 }
 
 function asStrings(values: unknown): string[] {

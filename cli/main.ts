@@ -6,6 +6,7 @@ import { cac } from "cac";
 import { SgmError } from "../core/errors.ts";
 import { runWithTunedAllocator } from "./allocator.ts";
 import { registerCheck } from "./check.ts";
+import { registerEvacuate } from "./evacuate.ts";
 import { registerGather } from "./gather.ts";
 import { reportError } from "./output.ts";
 import { registerRelay } from "./relay.ts";
@@ -15,9 +16,10 @@ import { VERSION } from "./version.ts";
 
 async function main(argv: string[]): Promise<number> {
   const cli = cac("sgm");
-  cli.usage("<scatter|relay|gather|check> [options]\n\n  Scatter-Gather live migration: evict QEMU/KVM virtual machines from a host fast,\n  even when the destination is slow to receive them.");
+  cli.usage("<scatter|relay|gather|evacuate|check> [options]\n\n  Scatter-Gather live migration: evict QEMU/KVM virtual machines from a host fast,\n  even when the destination is slow to receive them.");
   const signals = new Signals();
   registerScatter(cli, signals.stop);
+  registerEvacuate(cli, signals.stop);
   registerCheck(cli, signals.stop);
   registerRelay(cli, signals);
   registerGather(cli, signals.stop);

@@ -9,6 +9,7 @@ import Type, { type Static, type TSchema } from "typebox";
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { RelayStats } from "../core/relay/engine.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
+import type { EvacuationReport } from "../core/scatter/evacuation.ts";
 import type { CheckReport } from "../core/scatter/preflight.ts";
 import type { RelayPlan } from "../core/scatter/relay-plan.ts";
 
@@ -37,6 +38,7 @@ const EvictionReport = Type.Object(
     error: Type.Optional(Type.String()),
     qemu: Type.Object({ source: Type.String(), destination: orNull(Type.String()), machine: Type.String() }, closed),
     switchover: orNull(Switchover),
+    queuedMs: orNull(Type.Number({ description: "From the first byte of migration until this VM began to migrate: its wait for a slot (evacuate --max-in-flight); null if it never began." })),
     evictionMs: orNull(Type.Number({ description: "From the first byte of migration until every byte of the final state was held off the source." })),
     downtimeMs: orNull(Type.Number({ description: "Source STOP to destination RESUME." })),
     totalMs: orNull(Type.Number({ description: "From the first byte of migration until the destination completed, if it did while scatter ran." })),
@@ -94,6 +96,53 @@ const ScatterReportSchema = Type.Object(
     placement: Type.Object({ directPages: count(), relayedPages: count(), dedupPages: count(), replacedPages: count() }, closed),
     plan: orNull(RelayPlanSchema),
     planMs: Type.Number({ minimum: 0, description: "Checks, connections, probes and plan, before the first byte of migration." }),
+    exitCode: Type.Integer({ description: "0, 3 when some VMs were evicted and the others run on at the source, else the worst failure's." }),
+  },
+  closed,
+);
+
+const EvacuatedVm = Type.Object(
+  {
+    name: Type.String(),
+    to: Type.String({ description: "The gather it was bound for, HOST:PORT." }),
+    ramBytes: orNull(bytes("Its RAM, as its QEMU told; null if its QEMU did not answer.")),
+    ok: Type.Boolean(),
+    error: Type.Optional(Type.String()),
+    source: Type.String({ description: "Where the VM is now at the source: quit, paused (--keep-source), running (not evicted), unknown (its QEMU did not answer)." }),
+    exitCode: Type.Optional(Type.Integer({ description: "The exit code this VM's failure maps to." })),
+    startedAfterMs: orNull(Type.Number({ description: "From the evacuation's start until it began to migrate (after its wait for a slot)." })),
+    evictedAfterMs: orNull(Type.Number({ description: "From the evacuation's start until every byte of its final state was held off this host." })),
+    eviction: orNull(EvictionReport),
+  },
+  closed,
+);
+
+const EvacuationReportSchema = Type.Object(
+  {
+    ok: Type.Boolean(),
+    vms: Type.Array(EvacuatedVm, { description: "Every VM named, largest first: the order they were given slots in." }),
+    destinations: Type.Array(
+      Type.Object(
+        {
+          to: Type.String(),
+          vms: Type.Array(Type.String()),
+          error: orNull(Type.String({ description: "Why the run to this gather did not start." })),
+          run: orNull(Type.Omit(ScatterReportSchema, ["vms"], closed)),
+        },
+        closed,
+      ),
+    ),
+    host: Type.Object(
+      {
+        vms: count(),
+        evicted: count(),
+        failed: count(),
+        emptiedAfterMs: orNull(Type.Number({ description: "From the start until the last VM was evicted, when every one was." })),
+        bytesFromSources: bytes(),
+        dedupSavedBytes: bytes(),
+      },
+      closed,
+    ),
     exitCode: Type.Integer({ description: "0, 3 when some VMs were evicted and the others run on at the source, else the worst failure's." }),
   },
   closed,
@@ -183,6 +232,7 @@ const printed = <T extends ReturnType<typeof Type.Object>>(title: string, schema
 export const REPORT_SCHEMAS = {
   "scatter-report": printed("sgm scatter --json", ScatterReportSchema),
   "scatter-plan": printed("sgm scatter --plan --json", RelayPlanSchema),
+  "evacuate-report": printed("sgm evacuate --json", EvacuationReportSchema),
   "gather-report": printed("sgm gather --json", GatherReportSchema),
   "relay-report": printed("sgm relay --json", RelayStatsSchema),
   "check-report": printed("sgm check --json", CheckReportSchema),
@@ -194,9 +244,11 @@ const checks: [
   Same<Static<typeof ScatterReportSchema>, ScatterReport>,
   Same<Static<typeof EvictionReport>, ScatterReport["vms"][number]>,
   Same<Static<typeof RelayPlanSchema>, RelayPlan>,
+  Same<Static<typeof EvacuationReportSchema>, EvacuationReport>,
+  Same<Static<typeof EvacuatedVm>, EvacuationReport["vms"][number]>,
   Same<Static<typeof GatherReportSchema>, GatherReport>,
   Same<Static<typeof ArrivalReport>, GatherReport["vms"][number]>,
   Same<Static<typeof RelayStatsSchema>, RelayStats>,
   Same<Static<typeof CheckReportSchema>, CheckReport>,
-] = [true, true, true, true, true, true, true];
+] = [true, true, true, true, true, true, true, true, true];
 void checks;

@@ -1,5 +1,6 @@
 // The flags that name a run, shared by `scatter` and `check`: the gather,
-// the VMs, the relays and how to use them, and the key.
+// the VMs, the relays and how to use them, and the key. `evacuate` names its
+// VMs and gathers its own way and shares the rest.
 
 import type { Command } from "cac";
 import { SgmError } from "../core/errors.ts";
@@ -8,9 +9,7 @@ import type { PlanOptions } from "../core/scatter/survey.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { parseCount, parseHostPort, parseHostPortFile, parseHostPortList, parseRate, parseVmPairs, requireString } from "./args.ts";
 
-export interface RunFlags {
-  to?: unknown;
-  vm?: unknown;
+export interface RelayFlags {
   via?: unknown;
   viaFile?: unknown;
   replicas?: unknown;
@@ -20,10 +19,22 @@ export interface RunFlags {
   waitGather?: unknown;
 }
 
+export interface RunFlags extends RelayFlags {
+  to?: unknown;
+  vm?: unknown;
+}
+
 export function addRunOptions(command: Command): Command {
+  return addRelayOptions(
+    command
+      .option("--to <host:port>", "Address of the gather on the destination host")
+      .option("--vm <name=qmp>", "A VM to evict: its name (as the gather knows it) and its QMP socket (repeatable)"),
+  );
+}
+
+/** The relays, how to use them, the key, and how long to wait for a gather. */
+export function addRelayOptions(command: Command): Command {
   return command
-    .option("--to <host:port>", "Address of the gather on the destination host")
-    .option("--vm <name=qmp>", "A VM to evict: its name (as the gather knows it) and its QMP socket (repeatable)")
     .option("--via <host:port,...>", "Relays to place pages on when the gather cannot take them yet (repeatable)")
     .option("--via-file <file>", "Relays listed in a file, one HOST:PORT a line (# starts a comment), besides any --via")
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
@@ -37,6 +48,10 @@ export function addRunOptions(command: Command): Command {
 export function parseRunFlags(flags: RunFlags): Omit<PlanOptions, "psk"> {
   const gather = parseHostPort("--to", requireString("--to", flags.to));
   const vms = parseVmPairs(flags.vm);
+  return { gather, vms, ...parseRelayFlags(flags) };
+}
+
+export function parseRelayFlags(flags: RelayFlags): Omit<PlanOptions, "psk" | "gather" | "vms"> {
   const relays = [
     ...parseHostPortList("--via", flags.via),
     ...(flags.viaFile === undefined ? [] : parseHostPortFile("--via-file", requireString("--via-file", flags.viaFile))),
@@ -48,8 +63,6 @@ export function parseRunFlags(flags: RunFlags): Omit<PlanOptions, "psk"> {
     seen.add(key);
   }
   return {
-    gather,
-    vms,
     relays,
     replicas: parseCount("--replicas", flags.replicas, 1, 16),
     gatherWaitMs: parseCount("--wait-gather", flags.waitGather, 0, 24 * 3600) * 1000,
@@ -58,6 +71,6 @@ export function parseRunFlags(flags: RunFlags): Omit<PlanOptions, "psk"> {
   };
 }
 
-export function readKey(flags: RunFlags): Uint8Array {
+export function readKey(flags: RelayFlags): Uint8Array {
   return loadPsk(requireString("--psk-file", flags.pskFile));
 }

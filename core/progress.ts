@@ -2,14 +2,14 @@
 // work: a snapshot the CLI draws, on a terminal or as plain lines.
 
 /**
- * checking: offered, not streaming yet. precopy: the source's passes
+ * queued: waiting for its turn (evacuate --max-in-flight). checking: offered, not streaming yet. precopy: the source's passes
  * (scatter) or pages fed to the destination before switchover (gather,
  * "gathering"). switchover: the source has stopped; the rest is on its way.
  * scattering: the VM runs at the destination while a postcopy source still
  * sends. evicted: every page is off the source. running: the destination
  * runs the VM (and the gather still delivers). done, failed: over.
  */
-export type Phase = "checking" | "precopy" | "switchover" | "scattering" | "evicted" | "gathering" | "running" | "done" | "failed";
+export type Phase = "queued" | "checking" | "precopy" | "switchover" | "scattering" | "evicted" | "gathering" | "running" | "done" | "failed";
 
 export interface VmProgress {
   name: string;

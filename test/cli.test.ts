@@ -4,16 +4,17 @@ import { describe, expect, test } from "bun:test";
 import { expectExit, runSgm } from "./harness/sgm.ts";
 
 describe("dist/sgm", () => {
-  test("--help lists the three roles and check", async () => {
+  test("--help lists the three roles, evacuate and check", async () => {
     const r = await runSgm(["--help"]);
     expectExit(r, 0);
-    for (const role of ["scatter", "relay", "gather", "check"]) expect(r.stdout).toMatch(new RegExp(`^\\s+${role}\\s+\\S`, "m"));
+    for (const role of ["scatter", "relay", "gather", "evacuate", "check"]) expect(r.stdout).toMatch(new RegExp(`^\\s+${role}\\s+\\S`, "m"));
   });
 
   test.each([
     ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--plan", "--source-rate", "--all-relays", "--allow-shortfall", "--digest-threads", "--quiet", "--json"]],
     ["relay", ["--listen", "--capacity", "--psk-file", "--max-rate", "--digest-threads"]],
     ["gather", ["--listen", "--vm", "--psk-file", "--quiet", "--json"]],
+    ["evacuate", ["--map", "--to", "--vm", "--qmp-dir", "--max-in-flight", "--via", "--via-file", "--psk-file", "--switchover", "--keep-source", "--quiet", "--json"]],
     ["check", ["--to", "--vm", "--via", "--via-file", "--replicas", "--source-rate", "--all-relays", "--psk-file", "--json"]],
   ])("%s --help shows its own flags", async (role, flags) => {
     const r = await runSgm([role, "--help"]);
@@ -57,6 +58,15 @@ describe("dist/sgm", () => {
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--digest-threads", "many"], "--digest-threads 'many': expected a whole number from 0 to 64"],
     [["relay", "--listen", "127.0.0.1:0", "--capacity", "1GiB", "--psk-file", "/k", "--max-rate", "0"], "--max-rate '0': must be more than zero"],
     [["check", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to is required"],
+    [["evacuate", "--psk-file", "/k"], "name the VMs: --map FILE, or --vm NAME=QMP_SOCKET and/or --qmp-dir DIR with --to HOST:PORT"],
+    [["evacuate", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to is required"],
+    [["evacuate", "--map", "/m", "--to", "h:1", "--psk-file", "/k"], "--map names every VM and its gather: not with --vm, --qmp-dir or --to"],
+    [["evacuate", "--map", "/nonexistent/map", "--psk-file", "/k"], "--map '/nonexistent/map': cannot read it (ENOENT)"],
+    [["evacuate", "--map", `${import.meta.dir}/cli.test.ts`, "--psk-file", "/k"], `--map ${import.meta.dir}/cli.test.ts line 1: `],
+    [["evacuate", "--qmp-dir", "/nonexistent/run", "--to", "h:1", "--psk-file", "/k"], "--qmp-dir '/nonexistent/run': cannot read it (ENOENT)"],
+    [["evacuate", "--qmp-dir", import.meta.dir, "--to", "h:1", "--psk-file", "/k"], `--qmp-dir '${import.meta.dir}': no QMP sockets in it`],
+    [["evacuate", "--vm", "a=/x", "--to", "h:1", "--psk-file", "/k", "--max-in-flight", "0"], "--max-in-flight '0': expected a whole number from 1 to 10000"],
+    [["evacuate", "--vm", "a=/x", "--to", "h:1", "--psk-file", "/k", "--max-passes", "3"], "--max-passes needs --switchover precopy"],
     [["gather", "--listen", "127.0.0.1:0", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],
     [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--postcopy-bandwidth", "fast"], "--postcopy-bandwidth 'fast': expected a size such as 8GiB or 512MiB"],
   ])("usage error %j", async (args, message) => {

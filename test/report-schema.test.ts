@@ -24,6 +24,7 @@ describe("report schemas", () => {
     expect(schemaFor(["gather", "--json"])).toBe("gather-report");
     expect(schemaFor(["relay", "--json"])).toBe("relay-report");
     expect(schemaFor(["check", "--json"])).toBe("check-report");
+    expect(schemaFor(["evacuate", "--json"])).toBe("evacuate-report");
     expect(schemaFor(["relay"])).toBeNull();
   });
 

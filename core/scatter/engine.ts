@@ -8,6 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PAGE_BYTES } from "../dedup/digest.ts";
 import { DigestPool } from "../dedup/digest-pool.ts";
+import type { EvictionSlots } from "./eviction-slots.ts";
 import type { ProgressSource } from "../progress.ts";
 import { asSgmError, EXIT_CODES, SgmError } from "../errors.ts";
 import { formatBytes, formatRate } from "../units.ts";
@@ -56,6 +57,12 @@ export interface ScatterOptions extends PlanOptions {
   digestThreads?: number;
   /** Given, once the evictions begin, what tells where each VM stands. */
   onProgress?: (source: ProgressSource) => void;
+  /** Shared by the runs of an evacuation: each VM migrates once granted a slot (default: all at once). */
+  slots?: EvictionSlots;
+  /** Threads shared by the runs of an evacuation, instead of the run's own (digestThreads). */
+  digestPool?: DigestPool | null;
+  /** Called once the run is planned and its relays reserved, before any VM migrates. */
+  onPlanned?: () => void;
 }
 
 export interface RelayReport {
@@ -124,6 +131,9 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
     for (const s of sources) s.close();
     throw err;
   }
+  // sizes first: from onPlanned on, the VMs queue for slots without a pause
+  const sizes = options.slots ? await Promise.all(sources.map((s) => s.estimate().then((e) => e.ramBytes, () => 0))) : [];
+  options.onPlanned?.();
   const conn = found.gather;
   const relays = found.relays;
   const opens = [conn, ...relays.map((r) => r.conn)];
@@ -136,7 +146,8 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: runHex, relays: relays.map((r) => r.address) }));
 
   const socketDir = mkdtempSync(join(tmpdir(), "sgm-scatter-"));
-  const digestPool = (options.digestThreads ?? 0) > 0 ? new DigestPool(options.digestThreads!) : null;
+  const ownPool = options.digestPool === undefined && (options.digestThreads ?? 0) > 0;
+  const digestPool = options.digestPool ?? (ownPool ? new DigestPool(options.digestThreads!) : null);
   const evictions = sources.map(
     (source: SourceQemu, id) =>
       new VmEviction({
@@ -182,7 +193,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   if (options.signal?.aborted) onAbort();
 
   try {
-    const reports = await Promise.all(evictions.map((e) => e.run()));
+    const reports = await Promise.all(evictions.map((e, i) => runInSlot(e, sizes[i] ?? 0, options.slots, options.signal)));
     return {
       ok: reports.every((r) => r.ok),
       vms: reports,
@@ -205,8 +216,24 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
     await conn.whenWritable(0).catch(() => {});
     for (const c of opens) c.close();
     for (const s of sources) s.close();
-    digestPool?.close();
+    if (ownPool) digestPool?.close();
     rmSync(socketDir, { recursive: true, force: true });
+  }
+}
+
+/** Runs the eviction once it has a slot; one stopped while it waited never starts. */
+async function runInSlot(eviction: VmEviction, bytes: number, slots: EvictionSlots | undefined, signal: AbortSignal | undefined): Promise<EvictionReport> {
+  if (!slots) return eviction.run();
+  let release: () => void;
+  try {
+    release = await slots.acquire(bytes, signal);
+  } catch (err) {
+    return eviction.skip(asSgmError(err));
+  }
+  try {
+    return await eviction.run();
+  } finally {
+    release();
   }
 }
 
@@ -215,7 +242,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
  * one runs on at the source, so a script can retry just those; otherwise
  * the worst failure's code.
  */
-function exitCodeOf(reports: readonly EvictionReport[]): number {
+export function exitCodeOf(reports: ReadonlyArray<Pick<EvictionReport, "ok" | "exitCode" | "source">>): number {
   const failures = reports.filter((r) => !r.ok);
   if (failures.length === 0) return 0;
   // a script must know it was stopped, even when the rest was evicted

@@ -45,6 +45,8 @@ export interface EvictionReport {
   qemu: { source: string; destination: string | null; machine: string };
   /** How the source switched over: converged in precopy, or switched to postcopy. */
   switchover: SwitchoverMode | null;
+  /** From scatter's start until this VM began to migrate: its wait for a slot (evacuate --max-in-flight); null if it never began. */
+  queuedMs: number | null;
   /** From scatter's start until every byte of the final state was held off the source. */
   evictionMs: number | null;
   /** Source STOP to destination RESUME. */
@@ -95,6 +97,8 @@ export class VmEviction {
   private stage: Stage = "offered";
   /** The gather refused or failed this VM itself. */
   private gatherGaveUp = false;
+  /** When run() began (before, the VM waits for a slot: see eviction-slots.ts). */
+  private startedAt: number | null = null;
   /** run() is over: nothing can fail any more. */
   private finished = false;
   private sock: ByteSocket | null = null;
@@ -161,10 +165,23 @@ export class VmEviction {
     if (this.stage === "go" || this.stage === "running") return "scattering";
     if (this.stage === "switching" || this.stage === "source-postcopy") return "switchover";
     if (this.stage === "streaming") return "precopy";
-    return "checking";
+    return this.startedAt === null ? "queued" : "checking";
+  }
+
+  /**
+   * The VM never started (it was waiting for a slot when the run was
+   * stopped): nothing was asked of its source or the gather, so it runs on
+   * at the source untouched.
+   */
+  skip(reason: SgmError): EvictionReport {
+    this.stage = "failed";
+    this.finished = true;
+    this.pipeline.close();
+    return this.report(reason, "running");
   }
 
   async run(): Promise<EvictionReport> {
+    this.startedAt = performance.now();
     const o = this.options;
     let error: SgmError | undefined;
     let sourceState = "running";
@@ -185,6 +202,11 @@ export class VmEviction {
       this.sock?.destroy();
       this.pipeline.close();
     }
+    return this.report(error, sourceState);
+  }
+
+  private report(error: SgmError | undefined, sourceState: string): EvictionReport {
+    const o = this.options;
     const s = this.pipeline.stats;
     return {
       name: this.name,
@@ -192,6 +214,7 @@ export class VmEviction {
       ...(error ? { error: error.message } : {}),
       qemu: { source: this.source.info.qemuVersion, destination: this.destinationQemu, machine: this.source.info.machine },
       switchover: this.switchover,
+      queuedMs: this.startedAt === null ? null : Math.round(this.startedAt - o.startedAt.mono),
       evictionMs: this.evictedAt === null ? null : Math.round(this.evictedAt - o.startedAt.mono),
       downtimeMs: this.stoppedAt !== null && this.resumedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
       totalMs: this.completedAt === null ? null : Math.round(this.completedAt - o.startedAt.wall),

@@ -16,7 +16,7 @@ export function schemaFor(args: readonly string[]): string | null {
   if (!args.includes("--json")) return null;
   const role = args[0];
   if (role === "scatter") return args.includes("--plan") ? "scatter-plan" : "scatter-report";
-  if (role === "gather" || role === "relay" || role === "check") return `${role}-report`;
+  if (role === "gather" || role === "relay" || role === "check" || role === "evacuate") return `${role}-report`;
   return null;
 }
 

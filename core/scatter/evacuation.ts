@@ -1,0 +1,214 @@
+// `sgm evacuate`: empties this host of VMs bound for several destinations.
+// One scatter run per destination gather, all sharing the relays named, the
+// digest threads and the slots that keep at most --max-in-flight VMs
+// migrating, largest first. A VM that cannot go (its QEMU does not answer,
+// its gather is not there, its eviction fails) stays at the source, and
+// the others go on.
+//
+// Dedup spans every VM bound for the same destination, whenever each
+// starts: a run's gather connection and relay holds last until its last VM
+// is done. Content shared by VMs bound for different destinations is sent
+// once per destination, since a gather can only be pointed at content it
+// or its run's relays hold.
+
+import { asSgmError, SgmError } from "../errors.ts";
+import { DigestPool } from "../dedup/digest-pool.ts";
+import { formatHostPort, type HostPort } from "../net/host-port.ts";
+import type { ProgressSource, VmProgress } from "../progress.ts";
+import { parseQmpAddress } from "../qmp/client.ts";
+import { exitCodeOf, runScatter, type ScatterOptions, type ScatterReport } from "./engine.ts";
+import { EvictionSlots } from "./eviction-slots.ts";
+import { SourceQemu } from "./source-qemu.ts";
+import type { EvictionReport } from "./vm-eviction.ts";
+
+export interface EvacuationTarget {
+  name: string;
+  qmp: string;
+  /** The gather on the VM's destination host. */
+  gather: HostPort;
+}
+
+export interface EvacuationOptions extends Omit<ScatterOptions, "gather" | "vms" | "slots" | "digestPool" | "onPlanned"> {
+  targets: EvacuationTarget[];
+  /** VMs migrating at once, across destinations (default: all). */
+  maxInFlight?: number;
+}
+
+export interface EvacuatedVm {
+  name: string;
+  /** The gather it was bound for. */
+  to: string;
+  ramBytes: number | null;
+  ok: boolean;
+  error?: string;
+  /** Where the VM is now at the source: quit, paused, running, or unknown (its QEMU did not answer). */
+  source: string;
+  exitCode?: number;
+  /** From the evacuation's start until it began to migrate (it may have waited for a slot). */
+  startedAfterMs: number | null;
+  /** From the evacuation's start until every byte of its final state was held off this host. */
+  evictedAfterMs: number | null;
+  /** Its run's report of it; null when no run took it (its QEMU or its gather could not be reached). */
+  eviction: EvictionReport | null;
+}
+
+export interface DestinationRun {
+  to: string;
+  vms: string[];
+  /** Why the run did not start; null when it did. */
+  error: string | null;
+  /** The run's own report, its VMs left out (they are in the evacuation's list). */
+  run: Omit<ScatterReport, "vms"> | null;
+}
+
+export interface EvacuationReport {
+  ok: boolean;
+  /** Every VM named, largest first: the order they were given slots in. */
+  vms: EvacuatedVm[];
+  destinations: DestinationRun[];
+  host: {
+    vms: number;
+    evicted: number;
+    failed: number;
+    /** From the start until the last VM was evicted, when every one was: the host is empty. */
+    emptiedAfterMs: number | null;
+    bytesFromSources: number;
+    dedupSavedBytes: number;
+  };
+  /** 0 when every VM was evicted; 3 when some were and the rest run on at the source; else the worst failure's. */
+  exitCode: number;
+}
+
+interface Group {
+  to: string;
+  gather: HostPort;
+  vms: EvacuatedVm[];
+  progress: ProgressSource | null;
+  startedAfterMs: number;
+  result: PromiseSettledResult<ScatterReport> | null;
+}
+
+export async function runEvacuation(options: EvacuationOptions): Promise<EvacuationReport> {
+  const log = options.log ?? (() => {});
+  const startedAt = performance.now();
+  const { targets, maxInFlight, onProgress, ...common } = options;
+  checkTargets(targets);
+  const vms = await Promise.all(targets.map((t) => sizeUp(t)));
+  const order = vms.map((vm, i) => ({ vm, i })).sort((a, b) => (b.vm.ramBytes ?? 0) - (a.vm.ramBytes ?? 0) || a.i - b.i);
+  const groups = new Map<string, Group>();
+  for (const { vm, i } of order) {
+    if (!vm.ok) continue;
+    const to = vm.to;
+    const group = groups.get(to) ?? { to, gather: targets[i]!.gather, vms: [], progress: null, startedAfterMs: 0, result: null };
+    group.vms.push(vm);
+    groups.set(to, group);
+  }
+  onProgress?.(() => order.flatMap(({ vm }) => progressOf(vm, groups.get(vm.to))));
+
+  const slots = new EvictionSlots(Math.max(1, maxInFlight ?? targets.length));
+  const digestPool = (common.digestThreads ?? 0) > 0 ? new DigestPool(common.digestThreads!) : null;
+  const runs: Array<Promise<void>> = [];
+  try {
+    // one run at a time to its plan: their rate probes would otherwise share the links they measure
+    for (const group of groups.values()) {
+      common.signal?.throwIfAborted();
+      group.startedAfterMs = performance.now() - startedAt;
+      const planned = Promise.withResolvers<void>();
+      log(`${group.to}: planning the run of ${group.vms.map((v) => v.name).join(", ")}`);
+      const run = runScatter({
+        ...common,
+        gather: group.gather,
+        vms: group.vms.map((v) => ({ name: v.name, qmp: targets.find((t) => t.name === v.name)!.qmp })),
+        slots,
+        digestPool,
+        onPlanned: () => planned.resolve(),
+        onProgress: (source) => (group.progress = source),
+      });
+      const settled = run.then(
+        (report) => void (group.result = { status: "fulfilled", value: report }),
+        (err: unknown) => {
+          group.result = { status: "rejected", reason: err };
+          log(`${group.vms.map((v) => v.name).join(", ")} stay here: ${asSgmError(err).message}`);
+        },
+      );
+      runs.push(settled);
+      await Promise.race([planned.promise, settled]);
+    }
+    slots.open();
+    await Promise.all(runs);
+  } finally {
+    digestPool?.close();
+  }
+  return report(order.map((o) => o.vm), [...groups.values()]);
+}
+
+function checkTargets(targets: readonly EvacuationTarget[]): void {
+  if (targets.length === 0) throw new SgmError("usage", "no VMs to evacuate");
+  const names = new Set<string>();
+  for (const t of targets) {
+    if (names.has(t.name)) throw new SgmError("usage", `VM '${t.name}' is named twice`);
+    names.add(t.name);
+  }
+}
+
+/** Asks the VM's QEMU what it is and how large, and lets go: its run opens it again. */
+async function sizeUp(target: EvacuationTarget): Promise<EvacuatedVm> {
+  const base = { name: target.name, to: formatHostPort(target.gather.host, target.gather.port), startedAfterMs: null, evictedAfterMs: null, eviction: null };
+  let source: SourceQemu | undefined;
+  try {
+    source = await SourceQemu.open(target.name, parseQmpAddress(target.qmp));
+    const { ramBytes } = await source.estimate();
+    return { ...base, ramBytes, ok: true, source: "running" };
+  } catch (err) {
+    const e = asSgmError(err);
+    return { ...base, ramBytes: null, ok: false, error: e.message, source: "unknown", exitCode: e.exitCode };
+  } finally {
+    source?.close();
+  }
+}
+
+function progressOf(vm: EvacuatedVm, group: Group | undefined): VmProgress[] {
+  const fromRun = group?.progress?.().find((p) => p.name === vm.name);
+  if (fromRun) return [fromRun];
+  const failed = !vm.ok || group?.result?.status === "rejected";
+  return [{ name: vm.name, phase: failed ? "failed" : "checking", pass: 0, bytes: 0, totalBytes: vm.ramBytes }];
+}
+
+function report(vms: EvacuatedVm[], groups: Group[]): EvacuationReport {
+  const destinations: DestinationRun[] = [];
+  for (const group of groups) {
+    const names = group.vms.map((v) => v.name);
+    const result = group.result;
+    if (!result || result.status === "rejected") {
+      const e = asSgmError(result?.status === "rejected" ? result.reason : new SgmError("internal", "the run never ended"));
+      const error = e.message.includes(group.to) ? e.message : `${group.to}: ${e.message}`;
+      for (const vm of group.vms) Object.assign(vm, { ok: false, error, exitCode: e.exitCode });
+      destinations.push({ to: group.to, vms: names, error: e.message, run: null });
+      continue;
+    }
+    const { vms: evictions, ...run } = result.value;
+    for (const vm of group.vms) {
+      const eviction = evictions.find((e) => e.name === vm.name)!;
+      const after = (ms: number | null) => (ms === null ? null : Math.round(group.startedAfterMs + run.planMs + ms));
+      Object.assign(vm, { ok: eviction.ok, source: eviction.source, eviction, startedAfterMs: after(eviction.queuedMs), evictedAfterMs: after(eviction.evictionMs) });
+      if (!eviction.ok) Object.assign(vm, { error: eviction.error, exitCode: eviction.exitCode });
+    }
+    destinations.push({ to: group.to, vms: names, error: null, run });
+  }
+  const evicted = vms.filter((v) => v.ok);
+  const exitCode = exitCodeOf(vms);
+  return {
+    ok: exitCode === 0,
+    vms,
+    destinations,
+    host: {
+      vms: vms.length,
+      evicted: evicted.length,
+      failed: vms.length - evicted.length,
+      emptiedAfterMs: evicted.length === vms.length ? Math.max(...vms.map((v) => v.evictedAfterMs ?? 0)) : null,
+      bytesFromSources: vms.reduce((n, v) => n + (v.eviction?.bytes.fromSource ?? 0), 0),
+      dedupSavedBytes: vms.reduce((n, v) => n + (v.eviction?.bytes.dedupSaved ?? 0), 0),
+    },
+    exitCode,
+  };
+}

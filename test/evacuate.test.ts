@@ -1,0 +1,119 @@
+// `sgm evacuate` through the compiled binary: VMs bound for several
+// destination gathers in one run, at most --max-in-flight at once, largest
+// first, each proved to have arrived page for page; and a VM whose
+// destination is not there left running at the source while the rest go.
+
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { join } from "node:path";
+import type { EvacuationReport } from "../core/scatter/evacuation.ts";
+import { haltAndCompare, report, startGather, startPair, startRelay, type VmPair, writePsk } from "./harness/cluster.ts";
+import { killAll } from "./harness/processes.ts";
+import { expectExit, startSgm } from "./harness/sgm.ts";
+import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
+
+let dir: string;
+let psk: string;
+
+beforeAll(async () => {
+  dir = makeTempDir("evacuate");
+  psk = await writePsk(dir);
+});
+afterEach(() => killAll());
+afterAll(() => removeDir(dir));
+
+async function writeMap(name: string, lines: Array<[VmPair, number]>): Promise<string> {
+  const path = join(dir, name);
+  const text = lines.map(([pair, port]) => `${pair.name} ${pair.source.qmpPath} 127.0.0.1:${port}`).join("\n");
+  await Bun.write(path, `# VM, its QMP socket, its destination's gather\n${text}\n`);
+  return path;
+}
+
+async function expectArrivedWhole(pair: VmPair): Promise<void> {
+  const { verified, comparison } = await haltAndCompare(pair, dir);
+  expect(verified, `${pair.name}: the destination guest's own check`).toBe(true);
+  expect(comparison.mismatched, `${pair.name}: pages unlike the source's final memory`).toEqual([]);
+}
+
+describe("sgm evacuate", () => {
+  test("three VMs to two destinations, two at a time, largest first, one relay set: every page arrives equal", async () => {
+    const [big, mid, small] = await Promise.all([
+      startPair(dir, "big", { memMiB: 192, seed: 301, rate: 2000 }),
+      startPair(dir, "mid", { memMiB: 128, seed: 302, rate: 2000 }),
+      startPair(dir, "small", { memMiB: 96, seed: 303, rate: 2000 }),
+    ]);
+    const relay = await startRelay(psk);
+    // the destinations take less than the source sends: the relay takes the rest
+    const one = await startGather([big, small], psk, ["--max-rate", "64MiB/s"]);
+    const two = await startGather([mid], psk, ["--max-rate", "64MiB/s"]);
+    // listed smallest first: the order of the file is not the order of the run
+    const map = await writeMap("two-destinations.map", [
+      [small, one.port],
+      [mid, two.port],
+      [big, one.port],
+    ]);
+    const evacuate = await startSgm([
+      "evacuate", "--map", map, "--max-in-flight", "2", "--via", relay.address, "--all-relays",
+      "--keep-source", "--digest-threads", "1", "--psk-file", psk, "--json",
+    ]);
+    const [e, g1, g2] = await Promise.all([evacuate.result(), one.gather.result(), two.gather.result()]);
+    expectExit(e, 0);
+    expectExit(g1, 0);
+    expectExit(g2, 0);
+
+    const r = report<EvacuationReport>(e);
+    expect(r.vms.map((v) => [v.name, v.ok, v.source])).toEqual([
+      ["big", true, "paused"],
+      ["mid", true, "paused"],
+      ["small", true, "paused"],
+    ]);
+    const [b, m, s] = r.vms;
+    // two in flight: the smallest began only once one of the others was off the host
+    expect(b!.startedAfterMs!).toBeLessThan(s!.startedAfterMs!);
+    expect(m!.startedAfterMs!).toBeLessThan(s!.startedAfterMs!);
+    expect(s!.startedAfterMs!).toBeGreaterThanOrEqual(Math.min(b!.evictedAfterMs!, m!.evictedAfterMs!));
+    expect(r.destinations.map((d) => [d.to, d.vms, d.error])).toEqual([
+      [`127.0.0.1:${one.port}`, ["big", "small"], null],
+      [`127.0.0.1:${two.port}`, ["mid"], null],
+    ]);
+    // one relay set: both runs placed pages on it
+    for (const d of r.destinations) expect(d.run!.relays.map((x) => x.address)).toEqual([relay.address]);
+    expect(r.destinations.reduce((n, d) => n + d.run!.placement.relayedPages, 0)).toBeGreaterThan(0);
+    expect(r.host).toMatchObject({ vms: 3, evicted: 3, failed: 0, emptiedAfterMs: Math.max(...r.vms.map((v) => v.evictedAfterMs!)) });
+    expect(e.stderr).toMatch(/evacuated 3 of 3 VMs to 2 destinations: host empty after/);
+
+    for (const pair of [big, mid, small]) await expectArrivedWhole(pair);
+  }, 300_000);
+
+  test("a VM whose destination is not there runs on at the source; the others are evicted, and the exit says partial (3)", async () => {
+    const [here, lost, also] = await Promise.all([
+      startPair(dir, "here", { memMiB: 96, seed: 311, rate: 2000 }),
+      startPair(dir, "lost", { memMiB: 64, seed: 312, rate: 2000 }),
+      startPair(dir, "also", { memMiB: 64, seed: 313, rate: 2000 }),
+    ]);
+    const gather = await startGather([here, also], psk);
+    const nobody = await freePort();
+    const map = await writeMap("one-missing.map", [
+      [here, gather.port],
+      [lost, nobody],
+      [also, gather.port],
+    ]);
+    const evacuate = await startSgm(["evacuate", "--map", map, "--max-in-flight", "1", "--wait-gather", "1", "--keep-source", "--psk-file", psk, "--json"]);
+    const [e, g] = await Promise.all([evacuate.result(), gather.gather.result()]);
+    expectExit(e, 3);
+    expectExit(g, 0);
+
+    const r = report<EvacuationReport>(e);
+    const byName = new Map(r.vms.map((v) => [v.name, v]));
+    expect(byName.get("here")).toMatchObject({ ok: true, source: "paused" });
+    expect(byName.get("also")).toMatchObject({ ok: true, source: "paused" });
+    expect(byName.get("lost")).toMatchObject({ ok: false, source: "running", exitCode: 69, eviction: null });
+    expect(byName.get("lost")!.error).toContain(`127.0.0.1:${nobody}`);
+    expect(r.destinations.find((d) => d.to === `127.0.0.1:${nobody}`)).toMatchObject({ vms: ["lost"], run: null });
+    expect(r.host).toMatchObject({ vms: 3, evicted: 2, failed: 1, emptiedAfterMs: null });
+    expect(e.stderr).toMatch(/lost → 127\.0\.0\.1:\d+: NOT evicted: .*; the VM is running at the source/);
+
+    expect(await lost.source.status()).toBe("running");
+    expect(await lost.source.keepsRunning()).toBe(true);
+    for (const pair of [here, also]) await expectArrivedWhole(pair);
+  }, 300_000);
+});
