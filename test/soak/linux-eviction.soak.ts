@@ -2,7 +2,9 @@
 // replicas, switchover modes and VM counts, with every guest proved intact;
 // every fourth run with --no-dedup (content sent again wherever it recurs);
 // two runs in three hash on digest threads (--digest-threads 1, then 2, to
-// scatter and relays alike).
+// scatter and relays alike); every other run of two VMs goes through
+// `sgm evacuate --max-in-flight 1`, so the second VM starts, in the same run,
+// only once the first is done.
 // Runs alternate between a destination that waits paused (-S), whose memory
 // must equal the source's final memory page for page before it runs on, and
 // one that runs at once (page requests and all), whose guest must run on.
@@ -10,8 +12,10 @@
 //   bun test/soak/linux-eviction.soak.ts [RUNS]    (default 40)
 
 import type { GatherReport } from "../../core/gather/engine.ts";
+import type { EvacuationReport } from "../../core/scatter/evacuation.ts";
 import type { ScatterReport } from "../../core/scatter/engine.ts";
 import { report, startGather, startRelay, startScatter, type VmPair, writePsk } from "../harness/cluster.ts";
+import { startSgm } from "../harness/sgm.ts";
 import { expectGuestRunsOn, expectMemoryEqual, startLinuxPair } from "../harness/linux-pair.ts";
 import { killAll } from "../harness/processes.ts";
 import { qemu10_0 } from "../harness/qemu-binaries.ts";
@@ -44,6 +48,7 @@ interface Outcome {
   runs: number;
   noDedupRuns: number;
   threadedRuns: number;
+  evacuateRuns: number;
   wrongGuests: number;
   sgmFailures: number;
   notes: string[];
@@ -51,7 +56,7 @@ interface Outcome {
 
 const runs = Number(process.argv[2] ?? 40);
 const binary = await qemu10_0();
-const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, noDedupRuns: 0, threadedRuns: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
+const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, noDedupRuns: 0, threadedRuns: 0, evacuateRuns: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
 const started = Date.now();
 
 for (let n = 0; n < runs; n++) {
@@ -59,15 +64,17 @@ for (let n = 0; n < runs; n++) {
   const paused = Math.floor(n / cases.length) % 2 === 0 ? n % 2 === 0 : n % 2 === 1;
   const dedup = n % 4 !== 3;
   const threads = n % 3;
+  const evacuate = c.vms > 1 && Math.floor(n / 2) % 2 === 1;
   const outcome = outcomes.get(c)!;
   outcome.runs++;
+  if (evacuate) outcome.evacuateRuns++;
   if (!dedup) outcome.noDedupRuns++;
   if (threads > 0) outcome.threadedRuns++;
-  const label = `${n + 1}/${runs} relays=${c.relays} replicas=${c.replicas} ${c.switchover} vms=${c.vms} ${paused ? "paused destination" : "running destination"}${dedup ? "" : " --no-dedup"} --digest-threads ${threads}`;
+  const label = `${n + 1}/${runs} relays=${c.relays} replicas=${c.replicas} ${c.switchover} vms=${c.vms} ${paused ? "paused destination" : "running destination"}${dedup ? "" : " --no-dedup"} --digest-threads ${threads}${evacuate ? " evacuate --max-in-flight 1" : ""}`;
   const dir = makeTempDir("soak");
   const t0 = Date.now();
   try {
-    const verdict = await Promise.race([evict(dir, c, paused, dedup, threads, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
+    const verdict = await Promise.race([evict(dir, c, paused, dedup, threads, evacuate, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
     if (verdict !== "ok") {
       if (verdict.startsWith("wrong guest")) outcome.wrongGuests++;
       else outcome.sgmFailures++;
@@ -81,18 +88,18 @@ for (let n = 0; n < runs; n++) {
 }
 
 console.log(`\n${runs} runs in ${Math.round((Date.now() - started) / 60_000)} min, QEMU 10.0, Linux guest 512 MiB\n`);
-console.log("| relays | replicas | switchover | VMs | runs | of them --no-dedup | on digest threads | wrong guests | sgm failures |");
-console.log("|---|---|---|---|---|---|---|---|---|");
+console.log("| relays | replicas | switchover | VMs | runs | of them --no-dedup | on digest threads | by evacuate | wrong guests | sgm failures |");
+console.log("|---|---|---|---|---|---|---|---|---|---|");
 for (const [c, o] of outcomes) {
   if (o.runs === 0) continue;
-  console.log(`| ${c.relays} | ${c.replicas} | ${c.switchover} | ${c.vms} | ${o.runs} | ${o.noDedupRuns} | ${o.threadedRuns} | ${o.wrongGuests} | ${o.sgmFailures} |`);
+  console.log(`| ${c.relays} | ${c.replicas} | ${c.switchover} | ${c.vms} | ${o.runs} | ${o.noDedupRuns} | ${o.threadedRuns} | ${o.evacuateRuns} | ${o.wrongGuests} | ${o.sgmFailures} |`);
 }
 const notes = [...outcomes.values()].flatMap((o) => o.notes);
 for (const note of notes) console.log(`- ${note}`);
 process.exit([...outcomes.values()].some((o) => o.wrongGuests + o.sgmFailures > 0) ? 1 : 0);
 
 /** One eviction; "ok", or what went wrong ("wrong guest: ..." when a guest did not arrive intact). */
-async function evict(dir: string, c: Case, paused: boolean, dedup: boolean, threads: number, n: number): Promise<string> {
+async function evict(dir: string, c: Case, paused: boolean, dedup: boolean, threads: number, evacuate: boolean, n: number): Promise<string> {
   const psk = await writePsk(dir);
   const pairs: VmPair[] = await Promise.all(
     Array.from({ length: c.vms }, (_, v) => startLinuxPair(dir, `s${n}v${v}`, { binary, seed: 100 + n * 4 + v, paused })),
@@ -101,10 +108,14 @@ async function evict(dir: string, c: Case, paused: boolean, dedup: boolean, thre
   // a gather slower than the source, so that relays take pages
   const { gather, port } = await startGather(pairs, psk, c.relays > 0 ? ["--max-rate", "48MiB/s"] : []);
   const via = relays.length > 0 ? ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", String(c.replicas)] : [];
-  const scatter = await startScatter(pairs, port, psk, ["--keep-source", ...via, ...switchovers[c.switchover], ...(dedup ? [] : ["--no-dedup"]), "--digest-threads", String(threads)]);
+  const flags = ["--keep-source", ...via, ...switchovers[c.switchover], ...(dedup ? [] : ["--no-dedup"]), "--digest-threads", String(threads)];
+  const scatter = evacuate
+    ? await startSgm(["evacuate", "--to", `127.0.0.1:${port}`, ...pairs.flatMap((p) => ["--vm", `${p.name}=${p.source.qmpPath}`]), "--max-in-flight", "1", "--psk-file", psk, "--json", ...flags])
+    : await startScatter(pairs, port, psk, flags);
   const [s, g] = await Promise.all([scatter.result(), gather.result()]);
   if (s.code !== 0 || g.code !== 0) {
-    const why = [...report<ScatterReport>(s).vms, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
+    const sent = evacuate ? report<EvacuationReport>(s).vms : report<ScatterReport>(s).vms;
+    const why = [...sent, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
     return `sgm failed: scatter ${s.code}, gather ${g.code}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
   }
   for (const pair of pairs) {
