@@ -190,8 +190,10 @@ class ScatterSession {
     return this.dir.peakBytes;
   }
 
+  /** The gather is done: the relays may let go of everything this run placed, whether or not the scatter has gone. */
   close(): void {
     if (this.resumeTimer) clearTimeout(this.resumeTimer);
+    this.releasePins();
     this.fetcher.close();
   }
 
