@@ -108,7 +108,10 @@ export async function planScatter(options: PlanOptions): Promise<RelayPlan> {
 export async function runScatter(options: ScatterOptions): Promise<ScatterReport> {
   const log = options.log ?? (() => {});
   const plannedAt = performance.now();
-  const sources = await openSources(options);
+  const sources = await openSources(options).catch((err: unknown) => {
+    options.gatherConnection?.close();
+    throw err;
+  });
   const run = randomBytes(16);
   const runHex = run.toString("hex");
   let found: Survey | undefined;
@@ -168,6 +171,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
       }),
   );
 
+  placement.neededWhile(() => evictions.some((e) => e.placing));
   options.onProgress?.(() => evictions.map((e) => e.snapshot()));
 
   conn.onFrame((type, payload) => {
@@ -221,17 +225,24 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   }
 }
 
-/** Runs the eviction once it has a slot; one stopped while it waited never starts. */
+/**
+ * Runs the eviction once it has a slot. One stopped, or failed (its gather
+ * or a relay lost), while it waited never starts, and takes no slot.
+ */
 async function runInSlot(eviction: VmEviction, bytes: number, slots: EvictionSlots | undefined, signal: AbortSignal | undefined): Promise<EvictionReport> {
   if (!slots) return eviction.run();
+  const failed = new AbortController();
+  void eviction.failing.then((reason) => failed.abort(reason));
   let release: () => void;
   try {
-    release = await slots.acquire(bytes, signal);
+    release = await slots.acquire(bytes, signal ? AbortSignal.any([signal, failed.signal]) : failed.signal);
   } catch (err) {
     return eviction.skip(asSgmError(err));
   }
   try {
-    return await eviction.run();
+    // it may have failed as the slot came, before the abort could take it off the queue
+    const failure = eviction.failure;
+    return failure ? eviction.skip(failure) : await eviction.run();
   } finally {
     release();
   }

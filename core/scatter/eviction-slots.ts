@@ -1,8 +1,9 @@
 // How many VMs of a host migrate at once (`evacuate --max-in-flight`), and
 // which goes next: the largest waiting, since it takes longest and the host
 // is free only when the last VM is off it. Nothing is granted until the
-// gate opens, once every run has planned and queued its VMs: otherwise the
-// first run to plan would take the slots whatever the size of the others.
+// gate opens, once every run ready to plan has planned and queued its VMs:
+// otherwise the first run to plan would take the slots whatever the size of
+// the others. A run that comes later queues its VMs behind those granted.
 
 import { SgmError } from "../errors.ts";
 
@@ -51,10 +52,6 @@ export class EvictionSlots {
   open(): void {
     this.opened = true;
     this.grantWhatIsFree();
-  }
-
-  get waitingCount(): number {
-    return this.waiting.length;
   }
 
   private grantWhatIsFree(): void {

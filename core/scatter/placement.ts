@@ -59,6 +59,7 @@ export class RunPlacement {
   private readonly drainWaiters: Array<() => void> = [];
   private failure: Error | null = null;
   private readonly failListeners = new Set<(reason: Error) => void>();
+  private stillNeeded: () => boolean = () => false;
   private readonly pins: GatherPins;
   /** PAGE_DATA payload bytes sent to the gather, and taken in by it. */
   directBytes = 0;
@@ -97,10 +98,20 @@ export class RunPlacement {
       onAck: (stored, refused) => this.onAck(link, stored, refused),
       onFull: () => {},
       onLost: (reason) => this.fail(reason),
+      stillNeeded: () => this.stillNeeded(),
     });
     this.relays.push(link);
     this.salts.push(relaySalt(address));
     this.weights.push(room);
+  }
+
+  /**
+   * While `check` holds, a relay whose connection closes fails the run, even
+   * with nothing in flight to it: what it held is gone, and a VM still to
+   * place pages (one waiting for a slot included) would name it.
+   */
+  neededWhile(check: () => boolean): void {
+    this.stillNeeded = check;
   }
 
   /** Distinct contents the run has placed. */

@@ -20,6 +20,8 @@ export interface RelayLinkEvents {
   onAck(stored: number[], refused: Refused[]): void;
   onFull(capacity: number, used: number): void;
   onLost(reason: Error): void;
+  /** The run still places pages or names content (a VM not yet evicted, or not yet started): a relay gone is a loss. */
+  stillNeeded(): boolean;
 }
 
 interface InFlight {
@@ -58,7 +60,7 @@ export class RelayLink {
     this.builder = new PutBuilder(this.buffer());
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => {
-      if (this.inFlight.length > 0 || this.builder.pages > 0 || reason) {
+      if (this.inFlight.length > 0 || this.builder.pages > 0 || reason || this.events.stillNeeded()) {
         this.events.onLost(new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`));
       }
     });

@@ -112,6 +112,7 @@ export class VmEviction {
   private passes = 0;
   private readonly replies = new Map<Control["t"], PromiseWithResolvers<Control>>();
   private readonly failed = Promise.withResolvers<never>();
+  private failureReason: SgmError | null = null;
   private stream: SourceStream | null = null;
 
   constructor(options: EvictionOptions) {
@@ -127,6 +128,8 @@ export class VmEviction {
 
   /** A control message from the gather about this VM. */
   onControl(message: Control): void {
+    // replies to a failed eviction must not carry on what it had begun
+    if (this.failure || this.finished) return;
     if (message.t === "failed" || message.t === "refuse") {
       const kind = message.t === "failed" && message.kind === "data" ? "data" : "unavailable";
       // the gather knows: telling it back would name a VM it refused or gave up
@@ -148,8 +151,24 @@ export class VmEviction {
   }
 
   fail(reason: Error): void {
-    if (this.stage === "failed" || this.finished) return;
+    if (this.failureReason || this.stage === "failed" || this.finished) return;
+    this.failureReason = asSgmError(reason);
     this.failed.reject(reason);
+  }
+
+  /** Why it failed, once it has: what run() was racing on may still be under way, and must stop. */
+  get failure(): SgmError | null {
+    return this.failureReason;
+  }
+
+  /** It has pages to place or content to name still: not yet evicted, failed or over (nor begun, if it waits for a slot). */
+  get placing(): boolean {
+    return !this.finished && this.stage !== "failed" && this.failureReason === null && this.evictedAt === null;
+  }
+
+  /** Settles with the reason once it fails; never, if it does not. */
+  get failing(): Promise<SgmError> {
+    return this.failed.promise.catch((err: unknown) => asSgmError(err));
   }
 
   /** Where this eviction stands, for the progress display. */
@@ -169,15 +188,15 @@ export class VmEviction {
   }
 
   /**
-   * The VM never started (it was waiting for a slot when the run was
-   * stopped): nothing was asked of its source or the gather, so it runs on
-   * at the source untouched.
+   * The VM never started (the run was stopped or failed while it waited for
+   * a slot): nothing was asked of its source or the gather, so it is as it
+   * was at the source.
    */
   skip(reason: SgmError): EvictionReport {
     this.stage = "failed";
     this.finished = true;
     this.pipeline.close();
-    return this.report(reason, "running");
+    return this.report(reason, this.source.info.runState);
   }
 
   async run(): Promise<EvictionReport> {
@@ -292,9 +311,28 @@ export class VmEviction {
     this.send({ t: "offer", vm: this.id, name: this.name, qemu: info.qemuVersion, machine: info.machine, startedAt: o.startedAt.wall });
     const accept = await this.wait("accept");
     if (accept.t === "accept") this.destinationQemu = accept.qemu;
+    this.throwIfFailed();
 
     const path = join(o.socketDir, `${this.name}.scatter.sock`);
     const listening = ByteSocket.listenUnixOnce(path, `VM ${this.name}: source stream`);
+    try {
+      return await this.streamFrom(listening);
+    } catch (err) {
+      // nobody is to connect any more: a QEMU that still tries fails its migration and runs on
+      listening.stop();
+      void listening.accepted.then((sock) => sock.destroy(), () => {});
+      throw err;
+    }
+  }
+
+  /** run() no longer waits on what the caller is doing: it must stop before it touches the source. */
+  private throwIfFailed(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  private async streamFrom(listening: { accepted: Promise<ByteSocket>; stop: () => void }): Promise<SwitchPoint> {
+    const o = this.options;
+    const path = join(o.socketDir, `${this.name}.scatter.sock`);
     const postcopy = o.mode === "postcopy";
     this.source.onPass((pass) => {
       this.passes = pass;
@@ -304,9 +342,15 @@ export class VmEviction {
     });
     const migrating = performance.now();
     await this.source.migrateTo(path, { downtimeLimitMs: o.downtimeLimitMs, postcopy });
+    this.throwIfFailed();
     if (postcopy && o.postcopyAfterPass === 0) void this.switchSourceToPostcopy();
     const timer = setTimeout(listening.stop, 30_000);
     const sock = await listening.accepted.finally(() => clearTimeout(timer));
+    if (this.failure) {
+      // undo() ran before there was a socket to drop: QEMU's migration fails with it
+      sock.destroy(this.failure);
+      throw this.failure;
+    }
     this.sock = sock;
     this.stage = "streaming";
     trace(`${this.name} source stream accepted`);
@@ -367,6 +411,8 @@ export class VmEviction {
   }
 
   private async switchSourceToPostcopy(): Promise<void> {
+    // a failed eviction resumes the VM at the source: postcopy would leave it nowhere
+    if (this.failure) return;
     try {
       await this.source.startPostcopy();
       trace(`${this.name} asked the source to switch to postcopy (pass ${this.passes})`);

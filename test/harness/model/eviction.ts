@@ -10,6 +10,7 @@ import { join } from "node:path";
 import { type GatherReport, runGather } from "../../../core/gather/engine.ts";
 import { type Relay, startRelay } from "../../../core/relay/engine.ts";
 import { runScatter, type ScatterReport } from "../../../core/scatter/engine.ts";
+import { EvictionSlots } from "../../../core/scatter/eviction-slots.ts";
 import type { SwitchoverMode } from "../../../core/scatter/vm-eviction.ts";
 import { ModelDestinationQemu } from "./destination-qemu.ts";
 import { ModelSourceQemu, type SourceScript } from "./source-qemu.ts";
@@ -43,6 +44,8 @@ export interface ModelEvictionOptions {
    * however fast this machine is. Needs relays with room for a whole VM.
    */
   slowDestination?: boolean;
+  /** VMs migrating at once, as with evacuate's --max-in-flight: the others are offered as slots come free (default: all). */
+  inFlight?: number;
 }
 
 export interface PageMismatch {
@@ -89,7 +92,10 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
     });
     gathering.catch((err: Error) => listening.reject(err));
     const port = await listening.promise;
+    const slots = options.inFlight === undefined ? undefined : new EvictionSlots(options.inFlight);
     const scatter = await runScatter({
+      slots,
+      onPlanned: () => slots?.open(),
       gather: { host: "127.0.0.1", port },
       vms: options.vms.map((vm, i) => ({ name: vm.name, qmp: sources[i]!.qmpPath })),
       relays: relays.map((r) => ({ host: "127.0.0.1", port: r.port })),
