@@ -70,5 +70,5 @@ function render(report: EvacuationReport): void {
   }
   const h = report.host;
   const emptied = h.emptiedAfterMs === null ? `${h.failed} of ${h.vms} VMs still here` : `host empty after ${formatMs(h.emptiedAfterMs)}`;
-  info(`evacuated ${h.evicted} of ${h.vms} VMs to ${report.destinations.length} destinations: ${emptied}; read ${formatBytes(h.bytesFromSources)} from the sources, dedup saved ${formatBytes(h.dedupSavedBytes)}`);
+  info(`evacuated ${h.evicted} of ${h.vms} VMs to ${report.destinations.length} destination${report.destinations.length === 1 ? "" : "s"}: ${emptied}; read ${formatBytes(h.bytesFromSources)} from the sources, dedup saved ${formatBytes(h.dedupSavedBytes)}`);
 }

@@ -5,6 +5,7 @@
 
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
+import { queryMigrate } from "../core/qmp/migration.ts";
 import type { EvacuationReport } from "../core/scatter/evacuation.ts";
 import { haltAndCompare, report, startGather, startPair, startRelay, type VmPair, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
@@ -80,6 +81,9 @@ describe("sgm evacuate", () => {
     expect(r.destinations.reduce((n, d) => n + d.run!.placement.relayedPages, 0)).toBeGreaterThan(0);
     expect(r.host).toMatchObject({ vms: 3, evicted: 3, failed: 0, emptiedAfterMs: Math.max(...r.vms.map((v) => v.evictedAfterMs!)) });
     expect(e.stderr).toMatch(/evacuated 3 of 3 VMs to 2 destinations: host empty after/);
+    // both gathers released what they fetched: the relay ends empty
+    relay.relay.proc.kill("SIGTERM");
+    expect((await relay.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
 
     for (const pair of [big, mid, small]) await expectArrivedWhole(pair);
   }, 300_000);
@@ -87,7 +91,7 @@ describe("sgm evacuate", () => {
   test("a VM whose destination is not there runs on at the source; the others are evicted, and the exit says partial (3)", async () => {
     const [here, lost, also] = await Promise.all([
       startPair(dir, "here", { memMiB: 96, seed: 311, rate: 2000 }),
-      startPair(dir, "lost", { memMiB: 64, seed: 312, rate: 2000 }),
+      startPair(dir, "lost", { memMiB: 128, seed: 312, rate: 2000 }),
       startPair(dir, "also", { memMiB: 64, seed: 313, rate: 2000 }),
     ]);
     const gather = await startGather([here, also], psk);
@@ -115,5 +119,63 @@ describe("sgm evacuate", () => {
     expect(await lost.source.status()).toBe("running");
     expect(await lost.source.keepsRunning()).toBe(true);
     for (const pair of [here, also]) await expectArrivedWhole(pair);
+  }, 300_000);
+
+  test("a gather not listening yet holds up none of the others: their VMs leave, and its own once it comes", async () => {
+    const [late, early] = await Promise.all([
+      // the largest: its run would be planned first, were its gather there
+      startPair(dir, "late", { memMiB: 128, seed: 321, rate: 2000 }),
+      startPair(dir, "early", { memMiB: 64, seed: 322, rate: 2000 }),
+    ]);
+    const ready = await startGather([early], psk);
+    const latePort = await freePort();
+    const map = await writeMap("late-gather.map", [
+      [late, latePort],
+      [early, ready.port],
+    ]);
+    const evacuate = await startSgm(["evacuate", "--map", map, "--max-in-flight", "1", "--wait-gather", "600", "--keep-source", "--psk-file", psk, "--json"]);
+    await evacuate.waitStderr(/waiting for the gather at 127\.0\.0\.1:\d+/, 60_000);
+    // early is evicted while the evacuation still waits for late's gather
+    await evacuate.waitStderr(/early: running at the destination/, 120_000);
+    const comes = await startGather([late], psk, [], latePort);
+    const [e, g1, g2] = await Promise.all([evacuate.result(), ready.gather.result(), comes.gather.result()]);
+    expectExit(e, 0);
+    expectExit(g1, 0);
+    expectExit(g2, 0);
+    const r = report<EvacuationReport>(e);
+    expect(r.vms.map((v) => [v.name, v.ok])).toEqual([
+      ["late", true],
+      ["early", true],
+    ]);
+    expect(r.vms[0]!.startedAfterMs!).toBeGreaterThan(r.vms[1]!.evictedAfterMs!);
+    for (const pair of [late, early]) await expectArrivedWhole(pair);
+  }, 300_000);
+
+  test("a relay lost while a VM waits for its slot: that VM never starts, and both VMs run on at the source", async () => {
+    const [first, queued] = await Promise.all([
+      startPair(dir, "first", { memMiB: 128, seed: 331, rate: 2000 }),
+      startPair(dir, "queued", { memMiB: 64, seed: 332, rate: 2000 }),
+    ]);
+    const relay = await startRelay(psk);
+    // a gather far slower than the source: the first VM is still streaming when the relay goes
+    const { port } = await startGather([first, queued], psk, ["--max-rate", "4MiB/s"]);
+    const evacuate = await startSgm([
+      "evacuate", "--to", `127.0.0.1:${port}`, "--vm", `first=${first.source.qmpPath}`, "--vm", `queued=${queued.source.qmpPath}`,
+      "--max-in-flight", "1", "--via", relay.address, "--all-relays", "--switchover", "precopy", "--psk-file", psk, "--json",
+    ]);
+    await evacuate.waitStderr(/first: source QEMU \S+ is streaming/, 120_000);
+    relay.relay.proc.kill("SIGKILL");
+    const e = await evacuate.result();
+    const r = report<EvacuationReport>(e);
+    expect(r.vms.map((v) => [v.name, v.ok, v.source])).toEqual([
+      ["first", false, "running"],
+      ["queued", false, "running"],
+    ]);
+    expect(r.vms[1]!.startedAfterMs).toBeNull();
+    expect(r.exitCode).toBe(69);
+    expectExit(e, 69);
+    // the queued VM's QEMU was never asked to migrate
+    expect((await queryMigrate(queued.source.qmp)).status).toBeUndefined();
+    for (const pair of [first, queued]) expect(await pair.source.keepsRunning(), `${pair.name} runs at the source`).toBe(true);
   }, 300_000);
 });

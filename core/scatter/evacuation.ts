@@ -16,9 +16,11 @@ import { DigestPool } from "../dedup/digest-pool.ts";
 import { formatHostPort, type HostPort } from "../net/host-port.ts";
 import type { ProgressSource, VmProgress } from "../progress.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
+import type { PeerConnection } from "../wire/connection.ts";
 import { exitCodeOf, runScatter, type ScatterOptions, type ScatterReport } from "./engine.ts";
 import { EvictionSlots } from "./eviction-slots.ts";
 import { SourceQemu } from "./source-qemu.ts";
+import { connectGather, surveyOptions } from "./survey.ts";
 import type { EvictionReport } from "./vm-eviction.ts";
 
 export interface EvacuationTarget {
@@ -28,7 +30,7 @@ export interface EvacuationTarget {
   gather: HostPort;
 }
 
-export interface EvacuationOptions extends Omit<ScatterOptions, "gather" | "vms" | "slots" | "digestPool" | "onPlanned"> {
+export interface EvacuationOptions extends Omit<ScatterOptions, "gather" | "vms" | "slots" | "digestPool" | "onPlanned" | "gatherConnection"> {
   targets: EvacuationTarget[];
   /** VMs migrating at once, across destinations (default: all). */
   maxInFlight?: number;
@@ -107,32 +109,69 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
 
   const slots = new EvictionSlots(Math.max(1, maxInFlight ?? targets.length));
   const digestPool = (common.digestThreads ?? 0) > 0 ? new DigestPool(common.digestThreads!) : null;
+  // every gather at once: one that is not there yet holds up none of the others
+  const answers = new Map<Group, { conn: Promise<PeerConnection>; answered: boolean }>();
+  for (const g of groups.values()) {
+    const answer = { conn: connectGather(surveyOptions({ ...common, gather: g.gather, vms: [] }, false)), answered: false };
+    answer.conn.then(
+      () => (answer.answered = true),
+      () => (answer.answered = true),
+    );
+    answers.set(g, answer);
+  }
+  const fail = (group: Group, err: unknown) => {
+    group.result = { status: "rejected", reason: err };
+    log(`${group.vms.map((v) => v.name).join(", ")} stay here: ${asSgmError(err).message}`);
+  };
+  /**
+   * Starts the group's run on its gather's connection; resolves once it has
+   * planned (or failed), with its end (wrapped: an async function's result
+   * would be the end itself).
+   */
+  const startRun = async (group: Group, conn: PeerConnection): Promise<{ ended: Promise<void> } | null> => {
+    if (common.signal?.aborted) {
+      // runs already started end on their own (the signal reaches them); this one never starts
+      conn.close();
+      fail(group, new SgmError("interrupted", "interrupted before its run began"));
+      return null;
+    }
+    group.startedAfterMs = performance.now() - startedAt;
+    const planned = Promise.withResolvers<void>();
+    log(`${group.to}: planning the run of ${group.vms.map((v) => v.name).join(", ")}`);
+    const run = runScatter({
+      ...common,
+      gather: group.gather,
+      gatherConnection: conn,
+      vms: group.vms.map((v) => ({ name: v.name, qmp: targets.find((t) => t.name === v.name)!.qmp })),
+      slots,
+      digestPool,
+      onPlanned: () => planned.resolve(),
+      onProgress: (source) => (group.progress = source),
+    });
+    const settled = run.then(
+      (report) => void (group.result = { status: "fulfilled", value: report }),
+      (err: unknown) => fail(group, err),
+    );
+    // one run at a time to its plan: their rate probes would otherwise share the links they measure
+    await Promise.race([planned.promise, settled]);
+    return { ended: settled };
+  };
   const runs: Array<Promise<void>> = [];
   try {
-    // one run at a time to its plan: their rate probes would otherwise share the links they measure
-    for (const group of groups.values()) {
-      common.signal?.throwIfAborted();
-      group.startedAfterMs = performance.now() - startedAt;
-      const planned = Promise.withResolvers<void>();
-      log(`${group.to}: planning the run of ${group.vms.map((v) => v.name).join(", ")}`);
-      const run = runScatter({
-        ...common,
-        gather: group.gather,
-        vms: group.vms.map((v) => ({ name: v.name, qmp: targets.find((t) => t.name === v.name)!.qmp })),
-        slots,
-        digestPool,
-        onPlanned: () => planned.resolve(),
-        onProgress: (source) => (group.progress = source),
+    const waiting = new Set(groups.values());
+    while (waiting.size > 0) {
+      // of the gathers that have answered, the one with the largest VM: Map order
+      const group = await Promise.race([...waiting].map((g) => answers.get(g)!.conn.then(() => g, () => g)));
+      waiting.delete(group);
+      const conn = await answers.get(group)!.conn.catch((err: unknown) => {
+        fail(group, err);
+        return null;
       });
-      const settled = run.then(
-        (report) => void (group.result = { status: "fulfilled", value: report }),
-        (err: unknown) => {
-          group.result = { status: "rejected", reason: err };
-          log(`${group.vms.map((v) => v.name).join(", ")} stay here: ${asSgmError(err).message}`);
-        },
-      );
-      runs.push(settled);
-      await Promise.race([planned.promise, settled]);
+      const run = conn && (await startRun(group, conn));
+      if (run) runs.push(run.ended);
+      // slots go largest first once every run ready to plan has: a gather still
+      // not listening (waited for up to --wait-gather) holds up none of them
+      if ([...waiting].every((g) => !answers.get(g)!.answered)) slots.open();
     }
     slots.open();
     await Promise.all(runs);
@@ -158,7 +197,7 @@ async function sizeUp(target: EvacuationTarget): Promise<EvacuatedVm> {
   try {
     source = await SourceQemu.open(target.name, parseQmpAddress(target.qmp));
     const { ramBytes } = await source.estimate();
-    return { ...base, ramBytes, ok: true, source: "running" };
+    return { ...base, ramBytes, ok: true, source: source.info.runState };
   } catch (err) {
     const e = asSgmError(err);
     return { ...base, ramBytes: null, ok: false, error: e.message, source: "unknown", exitCode: e.exitCode };

@@ -26,6 +26,8 @@ export interface PlanOptions {
   /** Use every reachable relay with room, not only those the rule needs. */
   allRelays?: boolean;
   gatherWaitMs?: number;
+  /** The gather's connection, made already (evacuate connects to every gather at once); the run owns it from here. */
+  gatherConnection?: PeerConnection;
   signal?: AbortSignal;
   log?: (line: string) => void;
 }
@@ -42,6 +44,7 @@ export interface SurveyOptions {
   /** Plan even without relays, for the expected eviction time (--plan); otherwise a run without relays has no plan. */
   planAlways: boolean;
   gatherWaitMs: number;
+  gatherConnection?: PeerConnection;
   signal?: AbortSignal;
   log: (line: string) => void;
 }
@@ -62,7 +65,7 @@ const address = (hp: HostPort) => formatHostPort(hp.host, hp.port);
 export async function survey(options: SurveyOptions, sources: readonly SourceQemu[], run: string): Promise<Survey> {
   const opens: PeerConnection[] = [];
   try {
-    const gather = await connectGather(options);
+    const gather = options.gatherConnection ?? (await connectGather(options));
     opens.push(gather);
     options.log(`connected to the gather at ${gather.remoteAddress}`);
     const unreachable: LeftOut[] = [];
@@ -168,6 +171,7 @@ export function surveyOptions(options: PlanOptions, planAlways: boolean): Survey
     useAll: options.allRelays ?? false,
     planAlways,
     gatherWaitMs: options.gatherWaitMs ?? 30_000,
+    gatherConnection: options.gatherConnection,
     signal: options.signal,
     log: options.log ?? (() => {}),
   };
