@@ -81,10 +81,16 @@ export interface EvacuationReport {
   exitCode: number;
 }
 
+/** What a VM's QEMU said before anything moved: its size and state, or why it did not answer. */
+type Sized = { name: string; qmp: string; to: string; gather: HostPort } & (
+  | { ramBytes: number; runState: string; error: null }
+  | { ramBytes: null; runState: null; error: SgmError }
+);
+
 interface Group {
   to: string;
   gather: HostPort;
-  vms: EvacuatedVm[];
+  vms: Array<Sized & { error: null }>;
   progress: ProgressSource | null;
   startedAfterMs: number;
   result: PromiseSettledResult<ScatterReport> | null;
@@ -96,16 +102,16 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
   const { targets, maxInFlight, onProgress, ...common } = options;
   checkTargets(targets);
   const vms = await Promise.all(targets.map((t) => sizeUp(t)));
-  const order = vms.map((vm, i) => ({ vm, i })).sort((a, b) => (b.vm.ramBytes ?? 0) - (a.vm.ramBytes ?? 0) || a.i - b.i);
+  // largest first; Array.prototype.sort is stable, so ties keep the order given
+  const order = [...vms].sort((a, b) => (b.ramBytes ?? 0) - (a.ramBytes ?? 0));
   const groups = new Map<string, Group>();
-  for (const { vm, i } of order) {
-    if (!vm.ok) continue;
-    const to = vm.to;
-    const group = groups.get(to) ?? { to, gather: targets[i]!.gather, vms: [], progress: null, startedAfterMs: 0, result: null };
+  for (const vm of order) {
+    if (vm.error) continue;
+    const group = groups.get(vm.to) ?? { to: vm.to, gather: vm.gather, vms: [], progress: null, startedAfterMs: 0, result: null };
     group.vms.push(vm);
-    groups.set(to, group);
+    groups.set(vm.to, group);
   }
-  onProgress?.(() => order.flatMap(({ vm }) => progressOf(vm, groups.get(vm.to))));
+  onProgress?.(() => order.map((vm) => progressOf(vm, groups.get(vm.to))));
 
   const slots = new EvictionSlots(Math.max(1, maxInFlight ?? targets.length));
   const digestPool = (common.digestThreads ?? 0) > 0 ? new DigestPool(common.digestThreads!) : null;
@@ -142,7 +148,7 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
       ...common,
       gather: group.gather,
       gatherConnection: conn,
-      vms: group.vms.map((v) => ({ name: v.name, qmp: targets.find((t) => t.name === v.name)!.qmp })),
+      vms: group.vms.map((v) => ({ name: v.name, qmp: v.qmp })),
       slots,
       digestPool,
       onPlanned: () => planned.resolve(),
@@ -178,7 +184,7 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
   } finally {
     digestPool?.close();
   }
-  return report(order.map((o) => o.vm), [...groups.values()]);
+  return report(order, [...groups.values()]);
 }
 
 function checkTargets(targets: readonly EvacuationTarget[]): void {
@@ -191,49 +197,65 @@ function checkTargets(targets: readonly EvacuationTarget[]): void {
 }
 
 /** Asks the VM's QEMU what it is and how large, and lets go: its run opens it again. */
-async function sizeUp(target: EvacuationTarget): Promise<EvacuatedVm> {
-  const base = { name: target.name, to: formatHostPort(target.gather.host, target.gather.port), startedAfterMs: null, evictedAfterMs: null, eviction: null };
+async function sizeUp(target: EvacuationTarget): Promise<Sized> {
+  const vm = { name: target.name, qmp: target.qmp, to: formatHostPort(target.gather.host, target.gather.port), gather: target.gather };
   let source: SourceQemu | undefined;
   try {
     source = await SourceQemu.open(target.name, parseQmpAddress(target.qmp));
     const { ramBytes } = await source.estimate();
-    return { ...base, ramBytes, ok: true, source: source.info.runState };
+    return { ...vm, ramBytes, runState: source.info.runState, error: null };
   } catch (err) {
-    const e = asSgmError(err);
-    return { ...base, ramBytes: null, ok: false, error: e.message, source: "unknown", exitCode: e.exitCode };
+    return { ...vm, ramBytes: null, runState: null, error: asSgmError(err) };
   } finally {
     source?.close();
   }
 }
 
-function progressOf(vm: EvacuatedVm, group: Group | undefined): VmProgress[] {
+function progressOf(vm: Sized, group: Group | undefined): VmProgress {
   const fromRun = group?.progress?.().find((p) => p.name === vm.name);
-  if (fromRun) return [fromRun];
-  const failed = !vm.ok || group?.result?.status === "rejected";
-  return [{ name: vm.name, phase: failed ? "failed" : "checking", pass: 0, bytes: 0, totalBytes: vm.ramBytes }];
+  if (fromRun) return fromRun;
+  const failed = vm.error !== null || group?.result?.status === "rejected";
+  return { name: vm.name, phase: failed ? "failed" : "checking", pass: 0, bytes: 0, totalBytes: vm.ramBytes };
 }
 
-function report(vms: EvacuatedVm[], groups: Group[]): EvacuationReport {
+function notEvicted(vm: Sized, error: SgmError, source: string): EvacuatedVm {
+  const message = error.message.includes(vm.to) ? error.message : `${vm.to}: ${error.message}`;
+  return { name: vm.name, to: vm.to, ramBytes: vm.ramBytes, ok: false, error: message, source, exitCode: error.exitCode, startedAfterMs: null, evictedAfterMs: null, eviction: null };
+}
+
+function report(order: Sized[], groups: Group[]): EvacuationReport {
+  const outcomes = new Map<string, EvacuatedVm>();
+  for (const vm of order) if (vm.error) outcomes.set(vm.name, notEvicted(vm, vm.error, "unknown"));
   const destinations: DestinationRun[] = [];
   for (const group of groups) {
     const names = group.vms.map((v) => v.name);
     const result = group.result;
     if (!result || result.status === "rejected") {
       const e = asSgmError(result?.status === "rejected" ? result.reason : new SgmError("internal", "the run never ended"));
-      const error = e.message.includes(group.to) ? e.message : `${group.to}: ${e.message}`;
-      for (const vm of group.vms) Object.assign(vm, { ok: false, error, exitCode: e.exitCode });
+      // nothing was asked of these VMs' sources: they are as they were
+      for (const vm of group.vms) outcomes.set(vm.name, notEvicted(vm, e, vm.runState));
       destinations.push({ to: group.to, vms: names, error: e.message, run: null });
       continue;
     }
     const { vms: evictions, ...run } = result.value;
+    const after = (ms: number | null) => (ms === null ? null : Math.round(group.startedAfterMs + run.planMs + ms));
     for (const vm of group.vms) {
       const eviction = evictions.find((e) => e.name === vm.name)!;
-      const after = (ms: number | null) => (ms === null ? null : Math.round(group.startedAfterMs + run.planMs + ms));
-      Object.assign(vm, { ok: eviction.ok, source: eviction.source, eviction, startedAfterMs: after(eviction.queuedMs), evictedAfterMs: after(eviction.evictionMs) });
-      if (!eviction.ok) Object.assign(vm, { error: eviction.error, exitCode: eviction.exitCode });
+      outcomes.set(vm.name, {
+        name: vm.name,
+        to: vm.to,
+        ramBytes: vm.ramBytes,
+        ok: eviction.ok,
+        ...(eviction.ok ? {} : { error: eviction.error, exitCode: eviction.exitCode }),
+        source: eviction.source,
+        startedAfterMs: after(eviction.queuedMs),
+        evictedAfterMs: after(eviction.evictionMs),
+        eviction,
+      });
     }
     destinations.push({ to: group.to, vms: names, error: null, run });
   }
+  const vms = order.map((vm) => outcomes.get(vm.name)!);
   const evicted = vms.filter((v) => v.ok);
   const exitCode = exitCodeOf(vms);
   return {
