@@ -8,7 +8,7 @@ import { parseCount } from "./args.ts";
 import { addEvictionOptions, type EvictionFlags, parseEvictionFlags } from "./eviction-flags.ts";
 import { parseTargets, type TargetFlags } from "./evacuate-targets.ts";
 import { formatMs, info, printJson, setQuiet } from "./output.ts";
-import { progressDisplay } from "./progress.ts";
+import { withProgress } from "./progress.ts";
 import { addRelayOptions, parseRelayFlags, readKey, type RelayFlags } from "./run-flags.ts";
 
 interface EvacuateFlags extends TargetFlags, RelayFlags, EvictionFlags {
@@ -38,22 +38,9 @@ export function registerEvacuate(cli: CAC, signal: AbortSignal): void {
       const maxInFlight = flags.maxInFlight === undefined ? undefined : parseCount("--max-in-flight", flags.maxInFlight, 1, 10_000);
       setQuiet(Boolean(flags.quiet));
       const psk = readKey(flags);
-      const display = progressDisplay({ verb: "scattered", quiet: Boolean(flags.quiet), live: Boolean(process.stderr.isTTY) });
-      let report: EvacuationReport;
-      try {
-        report = await runEvacuation({
-          ...relays,
-          ...eviction,
-          targets,
-          maxInFlight,
-          psk,
-          signal,
-          log: info,
-          onProgress: (source) => display.start(source),
-        });
-      } finally {
-        display.stop();
-      }
+      const report = await withProgress("scattered", Boolean(flags.quiet), (onProgress) =>
+        runEvacuation({ ...relays, ...eviction, targets, maxInFlight, psk, signal, log: info, onProgress }),
+      );
       render(report);
       if (flags.json) printJson(report);
       return report.exitCode;

@@ -6,7 +6,7 @@ import { loadPsk } from "../core/wire/auth.ts";
 import { parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson, setQuiet } from "./output.ts";
-import { progressDisplay } from "./progress.ts";
+import { withProgress } from "./progress.ts";
 import { announceReady, parseReadyFd } from "./ready-fd.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
 
@@ -42,19 +42,15 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const readyFd = parseReadyFd(flags.readyFd);
       setQuiet(Boolean(flags.quiet));
-      const display = progressDisplay({ verb: "gathered", quiet: Boolean(flags.quiet), live: Boolean(process.stderr.isTTY) });
-      let report: GatherReport;
-      try {
-        report = await runGather({
+      const report = await withProgress("gathered", Boolean(flags.quiet), (onProgress) =>
+        runGather({
           ...{ listen, vms, psk, maxRate, postcopyBandwidth, signal, log: info },
           onListening: (port) => {
             if (readyFd !== undefined) announceReady(readyFd, formatHostPort(listen.host, port));
           },
-          onProgress: (source) => display.start(source),
-        });
-      } finally {
-        display.stop();
-      }
+          onProgress,
+        }),
+      );
       render(report);
       if (flags.json) printJson(report);
       return report.exitCode;

@@ -14,7 +14,7 @@ const PLAIN_EVERY_MS = 5000;
 /** The rate is what moved over this window, so a pause shows soon and a burst does not linger. */
 const RATE_WINDOW_MS = 3000;
 
-export interface ProgressOptions {
+interface ProgressOptions {
   /** What each VM is moving: "scattered" or "gathered". */
   verb: string;
   quiet: boolean;
@@ -22,16 +22,29 @@ export interface ProgressOptions {
   live: boolean;
 }
 
-export interface ProgressDisplay {
+interface ProgressDisplay {
   /** The run has begun: from here on, VMs are shown. */
   start(source: ProgressSource): void;
   /** Draws the last state and leaves the terminal as it was. */
   stop(): void;
 }
 
-export function progressDisplay(options: ProgressOptions): ProgressDisplay {
+function progressDisplay(options: ProgressOptions): ProgressDisplay {
   if (options.quiet) return { start() {}, stop() {} };
   return new PolledDisplay(options.verb, options.live ? new TerminalSurface() : new PlainSurface());
+}
+
+/**
+ * Runs a role's work with a display of what it reports (drawn in place when
+ * stderr is a terminal), stopped however the work ends.
+ */
+export async function withProgress<R>(verb: string, quiet: boolean, work: (onProgress: (source: ProgressSource) => void) => Promise<R>): Promise<R> {
+  const display = progressDisplay({ verb, quiet, live: Boolean(process.stderr.isTTY) });
+  try {
+    return await work((source) => display.start(source));
+  } finally {
+    display.stop();
+  }
 }
 
 /** Where the VMs' lines go, and how often. */

@@ -8,7 +8,7 @@ import { renderPlan } from "./plan-output.ts";
 import { addRunOptions, parseRunFlags, readKey, type RunFlags } from "./run-flags.ts";
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson, setQuiet } from "./output.ts";
-import { progressDisplay } from "./progress.ts";
+import { withProgress } from "./progress.ts";
 
 interface ScatterFlags extends RunFlags, EvictionFlags {
   plan?: boolean;
@@ -39,13 +39,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
         if (flags.json) printJson(plan);
         return shortfallError(plan)?.exitCode ?? 0;
       }
-      const display = progressDisplay({ verb: "scattered", quiet: Boolean(flags.quiet), live: Boolean(process.stderr.isTTY) });
-      let report: ScatterReport;
-      try {
-        report = await runScatter({ ...common, ...eviction, onProgress: (source) => display.start(source) });
-      } finally {
-        display.stop();
-      }
+      const report = await withProgress("scattered", Boolean(flags.quiet), (onProgress) => runScatter({ ...common, ...eviction, onProgress }));
       render(report);
       if (flags.json) printJson(report);
       return report.exitCode;
