@@ -178,7 +178,7 @@ describe("scatter-gather with relays", () => {
     const pair = await startPair(dir, "twice", { memMiB: 64, seed: 207, rate: 1000 });
     const [r1, r2] = await Promise.all([startRelay(psk), startRelay(psk)]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
-    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", `${r1.address},${r2.address}`, "--replicas", "2"])).result();
+    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", `${r1.address},${r2.address}`, "--replicas", "2"])).result();
     expectExit(s, 0);
     const sr = report<ScatterReport>(s);
     // every relayed page is on both relays
@@ -213,7 +213,7 @@ describe("scatter-gather with relays", () => {
     const live = await startRelay(psk);
     const dead = `127.0.0.1:${await freePort()}`;
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "32MiB/s"]);
-    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--via", `${dead},${live.address}`])).result();
+    const s = await (await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", `${dead},${live.address}`])).result();
     const g = await gather.result();
     expectExit(s, 0);
     expectExit(g, 0);
