@@ -13,6 +13,7 @@ import {
   PutBuilder,
   RelayFrame,
   encodeDigestRequest,
+  encodeHoldOf,
   encodeRelease,
   readAck,
   readHasReply,
@@ -130,6 +131,14 @@ class Client {
     const reply = readHasReply(await this.next(RelayFrame.HAS_REPLY));
     expect(reply.req).toBe(req);
     return reply.held;
+  }
+
+  /** HOLDs the pages' digests under `run`; resolves with the refused bitmap of the ACK. */
+  async hold(run: Uint8Array, seq: number, pages: readonly Page[]): Promise<boolean[]> {
+    this.conn.send(RelayFrame.HOLD, encodeHoldOf(putPayload(run, seq, pages)));
+    const ack = readAck(await this.next(RelayFrame.ACK));
+    expect(ack.seq).toBe(seq);
+    return ack.refused;
   }
 
   release(run: Uint8Array, pages: readonly Page[]): void {
@@ -320,6 +329,29 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     gather.release(runId(2), [shared]);
     expect(await gather.get([shared])).toEqual([undefined]);
     expect(await gather.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
+  });
+
+  test("a HOLD takes a hold for its run on pages another run put, refuses what the relay has not, and is answered in order with PUTs", async () => {
+    const r = relay();
+    const scatter = await Client.connect(r.port);
+    const [a, b, unknown, c] = randomPages(4) as [Page, Page, Page, Page];
+    await scatter.put(runId(1), 0, [a, b]);
+    // another run: a PUT, and a HOLD sent before that PUT is answered (on digest threads it waits for the PUT's check)
+    scatter.conn.send(RelayFrame.PUT, putPayload(runId(2), 0, [c]));
+    scatter.conn.send(RelayFrame.HOLD, encodeHoldOf(putPayload(runId(2), 1, [a, unknown, b])));
+    const first = readAck(await scatter.next(RelayFrame.ACK));
+    const second = readAck(await scatter.next(RelayFrame.ACK));
+    expect([first.seq, first.refused, second.seq, second.refused]).toEqual([0, [false], 1, [false, true, false]]);
+    expect(await scatter.stats()).toMatchObject({ pages: 3, runs: 2 });
+
+    // run 1's gather lets go: what run 2 holds stays, by digest, for run 2's gather
+    const gather = await Client.connect(r.port, "gather");
+    gather.release(runId(1), [a, b]);
+    expect(await gather.get([a, b])).toEqual([a.page, b.page]);
+    gather.release(runId(2), [a, b, c]);
+    expect(await gather.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
+    // nothing left to hold
+    expect(await scatter.hold(runId(3), 2, [a])).toEqual([true]);
   });
 
   test("an idle run's pages go when its TTL passes; a run kept alive by empty releases keeps its pages", async () => {

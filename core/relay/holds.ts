@@ -112,6 +112,28 @@ export class RunHolds {
   }
 
   /**
+   * Holds for `run` a page the store has already (another run put it),
+   * without its bytes: true if the run now holds it, false if the store
+   * does not have it (then the run must put it).
+   */
+  holdHeld(run: string, digest: Uint8Array, digestAt: number, now: number): boolean {
+    const id = this.store.idOf(digest, digestAt);
+    if (id === -1) return false;
+    let entry = this.runs.get(run);
+    if (entry) {
+      entry.deadline = now + this.ttlMs;
+      if (entry.ids.has(id)) return true;
+    } else {
+      if (this.closedToNewRuns) return false;
+      entry = { ids: new IdSet(), deadline: now + this.ttlMs, reserved: 0 };
+      this.runs.set(run, entry);
+    }
+    this.store.retain(id);
+    entry.ids.add(id);
+    return true;
+  }
+
+  /**
    * Drops the run's holds on `count` digests at digests[0 ..). Digests or
    * runs it does not know are skipped, so a repeated RELEASE is harmless.
    * Returns how many holds were dropped.

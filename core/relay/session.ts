@@ -17,6 +17,7 @@ import {
   encodeAck,
   encodeHasReply,
   readDigestRequest,
+  readHold,
   readPut,
   readRelease,
 } from "../wire/relay-messages.ts";
@@ -115,6 +116,9 @@ export class RelaySession {
         break;
       case RelayFrame.HAS:
         this.has(payload);
+        break;
+      case RelayFrame.HOLD:
+        this.hold(payload);
         break;
       case RelayFrame.RELEASE:
         this.release(payload);
@@ -258,6 +262,16 @@ export class RelaySession {
     const held: boolean[] = [];
     for (let n = 0; n < count; n++) held.push(this.shared.store.has(digests, n * DIGEST_BYTES));
     this.conn.send(RelayFrame.HAS_REPLY, encodeHasReply(req, held));
+  }
+
+  /** Holds for the run what the store has of these digests; what it has not, the run must put. */
+  private hold(payload: Uint8Array): void {
+    const { run, seq, count, digests } = readHold(payload);
+    const key = runKey(run);
+    const now = this.shared.now();
+    const refused: boolean[] = [];
+    for (let n = 0; n < count; n++) refused.push(!this.shared.holds.holdHeld(key, digests, n * DIGEST_BYTES, now));
+    this.conn.send(RelayFrame.ACK, encodeAck(seq, refused));
   }
 
   private release(payload: Uint8Array): void {

@@ -9,6 +9,8 @@
 // RELAY_RELEASE run(16) count(u32) count x digest(32)
 // RELAY_HAS   req(u32) count(u32) count x digest(32)
 // RELAY_HAS_REPLY req(u32) count(u32) held-bitmap(ceil(count/8))
+// RELAY_HOLD  run(16) seq(u32) count(u32) count x digest(32)   held for this run too if the relay
+//             has it (another run put it); answered by RELAY_ACK like a PUT, in the same seq order
 
 import { DIGEST_BYTES, PAGE_BYTES, copyBytes } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
@@ -21,10 +23,11 @@ export const RelayFrame = {
   RELEASE: 24,
   HAS: 25,
   HAS_REPLY: 26,
+  HOLD: 27,
 } as const;
 
 export const RUN_ID_BYTES = 16;
-/** Pages per PUT, digests per GET/HAS/RELEASE. */
+/** Pages per PUT (and digests per HOLD), digests per GET/HAS/RELEASE. */
 export const PUT_BATCH = 64;
 export const GET_BATCH = 256;
 export const RELEASE_BATCH = 4096;
@@ -46,6 +49,8 @@ export function relayMaxPayload(type: number): number | undefined {
       return RUN_ID_BYTES + 4 + RELEASE_BATCH * DIGEST_BYTES;
     case RelayFrame.HAS_REPLY:
       return 8 + GET_BATCH / 8;
+    case RelayFrame.HOLD:
+      return RUN_ID_BYTES + 8 + PUT_BATCH * DIGEST_BYTES;
     default:
       return undefined;
   }
@@ -260,6 +265,27 @@ export function readRelease(payload: Uint8Array): { run: Uint8Array; count: numb
     throw new SgmError("data", `relay RELEASE of ${payload.length} bytes does not hold ${count} digests`);
   }
   return { run: payload.subarray(0, RUN_ID_BYTES), count, digests: payload.subarray(RUN_ID_BYTES + 4) };
+}
+
+// ---- HOLD ----------------------------------------------------------------------------
+
+/** A HOLD of the digests of a PUT payload (built, not sent): the same run, seq and entries, without the pages. */
+export function encodeHoldOf(put: Uint8Array): Uint8Array {
+  const frame = readPut(put);
+  const out = new Uint8Array(RUN_ID_BYTES + 8 + frame.count * DIGEST_BYTES);
+  out.set(put.subarray(0, RUN_ID_BYTES + 8), 0);
+  for (let n = 0; n < frame.count; n++) copyBytes(put, frame.digestAt(n), out, RUN_ID_BYTES + 8 + n * DIGEST_BYTES, DIGEST_BYTES);
+  return out;
+}
+
+export function readHold(payload: Uint8Array): { run: Uint8Array; seq: number; count: number; digests: Uint8Array } {
+  if (payload.length < RUN_ID_BYTES + 8) throw new SgmError("data", "relay HOLD shorter than its header");
+  const dv = view(payload);
+  const count = dv.getUint32(RUN_ID_BYTES + 4);
+  if (count > PUT_BATCH || payload.length !== RUN_ID_BYTES + 8 + count * DIGEST_BYTES) {
+    throw new SgmError("data", `relay HOLD of ${payload.length} bytes does not hold ${count} digests`);
+  }
+  return { run: payload.subarray(0, RUN_ID_BYTES), seq: dv.getUint32(RUN_ID_BYTES), count, digests: payload.subarray(RUN_ID_BYTES + 8) };
 }
 
 // ---- HAS_REPLY ---------------------------------------------------------------------------
