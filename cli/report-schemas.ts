@@ -92,8 +92,19 @@ const ScatterReportSchema = Type.Object(
     ok: Type.Boolean(),
     vms: Type.Array(EvictionReport),
     bytesToGather: bytes("On the wire, frames included, rate probes not."),
-    relays: Type.Array(Type.Object({ address: Type.String(), pages: count(), refusedPages: count(), bytesSent: bytes() }, closed)),
-    placement: Type.Object({ directPages: count(), relayedPages: count(), dedupPages: count(), replacedPages: count() }, closed),
+    relays: Type.Array(
+      Type.Object({ address: Type.String(), pages: count("Pages it holds for this run, put or held by digest; replicas counted on each relay."), refusedPages: count(), bytesSent: bytes() }, closed),
+    ),
+    placement: Type.Object(
+      {
+        directPages: count(),
+        relayedPages: count(),
+        dedupPages: count(),
+        sharedPages: count("New to this run, but on a relay already for another run of the evacuation: held there for this run too, not sent again (replicas counted on each relay)."),
+        replacedPages: count(),
+      },
+      closed,
+    ),
     plan: orNull(RelayPlanSchema),
     planMs: Type.Number({ minimum: 0, description: "Checks, connections, probes and plan, before the first byte of migration." }),
     exitCode: Type.Integer({ description: "0, 3 when some VMs were evicted and the others run on at the source, else the worst failure's." }),

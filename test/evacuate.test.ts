@@ -178,4 +178,37 @@ describe("sgm evacuate", () => {
     expect((await queryMigrate(queued.source.qmp)).status).toBeUndefined();
     for (const pair of [first, queued]) expect(await pair.source.keepsRunning(), `${pair.name} runs at the source`).toBe(true);
   }, 300_000);
+
+  test("one relay set across destinations: what one run put on the relay, a run bound elsewhere has it hold, not sent again", async () => {
+    // one at a time, largest first: first, then other (elsewhere), then last;
+    // the first destination's gather, still waiting for last, keeps its run's pages on the relay meanwhile
+    const [first, other, last] = await Promise.all([
+      startPair(dir, "first", { memMiB: 128, seed: 341, rate: 2000 }),
+      startPair(dir, "other", { memMiB: 96, seed: 342, rate: 2000 }),
+      startPair(dir, "last", { memMiB: 64, seed: 343, rate: 2000 }),
+    ]);
+    const relay = await startRelay(psk);
+    // slow gathers: nearly every page goes through the relay
+    const one = await startGather([first, last], psk, ["--max-rate", "16MiB/s"]);
+    const two = await startGather([other], psk, ["--max-rate", "16MiB/s"]);
+    const map = await writeMap("shared.map", [
+      [first, one.port],
+      [other, two.port],
+      [last, one.port],
+    ]);
+    const evacuate = await startSgm(["evacuate", "--map", map, "--max-in-flight", "1", "--via", relay.address, "--all-relays", "--keep-source", "--psk-file", psk, "--json"]);
+    const [e, g1, g2] = await Promise.all([evacuate.result(), one.gather.result(), two.gather.result()]);
+    expectExit(e, 0);
+    expectExit(g1, 0);
+    expectExit(g2, 0);
+    const r = report<EvacuationReport>(e);
+    expect(r.vms.map((v) => v.name)).toEqual(["first", "other", "last"]);
+    const runOf = (to: number) => r.destinations.find((d) => d.to === `127.0.0.1:${to}`)!.run!;
+    // the guests share content (test/guest/churn.c: ids 1 to 256 are the same bytes in every VM)
+    expect(runOf(two.port).placement.sharedPages, JSON.stringify(runOf(two.port).placement)).toBeGreaterThan(0);
+    // every hold was released by the gather of its own run
+    relay.relay.proc.kill("SIGTERM");
+    expect((await relay.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
+    for (const pair of [first, other, last]) await expectArrivedWhole(pair);
+  }, 300_000);
 });

@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { PAGE_BYTES } from "../dedup/digest.ts";
 import { DigestPool } from "../dedup/digest-pool.ts";
 import type { EvictionSlots } from "./eviction-slots.ts";
+import type { RelayContents } from "./relay-contents.ts";
 import type { ProgressSource } from "../progress.ts";
 import { asSgmError, EXIT_CODES, SgmError } from "../errors.ts";
 import { formatBytes, formatRate } from "../units.ts";
@@ -63,11 +64,13 @@ export interface ScatterOptions extends PlanOptions {
   digestPool?: DigestPool | null;
   /** Called once the run is planned and its relays reserved, before any VM migrates. */
   onPlanned?: () => void;
+  /** Shared by the runs of an evacuation: what the relays hold for any of them, so another need not send it again. */
+  relayContents?: RelayContents;
 }
 
 export interface RelayReport {
   address: string;
-  /** Pages it holds for this run (replicas counted on each relay). */
+  /** Pages it holds for this run, put or held by digest (replicas counted on each relay). */
   pages: number;
   refusedPages: number;
   bytesSent: number;
@@ -144,7 +147,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   const sentBefore = new Map(opens.map((c) => [c, c.bytesSent]));
   const startedAt = { mono: performance.now(), wall: Date.now() };
 
-  const placement = new RunPlacement(conn, options.replicas ?? 1, { gatherPinPages: options.gatherPinPages, dedup: options.dedup });
+  const placement = new RunPlacement(conn, options.replicas ?? 1, { gatherPinPages: options.gatherPinPages, dedup: options.dedup, relayContents: options.relayContents });
   for (const r of relays) placement.addRelay(r.address, r.conn, run, r.free);
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: runHex, relays: relays.map((r) => r.address) }));
 
@@ -204,7 +207,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
       bytesToGather: conn.bytesSent - sentBefore.get(conn)!,
       relays: placement.relays.map((r) => ({
         address: r.address,
-        pages: r.pagesPut - r.pagesRefused,
+        pages: r.pagesPut - r.pagesRefused + r.pagesHeld,
         refusedPages: r.pagesRefused,
         bytesSent: r.conn.bytesSent - (sentBefore.get(r.conn) ?? 0),
       })),

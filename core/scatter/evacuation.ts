@@ -7,9 +7,11 @@
 //
 // Dedup spans every VM bound for the same destination, whenever each
 // starts: a run's gather connection and relay holds last until its last VM
-// is done. Content shared by VMs bound for different destinations is sent
-// once per destination, since a gather can only be pointed at content it
-// or its run's relays hold.
+// is done. Across destinations it goes through the relays: content one run
+// put on a relay, another run has the relay hold for it too, by digest
+// (relay-contents.ts), so each gather fetches it there and releases only
+// its own run's hold. Content that went straight to one gather is sent
+// again to another: no gather can fetch from another.
 
 import { asSgmError, SgmError } from "../errors.ts";
 import { DigestPool } from "../dedup/digest-pool.ts";
@@ -19,6 +21,7 @@ import { parseQmpAddress } from "../qmp/client.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { exitCodeOf, runScatter, type ScatterOptions, type ScatterReport } from "./engine.ts";
 import { EvictionSlots } from "./eviction-slots.ts";
+import { RelayContents } from "./relay-contents.ts";
 import { SourceQemu } from "./source-qemu.ts";
 import { connectGather, surveyOptions } from "./survey.ts";
 import type { EvictionReport } from "./vm-eviction.ts";
@@ -30,7 +33,7 @@ export interface EvacuationTarget {
   gather: HostPort;
 }
 
-export interface EvacuationOptions extends Omit<ScatterOptions, "gather" | "vms" | "slots" | "digestPool" | "onPlanned" | "gatherConnection"> {
+export interface EvacuationOptions extends Omit<ScatterOptions, "gather" | "vms" | "slots" | "digestPool" | "onPlanned" | "gatherConnection" | "relayContents"> {
   targets: EvacuationTarget[];
   /** VMs migrating at once, across destinations (default: all). */
   maxInFlight?: number;
@@ -114,6 +117,7 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
   onProgress?.(() => order.map((vm) => progressOf(vm, groups.get(vm.to))));
 
   const slots = new EvictionSlots(Math.max(1, maxInFlight ?? targets.length));
+  const relayContents = new RelayContents();
   const digestPool = (common.digestThreads ?? 0) > 0 ? new DigestPool(common.digestThreads!) : null;
   // every gather at once: one that is not there yet holds up none of the others
   const answers = new Map<Group, { conn: Promise<PeerConnection>; answered: boolean }>();
@@ -151,6 +155,7 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
       vms: group.vms.map((v) => ({ name: v.name, qmp: v.qmp })),
       slots,
       digestPool,
+      relayContents,
       onPlanned: () => planned.resolve(),
       onProgress: (source) => (group.progress = source),
     });

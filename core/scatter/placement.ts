@@ -4,7 +4,8 @@
 // (rendezvous hashing, --replicas of them). Content seen before in the run
 // is not placed again while the gather or relays hold it: one digest index
 // serves every VM. What the gather holds only for that is bounded
-// (gather-pins.ts).
+// (gather-pins.ts). Content another run of an evacuation put on a relay this
+// run uses is held there for this run too (relay-contents.ts), not sent again.
 
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
@@ -14,6 +15,7 @@ import type { PeerConnection } from "../wire/connection.ts";
 import { encodeDigests, encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
 import { GatherPins, type MapProgress } from "./gather-pins.ts";
 import { type Refused, RelayLink } from "./relay-link.ts";
+import type { RelayContents } from "./relay-contents.ts";
 
 /**
  * With relays, new content goes straight to the gather only while less than
@@ -38,6 +40,8 @@ export interface PlacementStats {
   directPages: number;
   relayedPages: number;
   dedupPages: number;
+  /** New to this run, but on a relay already for another run of the evacuation: held there for this one too, not sent (replicas counted on each relay). */
+  sharedPages: number;
   replacedPages: number;
 }
 
@@ -45,11 +49,14 @@ export class RunPlacement {
   readonly gather: PeerConnection;
   readonly relays: RelayLink[] = [];
   readonly replicas: number;
-  readonly stats: PlacementStats = { directPages: 0, relayedPages: 0, dedupPages: 0, replacedPages: 0 };
+  readonly stats: PlacementStats = { directPages: 0, relayedPages: 0, dedupPages: 0, sharedPages: 0, replacedPages: 0 };
   private readonly index = new DigestIndex();
   private pending = new Uint8Array(1024);
   private mask = new Uint32Array(1024);
   private readonly salts: number[] = [];
+  private readonly relayContents: RelayContents | null;
+  /** Each relay's bit in relayContents' masks. */
+  private readonly contentBits: number[] = [];
   private readonly weights: number[] = [];
   private readonly directBuffers: RecycledBuffers;
   private readonly direct: PageDataBuilder;
@@ -67,10 +74,11 @@ export class RunPlacement {
   /** False (--no-dedup) to send held content again wherever it recurs, for measuring what dedup saves. */
   private readonly dedup: boolean;
 
-  constructor(gather: PeerConnection, replicas: number, options: { gatherPinPages?: number; dedup?: boolean } = {}) {
+  constructor(gather: PeerConnection, replicas: number, options: { gatherPinPages?: number; dedup?: boolean; relayContents?: RelayContents } = {}) {
     this.gather = gather;
     this.replicas = replicas;
     this.dedup = options.dedup ?? true;
+    this.relayContents = options.relayContents ?? null;
     const gatherPinPages = options.gatherPinPages ?? GATHER_PIN_PAGES;
     this.pins = new GatherPins(gatherPinPages);
     this.directBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => gather.bytesSent);
@@ -95,12 +103,13 @@ export class RunPlacement {
   /** A relay with `room` bytes free: its share of the pages relayed is its share of the room. */
   addRelay(address: string, conn: PeerConnection, run: Uint8Array, room: number): void {
     const link = new RelayLink(this.relays.length, address, conn, run, {
-      onAck: (stored, refused) => this.onAck(link, stored, refused),
+      onAck: (stored, refused, held) => this.onAck(link, stored, refused, held),
       onFull: () => {},
       onLost: (reason) => this.fail(reason),
       stillNeeded: () => this.stillNeeded(),
     });
     this.relays.push(link);
+    this.contentBits.push(this.relayContents?.relayBit(address) ?? 0);
     this.salts.push(relaySalt(address));
     this.weights.push(room);
   }
@@ -268,16 +277,13 @@ export class RunPlacement {
     });
   }
 
-  relayPages(): number[] {
-    return this.relays.map((r) => r.pagesPut - r.pagesRefused);
-  }
-
   private wakeDrainWaiters(): void {
     if (this.congested && !this.failure) return;
     for (const w of this.drainWaiters.splice(0)) w();
   }
 
   private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
+    if (this.holdOnRelays(cid, digest, at, page)) return;
     const viaGather = this.relays.length === 0 || this.gatherAccepting;
     const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting, this.replicas, this.rank, this.weights);
     const relaysTakeIt = n === this.replicas && this.rank.slice(0, n).every((r) => this.relays[r]!.queuedBytes <= RELAY_WINDOW);
@@ -296,6 +302,26 @@ export class RunPlacement {
     for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.add(cid, digest, at, page);
   }
 
+  /**
+   * Content another run put on relays this run uses: held there for this
+   * run too, by digest, if --replicas of them can take it now. A relay that
+   * no longer has it refuses, and the page is placed as new content.
+   */
+  private holdOnRelays(cid: number, digest: Uint8Array, at: number, page: Uint8Array): boolean {
+    if (!this.relayContents || !this.dedup) return false;
+    const mask = this.relayContents.maskOf(digest, at);
+    if (mask === 0) return false;
+    let n = 0;
+    for (let r = 0; r < this.relays.length && n < this.replicas; r++) {
+      const link = this.relays[r]!;
+      if ((mask & this.contentBits[r]!) !== 0 && link.accepting && link.queuedBytes <= RELAY_WINDOW) this.rank[n++] = r;
+    }
+    if (n < this.replicas) return false;
+    this.pending[cid] = n;
+    for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.addHold(cid, digest, at, page);
+    return true;
+  }
+
   private sendDirect(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
     this.pins.pin(cid);
     const slot = this.direct.add(page);
@@ -303,14 +329,17 @@ export class RunPlacement {
     if (this.direct.full) this.flush();
   }
 
-  private onAck(link: RelayLink, stored: number[], refused: Refused[]): void {
+  private onAck(link: RelayLink, stored: number[], refused: Refused[], held: boolean): void {
+    if (held) this.stats.sharedPages += stored.length;
     for (const cid of stored) {
+      this.relayContents?.held(this.contentBits[link.index]!, this.index.digestOf(cid), 0);
       this.mask[cid]! |= 1 << link.index;
       if (--this.pending[cid]! === 0) this.locations.push({ digest: this.index.digestOf(cid).slice(), mask: this.mask[cid]! });
     }
     for (const r of refused) {
       // place this replica elsewhere: another relay not holding it, or the gather
       this.stats.replacedPages++;
+      if (r.wasHold) this.relayContents?.forget(this.contentBits[link.index]!, r.digest, 0);
       const n = rankRelays(
         r.digest,
         0,

@@ -1,23 +1,27 @@
 // Scatter's connection to one relay: batches pages into PUT frames and keeps
 // each batch until the relay acknowledges it, so a page the relay refused
-// (it is full) can still be placed elsewhere.
+// (it is full) can still be placed elsewhere. Content another run of the
+// same evacuation put there goes as a HOLD of its digest instead; the page
+// is kept the same way, for a relay that no longer has it.
 
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { decodeControl, FrameType } from "../wire/messages.ts";
-import { PutBuilder, readAck, readPut, RelayFrame } from "../wire/relay-messages.ts";
+import { encodeHoldOf, PutBuilder, readAck, readPut, RelayFrame } from "../wire/relay-messages.ts";
 
 /** A page the relay refused: its content id and where its digest and bytes still are. */
 export interface Refused {
   cid: number;
   digest: Uint8Array;
   page: Uint8Array;
+  /** Asked as a HOLD: the relay no longer has it (it is not full). */
+  wasHold: boolean;
 }
 
 export interface RelayLinkEvents {
-  /** A PUT was acknowledged: these content ids are now held (refused ones are not). */
-  onAck(stored: number[], refused: Refused[]): void;
+  /** A PUT or HOLD (`held`) was acknowledged: these content ids are now held (refused ones are not). */
+  onAck(stored: number[], refused: Refused[], held: boolean): void;
   onFull(capacity: number, used: number): void;
   onLost(reason: Error): void;
   /** The run still places pages or names content (a VM not yet evicted, or not yet started): a relay gone is a loss. */
@@ -25,6 +29,7 @@ export interface RelayLinkEvents {
 }
 
 interface InFlight {
+  kind: "put" | "hold";
   seq: number;
   buffer: Uint8Array;
   payload: Uint8Array;
@@ -42,10 +47,16 @@ export class RelayLink {
   full = false;
   pagesPut = 0;
   pagesRefused = 0;
+  /** Contents held for this run by HOLD (another run had put them), and HOLDs refused. */
+  pagesHeld = 0;
+  holdsRefused = 0;
   private readonly run: Uint8Array;
   private readonly events: RelayLinkEvents;
   private builder: PutBuilder;
   private cids: number[] = [];
+  /** HOLDs being batched: built as a PUT that is kept, not sent. */
+  private holdBuilder: PutBuilder;
+  private holdCids: number[] = [];
   private spare: Uint8Array[] = [];
   private readonly inFlight: InFlight[] = [];
   private nextSeq = 0;
@@ -58,9 +69,10 @@ export class RelayLink {
     this.run = run;
     this.events = events;
     this.builder = new PutBuilder(this.buffer());
+    this.holdBuilder = new PutBuilder(this.buffer());
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => {
-      if (this.inFlight.length > 0 || this.builder.pages > 0 || reason || this.events.stillNeeded()) {
+      if (this.inFlight.length > 0 || this.builder.pages > 0 || this.holdBuilder.pages > 0 || reason || this.events.stillNeeded()) {
         this.events.onLost(new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`));
       }
     });
@@ -92,13 +104,28 @@ export class RelayLink {
     if (this.builder.full) this.flush();
   }
 
+  /** Asks the relay to hold, for this run, content another run put there; `page` is kept in case it no longer has it. */
+  addHold(cid: number, digest: Uint8Array, digestAt: number, page: Uint8Array): void {
+    this.holdBuilder.add(digest, digestAt, page);
+    this.holdCids.push(cid);
+    if (this.holdBuilder.full) this.flush();
+  }
+
   flush(): void {
-    if (this.builder.pages === 0) return;
-    const seq = this.nextSeq++;
-    const { payload, buffer } = this.builder.take(this.run, seq, this.buffer());
-    this.inFlight.push({ seq, buffer, payload, cids: this.cids });
-    this.cids = [];
-    this.conn.send(RelayFrame.PUT, payload);
+    if (this.builder.pages > 0) {
+      const seq = this.nextSeq++;
+      const { payload, buffer } = this.builder.take(this.run, seq, this.buffer());
+      this.inFlight.push({ kind: "put", seq, buffer, payload, cids: this.cids });
+      this.cids = [];
+      this.conn.send(RelayFrame.PUT, payload);
+    }
+    if (this.holdBuilder.pages > 0) {
+      const seq = this.nextSeq++;
+      const { payload, buffer } = this.holdBuilder.take(this.run, seq, this.buffer());
+      this.inFlight.push({ kind: "hold", seq, buffer, payload, cids: this.holdCids });
+      this.holdCids = [];
+      this.conn.send(RelayFrame.HOLD, encodeHoldOf(payload));
+    }
   }
 
   private buffer(): Uint8Array {
@@ -127,19 +154,25 @@ export class RelayLink {
     const stored: number[] = [];
     const refused: Refused[] = [];
     const put = readPut(batch.payload);
+    const wasHold = batch.kind === "hold";
     batch.cids.forEach((cid, n) => {
       if (!ack.refused[n]) {
+        if (wasHold) this.pagesHeld++;
         stored.push(cid);
         return;
       }
-      this.full = true;
-      this.pagesRefused++;
+      if (wasHold) {
+        this.holdsRefused++;
+      } else {
+        this.full = true;
+        this.pagesRefused++;
+      }
       const d = put.digestAt(n);
       const p = put.pageAt(n);
-      refused.push({ cid, digest: batch.payload.subarray(d, d + DIGEST_BYTES), page: batch.payload.subarray(p, p + 4096) });
+      refused.push({ cid, digest: batch.payload.subarray(d, d + DIGEST_BYTES), page: batch.payload.subarray(p, p + 4096), wasHold });
     });
     // refused pages are read (and placed elsewhere) before the buffer is reused
-    this.events.onAck(stored, refused);
+    this.events.onAck(stored, refused, wasHold);
     this.spare.push(batch.buffer);
   }
 }

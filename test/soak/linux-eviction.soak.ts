@@ -3,14 +3,16 @@
 // every fourth run with --no-dedup (content sent again wherever it recurs);
 // two runs in three hash on digest threads (--digest-threads 1, then 2, to
 // scatter and relays alike); every other run of two VMs goes through
-// `sgm evacuate --max-in-flight 1`, so the second VM starts, in the same run,
-// only once the first is done.
+// `sgm evacuate --max-in-flight 1` to two destinations, one gather each, so
+// the second VM starts only once the first is done, and what the first put
+// on relays the second has them hold for its own gather.
 // Runs alternate between a destination that waits paused (-S), whose memory
 // must equal the source's final memory page for page before it runs on, and
 // one that runs at once (page requests and all), whose guest must run on.
 //
 //   bun test/soak/linux-eviction.soak.ts [RUNS]    (default 40)
 
+import { join } from "node:path";
 import type { GatherReport } from "../../core/gather/engine.ts";
 import type { EvacuationReport } from "../../core/scatter/evacuation.ts";
 import type { ScatterReport } from "../../core/scatter/engine.ts";
@@ -49,6 +51,8 @@ interface Outcome {
   noDedupRuns: number;
   threadedRuns: number;
   evacuateRuns: number;
+  /** Pages the evacuate runs had relays hold for a second destination instead of sending them again. */
+  sharedPages: number;
   wrongGuests: number;
   sgmFailures: number;
   notes: string[];
@@ -56,7 +60,7 @@ interface Outcome {
 
 const runs = Number(process.argv[2] ?? 40);
 const binary = await qemu10_0();
-const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, noDedupRuns: 0, threadedRuns: 0, evacuateRuns: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
+const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, noDedupRuns: 0, threadedRuns: 0, evacuateRuns: 0, sharedPages: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
 const started = Date.now();
 
 for (let n = 0; n < runs; n++) {
@@ -74,7 +78,7 @@ for (let n = 0; n < runs; n++) {
   const dir = makeTempDir("soak");
   const t0 = Date.now();
   try {
-    const verdict = await Promise.race([evict(dir, c, paused, dedup, threads, evacuate, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
+    const verdict = await Promise.race([evict(dir, c, outcome, paused, dedup, threads, evacuate, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
     if (verdict !== "ok") {
       if (verdict.startsWith("wrong guest")) outcome.wrongGuests++;
       else outcome.sgmFailures++;
@@ -88,36 +92,43 @@ for (let n = 0; n < runs; n++) {
 }
 
 console.log(`\n${runs} runs in ${Math.round((Date.now() - started) / 60_000)} min, QEMU 10.0, Linux guest 512 MiB\n`);
-console.log("| relays | replicas | switchover | VMs | runs | of them --no-dedup | on digest threads | by evacuate | wrong guests | sgm failures |");
+console.log("| relays | replicas | switchover | VMs | runs | of them --no-dedup | on digest threads | by evacuate (pages held for a 2nd destination) | wrong guests | sgm failures |");
 console.log("|---|---|---|---|---|---|---|---|---|---|");
 for (const [c, o] of outcomes) {
   if (o.runs === 0) continue;
-  console.log(`| ${c.relays} | ${c.replicas} | ${c.switchover} | ${c.vms} | ${o.runs} | ${o.noDedupRuns} | ${o.threadedRuns} | ${o.evacuateRuns} | ${o.wrongGuests} | ${o.sgmFailures} |`);
+  console.log(`| ${c.relays} | ${c.replicas} | ${c.switchover} | ${c.vms} | ${o.runs} | ${o.noDedupRuns} | ${o.threadedRuns} | ${o.evacuateRuns} (${o.sharedPages}) | ${o.wrongGuests} | ${o.sgmFailures} |`);
 }
 const notes = [...outcomes.values()].flatMap((o) => o.notes);
 for (const note of notes) console.log(`- ${note}`);
 process.exit([...outcomes.values()].some((o) => o.wrongGuests + o.sgmFailures > 0) ? 1 : 0);
 
 /** One eviction; "ok", or what went wrong ("wrong guest: ..." when a guest did not arrive intact). */
-async function evict(dir: string, c: Case, paused: boolean, dedup: boolean, threads: number, evacuate: boolean, n: number): Promise<string> {
+async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, dedup: boolean, threads: number, evacuate: boolean, n: number): Promise<string> {
   const psk = await writePsk(dir);
   const pairs: VmPair[] = await Promise.all(
     Array.from({ length: c.vms }, (_, v) => startLinuxPair(dir, `s${n}v${v}`, { binary, seed: 100 + n * 4 + v, paused })),
   );
   const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk, "1GiB", ["--digest-threads", String(threads)])));
-  // a gather slower than the source, so that relays take pages
-  const { gather, port } = await startGather(pairs, psk, c.relays > 0 ? ["--max-rate", "48MiB/s"] : []);
+  // gathers slower than the source, so that relays take pages
+  const slow = c.relays > 0 ? ["--max-rate", "48MiB/s"] : [];
+  const gathers = await Promise.all(evacuate ? pairs.map((p) => startGather([p], psk, slow)) : [startGather(pairs, psk, slow)]);
   const via = relays.length > 0 ? ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", String(c.replicas)] : [];
   const flags = ["--keep-source", ...via, ...switchovers[c.switchover], ...(dedup ? [] : ["--no-dedup"]), "--digest-threads", String(threads)];
-  const scatter = evacuate
-    ? await startSgm(["evacuate", "--to", `127.0.0.1:${port}`, ...pairs.flatMap((p) => ["--vm", `${p.name}=${p.source.qmpPath}`]), "--max-in-flight", "1", "--psk-file", psk, "--json", ...flags])
-    : await startScatter(pairs, port, psk, flags);
-  const [s, g] = await Promise.all([scatter.result(), gather.result()]);
-  if (s.code !== 0 || g.code !== 0) {
-    const sent = evacuate ? report<EvacuationReport>(s).vms : report<ScatterReport>(s).vms;
-    const why = [...sent, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
-    return `sgm failed: scatter ${s.code}, gather ${g.code}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
+  let scatter;
+  if (evacuate) {
+    const map = join(dir, "evacuate.map");
+    await Bun.write(map, pairs.map((p, i) => `${p.name} ${p.source.qmpPath} 127.0.0.1:${gathers[i]!.port}\n`).join(""));
+    scatter = await startSgm(["evacuate", "--map", map, "--max-in-flight", "1", "--psk-file", psk, "--json", ...flags]);
+  } else {
+    scatter = await startScatter(pairs, gathers[0]!.port, psk, flags);
   }
+  const [s, ...g] = await Promise.all([scatter.result(), ...gathers.map((x) => x.gather.result())]);
+  if (s.code !== 0 || g.some((x) => x.code !== 0)) {
+    const sent = evacuate ? report<EvacuationReport>(s).vms : report<ScatterReport>(s).vms;
+    const why = [...sent, ...g.flatMap((x) => report<GatherReport>(x).vms)].map((v) => v.error).find(Boolean);
+    return `sgm failed: scatter ${s.code}, gathers ${g.map((x) => x.code).join(" ")}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
+  }
+  if (evacuate) outcome.sharedPages += report<EvacuationReport>(s).destinations.reduce((n, d) => n + (d.run?.placement.sharedPages ?? 0), 0);
   for (const pair of pairs) {
     try {
       if (paused) {
