@@ -68,7 +68,8 @@ for (let n = 0; n < runs; n++) {
   const paused = Math.floor(n / cases.length) % 2 === 0 ? n % 2 === 0 : n % 2 === 1;
   const dedup = n % 4 !== 3;
   const threads = n % 3;
-  const evacuate = c.vms > 1 && Math.floor(n / 2) % 2 === 1;
+  // the two-VM runs that keep dedup on (n % 4 === 1), so that relays hold content for a second destination
+  const evacuate = c.vms > 1 && n % 4 === 1;
   const outcome = outcomes.get(c)!;
   outcome.runs++;
   if (evacuate) outcome.evacuateRuns++;
