@@ -9,7 +9,7 @@ import { queryMigrate } from "../core/qmp/migration.ts";
 import type { EvacuationReport } from "../core/scatter/evacuation.ts";
 import { haltAndCompare, report, startGather, startPair, startRelay, type VmPair, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
-import { expectExit, startSgm } from "./harness/sgm.ts";
+import { expectExit, type SgmProcess, startSgm } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -35,33 +35,47 @@ async function expectArrivedWhole(pair: VmPair): Promise<void> {
   expect(comparison.mismatched, `${pair.name}: pages unlike the source's final memory`).toEqual([]);
 }
 
+/**
+ * Three VMs (name, MiB, seed; largest first), the first and third bound for
+ * one gather and the second for another, through one relay, every gather
+ * held to `gatherRate`; runs evacuate from a map listing them in `listed`
+ * order, with --keep-source and `extra`, and waits for every process.
+ */
+async function evacuateThree(vms: Array<[string, number, number]>, listed: number[], gatherRate: string, extra: string[]) {
+  const pairs = await Promise.all(vms.map(([name, memMiB, seed]) => startPair(dir, name, { memMiB, seed, rate: 2000 })));
+  const relay = await startRelay(psk);
+  const one = await startGather([pairs[0]!, pairs[2]!], psk, ["--max-rate", gatherRate]);
+  const two = await startGather([pairs[1]!], psk, ["--max-rate", gatherRate]);
+  const ports = [one.port, two.port, one.port];
+  const map = await writeMap(`${vms[0]![0]}.map`, listed.map((i) => [pairs[i]!, ports[i]!]));
+  const evacuate = await startSgm(["evacuate", "--map", map, "--via", relay.address, "--all-relays", "--keep-source", "--psk-file", psk, "--json", ...extra]);
+  const [e, g1, g2] = await Promise.all([evacuate.result(), one.gather.result(), two.gather.result()]);
+  expectExit(e, 0);
+  expectExit(g1, 0);
+  expectExit(g2, 0);
+  return { pairs, relay, ports: [one.port, two.port], e, r: report<EvacuationReport>(e) };
+}
+
+/** The relay held nothing more once every gather was done: each released what its run held. */
+async function expectRelayEmpty(relay: { relay: SgmProcess }): Promise<void> {
+  relay.relay.proc.kill("SIGTERM");
+  expect((await relay.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
+}
+
 describe("sgm evacuate", () => {
   test("three VMs to two destinations, two at a time, largest first, one relay set: every page arrives equal", async () => {
-    const [big, mid, small] = await Promise.all([
-      startPair(dir, "big", { memMiB: 192, seed: 301, rate: 2000 }),
-      startPair(dir, "mid", { memMiB: 128, seed: 302, rate: 2000 }),
-      startPair(dir, "small", { memMiB: 96, seed: 303, rate: 2000 }),
-    ]);
-    const relay = await startRelay(psk);
-    // the destinations take less than the source sends: the relay takes the rest
-    const one = await startGather([big, small], psk, ["--max-rate", "64MiB/s"]);
-    const two = await startGather([mid], psk, ["--max-rate", "64MiB/s"]);
+    // the destinations take less than the source sends: the relay takes the rest;
     // listed smallest first: the order of the file is not the order of the run
-    const map = await writeMap("two-destinations.map", [
-      [small, one.port],
-      [mid, two.port],
-      [big, one.port],
-    ]);
-    const evacuate = await startSgm([
-      "evacuate", "--map", map, "--max-in-flight", "2", "--via", relay.address, "--all-relays",
-      "--keep-source", "--digest-threads", "1", "--psk-file", psk, "--json",
-    ]);
-    const [e, g1, g2] = await Promise.all([evacuate.result(), one.gather.result(), two.gather.result()]);
-    expectExit(e, 0);
-    expectExit(g1, 0);
-    expectExit(g2, 0);
-
-    const r = report<EvacuationReport>(e);
+    const { pairs, relay, ports, e, r } = await evacuateThree(
+      [
+        ["big", 192, 301],
+        ["mid", 128, 302],
+        ["small", 96, 303],
+      ],
+      [2, 1, 0],
+      "64MiB/s",
+      ["--max-in-flight", "2", "--digest-threads", "1"],
+    );
     expect(r.vms.map((v) => [v.name, v.ok, v.source])).toEqual([
       ["big", true, "paused"],
       ["mid", true, "paused"],
@@ -73,19 +87,16 @@ describe("sgm evacuate", () => {
     expect(m!.startedAfterMs!).toBeLessThan(s!.startedAfterMs!);
     expect(s!.startedAfterMs!).toBeGreaterThanOrEqual(Math.min(b!.evictedAfterMs!, m!.evictedAfterMs!));
     expect(r.destinations.map((d) => [d.to, d.vms, d.error])).toEqual([
-      [`127.0.0.1:${one.port}`, ["big", "small"], null],
-      [`127.0.0.1:${two.port}`, ["mid"], null],
+      [`127.0.0.1:${ports[0]}`, ["big", "small"], null],
+      [`127.0.0.1:${ports[1]}`, ["mid"], null],
     ]);
     // one relay set: both runs placed pages on it
     for (const d of r.destinations) expect(d.run!.relays.map((x) => x.address)).toEqual([relay.address]);
     expect(r.destinations.reduce((n, d) => n + d.run!.placement.relayedPages, 0)).toBeGreaterThan(0);
     expect(r.host).toMatchObject({ vms: 3, evicted: 3, failed: 0, emptiedAfterMs: Math.max(...r.vms.map((v) => v.evictedAfterMs!)) });
     expect(e.stderr).toMatch(/evacuated 3 of 3 VMs to 2 destinations: host empty after/);
-    // both gathers released what they fetched: the relay ends empty
-    relay.relay.proc.kill("SIGTERM");
-    expect((await relay.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
-
-    for (const pair of [big, mid, small]) await expectArrivedWhole(pair);
+    await expectRelayEmpty(relay);
+    for (const pair of pairs) await expectArrivedWhole(pair);
   }, 300_000);
 
   test("a VM whose destination is not there runs on at the source; the others are evicted, and the exit says partial (3)", async () => {
@@ -182,33 +193,23 @@ describe("sgm evacuate", () => {
   test("one relay set across destinations: what one run put on the relay, a run bound elsewhere has it hold, not sent again", async () => {
     // one at a time, largest first: first, then other (elsewhere), then last;
     // the first destination's gather, still waiting for last, keeps its run's pages on the relay meanwhile
-    const [first, other, last] = await Promise.all([
-      startPair(dir, "first", { memMiB: 128, seed: 341, rate: 2000 }),
-      startPair(dir, "other", { memMiB: 96, seed: 342, rate: 2000 }),
-      startPair(dir, "last", { memMiB: 64, seed: 343, rate: 2000 }),
-    ]);
-    const relay = await startRelay(psk);
     // slow gathers: nearly every page goes through the relay
-    const one = await startGather([first, last], psk, ["--max-rate", "16MiB/s"]);
-    const two = await startGather([other], psk, ["--max-rate", "16MiB/s"]);
-    const map = await writeMap("shared.map", [
-      [first, one.port],
-      [other, two.port],
-      [last, one.port],
-    ]);
-    const evacuate = await startSgm(["evacuate", "--map", map, "--max-in-flight", "1", "--via", relay.address, "--all-relays", "--keep-source", "--psk-file", psk, "--json"]);
-    const [e, g1, g2] = await Promise.all([evacuate.result(), one.gather.result(), two.gather.result()]);
-    expectExit(e, 0);
-    expectExit(g1, 0);
-    expectExit(g2, 0);
-    const r = report<EvacuationReport>(e);
+    const { pairs, relay, ports, r } = await evacuateThree(
+      [
+        ["first", 128, 341],
+        ["other", 96, 342],
+        ["last", 64, 343],
+      ],
+      [0, 1, 2],
+      "16MiB/s",
+      ["--max-in-flight", "1"],
+    );
     expect(r.vms.map((v) => v.name)).toEqual(["first", "other", "last"]);
-    const runOf = (to: number) => r.destinations.find((d) => d.to === `127.0.0.1:${to}`)!.run!;
+    const elsewhere = r.destinations.find((d) => d.to === `127.0.0.1:${ports[1]}`)!.run!.placement;
     // the guests share content (test/guest/churn.c: ids 1 to 256 are the same bytes in every VM)
-    expect(runOf(two.port).placement.sharedPages, JSON.stringify(runOf(two.port).placement)).toBeGreaterThan(0);
+    expect(elsewhere.sharedPages, JSON.stringify(elsewhere)).toBeGreaterThan(0);
     // every hold was released by the gather of its own run
-    relay.relay.proc.kill("SIGTERM");
-    expect((await relay.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
-    for (const pair of [first, other, last]) await expectArrivedWhole(pair);
+    await expectRelayEmpty(relay);
+    for (const pair of pairs) await expectArrivedWhole(pair);
   }, 300_000);
 });
