@@ -316,7 +316,7 @@ export class VmEviction {
     const path = join(o.socketDir, `${this.name}.scatter.sock`);
     const listening = ByteSocket.listenUnixOnce(path, `VM ${this.name}: source stream`);
     try {
-      return await this.streamFrom(listening);
+      return await this.streamFrom(path, listening);
     } catch (err) {
       // nobody is to connect any more: a QEMU that still tries fails its migration and runs on
       listening.stop();
@@ -330,9 +330,9 @@ export class VmEviction {
     if (this.failure) throw this.failure;
   }
 
-  private async streamFrom(listening: { accepted: Promise<ByteSocket>; stop: () => void }): Promise<SwitchPoint> {
+  /** Starts the source's migration into `path`, where `listening` waits for it, and reads the stream up to the switchover. */
+  private async streamFrom(path: string, listening: ReturnType<typeof ByteSocket.listenUnixOnce>): Promise<SwitchPoint> {
     const o = this.options;
-    const path = join(o.socketDir, `${this.name}.scatter.sock`);
     const postcopy = o.mode === "postcopy";
     this.source.onPass((pass) => {
       this.passes = pass;
