@@ -422,4 +422,92 @@ describe("PageStore", () => {
     // Ids, and so slots, never outrun the number of pages the store may hold.
     expect(maxId).toBeLessThan(capacityPages);
   });
+
+  test("kept pages: spare when no reference is left, a slot for a new page when full, gone with their last keeper; content intact throughout", () => {
+    const next = rng(41);
+    const poolSize = 260;
+    const pool = Array.from({ length: poolSize }, () => {
+      const page = randomBytes(PAGE_BYTES, next);
+      const digest = new Uint8Array(DIGEST_BYTES);
+      digestPage(page, digest);
+      return { page, digest };
+    });
+    const capacityPages = 200;
+    const store = new PageStore({ capacityBytes: capacityPages * PAGE_BYTES, slabPages: 8 });
+    // the model: pool index -> references and keepers; a page is in the store while either is above 0
+    const model = new Map<number, { id: number; refs: number; keeps: number }>();
+    const counts = { evicted: 0, spareSeen: 0, revived: 0 };
+    const checkAll = (): void => {
+      let spare = 0;
+      for (const [p, m] of model) {
+        expect(store.idOf(pool[p]!.digest, 0)).toBe(m.id);
+        expect(store.refCount(m.id)).toBe(m.refs);
+        expect(Buffer.from(store.get(m.id)).equals(pool[p]!.page)).toBe(true);
+        if (m.refs === 0) spare++;
+      }
+      expect(store.pages).toBe(model.size);
+      expect(store.spareBytes).toBe(spare * PAGE_BYTES);
+      expect(store.full).toBe(model.size >= capacityPages);
+    };
+    const drop = (p: number) => {
+      model.delete(p);
+      expect(store.has(pool[p]!.digest, 0)).toBe(false);
+    };
+    for (let op = 0; op < 40_000; op++) {
+      const p = (next() * poolSize) | 0;
+      const m = model.get(p);
+      const roll = next();
+      if (roll < 0.4) {
+        if (!m && store.full && next() < 0.2) {
+          // what a relay does for a new page when full: a spare page gives up its slot
+          const id = store.evictSpare();
+          const victim = [...model].find(([, v]) => v.id === id);
+          if (victim) {
+            expect(victim[1].refs).toBe(0);
+            drop(victim[0]);
+            counts.evicted++;
+          } else {
+            expect(id).toBe(-1);
+            expect([...model.values()].every((v) => v.refs > 0)).toBe(true);
+          }
+        }
+        const result = store.put(pool[p]!.digest, 0, pool[p]!.page);
+        if (m) {
+          expect(result).toEqual({ id: m.id, added: false });
+          if (m.refs === 0) counts.revived++;
+          m.refs++;
+        } else if (model.size >= capacityPages) {
+          expect(result).toBeNull();
+        } else {
+          expect(result!.added).toBe(true);
+          model.set(p, { id: result!.id, refs: 1, keeps: 0 });
+        }
+      } else if (roll < 0.7) {
+        if (m && m.refs > 0) {
+          expect(store.release(m.id)).toBe(--m.refs);
+          if (m.refs === 0 && m.keeps === 0) drop(p);
+          if (m.refs === 0 && m.keeps > 0) counts.spareSeen++;
+        }
+      } else if (roll < 0.85) {
+        if (m) {
+          store.keep(m.id);
+          m.keeps++;
+        }
+      } else if (m && m.keeps > 0) {
+        store.unkeep(m.id);
+        m.keeps--;
+        if (m.refs === 0 && m.keeps === 0) drop(p);
+      }
+      if (op % 1000 === 0) checkAll();
+    }
+    checkAll();
+    // every path was taken
+    expect(counts.evicted).toBeGreaterThan(0);
+    expect(counts.spareSeen).toBeGreaterThan(0);
+    expect(counts.revived).toBeGreaterThan(0);
+    const spareId = [...model.values()].find((v) => v.refs === 0 && v.keeps > 0)?.id;
+    if (spareId !== undefined) expectSgmError(() => store.release(spareId), "internal");
+    const unkept = [...model.values()].find((v) => v.keeps === 0)?.id;
+    if (unkept !== undefined) expectSgmError(() => store.unkeep(unkept), "internal");
+  });
 });

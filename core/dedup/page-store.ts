@@ -7,9 +7,16 @@
 // handing out new ones, so no id reaches the peak number of pages held, and
 // slabs are allocated only as that peak grows. Slab memory stays at its
 // high-water mark, which the capacity bounds to within one slab.
+//
+// A page may also be kept: held while room allows, for content that may be
+// asked for again (a relay keeps what an evacuation put, for its runs to
+// other destinations). A kept page whose last reference goes stays, as
+// spare; spare pages count as free room, and one is dropped when a new page
+// needs its slot (evictSpare) or its last keeper lets go (unkeep).
 
 import { SgmError } from "../errors.ts";
 import { DigestIndex } from "./digest-index.ts";
+import { IdSet } from "./id-set.ts";
 import { PAGE_BYTES, copyBytes } from "./digest.ts";
 import { allocateSlab } from "./slab-memory.ts";
 
@@ -33,8 +40,12 @@ export class PageStore {
   private readonly slabMask: number;
   private readonly index = new DigestIndex();
   private readonly slabs: (Uint8Array | undefined)[] = [];
-  // Indexed by id; 0 for an id not held.
+  // Indexed by id; 0 for an id not held, or held only as spare.
   private refCounts = new Int32Array(1024);
+  // Indexed by id: how many keepers keep the page.
+  private keepCounts = new Int32Array(1024);
+  /** Ids held only because they are kept. */
+  private readonly spare = new IdSet();
   private peak = 0;
 
   constructor(options: PageStoreOptions = {}) {
@@ -55,9 +66,19 @@ export class PageStore {
     return this.index.size;
   }
 
-  /** Bytes of page content held: pages × 4096. */
+  /** Bytes of page content held: pages × 4096, spare pages included. */
   get usedBytes(): number {
     return this.index.size * PAGE_BYTES;
+  }
+
+  /** No new page fits until one goes (a spare one may: evictSpare). */
+  get full(): boolean {
+    return this.index.size >= this.maxPages;
+  }
+
+  /** Bytes of pages held only because they are kept: room a new page may take. */
+  get spareBytes(): number {
+    return this.spare.size * PAGE_BYTES;
   }
 
   /** The most bytes of page content held at once. */
@@ -84,7 +105,7 @@ export class PageStore {
     }
     const existing = this.index.lookup(digest, digestOffset);
     if (existing !== -1) {
-      this.refCounts[existing]!++;
+      this.retain(existing);
       return { id: existing, added: false };
     }
     if (this.index.size >= this.maxPages) return null;
@@ -92,11 +113,12 @@ export class PageStore {
     const id = this.index.insert(digest, digestOffset);
     copyBytes(page, pageAt, this.slabOf(id, true), this.slotStart(id), PAGE_BYTES);
     if (id >= this.refCounts.length) {
-      const grown = new Int32Array(Math.max(this.refCounts.length * 2, id + 1));
-      grown.set(this.refCounts);
-      this.refCounts = grown;
+      const size = Math.max(this.refCounts.length * 2, id + 1);
+      this.refCounts = grownTo(this.refCounts, size);
+      this.keepCounts = grownTo(this.keepCounts, size);
     }
     this.refCounts[id] = 1;
+    this.keepCounts[id] = 0;
     if (this.index.size > this.peak) this.peak = this.index.size;
     return { id, added: true };
   }
@@ -143,22 +165,54 @@ export class PageStore {
     return this.index.has(id) ? this.refCounts[id]! : 0;
   }
 
-  /** Adds a reference to a held page. */
+  /** Adds a reference to a held page (a spare one included: it is no longer spare). */
   retain(id: number): void {
     this.checkHeld(id);
-    this.refCounts[id]!++;
+    if (this.refCounts[id]!++ === 0) this.spare.delete(id);
+  }
+
+  /** Adds a keeper to a held page: it stays as spare when its last reference goes. */
+  keep(id: number): void {
+    this.checkHeld(id);
+    this.keepCounts[id]!++;
+  }
+
+  /** Drops a keeper; a spare page that loses its last keeper is gone (as release() at 0). */
+  unkeep(id: number): void {
+    this.checkHeld(id);
+    if (this.keepCounts[id]! <= 0) throw new SgmError("internal", `page ${id} is not kept`);
+    if (--this.keepCounts[id]! === 0 && this.refCounts[id] === 0) this.drop(id);
+  }
+
+  /** Drops a spare page to free its slot; returns its id (no longer held), or -1 when none is spare. */
+  evictSpare(): number {
+    const id = this.spare.any();
+    if (id === -1) return -1;
+    this.keepCounts[id] = 0;
+    this.drop(id);
+    return id;
   }
 
   /**
    * Drops one reference to a held page and returns how many remain. At 0 the
-   * page is gone: its slot and id may be reused by the next put, so neither
-   * the id nor views from get() may be used again.
+   * page is gone, unless kept (then it is spare): its slot and id may be
+   * reused by the next put, so neither the id nor views from get() may be
+   * used again.
    */
   release(id: number): number {
     this.checkHeld(id);
+    if (this.refCounts[id]! <= 0) throw new SgmError("internal", `page ${id} has no reference to release`);
     const remaining = --this.refCounts[id]!;
-    if (remaining === 0) this.index.remove(id);
+    if (remaining === 0) {
+      if (this.keepCounts[id]! > 0) this.spare.add(id);
+      else this.drop(id);
+    }
     return remaining;
+  }
+
+  private drop(id: number): void {
+    this.spare.delete(id);
+    this.index.remove(id);
   }
 
   private slotView(id: number): Uint8Array {
@@ -185,4 +239,10 @@ export class PageStore {
   private checkHeld(id: number): void {
     if (!this.index.has(id)) throw new SgmError("internal", `page ${id} is not in the store`);
   }
+}
+
+function grownTo(counts: Int32Array<ArrayBuffer>, size: number): Int32Array<ArrayBuffer> {
+  const grown = new Int32Array(size);
+  grown.set(counts);
+  return grown;
 }

@@ -1,4 +1,5 @@
-// The page-store ids one run holds on a relay, as a bitmap: store ids are
+// A set of page-store ids (those one run holds on a relay, a store's spare
+// pages), as a bitmap: store ids are
 // dense (freed ids are reused first), so a bit each beats a Set's tens of
 // bytes, and a bitmap is not an object for the collector to walk. The
 // relay collects garbage every 16 MiB it reads; with a Set of a few
@@ -7,6 +8,8 @@
 export class IdSet {
   private bits = new Uint8Array(1024);
   private count = 0;
+  /** Where any() looks first: ids are taken from the front in turn, not always the lowest. */
+  private cursor = 0;
 
   get size(): number {
     return this.count;
@@ -34,6 +37,20 @@ export class IdSet {
     this.bits[id >>> 3]! &= ~(1 << (id & 7));
     this.count--;
     return true;
+  }
+
+  /** Some id in the set, or -1 when it is empty: each call goes on from where the last one found its id. */
+  any(): number {
+    if (this.count === 0) return -1;
+    const bits = this.bits;
+    for (let n = 0; n < bits.length; n++) {
+      const byte = (this.cursor + n) % bits.length;
+      const b = bits[byte]!;
+      if (b === 0) continue;
+      this.cursor = byte;
+      return byte * 8 + (31 - Math.clz32(b & -b));
+    }
+    return -1;
   }
 
   /** Every id held, in ascending order. */
