@@ -206,6 +206,7 @@ const RelayStatsSchema = Type.Object(
     peakUsed: bytes(),
     reserved: bytes(),
     pages: count(),
+    spare: bytes("pages held only because an evacuation keeps them; room a run may take"),
     runs: count(),
     bytesIn: bytes(),
     bytesOut: bytes(),

@@ -4,7 +4,7 @@
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../core/dedup/digest.ts";
 import { type Relay, type RelayOptions, startRelay } from "../core/relay/engine.ts";
-import { IdSet } from "../core/relay/id-set.ts";
+import { IdSet } from "../core/dedup/id-set.ts";
 import { PAUSE_ABOVE } from "../core/relay/session.ts";
 import type { Role } from "../core/wire/auth.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
@@ -14,6 +14,7 @@ import {
   RelayFrame,
   encodeDigestRequest,
   encodeHoldOf,
+  encodeKeepOf,
   encodeRelease,
   readAck,
   readHasReply,
@@ -139,6 +140,20 @@ class Client {
     const ack = readAck(await this.next(RelayFrame.ACK));
     expect(ack.seq).toBe(seq);
     return ack.refused;
+  }
+
+  /** KEEPs the pages' digests for `keeper` (not answered: stats() after it waits for it). */
+  keep(keeper: Uint8Array, pages: readonly Page[]): void {
+    this.conn.send(RelayFrame.KEEP, encodeKeepOf(keeper, putPayload(runId(0), 0, pages)));
+  }
+
+  /** Has the relay drop what it keeps for `keeper`; resolves with how many pages that was. */
+  async unkeep(keeper: Uint8Array): Promise<number> {
+    this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-unkeep", run: Buffer.from(keeper).toString("hex") }));
+    for (;;) {
+      const message = decodeControl(await this.next(FrameType.CONTROL));
+      if (message.t === "relay-unkept") return message.pages;
+    }
   }
 
   release(run: Uint8Array, pages: readonly Page[]): void {
@@ -352,6 +367,35 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     expect(await gather.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
     // nothing left to hold
     expect(await scatter.hold(runId(3), 2, [a])).toEqual([true]);
+  });
+
+  test("what a keeper keeps outlives its run's release for another run's HOLD, is free room a new page takes, and goes with relay-unkeep", async () => {
+    const r = relay({ capacityBytes: 4 * PAGE_BYTES });
+    const scatter = await Client.connect(r.port);
+    const gather = await Client.connect(r.port, "gather");
+    const keeper = runId(7);
+    const [a, b, c, d, e, f] = randomPages(6) as [Page, Page, Page, Page, Page, Page];
+    await scatter.put(runId(1), 0, [a, b, c]);
+    scatter.keep(keeper, [a, b, c, d]);
+    gather.release(runId(1), [a, b, c]);
+    // no run holds them: still there, as spare, and counted as room (the gather's stats come after its release)
+    expect(await gather.stats(runId(2))).toMatchObject({ pages: 3, runs: 0, free: 4 * PAGE_BYTES });
+    expect(r.stats()).toMatchObject({ spare: 3 * PAGE_BYTES });
+    // another run holds one for its gather (no longer spare), and puts three new pages: two take spare slots
+    expect(await scatter.hold(runId(2), 0, [a])).toEqual([false]);
+    expect(await scatter.put(runId(2), 1, [d, e, f])).toEqual([false, false, false]);
+    const stats = await scatter.stats(runId(2));
+    expect(stats).toMatchObject({ pages: 4, used: 4 * PAGE_BYTES });
+    expect(r.stats().spare).toBe(0);
+    expect(await gather.get([a, d, e, f])).toEqual([a.page, d.page, e.page, f.page]);
+    // run 2 lets go of all: a is still kept (spare again); the rest go
+    gather.release(runId(2), [a, d, e, f]);
+    expect(await gather.has([a, b, c, d, e, f])).toEqual([true, false, false, false, false, false]);
+    expect(r.stats()).toMatchObject({ pages: 1, spare: PAGE_BYTES });
+    // unkeep counts what was still kept: a (d was not there when the KEEP came; b and c gave up their slots)
+    expect(await scatter.unkeep(keeper)).toBe(1);
+    expect(await scatter.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
+    expect(r.stats().spare).toBe(0);
   });
 
   test("an idle run's pages go when its TTL passes; a run kept alive by empty releases keeps its pages", async () => {

@@ -41,6 +41,8 @@ export interface RelayStats {
   /** Bytes runs have reserved and not filled. */
   reserved: number;
   pages: number;
+  /** Bytes of pages held only because an evacuation keeps them: room a run may take. */
+  spare: number;
   /** Runs holding at least one page. */
   runs: number;
   /** Page bytes of accepted PUT entries (a page put twice counts twice). */
@@ -175,6 +177,7 @@ export function startRelay(options: RelayOptions): Relay {
       peakUsed: store.peakBytes,
       reserved: holds.outstandingBytes,
       pages: store.pages,
+      spare: store.spareBytes,
       runs: holds.runCount,
       bytesIn: counters.bytesIn,
       bytesOut: counters.bytesOut,

@@ -17,10 +17,16 @@
 // and not yet filled is set aside from every other run's room. Pages held
 // by several runs count in each one's fill, which can only make the set
 // aside smaller than it should be, never the store larger than its capacity.
+//
+// A keeper (an evacuation, for its runs to other destinations) keeps pages
+// while room allows: its pages stay as spare when no run holds them, count
+// as free room, and give up their slots to new pages. A keeper lives while
+// it keeps pages and has kept within the TTL; it is no run (a draining
+// relay does not wait for it, and drops what it keeps).
 
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import type { PageStore } from "../dedup/page-store.ts";
-import { IdSet } from "./id-set.ts";
+import { IdSet } from "../dedup/id-set.ts";
 
 interface Run {
   /** PageStore ids held, one reference each; an id stays valid while we hold it. */
@@ -39,6 +45,7 @@ export class RunHolds {
   private readonly store: PageStore;
   private readonly ttlMs: number;
   private readonly runs = new Map<string, Run>();
+  private readonly keepers = new Map<string, { ids: IdSet; deadline: number }>();
   /** Draining: runs it does not hold yet are refused, those it holds go on. */
   private closedToNewRuns = false;
 
@@ -52,9 +59,17 @@ export class RunHolds {
     return this.runs.size;
   }
 
-  /** From now on a run it holds nothing for gets no room: no page, no reservation. */
+  /** From now on a run it holds nothing for gets no room: no page, no reservation, and no keeper keeps anything. */
   closeToNewRuns(): void {
     this.closedToNewRuns = true;
+    for (const keeper of [...this.keepers.keys()]) this.unkeepAll(keeper);
+  }
+
+  /** Pages kept by keepers (held by runs or not). */
+  get keptPages(): number {
+    let pages = 0;
+    for (const entry of this.keepers.values()) pages += entry.ids.size;
+    return pages;
   }
 
   /** Bytes reserved by every run and not yet filled. */
@@ -65,7 +80,7 @@ export class RunHolds {
   /** What `run` may still fill: the store's free room less what other runs have reserved and not filled. */
   roomFor(run: string | null): number {
     if (this.closedToNewRuns && (run === null || !this.runs.has(run))) return 0;
-    return Math.max(0, this.store.capacityBytes - this.store.usedBytes - this.outstandingExcept(run));
+    return Math.max(0, this.store.capacityBytes - this.store.usedBytes + this.store.spareBytes - this.outstandingExcept(run));
   }
 
   /**
@@ -101,6 +116,7 @@ export class RunHolds {
     }
     // content the store has already takes no room; new content must fit beside other runs' reservations
     if (id === -1 && this.roomFor(run) < PAGE_BYTES) return false;
+    if (id === -1 && this.store.full) this.evictSpare();
     const put = this.store.put(digest, digestAt, page, pageAt);
     if (put === null) return false;
     if (!entry) {
@@ -154,9 +170,35 @@ export class RunHolds {
     return dropped;
   }
 
-  /** Drops every hold of the runs whose deadline has passed. */
+  /** Keeps for `keeper` the page with this digest, if the store has it: true if kept. */
+  keep(keeper: string, digest: Uint8Array, digestAt: number, now: number): boolean {
+    const id = this.store.idOf(digest, digestAt);
+    if (id === -1 || this.closedToNewRuns) return false;
+    let entry = this.keepers.get(keeper);
+    if (!entry) {
+      entry = { ids: new IdSet(), deadline: 0 };
+      this.keepers.set(keeper, entry);
+    }
+    entry.deadline = now + this.ttlMs;
+    if (entry.ids.add(id)) this.store.keep(id);
+    return true;
+  }
+
+  /** Drops everything `keeper` keeps; returns how many pages it kept. */
+  unkeepAll(keeper: string): number {
+    const entry = this.keepers.get(keeper);
+    if (!entry) return 0;
+    this.keepers.delete(keeper);
+    for (const id of entry.ids) this.store.unkeep(id);
+    return entry.ids.size;
+  }
+
+  /** Drops every hold of the runs, and everything the keepers keep, whose deadline has passed. */
   expire(now: number): ExpiredRun[] {
     const expired: ExpiredRun[] = [];
+    for (const [keeper, entry] of this.keepers) {
+      if (entry.deadline <= now) expired.push({ run: keeper, pages: this.unkeepAll(keeper) });
+    }
     for (const [run, entry] of this.runs) {
       if (entry.deadline > now) continue;
       for (const id of entry.ids) this.store.release(id);
@@ -164,6 +206,13 @@ export class RunHolds {
       expired.push({ run, pages: entry.ids.size });
     }
     return expired;
+  }
+
+  /** Frees one spare page's slot, and forgets it in the keeper that kept it. */
+  private evictSpare(): void {
+    const id = this.store.evictSpare();
+    if (id === -1) return;
+    for (const entry of this.keepers.values()) entry.ids.delete(id);
   }
 
   private outstandingExcept(run: string | null): number {

@@ -63,6 +63,7 @@ function metricsOf(relay: Relay): Registry {
   gauge("sgm_relay_held_bytes", "Bytes of distinct pages held now.", () => relay.stats().used);
   gauge("sgm_relay_held_pages", "Distinct pages held now.", () => relay.stats().pages);
   gauge("sgm_relay_peak_held_bytes", "The most bytes of pages held at once since the relay started.", () => relay.stats().peakUsed);
+  gauge("sgm_relay_spare_bytes", "Bytes of pages no run holds, kept for an evacuation's other destinations while no run needs the room.", () => relay.stats().spare);
   gauge("sgm_relay_reserved_bytes", "Bytes runs have reserved and not yet filled.", () => relay.stats().reserved);
   gauge("sgm_relay_runs", "Runs holding pages or a reservation.", () => relay.stats().runs);
   gauge("sgm_relay_connections", "Connections from scatters and gathers.", () => relay.stats().connections);

@@ -18,6 +18,7 @@ import {
   encodeHasReply,
   readDigestRequest,
   readHold,
+  readKeep,
   readPut,
   readRelease,
 } from "../wire/relay-messages.ts";
@@ -119,6 +120,9 @@ export class RelaySession {
         break;
       case RelayFrame.HOLD:
         this.hold(payload);
+        break;
+      case RelayFrame.KEEP:
+        this.keep(payload);
         break;
       case RelayFrame.RELEASE:
         this.release(payload);
@@ -274,6 +278,13 @@ export class RelaySession {
     this.conn.send(RelayFrame.ACK, encodeAck(seq, refused));
   }
 
+  private keep(payload: Uint8Array): void {
+    const { keeper, count, digests } = readKeep(payload);
+    const key = runKey(keeper);
+    const now = this.shared.now();
+    for (let n = 0; n < count; n++) this.shared.holds.keep(key, digests, n * DIGEST_BYTES, now);
+  }
+
   private release(payload: Uint8Array): void {
     const { run, count, digests } = readRelease(payload);
     this.shared.holds.release(runKey(run), digests, count, this.shared.now());
@@ -282,6 +293,11 @@ export class RelaySession {
   private control(payload: Uint8Array): void {
     const message = decodeControl(payload);
     const { store, holds, counters, limiter } = this.shared;
+    if (message.t === "relay-unkeep") {
+      const pages = holds.unkeepAll(message.run);
+      this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-unkept", run: message.run, pages }));
+      return;
+    }
     if (message.t === "relay-reserve") {
       const bytes = holds.reserve(message.run, message.bytes, this.shared.now());
       this.conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserved", run: message.run, bytes }));

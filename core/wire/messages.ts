@@ -120,7 +120,11 @@ export type Control =
   /** relay → client: the bytes reserved for the run, which may be less than asked. */
   | { t: "relay-reserved"; run: string; bytes: number }
   /** relay → client, on its first refused put: it is full. */
-  | { t: "relay-full"; capacity: number; used: number };
+  | { t: "relay-full"; capacity: number; used: number }
+  /** to a relay: drop everything kept for the keeper `run` (see RELAY_KEEP). */
+  | { t: "relay-unkeep"; run: string }
+  /** relay → client: how many pages it kept for it. */
+  | { t: "relay-unkept"; run: string; pages: number };
 
 type ControlType = Control["t"];
 
@@ -155,6 +159,8 @@ const FIELDS: Record<ControlType, Record<string, "number" | "number|null" | "str
     maxRate: "number|null",
   },
   "relay-reserve": { run: "string", bytes: "number" },
+  "relay-unkeep": { run: "string" },
+  "relay-unkept": { run: "string", pages: "number" },
   "relay-reserved": { run: "string", bytes: "number" },
   "relay-full": { capacity: "number", used: "number" },
 };

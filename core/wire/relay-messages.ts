@@ -11,6 +11,8 @@
 // RELAY_HAS_REPLY req(u32) count(u32) held-bitmap(ceil(count/8))
 // RELAY_HOLD  run(16) seq(u32) count(u32) count x digest(32)   held for this run too if the relay
 //             has it (another run put it); answered by RELAY_ACK like a PUT, in the same seq order
+// RELAY_KEEP  run(16) count(u32) count x digest(32)   kept for the keeper `run` while room allows
+//             (relay-unkeep drops them); not answered, and digests it does not have are skipped
 
 import { DIGEST_BYTES, PAGE_BYTES, copyBytes } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
@@ -24,6 +26,7 @@ export const RelayFrame = {
   HAS: 25,
   HAS_REPLY: 26,
   HOLD: 27,
+  KEEP: 28,
 } as const;
 
 export const RUN_ID_BYTES = 16;
@@ -51,6 +54,8 @@ export function relayMaxPayload(type: number): number | undefined {
       return 8 + GET_BATCH / 8;
     case RelayFrame.HOLD:
       return RUN_ID_BYTES + 8 + PUT_BATCH * DIGEST_BYTES;
+    case RelayFrame.KEEP:
+      return RUN_ID_BYTES + 4 + PUT_BATCH * DIGEST_BYTES;
     default:
       return undefined;
   }
@@ -276,6 +281,25 @@ export function encodeHoldOf(put: Uint8Array): Uint8Array {
   out.set(put.subarray(0, RUN_ID_BYTES + 8), 0);
   for (let n = 0; n < frame.count; n++) copyBytes(put, frame.digestAt(n), out, RUN_ID_BYTES + 8 + n * DIGEST_BYTES, DIGEST_BYTES);
   return out;
+}
+
+/** A KEEP, for the keeper `keeper`, of the digests of a PUT payload. */
+export function encodeKeepOf(keeper: Uint8Array, put: Uint8Array): Uint8Array {
+  const frame = readPut(put);
+  const out = new Uint8Array(RUN_ID_BYTES + 4 + frame.count * DIGEST_BYTES);
+  out.set(keeper.subarray(0, RUN_ID_BYTES), 0);
+  view(out).setUint32(RUN_ID_BYTES, frame.count);
+  for (let n = 0; n < frame.count; n++) copyBytes(put, frame.digestAt(n), out, RUN_ID_BYTES + 4 + n * DIGEST_BYTES, DIGEST_BYTES);
+  return out;
+}
+
+export function readKeep(payload: Uint8Array): { keeper: Uint8Array; count: number; digests: Uint8Array } {
+  if (payload.length < RUN_ID_BYTES + 4) throw new SgmError("data", "relay KEEP shorter than its header");
+  const count = view(payload).getUint32(RUN_ID_BYTES);
+  if (count > PUT_BATCH || payload.length !== RUN_ID_BYTES + 4 + count * DIGEST_BYTES) {
+    throw new SgmError("data", `relay KEEP of ${payload.length} bytes does not hold ${count} digests`);
+  }
+  return { keeper: payload.subarray(0, RUN_ID_BYTES), count, digests: payload.subarray(RUN_ID_BYTES + 4) };
 }
 
 export function readHold(payload: Uint8Array): { run: Uint8Array; seq: number; count: number; digests: Uint8Array } {
