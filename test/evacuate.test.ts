@@ -189,26 +189,35 @@ describe("sgm evacuate", () => {
     for (const pair of [first, queued]) expect(await pair.source.keepsRunning(), `${pair.name} runs at the source`).toBe(true);
   }, 300_000);
 
-  test("one relay set across destinations: what one run put on the relay, a run bound elsewhere has it hold, not sent again", async () => {
-    // one at a time, largest first: first, then other (elsewhere), then last;
-    // the first destination's gather, still waiting for last, keeps its run's pages on the relay meanwhile
-    // slow gathers: nearly every page goes through the relay
-    const { pairs, relay, ports, r } = await evacuateThree(
-      [
-        ["first", 128, 341],
-        ["other", 96, 342],
-        ["last", 64, 343],
-      ],
-      [0, 1, 2],
-      "16MiB/s",
-      ["--max-in-flight", "1"],
-    );
-    expect(r.vms.map((v) => v.name)).toEqual(["first", "other", "last"]);
-    const elsewhere = r.destinations.find((d) => d.to === `127.0.0.1:${ports[1]}`)!.run!.placement;
-    // the guests share content (test/guest/churn.c: ids 1 to 256 are the same bytes in every VM)
-    expect(elsewhere.sharedPages, JSON.stringify(elsewhere)).toBeGreaterThan(0);
-    // every hold was released by the gather of its own run
+  test("one relay set across destinations: what a finished run put on the relay, a later run bound elsewhere has it hold, not sent again", async () => {
+    const [first, later] = await Promise.all([
+      startPair(dir, "first", { memMiB: 96, seed: 351, rate: 2000 }),
+      startPair(dir, "later", { memMiB: 64, seed: 352, rate: 2000 }),
+    ]);
+    const relay = await startRelay(psk);
+    // a slow gather: most pages of first go through the relay
+    const one = await startGather([first], psk, ["--max-rate", "8MiB/s"]);
+    const laterPort = await freePort();
+    const map = await writeMap("kept.map", [
+      [first, one.port],
+      [later, laterPort],
+    ]);
+    const evacuate = await startSgm(["evacuate", "--map", map, "--via", relay.address, "--all-relays", "--max-in-flight", "1", "--wait-gather", "600", "--keep-source", "--psk-file", psk, "--json"]);
+    // first's run is over, and its gather has fetched and released every page it held on the relay
+    expectExit(await one.gather.result(), 0);
+    const two = await startGather([later], psk, [], laterPort);
+    const [e, g2] = await Promise.all([evacuate.result(), two.gather.result()]);
+    expectExit(e, 0);
+    expectExit(g2, 0);
+    const r = report<EvacuationReport>(e);
+    const held = r.destinations.find((d) => d.to === `127.0.0.1:${laterPort}`)!.run!.placement;
+    // the guests share content (test/guest/churn.c: ids 1 to 256 are the same bytes in every VM): the relay
+    // kept first's copy for the evacuation, so later's run held it there and did not send it again (without
+    // the keeping none would be there: first's gather had released it all)
+    expect(held.sharedPages, JSON.stringify(held)).toBeGreaterThanOrEqual(64);
+    // the evacuation dropped what the relay kept for it, and each gather released its own run's holds
+    expect(e.stderr).toMatch(/relay 127\.0\.0\.1:\d+: dropped the \d+ pages it kept for this evacuation/);
     await expectRelayEmpty(relay);
-    for (const pair of pairs) await expectArrivedWhole(pair);
+    for (const pair of [first, later]) await expectArrivedWhole(pair);
   }, 300_000);
 });

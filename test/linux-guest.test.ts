@@ -5,13 +5,15 @@
 // a 7.2 source may legitimately send a page older than its final memory.
 
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { join } from "node:path";
 import type { GatherReport } from "../core/gather/engine.ts";
+import type { EvacuationReport } from "../core/scatter/evacuation.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
 import { report, startGather, startRelay, startScatter, writePsk } from "./harness/cluster.ts";
 import { expectGuestRunsOn, expectMemoryEqual, startLinuxPair } from "./harness/linux-pair.ts";
 import { killAll } from "./harness/processes.ts";
 import { qemu10_0 } from "./harness/qemu-binaries.ts";
-import { expectExit } from "./harness/sgm.ts";
+import { expectExit, startSgm } from "./harness/sgm.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -61,6 +63,25 @@ describe("a real Linux guest", () => {
     // the same kernel and busybox in both: much of one VM is sent as references to the other's
     expect(sr.placement.dedupPages, placed).toBeGreaterThan(10_000);
     expect(sr.placement.relayedPages, placed).toBeGreaterThan(0);
+    for (const pair of pairs) await expectGuestRunsOn(pair);
+  }, 300_000);
+
+  test("evacuated one at a time, each to its own destination, through one relay: what the first put there the second holds, not sent again", async () => {
+    const binary = await qemu10_0();
+    const pairs = await Promise.all([startLinuxPair(dir, "lx4", { binary, seed: 34 }), startLinuxPair(dir, "lx5", { binary, seed: 35 })]);
+    const relay = await startRelay(psk);
+    // gathers slower than the source, so that the relay takes pages
+    const gathers = await Promise.all(pairs.map((pair) => startGather([pair], psk, ["--max-rate", "32MiB/s"])));
+    const map = join(dir, "lx.map");
+    await Bun.write(map, pairs.map((pair, i) => `${pair.name} ${pair.source.qmpPath} 127.0.0.1:${gathers[i]!.port}\n`).join(""));
+    const evacuate = await startSgm(["evacuate", "--map", map, "--via", relay.address, "--all-relays", "--max-in-flight", "1", "--psk-file", psk, "--json"]);
+    const [e, ...g] = await Promise.all([evacuate.result(), ...gathers.map((x) => x.gather.result())]);
+    expectExit(e, 0);
+    for (const result of g) expectExit(result, 0);
+    const r = report<EvacuationReport>(e);
+    const second = r.destinations.find((d) => d.to === `127.0.0.1:${gathers[1]!.port}`)!.run!.placement;
+    // the same kernel and busybox in both: the relay kept what the first VM's run put there, for the second's
+    expect(second.sharedPages, JSON.stringify(r.destinations.map((d) => d.run?.placement))).toBeGreaterThan(1000);
     for (const pair of pairs) await expectGuestRunsOn(pair);
   }, 300_000);
 });

@@ -7,11 +7,12 @@
 //
 // Dedup spans every VM bound for the same destination, whenever each
 // starts: a run's gather connection and relay holds last until its last VM
-// is done. Across destinations it goes through the relays: content one run
-// put on a relay, another run has the relay hold for it too, by digest
-// (relay-contents.ts), so each gather fetches it there and releases only
-// its own run's hold. Content that went straight to one gather is sent
-// again to another: no gather can fetch from another.
+// is done. Across destinations it goes through the relays: what any run
+// puts on a relay, the relay keeps for the evacuation while it has room no
+// run needs, and another run has the relay hold it for its own gather too,
+// by digest (relay-contents.ts), so each gather fetches it there and
+// releases only its own run's hold. Content that went straight to one
+// gather is sent again to another: no gather can fetch from another.
 
 import { asSgmError, SgmError } from "../errors.ts";
 import { DigestPool } from "../dedup/digest-pool.ts";
@@ -23,7 +24,8 @@ import { exitCodeOf, runScatter, type ScatterOptions, type ScatterReport } from 
 import { EvictionSlots } from "./eviction-slots.ts";
 import { RelayContents } from "./relay-contents.ts";
 import { SourceQemu } from "./source-qemu.ts";
-import { connectGather, surveyOptions } from "./survey.ts";
+import { dropKept } from "./questions.ts";
+import { connectGather, connectPeer, surveyOptions } from "./survey.ts";
 import type { EvictionReport } from "./vm-eviction.ts";
 
 export interface EvacuationTarget {
@@ -188,8 +190,30 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
     await Promise.all(runs);
   } finally {
     digestPool?.close();
+    await dropKeptContent(relayContents, common.relays ?? [], common.psk, log);
   }
   return report(order, [...groups.values()]);
+}
+
+/** The evacuation is over: what the relays kept for it goes (a relay not reached drops it after its TTL). */
+async function dropKeptContent(contents: RelayContents, relays: readonly HostPort[], psk: Uint8Array, log: (line: string) => void): Promise<void> {
+  const keeper = Buffer.from(contents.keeper).toString("hex");
+  const used = relays.filter((r) => contents.relayAddresses.includes(formatHostPort(r.host, r.port)));
+  await Promise.all(
+    used.map(async (r) => {
+      const address = formatHostPort(r.host, r.port);
+      let conn: PeerConnection | undefined;
+      try {
+        conn = await connectPeer(r, psk, "relay");
+        const pages = await dropKept(conn, address, keeper);
+        log(`relay ${address}: dropped the ${pages} pages it kept for this evacuation`);
+      } catch (err) {
+        log(`relay ${address} keeps this evacuation's pages until its TTL: ${asSgmError(err).message}`);
+      } finally {
+        conn?.close();
+      }
+    }),
+  );
 }
 
 function checkTargets(targets: readonly EvacuationTarget[]): void {

@@ -102,7 +102,8 @@ export class RunPlacement {
 
   /** A relay with `room` bytes free: its share of the pages relayed is its share of the room. */
   addRelay(address: string, conn: PeerConnection, run: Uint8Array, room: number): void {
-    const link = new RelayLink(this.relays.length, address, conn, run, {
+    const keeper = this.dedup ? (this.relayContents?.keeper ?? null) : null;
+    const link = new RelayLink(this.relays.length, address, conn, run, keeper, {
       onAck: (stored, refused, held) => this.onAck(link, stored, refused, held),
       onFull: () => {},
       onLost: (reason) => this.fail(reason),

@@ -23,6 +23,12 @@ export async function reserveRoom(conn: PeerConnection, address: string, run: st
   return reply.bytes;
 }
 
+/** Has the relay drop what it keeps for the evacuation `keeper`; resolves with how many pages that was. */
+export async function dropKept(conn: PeerConnection, address: string, keeper: string): Promise<number> {
+  const reply = await ask(conn, `relay ${address}`, { t: "relay-unkeep", run: keeper }, "relay-unkept");
+  return reply.pages;
+}
+
 /** Gives back the run's reservation, without waiting for the answer (whoever reads the connection next skips it). */
 export function releaseRoom(conn: PeerConnection, run: string): void {
   if (conn.isOpen) conn.send(FrameType.CONTROL, encodeControl({ t: "relay-reserve", run, bytes: 0 }));

@@ -2,12 +2,20 @@
 // their acknowledgements said: a run bound for another destination finds
 // here content already on a relay and asks that relay to hold it for its
 // own run too (a HOLD of the digest), instead of sending the page again.
-// It may be out of date (the run that put it has released it since); the
-// relay's answer to the HOLD is what counts, and a refusal is forgotten here.
+// Each run keeps what it puts on a relay for the evacuation too (a KEEP
+// under the evacuation's keeper id, sent right behind the PUT), so content
+// stays after the run's gather has fetched and released it, for runs that
+// start later, as long as the relay has room no run needs; the evacuation
+// drops it at its end (relay-unkeep). So this may be out of date (the relay
+// gave the room to a new page since); the relay's answer to the HOLD is
+// what counts, and a refusal is forgotten here.
 
+import { randomBytes } from "node:crypto";
 import { DigestIndex } from "../dedup/digest-index.ts";
 
 export class RelayContents {
+  /** The id the relays keep this evacuation's content under. */
+  readonly keeper: Uint8Array = randomBytes(16);
   private readonly index = new DigestIndex();
   private masks = new Uint32Array(1024);
   private readonly addresses: string[] = [];
@@ -17,6 +25,11 @@ export class RelayContents {
     let bit = this.addresses.indexOf(address);
     if (bit < 0) bit = this.addresses.push(address) - 1;
     return 1 << bit;
+  }
+
+  /** Every relay given a bit: those a run has placed on. */
+  get relayAddresses(): readonly string[] {
+    return this.addresses;
   }
 
   /** The relays (bits) that hold the content with this digest, as far as is known. */

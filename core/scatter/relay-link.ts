@@ -8,7 +8,7 @@ import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { decodeControl, FrameType } from "../wire/messages.ts";
-import { encodeHoldOf, PutBuilder, readAck, readPut, RelayFrame } from "../wire/relay-messages.ts";
+import { encodeHoldOf, encodeKeepOf, PutBuilder, readAck, readPut, RelayFrame } from "../wire/relay-messages.ts";
 
 /** A page the relay refused: its content id and where its digest and bytes still are. */
 export interface Refused {
@@ -51,6 +51,8 @@ export class RelayLink {
   pagesHeld = 0;
   holdsRefused = 0;
   private readonly run: Uint8Array;
+  /** The evacuation's keeper id, when the relay is to keep what this run puts for the evacuation's other runs. */
+  private readonly keeper: Uint8Array | null;
   private readonly events: RelayLinkEvents;
   private builder: PutBuilder;
   private cids: number[] = [];
@@ -62,11 +64,12 @@ export class RelayLink {
   private nextSeq = 0;
   private ackedSeq = 0;
 
-  constructor(index: number, address: string, conn: PeerConnection, run: Uint8Array, events: RelayLinkEvents) {
+  constructor(index: number, address: string, conn: PeerConnection, run: Uint8Array, keeper: Uint8Array | null, events: RelayLinkEvents) {
     this.index = index;
     this.address = address;
     this.conn = conn;
     this.run = run;
+    this.keeper = keeper;
     this.events = events;
     this.builder = new PutBuilder(this.buffer());
     this.holdBuilder = new PutBuilder(this.buffer());
@@ -118,6 +121,9 @@ export class RelayLink {
       this.inFlight.push({ kind: "put", seq, buffer, payload, cids: this.cids });
       this.cids = [];
       this.conn.send(RelayFrame.PUT, payload);
+      // right behind its PUT on the same connection: the relay has the pages by then, and keeps them long before a
+      // gather could hear of them and release them (if one did first, only that dedup is lost)
+      if (this.keeper) this.conn.send(RelayFrame.KEEP, encodeKeepOf(this.keeper, payload));
     }
     if (this.holdBuilder.pages > 0) {
       const seq = this.nextSeq++;
