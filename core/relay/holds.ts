@@ -65,12 +65,6 @@ export class RunHolds {
     for (const keeper of [...this.keepers.keys()]) this.unkeepAll(keeper);
   }
 
-  /** Pages kept by keepers (held by runs or not). */
-  get keptPages(): number {
-    let pages = 0;
-    for (const entry of this.keepers.values()) pages += entry.ids.size;
-    return pages;
-  }
 
   /** Bytes reserved by every run and not yet filled. */
   get outstandingBytes(): number {

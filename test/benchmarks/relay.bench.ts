@@ -10,6 +10,9 @@
 // computed before the clock starts), so they measure the relay and the wire.
 // Each row runs a few rounds; the best and the median are printed, since a
 // loaded two-core machine swung single runs by 2x.
+//
+// With SGM_PROFILE_DIR set, the relay runs from source under Bun's CPU
+// profiler and leaves its profile (markdown) in that directory.
 
 import { cpus } from "node:os";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../../core/dedup/digest.ts";
@@ -77,7 +80,7 @@ async function main(mib: number, digestThreads: number): Promise<void> {
     await Bun.write(pskFile, "sgm relay bench key 0123456789abcdef\n");
     const psk = new TextEncoder().encode("sgm relay bench key 0123456789abcdef");
     const relay = Bun.spawn(
-      [await sgmBinary(), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json", "--digest-threads", String(digestThreads)],
+      [...(await relayCommand()), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json", "--digest-threads", String(digestThreads)],
       { stdio: ["ignore", "pipe", "ignore", "pipe"] },
     );
     children.push(relay);
@@ -129,6 +132,15 @@ async function main(mib: number, digestThreads: number): Promise<void> {
         ` (main thread ${cost.mainThreadCpuSeconds === null ? "?" : per(cost.mainThreadCpuSeconds)}), ${per(cost.minorPageFaults)} page faults; peak RSS ${(cost.peakRssBytes / 2 ** 20).toFixed(0)} MiB`,
     );
   }
+}
+
+/** The compiled sgm, or with SGM_PROFILE_DIR the source under Bun's CPU profiler. */
+async function relayCommand(): Promise<string[]> {
+  const dir = process.env.SGM_PROFILE_DIR;
+  if (!dir) return [await sgmBinary()];
+  // set as sgm sets it for itself (cli/allocator.ts), so that the profiled process is the relay, not a parent re-running it
+  process.env.MIMALLOC_PURGE_DELAY = "-1";
+  return [process.execPath, "--cpu-prof-md", `--cpu-prof-dir=${dir}`, new URL("../../cli/main.ts", import.meta.url).pathname];
 }
 
 function page(data: Uint8Array, i: number): Uint8Array {
