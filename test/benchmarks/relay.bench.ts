@@ -139,8 +139,7 @@ async function relayCommand(): Promise<string[]> {
   const dir = process.env.SGM_PROFILE_DIR;
   if (!dir) return [await sgmBinary()];
   // set as sgm sets it for itself (cli/allocator.ts), so that the profiled process is the relay, not a parent re-running it
-  process.env.MIMALLOC_PURGE_DELAY = "-1";
-  return [process.execPath, "--cpu-prof-md", `--cpu-prof-dir=${dir}`, new URL("../../cli/main.ts", import.meta.url).pathname];
+  return ["env", "MIMALLOC_PURGE_DELAY=-1", process.execPath, "--cpu-prof-md", `--cpu-prof-dir=${dir}`, new URL("../../cli/main.ts", import.meta.url).pathname];
 }
 
 function page(data: Uint8Array, i: number): Uint8Array {
