@@ -408,6 +408,37 @@ describe("authentication", () => {
     server.listener.close();
   });
 
+  test("peers that never authenticate hold a bounded number of sockets: past it, more from their host are dropped at once, and others still get in", async () => {
+    const server = startServer("gather", ["scatter"], { maxAuthenticating: 4, maxAuthenticatingPerHost: 2 });
+    const silent = [await rawPeer(server.listener.port), await rawPeer(server.listener.port)];
+    const rejected = server.nextRejection();
+    const third = await rawPeer(server.listener.port);
+    const { address, err } = await rejected;
+    expect(err.message).toBe(`${address}: dropped: 2 peers from 127.0.0.1 are authenticating already`);
+    await third.closed;
+    // one of the silent peers goes: its slot is free again, and a peer that authenticates gets in
+    const freed = server.nextRejection();
+    silent[0]!.socket.end();
+    expect((await freed).err.message).toMatch(/closed during authentication/);
+    const accepted = server.nextConnection();
+    const good = await connect(server.listener.port, "scatter");
+    await accepted;
+    good.close();
+    silent[1]!.socket.end();
+    server.listener.close();
+  });
+
+  test("and a bounded number in all, whatever their hosts", async () => {
+    const server = startServer("gather", ["scatter"], { maxAuthenticating: 2, maxAuthenticatingPerHost: 10 });
+    const silent = [await rawPeer(server.listener.port), await rawPeer(server.listener.port)];
+    const rejected = server.nextRejection();
+    await rawPeer(server.listener.port);
+    const { address, err } = await rejected;
+    expect(err.message).toBe(`${address}: dropped: 2 peers are authenticating already`);
+    for (const peer of silent) peer.socket.end();
+    server.listener.close();
+  });
+
   test("a client gives up on a server that never answers", async () => {
     const silent = Bun.listen({ hostname: HOST, port: 0, socket: { data() {} } });
     const err = await rejection(

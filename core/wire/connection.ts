@@ -23,6 +23,13 @@ import {
 
 export const DEFAULT_MAX_QUEUED = 4 << 20;
 export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
+/**
+ * Peers a listener lets authenticate at once, in all and from one host: a
+ * host that opens connections and never authenticates holds at most its
+ * share of sockets, each for the handshake timeout, and others still get in.
+ */
+export const DEFAULT_MAX_AUTHENTICATING = 128;
+export const DEFAULT_MAX_AUTHENTICATING_PER_HOST = 16;
 
 // Payloads up to this size are copied next to their header, so a run of
 // small frames leaves in one write instead of one syscall per frame; larger
@@ -51,6 +58,8 @@ export interface ListenOptions {
   acceptRoles: readonly Role[];
   maxPayload: MaxPayload;
   handshakeTimeoutMs?: number;
+  maxAuthenticating?: number;
+  maxAuthenticatingPerHost?: number;
   /** Called with each authenticated connection; it belongs to the callee from then on. */
   onConnection(conn: PeerConnection): void;
   /** Called for each peer dropped before or during authentication. */
@@ -498,21 +507,40 @@ export class PeerConnection {
   /** See listenPeers. */
   static listen(options: ListenOptions): PeerListener {
     const authenticating = new Set<PeerConnection>();
+    const perHost = new Map<string, number>();
     const timeoutMs = options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
+    const maxAll = options.maxAuthenticating ?? DEFAULT_MAX_AUTHENTICATING;
+    const maxPerHost = options.maxAuthenticatingPerHost ?? DEFAULT_MAX_AUTHENTICATING_PER_HOST;
     const accept = (socket: Socket<PeerConnection>): void => {
-      const address = formatAddress(socket.remoteAddress, socket.remotePort);
+      const host = socket.remoteAddress;
+      const address = formatAddress(host, socket.remotePort);
       const handshake = new ServerHandshake(options.psk, options.role, options.acceptRoles, address);
       const conn = new PeerConnection(address, handshake, options.maxPayload);
       socket.data = conn;
       conn.attach(socket);
+      const fromHost = perHost.get(host) ?? 0;
+      if (authenticating.size >= maxAll || fromHost >= maxPerHost) {
+        const why = fromHost >= maxPerHost ? `${fromHost} peers from ${host} are` : `${authenticating.size} peers are`;
+        const err = new SgmError("unavailable", `${address}: dropped: ${why} authenticating already`);
+        conn.abort(err);
+        options.onRejected?.(address, err);
+        return;
+      }
+      perHost.set(host, fromHost + 1);
       authenticating.add(conn);
+      const done = () => {
+        authenticating.delete(conn);
+        const left = (perHost.get(host) ?? 1) - 1;
+        if (left > 0) perHost.set(host, left);
+        else perHost.delete(host);
+      };
       const timer = setTimeout(() => {
         conn.abort(new SgmError("unavailable", `${address}: authentication timed out after ${timeoutMs} ms`));
       }, timeoutMs);
       conn.ready.then(
         () => {
           clearTimeout(timer);
-          authenticating.delete(conn);
+          done();
           try {
             options.onConnection(conn);
           } catch (err) {
@@ -521,7 +549,7 @@ export class PeerConnection {
         },
         (err: unknown) => {
           clearTimeout(timer);
-          authenticating.delete(conn);
+          done();
           options.onRejected?.(address, asSgmError(err));
         },
       );
