@@ -1,7 +1,8 @@
 # make        build dist/sgm (one executable, bun build --compile)
 # make test   install what is missing, then run every test
 # make demo   install what is missing, then evict a demo VM and print the report
-# make soak   the Linux-guest eviction RUNS times (default 40) over a matrix; not part of make test
+# make soak   the Linux-guest eviction RUNS times (default 40) over a matrix, then the fuzz tests for
+#             FUZZ_SECONDS each (default 60); not part of make test
 # make bench  the paper's experiment on a bed of hosts (network namespaces, root): table, JSON and
 #             PNG into bench-results/; BENCH_ARGS passes flags (see test/benchmarks/paper.bench.ts)
 
@@ -48,8 +49,10 @@ demo: deps dist/sgm
 	$(BUN) demo/demo.ts
 
 RUNS ?= 40
+FUZZ_SECONDS ?= 60
 soak: deps dist/sgm
 	$(BUN) test/soak/linux-eviction.soak.ts $(RUNS)
+	SGM_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BUN) test --timeout 3600000 test/fuzz.test.ts
 
 BENCH_ARGS ?=
 bench: deps dist/sgm

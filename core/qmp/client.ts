@@ -70,6 +70,8 @@ export interface QmpCommandOptions {
 }
 
 const DEFAULT_COMMAND_TIMEOUT_MS = 30_000;
+/** QEMU's replies to what sgm asks are a few KiB; a peer sending more without a newline is not QEMU, and is not buffered for ever. */
+export const MAX_QMP_LINE = 4 << 20;
 
 export class QmpClient {
   readonly address: QmpAddress;
@@ -84,6 +86,8 @@ export class QmpClient {
   private nextId = 1;
   private buffered = "";
   private isClosed = false;
+  /** Why sgm closed the connection itself, when it did. */
+  private closeReason: string | null = null;
   private resolveClosed!: () => void;
 
   private constructor(address: QmpAddress, socket: net.Socket, version: QmpVersion, rest: string) {
@@ -116,7 +120,10 @@ export class QmpClient {
         socket.on("data", (chunk: Buffer) => {
           text += chunk.toString("utf8");
           const nl = text.indexOf("\n");
-          if (nl < 0) return;
+          if (nl < 0) {
+            if (text.length > MAX_QMP_LINE) fail(`a greeting longer than ${MAX_QMP_LINE} bytes: not QEMU`);
+            return;
+          }
           clearTimeout(timer);
           socket.removeAllListeners();
           resolve({ socket, greeting: text.slice(0, nl), rest: text.slice(nl + 1) });
@@ -125,10 +132,11 @@ export class QmpClient {
     );
     let version: QmpVersion;
     try {
-      const parsed = JSON.parse(greeting) as { QMP?: { version?: { qemu?: QmpVersion; package?: string } } };
-      const qemu = parsed.QMP?.version?.qemu;
-      if (!qemu) throw new Error("no QMP greeting");
-      version = { major: qemu.major, minor: qemu.minor, micro: qemu.micro, package: parsed.QMP?.version?.package ?? "" };
+      const parsed = JSON.parse(greeting) as { QMP?: { version?: { qemu?: QmpVersion; package?: string } } } | null;
+      const qemu = parsed?.QMP?.version?.qemu;
+      if (!qemu || ![qemu.major, qemu.minor, qemu.micro].every((n) => Number.isInteger(n))) throw new Error("no QMP greeting");
+      const pkg = parsed?.QMP?.version?.package;
+      version = { major: qemu.major, minor: qemu.minor, micro: qemu.micro, package: typeof pkg === "string" ? pkg : "" };
     } catch {
       socket.destroy();
       throw new SgmError("unavailable", `QMP ${where}: not a QMP greeting: ${greeting.slice(0, 80)}`);
@@ -204,6 +212,11 @@ export class QmpClient {
       this.buffered = this.buffered.slice(nl + 1);
       if (line) this.onMessage(line);
     }
+    if (this.buffered.length > MAX_QMP_LINE) {
+      this.closeReason = `QMP ${describeQmpAddress(this.address)} sent a line longer than ${MAX_QMP_LINE} bytes: not QEMU`;
+      this.buffered = "";
+      this.socket.destroy();
+    }
   }
 
   private onMessage(line: string): void {
@@ -213,11 +226,13 @@ export class QmpClient {
     } catch {
       return; // QEMU never sends partial JSON lines; ignore noise rather than kill the session
     }
+    // valid JSON that is no QMP message (null, a number, a list) is noise too
+    if (!isObject(message)) return;
     if (typeof message.event === "string") {
       const event: QmpEvent = {
         event: message.event,
-        data: (message.data as Record<string, unknown>) ?? {},
-        timestamp: (message.timestamp as QmpEvent["timestamp"]) ?? { seconds: 0, microseconds: 0 },
+        data: isObject(message.data) ? message.data : {},
+        timestamp: isObject(message.timestamp) ? (message.timestamp as QmpEvent["timestamp"]) : { seconds: 0, microseconds: 0 },
       };
       for (const listener of [...this.listeners]) listener(event);
       return;
@@ -229,8 +244,9 @@ export class QmpClient {
     this.pending.delete(id);
     clearTimeout(pending.timer);
     if ("error" in message) {
-      const error = message.error as { class?: string; desc?: string };
-      pending.reject(new QmpCommandError(pending.command, error.class ?? "GenericError", error.desc ?? "unknown error"));
+      const error = isObject(message.error) ? message.error : {};
+      const errorClass = typeof error.class === "string" ? error.class : "GenericError";
+      pending.reject(new QmpCommandError(pending.command, errorClass, typeof error.desc === "string" ? error.desc : "unknown error"));
     } else {
       pending.resolve(message.return);
     }
@@ -241,10 +257,14 @@ export class QmpClient {
     this.isClosed = true;
     for (const pending of this.pending.values()) {
       clearTimeout(pending.timer);
-      pending.reject(new SgmError("unavailable", `QEMU closed the QMP connection while '${pending.command}' was pending`));
+      pending.reject(new SgmError("unavailable", this.closeReason ?? `QEMU closed the QMP connection while '${pending.command}' was pending`));
     }
     this.pending.clear();
     for (const listener of [...this.closeListeners]) listener();
     this.resolveClosed();
   }
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
 }

@@ -42,6 +42,10 @@ export class ModelDestinationQemu {
   private readonly options: DestinationOptions;
   private readonly qmp: QmpServer;
   private status: Status = "none";
+  /** "none" until the gather has asked it to take an incoming migration. */
+  get migrationStatus(): Status {
+    return this.status;
+  }
   runState: "inmigrate" | "running" | "paused" = "inmigrate";
   private readonly received: Uint8Array;
   private listening = false;
@@ -64,6 +68,8 @@ export class ModelDestinationQemu {
         const uri = String(args.uri);
         if (!uri.startsWith("unix:")) throw new QmpError(`model destination listens on unix: only, not ${uri}`);
         await options.listenAfter;
+        // as QEMU's qmp_migrate_incoming: once per process
+        if (this.status !== "none" || this.listener) throw new QmpError("The incoming migration has already been started");
         this.listen(uri.slice(5));
       },
       cont: () => {
@@ -138,26 +144,31 @@ export class ModelDestinationQemu {
         this.setStatus("completed");
       },
     });
-    this.setStatus("active");
-    this.listener = Bun.listen<undefined>({
-      unix: path,
-      socket: {
-        open: (socket) => {
-          if (this.conn) return void socket.end();
-          this.conn = socket;
-        },
-        data: (_socket, chunk) => {
-          try {
-            reader.feed(chunk);
-          } catch (err) {
-            this.fail((err as Error).message);
-          }
-        },
-        close: () => {
-          if (this.status !== "completed") this.fail("the gather closed the stream");
-        },
+    const listen = (socket: Parameters<typeof Bun.listen<undefined>>[0]["socket"]) => {
+      try {
+        return Bun.listen<undefined>({ unix: path, socket });
+      } catch (err) {
+        // as QEMU answers migrate-incoming when it cannot bind (the gather's directory gone, say)
+        throw new QmpError(`Failed to bind socket: ${(err as Error).message}`);
+      }
+    };
+    this.listener = listen({
+      open: (socket) => {
+        if (this.conn) return void socket.end();
+        this.conn = socket;
+      },
+      data: (_socket, chunk) => {
+        try {
+          reader.feed(chunk);
+        } catch (err) {
+          this.fail((err as Error).message);
+        }
+      },
+      close: () => {
+        if (this.status !== "completed") this.fail("the gather closed the stream");
       },
     });
+    this.setStatus("active");
   }
 
   private page(i: number, data: Uint8Array | null): void {
