@@ -37,6 +37,9 @@ import { TestVm } from "./harness/qemu.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 const psk = new TextEncoder().encode("sgm fuzz test key 0123456789abcdef");
+/** The relay fuzz uses three runs and one keeper. */
+const runOf = (n: number) => new Uint8Array(16).fill(n);
+const KEEPER = runOf(9);
 const budgetMs = fuzzBudgetMs();
 
 let dir: string;
@@ -92,7 +95,7 @@ function joinDigests(pages: Page[]): Uint8Array {
 
 /** A well-formed relay request of some kind. */
 function validRequest(rng: Rng): { type: number; payload: Uint8Array } {
-  const run = new Uint8Array(16).fill(rng.int(3));
+  const run = runOf(rng.int(3));
   const pages = Array.from({ length: 1 + rng.int(3) }, () => pageOf(rng));
   const hex = Buffer.from(run).toString("hex");
   switch (rng.int(9)) {
@@ -100,11 +103,11 @@ function validRequest(rng: Rng): { type: number; payload: Uint8Array } {
     case 1:
       return { type: RelayFrame.PUT, payload: putOf(run, rng.int(4), pages) };
     case 2:
-      return { type: RelayFrame.HOLD, payload: encodeHoldOf(putOf(run, rng.int(4), pages)) };
+      return { type: RelayFrame.HOLD, payload: encodeHoldOf(putOf(run, rng.int(4), pages), KEEPER) };
     case 3:
-      return { type: RelayFrame.KEEP, payload: encodeKeepOf(new Uint8Array(16).fill(9), putOf(run, 0, pages)) };
+      return { type: RelayFrame.KEEP, payload: encodeKeepOf(KEEPER, putOf(run, 0, pages)) };
     case 4:
-      return { type: rng.pick([RelayFrame.GET, RelayFrame.HAS]), payload: encodeDigestRequest(rng.int(100), joinDigests(pages)) };
+      return { type: rng.pick([RelayFrame.GET, RelayFrame.HAS]), payload: encodeDigestRequest(run, rng.int(100), joinDigests(pages)) };
     case 5:
       return { type: RelayFrame.RELEASE, payload: encodeRelease(run, joinDigests(pages)) };
     case 6:
@@ -127,28 +130,30 @@ function putDigests(payload: Uint8Array, into: Set<string>): void {
   }
 }
 
-/** GETs every digest; each page the relay has must hash to its digest. Returns how many it had. */
+/** GETs every digest for each run; each page the relay has for it must hash to its digest. Returns how many it had. */
 async function expectServedPagesMatch(port: number, digests: Set<string>): Promise<number> {
   const client = await rawSession(port, psk, "gather");
   const all = [...digests].map((hex) => Buffer.from(hex, "hex"));
   let found = 0;
-  for (let from = 0; from < all.length; from += 256) {
-    const batch = all.slice(from, from + 256);
-    const request = new Uint8Array(batch.length * DIGEST_BYTES);
-    batch.forEach((d, i) => request.set(d, i * DIGEST_BYTES));
-    const before = client.frames.length;
-    client.writeFrame(RelayFrame.GET, encodeDigestRequest(from, request));
-    await eventually(() => client.frames.length > before, 5000, "the relay answering a GET");
-    const reply = client.frames.at(-1)!;
-    expect(reply.type).toBe(RelayFrame.PAGES);
-    const digest = new Uint8Array(DIGEST_BYTES);
-    readPages(reply.payload, (digestAt, pageAt) => {
-      if (pageAt < 0) return;
-      found++;
-      digestPage(reply.payload.subarray(pageAt, pageAt + PAGE_BYTES), digest);
-      const named = reply.payload.subarray(digestAt, digestAt + DIGEST_BYTES);
-      if (!Buffer.from(digest).equals(named)) throw new Error(`the relay served a page that fails its digest ${Buffer.from(named).toString("hex")}`);
-    });
+  for (let r = 0; r < 3; r++) {
+    for (let from = 0; from < all.length; from += 256) {
+      const batch = all.slice(from, from + 256);
+      const request = new Uint8Array(batch.length * DIGEST_BYTES);
+      batch.forEach((d, i) => request.set(d, i * DIGEST_BYTES));
+      const before = client.frames.length;
+      client.writeFrame(RelayFrame.GET, encodeDigestRequest(runOf(r), from, request));
+      await eventually(() => client.frames.length > before, 5000, "the relay answering a GET");
+      const reply = client.frames.at(-1)!;
+      expect(reply.type).toBe(RelayFrame.PAGES);
+      const digest = new Uint8Array(DIGEST_BYTES);
+      readPages(reply.payload, (digestAt, pageAt) => {
+        if (pageAt < 0) return;
+        found++;
+        digestPage(reply.payload.subarray(pageAt, pageAt + PAGE_BYTES), digest);
+        const named = reply.payload.subarray(digestAt, digestAt + DIGEST_BYTES);
+        if (!Buffer.from(digest).equals(named)) throw new Error(`the relay served a page that fails its digest ${Buffer.from(named).toString("hex")}`);
+      });
+    }
   }
   client.close();
   return found;

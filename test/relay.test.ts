@@ -112,10 +112,10 @@ class Client {
     return ack.refused;
   }
 
-  /** GETs the digests; each page found, or undefined. */
-  async get(pages: readonly Page[]): Promise<Array<Uint8Array | undefined>> {
+  /** GETs the digests for `run`; each page found, or undefined. */
+  async get(run: Uint8Array, pages: readonly Page[]): Promise<Array<Uint8Array | undefined>> {
     const req = this.nextReq++;
-    this.conn.send(RelayFrame.GET, encodeDigestRequest(req, joinDigests(pages)));
+    this.conn.send(RelayFrame.GET, encodeDigestRequest(run, req, joinDigests(pages)));
     const payload = await this.next(RelayFrame.PAGES);
     const found: Array<Uint8Array | undefined> = [];
     const replyReq = readPages(payload, (digestAt, pageAt) => {
@@ -126,25 +126,25 @@ class Client {
     return found;
   }
 
-  async has(pages: readonly Page[]): Promise<boolean[]> {
+  async has(run: Uint8Array, pages: readonly Page[]): Promise<boolean[]> {
     const req = this.nextReq++;
-    this.conn.send(RelayFrame.HAS, encodeDigestRequest(req, joinDigests(pages)));
+    this.conn.send(RelayFrame.HAS, encodeDigestRequest(run, req, joinDigests(pages)));
     const reply = readHasReply(await this.next(RelayFrame.HAS_REPLY));
     expect(reply.req).toBe(req);
     return reply.held;
   }
 
-  /** HOLDs the pages' digests under `run`; resolves with the refused bitmap of the ACK. */
-  async hold(run: Uint8Array, seq: number, pages: readonly Page[]): Promise<boolean[]> {
-    this.conn.send(RelayFrame.HOLD, encodeHoldOf(putPayload(run, seq, pages)));
+  /** HOLDs under `run` the pages' digests `keeper` keeps; resolves with the refused bitmap of the ACK. */
+  async hold(run: Uint8Array, keeper: Uint8Array, seq: number, pages: readonly Page[]): Promise<boolean[]> {
+    this.conn.send(RelayFrame.HOLD, encodeHoldOf(putPayload(run, seq, pages), keeper));
     const ack = readAck(await this.next(RelayFrame.ACK));
     expect(ack.seq).toBe(seq);
     return ack.refused;
   }
 
-  /** KEEPs the pages' digests for `keeper` (not answered: stats() after it waits for it). */
-  keep(keeper: Uint8Array, pages: readonly Page[]): void {
-    this.conn.send(RelayFrame.KEEP, encodeKeepOf(keeper, putPayload(runId(0), 0, pages)));
+  /** KEEPs for `keeper` the pages `run` holds (not answered: stats() after it waits for it). */
+  keep(keeper: Uint8Array, run: Uint8Array, pages: readonly Page[]): void {
+    this.conn.send(RelayFrame.KEEP, encodeKeepOf(keeper, putPayload(run, 0, pages)));
   }
 
   /** Has the relay drop what it keeps for `keeper`; resolves with how many pages that was. */
@@ -241,12 +241,12 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     const gather = await Client.connect(r.port, "gather");
     const [unknown] = randomPages(1);
     const asked = [...pages, unknown!];
-    const got = await gather.get(asked);
+    const got = await gather.get(runId(1), asked);
     expect(got.length).toBe(101);
     pages.forEach((p, i) => expect(got[i]).toEqual(p.page));
     expect(got[100]).toBeUndefined();
 
-    expect(await gather.has([pages[3]!, unknown!, pages[99]!])).toEqual([true, false, true]);
+    expect(await gather.has(runId(1), [pages[3]!, unknown!, pages[99]!])).toEqual([true, false, true]);
     const stats = await gather.stats();
     expect(stats).toMatchObject({ pages: 100, used: 100 * PAGE_BYTES, bytesIn: 100 * PAGE_BYTES, bytesOut: 100 * PAGE_BYTES, runs: 1 });
   });
@@ -267,7 +267,7 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
 
     // The refused pages are not there, the accepted ones are.
     const gather = await Client.connect(r.port, "gather");
-    expect((await gather.get(pages)).map((p) => p !== undefined)).toEqual([true, true, true, true, false, false, false, false]);
+    expect((await gather.get(runId(1), pages)).map((p) => p !== undefined)).toEqual([true, true, true, true, false, false, false, false]);
   });
 
   test("room a run reserved is set aside from other runs until it fills it or gives it back; the store never passes its capacity", async () => {
@@ -333,27 +333,29 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
 
     const gather = await Client.connect(r.port, "gather");
     gather.release(runId(1), [solo, shared, twice]);
-    expect((await gather.get([solo, shared, twice])).map((p) => p !== undefined)).toEqual([false, true, false]);
+    expect((await gather.get(runId(2), [solo, shared, twice])).map((p) => p !== undefined)).toEqual([false, true, false]);
     expect(await gather.stats()).toMatchObject({ pages: 1, runs: 1 });
 
     // Releasing again, or for a run the relay does not know, changes nothing.
     gather.release(runId(1), [solo, shared, twice]);
     gather.release(runId(9), [shared]);
-    expect(await gather.has([shared])).toEqual([true]);
+    expect(await gather.has(runId(2), [shared])).toEqual([true]);
 
     gather.release(runId(2), [shared]);
-    expect(await gather.get([shared])).toEqual([undefined]);
+    expect(await gather.get(runId(2), [shared])).toEqual([undefined]);
     expect(await gather.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
   });
 
-  test("a HOLD takes a hold for its run on pages another run put, refuses what the relay has not, and is answered in order with PUTs", async () => {
+  test("a HOLD takes a hold for its run on pages its evacuation's keeper keeps, refuses the rest, and is answered in order with PUTs", async () => {
     const r = relay();
     const scatter = await Client.connect(r.port);
+    const keeper = runId(7);
     const [a, b, unknown, c] = randomPages(4) as [Page, Page, Page, Page];
     await scatter.put(runId(1), 0, [a, b]);
+    scatter.keep(keeper, runId(1), [a, b]);
     // another run: a PUT, and a HOLD sent before that PUT is answered (on digest threads it waits for the PUT's check)
     scatter.conn.send(RelayFrame.PUT, putPayload(runId(2), 0, [c]));
-    scatter.conn.send(RelayFrame.HOLD, encodeHoldOf(putPayload(runId(2), 1, [a, unknown, b])));
+    scatter.conn.send(RelayFrame.HOLD, encodeHoldOf(putPayload(runId(2), 1, [a, unknown, b]), keeper));
     const first = readAck(await scatter.next(RelayFrame.ACK));
     const second = readAck(await scatter.next(RelayFrame.ACK));
     expect([first.seq, first.refused, second.seq, second.refused]).toEqual([0, [false], 1, [false, true, false]]);
@@ -362,11 +364,39 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     // run 1's gather lets go: what run 2 holds stays, by digest, for run 2's gather
     const gather = await Client.connect(r.port, "gather");
     gather.release(runId(1), [a, b]);
-    expect(await gather.get([a, b])).toEqual([a.page, b.page]);
+    expect(await gather.get(runId(2), [a, b])).toEqual([a.page, b.page]);
     gather.release(runId(2), [a, b, c]);
-    expect(await gather.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
+    // a and b stay while the keeper keeps them, as spare; c goes
+    expect(await gather.stats()).toMatchObject({ pages: 2, runs: 0 });
+    expect(await scatter.unkeep(keeper)).toBe(2);
+    expect(await scatter.stats()).toMatchObject({ pages: 0, used: 0, runs: 0 });
     // nothing left to hold
-    expect(await scatter.hold(runId(3), 2, [a])).toEqual([true]);
+    expect(await scatter.hold(runId(3), keeper, 2, [a])).toEqual([true]);
+  });
+
+  test("runs sharing a relay and its key are isolated: another run's pages cannot be read, held, kept or released without its id", async () => {
+    const r = relay();
+    const owner = await Client.connect(r.port);
+    const rogue = await Client.connect(r.port, "gather");
+    const [mine, shared] = randomPages(2) as [Page, Page];
+    const keeper = runId(7);
+    await owner.put(runId(1), 0, [mine, shared]);
+    owner.keep(keeper, runId(1), [mine, shared]);
+    // a peer with the key and the digests, but not the run's id nor the keeper's
+    expect(await rogue.get(runId(66), [mine, shared])).toEqual([undefined, undefined]);
+    expect(await rogue.has(runId(66), [mine, shared])).toEqual([false, false]);
+    expect(await rogue.hold(runId(66), runId(67), 0, [mine])).toEqual([true]);
+    // a KEEP for its own keeper of what its run does not hold keeps nothing, so a HOLD through it is refused too
+    rogue.keep(runId(67), runId(66), [mine]);
+    expect(await rogue.hold(runId(66), runId(67), 1, [mine])).toEqual([true]);
+    rogue.release(runId(66), [mine, shared]);
+    expect(await rogue.unkeep(runId(67))).toBe(0);
+    // a run that puts the same content holds its own copy of the reference, and reads only that
+    await rogue.put(runId(66), 2, [shared]);
+    expect(await rogue.get(runId(66), [mine, shared])).toEqual([undefined, shared.page]);
+    // the owner's run is whole
+    expect(await owner.get(runId(1), [mine, shared])).toEqual([mine.page, shared.page]);
+    expect(await owner.stats()).toMatchObject({ pages: 2, runs: 2 });
   });
 
   test("what a keeper keeps outlives its run's release for another run's HOLD, is free room a new page takes, and goes with relay-unkeep", async () => {
@@ -376,21 +406,21 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     const keeper = runId(7);
     const [a, b, c, d, e, f] = randomPages(6) as [Page, Page, Page, Page, Page, Page];
     await scatter.put(runId(1), 0, [a, b, c]);
-    scatter.keep(keeper, [a, b, c, d]);
+    scatter.keep(keeper, runId(1), [a, b, c, d]);
     gather.release(runId(1), [a, b, c]);
     // no run holds them: still there, as spare, and counted as room (the gather's stats come after its release)
     expect(await gather.stats(runId(2))).toMatchObject({ pages: 3, runs: 0, free: 4 * PAGE_BYTES });
     expect(r.stats()).toMatchObject({ spare: 3 * PAGE_BYTES });
     // another run holds one for its gather (no longer spare), and puts three new pages: two take spare slots
-    expect(await scatter.hold(runId(2), 0, [a])).toEqual([false]);
+    expect(await scatter.hold(runId(2), keeper, 0, [a])).toEqual([false]);
     expect(await scatter.put(runId(2), 1, [d, e, f])).toEqual([false, false, false]);
     const stats = await scatter.stats(runId(2));
     expect(stats).toMatchObject({ pages: 4, used: 4 * PAGE_BYTES });
     expect(r.stats().spare).toBe(0);
-    expect(await gather.get([a, d, e, f])).toEqual([a.page, d.page, e.page, f.page]);
-    // run 2 lets go of all: a is still kept (spare again); the rest go
+    expect(await gather.get(runId(2), [a, d, e, f])).toEqual([a.page, d.page, e.page, f.page]);
+    // run 2 lets go of all: a is still kept (spare again), though no run may read it; the rest go
     gather.release(runId(2), [a, d, e, f]);
-    expect(await gather.has([a, b, c, d, e, f])).toEqual([true, false, false, false, false, false]);
+    expect(await gather.has(runId(2), [a, b, c, d, e, f])).toEqual([false, false, false, false, false, false]);
     expect(r.stats()).toMatchObject({ pages: 1, spare: PAGE_BYTES });
     // unkeep counts what was still kept: a (d was not there when the KEEP came; b and c gave up their slots)
     expect(await scatter.unkeep(keeper)).toBe(1);
@@ -409,7 +439,8 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
       gather.release(runId(2), []);
       await Bun.sleep(100);
     }
-    expect((await gather.get([idle, alive])).map((p) => p !== undefined)).toEqual([false, true]);
+    expect((await gather.get(runId(1), [idle])).map((p) => p !== undefined)).toEqual([false]);
+    expect((await gather.get(runId(2), [alive])).map((p) => p !== undefined)).toEqual([true]);
     expect(r.stats()).toMatchObject({ pages: 1, runs: 1, expiredRuns: 1 });
     expect(logs.some((line) => line.includes(`run ${"01".repeat(16)} idle`))).toBe(true);
   });
@@ -424,7 +455,8 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     expect(await within(bad.conn.closed, 5000, "the relay dropping the forger")).toBeUndefined();
 
     expect(await good.put(runId(2), 0, [pages[2]!])).toEqual([false]);
-    expect((await good.get(pages)).map((p) => p !== undefined)).toEqual([false, false, true]);
+    expect((await good.get(runId(2), pages)).map((p) => p !== undefined)).toEqual([false, false, true]);
+    expect(await good.has(runId(1), pages)).toEqual([false, false, false]);
     expect(await good.stats()).toMatchObject({ pages: 1, runs: 1 });
     expect(logs.some((line) => /scatter dropped: 127\.0\.0\.1:\d+: relay PUT 7: page 1 does not match its digest/.test(line))).toBe(true);
   });
@@ -434,7 +466,7 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     ["an ACK frame", RelayFrame.ACK, new Uint8Array(8), /frame type 21 \(ACK\) is not a relay request/],
     ["a control message for a gather", FrameType.CONTROL, encodeControl({ t: "switch-go", vm: 0 }), /control message 'switch-go' is not a relay request/],
     ["a truncated PUT", RelayFrame.PUT, new Uint8Array(30), /relay PUT of 30 bytes does not hold 0 pages/],
-    ["a GET of too many digests", RelayFrame.GET, new Uint8Array([0, 0, 0, 1, 0, 0, 1, 1]), /relay GET of 8 bytes does not hold 257 digests/],
+    ["a GET of too many digests", RelayFrame.GET, new Uint8Array([...runId(1), 0, 0, 0, 1, 0, 0, 1, 1]), /relay GET of 24 bytes does not hold 257 digests/],
   ])("%s drops only the connection that sent it", async (_what, type, payload, message) => {
     const r = relay();
     const scatter = await Client.connect(r.port);
@@ -444,7 +476,7 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     rogue.conn.send(type, payload);
     await within(rogue.conn.closed, 5000, "the relay dropping the sender");
     expect(logs.some((line) => message.test(line))).toBe(true);
-    expect(await scatter.get(pages)).toEqual(pages.map((p) => p.page));
+    expect(await scatter.get(runId(1), pages)).toEqual(pages.map((p) => p.page));
     expect(r.stats().connections).toBe(1);
   });
 
@@ -466,7 +498,7 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
     gather.pauseReading();
     const requests = 200; // 200 MiB of replies
     const digests = joinDigests(pages);
-    for (let req = 0; req < requests; req++) gather.send(RelayFrame.GET, encodeDigestRequest(req, digests));
+    for (let req = 0; req < requests; req++) gather.send(RelayFrame.GET, encodeDigestRequest(runId(1), req, digests));
 
     // it queues replies for the client that does not read, then stops reading its requests
     let maxQueued = 0;
@@ -525,7 +557,7 @@ describe("sgm relay", () => {
       const scatter = await Client.connect(Number(m![1]));
       const pages = randomPages(10);
       expect(await scatter.put(runId(1), 0, pages)).toEqual(Array(10).fill(false));
-      expect(await scatter.get(pages)).toEqual(pages.map((p) => p.page));
+      expect(await scatter.get(runId(1), pages)).toEqual(pages.map((p) => p.page));
       scatter.conn.close();
 
       proc.kill("SIGINT");
@@ -592,7 +624,7 @@ describe("sgm relay", () => {
       expect(await scatter.put(runId(1), 2, more)).toEqual([false]);
       scatter.conn.close();
       const gather = await Client.connect(port, "gather");
-      expect(await gather.get(pages)).toEqual(pages.map((p) => p.page));
+      expect(await gather.get(runId(1), pages)).toEqual(pages.map((p) => p.page));
       expect(relay.proc.exitCode).toBeNull();
 
       // once its last run is released, with no scatter connected, it ends by itself

@@ -249,7 +249,7 @@ export class RelayFetcher {
     this.requests.set(req, { relay, digests });
     const r = this.relays[relay]!;
     r.inFlight++;
-    r.conn.send(RelayFrame.GET, encodeDigestRequest(req, digests));
+    r.conn.send(RelayFrame.GET, encodeDigestRequest(this.run, req, digests));
   }
 
   private onFrame(index: number, type: number, payload: Uint8Array): void {

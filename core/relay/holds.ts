@@ -121,14 +121,20 @@ export class RunHolds {
     return true;
   }
 
+  /** The run holds page `id`: it may read it. */
+  holds(run: string, id: number): boolean {
+    return this.runs.get(run)?.ids.has(id) ?? false;
+  }
+
   /**
-   * Holds for `run` a page the store has already (another run put it),
-   * without its bytes: true if the run now holds it, false if the store
-   * does not have it (then the run must put it).
+   * Holds for `run` a page `keeper` keeps (another run of its evacuation
+   * put it), without its bytes: true if the run now holds it, false if the
+   * keeper does not keep it (then the run must put it). Knowing a digest
+   * is not enough: the keeper's id is the evacuation's secret.
    */
-  holdHeld(run: string, digest: Uint8Array, digestAt: number, now: number): boolean {
+  holdHeld(run: string, keeper: string, digest: Uint8Array, digestAt: number, now: number): boolean {
     const id = this.store.idOf(digest, digestAt);
-    if (id === -1) return false;
+    if (id === -1 || !this.keepers.get(keeper)?.ids.has(id)) return false;
     let entry = this.runs.get(run);
     if (entry) {
       entry.deadline = now + this.ttlMs;
@@ -164,10 +170,10 @@ export class RunHolds {
     return dropped;
   }
 
-  /** Keeps for `keeper` the page with this digest, if the store has it: true if kept. */
-  keep(keeper: string, digest: Uint8Array, digestAt: number, now: number): boolean {
+  /** Keeps for `keeper` the page with this digest, if `run` holds it: true if kept. */
+  keep(keeper: string, run: string, digest: Uint8Array, digestAt: number, now: number): boolean {
     const id = this.store.idOf(digest, digestAt);
-    if (id === -1 || this.closedToNewRuns) return false;
+    if (id === -1 || this.closedToNewRuns || !this.holds(run, id)) return false;
     let entry = this.keepers.get(keeper);
     if (!entry) {
       entry = { ids: new IdSet(), deadline: 0 };

@@ -244,15 +244,18 @@ export class RelaySession {
   }
 
   private get(payload: Uint8Array): void {
-    const { req, count, digests } = readDigestRequest(payload, "GET");
-    const { store, counters } = this.shared;
+    const { run, req, count, digests } = readDigestRequest(payload, "GET");
+    const { store, holds, counters } = this.shared;
+    const key = runKey(run);
     // a buffer whose earlier reply has been written: fresh memory costs page faults
     const buffer = this.replyBuffers.acquire();
     const reply = new PagesBuilder(req, count, buffer);
     for (let n = 0; n < count; n++) {
       const id = store.idOf(digests, n * DIGEST_BYTES);
-      const pageAt = reply.addEntry(digests, n * DIGEST_BYTES, id !== -1);
-      if (id === -1) continue;
+      // only what the run holds: another run's page, or a spare one, is not there for it
+      const found = id !== -1 && holds.holds(key, id);
+      const pageAt = reply.addEntry(digests, n * DIGEST_BYTES, found);
+      if (!found) continue;
       store.copyOut(id, buffer, pageAt);
       counters.bytesOut += PAGE_BYTES;
     }
@@ -262,27 +265,34 @@ export class RelaySession {
   }
 
   private has(payload: Uint8Array): void {
-    const { req, count, digests } = readDigestRequest(payload, "HAS");
+    const { run, req, count, digests } = readDigestRequest(payload, "HAS");
+    const { store, holds } = this.shared;
+    const key = runKey(run);
     const held: boolean[] = [];
-    for (let n = 0; n < count; n++) held.push(this.shared.store.has(digests, n * DIGEST_BYTES));
+    for (let n = 0; n < count; n++) {
+      const id = store.idOf(digests, n * DIGEST_BYTES);
+      held.push(id !== -1 && holds.holds(key, id));
+    }
     this.conn.send(RelayFrame.HAS_REPLY, encodeHasReply(req, held));
   }
 
-  /** Holds for the run what the store has of these digests; what it has not, the run must put. */
+  /** Holds for the run what the keeper keeps of these digests; what it does not, the run must put. */
   private hold(payload: Uint8Array): void {
-    const { run, seq, count, digests } = readHold(payload);
+    const { run, keeper, seq, count, digests } = readHold(payload);
     const key = runKey(run);
+    const keeperKey = runKey(keeper);
     const now = this.shared.now();
     const refused: boolean[] = [];
-    for (let n = 0; n < count; n++) refused.push(!this.shared.holds.holdHeld(key, digests, n * DIGEST_BYTES, now));
+    for (let n = 0; n < count; n++) refused.push(!this.shared.holds.holdHeld(key, keeperKey, digests, n * DIGEST_BYTES, now));
     this.conn.send(RelayFrame.ACK, encodeAck(seq, refused));
   }
 
   private keep(payload: Uint8Array): void {
-    const { keeper, count, digests } = readKeep(payload);
+    const { keeper, run, count, digests } = readKeep(payload);
     const key = runKey(keeper);
+    const runHex = runKey(run);
     const now = this.shared.now();
-    for (let n = 0; n < count; n++) this.shared.holds.keep(key, digests, n * DIGEST_BYTES, now);
+    for (let n = 0; n < count; n++) this.shared.holds.keep(key, runHex, digests, n * DIGEST_BYTES, now);
   }
 
   private release(payload: Uint8Array): void {

@@ -130,7 +130,9 @@ export class RelayLink {
       const { payload, buffer } = this.holdBuilder.take(this.run, seq, this.buffer());
       this.inFlight.push({ kind: "hold", seq, buffer, payload, cids: this.holdCids });
       this.holdCids = [];
-      this.conn.send(RelayFrame.HOLD, encodeHoldOf(payload));
+      // HOLDs come only from an evacuation's runs, which keep what they put
+      if (!this.keeper) throw new SgmError("internal", `relay ${this.address}: a HOLD without the evacuation's keeper`);
+      this.conn.send(RelayFrame.HOLD, encodeHoldOf(payload, this.keeper));
     }
   }
 

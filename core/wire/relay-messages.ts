@@ -4,15 +4,20 @@
 //
 // RELAY_PUT   run(16) seq(u32) count(u32) count x (digest(32) page(4096))
 // RELAY_ACK   seq(u32) count(u32) refused-bitmap(ceil(count/8))   one per PUT, in order
-// RELAY_GET   req(u32) count(u32) count x digest(32)
+// RELAY_GET   run(16) req(u32) count(u32) count x digest(32)   only pages the run holds are found
 // RELAY_PAGES req(u32) count(u32) count x (found(u8) digest(32) [page(4096) if found])
 // RELAY_RELEASE run(16) count(u32) count x digest(32)
-// RELAY_HAS   req(u32) count(u32) count x digest(32)
+// RELAY_HAS   run(16) req(u32) count(u32) count x digest(32)   held for the run, or not
 // RELAY_HAS_REPLY req(u32) count(u32) held-bitmap(ceil(count/8))
-// RELAY_HOLD  run(16) seq(u32) count(u32) count x digest(32)   held for this run too if the relay
-//             has it (another run put it); answered by RELAY_ACK like a PUT, in the same seq order
-// RELAY_KEEP  run(16) count(u32) count x digest(32)   kept for the keeper `run` while room allows
-//             (relay-unkeep drops them); not answered, and digests it does not have are skipped
+// RELAY_HOLD  run(16) keeper(16) seq(u32) count(u32) count x digest(32)   held for this run too
+//             if `keeper` keeps it (another run of the evacuation put it); answered by RELAY_ACK
+//             like a PUT, in the same seq order
+// RELAY_KEEP  keeper(16) run(16) count(u32) count x digest(32)   what `run` holds, kept for
+//             `keeper` while room allows (relay-unkeep drops them); not answered, others skipped
+//
+// Run and keeper ids are random and known only to the processes of their
+// run or evacuation: a peer holding the relay key but not the id can read,
+// hold, keep or release nothing of theirs (a digest alone opens nothing).
 
 import { DIGEST_BYTES, PAGE_BYTES, copyBytes } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
@@ -45,7 +50,7 @@ export function relayMaxPayload(type: number): number | undefined {
       return 8 + PUT_BATCH / 8;
     case RelayFrame.GET:
     case RelayFrame.HAS:
-      return 8 + GET_BATCH * DIGEST_BYTES;
+      return RUN_ID_BYTES + 8 + GET_BATCH * DIGEST_BYTES;
     case RelayFrame.PAGES:
       return 8 + GET_BATCH * (1 + PUT_ENTRY);
     case RelayFrame.RELEASE:
@@ -53,9 +58,9 @@ export function relayMaxPayload(type: number): number | undefined {
     case RelayFrame.HAS_REPLY:
       return 8 + GET_BATCH / 8;
     case RelayFrame.HOLD:
-      return RUN_ID_BYTES + 8 + PUT_BATCH * DIGEST_BYTES;
+      return 2 * RUN_ID_BYTES + 8 + PUT_BATCH * DIGEST_BYTES;
     case RelayFrame.KEEP:
-      return RUN_ID_BYTES + 4 + PUT_BATCH * DIGEST_BYTES;
+      return 2 * RUN_ID_BYTES + 4 + PUT_BATCH * DIGEST_BYTES;
     default:
       return undefined;
   }
@@ -167,24 +172,27 @@ export function readAck(payload: Uint8Array): { seq: number; refused: boolean[] 
 
 // ---- GET, HAS ---------------------------------------------------------------------
 
-/** GET or HAS: a request id and digests (given as one buffer of count x 32 bytes). */
-export function encodeDigestRequest(req: number, digests: Uint8Array): Uint8Array {
+/** GET or HAS for the run: a request id and digests (given as one buffer of count x 32 bytes). */
+export function encodeDigestRequest(run: Uint8Array, req: number, digests: Uint8Array): Uint8Array {
   const count = digests.length / DIGEST_BYTES;
   if (!Number.isInteger(count) || count > GET_BATCH) throw new SgmError("internal", `relay request of ${digests.length} digest bytes`);
-  const out = new Uint8Array(8 + digests.length);
+  const out = new Uint8Array(RUN_ID_BYTES + 8 + digests.length);
+  out.set(run.subarray(0, RUN_ID_BYTES), 0);
   const dv = view(out);
-  dv.setUint32(0, req);
-  dv.setUint32(4, count);
-  out.set(digests, 8);
+  dv.setUint32(RUN_ID_BYTES, req);
+  dv.setUint32(RUN_ID_BYTES + 4, count);
+  out.set(digests, RUN_ID_BYTES + 8);
   return out;
 }
 
-export function readDigestRequest(payload: Uint8Array, what: string): { req: number; count: number; digests: Uint8Array } {
-  if (payload.length < 8) throw new SgmError("data", `relay ${what} shorter than its header`);
+export function readDigestRequest(payload: Uint8Array, what: string): { run: Uint8Array; req: number; count: number; digests: Uint8Array } {
+  if (payload.length < RUN_ID_BYTES + 8) throw new SgmError("data", `relay ${what} shorter than its header`);
   const dv = view(payload);
-  const count = dv.getUint32(4);
-  if (count > GET_BATCH || payload.length !== 8 + count * DIGEST_BYTES) throw new SgmError("data", `relay ${what} of ${payload.length} bytes does not hold ${count} digests`);
-  return { req: dv.getUint32(0), count, digests: payload.subarray(8) };
+  const count = dv.getUint32(RUN_ID_BYTES + 4);
+  if (count > GET_BATCH || payload.length !== RUN_ID_BYTES + 8 + count * DIGEST_BYTES) {
+    throw new SgmError("data", `relay ${what} of ${payload.length} bytes does not hold ${count} digests`);
+  }
+  return { run: payload.subarray(0, RUN_ID_BYTES), req: dv.getUint32(RUN_ID_BYTES), count, digests: payload.subarray(RUN_ID_BYTES + 8) };
 }
 
 // ---- PAGES --------------------------------------------------------------------------
@@ -274,42 +282,60 @@ export function readRelease(payload: Uint8Array): { run: Uint8Array; count: numb
 
 // ---- HOLD ----------------------------------------------------------------------------
 
-/** A HOLD of the digests of a PUT payload (built, not sent): the same run, seq and entries, without the pages. */
-export function encodeHoldOf(put: Uint8Array): Uint8Array {
+/** The digests of a PUT payload (its entries without their pages), into out[at ..). */
+function copyDigestsOf(put: Uint8Array, out: Uint8Array, at: number): number {
   const frame = readPut(put);
-  const out = new Uint8Array(RUN_ID_BYTES + 8 + frame.count * DIGEST_BYTES);
-  out.set(put.subarray(0, RUN_ID_BYTES + 8), 0);
-  for (let n = 0; n < frame.count; n++) copyBytes(put, frame.digestAt(n), out, RUN_ID_BYTES + 8 + n * DIGEST_BYTES, DIGEST_BYTES);
+  for (let n = 0; n < frame.count; n++) copyBytes(put, frame.digestAt(n), out, at + n * DIGEST_BYTES, DIGEST_BYTES);
+  return frame.count;
+}
+
+/** A HOLD of the digests of a PUT payload (built, not sent): the same run and seq, the content kept by `keeper`. */
+export function encodeHoldOf(put: Uint8Array, keeper: Uint8Array): Uint8Array {
+  const count = readPut(put).count;
+  const out = new Uint8Array(2 * RUN_ID_BYTES + 8 + count * DIGEST_BYTES);
+  out.set(put.subarray(0, RUN_ID_BYTES), 0);
+  out.set(keeper.subarray(0, RUN_ID_BYTES), RUN_ID_BYTES);
+  out.set(put.subarray(RUN_ID_BYTES, RUN_ID_BYTES + 8), 2 * RUN_ID_BYTES);
+  copyDigestsOf(put, out, 2 * RUN_ID_BYTES + 8);
   return out;
 }
 
-/** A KEEP, for the keeper `keeper`, of the digests of a PUT payload. */
+/** A KEEP, for `keeper`, of what a PUT payload's run put. */
 export function encodeKeepOf(keeper: Uint8Array, put: Uint8Array): Uint8Array {
-  const frame = readPut(put);
-  const out = new Uint8Array(RUN_ID_BYTES + 4 + frame.count * DIGEST_BYTES);
+  const count = readPut(put).count;
+  const out = new Uint8Array(2 * RUN_ID_BYTES + 4 + count * DIGEST_BYTES);
   out.set(keeper.subarray(0, RUN_ID_BYTES), 0);
-  view(out).setUint32(RUN_ID_BYTES, frame.count);
-  for (let n = 0; n < frame.count; n++) copyBytes(put, frame.digestAt(n), out, RUN_ID_BYTES + 4 + n * DIGEST_BYTES, DIGEST_BYTES);
+  out.set(put.subarray(0, RUN_ID_BYTES), RUN_ID_BYTES);
+  view(out).setUint32(2 * RUN_ID_BYTES, count);
+  copyDigestsOf(put, out, 2 * RUN_ID_BYTES + 4);
   return out;
 }
 
-export function readKeep(payload: Uint8Array): { keeper: Uint8Array; count: number; digests: Uint8Array } {
-  if (payload.length < RUN_ID_BYTES + 4) throw new SgmError("data", "relay KEEP shorter than its header");
-  const count = view(payload).getUint32(RUN_ID_BYTES);
-  if (count > PUT_BATCH || payload.length !== RUN_ID_BYTES + 4 + count * DIGEST_BYTES) {
+export function readKeep(payload: Uint8Array): { keeper: Uint8Array; run: Uint8Array; count: number; digests: Uint8Array } {
+  const at = 2 * RUN_ID_BYTES + 4;
+  if (payload.length < at) throw new SgmError("data", "relay KEEP shorter than its header");
+  const count = view(payload).getUint32(2 * RUN_ID_BYTES);
+  if (count > PUT_BATCH || payload.length !== at + count * DIGEST_BYTES) {
     throw new SgmError("data", `relay KEEP of ${payload.length} bytes does not hold ${count} digests`);
   }
-  return { keeper: payload.subarray(0, RUN_ID_BYTES), count, digests: payload.subarray(RUN_ID_BYTES + 4) };
+  return { keeper: payload.subarray(0, RUN_ID_BYTES), run: payload.subarray(RUN_ID_BYTES, 2 * RUN_ID_BYTES), count, digests: payload.subarray(at) };
 }
 
-export function readHold(payload: Uint8Array): { run: Uint8Array; seq: number; count: number; digests: Uint8Array } {
-  if (payload.length < RUN_ID_BYTES + 8) throw new SgmError("data", "relay HOLD shorter than its header");
+export function readHold(payload: Uint8Array): { run: Uint8Array; keeper: Uint8Array; seq: number; count: number; digests: Uint8Array } {
+  const at = 2 * RUN_ID_BYTES + 8;
+  if (payload.length < at) throw new SgmError("data", "relay HOLD shorter than its header");
   const dv = view(payload);
-  const count = dv.getUint32(RUN_ID_BYTES + 4);
-  if (count > PUT_BATCH || payload.length !== RUN_ID_BYTES + 8 + count * DIGEST_BYTES) {
+  const count = dv.getUint32(2 * RUN_ID_BYTES + 4);
+  if (count > PUT_BATCH || payload.length !== at + count * DIGEST_BYTES) {
     throw new SgmError("data", `relay HOLD of ${payload.length} bytes does not hold ${count} digests`);
   }
-  return { run: payload.subarray(0, RUN_ID_BYTES), seq: dv.getUint32(RUN_ID_BYTES), count, digests: payload.subarray(RUN_ID_BYTES + 8) };
+  return {
+    run: payload.subarray(0, RUN_ID_BYTES),
+    keeper: payload.subarray(RUN_ID_BYTES, 2 * RUN_ID_BYTES),
+    seq: dv.getUint32(2 * RUN_ID_BYTES),
+    count,
+    digests: payload.subarray(at),
+  };
 }
 
 // ---- HAS_REPLY ---------------------------------------------------------------------------

@@ -95,7 +95,7 @@ async function main(mib: number, digestThreads: number): Promise<void> {
     for (let round = 0; round < ROUNDS; round++) {
       const run = crypto.getRandomValues(new Uint8Array(16));
       put.ms.push(await putAll(scatter, run, data, digests));
-      get.ms.push(await getAll(gather, digests));
+      get.ms.push(await getAll(gather, run, digests));
       const held = (await relayStats(gather)).pages;
       if (held !== pages) throw new Error(`relay holds ${held} pages, not ${pages}`);
       for (let from = 0; from < digests.length; from += RELEASE_BATCH * DIGEST_BYTES) {
@@ -209,7 +209,7 @@ async function putAll(conn: PeerConnection, run: Uint8Array, data: Uint8Array, d
 }
 
 /** Milliseconds to GET every page back. */
-async function getAll(conn: PeerConnection, digests: Uint8Array): Promise<number> {
+async function getAll(conn: PeerConnection, run: Uint8Array, digests: Uint8Array): Promise<number> {
   const requests = digests.length / DIGEST_BYTES / GET_BATCH;
   let replies = 0;
   let missing = 0;
@@ -227,7 +227,7 @@ async function getAll(conn: PeerConnection, digests: Uint8Array): Promise<number
   for (let req = 0; req < requests; req++) {
     await waitFor(() => req - replies < GET_WINDOW);
     const from = req * GET_BATCH * DIGEST_BYTES;
-    conn.send(RelayFrame.GET, encodeDigestRequest(req, digests.subarray(from, from + GET_BATCH * DIGEST_BYTES)));
+    conn.send(RelayFrame.GET, encodeDigestRequest(run, req, digests.subarray(from, from + GET_BATCH * DIGEST_BYTES)));
   }
   await waitFor(() => replies === requests);
   const ms = performance.now() - start;
