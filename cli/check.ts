@@ -21,7 +21,7 @@ export function registerCheck(cli: CAC, signal: AbortSignal): void {
     .example("sgm check --to dst:7700 --vm web1=/run/qemu/web1.qmp --via-file /etc/sgm/relays --psk-file /etc/sgm/psk && sgm scatter ...")
     .action(async (flags: CheckFlags) => {
       const run = parseRunFlags(flags);
-      const report = await preflight({ ...run, psk: readKey(flags), signal });
+      const report = await preflight({ ...run, ...readKey(flags), signal });
       render(report);
       if (flags.json) printJson(report);
       return report.exitCode;

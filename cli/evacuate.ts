@@ -37,9 +37,9 @@ export function registerEvacuate(cli: CAC, signal: AbortSignal): void {
       const eviction = parseEvictionFlags(flags);
       const maxInFlight = flags.maxInFlight === undefined ? undefined : parseCount("--max-in-flight", flags.maxInFlight, 1, 10_000);
       setQuiet(Boolean(flags.quiet));
-      const psk = readKey(flags);
+      const keys = readKey(flags);
       const report = await withProgress("scattered", Boolean(flags.quiet), (onProgress) =>
-        runEvacuation({ ...relays, ...eviction, targets, maxInFlight, psk, signal, log: info, onProgress }),
+        runEvacuation({ ...relays, ...eviction, targets, maxInFlight, ...keys, signal, log: info, onProgress }),
       );
       render(report);
       if (flags.json) printJson(report);

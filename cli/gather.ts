@@ -3,6 +3,7 @@
 import type { CAC } from "cac";
 import { type GatherReport, runGather } from "../core/gather/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
+import { addTlsOptions, readTls, type TlsFlags } from "./tls-flags.ts";
 import { parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson, setQuiet } from "./output.ts";
@@ -10,7 +11,7 @@ import { withProgress } from "./progress.ts";
 import { announceReady, parseReadyFd } from "./ready-fd.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
 
-interface GatherFlags {
+interface GatherFlags extends TlsFlags {
   listen?: unknown;
   vm?: unknown;
   pskFile?: unknown;
@@ -22,12 +23,13 @@ interface GatherFlags {
 }
 
 export function registerGather(cli: CAC, signal: AbortSignal): void {
-  cli
+  const command = cli
     .command("gather", "Receive VMs: gather their pages and feed destination QEMUs waiting with -incoming defer")
     .usage("gather --listen HOST:PORT --vm NAME=QMP_SOCKET [--vm ...] --psk-file FILE [options]")
     .option("--listen <host:port>", "Address to listen on for the scatter")
     .option("--vm <name=qmp>", "A VM to receive: its name and the QMP socket of its destination QEMU (repeatable)")
-    .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
+    .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes");
+  addTlsOptions(command)
     .option("--max-rate <rate>", "Receive at most this much per second, from the scatter and relays together, e.g. 100MiB/s")
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
     .option("--json", "Print the final report as JSON on stdout")
@@ -40,11 +42,12 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
       const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
+      const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
       setQuiet(Boolean(flags.quiet));
       const report = await withProgress("gathered", Boolean(flags.quiet), (onProgress) =>
         runGather({
-          ...{ listen, vms, psk, maxRate, postcopyBandwidth, signal, log: info },
+          ...{ listen, vms, psk, tls, maxRate, postcopyBandwidth, signal, log: info },
           onListening: (port) => {
             if (readyFd !== undefined) announceReady(readyFd, formatHostPort(listen.host, port));
           },

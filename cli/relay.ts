@@ -6,6 +6,7 @@ import { defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import { SgmError } from "../core/errors.ts";
 import { type RelayStats, startRelay } from "../core/relay/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
+import { addTlsOptions, readTls, type TlsFlags } from "./tls-flags.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
 import { parseCount, parseHostPort, parseRate, parseSize, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
@@ -14,7 +15,7 @@ import { announceReady, parseReadyFd } from "./ready-fd.ts";
 import type { Signals } from "./signals.ts";
 import { type RelayHttp, serveRelayHttp } from "../core/relay/http.ts";
 
-interface RelayFlags {
+interface RelayFlags extends TlsFlags {
   listen?: unknown;
   capacity?: unknown;
   pskFile?: unknown;
@@ -29,12 +30,13 @@ interface RelayFlags {
 const DEFAULT_TTL_SECONDS = 3600;
 
 export function registerRelay(cli: CAC, signals: Signals): void {
-  cli
+  const command = cli
     .command("relay", "Hold pages in memory for gathers that cannot take them yet")
     .usage("relay --listen HOST:PORT --capacity SIZE --psk-file FILE [options]")
     .option("--listen <host:port>", "Address to listen on")
     .option("--capacity <size>", "Memory to hold pages in, e.g. 8GiB")
-    .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes")
+    .option("--psk-file <file>", "File holding the pre-shared key of this run's sgm processes");
+  addTlsOptions(command)
     .option("--ttl <seconds>", `Drop the pages of a run idle (no put, no release) this long (default ${DEFAULT_TTL_SECONDS})`)
     .option("--max-rate <rate>", "Take at most this much per second from all clients together, e.g. 100MiB/s (as a slower link would)")
     .option("--digest-threads <n>", `Threads that check put pages against their digests beside the one that serves; 0 for that one (default here: ${defaultDigestThreads()}, from the cores: up to 4, leaving 2)`)
@@ -54,9 +56,10 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       const digestThreads = flags.digestThreads === undefined ? defaultDigestThreads() : parseCount("--digest-threads", flags.digestThreads, 0, 64);
       const http = flags.http === undefined ? undefined : parseHostPort("--http", requireString("--http", flags.http));
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
+      const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
 
-      const relay = startRelay({ ...listen, psk, capacityBytes, maxRate, digestThreads, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
+      const relay = startRelay({ ...listen, psk, tls, capacityBytes, maxRate, digestThreads, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
       const address = formatHostPort(listen.host, relay.port);
       let served: RelayHttp | undefined;
       try {

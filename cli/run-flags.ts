@@ -7,9 +7,11 @@ import { SgmError } from "../core/errors.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
 import type { PlanOptions } from "../core/scatter/survey.ts";
 import { loadPsk } from "../core/wire/auth.ts";
+import type { TlsFiles } from "../core/wire/connection.ts";
+import { addTlsOptions, readTls, type TlsFlags } from "./tls-flags.ts";
 import { parseCount, parseHostPort, parseHostPortFile, parseHostPortList, parseRate, parseVmPairs, requireString } from "./args.ts";
 
-export interface RelayFlags {
+export interface RelayFlags extends TlsFlags {
   via?: unknown;
   viaFile?: unknown;
   replicas?: unknown;
@@ -32,9 +34,9 @@ export function addRunOptions(command: Command): Command {
   );
 }
 
-/** The relays, how to use them, the key, and how long to wait for a gather. */
+/** The relays, how to use them, the key, TLS, and how long to wait for a gather. */
 export function addRelayOptions(command: Command): Command {
-  return command
+  return addTlsOptions(command)
     .option("--via <host:port,...>", "Relays to place pages on when the gather cannot take them yet (repeatable)")
     .option("--via-file <file>", "Relays listed in a file, one HOST:PORT a line (# starts a comment), besides any --via")
     .option("--replicas <n>", "Relays that hold each relayed page", { default: 1 })
@@ -71,6 +73,7 @@ export function parseRelayFlags(flags: RelayFlags): Omit<PlanOptions, "psk" | "g
   };
 }
 
-export function readKey(flags: RelayFlags): Uint8Array {
-  return loadPsk(requireString("--psk-file", flags.pskFile));
+/** The key and the TLS files, read once every other flag has been checked. */
+export function readKey(flags: RelayFlags): { psk: Uint8Array; tls: TlsFiles | null } {
+  return { psk: loadPsk(requireString("--psk-file", flags.pskFile)), tls: readTls(flags) };
 }

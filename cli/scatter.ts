@@ -32,7 +32,7 @@ export function registerScatter(cli: CAC, signal: AbortSignal): void {
       const run = parseRunFlags(flags);
       const eviction = parseEvictionFlags(flags);
       setQuiet(Boolean(flags.quiet));
-      const common = { ...run, psk: readKey(flags), signal, log: info };
+      const common = { ...run, ...readKey(flags), signal, log: info };
       if (flags.plan) {
         const plan = await planScatter(common);
         renderPlan(plan);

@@ -6,8 +6,9 @@ import type { Socket } from "bun";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { SgmError } from "../core/errors.ts";
 import { ClientHandshake, loadPsk, type Role } from "../core/wire/auth.ts";
-import { PeerConnection, listenPeers, type ListenOptions, type PeerListener } from "../core/wire/connection.ts";
+import { PeerConnection, listenPeers, type ListenOptions, type PeerListener, type TlsFiles } from "../core/wire/connection.ts";
 import { FrameDecoder, encodeFrameHeader, frame, type MaxPayload } from "../core/wire/frames.ts";
+import { makeTestCertificates } from "./harness/certificates.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 const HOST = "127.0.0.1";
@@ -218,11 +219,12 @@ function startServer(role: Role, acceptRoles: Role[], extra: Partial<ListenOptio
   };
 }
 
-function connect(port: number, role: Role, options: { key?: Uint8Array; expectRole?: Role } = {}): Promise<PeerConnection> {
+function connect(port: number, role: Role, options: { key?: Uint8Array; expectRole?: Role; tls?: TlsFiles } = {}): Promise<PeerConnection> {
   return PeerConnection.connect({
     host: HOST,
     port,
     psk: options.key ?? psk,
+    tls: options.tls,
     role,
     expectRole: options.expectRole,
     maxPayload: bounds,
@@ -280,6 +282,58 @@ async function rawAuthenticatedPeer(port: number): Promise<RawPeer> {
   await welcome;
   return peer;
 }
+
+describe("TLS under the PSK proof", () => {
+  let files: (name: "a" | "b" | "rogue", ca?: string) => Promise<TlsFiles>;
+  beforeAll(async () => {
+    const certs = await makeTestCertificates(dir);
+    files = async (name, ca = certs.ca) => {
+      const { cert, key } = certs.peer(name);
+      return { cert: await Bun.file(cert).text(), key: await Bun.file(key).text(), ca: await Bun.file(ca).text() };
+    };
+  });
+
+  test("both sides with certificates of the CA: authenticated, and frames flow both ways", async () => {
+    const server = startServer("gather", ["scatter"], { tls: await files("a") });
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "scatter", { tls: await files("b") });
+    const conn = await accepted;
+    const atServer = nextFrame(conn);
+    client.send(DATA, pattern(200_000, 1));
+    expect(await atServer).toEqual({ type: DATA, payload: pattern(200_000, 1) });
+    const atClient = nextFrame(client);
+    conn.send(DATA, pattern(10, 2));
+    expect(await atClient).toEqual({ type: DATA, payload: pattern(10, 2) });
+    client.close();
+    server.listener.close();
+  });
+
+  test("a client whose certificate the CA did not sign is refused, and says why", async () => {
+    const server = startServer("gather", ["scatter"], { tls: await files("a") });
+    const rejected = server.nextRejection();
+    const err = await rejection(connect(server.listener.port, "scatter", { tls: await files("rogue") }));
+    expect(err.kind).toBe("unavailable");
+    const atServer = await rejected;
+    expect(atServer.err.message).toMatch(/TLS refused: .*SELF_SIGNED/);
+    expect(server.connections.length).toBe(0);
+    server.listener.close();
+  });
+
+  test("a server whose certificate the client's CA did not sign is refused by the client", async () => {
+    const server = startServer("gather", ["scatter"], { tls: await files("rogue") });
+    const err = await rejection(connect(server.listener.port, "scatter", { tls: await files("b") }));
+    expect(err.message).toMatch(/TLS refused: .*SELF_SIGNED/);
+    server.listener.close();
+  });
+
+  test("a client without TLS gets nowhere with a TLS server", async () => {
+    const server = startServer("gather", ["scatter"], { tls: await files("a"), handshakeTimeoutMs: 500 });
+    const err = await rejection(connect(server.listener.port, "scatter"));
+    expect(err.kind).toBe("unavailable");
+    expect(server.connections.length).toBe(0);
+    server.listener.close();
+  });
+});
 
 describe("authentication", () => {
   test("scatter to gather: both sides learn the other's role and exchange frames", async () => {

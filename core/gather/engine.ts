@@ -13,7 +13,7 @@ import { collectGarbageEvery } from "../net/garbage.ts";
 import { RateLimiter } from "../net/rate-limiter.ts";
 import { encodeProbeAck, ProbeFrame } from "../wire/probe-frames.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
-import { listenPeers, type PeerConnection, type PeerListener } from "../wire/connection.ts";
+import { listenPeers, type PeerConnection, type PeerListener, type TlsFiles } from "../wire/connection.ts";
 import {
   type Control,
   decodeControl,
@@ -38,6 +38,8 @@ export interface GatherOptions {
   listen: { host: string; port: number };
   vms: Array<{ name: string; qmp: string }>;
   psk: Uint8Array;
+  /** TLS under the key, for the scatter's connection and the relays'; none by default. */
+  tls?: TlsFiles | null;
   /** Bytes per second the gather receives at most, from the scatter and relays together. */
   maxRate?: number;
   /** Bytes per second for each destination's background push after switchover. */
@@ -77,6 +79,7 @@ interface Shared {
   arrivals: Map<string, VmArrival>;
   socketDir: string;
   psk: Uint8Array;
+  tls: TlsFiles | null;
   limiter: RateLimiter | null;
   postcopyBandwidth: number | undefined;
   log: (line: string) => void;
@@ -98,6 +101,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     arrivals: new Map(dests.map((d) => [d.name, new VmArrival(d)])),
     socketDir: mkdtempSync(join(tmpdir(), "sgm-gather-")),
     psk: options.psk,
+    tls: options.tls ?? null,
     limiter: options.maxRate ? new RateLimiter(options.maxRate) : null,
     postcopyBandwidth: options.postcopyBandwidth,
     log,
@@ -108,6 +112,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     host: options.listen.host,
     port: options.listen.port,
     psk: options.psk,
+    tls: options.tls,
     role: "gather",
     acceptRoles: ["scatter"],
     maxPayload,
@@ -263,7 +268,7 @@ class ScatterSession {
         if (message.relays.length === 0) return;
         // nothing may be applied until the relays are reachable
         this.hold("relays");
-        this.fetcher.connect(Buffer.from(message.run, "hex"), message.relays, this.shared.psk).then(
+        this.fetcher.connect(Buffer.from(message.run, "hex"), message.relays, this.shared.psk, this.shared.tls).then(
           () => this.unhold("relays"),
           (err: unknown) => {
             this.shared.log(`cannot reach the run's relays: ${asSgmError(err).message}`);

@@ -8,7 +8,7 @@ import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import { parseHostPort } from "../net/host-port.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
-import { PeerConnection } from "../wire/connection.ts";
+import { PeerConnection, type TlsFiles } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
 import { encodeDigestRequest, encodeRelease, readPages, RELEASE_BATCH, RelayFrame } from "../wire/relay-messages.ts";
 import type { ContentDirectory } from "./content-directory.ts";
@@ -67,13 +67,13 @@ export class RelayFetcher {
   }
 
   /** Connects to the run's relays, in the order their mask bits count them. */
-  async connect(run: Uint8Array, addresses: readonly string[], psk: Uint8Array): Promise<void> {
+  async connect(run: Uint8Array, addresses: readonly string[], psk: Uint8Array, tls: TlsFiles | null): Promise<void> {
     this.run = run;
     this.relays = await Promise.all(
       addresses.map(async (address) => {
         const to = parseHostPort(address);
         if (!to) throw new SgmError("data", `scatter named relay '${address}'`);
-        const conn = await PeerConnection.connect({ host: to.host, port: to.port, psk, role: "gather", expectRole: "relay", maxPayload, timeoutMs: 10_000 }).catch(
+        const conn = await PeerConnection.connect({ host: to.host, port: to.port, psk, tls, role: "gather", expectRole: "relay", maxPayload, timeoutMs: 10_000 }).catch(
           (err: Error) => {
             throw new SgmError("unavailable", `relay ${address}: ${err.message}`);
           },

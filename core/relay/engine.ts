@@ -7,7 +7,7 @@ import { PageStore } from "../dedup/page-store.ts";
 import { DigestPool } from "../dedup/digest-pool.ts";
 import { collectGarbageEvery } from "../net/garbage.ts";
 import { SgmError } from "../errors.ts";
-import { listenPeers, type PeerConnection } from "../wire/connection.ts";
+import { listenPeers, type PeerConnection, type TlsFiles } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
 import { RateLimiter } from "../net/rate-limiter.ts";
 import { RunHolds } from "./holds.ts";
@@ -18,6 +18,8 @@ export interface RelayOptions {
   /** 0 for any free port; the relay's `port` says which. */
   port: number;
   psk: Uint8Array;
+  /** TLS under the key on every connection; none by default. */
+  tls?: TlsFiles | null;
   capacityBytes: number;
   /** Take at most this many bytes a second from all clients together (a slow link, for tests); none by default. */
   maxRate?: number;
@@ -100,6 +102,7 @@ export function startRelay(options: RelayOptions): Relay {
     host: options.host,
     port: options.port,
     psk: options.psk,
+    tls: options.tls,
     role: "relay",
     acceptRoles: ["scatter", "gather"],
     maxPayload,

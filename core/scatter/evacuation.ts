@@ -19,7 +19,7 @@ import { DigestPool } from "../dedup/digest-pool.ts";
 import { formatHostPort, type HostPort } from "../net/host-port.ts";
 import type { ProgressSource, VmProgress } from "../progress.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
-import type { PeerConnection } from "../wire/connection.ts";
+import type { PeerConnection, TlsFiles } from "../wire/connection.ts";
 import { exitCodeOf, runScatter, type ScatterOptions, type ScatterReport } from "./engine.ts";
 import { EvictionSlots } from "./eviction-slots.ts";
 import { RelayContents } from "./relay-contents.ts";
@@ -190,13 +190,13 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
     await Promise.all(runs);
   } finally {
     digestPool?.close();
-    await dropKeptContent(relayContents, common.relays ?? [], common.psk, log);
+    await dropKeptContent(relayContents, common.relays ?? [], common.psk, common.tls ?? null, log);
   }
   return report(order, [...groups.values()]);
 }
 
 /** The evacuation is over: what the relays kept for it goes (a relay not reached drops it after its TTL). */
-async function dropKeptContent(contents: RelayContents, relays: readonly HostPort[], psk: Uint8Array, log: (line: string) => void): Promise<void> {
+async function dropKeptContent(contents: RelayContents, relays: readonly HostPort[], psk: Uint8Array, tls: TlsFiles | null, log: (line: string) => void): Promise<void> {
   const keeper = Buffer.from(contents.keeper).toString("hex");
   const used = relays.filter((r) => contents.relayAddresses.includes(formatHostPort(r.host, r.port)));
   await Promise.all(
@@ -204,7 +204,7 @@ async function dropKeptContent(contents: RelayContents, relays: readonly HostPor
       const address = formatHostPort(r.host, r.port);
       let conn: PeerConnection | undefined;
       try {
-        conn = await connectPeer(r, psk, "relay");
+        conn = await connectPeer(r, psk, "relay", tls);
         const pages = await dropKept(conn, address, keeper);
         log(`relay ${address}: dropped the ${pages} pages it kept for this evacuation`);
       } catch (err) {

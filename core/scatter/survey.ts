@@ -8,7 +8,7 @@ import { PAGE_BYTES } from "../dedup/digest.ts";
 import { asSgmError, SgmError } from "../errors.ts";
 import { formatHostPort, type HostPort } from "../net/host-port.ts";
 import { formatBytes } from "../units.ts";
-import { PeerConnection } from "../wire/connection.ts";
+import { PeerConnection, type TlsFiles } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
 import { probeRate } from "./rate-probe.ts";
 import { askRelayFigures } from "./questions.ts";
@@ -21,6 +21,8 @@ export interface PlanOptions {
   relays?: HostPort[];
   replicas?: number;
   psk: Uint8Array;
+  /** TLS under the key on every connection; none by default. */
+  tls?: TlsFiles | null;
   /** The source's sending rate, bytes a second; measured with rate probes when absent. */
   sourceRate?: number;
   /** Use every reachable relay with room, not only those the rule needs. */
@@ -36,6 +38,7 @@ export interface SurveyOptions {
   gather: HostPort;
   relays: HostPort[];
   psk: Uint8Array;
+  tls: TlsFiles | null;
   replicas: number;
   /** The source's sending rate in bytes a second; measured when absent. */
   sourceRate?: number;
@@ -73,7 +76,7 @@ export async function survey(options: SurveyOptions, sources: readonly SourceQem
     const reached: Array<{ address: string; conn: PeerConnection; free: number }> = [];
     const answers = await Promise.allSettled(
       options.relays.map(async (r) => {
-        const conn = await connectPeer(r, options.psk, "relay");
+        const conn = await connectPeer(r, options.psk, "relay", options.tls);
         opens.push(conn);
         return { conn, figures: await askRelayFigures(conn, address(r), run, options.signal) };
       }),
@@ -132,17 +135,17 @@ async function measureSourceRate(gather: PeerConnection, relays: ReadonlyArray<{
   return rates.reduce((sum, rate) => sum + (rate.status === "fulfilled" ? rate.value : 0), 0);
 }
 
-export function connectPeer(to: HostPort, psk: Uint8Array, expectRole: "gather" | "relay"): Promise<PeerConnection> {
-  return PeerConnection.connect({ host: to.host, port: to.port, psk, role: "scatter", expectRole, maxPayload, timeoutMs: 10_000 });
+export function connectPeer(to: HostPort, psk: Uint8Array, expectRole: "gather" | "relay", tls: TlsFiles | null): Promise<PeerConnection> {
+  return PeerConnection.connect({ host: to.host, port: to.port, psk, tls, role: "scatter", expectRole, maxPayload, timeoutMs: 10_000 });
 }
 
 /** A gather started a little after the scatter is waited for, up to gatherWaitMs. */
-export async function connectGather(options: Pick<SurveyOptions, "gather" | "psk" | "gatherWaitMs" | "signal" | "log">): Promise<PeerConnection> {
+export async function connectGather(options: Pick<SurveyOptions, "gather" | "psk" | "tls" | "gatherWaitMs" | "signal" | "log">): Promise<PeerConnection> {
   const deadline = Date.now() + options.gatherWaitMs;
   let said = false;
   for (;;) {
     try {
-      return await connectPeer(options.gather, options.psk, "gather");
+      return await connectPeer(options.gather, options.psk, "gather", options.tls);
     } catch (err) {
       const e = asSgmError(err);
       // only a gather that is not listening yet is worth waiting for
@@ -166,6 +169,7 @@ export function surveyOptions(options: PlanOptions, planAlways: boolean): Survey
     gather: options.gather,
     relays: options.relays ?? [],
     psk: options.psk,
+    tls: options.tls ?? null,
     replicas: options.replicas ?? 1,
     sourceRate: options.sourceRate,
     useAll: options.allRelays ?? false,

@@ -37,10 +37,21 @@ export const DEFAULT_MAX_AUTHENTICATING_PER_HOST = 16;
 const COPY_MAX_BYTES = 16 << 10;
 const BATCH_BYTES = 64 << 10;
 
+/**
+ * Mutual TLS under the PSK proof, as PEM text: this side's certificate and
+ * key, and the CA every peer's certificate must be signed by.
+ */
+export interface TlsFiles {
+  cert: string;
+  key: string;
+  ca: string;
+}
+
 export interface ConnectOptions {
   host: string;
   port: number;
   psk: Uint8Array;
+  tls?: TlsFiles | null;
   role: Role;
   /** Fail unless the server has this role (e.g. --to must name a gather). */
   expectRole?: Role;
@@ -54,6 +65,7 @@ export interface ListenOptions {
   host: string;
   port: number;
   psk: Uint8Array;
+  tls?: TlsFiles | null;
   role: Role;
   acceptRoles: readonly Role[];
   maxPayload: MaxPayload;
@@ -159,11 +171,15 @@ export class PeerConnection {
       conn.abort(new SgmError("unavailable", `${address}: ${what} timed out after ${options.timeoutMs} ms`));
     }, options.timeoutMs);
     try {
+      const attach = (socket: Socket<PeerConnection>) => socket.data.attach(socket);
+      const tls = options.tls ? { cert: options.tls.cert, key: options.tls.key, ca: options.tls.ca, rejectUnauthorized: true } : undefined;
       const connecting = Bun.connect<PeerConnection>({
         hostname: options.host,
         port: options.port,
         data: conn,
-        socket: PeerConnection.handlers((socket) => socket.data.attach(socket)),
+        ...(tls ? { tls } : {}),
+        // over TLS the PSK proof starts once TLS is up: bytes written before are not delivered
+        socket: tls ? PeerConnection.handlers(() => {}, attach) : PeerConnection.handlers(attach),
       });
       // The timer aborts the connection, which rejects `ready`, even while Bun is still connecting.
       await Promise.race([connecting.catch((err) => Promise.reject(connectError(address, err))), conn.ready]);
@@ -492,15 +508,22 @@ export class PeerConnection {
     return new SgmError("data", `${this.remoteAddress}: ${error.message}`, { cause: error });
   }
 
-  /** Bun's socket callbacks, shared by every connection: each socket's data is its PeerConnection. */
-  private static handlers(open: (socket: Socket<PeerConnection>) => void): SocketHandler<PeerConnection> {
+  /**
+   * Bun's socket callbacks, shared by every connection: each socket's data
+   * is its PeerConnection. `secured` runs once TLS is up, on a TLS socket.
+   */
+  private static handlers(open: (socket: Socket<PeerConnection>) => void, secured?: (socket: Socket<PeerConnection>) => void): SocketHandler<PeerConnection> {
     return {
       binaryType: "uint8array",
       open,
-      data: (socket, chunk: Uint8Array) => socket.data.onData(chunk),
-      drain: (socket) => socket.data.onDrain(),
-      close: (socket, err) => socket.data.onSocketClosed(err),
-      error: (socket, err) => socket.data.abort(socketError(socket.data.remoteAddress, err)),
+      handshake: (socket, _success, refused) => {
+        if (refused) socket.data?.abort(new SgmError("unavailable", `${socket.data.remoteAddress}: TLS refused: ${tlsReason(refused)}`));
+        else secured?.(socket);
+      },
+      data: (socket, chunk: Uint8Array) => socket.data?.onData(chunk),
+      drain: (socket) => socket.data?.onDrain(),
+      close: (socket, err) => socket.data?.onSocketClosed(err),
+      error: (socket, err) => socket.data?.abort(socketError(socket.data.remoteAddress, err)),
     };
   }
 
@@ -556,7 +579,8 @@ export class PeerConnection {
     };
     let listener: TCPSocketListener<PeerConnection>;
     try {
-      listener = Bun.listen<PeerConnection>({ hostname: options.host, port: options.port, socket: PeerConnection.handlers(accept) });
+      const tls = options.tls ? { cert: options.tls.cert, key: options.tls.key, ca: options.tls.ca, requestCert: true, rejectUnauthorized: true } : undefined;
+      listener = Bun.listen<PeerConnection>({ hostname: options.host, port: options.port, ...(tls ? { tls } : {}), socket: PeerConnection.handlers(accept) });
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       const why = code === "EADDRINUSE" ? "address already in use" : code === "EACCES" ? "permission denied" : (err as Error).message;
@@ -596,6 +620,12 @@ function connectError(address: string, err: unknown): SgmError {
               ? err.message
               : String(err);
   return new SgmError("unavailable", `${address}: ${why}`, { cause: err });
+}
+
+/** A certificate refused, by its OpenSSL code when there is one (CERT_HAS_EXPIRED, DEPTH_ZERO_SELF_SIGNED_CERT, ...). */
+function tlsReason(err: Error): string {
+  const code = (err as NodeJS.ErrnoException).code;
+  return code ? `${code} (${err.message})` : err.message;
 }
 
 function socketError(address: string, err: Error): SgmError {

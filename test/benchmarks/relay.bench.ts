@@ -11,6 +11,10 @@
 // Each row runs a few rounds; the best and the median are printed, since a
 // loaded two-core machine swung single runs by 2x.
 //
+// A third argument `tls` puts the relay and both clients on TLS (under the
+// key, as --tls-cert/--tls-key/--tls-ca do), for its cost against the same
+// rows without.
+//
 // With SGM_PROFILE_DIR set, the relay runs from source under Bun's CPU
 // profiler and leaves its profile (markdown) in that directory.
 
@@ -29,6 +33,7 @@ import {
   readAck,
   readPages,
 } from "../../core/wire/relay-messages.ts";
+import { makeTestCertificates } from "../harness/certificates.ts";
 import { sgmBinary } from "../harness/sgm.ts";
 import { runSink } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
@@ -39,7 +44,7 @@ const GET_WINDOW = 4; // GET requests awaiting their PAGES
 const ROUNDS = 3;
 
 if (process.argv[2] === "--sink") runSink(Number(process.argv[3]));
-else await main(Number(process.argv[2] ?? 512), Number(process.argv[3] ?? 0));
+else await main(Number(process.argv[2] ?? 512), Number(process.argv[3] ?? 0), process.argv[4] === "tls");
 
 
 interface RelayCost {
@@ -56,7 +61,7 @@ interface Row {
   ms: number[];
 }
 
-async function main(mib: number, digestThreads: number): Promise<void> {
+async function main(mib: number, digestThreads: number, withTls: boolean): Promise<void> {
   const pages = (mib << 20) / PAGE_BYTES;
   if (!Number.isInteger(pages / GET_BATCH)) throw new Error(`${mib} MiB is not a whole number of ${GET_BATCH}-page requests`);
   const data = new Uint8Array(pages * PAGE_BYTES);
@@ -76,17 +81,22 @@ async function main(mib: number, digestThreads: number): Promise<void> {
     const sinkPort = Number(new TextDecoder().decode((await sinkProc.stdout.getReader().read()).value).trim());
     for (let round = 0; round < ROUNDS; round++) tcp.ms.push(await plainTcp(sinkPort, data));
 
+    const certs = withTls ? await makeTestCertificates(dir) : null;
+    const tlsFlags = certs ? ["--tls-cert", certs.peer("a").cert, "--tls-key", certs.peer("a").key, "--tls-ca", certs.ca] : [];
+    const tls = certs
+      ? { cert: await Bun.file(certs.peer("b").cert).text(), key: await Bun.file(certs.peer("b").key).text(), ca: await Bun.file(certs.ca).text() }
+      : null;
     const pskFile = `${dir}/psk`;
     await Bun.write(pskFile, "sgm relay bench key 0123456789abcdef\n");
     const psk = new TextEncoder().encode("sgm relay bench key 0123456789abcdef");
     const relay = Bun.spawn(
-      [...(await relayCommand()), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json", "--digest-threads", String(digestThreads)],
+      [...(await relayCommand()), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json", "--digest-threads", String(digestThreads), ...tlsFlags],
       { stdio: ["ignore", "pipe", "ignore", "pipe"] },
     );
     children.push(relay);
     const ready = await Bun.file(relay.stdio[3] as number).text();
     const port = Number(/:(\d+)\n$/.exec(ready)?.[1]);
-    const connect = (role: "scatter" | "gather") => PeerConnection.connect({ host: HOST, port, psk, role, maxPayload, timeoutMs: 5000 });
+    const connect = (role: "scatter" | "gather") => PeerConnection.connect({ host: HOST, port, psk, tls, role, maxPayload, timeoutMs: 5000 });
     const scatter = await connect("scatter");
     const gather = await connect("gather");
     // Each round puts the pages under a new run and releases them after the
@@ -117,7 +127,7 @@ async function main(mib: number, digestThreads: number): Promise<void> {
   }
 
   const mbps = (ms: number) => (data.length / 1e6 / (ms / 1000)).toFixed(0);
-  console.log(`${mib} MiB of random pages on loopback, ${ROUNDS} rounds, ${cpus().length} CPUs, relay on ${digestThreads} digest threads (MB/s: 10^6 bytes per second)\n`);
+  console.log(`${mib} MiB of random pages on loopback, ${ROUNDS} rounds, ${cpus().length} CPUs, relay on ${digestThreads} digest threads${withTls ? ", relay rows over TLS" : ""} (MB/s: 10^6 bytes per second)\n`);
   console.log(`${"path".padEnd(44)} ${"best s".padStart(7)} ${"best MB/s".padStart(10)} ${"median MB/s".padStart(12)}`);
   for (const row of [tcp, put, get]) {
     const sorted = [...row.ms].sort((x, y) => x - y);
