@@ -93,7 +93,13 @@ const ScatterReportSchema = Type.Object(
     vms: Type.Array(EvictionReport),
     bytesToGather: bytes("On the wire, frames included, rate probes not."),
     relays: Type.Array(
-      Type.Object({ address: Type.String(), pages: count("Pages it holds for this run, put or held by digest; replicas counted on each relay."), refusedPages: count(), bytesSent: bytes() }, closed),
+      Type.Object({
+        address: Type.String(),
+        pages: count("Pages it holds for this run, put or held by digest; replicas counted on each relay."),
+        refusedPages: count(),
+        bytesSent: bytes(),
+        lost: Type.Union([Type.String(), Type.Null()], { description: "Why the relay was lost mid-run (its copies gone, the others' serving); null when it stayed." }),
+      }, closed),
     ),
     placement: Type.Object(
       {

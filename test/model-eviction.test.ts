@@ -122,6 +122,30 @@ describe("model eviction: every page arrives in its last version", () => {
   }
 });
 
+describe("model eviction: a relay lost mid-run", () => {
+  // the first relay stops once it has taken this many page bytes: early, midway, late in the run
+  // (each relay takes about 4 MiB of the run's pages: two replicas over three relays)
+  for (const [afterKiB, switchover] of [[64, "precopy"], [500, "postcopy"], [1000, "precopy"], [2000, "postcopy"]] as const) {
+    test(`with --replicas 2, lost after ${afterKiB} KiB (${switchover}): the run goes on with the other's copies, every page intact`, async () => {
+      const postcopyAtPass = switchover === "postcopy" ? 3 : undefined;
+      const vms = [0, 1].map((v) => ({ name: `lr${v}`, script: { ...churningScript(90 + v, 4, 600, v), postcopyAtPass } }));
+      const r = await expectIntact({ switchover, postcopyAfterPass: 2, relays: 3, replicas: 2, slowDestination: true, vms, loseRelayAfterBytes: afterKiB * 1024 });
+      // lost while the run placed pages: named in the report, and what it had not acknowledged placed again
+      expect(r.scatter.relays.map((x) => x.lost !== null).sort()).toEqual([false, false, true]);
+      expect(r.scatter.placement.replacedPages).toBeGreaterThan(0);
+    }, 120_000);
+  }
+
+  test("with --replicas 1, lost while the run places pages: the run fails, and the VMs run on at the source", async () => {
+    const vms = [{ name: "lr1", script: churningScript(95, 4, 600, 0) }];
+    // a slow gather, not a destination that waits for the source's first pass (which never comes here)
+    const r = await runModelEviction({ switchover: "precopy", relays: 1, gatherMaxRate: 1 << 20, vms, loseRelayAfterBytes: 64 * 1024 });
+    const vm = r.scatter.vms[0]!;
+    expect([vm.ok, vm.source]).toEqual([false, "running"]);
+    expect(vm.error).toMatch(/with --replicas 1 it held the only copy/);
+  }, 120_000);
+});
+
 describe("model eviction: a wrong final page map is caught", () => {
   async function withFault<T>(fault: string, run: () => Promise<T>): Promise<T> {
     process.env.SGM_TEST_FAULT = fault;

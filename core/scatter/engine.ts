@@ -74,6 +74,8 @@ export interface RelayReport {
   pages: number;
   refusedPages: number;
   bytesSent: number;
+  /** Why the relay was lost mid-run (its copies gone, the others' serving); null when it stayed. */
+  lost: string | null;
 }
 
 export interface ScatterReport {
@@ -147,7 +149,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   const sentBefore = new Map(opens.map((c) => [c, c.bytesSent]));
   const startedAt = { mono: performance.now(), wall: Date.now() };
 
-  const placement = new RunPlacement(conn, options.replicas ?? 1, { gatherPinPages: options.gatherPinPages, dedup: options.dedup, relayContents: options.relayContents });
+  const placement = new RunPlacement(conn, options.replicas ?? 1, { gatherPinPages: options.gatherPinPages, dedup: options.dedup, relayContents: options.relayContents, log });
   for (const r of relays) placement.addRelay(r.address, r.conn, run, r.free);
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: runHex, relays: relays.map((r) => r.address) }));
 
@@ -210,6 +212,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
         pages: r.pagesPut - r.pagesRefused + r.pagesHeld,
         refusedPages: r.pagesRefused,
         bytesSent: r.conn.bytesSent - (sentBefore.get(r.conn) ?? 0),
+        lost: r.lostReason,
       })),
       placement: { ...placement.stats },
       plan: found.plan,

@@ -8,6 +8,7 @@
 // run uses is held there for this run too (relay-contents.ts), not sent again.
 
 import { DIGEST_BYTES } from "../dedup/digest.ts";
+import { SgmError } from "../errors.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
@@ -73,9 +74,15 @@ export class RunPlacement {
   private directTaken = 0;
   /** False (--no-dedup) to send held content again wherever it recurs, for measuring what dedup saves. */
   private readonly dedup: boolean;
+  private readonly log: (line: string) => void;
 
-  constructor(gather: PeerConnection, replicas: number, options: { gatherPinPages?: number; dedup?: boolean; relayContents?: RelayContents } = {}) {
+  constructor(
+    gather: PeerConnection,
+    replicas: number,
+    options: { gatherPinPages?: number; dedup?: boolean; relayContents?: RelayContents; log?: (line: string) => void } = {},
+  ) {
     this.gather = gather;
+    this.log = options.log ?? (() => {});
     this.replicas = replicas;
     this.dedup = options.dedup ?? true;
     this.relayContents = options.relayContents ?? null;
@@ -106,7 +113,7 @@ export class RunPlacement {
     const link = new RelayLink(this.relays.length, address, conn, run, keeper, {
       onAck: (stored, refused, held) => this.onAck(link, stored, refused, held),
       onFull: () => {},
-      onLost: (reason) => this.fail(reason),
+      onLost: (reason, unplaced) => this.relayLost(link, reason, unplaced),
       stillNeeded: () => this.stillNeeded(),
     });
     this.relays.push(link);
@@ -219,7 +226,8 @@ export class RunPlacement {
   }
 
   isAcked(marks: readonly number[]): boolean {
-    return marks.every((mark, r) => this.relays[r]!.acked >= mark);
+    // a lost relay's pages went elsewhere, in batches later marks wait for
+    return marks.every((mark, r) => this.relays[r]!.acked >= mark || this.relays[r]!.lostReason !== null);
   }
 
   /**
@@ -337,6 +345,43 @@ export class RunPlacement {
       this.mask[cid]! |= 1 << link.index;
       if (--this.pending[cid]! === 0) this.locations.push({ digest: this.index.digestOf(cid).slice(), mask: this.mask[cid]! });
     }
+    this.placeElsewhere(link, refused);
+    if (refused.length > 0) this.flush();
+    for (const listener of this.ackListeners) listener(refused.length > 0);
+    this.wakeDrainWaiters();
+  }
+
+  /**
+   * A relay went while the run needed it. With --replicas 2 or more, what it
+   * held has a copy on another relay and the run goes on: what it had not
+   * acknowledged is placed elsewhere, and it counts no more as a holder. The
+   * run fails when some content may have had no other copy (--replicas 1,
+   * or a replica that found no room elsewhere): a VM not yet evicted then
+   * runs on at the source.
+   */
+  private relayLost(link: RelayLink, reason: Error, unplaced: Refused[]): void {
+    const bit = 1 << link.index;
+    let alone = 0;
+    for (let cid = 0; cid < this.mask.length; cid++) {
+      if ((this.mask[cid]! & bit) === 0) continue;
+      this.mask[cid]! &= ~bit;
+      if (this.mask[cid] === 0 && this.pending[cid] === 0 && !this.pins.isPinned(cid)) alone++;
+    }
+    this.relayContents?.forgetRelay(this.contentBits[link.index]!);
+    if (this.replicas < 2 || alone > 0) {
+      const why = this.replicas < 2 ? "with --replicas 1 it held the only copy of what it was given" : `it held the only copy of ${alone} contents`;
+      this.fail(new SgmError("unavailable", `${reason.message}; ${why}`, { cause: reason }));
+      return;
+    }
+    this.log(`${reason.message}; ${unplaced.length} pages it had not acknowledged go elsewhere, and the run goes on with the other relays' copies`);
+    this.placeElsewhere(link, unplaced);
+    this.flush();
+    for (const listener of this.ackListeners) listener(true);
+    this.wakeDrainWaiters();
+  }
+
+  /** Pages a relay refused or lost: each to another relay not holding it, or to the gather. */
+  private placeElsewhere(link: RelayLink, refused: Refused[]): void {
     for (const r of refused) {
       // place this replica elsewhere: another relay not holding it, or the gather
       this.stats.replacedPages++;
@@ -361,9 +406,6 @@ export class RunPlacement {
         }
       }
     }
-    if (refused.length > 0) this.flush();
-    for (const listener of this.ackListeners) listener(refused.length > 0);
-    this.wakeDrainWaiters();
   }
 
   private fail(reason: Error): void {

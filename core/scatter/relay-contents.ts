@@ -50,6 +50,11 @@ export class RelayContents {
     this.masks[id]! |= bit;
   }
 
+  /** The relay of `bit` is gone: it holds nothing. */
+  forgetRelay(bit: number): void {
+    for (let id = 0; id < this.masks.length; id++) this.masks[id]! &= ~bit;
+  }
+
   /** The relay of `bit` does not hold it (any more). */
   forget(bit: number, digest: Uint8Array, at: number): void {
     const id = this.index.lookup(digest, at);

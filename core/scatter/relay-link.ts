@@ -23,7 +23,8 @@ export interface RelayLinkEvents {
   /** A PUT or HOLD (`held`) was acknowledged: these content ids are now held (refused ones are not). */
   onAck(stored: number[], refused: Refused[], held: boolean): void;
   onFull(capacity: number, used: number): void;
-  onLost(reason: Error): void;
+  /** The relay went while the run needed it; `unplaced` are the pages it had not acknowledged, to place elsewhere. */
+  onLost(reason: Error, unplaced: Refused[]): void;
   /** The run still places pages or names content (a VM not yet evicted, or not yet started): a relay gone is a loss. */
   stillNeeded(): boolean;
 }
@@ -45,6 +46,8 @@ export class RelayLink {
   readonly conn: PeerConnection;
   /** The relay refused a page: it gets no more. */
   full = false;
+  /** Why the relay was lost while the run needed it; null while it serves. */
+  lostReason: string | null = null;
   pagesPut = 0;
   pagesRefused = 0;
   /** Contents held for this run by HOLD (another run had put them), and HOLDs refused. */
@@ -76,7 +79,9 @@ export class RelayLink {
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => {
       if (this.inFlight.length > 0 || this.builder.pages > 0 || this.holdBuilder.pages > 0 || reason || this.events.stillNeeded()) {
-        this.events.onLost(new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`));
+        const error = new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`);
+        this.lostReason = error.message;
+        this.events.onLost(error, this.takeUnplaced());
       }
     });
   }
@@ -93,7 +98,7 @@ export class RelayLink {
 
   /** Can take pages now: not full, not too far ahead of its acknowledgements. */
   get accepting(): boolean {
-    return !this.full && this.inFlight.length < MAX_IN_FLIGHT;
+    return !this.full && this.lostReason === null && this.inFlight.length < MAX_IN_FLIGHT;
   }
 
   get queuedBytes(): number {
@@ -115,6 +120,7 @@ export class RelayLink {
   }
 
   flush(): void {
+    if (this.lostReason !== null) return;
     if (this.builder.pages > 0) {
       const seq = this.nextSeq++;
       const { payload, buffer } = this.builder.take(this.run, seq, this.buffer());
@@ -134,6 +140,25 @@ export class RelayLink {
       if (!this.keeper) throw new SgmError("internal", `relay ${this.address}: a HOLD without the evacuation's keeper`);
       this.conn.send(RelayFrame.HOLD, encodeHoldOf(payload, this.keeper));
     }
+  }
+
+  /** Every page not acknowledged, sent or still being batched: the relay is gone, and they must go elsewhere. */
+  private takeUnplaced(): Refused[] {
+    const batches = this.inFlight.splice(0).map((b) => ({ payload: b.payload, cids: b.cids, wasHold: b.kind === "hold" }));
+    if (this.builder.pages > 0) batches.push({ payload: this.builder.take(this.run, 0, this.buffer()).payload, cids: this.cids, wasHold: false });
+    if (this.holdBuilder.pages > 0) batches.push({ payload: this.holdBuilder.take(this.run, 0, this.buffer()).payload, cids: this.holdCids, wasHold: true });
+    this.cids = [];
+    this.holdCids = [];
+    const unplaced: Refused[] = [];
+    for (const batch of batches) {
+      const put = readPut(batch.payload);
+      batch.cids.forEach((cid, n) => {
+        const d = put.digestAt(n);
+        const p = put.pageAt(n);
+        unplaced.push({ cid, digest: batch.payload.subarray(d, d + DIGEST_BYTES), page: batch.payload.subarray(p, p + 4096), wasHold: batch.wasHold });
+      });
+    }
+    return unplaced;
   }
 
   private buffer(): Uint8Array {

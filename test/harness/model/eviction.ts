@@ -46,6 +46,8 @@ export interface ModelEvictionOptions {
   slowDestination?: boolean;
   /** VMs migrating at once, as with evacuate's --max-in-flight: the others are offered as slots come free (default: all). */
   inFlight?: number;
+  /** The first relay is stopped once it has taken this many page bytes: a relay lost mid-run. */
+  loseRelayAfterBytes?: number;
 }
 
 export interface PageMismatch {
@@ -78,9 +80,18 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       }),
   );
   const relays: Relay[] = [];
+  let watch: Timer | undefined;
   try {
     for (let r = 0; r < (options.relays ?? 0); r++) {
       relays.push(startRelay({ host: "127.0.0.1", port: 0, psk, capacityBytes: options.relayCapacity ?? 2 ** 30, ttlMs: 600_000 }));
+    }
+    if (options.loseRelayAfterBytes !== undefined) {
+      const doomed = relays[0]!;
+      watch = setInterval(() => {
+        if (doomed.stats().bytesIn < options.loseRelayAfterBytes!) return;
+        clearInterval(watch);
+        void doomed.close();
+      }, 1);
     }
     const listening = Promise.withResolvers<number>();
     const gathering = runGather({
@@ -124,6 +135,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
     });
     return { scatter, gather, sources, destinations, mismatches };
   } finally {
+    clearInterval(watch);
     await Promise.all(relays.map((r) => r.close()));
     for (const m of [...sources, ...destinations]) m.close();
     rmSync(dir, { recursive: true, force: true });
