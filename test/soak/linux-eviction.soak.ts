@@ -9,8 +9,10 @@
 // Runs alternate between a destination that waits paused (-S), whose memory
 // must equal the source's final memory page for page before it runs on, and
 // one that runs at once (page requests and all), whose guest must run on.
+// Then LOSS_RUNS more: one VM through three relays with --replicas 2, one
+// relay killed (SIGKILL) at a random moment; each must complete intact.
 //
-//   bun test/soak/linux-eviction.soak.ts [RUNS]    (default 40)
+//   bun test/soak/linux-eviction.soak.ts [RUNS] [LOSS_RUNS]    (default 40, 10)
 
 import { join } from "node:path";
 import type { GatherReport } from "../../core/gather/engine.ts";
@@ -59,6 +61,7 @@ interface Outcome {
 }
 
 const runs = Number(process.argv[2] ?? 40);
+const lossRuns = Number(process.argv[3] ?? 10);
 const binary = await qemu10_0();
 const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, noDedupRuns: 0, threadedRuns: 0, evacuateRuns: 0, sharedPages: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
 const started = Date.now();
@@ -101,7 +104,58 @@ for (const [c, o] of outcomes) {
 }
 const notes = [...outcomes.values()].flatMap((o) => o.notes);
 for (const note of notes) console.log(`- ${note}`);
-process.exit([...outcomes.values()].some((o) => o.wrongGuests + o.sgmFailures > 0) ? 1 : 0);
+
+// a relay lost at a random moment, --replicas 2
+const losses: string[] = [];
+for (let n = 0; n < lossRuns; n++) {
+  const switchover = (Object.keys(switchovers) as Case["switchover"][])[n % 3]!;
+  const killAfterMs = Math.round(Math.random() * 12_000);
+  const dir = makeTempDir("soak-loss");
+  const t0 = Date.now();
+  try {
+    const verdict = await Promise.race([loseRelay(dir, switchover, killAfterMs, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
+    losses.push(`| ${n + 1} | ${switchover} | ${killAfterMs} | ${verdict} |`);
+    console.error(`loss ${n + 1}/${lossRuns} ${switchover}, a relay killed after ${killAfterMs} ms: ${verdict} (${Math.round((Date.now() - t0) / 1000)} s)`);
+  } finally {
+    await killAll();
+    removeDir(dir);
+  }
+}
+if (lossRuns > 0) {
+  console.log(`\n${lossRuns} runs of one VM through 3 relays, --replicas 2, one relay killed (SIGKILL) at a random moment after the scatter started\n`);
+  console.log("| run | switchover | killed after ms | outcome |\n|---|---|---|---|");
+  for (const line of losses) console.log(line);
+}
+const lossFailed = losses.some((line) => !line.includes("| ok"));
+process.exit([...outcomes.values()].some((o) => o.wrongGuests + o.sgmFailures > 0) || lossFailed ? 1 : 0);
+
+/** One VM, three relays, --replicas 2, the first relay killed `killAfterMs` after the scatter starts: "ok (...)" or what went wrong. */
+async function loseRelay(dir: string, switchover: Case["switchover"], killAfterMs: number, n: number): Promise<string> {
+  const psk = await writePsk(dir);
+  const pair = await startLinuxPair(dir, `l${n}`, { binary, seed: 900 + n, paused: n % 2 === 0 });
+  const relays = await Promise.all([0, 1, 2].map(() => startRelay(psk, "1GiB")));
+  const { gather, port } = await startGather([pair], psk, ["--max-rate", "48MiB/s"]);
+  const via = ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", "2"];
+  const scatter = await startScatter([pair], port, psk, ["--keep-source", ...via, ...switchovers[switchover]]);
+  const killer = setTimeout(() => relays[0]!.relay.proc.kill("SIGKILL"), killAfterMs);
+  const [s, g] = await Promise.all([scatter.result(), gather.result()]);
+  clearTimeout(killer);
+  if (s.code !== 0 || g.code !== 0) {
+    const why = [...report<ScatterReport>(s).vms, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
+    return `sgm failed: scatter ${s.code}, gather ${g.code}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
+  }
+  try {
+    if (n % 2 === 0) {
+      await expectMemoryEqual(pair, dir);
+      await pair.destination.qmp.execute("cont");
+    }
+    await expectGuestRunsOn(pair);
+  } catch (err) {
+    return `wrong guest: ${(err as Error).message.split("\n").slice(0, 6).join(" ")}`;
+  }
+  const lost = report<ScatterReport>(s).relays.find((r) => r.lost !== null);
+  return `ok (${lost ? "lost while the scatter placed pages" : "lost after the scatter was done, or never used"})`;
+}
 
 /** One eviction; "ok", or what went wrong ("wrong guest: ..." when a guest did not arrive intact). */
 async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, dedup: boolean, threads: number, evacuate: boolean, n: number): Promise<string> {
