@@ -70,7 +70,7 @@ export interface QmpCommandOptions {
 }
 
 const DEFAULT_COMMAND_TIMEOUT_MS = 30_000;
-/** QEMU's replies to what sgm asks are a few KiB; a peer sending more without a newline is not QEMU, and is not buffered for ever. */
+/** QEMU's replies to what sgm asks are a few KiB; a peer sending more (characters) without a newline is not QEMU, and is not buffered for ever. */
 export const MAX_QMP_LINE = 4 << 20;
 
 export class QmpClient {
@@ -121,7 +121,7 @@ export class QmpClient {
           text += chunk.toString("utf8");
           const nl = text.indexOf("\n");
           if (nl < 0) {
-            if (text.length > MAX_QMP_LINE) fail(`a greeting longer than ${MAX_QMP_LINE} bytes: not QEMU`);
+            if (text.length > MAX_QMP_LINE) fail(`a greeting longer than ${MAX_QMP_LINE} characters: not QEMU`);
             return;
           }
           clearTimeout(timer);
@@ -213,7 +213,7 @@ export class QmpClient {
       if (line) this.onMessage(line);
     }
     if (this.buffered.length > MAX_QMP_LINE) {
-      this.closeReason = `QMP ${describeQmpAddress(this.address)} sent a line longer than ${MAX_QMP_LINE} bytes: not QEMU`;
+      this.closeReason = `QMP ${describeQmpAddress(this.address)} sent a line longer than ${MAX_QMP_LINE} characters: not QEMU`;
       this.buffered = "";
       this.socket.destroy();
     }

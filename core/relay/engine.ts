@@ -120,7 +120,12 @@ export function startRelay(options: RelayOptions): Relay {
 
   const sweepMs = options.sweepMs ?? Math.min(10_000, Math.max(10, options.ttlMs / 4));
   const sweeper = setInterval(() => {
-    for (const { run, pages } of holds.expire(shared.now())) {
+    for (const { run, pages, keeper } of holds.expire(shared.now())) {
+      if (keeper) {
+        // not its id: that is the evacuation's secret
+        log(`an evacuation idle for ${options.ttlMs / 1000} s: dropped the ${pages} pages kept for it`);
+        continue;
+      }
       expiredRuns++;
       log(`run ${run} idle for ${options.ttlMs / 1000} s: released its ${pages} pages`);
     }

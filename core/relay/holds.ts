@@ -5,12 +5,11 @@
 // that puts the same content twice still holds it once: one RELEASE from
 // the gather then frees it.
 //
-// A run lives while it holds pages and has been active within the TTL. Only
-// PUT and RELEASE refresh it: they name the run, GET and HAS do not, and
-// finding every run behind a digest would cost a page→runs map the relay
-// otherwise never needs. A gather that fetches a run's pages releases them
-// as it goes, and one that must wait without releasing sends a RELEASE of
-// no digests to keep the run alive.
+// A run lives while it holds pages and has been active within the TTL: PUT,
+// HOLD and RELEASE refresh it (GET and HAS name it too, but reading is not
+// holding on). A gather that fetches a run's pages releases them as it
+// goes, and one that must wait without releasing sends a RELEASE of no
+// digests to keep the run alive.
 //
 // A run may also reserve room before it puts anything, so that several
 // scatters sharing a relay do not overcommit it: what a run has reserved
@@ -21,8 +20,10 @@
 // A keeper (an evacuation, for its runs to other destinations) keeps pages
 // while room allows: its pages stay as spare when no run holds them, count
 // as free room, and give up their slots to new pages. A keeper lives while
-// it keeps pages and has kept within the TTL; it is no run (a draining
-// relay does not wait for it, and drops what it keeps).
+// it keeps pages and has kept, or had a run hold from it, within the TTL;
+// it is no run (a draining relay does not wait for it, and drops what it
+// keeps). A relay keeps for at most MAX_KEEPERS at once: each costs a
+// bitmap, and a peer with the key could otherwise name keepers without end.
 
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import type { PageStore } from "../dedup/page-store.ts";
@@ -39,7 +40,11 @@ interface Run {
 export interface ExpiredRun {
   run: string;
   pages: number;
+  /** A keeper's kept pages, not a run's holds. */
+  keeper: boolean;
 }
+
+export const MAX_KEEPERS = 256;
 
 export class RunHolds {
   private readonly store: PageStore;
@@ -134,7 +139,10 @@ export class RunHolds {
    */
   holdHeld(run: string, keeper: string, digest: Uint8Array, digestAt: number, now: number): boolean {
     const id = this.store.idOf(digest, digestAt);
-    if (id === -1 || !this.keepers.get(keeper)?.ids.has(id)) return false;
+    const kept = this.keepers.get(keeper);
+    if (id === -1 || !kept?.ids.has(id)) return false;
+    // what an evacuation's later runs hold from it keeps it alive, as its keeping does
+    kept.deadline = now + this.ttlMs;
     let entry = this.runs.get(run);
     if (entry) {
       entry.deadline = now + this.ttlMs;
@@ -176,6 +184,7 @@ export class RunHolds {
     if (id === -1 || this.closedToNewRuns || !this.holds(run, id)) return false;
     let entry = this.keepers.get(keeper);
     if (!entry) {
+      if (this.keepers.size >= MAX_KEEPERS) return false;
       entry = { ids: new IdSet(), deadline: 0 };
       this.keepers.set(keeper, entry);
     }
@@ -197,13 +206,13 @@ export class RunHolds {
   expire(now: number): ExpiredRun[] {
     const expired: ExpiredRun[] = [];
     for (const [keeper, entry] of this.keepers) {
-      if (entry.deadline <= now) expired.push({ run: keeper, pages: this.unkeepAll(keeper) });
+      if (entry.deadline <= now) expired.push({ run: keeper, pages: this.unkeepAll(keeper), keeper: true });
     }
     for (const [run, entry] of this.runs) {
       if (entry.deadline > now) continue;
       for (const id of entry.ids) this.store.release(id);
       this.runs.delete(run);
-      expired.push({ run, pages: entry.ids.size });
+      expired.push({ run, pages: entry.ids.size, keeper: false });
     }
     return expired;
   }

@@ -360,6 +360,16 @@ export class RunPlacement {
    * runs on at the source.
    */
   private relayLost(link: RelayLink, reason: Error, unplaced: Refused[]): void {
+    // a run already failing or ending (its connections closing) places nothing more
+    if (this.failure || !this.gather.isOpen) return this.fail(reason);
+    try {
+      this.goOnWithout(link, reason, unplaced);
+    } catch (err) {
+      this.fail(err instanceof Error ? err : new Error(String(err)));
+    }
+  }
+
+  private goOnWithout(link: RelayLink, reason: Error, unplaced: Refused[]): void {
     const bit = 1 << link.index;
     let alone = 0;
     for (let cid = 0; cid < this.mask.length; cid++) {
@@ -390,7 +400,8 @@ export class RunPlacement {
         r.digest,
         0,
         this.salts,
-        (i) => i !== link.index && !(this.mask[r.cid]! & (1 << i)) && this.relays[i]!.accepting,
+        // not where a copy is already, or on its way
+        (i) => i !== link.index && !(this.mask[r.cid]! & (1 << i)) && this.relays[i]!.accepting && !this.relays[i]!.hasPending(r.cid),
         1,
         this.rank,
         this.weights,

@@ -98,7 +98,12 @@ export class RelayLink {
 
   /** Can take pages now: not full, not too far ahead of its acknowledgements. */
   get accepting(): boolean {
-    return !this.full && this.lostReason === null && this.inFlight.length < MAX_IN_FLIGHT;
+    return !this.full && this.lostReason === null && this.conn.isOpen && this.inFlight.length < MAX_IN_FLIGHT;
+  }
+
+  /** Content `cid` is on its way here, sent or being batched, not yet acknowledged. */
+  hasPending(cid: number): boolean {
+    return this.cids.includes(cid) || this.holdCids.includes(cid) || this.inFlight.some((batch) => batch.cids.includes(cid));
   }
 
   get queuedBytes(): number {
@@ -120,7 +125,8 @@ export class RelayLink {
   }
 
   flush(): void {
-    if (this.lostReason !== null) return;
+    // a relay gone, or the run ending: nothing more goes to it
+    if (this.lostReason !== null || !this.conn.isOpen) return;
     if (this.builder.pages > 0) {
       const seq = this.nextSeq++;
       const { payload, buffer } = this.builder.take(this.run, seq, this.buffer());

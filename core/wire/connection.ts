@@ -28,7 +28,7 @@ export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
  * host that opens connections and never authenticates holds at most its
  * share of sockets, each for the handshake timeout, and others still get in.
  */
-export const DEFAULT_MAX_AUTHENTICATING = 128;
+export const DEFAULT_MAX_AUTHENTICATING = 1024;
 export const DEFAULT_MAX_AUTHENTICATING_PER_HOST = 16;
 
 // Payloads up to this size are copied next to their header, so a run of
@@ -516,8 +516,8 @@ export class PeerConnection {
     return {
       binaryType: "uint8array",
       open,
-      handshake: (socket, _success, refused) => {
-        if (refused) socket.data?.abort(new SgmError("unavailable", `${socket.data.remoteAddress}: TLS refused: ${tlsReason(refused)}`));
+      handshake: (socket, success, refused) => {
+        if (refused || !success) socket.data?.abort(new SgmError("unavailable", `${socket.data.remoteAddress}: TLS refused: ${refused ? tlsReason(refused) : "handshake failed"}`));
         else secured?.(socket);
       },
       data: (socket, chunk: Uint8Array) => socket.data?.onData(chunk),
