@@ -109,8 +109,8 @@ for (const note of notes) console.log(`- ${note}`);
 const losses: string[] = [];
 for (let n = 0; n < lossRuns; n++) {
   const switchover = (Object.keys(switchovers) as Case["switchover"][])[n % 3]!;
-  // the scatter places a VM's pages in a few seconds here, and the gather takes about ten more
-  const killAfterMs = Math.round(Math.random() * 8000);
+  // the scatter takes five to eight seconds over a VM here: a kill within five comes while it runs
+  const killAfterMs = Math.round(Math.random() * 5000);
   const dir = makeTempDir("soak-loss");
   const t0 = Date.now();
   try {
