@@ -270,23 +270,32 @@ export function exitCodeOf(reports: ReadonlyArray<Pick<EvictionReport, "ok" | "e
 
 /**
  * Reserves on each chosen relay what the plan expects there. A relay that
- * grants less had that room reserved by another run since it was asked:
- * the plan is made again with what was granted (a relay that granted
- * nothing is left out), so its shortfall, and the placement's weights, are
- * what this run really has.
+ * grants less had that room reserved by another run since it was asked,
+ * and one that went away since grants nothing: the plan is made again with
+ * what was granted (a relay that granted nothing is left out), so its
+ * shortfall, and the placement's weights, are what this run really has.
  */
 async function settleReservations(found: Survey, run: string, signal: AbortSignal | undefined, log: (line: string) => void): Promise<void> {
   const plan = found.plan!;
   const granted: number[] = [];
-  for (const [i, r] of found.relays.entries()) granted.push(await reserveRoom(r.conn, r.address, run, plan.chosen[i]!.expectedBytes, signal));
+  const lost = new Map<string, string>();
+  for (const [i, r] of found.relays.entries()) {
+    const bytes = await reserveRoom(r.conn, r.address, run, plan.chosen[i]!.expectedBytes, signal).catch((err: unknown) => {
+      signal?.throwIfAborted();
+      lost.set(r.address, `it went away: ${asSgmError(err).message}`);
+      return 0;
+    });
+    granted.push(bytes);
+  }
   signal?.throwIfAborted();
   if (plan.chosen.every((c, i) => granted[i]! >= c.expectedBytes)) return;
   const input = found.input!;
   const shrunk = plan.chosen.map((c, i) => ({ ...c, free: granted[i]! < c.expectedBytes ? granted[i]! : c.free }));
   const kept = shrunk.filter((c) => c.free >= PAGE_BYTES);
   const gone = shrunk.filter((c) => c.free < PAGE_BYTES);
+  const why = (address: string) => lost.get(address) ?? "another run reserved its room";
   for (const c of gone) {
-    log(`relay ${c.address} left out: another run reserved its room`);
+    log(`relay ${c.address} left out: ${why(c.address)}`);
     const relay = found.relays.find((r) => r.address === c.address)!;
     releaseRoom(relay.conn, run);
     relay.conn.close();
@@ -294,7 +303,7 @@ async function settleReservations(found: Survey, run: string, signal: AbortSigna
   found.plan = planRelays({
     ...input,
     candidates: kept,
-    full: [...input.full, ...gone.map((c) => ({ address: c.address, reason: "another run reserved its room" }))],
+    full: [...input.full, ...gone.map((c) => ({ address: c.address, reason: why(c.address) }))],
     useAll: true,
   });
   found.relays = kept.map((c) => ({ ...found.relays.find((r) => r.address === c.address)!, free: c.free }));

@@ -146,7 +146,12 @@ async function loseRelay(dir: string, switchover: Case["switchover"], killAfterM
     killedWhileScatterRan = !scatterDone;
     relays[0]!.relay.proc.kill("SIGKILL");
   }, killAfterMs);
-  const [s, g] = await Promise.all([scatter.result().finally(() => (scatterDone = true)), gather.result()]);
+  const scattered = scatter.result().finally(() => (scatterDone = true));
+  // a scatter that fails before it offers the VM leaves the gather waiting for another: it is told to stop
+  void scattered.then(async (r) => {
+    if (r.code !== 0 && (await Promise.race([gather.result().then(() => true), Bun.sleep(30_000).then(() => false)])) === false) gather.proc.kill("SIGINT");
+  });
+  const [s, g] = await Promise.all([scattered, gather.result()]);
   clearTimeout(killer);
   if (s.code !== 0 || g.code !== 0) {
     const why = [...report<ScatterReport>(s).vms, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
