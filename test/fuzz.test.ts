@@ -19,7 +19,6 @@ import { PeerConnection } from "../core/wire/connection.ts";
 import { FrameType, encodeControl } from "../core/wire/messages.ts";
 import { probeHeader, ProbeFrame } from "../core/wire/probe-frames.ts";
 import {
-  PutBuilder,
   RelayFrame,
   encodeDigestRequest,
   encodeHoldOf,
@@ -34,6 +33,7 @@ import { runModelEviction } from "./harness/model/eviction.ts";
 import type { SourceScript } from "./harness/model/source-qemu.ts";
 import { killAll } from "./harness/processes.ts";
 import { TestVm } from "./harness/qemu.ts";
+import { joinDigests, type Page, putPayload } from "./harness/relay-pages.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 const psk = new TextEncoder().encode("sgm fuzz test key 0123456789abcdef");
@@ -68,11 +68,6 @@ async function fuzz(what: string, round: (rng: Rng, n: number) => Promise<void> 
 
 // ---- relay ----------------------------------------------------------------------
 
-interface Page {
-  digest: Uint8Array;
-  page: Uint8Array;
-}
-
 function pageOf(rng: Rng): Page {
   // a few contents only, so that PUT, HOLD and KEEP meet content the relay has
   const page = new Uint8Array(PAGE_BYTES).fill(rng.int(8));
@@ -81,17 +76,6 @@ function pageOf(rng: Rng): Page {
   return { digest, page };
 }
 
-function putOf(run: Uint8Array, seq: number, pages: Page[]): Uint8Array {
-  const builder = new PutBuilder();
-  for (const p of pages) builder.add(p.digest, 0, p.page);
-  return builder.take(run, seq, new Uint8Array(0)).payload;
-}
-
-function joinDigests(pages: Page[]): Uint8Array {
-  const out = new Uint8Array(pages.length * DIGEST_BYTES);
-  pages.forEach((p, i) => out.set(p.digest, i * DIGEST_BYTES));
-  return out;
-}
 
 /** A well-formed relay request of some kind. */
 function validRequest(rng: Rng): { type: number; payload: Uint8Array } {
@@ -101,11 +85,11 @@ function validRequest(rng: Rng): { type: number; payload: Uint8Array } {
   switch (rng.int(9)) {
     case 0:
     case 1:
-      return { type: RelayFrame.PUT, payload: putOf(run, rng.int(4), pages) };
+      return { type: RelayFrame.PUT, payload: putPayload(run, rng.int(4), pages) };
     case 2:
-      return { type: RelayFrame.HOLD, payload: encodeHoldOf(putOf(run, rng.int(4), pages), KEEPER) };
+      return { type: RelayFrame.HOLD, payload: encodeHoldOf(putPayload(run, rng.int(4), pages), KEEPER) };
     case 3:
-      return { type: RelayFrame.KEEP, payload: encodeKeepOf(KEEPER, putOf(run, 0, pages)) };
+      return { type: RelayFrame.KEEP, payload: encodeKeepOf(KEEPER, putPayload(run, 0, pages)) };
     case 4:
       return { type: rng.pick([RelayFrame.GET, RelayFrame.HAS]), payload: encodeDigestRequest(run, rng.int(100), joinDigests(pages)) };
     case 5:

@@ -10,7 +10,6 @@ import type { Role } from "../core/wire/auth.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
 import { type Control, FrameType, decodeControl, encodeControl, maxPayload } from "../core/wire/messages.ts";
 import {
-  PutBuilder,
   RelayFrame,
   encodeDigestRequest,
   encodeHoldOf,
@@ -23,16 +22,12 @@ import {
 import { probeRate } from "../core/scatter/rate-probe.ts";
 import { track } from "./harness/processes.ts";
 import { expectExit, runSgm, sgmBinary, startSgm } from "./harness/sgm.ts";
+import { joinDigests, type Page, putPayload } from "./harness/relay-pages.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
 const HOST = "127.0.0.1";
 const KEY = "sgm relay test key 0123456789abcdef";
 const psk = new TextEncoder().encode(KEY);
-
-interface Page {
-  digest: Uint8Array;
-  page: Uint8Array;
-}
 
 function randomPages(count: number): Page[] {
   return Array.from({ length: count }, () => {
@@ -45,18 +40,6 @@ function randomPages(count: number): Page[] {
 
 function runId(label: number): Uint8Array {
   return new Uint8Array(16).fill(label);
-}
-
-function joinDigests(pages: readonly Page[]): Uint8Array {
-  const out = new Uint8Array(pages.length * DIGEST_BYTES);
-  pages.forEach((p, i) => out.set(p.digest, i * DIGEST_BYTES));
-  return out;
-}
-
-function putPayload(run: Uint8Array, seq: number, pages: readonly Page[]): Uint8Array {
-  const builder = new PutBuilder();
-  for (const p of pages) builder.add(p.digest, 0, p.page);
-  return builder.take(run, seq, new Uint8Array(0)).payload;
 }
 
 interface Frame {
