@@ -1,5 +1,7 @@
 // sgm gather: runs on the destination host.
 
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import type { CAC } from "cac";
 import { type GatherReport, runGather } from "../core/gather/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
@@ -20,7 +22,12 @@ interface GatherFlags extends TlsFlags {
   json?: boolean;
   quiet?: boolean;
   readyFd?: unknown;
+  stateDir?: unknown;
+  resume?: boolean;
 }
+
+/** On tmpfs: the state matters only while the destination QEMU lives, which no reboot survives. */
+const DEFAULT_STATE_DIR = process.getuid?.() === 0 ? "/run/sgm" : join(process.env.XDG_RUNTIME_DIR ?? tmpdir(), "sgm");
 
 export function registerGather(cli: CAC, signal: AbortSignal): void {
   const command = cli
@@ -32,6 +39,8 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
   addTlsOptions(command)
     .option("--max-rate <rate>", "Receive at most this much per second, from the scatter and relays together, e.g. 100MiB/s")
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
+    .option("--state-dir <dir>", `Where to save each VM's state once it runs here, so a gather restarted with --resume can finish it (default ${DEFAULT_STATE_DIR})`)
+    .option("--resume", "Finish the VMs a gather that died after switchover left paused at their destinations, from the states it saved; give the same flags as to it")
     .option("--json", "Print the final report as JSON on stdout")
     .option("--quiet", "Print no progress and no report lines on stderr; warnings and errors still")
     .option("--ready-fd <n>", "Once listening, write 'ready HOST:PORT' and a newline to this file descriptor and close it")
@@ -44,10 +53,11 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
+      const stateDir = flags.stateDir === undefined ? DEFAULT_STATE_DIR : requireString("--state-dir", flags.stateDir);
       setQuiet(Boolean(flags.quiet));
       const report = await withProgress("gathered", Boolean(flags.quiet), (onProgress) =>
         runGather({
-          ...{ listen, vms, psk, tls, maxRate, postcopyBandwidth, signal, log: info },
+          ...{ listen, vms, psk, tls, maxRate, postcopyBandwidth, stateDir, resume: Boolean(flags.resume), signal, log: info },
           onListening: (port) => {
             if (readyFd !== undefined) announceReady(readyFd, formatHostPort(listen.host, port));
           },

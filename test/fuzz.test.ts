@@ -285,6 +285,7 @@ describe("fuzz", () => {
           listen: { host: "127.0.0.1", port: 0 },
           vms: [{ name: "fz", qmp: destination.qmpPath }],
           psk,
+          stateDir: null,
           signal: stop.signal,
           log: (line) => logs.push(line),
           onListening: (port) => listening.resolve(port),

@@ -94,6 +94,16 @@ export class ContentDirectory {
     this.relays[cid]! |= mask;
   }
 
+  /** A resumed gather's saved content: these relays hold it; no scatter pins it. */
+  restore(cid: number, mask: number): void {
+    this.relays[cid]! |= mask;
+  }
+
+  /** After a restore: lets go of what no page needs. */
+  settleAll(): void {
+    for (let cid = 0; cid < this.needs.length; cid++) if (this.index.has(cid)) this.settle(cid);
+  }
+
   /** Bytes fetched from a relay (verified): kept if a page still needs them. */
   fetched(cid: number, page: Uint8Array): void {
     if (this.needs[cid]! > 0) this.keep(cid, page);

@@ -10,6 +10,8 @@
 // (content-directory.ts), so the bytes stay until written there; written,
 // the page lets go, and the gather holds no copy of the VM.
 
+import { rmSync } from "node:fs";
+import { formatBytes } from "../units.ts";
 import { join } from "node:path";
 import { SgmError } from "../errors.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
@@ -24,6 +26,11 @@ import { injected } from "../test-faults.ts";
 import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
+import { DeliveryAcks } from "./delivery-acks.ts";
+import { restoreFeedState, type SavedOrigin, saveFeedState } from "./feed-state.ts";
+import type { ResumeState } from "./resume-state.ts";
+import { recoverChannel } from "./recovery-handshake.ts";
+import { countPages, pickSpare, staleRanges } from "./switchover-discards.ts";
 import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
 export interface FeedStats {
@@ -59,6 +66,11 @@ export interface FeedOptions {
    * max-postcopy-bandwidth); requested pages are never held back.
    */
   postcopyBandwidth?: number;
+  /** Where to save what a gather restarted with --resume needs, once the VM runs here; null: nowhere. */
+  statePath: string | null;
+  /** The run's id, relays and start, as the state must name them. */
+  origin: () => SavedOrigin;
+  log: (line: string) => void;
 }
 
 /** Queue bounds towards QEMU before switchover. */
@@ -111,6 +123,13 @@ export class DestinationFeed {
   private skipOne = injected("gather-delivery");
   /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
   private spare = -1;
+  /** The final map's digest, once computed for the scatter to compare. */
+  private agreedMap = "";
+  /** Pages written after switchover keep their content until the destination confirms them. */
+  private readonly acks = new DeliveryAcks(
+    (value) => this.writer.ping(value),
+    (i) => this.letGo(i),
+  );
 
   constructor(options: FeedOptions) {
     this.options = options;
@@ -135,27 +154,58 @@ export class DestinationFeed {
   /** Has QEMU listen, connects, and starts the stream. */
   async start(): Promise<void> {
     await this.dest.listen(this.socketPath);
+    const sock = await this.connect();
+    const rp = this.returnPath();
+    sock.setDataHandler((data) => rp.feed(data));
+    this.writer.begin();
+    this.writer.flush();
+  }
+
+  /**
+   * A gather restarted with --resume, the VM running here on a paused
+   * postcopy: a fresh channel through QEMU's postcopy recovery, the saved
+   * state against what the destination says it received, and delivery of
+   * the rest as after a switchover.
+   */
+  async resume(state: ResumeState): Promise<void> {
+    const t = this.table;
+    this.phase = "switching";
+    this.sourceDone = true;
+    this.agreedMap = state.map;
+    await this.dest.recover(this.socketPath);
+    const sock = await this.connect();
+    const recovery = await recoverChannel(this.name, t, this.writer, sock, (received) => restoreFeedState(state, t, this.dir, received));
+    const rp = this.returnPath();
+    this.phase = "postcopy";
+    this.startDelivery();
+    recovery.handOver((data) => rp.feed(data));
+    void this.finishIfDone();
+  }
+
+  private async connect(): Promise<ByteSocket> {
     const sock = await ByteSocket.connectUnix(this.socketPath, `VM ${this.name}: destination stream`);
     this.sock = sock;
     const o = this.options;
     this.writer = new PostcopyStreamWriter({ header: o.header, blocks: o.blocks, ramSectionId: o.sectionId, sink: sock });
-    const rp = new ReturnPathReader({
+    void sock.closed.then((reason) => {
+      if (this.phase !== "ended") this.fail(reason ?? new SgmError("unavailable", `VM ${this.name}: destination QEMU closed the migration stream`));
+    });
+    void this.dest.qmp.closed.then(() => this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU went away`)));
+    return sock;
+  }
+
+  private returnPath(): ReturnPathReader {
+    return new ReturnPathReader({
       onShut: (status) => {
         if (status !== 0) this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU ended the migration with an error (SHUT ${status})`));
       },
       onPong: (value) => {
+        if (this.acks.pong(value)) return;
         trace(`${this.name} PONG ${value} from the destination`);
         if (value === PING_DEVICE_LOADED) this.devicesLoaded.resolve();
       },
       onPageRequest: (block, start, length) => this.onRequest(block, start, length),
     });
-    sock.setDataHandler((data) => rp.feed(data));
-    void sock.closed.then((reason) => {
-      if (this.phase !== "ended") this.fail(reason ?? new SgmError("unavailable", `VM ${this.name}: destination QEMU closed the migration stream`));
-    });
-    this.writer.begin();
-    this.writer.flush();
-    void this.dest.qmp.closed.then(() => this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU went away`)));
   }
 
   /** The page's content is now `cid` (or ZERO, PENDING). */
@@ -183,19 +233,9 @@ export class DestinationFeed {
     await this.pumped;
     if (this.failure) throw this.failure;
     const t = this.table;
-    const discards = t.blocks.map((_, b) => {
-      const ranges: Array<[number, number]> = [];
-      const first = t.blockStart[b]!;
-      for (let i = first; i < t.blockStart[b + 1]!; i++) {
-        if (t.fed[i] === t.content[i]) continue;
-        const last = ranges[ranges.length - 1];
-        if (last && last[0] + last[1] === i - first) last[1]++;
-        else ranges.push([i - first, 1]);
-      }
-      return ranges;
-    });
-    let discarded = discards.reduce((sum, ranges) => sum + ranges.reduce((n, [, count]) => n + count, 0), 0);
-    const spare = this.spare >= 0 ? this.spare : this.pickSpare();
+    const discards = staleRanges(t);
+    let discarded = countPages(discards);
+    const spare = this.spare >= 0 ? this.spare : pickSpare(t, this.dir);
     if (discarded === 0) {
       // QEMU needs at least one discard before LISTEN or its listen thread
       // deadlocks; give up a page fed and deliver it again later
@@ -224,10 +264,16 @@ export class DestinationFeed {
     trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
     this.writer.packageAndRun(deviceState);
     this.phase = "postcopy";
+    // a precopy source's map is final: from here on only this gather and the relays hold what the VM still needs
+    if (this.sourceDone) this.saveState();
     // delivery parks again what it still waits for
     this.waits.clear();
+    this.startDelivery();
+  }
+
+  private startDelivery(): void {
     this.delivery = new PostcopyDelivery({
-      table: t,
+      table: this.table,
       dir: this.dir,
       waits: this.waits,
       writer: this.writer,
@@ -246,7 +292,8 @@ export class DestinationFeed {
 
   /** The digest of the final page map, once every page is named (see final-checks.ts). */
   finalMapDigest(): string {
-    return finalMapDigest(this.name, this.table, this.dir);
+    this.agreedMap = finalMapDigest(this.name, this.table, this.dir);
+    return this.agreedMap;
   }
 
   /** Wall-clock time (epoch ms) the VM resumed at the destination; null if it stays paused there (-S). */
@@ -323,7 +370,7 @@ export class DestinationFeed {
     if (this.phase === "precopy") {
       // a page to give again at switchover if need be (see there), chosen
       // while the scatter's pins still keep content here; a need keeps it
-      this.spare = this.pickSpare();
+      this.spare = pickSpare(this.table, this.dir);
       const c = this.spare >= 0 ? this.table.content[this.spare]! : -1;
       if (c >= 0) this.dir.need(c);
     }
@@ -331,6 +378,8 @@ export class DestinationFeed {
       this.fail(new SgmError("data", `VM ${this.name}: the source's stream ended with ${this.pending} pages it discarded never sent again`));
       return;
     }
+    // a postcopy source's last page is here: saved before the scatter hears so and quits the source
+    if (this.phase === "postcopy") this.saveState();
     void this.finishIfDone();
   }
 
@@ -347,6 +396,9 @@ export class DestinationFeed {
     trace(`${this.name} every page sent; EOF`);
     try {
       await this.dest.waitCompleted(24 * 3600 * 1000);
+      // the destination has every page: what was kept for a resume can go
+      this.acks.confirmAll();
+      this.forgetState();
       this.done.resolve();
     } catch (err) {
       this.failure = err as Error;
@@ -365,27 +417,35 @@ export class DestinationFeed {
     this.stats.deliveredPages++;
   }
 
-  /** A page the destination can be given again: zero, or its content here or on a relay. */
-  private pickSpare(): number {
-    const t = this.table;
-    let onRelay = -1;
-    for (let i = 0; i < t.total; i++) {
-      const c = t.content[i]!;
-      if (c === ZERO) return i;
-      if (c < 0) continue;
-      if (this.dir.isLocal(c)) return i;
-      if (onRelay < 0 && this.dir.relayMask(c) !== 0) onRelay = i;
-    }
-    return onRelay;
-  }
-
-  /** The one place page bytes go to the destination; the page owes nothing more. */
+  /**
+   * The one place page bytes go to the destination. Before switchover the
+   * page owes nothing more (if the gather dies then, the VM runs on at the
+   * source); after it, once the destination confirms the page (acks).
+   */
   private write(i: number, c: number): void {
     const t = this.table;
     const b = t.blockOf(i);
     this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
     t.written[i] = c;
-    this.letGo(i);
+    if (this.phase === "postcopy") this.acks.written(i);
+    else this.letGo(i);
+  }
+
+  private saveState(): void {
+    const path = this.options.statePath;
+    if (path === null) return;
+    const started = performance.now();
+    try {
+      const o = this.options;
+      const bytes = saveFeedState(path, { name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir);
+      o.log(`${this.name}: state for --resume saved to ${path} (${formatBytes(bytes)} in ${Math.round(performance.now() - started)} ms)`);
+    } catch (err) {
+      this.options.log(`VM ${this.name}: could not save its state for --resume (${(err as Error).message}); if this gather dies before the migration completes, the VM is lost`);
+    }
+  }
+
+  private forgetState(): void {
+    if (this.options.statePath) rmSync(this.options.statePath, { force: true });
   }
 
   /**
@@ -423,6 +483,8 @@ export class DestinationFeed {
     if (this.failure || this.phase === "ended") return;
     this.failure = reason;
     this.phase = "failed";
+    // a wrong page may be at the destination: nothing may resume this VM
+    if (reason instanceof SgmError && reason.kind === "data") this.forgetState();
     this.sock?.destroy(reason);
     this.done.reject(reason);
   }

@@ -47,6 +47,35 @@ export class DestinationQemu {
     }
   }
 
+  /**
+   * For a gather restarted with --resume: connects to a destination whose
+   * gather died after switchover. QEMU notices the broken stream and pauses
+   * its postcopy; one still 'postcopy-active' gets a moment to notice.
+   */
+  static async openPaused(name: string, address: QmpAddress): Promise<DestinationQemu> {
+    const qmp = await QmpClient.connect(address).catch((err: SgmError) => {
+      throw new SgmError("unavailable", `VM ${name}: destination ${err.message}`);
+    });
+    try {
+      checkSupported(qmp.version, `VM ${name}: the destination`);
+      // capabilities stay as the first gather set them (events on): none may change during a migration
+      const status = (await queryMigrate(qmp)).status ?? "none";
+      if (status === "postcopy-active") await waitForMigrationStatus(qmp, ["postcopy-paused"], 30_000, `VM ${name}: destination migration`);
+      else if (status !== "postcopy-paused") {
+        throw new SgmError("usage", `VM ${name}: destination QEMU's migration is '${status}'; --resume recovers only a postcopy paused when its gather died`);
+      }
+      return new DestinationQemu(name, qmp, await machineType(qmp));
+    } catch (err) {
+      qmp.close();
+      throw err;
+    }
+  }
+
+  /** Has a paused destination listen for the recovery channel (migrate-recover). */
+  async recover(socketPath: string): Promise<void> {
+    await this.qmp.execute("migrate-recover", { uri: `unix:${socketPath}` });
+  }
+
   /** Has QEMU listen for the migration stream on a unix socket. */
   async listen(socketPath: string): Promise<void> {
     this.resumeEvent = this.qmp.waitForEvent("RESUME", undefined, 7 * 24 * 3600 * 1000);

@@ -29,9 +29,12 @@ import {
   VmBytesKind,
 } from "../wire/messages.ts";
 import { ContentDirectory } from "./content-directory.ts";
+import { prepareStateDir, resumeStatePath } from "./resume-state.ts";
+import { openPausedDestinations, resumeArrival } from "./resume.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
 import { PENDING, ZERO } from "./page-table.ts";
 import { type FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
+import type { SavedRun } from "./feed-state.ts";
 import { type ArrivalReport, VmArrival } from "./vm-arrival.ts";
 
 export interface GatherOptions {
@@ -44,6 +47,10 @@ export interface GatherOptions {
   maxRate?: number;
   /** Bytes per second for each destination's background push after switchover. */
   postcopyBandwidth?: number;
+  /** Where each VM's state is saved once it runs here, for a gather restarted with --resume; null: not saved. */
+  stateDir: string | null;
+  /** Recover VMs whose gather died after they ran here, from their saved states, instead of listening for a scatter. */
+  resume?: boolean;
   signal?: AbortSignal;
   log?: (line: string) => void;
   /** Called once the gather listens, with the port it got. */
@@ -82,6 +89,8 @@ interface Shared {
   tls: TlsFiles | null;
   limiter: RateLimiter | null;
   postcopyBandwidth: number | undefined;
+  /** Per VM name: where its state is saved (see resume-state.ts), or null. */
+  statePaths: Map<string, string | null>;
   log: (line: string) => void;
 }
 
@@ -90,13 +99,10 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
   // socket reads are garbage at once: collected often, they do not add up to the VM
   collectGarbageEvery(16 * 1024 * 1024);
   options.signal?.throwIfAborted();
-  const opened = await Promise.allSettled(options.vms.map((vm) => DestinationQemu.open(vm.name, parseQmpAddress(vm.qmp))));
-  const dests = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
-  const refused = opened.find((r): r is PromiseRejectedResult => r.status === "rejected");
-  if (refused) {
-    for (const d of dests) d.close();
-    throw asSgmError(refused.reason);
-  }
+  if (options.resume && options.stateDir === null) throw new SgmError("usage", "--resume needs the --state-dir the gather before it saved to");
+  if (options.stateDir !== null) prepareStateDir(options.stateDir);
+  const statePaths = new Map(options.vms.map((vm) => [vm.name, options.stateDir === null ? null : resumeStatePath(options.stateDir, vm.name, vm.qmp)]));
+  const dests = options.resume ? await openPausedDestinations(options.vms.map((vm) => ({ ...vm, statePath: statePaths.get(vm.name)! }))) : await openDestinations(options.vms);
   const shared: Shared = {
     arrivals: new Map(dests.map((d) => [d.name, new VmArrival(d)])),
     socketDir: mkdtempSync(join(tmpdir(), "sgm-gather-")),
@@ -104,34 +110,41 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     tls: options.tls ?? null,
     limiter: options.maxRate ? new RateLimiter(options.maxRate) : null,
     postcopyBandwidth: options.postcopyBandwidth,
+    statePaths,
     log,
   };
   const sessions: ScatterSession[] = [];
 
-  const listener: PeerListener = listenPeers({
-    host: options.listen.host,
-    port: options.listen.port,
-    psk: options.psk,
-    tls: options.tls,
-    role: "gather",
-    acceptRoles: ["scatter"],
-    maxPayload,
-    onConnection: (conn) => {
-      log(`scatter connected from ${conn.remoteAddress}`);
-      sessions.push(new ScatterSession(conn, shared));
-    },
-    onRejected: (address, err) => log(`dropped ${address}: ${err.message}`),
-  });
-  try {
-    options.onListening?.(listener.port);
-  } catch (err) {
-    // nothing is arriving yet: let go of everything and say why
-    listener.close();
-    for (const d of dests) d.close();
-    rmSync(shared.socketDir, { recursive: true, force: true });
-    throw err;
+  const resumed: RelayFetcher[] = [];
+  let listener: PeerListener | null = null;
+  if (options.resume) {
+    for (const arrival of shared.arrivals.values()) resumed.push(await resumeArrival(arrival, statePaths.get(arrival.name)!, shared));
+  } else {
+    listener = listenPeers({
+      host: options.listen.host,
+      port: options.listen.port,
+      psk: options.psk,
+      tls: options.tls,
+      role: "gather",
+      acceptRoles: ["scatter"],
+      maxPayload,
+      onConnection: (conn) => {
+        log(`scatter connected from ${conn.remoteAddress}`);
+        sessions.push(new ScatterSession(conn, shared));
+      },
+      onRejected: (address, err) => log(`dropped ${address}: ${err.message}`),
+    });
+    try {
+      options.onListening?.(listener.port);
+    } catch (err) {
+      // nothing is arriving yet: let go of everything and say why
+      listener.close();
+      for (const d of dests) d.close();
+      rmSync(shared.socketDir, { recursive: true, force: true });
+      throw err;
+    }
+    log(`listening on ${options.listen.host}:${listener.port} for ${[...shared.arrivals.keys()].join(", ")}`);
   }
-  log(`listening on ${options.listen.host}:${listener.port} for ${[...shared.arrivals.keys()].join(", ")}`);
 
   const onAbort = () => {
     const reason = asSgmError(options.signal?.reason ?? new SgmError("interrupted", "interrupted"));
@@ -143,14 +156,15 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     await Promise.all([...shared.arrivals.values()].map((a) => a.done));
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
-    listener.close();
+    listener?.close();
     for (const s of sessions) s.close();
+    for (const f of resumed) f.close();
     for (const d of dests) d.close();
     rmSync(shared.socketDir, { recursive: true, force: true });
   }
   const reports = [...shared.arrivals.values()].map((a) => a.report());
   const failures = reports.filter((r) => !r.ok);
-  const relays = sessions.flatMap((s) => s.fetcher.stats.relays);
+  const relays = [...sessions.map((s) => s.fetcher), ...resumed].flatMap((f) => f.stats.relays);
   return {
     ok: failures.length === 0,
     vms: reports,
@@ -160,6 +174,17 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     relays,
     exitCode: failures.length === 0 ? 0 : Math.max(...failures.map((r) => r.exitCode ?? 70)),
   };
+}
+
+async function openDestinations(vms: ReadonlyArray<{ name: string; qmp: string }>): Promise<DestinationQemu[]> {
+  const opened = await Promise.allSettled(vms.map((vm) => DestinationQemu.open(vm.name, parseQmpAddress(vm.qmp))));
+  const dests = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
+  const refused = opened.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  if (refused) {
+    for (const d of dests) d.close();
+    throw asSgmError(refused.reason);
+  }
+  return dests;
 }
 
 /**
@@ -181,6 +206,8 @@ class ScatterSession {
   private dataReported = 0;
   /** Bytes of the scatter's rate probes (frame headers included): not the run's. */
   probeBytes = 0;
+  /** The run's relays, for a VM's saved state. */
+  private savedRun: SavedRun = { run: "", relays: [] };
 
   constructor(conn: PeerConnection, shared: Shared) {
     this.conn = conn;
@@ -265,6 +292,7 @@ class ScatterSession {
   private onControl(message: Control): void {
     switch (message.t) {
       case "relays": {
+        this.savedRun = { run: message.run, relays: message.relays };
         if (message.relays.length === 0) return;
         // nothing may be applied until the relays are reachable
         this.hold("relays");
@@ -303,7 +331,12 @@ class ScatterSession {
           fetch: (cid: number, urgent: boolean) => this.fetcher.want(cid, urgent),
           fromSource: (block: number, page: number) => this.send({ t: "want", vm: message.vm, block, page }),
         };
-        arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, this.shared.postcopyBandwidth).then(
+        const saving = {
+          statePath: this.shared.statePaths.get(arrival.name) ?? null,
+          run: () => this.savedRun,
+          log: this.shared.log,
+        };
+        arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, saving, this.shared.postcopyBandwidth).then(
           () => this.unhold("destination"),
           (err: unknown) => {
             arrival.fail(asSgmError(err));

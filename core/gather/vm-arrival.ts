@@ -8,7 +8,9 @@ import { trace } from "../trace.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import type { Control } from "../wire/messages.ts";
 import type { ContentDirectory } from "./content-directory.ts";
-import { DestinationFeed, type FeedStats } from "./destination-feed.ts";
+import { DestinationFeed, type FeedOptions, type FeedStats } from "./destination-feed.ts";
+import type { ResumeState } from "./resume-state.ts";
+import type { SavedRun } from "./feed-state.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
 
 export interface ArrivalReport {
@@ -23,6 +25,13 @@ export interface ArrivalReport {
   downtimeMs: number | null;
   bytes: { toQemu: number };
   pages: FeedStats & { total: number };
+}
+
+/** Where and how a VM's state is saved for --resume (feed-state.ts). */
+export interface Saving {
+  statePath: string | null;
+  run: () => SavedRun;
+  log: (line: string) => void;
 }
 
 type Stage = "waiting" | "offered" | "streaming" | "source-done" | "switching" | "running" | "completed" | "failed";
@@ -88,6 +97,7 @@ export class VmArrival {
       fromSource: (block: number, page: number) => void;
     },
     socketDir: string,
+    saving: Saving,
     postcopyBandwidth?: number,
   ): Promise<void> {
     if (this.stage === "failed") return;
@@ -104,6 +114,7 @@ export class VmArrival {
       fetch: content.fetch,
       fromSource: content.fromSource,
       postcopyBandwidth,
+      ...this.saving(saving),
     });
     this.feed = feed;
     await feed.start();
@@ -111,6 +122,52 @@ export class VmArrival {
       () => this.complete(),
       (err: Error) => this.fail(err instanceof SgmError ? err : new SgmError("unavailable", err.message)),
     );
+  }
+
+  /**
+   * A gather restarted with --resume: the VM runs here already, on a
+   * postcopy paused when the gather before this one died; this one
+   * recovers it from the saved state and finishes the migration.
+   */
+  async resume(
+    state: ResumeState,
+    content: { dir: ContentDirectory; fetch: (cid: number, urgent: boolean) => void },
+    socketDir: string,
+    saving: Saving,
+    postcopyBandwidth?: number,
+  ): Promise<void> {
+    this.stage = "running";
+    this.postcopy = true;
+    this.sourceFinished = true;
+    this.startedAt = state.startedAt;
+    this.sourceQemu = state.sourceQemu;
+    const feed = new DestinationFeed({
+      name: this.name,
+      dest: this.dest,
+      socketDir,
+      header: new Uint8Array(0),
+      blocks: state.blocks,
+      sectionId: state.sectionId,
+      dir: content.dir,
+      fetch: content.fetch,
+      fromSource: (block, page) => this.fail(new SgmError("internal", `VM ${this.name}: resumed, yet page ${page} of block ${block} is still at the source`)),
+      postcopyBandwidth,
+      ...this.saving(saving),
+    });
+    this.feed = feed;
+    void feed.completed.then(
+      () => this.complete(),
+      (err: Error) => this.fail(err instanceof SgmError ? err : new SgmError("unavailable", err.message)),
+    );
+    try {
+      await feed.resume(state);
+    } catch (err) {
+      this.fail(asResumeError(err));
+    }
+  }
+
+  private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log"> {
+    return { statePath: s.statePath, log: s.log, origin: () => ({ ...s.run(), startedAt: this.startedAt, sourceQemu: this.sourceQemu }) };
   }
 
   map(block: number, page: number, id: number): void {
@@ -275,4 +332,8 @@ export class VmArrival {
     this.send({ t: "completed", vm: this.vmId, completedAt: this.completedAt });
     this.finished.resolve();
   }
+}
+
+function asResumeError(err: unknown): SgmError {
+  return err instanceof SgmError ? err : new SgmError("unavailable", err instanceof Error ? err.message : String(err));
 }

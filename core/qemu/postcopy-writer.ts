@@ -11,6 +11,7 @@ import { SgmError } from "../errors.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { Command, RAM_IDSTR, RAM_SECTION_VERSION, RamFlag, Section, TPS } from "./constants.ts";
 import type { RamBlockInfo } from "./stream-reader.ts";
+import { recvBitmapPayload } from "./postcopy-recovery.ts";
 
 /** A socket-like sink: takes bytes in order, and counts what it has passed on. */
 export interface ByteSink {
@@ -159,6 +160,31 @@ export class PostcopyStreamWriter {
       }
       this.command(Command.POSTCOPY_RAM_DISCARD, payload);
     }
+  }
+
+  /**
+   * A fresh channel to a destination in postcopy-paused (postcopy
+   * recovery): no header, the stream goes on as postcopy.
+   */
+  resumeChannel(): void {
+    this.expect("fresh", "resumeChannel");
+    this.stage = "postcopy";
+    this.sectionBlock = -1;
+  }
+
+  /** Asks the destination for a block's received bitmap (RECV_BITMAP). */
+  askReceived(block: number): void {
+    this.expect("postcopy", "askReceived");
+    this.closeSection();
+    this.command(Command.RECV_BITMAP, recvBitmapPayload(this.blocks[block]!.name));
+  }
+
+  /** POSTCOPY_RESUME: the destination acks and takes pages again. */
+  resumePostcopy(): void {
+    this.expect("postcopy", "resumePostcopy");
+    this.closeSection();
+    this.command(Command.POSTCOPY_RESUME, new Uint8Array(0));
+    this.flush();
   }
 
   ping(value: number): void {

@@ -2,7 +2,7 @@
 // the test guest, and the compiled sgm's gather and scatter as separate
 // processes between them.
 
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { startSgm, type RunResult, type SgmProcess } from "./sgm.ts";
 import { checkReport } from "./report-schemas.ts";
 import { compareGuestMemory, dumpMemory, type MemoryComparison } from "./memory.ts";
@@ -58,6 +58,8 @@ export async function startGather(
     ...pairs.flatMap((p) => ["--vm", `${p.name}=${p.destination.qmpPath}`]),
     "--psk-file",
     psk,
+    "--state-dir",
+    join(dirname(psk), "gather-state"),
     "--json",
     ...extra,
   ], env);

@@ -99,6 +99,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       vms: options.vms.map((vm, i) => ({ name: vm.name, qmp: destinations[i]!.qmpPath })),
       psk,
       maxRate: options.gatherMaxRate,
+      stateDir: join(dir, "state"),
       onListening: (port) => listening.resolve(port),
     });
     gathering.catch((err: Error) => listening.reject(err));

@@ -1,0 +1,131 @@
+// A VM's page table and the content it names, to the saved state of
+// resume-state.ts and back. Saving happens once the page map is final and
+// the VM runs at the destination; restoring, in a gather started with
+// --resume, against the received bitmap the paused destination reports.
+
+import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
+import { SgmError } from "../errors.ts";
+import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import type { ContentDirectory } from "./content-directory.ts";
+import { finalMapDigest } from "./final-checks.ts";
+import { PageTable, UNKNOWN, ZERO } from "./page-table.ts";
+import { type ResumeState, SAVED_ZERO, saveResumeState } from "./resume-state.ts";
+
+/** The run a VM came in: its id on the relays (hex) and the relays, in mask bit order. */
+export interface SavedRun {
+  run: string;
+  relays: string[];
+}
+
+/** What the report of a resumed VM tells of its start. */
+export interface SavedOrigin extends SavedRun {
+  /** The scatter's start (epoch ms) and the source's QEMU version. */
+  startedAt: number | null;
+  sourceQemu: string | null;
+}
+
+export interface FeedIdentity extends SavedOrigin {
+  name: string;
+  blocks: readonly RamBlockInfo[];
+  sectionId: number;
+  /** The final map's digest, as agreed with the scatter. */
+  map: string;
+}
+
+/**
+ * Saves every page's final content, and which pages the destination
+ * confirmed; for the rest, where their content is. Content a page still
+ * owes is here or on a relay: the page's need keeps it so.
+ */
+/** Returns the bytes saved. */
+export function saveFeedState(path: string, who: FeedIdentity, t: PageTable, dir: ContentDirectory): number {
+  const index = new Map<number, number>();
+  const pages = new Int32Array(t.total);
+  const atDestination = new Uint8Array(t.total);
+  const cids: number[] = [];
+  for (let i = 0; i < t.total; i++) {
+    const c = t.content[i]!;
+    if (c === ZERO || c === UNKNOWN) {
+      pages[i] = SAVED_ZERO;
+      continue;
+    }
+    if (c < 0) throw new SgmError("internal", `VM ${who.name}: saving a page the source still owes`);
+    let k = index.get(c);
+    if (k === undefined) {
+      k = cids.length;
+      index.set(c, k);
+      cids.push(c);
+    }
+    pages[i] = k;
+    // a page written since the switch owes its content until the destination confirms it
+    atDestination[i] = t.delivered[i] === 1 && t.owing[i] === 0 ? 1 : 0;
+  }
+  const digests = new Uint8Array(cids.length * DIGEST_BYTES);
+  const relayMasks = new Uint32Array(cids.length);
+  const local: Array<Uint8Array | null> = new Array(cids.length).fill(null);
+  const owed = new Uint8Array(cids.length);
+  for (let i = 0; i < t.total; i++) if (pages[i]! >= 0 && !atDestination[i]) owed[pages[i]!] = 1;
+  cids.forEach((c, k) => {
+    digests.set(dir.digestOf(c).subarray(0, DIGEST_BYTES), k * DIGEST_BYTES);
+    relayMasks[k] = dir.relayMask(c);
+    if (!owed[k]) return;
+    if (dir.isLocal(c)) local[k] = dir.data(c);
+    else if (relayMasks[k] === 0) throw new SgmError("internal", `VM ${who.name}: content a page still owes is held nowhere`);
+  });
+  return saveResumeState(path, {
+    name: who.name,
+    blocks: [...who.blocks],
+    sectionId: who.sectionId,
+    run: who.run,
+    relays: who.relays,
+    map: who.map,
+    startedAt: who.startedAt,
+    sourceQemu: who.sourceQemu,
+    pages,
+    atDestination,
+    digests,
+    relayMasks,
+    local,
+  });
+}
+
+/**
+ * Fills a fresh page table and directory from a saved state, given which
+ * pages the destination says it received. Every page it lacks then owes its
+ * content (needs it), ready for PostcopyDelivery; content no page needs is
+ * let go, and its relays may drop it.
+ */
+export function restoreFeedState(state: ResumeState, t: PageTable, dir: ContentDirectory, received: (i: number) => boolean): void {
+  if (t.total !== state.pages.length) throw new SgmError("data", `VM ${state.name}: the saved state has ${state.pages.length} pages, the destination ${t.total}`);
+  const cids = state.relayMasks.map((_, k) => dir.intern(state.digests, k * DIGEST_BYTES));
+  state.relayMasks.forEach((mask, k) => dir.restore(cids[k]!, mask));
+  for (let i = 0; i < t.total; i++) {
+    const k = state.pages[i]!;
+    const c = k === SAVED_ZERO ? ZERO : cids[k]!;
+    t.content[i] = c;
+    if (received(i)) {
+      // QEMU takes a page once, and after the switch only in its final version
+      t.delivered[i] = 1;
+      t.fed[i] = c;
+      t.written[i] = c;
+      continue;
+    }
+    if (state.atDestination[i]) throw new SgmError("data", `VM ${state.name}: the destination lacks page ${i}, which it had confirmed before the gather stopped`);
+    if (c >= 0) {
+      dir.need(c);
+      t.owing[i] = 1;
+    }
+  }
+  const digest = new Uint8Array(DIGEST_BYTES);
+  state.local.forEach((bytes, k) => {
+    if (!bytes) return;
+    digestPage(bytes, digest);
+    if (digest.some((b, j) => b !== state.digests[k * DIGEST_BYTES + j])) throw new SgmError("data", `VM ${state.name}: saved content ${k} does not match its digest`);
+    dir.fetched(cids[k]!, bytes);
+  });
+  dir.settleAll();
+  const map = finalMapDigest(state.name, t, dir);
+  if (map !== state.map) {
+    throw new SgmError("data", `VM ${state.name}: the saved state's page map (digest ${map.slice(0, 16)}) is not the one agreed with the source (${state.map.slice(0, 16)})`);
+  }
+}

@@ -1,0 +1,42 @@
+// The gather's side of QEMU's postcopy recovery (core/qemu/postcopy-recovery.ts)
+// on a fresh channel to a paused destination: ask every block's received
+// bitmap, settle the page table against it, then POSTCOPY_RESUME and wait
+// for the ack. The table must be settled before the ack, since right
+// behind it the destination asks again for the pages it was waiting for.
+
+import { SgmError } from "../errors.ts";
+import type { ByteSocket } from "../net/byte-socket.ts";
+import { TPS } from "../qemu/constants.ts";
+import { RecoveryReader } from "../qemu/postcopy-recovery.ts";
+import type { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
+import type { PageTable } from "./page-table.ts";
+
+/**
+ * Runs the handshake; `settle` gets what the destination received, by the
+ * table's page index. Resolves once acked, with the reader to hand the
+ * return path over from (RecoveryReader.handOver).
+ */
+export async function recoverChannel(
+  name: string,
+  t: PageTable,
+  writer: PostcopyStreamWriter,
+  sock: ByteSocket,
+  settle: (received: (i: number) => boolean) => void,
+): Promise<RecoveryReader> {
+  const names = t.blocks.map((b) => b.name);
+  const recovery = new RecoveryReader(names, Math.max(...t.blocks.map((b) => b.usedLength / TPS)));
+  sock.setDataHandler((data) => recovery.feed(data));
+  void sock.closed.then((reason) => recovery.fail(reason ?? new SgmError("unavailable", `VM ${name}: destination closed the recovery channel`)));
+  writer.resumeChannel();
+  t.blocks.forEach((_, b) => writer.askReceived(b));
+  writer.flush();
+  const bitmaps = await recovery.bitmapsIn;
+  const perBlock = names.map((n) => bitmaps.get(n)!);
+  settle((i) => {
+    const b = t.blockOf(i);
+    return perBlock[b]!.has(i - t.blockStart[b]!);
+  });
+  writer.resumePostcopy();
+  await recovery.acked;
+  return recovery;
+}

@@ -1,0 +1,178 @@
+// What a gather saves of one VM once the VM runs at the destination, so a
+// gather restarted with --resume can finish its migration alone: the
+// destination QEMU keeps what it has received (postcopy-paused) and says
+// which pages in its received bitmap; this file says what every other page
+// must be and where its content is: on the run's relays (by digest, under
+// the run's id) or, for content only the gather held, the bytes themselves.
+//
+// It lives on the destination host, beside the QEMU it serves: a gather
+// crash leaves it, and whatever takes the host down takes that QEMU too, so
+// nothing further away would save the VM. It is written whole and renamed
+// into place, so it is never seen half written; it is not fsynced, for the
+// same reason. It holds guest memory: mode 0600, and it is removed once the
+// migration completed.
+//
+// The whole final page map is kept, so a resumed gather checks it against
+// the digest scatter and gather agreed on before it sends a single page.
+//
+// Layout: "SGMRSM01", be32 length of a JSON description, the JSON, then
+// per page an i32 (SAVED_ZERO or a content number, little-endian) and a
+// byte (1: the destination confirmed the page); per content its 32-byte
+// digest and a u32 relay mask; then the bytes of the contents held here.
+
+import { closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
+import { SgmError } from "../errors.ts";
+import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+
+const MAGIC = new TextEncoder().encode("SGMRSM01");
+/** Page: all zero (the destination reads it as zero unless given other content). */
+export const SAVED_ZERO = -1;
+
+export interface ResumeState {
+  name: string;
+  blocks: RamBlockInfo[];
+  sectionId: number;
+  /** The run's id on its relays (hex) and the relays, in relay-mask bit order. */
+  run: string;
+  relays: string[];
+  /** The final page map's digest, as scatter and gather agreed on it. */
+  map: string;
+  /** The scatter's start (epoch ms) and the source's QEMU version, for the report. */
+  startedAt: number | null;
+  sourceQemu: string | null;
+  /** Per page: SAVED_ZERO or an index into the contents. */
+  pages: Int32Array;
+  /** Per page: 1 if the destination confirmed it has the page. */
+  atDestination: Uint8Array;
+  /** Per content: its digest (DIGEST_BYTES each) and the relays holding it. */
+  digests: Uint8Array;
+  relayMasks: Uint32Array;
+  /** Per content: its bytes, when only the gather held them. */
+  local: Array<Uint8Array | null>;
+}
+
+interface Description {
+  name: string;
+  blocks: RamBlockInfo[];
+  sectionId: number;
+  run: string;
+  relays: string[];
+  map: string;
+  startedAt: number | null;
+  sourceQemu: string | null;
+  pages: number;
+  contents: number;
+  /** Indices of the contents whose bytes follow. */
+  local: number[];
+}
+
+/** The file that holds a VM's state: named by the VM and its destination's QMP address, so two gathers on one host never share one. */
+export function resumeStatePath(dir: string, name: string, qmp: string): string {
+  const tag = createHash("sha256").update(qmp).digest("hex").slice(0, 12);
+  return join(dir, `${name.replace(/[^A-Za-z0-9_.-]/g, "_")}-${tag}.resume`);
+}
+
+/** Makes sure states can be saved in `dir`; a clear error now beats a VM that cannot be resumed later. */
+export function prepareStateDir(dir: string): void {
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const probe = join(dir, `.probe-${process.pid}`);
+    closeSync(openSync(probe, "w", 0o600));
+    rmSync(probe);
+  } catch (err) {
+    throw new SgmError("usage", `--state-dir ${dir}: cannot write there (${(err as Error).message})`);
+  }
+}
+
+/** Returns the bytes written. */
+export function saveResumeState(path: string, state: ResumeState): number {
+  const localIdx: number[] = [];
+  state.local.forEach((bytes, k) => {
+    if (bytes) localIdx.push(k);
+  });
+  const description: Description = {
+    name: state.name,
+    blocks: state.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
+    sectionId: state.sectionId,
+    run: state.run,
+    relays: state.relays,
+    map: state.map,
+    startedAt: state.startedAt,
+    sourceQemu: state.sourceQemu,
+    pages: state.pages.length,
+    contents: state.relayMasks.length,
+    local: localIdx,
+  };
+  const json = new TextEncoder().encode(JSON.stringify(description));
+  const head = new Uint8Array(MAGIC.length + 4);
+  head.set(MAGIC);
+  new DataView(head.buffer).setUint32(MAGIC.length, json.length);
+  const parts: Uint8Array[] = [head, json, le(state.pages), state.atDestination, state.digests, le(state.relayMasks)];
+  for (const k of localIdx) parts.push(state.local[k]!);
+  const tmp = `${path}.${process.pid}.tmp`;
+  const fd = openSync(tmp, "w", 0o600);
+  let written = 0;
+  try {
+    for (const part of parts) {
+      for (let at = 0; at < part.length; ) at += writeSync(fd, part, at, part.length - at);
+      written += part.length;
+    }
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, path);
+  return written;
+}
+
+export function loadResumeState(path: string): ResumeState {
+  let bytes: Uint8Array;
+  try {
+    // a plain Uint8Array: its slice copies, where a Buffer's would share
+    bytes = new Uint8Array(readFileSync(path));
+  } catch (err) {
+    const missing = (err as NodeJS.ErrnoException).code === "ENOENT";
+    throw new SgmError(
+      missing ? "unavailable" : "data",
+      missing ? `no saved state at ${path}: the gather stopped before this VM ran at the destination, or its migration ended` : `${path}: ${(err as Error).message}`,
+    );
+  }
+  const bad = (why: string) => new SgmError("data", `${path}: not a state sgm saved (${why})`);
+  if (bytes.length < MAGIC.length + 4 || MAGIC.some((b, i) => bytes[i] !== b)) throw bad("no magic");
+  const jsonLength = new DataView(bytes.buffer, bytes.byteOffset).getUint32(MAGIC.length);
+  let at = MAGIC.length + 4;
+  let d: Description;
+  try {
+    d = JSON.parse(new TextDecoder().decode(bytes.subarray(at, at + jsonLength))) as Description;
+  } catch {
+    throw bad("its description is not JSON");
+  }
+  at += jsonLength;
+  const expected = at + 5 * d.pages + (DIGEST_BYTES + 4) * d.contents + PAGE_BYTES * d.local.length;
+  if (bytes.length !== expected) throw bad(`${bytes.length} bytes where ${expected} were expected`);
+  const take = (n: number) => {
+    const part = bytes.slice(at, at + n);
+    at += n;
+    return part;
+  };
+  const pages = new Int32Array(take(4 * d.pages).buffer);
+  const atDestination = take(d.pages);
+  const digests = take(DIGEST_BYTES * d.contents);
+  const relayMasks = new Uint32Array(take(4 * d.contents).buffer);
+  const local: Array<Uint8Array | null> = new Array(d.contents).fill(null);
+  for (const k of d.local) {
+    if (!(k >= 0 && k < d.contents)) throw bad(`local content ${k}`);
+    local[k] = take(PAGE_BYTES);
+  }
+  for (const p of pages) if (p < SAVED_ZERO || p >= d.contents) throw bad(`page names content ${p}`);
+  return { name: d.name, blocks: d.blocks, sectionId: d.sectionId, run: d.run, relays: d.relays, map: d.map, startedAt: d.startedAt, sourceQemu: d.sourceQemu, pages, atDestination, digests, relayMasks, local };
+}
+
+/** A typed array's bytes: little-endian, the only order sgm runs on (checked below). */
+function le(array: Int32Array | Uint32Array): Uint8Array {
+  return new Uint8Array(array.buffer, array.byteOffset, array.byteLength);
+}
+
+if (new Uint8Array(new Uint32Array([1]).buffer)[0] !== 1) throw new SgmError("internal", "sgm runs only on little-endian hosts");

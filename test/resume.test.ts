@@ -1,0 +1,112 @@
+// A gather that dies after switchover: the destination QEMU pauses its
+// postcopy, and a gather restarted with --resume finishes the migration
+// from the state the first one saved and from the relays.
+
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+import type { GatherReport } from "../core/gather/engine.ts";
+import type { ScatterReport } from "../core/scatter/engine.ts";
+import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, writePsk } from "./harness/cluster.ts";
+import { killAll } from "./harness/processes.ts";
+import { qemu10_0 } from "./harness/qemu-binaries.ts";
+import type { TestVm } from "./harness/qemu.ts";
+import { expectExit, startSgm } from "./harness/sgm.ts";
+import { makeTempDir, removeDir } from "./harness/tmp.ts";
+
+let dir: string;
+let psk: string;
+
+beforeAll(async () => {
+  dir = makeTempDir("resume");
+  psk = await writePsk(dir);
+});
+afterEach(() => killAll());
+afterAll(() => removeDir(dir));
+
+async function migrationStatus(vm: TestVm): Promise<string> {
+  const r = await vm.qmp.execute<{ status?: string }>("query-migrate");
+  return r.status ?? "none";
+}
+
+async function waitForStatus(vm: TestVm, wanted: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let last = "";
+  while (Date.now() < deadline) {
+    last = await migrationStatus(vm);
+    if (last === wanted) return;
+    await Bun.sleep(50);
+  }
+  throw new Error(`${vm.name}: destination migration not '${wanted}' within ${timeoutMs} ms (last '${last}')`);
+}
+
+describe("gather --resume", () => {
+  const cases = [
+    { qemu: "10.0", switchover: ["--switchover", "precopy"], seed: 401 },
+    { qemu: "7.2", switchover: ["--switchover", "postcopy", "--postcopy-after-pass", "0"], seed: 403 },
+  ];
+  test.each(cases)("the gather killed once the VM runs at the destination; a new one with --resume completes it, memory equal page for page (QEMU $qemu, $switchover)", async ({ qemu, switchover, seed }) => {
+    const binary = qemu === "10.0" ? await qemu10_0() : undefined;
+    const pair = await startPair(dir, `phoenix${seed}`, { memMiB: 128, seed, rate: 2000, sourceBinary: binary, destinationBinary: binary });
+    const relay = await startRelay(psk, "1GiB", ["--json"]);
+    const address = relay.address;
+    // the gather takes pages slowly, so most of the VM is still on the relay when it dies
+    const flags = ["--max-rate", "4MiB/s"];
+    const first = await startGather([pair], psk, flags);
+    const s = await (await startScatter([pair], first.port, psk, ["--keep-source", "--via", address, "--all-relays", ...switchover])).result();
+    expectExit(s, 0);
+    const sr = report<ScatterReport>(s).vms[0]!;
+    expect(sr.source).toBe("paused");
+    expect(String(sr.switchover)).toBe(switchover[1]!);
+    expect(first.gather.stderr()).toMatch(new RegExp(`${pair.name}: state for --resume saved to \\S+ \\([\\d.]+ [KMG]?i?B in \\d+ ms\\)`));
+    expect(await migrationStatus(pair.destination)).toBe("postcopy-active");
+    const stateDir = join(dir, "gather-state");
+    expect(readdirSync(stateDir).filter((f) => f.startsWith(`${pair.name}-`))).toHaveLength(1);
+
+    first.gather.proc.kill("SIGKILL");
+    await first.gather.proc.exited;
+    await waitForStatus(pair.destination, "postcopy-paused", 30_000);
+
+    const again = await startSgm([
+      "gather",
+      "--listen",
+      `127.0.0.1:${first.port}`,
+      "--vm",
+      `${pair.name}=${pair.destination.qmpPath}`,
+      "--psk-file",
+      psk,
+      "--state-dir",
+      stateDir,
+      "--json",
+      "--resume",
+    ]);
+    const g = await again.result();
+    expectExit(g, 0);
+    const gr = report<GatherReport>(g).vms[0]!;
+    expect(gr.ok).toBe(true);
+    // the resumed gather had pages left to deliver, and fetched them from the relay
+    expect(gr.pages.deliveredPages).toBeGreaterThan(0);
+    expect(report<GatherReport>(g).bytesFromRelays).toBeGreaterThan(0);
+    expect(g.stderr).toContain(`${pair.name}: resuming from `);
+    expect(await migrationStatus(pair.destination)).toBe("completed");
+    // the state goes with the migration's end
+    expect(readdirSync(stateDir).filter((f) => f.startsWith(`${pair.name}-`))).toHaveLength(0);
+    // what the relay held for the run went with the pages it gave
+    relay.relay.proc.kill("SIGTERM");
+    expect(report<{ used: number; runs: number }>(await relay.relay.result())).toMatchObject({ used: 0, runs: 0 });
+    const { verified, comparison } = await haltAndCompare(pair, dir);
+    expect(verified).toBe(true);
+    expect(comparison.mismatched).toEqual([]);
+  }, 240_000);
+
+  test("without a saved state, --resume refuses in one line and leaves the destination as it is", async () => {
+    const pair = await startPair(dir, "nostate", { memMiB: 32, seed: 402 });
+    const r = await (
+      await startSgm(["gather", "--listen", "127.0.0.1:0", "--vm", `nostate=${pair.destination.qmpPath}`, "--psk-file", psk, "--state-dir", join(dir, "empty"), "--resume"])
+    ).result();
+    expectExit(r, 69);
+    expect(r.stderr).toMatch(/no saved state at .*nostate-[0-9a-f]{12}\.resume: the gather stopped before this VM ran at the destination, or its migration ended/);
+    expect(await pair.destination.status()).toBe("inmigrate");
+    expect(existsSync(join(dir, "empty"))).toBe(true);
+  }, 60_000);
+});
