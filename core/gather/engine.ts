@@ -213,7 +213,12 @@ class ScatterSession {
     this.conn = conn;
     this.shared = shared;
     this.dir = new ContentDirectory((cid, digest, mask) => this.fetcher.release(cid, digest, mask));
-    this.fetcher = new RelayFetcher(this.dir, shared.limiter, (err) => this.failAll(asSgmError(err)));
+    this.fetcher = new RelayFetcher(
+      this.dir,
+      shared.limiter,
+      (err) => this.failAll(asSgmError(err)),
+      (address, reason, lost) => this.relaysLost(address, reason, lost),
+    );
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => this.onClosed(reason));
   }
@@ -423,6 +428,12 @@ class ScatterSession {
   private releasePins(): void {
     this.dir.unpinAll();
     this.fetcher.flushAllReleases();
+  }
+
+  /** Names the VMs that needed what only lost relays held (they fail), and those that go on. */
+  private relaysLost(address: string, reason: string, lost: number): void {
+    const spared = [...this.vms.values()].filter((a) => !a.relaysLost(address, reason, lost, this.dir) && a.isOpen);
+    if (spared.length > 0) this.shared.log(`relay ${address} went away (${reason}); ${spared.map((a) => a.name).join(", ")} needed nothing only it held, and go on`);
   }
 
   private failAll(reason: SgmError): void {

@@ -44,6 +44,7 @@ export class RelayFetcher {
   private readonly dir: ContentDirectory;
   private readonly limiter: RateLimiter | null;
   private readonly onError: (err: Error) => void;
+  private readonly onLost: (address: string, reason: string, lost: number) => void;
   private relays: Relay[] = [];
   private run: Uint8Array = new Uint8Array(16);
   /** Content ids asked for and not arrived yet. */
@@ -60,10 +61,16 @@ export class RelayFetcher {
   private keepAlive: ReturnType<typeof setInterval> | null = null;
   private urgentFetches = 0;
 
-  constructor(dir: ContentDirectory, limiter: RateLimiter | null, onError: (err: Error) => void) {
+  /**
+   * `onLost` hears of a relay gone, with every relay lost so far (a bit
+   * each), before anything is asked again: the VMs that needed what only
+   * those relays held must fail then, and want none of it.
+   */
+  constructor(dir: ContentDirectory, limiter: RateLimiter | null, onError: (err: Error) => void, onLost: (address: string, reason: string, lost: number) => void = () => {}) {
     this.dir = dir;
     this.limiter = limiter;
     this.onError = onError;
+    this.onLost = onLost;
   }
 
   /** Connects to the run's relays, in the order their mask bits count them. */
@@ -210,6 +217,7 @@ export class RelayFetcher {
   private onRelayLost(index: number, reason: Error | undefined): void {
     const relay = this.relays[index]!;
     this.lost |= 1 << index;
+    this.onLost(relay.address, reason?.message ?? "connection closed", this.lost);
     if (this.wanted.size === 0) return;
     const again: number[] = relay.queue.slice(relay.queueHead);
     relay.queue = [];
@@ -225,6 +233,11 @@ export class RelayFetcher {
     relay.inFlight = 0;
     for (const cid of again) {
       if (!this.wanted.has(cid) || this.dir.isLocal(cid)) continue;
+      if ((this.dir.relayMask(cid) & ~this.lost) === 0) {
+        // only the lost relays had it: the VMs needing it failed (onLost), none asks for it again
+        this.wanted.delete(cid);
+        continue;
+      }
       try {
         this.relays[this.pickRelay(cid)]!.queue.push(cid);
       } catch {

@@ -38,7 +38,12 @@ export async function openPausedDestinations(vms: ReadonlyArray<{ name: string; 
 /** Resumes one VM; the fetcher it returns is closed once the VM is done. A VM that cannot resume fails, and says why. */
 export async function resumeArrival(arrival: VmArrival, statePath: string, ctx: ResumeContext): Promise<RelayFetcher> {
   const dir = new ContentDirectory((cid, digest, mask) => fetcher.release(cid, digest, mask));
-  const fetcher: RelayFetcher = new RelayFetcher(dir, ctx.limiter, (err) => arrival.fail(asSgmError(err)));
+  const fetcher: RelayFetcher = new RelayFetcher(
+    dir,
+    ctx.limiter,
+    (err) => arrival.fail(asSgmError(err)),
+    (address, reason, lost) => arrival.relaysLost(address, reason, lost, dir),
+  );
   try {
     const state = loadResumeState(statePath);
     if (state.relays.length > 0) await fetcher.connect(Buffer.from(state.run, "hex"), state.relays, ctx.psk, ctx.tls);

@@ -67,6 +67,11 @@ export class VmArrival {
     return this.stage !== "waiting";
   }
 
+  /** Taken, and neither completed nor failed. */
+  get isOpen(): boolean {
+    return this.stage !== "waiting" && this.stage !== "completed" && this.stage !== "failed";
+  }
+
   /** Resolves when the VM completed or failed. */
   get done(): Promise<void> {
     return this.finished.promise;
@@ -250,6 +255,28 @@ export class VmArrival {
     this.resumedAt = await this.feed!.resumedAt();
     if (this.stage === "switching") this.stage = "running";
     this.send({ t: "running", vm: this.vmId, resumedAt: this.resumedAt });
+  }
+
+  /**
+   * Relays went away (`lost`: a bit each): if they held the only copy of
+   * content this VM still owes its destination, it fails, saying how much
+   * and what that means for the VM. True if it did.
+   */
+  relaysLost(address: string, reason: string, lost: number, dir: ContentDirectory): boolean {
+    if (!this.feed || this.stage === "completed" || this.stage === "failed") return false;
+    const t = this.feed.table;
+    let pages = 0;
+    for (let i = 0; i < t.total; i++) {
+      const c = t.content[i]!;
+      if (t.owing[i] === 1 && c >= 0 && !dir.isLocal(c) && (dir.relayMask(c) & ~lost) === 0) pages++;
+    }
+    if (pages === 0) return false;
+    const after = this.stage === "switching" || this.stage === "running";
+    const fate = after
+      ? "the VM runs at the destination, paused (postcopy-paused) until they come, and cannot complete without them"
+      : "the VM keeps running at the source";
+    this.fail(new SgmError("unavailable", `VM ${this.name}: relay ${address} went away (${reason}) with the only copy of ${pages} pages its destination still lacks; ${fate}`));
+    return true;
   }
 
   /** The scatter is gone: fatal before switchover, and while a postcopy source still owes pages. */
