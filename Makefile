@@ -2,7 +2,8 @@
 # make test   install what is missing, then run every test
 # make demo   install what is missing, then evict a demo VM and print the report
 # make soak   the Linux-guest eviction RUNS times (default 40) over a matrix, LOSS_RUNS times (default 10)
-#             with a relay killed at a random moment, then the fuzz tests for FUZZ_SECONDS each
+#             with a relay killed at a random moment, RESUME_RUNS times (default 10) with the gather
+#             killed after eviction and resumed, then the fuzz tests for FUZZ_SECONDS each
 #             (default 60); not part of make test
 # make bench  the paper's experiment on a bed of hosts (network namespaces, root): table, JSON and
 #             PNG into bench-results/; BENCH_ARGS passes flags (see test/benchmarks/paper.bench.ts)
@@ -52,9 +53,10 @@ demo: deps dist/sgm
 
 RUNS ?= 40
 LOSS_RUNS ?= 10
+RESUME_RUNS ?= 10
 FUZZ_SECONDS ?= 60
 soak: deps dist/sgm
-	$(BUN) test/soak/linux-eviction.soak.ts $(RUNS) $(LOSS_RUNS)
+	$(BUN) test/soak/linux-eviction.soak.ts $(RUNS) $(LOSS_RUNS) $(RESUME_RUNS)
 	SGM_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BUN) test --timeout 3600000 test/fuzz.test.ts
 
 BENCH_ARGS ?=

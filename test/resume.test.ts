@@ -7,7 +7,7 @@ import { existsSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
-import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, writePsk } from "./harness/cluster.ts";
+import { haltAndCompare, report, resumeGather, startGather, startPair, startRelay, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
 import { qemu10_0 } from "./harness/qemu-binaries.ts";
 import type { TestVm } from "./harness/qemu.ts";
@@ -67,19 +67,8 @@ describe("gather --resume", () => {
     await first.gather.proc.exited;
     await waitForStatus(pair.destination, "postcopy-paused", 30_000);
 
-    const again = await startSgm([
-      "gather",
-      "--listen",
-      `127.0.0.1:${first.port}`,
-      "--vm",
-      `${pair.name}=${pair.destination.qmpPath}`,
-      "--psk-file",
-      psk,
-      "--state-dir",
-      stateDir,
-      "--json",
-      "--resume",
-    ]);
+    // the same flags but the rate: nothing need hold the new gather back
+    const again = await resumeGather([pair], psk, first.port);
     const g = await again.result();
     expectExit(g, 0);
     const gr = report<GatherReport>(g).vms[0]!;

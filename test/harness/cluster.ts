@@ -51,7 +51,18 @@ export async function startGather(
   env: Record<string, string> = {},
 ): Promise<{ gather: SgmProcess; port: number }> {
   const port = listenPort ?? (await freePort());
-  const gather = await startSgm([
+  const gather = await startSgm(gatherArgs(pairs, psk, port, extra), env);
+  await gather.waitStderr(/listening on/);
+  return { gather, port };
+}
+
+/** `sgm gather --resume` with the flags a gather of startGather had, after it died. */
+export function resumeGather(pairs: VmPair[], psk: string, port: number, extra: string[] = []): Promise<SgmProcess> {
+  return startSgm([...gatherArgs(pairs, psk, port, extra), "--resume"]);
+}
+
+function gatherArgs(pairs: VmPair[], psk: string, port: number, extra: string[]): string[] {
+  return [
     "gather",
     "--listen",
     `127.0.0.1:${port}`,
@@ -62,9 +73,7 @@ export async function startGather(
     join(dirname(psk), "gather-state"),
     "--json",
     ...extra,
-  ], env);
-  await gather.waitStderr(/listening on/);
-  return { gather, port };
+  ];
 }
 
 export function startScatter(pairs: VmPair[], port: number, psk: string, extra: string[] = []): Promise<SgmProcess> {

@@ -11,14 +11,17 @@
 // one that runs at once (page requests and all), whose guest must run on.
 // Then LOSS_RUNS more: one VM through three relays with --replicas 2, one
 // relay killed (SIGKILL) at a random moment; each must complete intact.
+// Then RESUME_RUNS: one VM through relays, its gather killed (SIGKILL) at a
+// random moment once the VM is evicted, and a gather started with --resume
+// in its place; each must complete intact.
 //
-//   bun test/soak/linux-eviction.soak.ts [RUNS] [LOSS_RUNS]    (default 40, 10)
+//   bun test/soak/linux-eviction.soak.ts [RUNS] [LOSS_RUNS] [RESUME_RUNS]    (default 40, 10, 10)
 
 import { join } from "node:path";
 import type { GatherReport } from "../../core/gather/engine.ts";
 import type { EvacuationReport } from "../../core/scatter/evacuation.ts";
 import type { ScatterReport } from "../../core/scatter/engine.ts";
-import { report, startGather, startRelay, startScatter, type VmPair, writePsk } from "../harness/cluster.ts";
+import { report, resumeGather, startGather, startRelay, startScatter, type VmPair, writePsk } from "../harness/cluster.ts";
 import { startSgm } from "../harness/sgm.ts";
 import { expectGuestRunsOn, expectMemoryEqual, startLinuxPair } from "../harness/linux-pair.ts";
 import { killAll } from "../harness/processes.ts";
@@ -62,6 +65,7 @@ interface Outcome {
 
 const runs = Number(process.argv[2] ?? 40);
 const lossRuns = Number(process.argv[3] ?? 10);
+const resumeRuns = Number(process.argv[4] ?? 10);
 const binary = await qemu10_0();
 const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, noDedupRuns: 0, threadedRuns: 0, evacuateRuns: 0, sharedPages: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
 const started = Date.now();
@@ -128,7 +132,64 @@ if (lossRuns > 0) {
   for (const line of losses) console.log(line);
 }
 const lossFailed = losses.some((line) => !line.includes("| ok"));
-process.exit([...outcomes.values()].some((o) => o.wrongGuests + o.sgmFailures > 0) || lossFailed ? 1 : 0);
+
+// the gather killed once the VM is evicted, and resumed
+const resumes: string[] = [];
+for (let n = 0; n < resumeRuns; n++) {
+  const switchover = (Object.keys(switchovers) as Case["switchover"][])[n % 3]!;
+  const replicas = 1 + (n % 2);
+  // the gather, slower than in the other runs, still delivers a second or more after eviction
+  const killAfterMs = Math.round(Math.random() * 1000);
+  const dir = makeTempDir("soak-resume");
+  const t0 = Date.now();
+  try {
+    const verdict = await Promise.race([killGatherAndResume(dir, switchover, replicas, killAfterMs, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
+    resumes.push(`| ${n + 1} | ${switchover} | ${replicas} | ${killAfterMs} | ${verdict} |`);
+    console.error(`resume ${n + 1}/${resumeRuns} ${switchover}, --replicas ${replicas}, the gather killed ${killAfterMs} ms after eviction: ${verdict} (${Math.round((Date.now() - t0) / 1000)} s)`);
+  } finally {
+    await killAll();
+    removeDir(dir);
+  }
+}
+if (resumeRuns > 0) {
+  console.log(`\n${resumeRuns} runs of one VM through 2 relays, the gather killed (SIGKILL) at a random moment after eviction and restarted with --resume\n`);
+  console.log("| run | switchover | replicas | killed after ms | outcome |\n|---|---|---|---|---|");
+  for (const line of resumes) console.log(line);
+}
+const resumeFailed = resumes.some((line) => !line.includes("| ok"));
+process.exit([...outcomes.values()].some((o) => o.wrongGuests + o.sgmFailures > 0) || lossFailed || resumeFailed ? 1 : 0);
+
+/** One VM, two relays; the gather killed `killAfterMs` after the scatter evicted the VM, then resumed: "ok (...)" or what went wrong. */
+async function killGatherAndResume(dir: string, switchover: Case["switchover"], replicas: number, killAfterMs: number, n: number): Promise<string> {
+  const psk = await writePsk(dir);
+  const pair = await startLinuxPair(dir, `r${n}`, { binary, seed: 700 + n, paused: n % 2 === 0 });
+  const relays = await Promise.all([0, 1].map(() => startRelay(psk, "1GiB")));
+  const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
+  const via = ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", String(replicas)];
+  const s = await (await startScatter([pair], port, psk, ["--keep-source", ...via, ...switchovers[switchover]])).result();
+  if (s.code !== 0) return `sgm failed: scatter ${s.code}: ${report<ScatterReport>(s).vms[0]?.error ?? s.stderr.trim().split("\n").at(-1)}`;
+  await Bun.sleep(killAfterMs);
+  const completed = gather.proc.exitCode !== null;
+  gather.proc.kill("SIGKILL");
+  const first = await gather.result();
+  let g = first;
+  if (!completed) {
+    g = await (await resumeGather([pair], psk, port)).result();
+  }
+  if (g.code !== 0) return `sgm failed: ${completed ? "gather" : "resumed gather"} ${g.code}: ${report<GatherReport>(g).vms[0]?.error ?? g.stderr.trim().split("\n").at(-1)}`;
+  try {
+    if (n % 2 === 0) {
+      await expectMemoryEqual(pair, dir);
+      await pair.destination.qmp.execute("cont");
+    }
+    await expectGuestRunsOn(pair);
+  } catch (err) {
+    return `wrong guest: ${(err as Error).message.split("\n").slice(0, 6).join(" ")}`;
+  }
+  if (completed) return "ok (the gather completed before the kill)";
+  const delivered = report<GatherReport>(g).vms[0]!.pages.deliveredPages;
+  return `ok (the resumed gather delivered ${delivered} pages)`;
+}
 
 /** One VM, three relays, --replicas 2, the first relay killed `killAfterMs` after the scatter starts: "ok (...)" or what went wrong. */
 async function loseRelay(dir: string, switchover: Case["switchover"], killAfterMs: number, n: number): Promise<string> {
