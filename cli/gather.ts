@@ -1,14 +1,14 @@
 // sgm gather: runs on the destination host.
 
-import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { SgmError } from "../core/errors.ts";
 import type { CAC } from "cac";
 import { type GatherReport, runGather } from "../core/gather/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { addTlsOptions, readTls, type TlsFlags } from "./tls-flags.ts";
 import { parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
-import { formatMs, info, printJson, setQuiet } from "./output.ts";
+import { formatMs, info, printJson, setQuiet, warn } from "./output.ts";
 import { withProgress } from "./progress.ts";
 import { announceReady, parseReadyFd } from "./ready-fd.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
@@ -26,8 +26,15 @@ interface GatherFlags extends TlsFlags {
   resume?: boolean;
 }
 
-/** On tmpfs: the state matters only while the destination QEMU lives, which no reboot survives. */
-const DEFAULT_STATE_DIR = process.getuid?.() === 0 ? "/run/sgm" : join(process.env.XDG_RUNTIME_DIR ?? tmpdir(), "sgm");
+/**
+ * On tmpfs: the state matters only while the destination QEMU lives, which
+ * no reboot survives. A user other than root has one only in a session
+ * (XDG_RUNTIME_DIR); elsewhere --state-dir must say where, or none.
+ */
+function defaultStateDir(): string | null {
+  if (process.getuid?.() === 0) return "/run/sgm";
+  return process.env.XDG_RUNTIME_DIR ? join(process.env.XDG_RUNTIME_DIR, "sgm") : null;
+}
 
 export function registerGather(cli: CAC, signal: AbortSignal): void {
   const command = cli
@@ -39,7 +46,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
   addTlsOptions(command)
     .option("--max-rate <rate>", "Receive at most this much per second, from the scatter and relays together, e.g. 100MiB/s")
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
-    .option("--state-dir <dir>", `Where to save each VM's state once it runs here, so a gather restarted with --resume can finish it (default ${DEFAULT_STATE_DIR})`)
+    .option("--state-dir <dir>", "Where to save each VM's state once it runs here, so a gather restarted with --resume can finish it; 'none' saves nothing (default /run/sgm for root, else $XDG_RUNTIME_DIR/sgm)")
     .option("--resume", "Finish the VMs a gather that died after switchover left paused at their destinations, from the states it saved; give the same flags as to it")
     .option("--json", "Print the final report as JSON on stdout")
     .option("--quiet", "Print no progress and no report lines on stderr; warnings and errors still")
@@ -53,7 +60,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
-      const stateDir = flags.stateDir === undefined ? DEFAULT_STATE_DIR : requireString("--state-dir", flags.stateDir);
+      const stateDir = parseStateDir(flags.stateDir, Boolean(flags.resume));
       setQuiet(Boolean(flags.quiet));
       const report = await withProgress("gathered", Boolean(flags.quiet), (onProgress) =>
         runGather({
@@ -68,6 +75,20 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       if (flags.json) printJson(report);
       return report.exitCode;
     });
+}
+
+function parseStateDir(flag: unknown, resume: boolean): string | null {
+  const given = flag === undefined ? undefined : requireString("--state-dir", flag);
+  if (given === "none") {
+    if (resume) throw new SgmError("usage", "--resume needs the --state-dir the gather before it saved to, not 'none'");
+    return null;
+  }
+  const dir = given ?? defaultStateDir();
+  if (dir === null) {
+    if (resume) throw new SgmError("usage", "--resume needs --state-dir: no default here (not root, no XDG_RUNTIME_DIR)");
+    warn("no --state-dir and no default (not root, no XDG_RUNTIME_DIR): if this gather dies after switchover, its VMs cannot be resumed");
+  }
+  return dir;
 }
 
 function render(report: GatherReport): void {

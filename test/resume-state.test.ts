@@ -93,7 +93,10 @@ describe("postcopy recovery's return path", () => {
       { name: "pc.ram", received: [0, 9, 70], pages: 100 },
       { name: "vga.vram", received: [], pages: 3 },
     ]);
-    const reader = new RecoveryReader(["pc.ram", "vga.vram"], 100);
+    const reader = new RecoveryReader([
+      { name: "pc.ram", pages: 100 },
+      { name: "vga.vram", pages: 3 },
+    ]);
     for (let i = 0; i < bytes.length; i++) reader.feed(bytes.subarray(i, i + 1));
     const bitmaps = await reader.bitmapsIn;
     const ram = bitmaps.get("pc.ram")!;
@@ -108,13 +111,13 @@ describe("postcopy recovery's return path", () => {
 
   test("a bitmap for another block, a missing end mark or a bad ack is refused", () => {
     const good = qemuReplies([{ name: "pc.ram", received: [1], pages: 64 }]);
-    expect(() => new RecoveryReader(["other"], 64).feed(good)).toThrow(/bitmap of block 'pc.ram' came where 'other' was due/);
+    expect(() => new RecoveryReader([{ name: "other", pages: 64 }]).feed(good)).toThrow(/bitmap of block 'pc.ram' came where 'other' was due/);
     const noMark = good.slice();
     noMark[4 + 7 + 8 + 8 + 7] = 0xee;
-    expect(() => new RecoveryReader(["pc.ram"], 64).feed(noMark)).toThrow(/lacks its end mark/);
+    expect(() => new RecoveryReader([{ name: "pc.ram", pages: 64 }]).feed(noMark)).toThrow(/lacks its end mark/);
     const badAck = good.slice();
     badAck[4 + 7 + 8 + 8 + 8 + 7] = 2;
-    expect(() => new RecoveryReader(["pc.ram"], 64).feed(badAck)).toThrow(/RESUME_ACK 2/);
-    expect(() => new RecoveryReader(["pc.ram"], 8).feed(qemuReplies([{ name: "pc.ram", received: [], pages: 4096 }]))).toThrow(/a bitmap of 512 bytes/);
+    expect(() => new RecoveryReader([{ name: "pc.ram", pages: 64 }]).feed(badAck)).toThrow(/RESUME_ACK 2/);
+    expect(() => new RecoveryReader([{ name: "pc.ram", pages: 8 }]).feed(qemuReplies([{ name: "pc.ram", received: [], pages: 4096 }]))).toThrow(/a bitmap of 512 bytes for block 'pc.ram', not 8/);
   });
 });

@@ -88,6 +88,30 @@ describe("gather --resume", () => {
     expect(comparison.mismatched).toEqual([]);
   }, 240_000);
 
+  test("two VMs of one run sharing content, --replicas 2: the gather and one relay killed after eviction; --resume finishes both from the other relay, memory equal", async () => {
+    const pairs = await Promise.all([0, 1].map((v) => startPair(dir, `twin${v}`, { memMiB: 64, seed: 410 + v, rate: 1000, churn: 4 })));
+    const relays = await Promise.all([0, 1].map(() => startRelay(psk)));
+    const first = await startGather(pairs, psk, ["--max-rate", "4MiB/s"]);
+    const via = ["--via", relays.map((r) => r.address).join(","), "--all-relays", "--replicas", "2"];
+    const s = await (await startScatter(pairs, first.port, psk, ["--keep-source", ...via])).result();
+    expectExit(s, 0);
+    expect(report<ScatterReport>(s).vms.map((v) => v.source)).toEqual(["paused", "paused"]);
+    first.gather.proc.kill("SIGKILL");
+    relays[0]!.relay.proc.kill("SIGKILL");
+    await first.gather.proc.exited;
+    const g = await (await resumeGather(pairs, psk, first.port)).result();
+    expectExit(g, 0);
+    expect(g.stderr).toContain(`relay ${relays[0]!.address} does not answer`);
+    const gr = report<GatherReport>(g);
+    expect(gr.vms.map((v) => v.ok)).toEqual([true, true]);
+    expect(gr.relays.find((r) => r.address === relays[1]!.address)!.pagesFetched).toBeGreaterThan(0);
+    for (const pair of pairs) {
+      const { verified, comparison } = await haltAndCompare(pair, dir);
+      expect(verified).toBe(true);
+      expect(comparison.mismatched).toEqual([]);
+    }
+  }, 240_000);
+
   test("--replicas 1 and the relay lost after eviction: the gather names the VM, the relay and the pages lost; the destination QEMU keeps the VM", async () => {
     const pair = await startPair(dir, "orphan", { memMiB: 128, seed: 404, rate: 2000 });
     const relay = await startRelay(psk);

@@ -32,7 +32,11 @@ export class ContentDirectory {
   private readonly store = new PageSlots();
   private storeId = new Int32Array(1024).fill(NO_BYTES);
   private relays = new Uint32Array(1024);
-  /** Bit 1: the scatter sent the bytes here; bit 2: it told where relays hold them. */
+  /**
+   * Bit 1: the scatter sent the bytes here; bit 2: it told where relays
+   * hold them; bit 4: a failed VM that ran at its destination may need it
+   * from relays (retain), so it is never released while this gather runs.
+   */
   private pins = new Uint8Array(1024);
   private needs = new Int32Array(1024);
   private readonly localListeners: Array<(cid: number) => void> = [];
@@ -118,10 +122,15 @@ export class ContentDirectory {
   /** The scatter is gone: it names nothing more. */
   unpinAll(): void {
     for (let cid = 0; cid < this.pins.length; cid++) {
-      if (this.pins[cid] === 0) continue;
-      this.pins[cid] = 0;
+      if ((this.pins[cid]! & 3) === 0) continue;
+      this.pins[cid]! &= ~3;
       this.settle(cid);
     }
+  }
+
+  /** Keeps the content known, and so held on its relays, for as long as this gather runs; its bytes here may go. */
+  retain(cid: number): void {
+    this.pins[cid]! |= 4;
   }
 
   /** A page owes this content to the destination. */
@@ -175,7 +184,7 @@ export class ContentDirectory {
     if (this.needs[cid]! > 0) return;
     const pins = this.pins[cid]!;
     const id = this.storeId[cid]!;
-    // pinned bytes that only this gather holds must stay
+    // bytes the scatter pinned that only this gather holds must stay
     if (id !== NO_BYTES && !(pins & 1 && this.relays[cid] === 0)) {
       this.store.freeSlot(id);
       this.storeId[cid] = NO_BYTES;

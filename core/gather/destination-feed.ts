@@ -27,7 +27,7 @@ import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
 import { DeliveryAcks } from "./delivery-acks.ts";
-import { restoreFeedState, type SavedOrigin, saveFeedState } from "./feed-state.ts";
+import { claimSavedState, type SavedOrigin, saveFeedState, settleReceived } from "./feed-state.ts";
 import type { ResumeState } from "./resume-state.ts";
 import { recoverChannel } from "./recovery-handshake.ts";
 import { countPages, pickSpare, staleRanges } from "./switchover-discards.ts";
@@ -123,6 +123,7 @@ export class DestinationFeed {
   private skipOne = injected("gather-delivery");
   /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
   private spare = -1;
+  private pingQueued = false;
   /** The final map's digest, once computed for the scatter to compare. */
   private agreedMap = "";
   /** Pages written after switchover keep their content until the destination confirms them. */
@@ -153,6 +154,8 @@ export class DestinationFeed {
 
   /** Has QEMU listen, connects, and starts the stream. */
   async start(): Promise<void> {
+    // a state left by an earlier migration to this QEMU must never be resumed into this one
+    this.forgetState();
     await this.dest.listen(this.socketPath);
     const sock = await this.connect();
     const rp = this.returnPath();
@@ -163,18 +166,26 @@ export class DestinationFeed {
 
   /**
    * A gather restarted with --resume, the VM running here on a paused
-   * postcopy: a fresh channel through QEMU's postcopy recovery, the saved
-   * state against what the destination says it received, and delivery of
-   * the rest as after a switchover.
+   * postcopy: first the saved state, every page not confirmed at the
+   * destination owing its content (feed-state.ts claimSavedState).
    */
-  async resume(state: ResumeState): Promise<void> {
-    const t = this.table;
+  claim(state: ResumeState): void {
     this.phase = "switching";
     this.sourceDone = true;
     this.agreedMap = state.map;
+    claimSavedState(state, this.table, this.dir);
+  }
+
+  /**
+   * Then a fresh channel through QEMU's postcopy recovery, what the
+   * destination says it received, and delivery of the rest as after a
+   * switchover.
+   */
+  async resume(): Promise<void> {
+    const t = this.table;
     await this.dest.recover(this.socketPath);
     const sock = await this.connect();
-    const recovery = await recoverChannel(this.name, t, this.writer, sock, (received) => restoreFeedState(state, t, this.dir, received));
+    const recovery = await recoverChannel(this.name, t, this.writer, sock, (received) => settleReceived(this.name, t, this.dir, received));
     const rp = this.returnPath();
     this.phase = "postcopy";
     this.startDelivery();
@@ -288,6 +299,22 @@ export class DestinationFeed {
       fail: (err) => this.fail(err),
     });
     this.delivery.start();
+  }
+
+  /** Pages that still owe the destination content `lacking` picks (the switchover's spare page too). */
+  owedPages(lacking: (cid: number) => boolean): number {
+    const t = this.table;
+    let pages = 0;
+    for (let i = 0; i < t.total; i++) {
+      const c = t.content[i]!;
+      if (c >= 0 && (t.owing[i] === 1 || i === this.spare) && lacking(c)) pages++;
+    }
+    return pages;
+  }
+
+  /** RUN has gone to the destination: it may be running the VM. */
+  get runsThere(): boolean {
+    return this.phase === "postcopy" || this.phase === "ended";
   }
 
   /** The digest of the final page map, once every page is named (see final-checks.ts). */
@@ -427,8 +454,21 @@ export class DestinationFeed {
     const b = t.blockOf(i);
     this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
     t.written[i] = c;
-    if (this.phase === "postcopy") this.acks.written(i);
-    else this.letGo(i);
+    if (this.phase !== "postcopy") {
+      this.letGo(i);
+      return;
+    }
+    // not let go yet: the acks do once QEMU confirms
+    this.acks.written(i);
+    if (this.pingQueued) return;
+    this.pingQueued = true;
+    queueMicrotask(() => {
+      // a PING behind what this turn wrote, so no page waits for 64 more to be confirmed
+      this.pingQueued = false;
+      if (this.phase !== "postcopy") return;
+      this.acks.mark();
+      this.writer.flush();
+    });
   }
 
   private saveState(): void {
@@ -440,6 +480,7 @@ export class DestinationFeed {
       const bytes = saveFeedState(path, { name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir);
       o.log(`${this.name}: state for --resume saved to ${path} (${formatBytes(bytes)} in ${Math.round(performance.now() - started)} ms)`);
     } catch (err) {
+      this.forgetState();
       this.options.log(`VM ${this.name}: could not save its state for --resume (${(err as Error).message}); if this gather dies before the migration completes, the VM is lost`);
     }
   }
@@ -481,11 +522,33 @@ export class DestinationFeed {
   private fail(reason: Error): void {
     // after EOF QEMU closes the stream itself; completion is judged over QMP
     if (this.failure || this.phase === "ended") return;
+    const ran = this.runsThere;
     this.failure = reason;
     this.phase = "failed";
     // a wrong page may be at the destination: nothing may resume this VM
-    if (reason instanceof SgmError && reason.kind === "data") this.forgetState();
+    const wrong = reason instanceof SgmError && reason.kind === "data";
+    if (wrong) this.forgetState();
     this.sock?.destroy(reason);
+    this.letGoAll(ran && !wrong);
     this.done.reject(reason);
+  }
+
+  /**
+   * The feed failed: its pages owe nothing more here, so other VMs' pages
+   * are not held back behind them (the owed bytes). A VM that ran here keeps
+   * its content on the relays for a gather started with --resume (retained:
+   * never released while this gather runs); its local bytes are in its
+   * saved state.
+   */
+  private letGoAll(retain: boolean): void {
+    const t = this.table;
+    // pages written and not confirmed owe still, and are let go below with the rest
+    if (this.spare >= 0 && t.content[this.spare]! >= 0) this.dir.unneed(t.content[this.spare]!);
+    this.spare = -1;
+    for (let i = 0; i < t.total; i++) {
+      if (t.owing[i] === 0) continue;
+      if (retain) this.dir.retain(t.content[i]!);
+      this.letGo(i);
+    }
   }
 }

@@ -52,19 +52,19 @@ export class DestinationQemu {
    * gather died after switchover. QEMU notices the broken stream and pauses
    * its postcopy; one still 'postcopy-active' gets a moment to notice.
    */
-  static async openPaused(name: string, address: QmpAddress): Promise<DestinationQemu> {
+  static async openPaused(name: string, address: QmpAddress): Promise<{ dest: DestinationQemu; completed: boolean }> {
     const qmp = await QmpClient.connect(address).catch((err: SgmError) => {
       throw new SgmError("unavailable", `VM ${name}: destination ${err.message}`);
     });
     try {
       checkSupported(qmp.version, `VM ${name}: the destination`);
       // capabilities stay as the first gather set them (events on): none may change during a migration
-      const status = (await queryMigrate(qmp)).status ?? "none";
-      if (status === "postcopy-active") await waitForMigrationStatus(qmp, ["postcopy-paused"], 30_000, `VM ${name}: destination migration`);
-      else if (status !== "postcopy-paused") {
+      let status = (await queryMigrate(qmp)).status ?? "none";
+      if (status === "postcopy-active") status = await waitForMigrationStatus(qmp, ["postcopy-paused", "completed"], 30_000, `VM ${name}: destination migration`);
+      if (status !== "postcopy-paused" && status !== "completed") {
         throw new SgmError("usage", `VM ${name}: destination QEMU's migration is '${status}'; --resume recovers only a postcopy paused when its gather died`);
       }
-      return new DestinationQemu(name, qmp, await machineType(qmp));
+      return { dest: new DestinationQemu(name, qmp, await machineType(qmp)), completed: status === "completed" };
     } catch (err) {
       qmp.close();
       throw err;

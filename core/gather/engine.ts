@@ -30,7 +30,7 @@ import {
 } from "../wire/messages.ts";
 import { ContentDirectory } from "./content-directory.ts";
 import { prepareStateDir, resumeStatePath } from "./resume-state.ts";
-import { openPausedDestinations, resumeArrival } from "./resume.ts";
+import { openForResume, resumeAll, unresumableReport } from "./resume.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
 import { PENDING, ZERO } from "./page-table.ts";
 import { type FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
@@ -102,9 +102,15 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
   if (options.resume && options.stateDir === null) throw new SgmError("usage", "--resume needs the --state-dir the gather before it saved to");
   if (options.stateDir !== null) prepareStateDir(options.stateDir);
   const statePaths = new Map(options.vms.map((vm) => [vm.name, options.stateDir === null ? null : resumeStatePath(options.stateDir, vm.name, vm.qmp)]));
-  const dests = options.resume ? await openPausedDestinations(options.vms.map((vm) => ({ ...vm, statePath: statePaths.get(vm.name)! }))) : await openDestinations(options.vms);
+  let arrivals: VmArrival[];
+  let toResume: Awaited<ReturnType<typeof openForResume>> | null = null;
+  if (options.resume) {
+    toResume = await openForResume(options.vms.map((vm) => ({ ...vm, statePath: statePaths.get(vm.name)! })), log);
+    arrivals = [...toResume.ready.map((r) => r.arrival), ...toResume.done];
+  } else arrivals = (await openDestinations(options.vms)).map((d) => new VmArrival(d));
+  const dests = arrivals.map((a) => a.dest);
   const shared: Shared = {
-    arrivals: new Map(dests.map((d) => [d.name, new VmArrival(d)])),
+    arrivals: new Map(arrivals.map((a) => [a.name, a])),
     socketDir: mkdtempSync(join(tmpdir(), "sgm-gather-")),
     psk: options.psk,
     tls: options.tls ?? null,
@@ -114,12 +120,16 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     log,
   };
   const sessions: ScatterSession[] = [];
+  const onAbort = () => {
+    const reason = asSgmError(options.signal?.reason ?? new SgmError("interrupted", "interrupted"));
+    for (const a of shared.arrivals.values()) a.fail(reason);
+  };
+  options.signal?.addEventListener("abort", onAbort);
 
-  const resumed: RelayFetcher[] = [];
+  let resumed: Promise<RelayFetcher[]> = Promise.resolve([]);
   let listener: PeerListener | null = null;
-  if (options.resume) {
-    for (const arrival of shared.arrivals.values()) resumed.push(await resumeArrival(arrival, statePaths.get(arrival.name)!, shared));
-  } else {
+  if (toResume) resumed = resumeAll(toResume.ready, shared);
+  else {
     listener = listenPeers({
       host: options.listen.host,
       port: options.listen.port,
@@ -138,6 +148,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
       options.onListening?.(listener.port);
     } catch (err) {
       // nothing is arriving yet: let go of everything and say why
+      options.signal?.removeEventListener("abort", onAbort);
       listener.close();
       for (const d of dests) d.close();
       rmSync(shared.socketDir, { recursive: true, force: true });
@@ -146,25 +157,22 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     log(`listening on ${options.listen.host}:${listener.port} for ${[...shared.arrivals.keys()].join(", ")}`);
   }
 
-  const onAbort = () => {
-    const reason = asSgmError(options.signal?.reason ?? new SgmError("interrupted", "interrupted"));
-    for (const a of shared.arrivals.values()) a.fail(reason);
-  };
-  options.signal?.addEventListener("abort", onAbort);
   options.onProgress?.(() => [...shared.arrivals.values()].map((a) => a.snapshot()));
+  let fetchers: RelayFetcher[] = [];
   try {
     await Promise.all([...shared.arrivals.values()].map((a) => a.done));
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
     listener?.close();
     for (const s of sessions) s.close();
-    for (const f of resumed) f.close();
+    fetchers = await resumed;
+    for (const f of fetchers) f.close();
     for (const d of dests) d.close();
     rmSync(shared.socketDir, { recursive: true, force: true });
   }
-  const reports = [...shared.arrivals.values()].map((a) => a.report());
+  const reports = [...[...shared.arrivals.values()].map((a) => a.report()), ...(toResume?.unresumable ?? []).map(unresumableReport)];
   const failures = reports.filter((r) => !r.ok);
-  const relays = [...sessions.map((s) => s.fetcher), ...resumed].flatMap((f) => f.stats.relays);
+  const relays = [...sessions.map((s) => s.fetcher), ...fetchers].flatMap((f) => f.stats.relays);
   return {
     ok: failures.length === 0,
     vms: reports,
@@ -213,12 +221,13 @@ class ScatterSession {
     this.conn = conn;
     this.shared = shared;
     this.dir = new ContentDirectory((cid, digest, mask) => this.fetcher.release(cid, digest, mask));
-    this.fetcher = new RelayFetcher(
-      this.dir,
-      shared.limiter,
-      (err) => this.failAll(asSgmError(err)),
-      (address, reason, lost) => this.relaysLost(address, reason, lost),
-    );
+    this.fetcher = new RelayFetcher(this.dir, shared.limiter, {
+      error: (err) => this.failAll(asSgmError(err)),
+      lost: (address, reason, lost) => this.relaysLost(address, reason, lost),
+      unreachable: (cid, why) => {
+        for (const a of this.vms.values()) a.contentUnreachable(cid, why);
+      },
+    });
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => this.onClosed(reason));
   }

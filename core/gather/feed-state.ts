@@ -90,28 +90,29 @@ export function saveFeedState(path: string, who: FeedIdentity, t: PageTable, dir
 }
 
 /**
- * Fills a fresh page table and directory from a saved state, given which
- * pages the destination says it received. Every page it lacks then owes its
- * content (needs it), ready for PostcopyDelivery; content no page needs is
- * let go, and its relays may drop it.
+ * Fills a fresh page table and directory from a saved state, before the
+ * destination says what it received: every page not confirmed there owes
+ * its content (needs it), so that nothing another VM of the run may still
+ * lack is let go while the destinations answer one by one. Checks the
+ * restored map against the digest agreed with the source, and the saved
+ * bytes against their digests, before QEMU is touched.
  */
-export function restoreFeedState(state: ResumeState, t: PageTable, dir: ContentDirectory, received: (i: number) => boolean): void {
+export function claimSavedState(state: ResumeState, t: PageTable, dir: ContentDirectory): void {
   if (t.total !== state.pages.length) throw new SgmError("data", `VM ${state.name}: the saved state has ${state.pages.length} pages, the destination ${t.total}`);
-  const cids = state.relayMasks.map((_, k) => dir.intern(state.digests, k * DIGEST_BYTES));
-  state.relayMasks.forEach((mask, k) => dir.restore(cids[k]!, mask));
+  const cids = Array.from(state.relayMasks, (mask, k) => {
+    const cid = dir.intern(state.digests, k * DIGEST_BYTES);
+    dir.restore(cid, mask);
+    return cid;
+  });
   for (let i = 0; i < t.total; i++) {
     const k = state.pages[i]!;
     const c = k === SAVED_ZERO ? ZERO : cids[k]!;
     t.content[i] = c;
-    if (received(i)) {
-      // QEMU takes a page once, and after the switch only in its final version
+    if (state.atDestination[i]) {
       t.delivered[i] = 1;
       t.fed[i] = c;
       t.written[i] = c;
-      continue;
-    }
-    if (state.atDestination[i]) throw new SgmError("data", `VM ${state.name}: the destination lacks page ${i}, which it had confirmed before the gather stopped`);
-    if (c >= 0) {
+    } else if (c >= 0) {
       dir.need(c);
       t.owing[i] = 1;
     }
@@ -123,9 +124,32 @@ export function restoreFeedState(state: ResumeState, t: PageTable, dir: ContentD
     if (digest.some((b, j) => b !== state.digests[k * DIGEST_BYTES + j])) throw new SgmError("data", `VM ${state.name}: saved content ${k} does not match its digest`);
     dir.fetched(cids[k]!, bytes);
   });
-  dir.settleAll();
   const map = finalMapDigest(state.name, t, dir);
   if (map !== state.map) {
     throw new SgmError("data", `VM ${state.name}: the saved state's page map (digest ${map.slice(0, 16)}) is not the one agreed with the source (${state.map.slice(0, 16)})`);
+  }
+}
+
+/**
+ * What the destination says it received: those pages are there in their
+ * final version (QEMU takes a page once, and after the switch only in its
+ * final version), and owe nothing more; content no page needs is let go.
+ */
+export function settleReceived(name: string, t: PageTable, dir: ContentDirectory, received: (i: number) => boolean): void {
+  for (let i = 0; i < t.total; i++) {
+    const has = received(i);
+    if (t.delivered[i] === 1) {
+      if (!has) throw new SgmError("data", `VM ${name}: the destination lacks page ${i}, which it had confirmed before the gather stopped`);
+      continue;
+    }
+    if (!has) continue;
+    const c = t.content[i]!;
+    t.delivered[i] = 1;
+    t.fed[i] = c;
+    t.written[i] = c;
+    if (t.owing[i] === 1) {
+      t.owing[i] = 0;
+      dir.unneed(c);
+    }
   }
 }

@@ -24,19 +24,34 @@ export async function recoverChannel(
   settle: (received: (i: number) => boolean) => void,
 ): Promise<RecoveryReader> {
   const names = t.blocks.map((b) => b.name);
-  const recovery = new RecoveryReader(names, Math.max(...t.blocks.map((b) => b.usedLength / TPS)));
+  const recovery = new RecoveryReader(t.blocks.map((b) => ({ name: b.name, pages: b.usedLength / TPS })));
   sock.setDataHandler((data) => recovery.feed(data));
   void sock.closed.then((reason) => recovery.fail(reason ?? new SgmError("unavailable", `VM ${name}: destination closed the recovery channel`)));
   writer.resumeChannel();
   t.blocks.forEach((_, b) => writer.askReceived(b));
   writer.flush();
-  const bitmaps = await recovery.bitmapsIn;
+  const bitmaps = await bounded(recovery.bitmapsIn, `VM ${name}: the destination sent no received bitmaps`);
   const perBlock = names.map((n) => bitmaps.get(n)!);
   settle((i) => {
     const b = t.blockOf(i);
     return perBlock[b]!.has(i - t.blockStart[b]!);
   });
   writer.resumePostcopy();
-  await recovery.acked;
+  await bounded(recovery.acked, `VM ${name}: the destination did not acknowledge POSTCOPY_RESUME`);
   return recovery;
+}
+
+/** QEMU answers at once; a destination silent this long will not (a stuck main loop, say). */
+const ANSWER_MS = 60_000;
+
+async function bounded<T>(promise: Promise<T>, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new SgmError("unavailable", `${what} within ${ANSWER_MS / 1000} s`)), ANSWER_MS);
+  });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
 }

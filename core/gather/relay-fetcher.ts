@@ -25,7 +25,8 @@ const FETCH_HIGH = 28 * 1024 * 1024;
 
 interface Relay {
   address: string;
-  conn: PeerConnection;
+  /** Null for a relay a resumed gather could not reach. */
+  conn: PeerConnection | null;
   /** Content ids to fetch from this relay in the background, in the order asked. */
   queue: number[];
   queueHead: number;
@@ -33,6 +34,19 @@ interface Relay {
   releases: Uint8Array[];
   bytesIn: number;
   pages: number;
+}
+
+export interface FetcherHandlers {
+  /** A relay broke the protocol, or sent a page unlike its digest. */
+  error(err: Error): void;
+  /**
+   * A relay went, with every relay lost so far (a bit each); heard before
+   * anything is asked again, so the VMs that needed what only those relays
+   * held fail first and want none of it.
+   */
+  lost(address: string, reason: string, lost: number): void;
+  /** No live relay holds this content (any more): the VMs that need it cannot finish. */
+  unreachable(cid: number, why: string): void;
 }
 
 export interface FetcherStats {
@@ -44,7 +58,8 @@ export class RelayFetcher {
   private readonly dir: ContentDirectory;
   private readonly limiter: RateLimiter | null;
   private readonly onError: (err: Error) => void;
-  private readonly onLost: (address: string, reason: string, lost: number) => void;
+  private readonly onLost: FetcherHandlers["lost"];
+  private readonly onUnreachable: FetcherHandlers["unreachable"];
   private relays: Relay[] = [];
   private run: Uint8Array = new Uint8Array(16);
   /** Content ids asked for and not arrived yet. */
@@ -61,28 +76,39 @@ export class RelayFetcher {
   private keepAlive: ReturnType<typeof setInterval> | null = null;
   private urgentFetches = 0;
 
-  /**
-   * `onLost` hears of a relay gone, with every relay lost so far (a bit
-   * each), before anything is asked again: the VMs that needed what only
-   * those relays held must fail then, and want none of it.
-   */
-  constructor(dir: ContentDirectory, limiter: RateLimiter | null, onError: (err: Error) => void, onLost: (address: string, reason: string, lost: number) => void = () => {}) {
+  constructor(dir: ContentDirectory, limiter: RateLimiter | null, handlers: FetcherHandlers) {
     this.dir = dir;
     this.limiter = limiter;
-    this.onError = onError;
-    this.onLost = onLost;
+    this.onError = handlers.error;
+    this.onLost = handlers.lost;
+    this.onUnreachable = handlers.unreachable;
   }
 
-  /** Connects to the run's relays, in the order their mask bits count them. */
-  async connect(run: Uint8Array, addresses: readonly string[], psk: Uint8Array, tls: TlsFiles | null): Promise<void> {
+  /**
+   * Connects to the run's relays, in the order their mask bits count them.
+   * All must answer; or, `tolerant` (a resumed gather, whose relays may have
+   * gone since), those that do: the others count as lost, and are returned
+   * with why.
+   */
+  async connect(
+    run: Uint8Array,
+    addresses: readonly string[],
+    psk: Uint8Array,
+    tls: TlsFiles | null,
+    tolerant = false,
+  ): Promise<Array<{ index: number; address: string; reason: string }>> {
     this.run = run;
+    const unreachable: Array<{ index: number; address: string; reason: string }> = [];
     this.relays = await Promise.all(
-      addresses.map(async (address) => {
+      addresses.map(async (address, index) => {
         const to = parseHostPort(address);
         if (!to) throw new SgmError("data", `scatter named relay '${address}'`);
         const conn = await PeerConnection.connect({ host: to.host, port: to.port, psk, tls, role: "gather", expectRole: "relay", maxPayload, timeoutMs: 10_000 }).catch(
           (err: Error) => {
-            throw new SgmError("unavailable", `relay ${address}: ${err.message}`);
+            if (!tolerant) throw new SgmError("unavailable", `relay ${address}: ${err.message}`);
+            unreachable.push({ index, address, reason: err.message });
+            this.lost |= 1 << index;
+            return null;
           },
         );
         const relay: Relay = { address, conn, queue: [], queueHead: 0, inFlight: 0, releases: [], bytesIn: 0, pages: 0 };
@@ -94,18 +120,25 @@ export class RelayFetcher {
     this.keepAlive = setInterval(() => {
       for (const relay of this.relays) {
         try {
-          relay.conn.send(RelayFrame.RELEASE, encodeRelease(this.run, new Uint8Array(0)));
+          relay.conn?.send(RelayFrame.RELEASE, encodeRelease(this.run, new Uint8Array(0)));
         } catch {
           // a relay gone away is noticed through its connection
         }
       }
     }, 60_000);
     this.relays.forEach((relay, index) => {
+      if (!relay.conn) return;
       relay.conn.onFrame((type, payload) => this.onFrame(index, type, payload));
       void relay.conn.closed.then((reason) => {
         if (!this.closing) this.onRelayLost(index, reason);
       });
     });
+    return unreachable;
+  }
+
+  /** Relays lost so far, a bit each. */
+  get lostMask(): number {
+    return this.lost;
   }
 
   get stats(): FetcherStats {
@@ -118,8 +151,9 @@ export class RelayFetcher {
     if (urgent) {
       this.urgentFetches++;
       this.wanted.add(cid);
+      const r = this.pickRelay(cid);
       try {
-        this.send(this.pickRelay(cid), [cid]);
+        if (r >= 0) this.send(r, [cid]);
       } catch (err) {
         this.onError(err as Error);
       }
@@ -127,13 +161,9 @@ export class RelayFetcher {
     }
     if (this.wanted.has(cid)) return;
     this.wanted.add(cid);
-    try {
-      const relay = this.relays[this.pickRelay(cid)]!;
-      relay.queue.push(cid);
-    } catch (err) {
-      this.onError(err as Error);
-      return;
-    }
+    const r = this.pickRelay(cid);
+    if (r < 0) return;
+    this.relays[r]!.queue.push(cid);
     this.pump();
   }
 
@@ -158,7 +188,7 @@ export class RelayFetcher {
     this.flushAllReleases();
     if (this.pumpTimer) clearTimeout(this.pumpTimer);
     if (this.keepAlive) clearInterval(this.keepAlive);
-    for (const relay of this.relays) relay.conn.close();
+    for (const relay of this.relays) relay.conn?.close();
   }
 
   /** Issues background GETs, a batch per relay at a time, while the rate, the windows and the gather's memory allow. */
@@ -238,21 +268,23 @@ export class RelayFetcher {
         this.wanted.delete(cid);
         continue;
       }
-      try {
-        this.relays[this.pickRelay(cid)]!.queue.push(cid);
-      } catch {
-        this.onError(new SgmError("unavailable", `relay ${relay.address} went away (${reason?.message ?? "connection closed"}) holding pages no other relay has`));
-        return;
-      }
+      const r = this.pickRelay(cid);
+      if (r >= 0) this.relays[r]!.queue.push(cid);
     }
     this.pump();
   }
 
-  /** The relay to ask: the first live holder not yet tried for this content. */
+  /**
+   * The relay to ask: the first live holder not yet tried for this content;
+   * -1 when there is none, and the VMs that need it hear so (unreachable).
+   */
   private pickRelay(cid: number): number {
     const mask = this.dir.relayMask(cid) & ~(this.tried.get(cid) ?? 0) & ~this.lost;
-    if (mask === 0) throw new SgmError("unavailable", `no relay holds page content ${this.hex(cid)} any more`);
-    return 31 - Math.clz32(mask & -mask);
+    if (mask !== 0) return 31 - Math.clz32(mask & -mask);
+    this.wanted.delete(cid);
+    this.tried.delete(cid);
+    this.onUnreachable(cid, `no relay holds page content ${this.hex(cid)} any more`);
+    return -1;
   }
 
   private send(relay: number, cids: number[]): void {
@@ -262,7 +294,7 @@ export class RelayFetcher {
     this.requests.set(req, { relay, digests });
     const r = this.relays[relay]!;
     r.inFlight++;
-    r.conn.send(RelayFrame.GET, encodeDigestRequest(this.run, req, digests));
+    r.conn!.send(RelayFrame.GET, encodeDigestRequest(this.run, req, digests));
   }
 
   private onFrame(index: number, type: number, payload: Uint8Array): void {
@@ -299,8 +331,9 @@ export class RelayFetcher {
     for (const cid of missing) {
       // try the next replica; none left means the content is lost
       this.tried.set(cid, (this.tried.get(cid) ?? 0) | (1 << index));
+      const r = this.pickRelay(cid);
       try {
-        this.send(this.pickRelay(cid), [cid]);
+        if (r >= 0) this.send(r, [cid]);
       } catch (err) {
         this.onError(err as Error);
       }

@@ -20,7 +20,7 @@
 // byte (1: the destination confirmed the page); per content its 32-byte
 // digest and a u32 relay mask; then the bytes of the contents held here.
 
-import { closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import { closeSync, lstatSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
@@ -75,16 +75,30 @@ export function resumeStatePath(dir: string, name: string, qmp: string): string 
   return join(dir, `${name.replace(/[^A-Za-z0-9_.-]/g, "_")}-${tag}.resume`);
 }
 
-/** Makes sure states can be saved in `dir`; a clear error now beats a VM that cannot be resumed later. */
+/**
+ * Makes sure states can be saved in `dir`, and only by us: a state read
+ * back is trusted to say what the guest's memory is. A clear error now
+ * beats a VM that cannot be resumed later.
+ */
 export function prepareStateDir(dir: string): void {
+  let why: string | null = null;
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const probe = join(dir, `.probe-${process.pid}`);
-    closeSync(openSync(probe, "w", 0o600));
-    rmSync(probe);
+    const st = lstatSync(dir);
+    const uid = process.getuid?.();
+    if (!st.isDirectory()) why = "not a directory";
+    else if (uid !== undefined && st.uid !== uid) why = `owned by uid ${st.uid}, not by this user (${uid})`;
+    else if ((st.mode & 0o022) !== 0) why = `writable by others (mode ${(st.mode & 0o777).toString(8)})`;
+    else {
+      const probe = join(dir, `.probe-${process.pid}`);
+      rmSync(probe, { force: true });
+      closeSync(openSync(probe, "wx", 0o600));
+      rmSync(probe);
+    }
   } catch (err) {
-    throw new SgmError("usage", `--state-dir ${dir}: cannot write there (${(err as Error).message})`);
+    why = (err as Error).message;
   }
+  if (why) throw new SgmError("usage", `--state-dir ${dir}: cannot keep states there: ${why}`);
 }
 
 /** Returns the bytes written. */
@@ -113,16 +127,21 @@ export function saveResumeState(path: string, state: ResumeState): number {
   const parts: Uint8Array[] = [head, json, le(state.pages), state.atDestination, state.digests, le(state.relayMasks)];
   for (const k of localIdx) parts.push(state.local[k]!);
   const tmp = `${path}.${process.pid}.tmp`;
-  const fd = openSync(tmp, "w", 0o600);
+  // exclusive: never through a link someone left in its place
+  rmSync(tmp, { force: true });
+  const fd = openSync(tmp, "wx", 0o600);
   let written = 0;
   try {
     for (const part of parts) {
       for (let at = 0; at < part.length; ) at += writeSync(fd, part, at, part.length - at);
       written += part.length;
     }
-  } finally {
+  } catch (err) {
     closeSync(fd);
+    rmSync(tmp, { force: true });
+    throw err;
   }
+  closeSync(fd);
   renameSync(tmp, path);
   return written;
 }

@@ -131,16 +131,16 @@ export class VmArrival {
 
   /**
    * A gather restarted with --resume: the VM runs here already, on a
-   * postcopy paused when the gather before this one died; this one
-   * recovers it from the saved state and finishes the migration.
+   * postcopy paused when the gather before this one died. First its saved
+   * state (checked before QEMU is touched), then resumeFeed().
    */
-  async resume(
+  claimSaved(
     state: ResumeState,
     content: { dir: ContentDirectory; fetch: (cid: number, urgent: boolean) => void },
     socketDir: string,
     saving: Saving,
     postcopyBandwidth?: number,
-  ): Promise<void> {
+  ): void {
     this.stage = "running";
     this.postcopy = true;
     this.sourceFinished = true;
@@ -165,10 +165,26 @@ export class VmArrival {
       (err: Error) => this.fail(err instanceof SgmError ? err : new SgmError("unavailable", err.message)),
     );
     try {
-      await feed.resume(state);
+      feed.claim(state);
     } catch (err) {
       this.fail(asResumeError(err));
     }
+  }
+
+  /** Recovers the destination's postcopy and finishes the migration (after claimSaved). */
+  async resumeFeed(): Promise<void> {
+    if (!this.isOpen) return;
+    try {
+      await this.feed!.resume();
+    } catch (err) {
+      this.fail(asResumeError(err));
+    }
+  }
+
+  /** A gather restarted with --resume found this VM's migration completed already. */
+  completedBefore(): void {
+    this.stage = "completed";
+    this.finished.resolve();
   }
 
   private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log"> {
@@ -263,19 +279,23 @@ export class VmArrival {
    * and what that means for the VM. True if it did.
    */
   relaysLost(address: string, reason: string, lost: number, dir: ContentDirectory): boolean {
-    if (!this.feed || this.stage === "completed" || this.stage === "failed") return false;
-    const t = this.feed.table;
-    let pages = 0;
-    for (let i = 0; i < t.total; i++) {
-      const c = t.content[i]!;
-      if (t.owing[i] === 1 && c >= 0 && !dir.isLocal(c) && (dir.relayMask(c) & ~lost) === 0) pages++;
-    }
+    const gone = (c: number) => !dir.isLocal(c) && (dir.relayMask(c) & ~lost) === 0;
+    return this.failIfOwed(gone, (pages) => `relay ${address} went away (${reason}) with the only copy of ${pages} pages its destination still lacks`);
+  }
+
+  /** No live relay holds this content: the VM fails if it still owes it. */
+  contentUnreachable(cid: number, why: string): boolean {
+    return this.failIfOwed((c) => c === cid, (pages) => `${why}, and ${pages} pages its destination still lacks have it`);
+  }
+
+  private failIfOwed(lacking: (cid: number) => boolean, what: (pages: number) => string): boolean {
+    if (!this.feed || !this.isOpen) return false;
+    const pages = this.feed.owedPages(lacking);
     if (pages === 0) return false;
-    const after = this.stage === "switching" || this.stage === "running";
-    const fate = after
+    const fate = this.feed.runsThere
       ? "the VM runs at the destination, paused (postcopy-paused) until they come, and cannot complete without them"
       : "the VM keeps running at the source";
-    this.fail(new SgmError("unavailable", `VM ${this.name}: relay ${address} went away (${reason}) with the only copy of ${pages} pages its destination still lacks; ${fate}`));
+    this.fail(new SgmError("unavailable", `VM ${this.name}: ${what(pages)}; ${fate}`));
     return true;
   }
 

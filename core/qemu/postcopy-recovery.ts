@@ -58,7 +58,7 @@ export class RecoveryReader {
   private buf = new Uint8Array(0);
   private expect: Expect = { kind: "bitmap-message" };
   private readonly wanted: string[];
-  private readonly maxBitmapBytes: number;
+  private readonly bitmapBytes: number[];
   readonly bitmaps = new Map<string, ReceivedBitmap>();
   private readonly allBitmaps = Promise.withResolvers<Map<string, ReceivedBitmap>>();
   private readonly finished = Promise.withResolvers<void>();
@@ -68,10 +68,11 @@ export class RecoveryReader {
   /** Resolves once RESUME_ACK came. */
   readonly acked = this.finished.promise;
 
-  /** `blocks`: the names asked for, in order; `maxPages`: the largest block's pages. */
-  constructor(blocks: readonly string[], maxPages: number) {
-    this.wanted = [...blocks];
-    this.maxBitmapBytes = Math.ceil(maxPages / 64) * 8 + 8;
+  /** `blocks`: the blocks asked for, in order, and their pages. */
+  constructor(blocks: ReadonlyArray<{ name: string; pages: number }>) {
+    this.wanted = blocks.map((b) => b.name);
+    // QEMU's size: its bitmap's longs, whole (ramblock_recv_bitmap_send)
+    this.bitmapBytes = blocks.map((b) => Math.ceil(b.pages / 64) * 8);
     if (this.wanted.length === 0) throw new SgmError("internal", "postcopy recovery of no RAM block");
     this.bitmapsIn.catch(() => {});
     this.acked.catch(() => {});
@@ -117,7 +118,8 @@ export class RecoveryReader {
     if (e.kind === "bitmap-bytes") {
       if (b.length < 8) return false;
       const size = Number(dv.getBigUint64(0));
-      if (size > this.maxBitmapBytes || size % 8 !== 0) throw new SgmError("data", `postcopy recovery: a bitmap of ${size} bytes for block '${e.block}'`);
+      const expected = this.bitmapBytes[this.bitmaps.size]!;
+      if (size !== expected) throw new SgmError("data", `postcopy recovery: a bitmap of ${size} bytes for block '${e.block}', not ${expected}`);
       if (b.length < 16 + size) return false;
       if (dv.getBigUint64(8 + size) !== RECV_BITMAP_ENDING) throw new SgmError("data", `postcopy recovery: block '${e.block}''s bitmap lacks its end mark`);
       this.bitmaps.set(e.block, new ReceivedBitmap(e.block, b.slice(8, 8 + size)));
