@@ -44,7 +44,8 @@ describe("eviction through scatter and gather", () => {
     // the wall clock from scatter's start: a few ms apart at most (in
     // precopy the destination completes as the VM is evicted)
     expect(gr.totalMs!).toBeGreaterThanOrEqual(sr.evictionMs! - 50);
-    expect(sr.bytes.fromSource).toBeGreaterThan(256 * 1024 * 1024);
+    // every page the guest writes crossed at least once (how often again depends on the machine's speed)
+    expect(sr.bytes.fromSource).toBeGreaterThan(pair.layout.dataEnd - pair.layout.dataStart);
     expect(await pair.source.status()).toBe("postmigrate");
     expect(await pair.destination.status()).toBe("running");
 
