@@ -30,23 +30,24 @@ function sampleState(): ResumeState {
     atDestination: Uint8Array.from([1, 0, 0, 0]),
     digests: new Uint8Array(64).map((_, i) => i),
     relayMasks: Uint32Array.from([1, 0]),
-    local: [null, page],
+    localIndex: [1],
+    localBytes: page,
   };
 }
 
 describe("saved state for --resume", () => {
-  test("what is saved loads back the same, private to its owner", () => {
+  test("what is saved loads back the same, private to its owner", async () => {
     const path = join(dir, "a.resume");
     const state = sampleState();
-    const bytes = saveResumeState(path, state);
+    const bytes = await saveResumeState(path, state);
     expect(statSync(path).size).toBe(bytes);
     expect(statSync(path).mode & 0o777).toBe(0o600);
     expect(loadResumeState(path)).toEqual(state);
   });
 
-  test("a truncated or foreign file is refused, naming the file", () => {
+  test("a truncated or foreign file is refused, naming the file", async () => {
     const path = join(dir, "b.resume");
-    saveResumeState(path, sampleState());
+    await saveResumeState(path, sampleState());
     const whole = readFileSync(path);
     writeFileSync(path, whole.subarray(0, whole.length - 1));
     expect(() => loadResumeState(path)).toThrow(/b\.resume: not a state sgm saved \(\d+ bytes where \d+ were expected\)/);

@@ -58,7 +58,7 @@ describe("gather --resume", () => {
     const sr = report<ScatterReport>(s).vms[0]!;
     expect(sr.source).toBe("paused");
     expect(String(sr.switchover)).toBe(switchover[1]!);
-    expect(first.gather.stderr()).toMatch(new RegExp(`${pair.name}: state for --resume saved to \\S+ \\([\\d.]+ [KMG]?i?B in \\d+ ms\\)`));
+    expect(first.gather.stderr()).toMatch(new RegExp(`${pair.name}: state for --resume saved to \\S+ \\([\\d.]+ [KMG]?i?B; taken in \\d+ ms, written in \\d+ ms\\)`));
     expect(await migrationStatus(pair.destination)).toBe("postcopy-active");
     const stateDir = join(dir, "gather-state");
     expect(readdirSync(stateDir).filter((f) => f.startsWith(`${pair.name}-`))).toHaveLength(1);
@@ -135,9 +135,10 @@ describe("gather --resume", () => {
   test("without a saved state, --resume refuses in one line and leaves the destination as it is", async () => {
     const pair = await startPair(dir, "nostate", { memMiB: 32, seed: 402 });
     const r = await (
-      await startSgm(["gather", "--listen", "127.0.0.1:0", "--vm", `nostate=${pair.destination.qmpPath}`, "--psk-file", psk, "--state-dir", join(dir, "empty"), "--resume"])
+      await startSgm(["gather", "--listen", "127.0.0.1:0", "--vm", `nostate=${pair.destination.qmpPath}`, "--psk-file", psk, "--state-dir", join(dir, "empty"), "--resume", "--json"])
     ).result();
     expectExit(r, 69);
+    expect(report<GatherReport>(r).vms).toMatchObject([{ name: "nostate", ok: false, exitCode: 69 }]);
     expect(r.stderr).toMatch(/no saved state at .*nostate-[0-9a-f]{12}\.resume: the gather stopped before this VM ran at the destination, or its migration ended/);
     expect(await pair.destination.status()).toBe("inmigrate");
     expect(existsSync(join(dir, "empty"))).toBe(true);

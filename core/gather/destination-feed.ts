@@ -27,8 +27,8 @@ import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
 import { DeliveryAcks } from "./delivery-acks.ts";
-import { claimSavedState, type SavedOrigin, saveFeedState, settleReceived } from "./feed-state.ts";
-import type { ResumeState } from "./resume-state.ts";
+import { claimSavedState, type SavedOrigin, settleReceived, snapshotFeedState } from "./feed-state.ts";
+import { type ResumeState, saveResumeState } from "./resume-state.ts";
 import { recoverChannel } from "./recovery-handshake.ts";
 import { countPages, pickSpare, staleRanges } from "./switchover-discards.ts";
 import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
@@ -124,6 +124,8 @@ export class DestinationFeed {
   /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
   private spare = -1;
   private pingQueued = false;
+  /** Resolves once the saved state is written (see saveState). */
+  saved: Promise<void> = Promise.resolve();
   /** The final map's digest, once computed for the scatter to compare. */
   private agreedMap = "";
   /** Pages written after switchover keep their content until the destination confirms them. */
@@ -471,22 +473,38 @@ export class DestinationFeed {
     });
   }
 
+  /**
+   * The state, taken now and written while delivery goes on: the VM's first
+   * page requests wait for the snapshot only. `saved` resolves once it is
+   * written, or could not be.
+   */
   private saveState(): void {
-    const path = this.options.statePath;
+    const o = this.options;
+    const path = o.statePath;
     if (path === null) return;
     const started = performance.now();
-    try {
-      const o = this.options;
-      const bytes = saveFeedState(path, { name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir);
-      o.log(`${this.name}: state for --resume saved to ${path} (${formatBytes(bytes)} in ${Math.round(performance.now() - started)} ms)`);
-    } catch (err) {
+    const cannot = (err: unknown) => {
       this.forgetState();
-      this.options.log(`VM ${this.name}: could not save its state for --resume (${(err as Error).message}); if this gather dies before the migration completes, the VM is lost`);
+      o.log(`VM ${this.name}: could not save its state for --resume (${(err as Error).message}); if this gather dies before the migration completes, the VM is lost`);
+    };
+    let state: ResumeState;
+    try {
+      state = snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir);
+    } catch (err) {
+      cannot(err);
+      return;
     }
+    const taken = performance.now() - started;
+    this.saved = saveResumeState(path, state).then(
+      (bytes) => o.log(`${this.name}: state for --resume saved to ${path} (${formatBytes(bytes)}; taken in ${Math.round(taken)} ms, written in ${Math.round(performance.now() - started - taken)} ms)`),
+      cannot,
+    );
   }
 
+  /** Removes the saved state, once any write of it is over. */
   private forgetState(): void {
-    if (this.options.statePath) rmSync(this.options.statePath, { force: true });
+    const path = this.options.statePath;
+    if (path) void this.saved.then(() => rmSync(path, { force: true }));
   }
 
   /**

@@ -3,13 +3,13 @@
 // the VM runs at the destination; restoring, in a gather started with
 // --resume, against the received bitmap the paused destination reports.
 
-import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
+import { DIGEST_BYTES, digestPage, PAGE_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import { finalMapDigest } from "./final-checks.ts";
 import { PageTable, UNKNOWN, ZERO } from "./page-table.ts";
-import { type ResumeState, SAVED_ZERO, saveResumeState } from "./resume-state.ts";
+import { type ResumeState, SAVED_ZERO } from "./resume-state.ts";
 
 /** The run a VM came in: its id on the relays (hex) and the relays, in mask bit order. */
 export interface SavedRun {
@@ -33,13 +33,17 @@ export interface FeedIdentity extends SavedOrigin {
 }
 
 /**
- * Saves every page's final content, and which pages the destination
- * confirmed; for the rest, where their content is. Content a page still
- * owes is here or on a relay: the page's need keeps it so.
+ * Every page's final content, and which pages the destination confirmed;
+ * for the rest, where their content is, and the bytes of what only the
+ * gather holds, copied: taken at one instant, written while delivery goes
+ * on (saveResumeState). Content a page still owes is here or on a relay:
+ * the page's need keeps it so.
  */
-/** Returns the bytes saved. */
-export function saveFeedState(path: string, who: FeedIdentity, t: PageTable, dir: ContentDirectory): number {
-  const index = new Map<number, number>();
+export function snapshotFeedState(who: FeedIdentity, t: PageTable, dir: ContentDirectory): ResumeState {
+  let top = -1;
+  for (let i = 0; i < t.total; i++) if (t.content[i]! > top) top = t.content[i]!;
+  // content ids are dense: an array maps them to the state's numbers
+  const index = new Int32Array(top + 1).fill(-1);
   const pages = new Int32Array(t.total);
   const atDestination = new Uint8Array(t.total);
   const cids: number[] = [];
@@ -50,10 +54,9 @@ export function saveFeedState(path: string, who: FeedIdentity, t: PageTable, dir
       continue;
     }
     if (c < 0) throw new SgmError("internal", `VM ${who.name}: saving a page the source still owes`);
-    let k = index.get(c);
-    if (k === undefined) {
-      k = cids.length;
-      index.set(c, k);
+    let k = index[c]!;
+    if (k < 0) {
+      k = index[c] = cids.length;
       cids.push(c);
     }
     pages[i] = k;
@@ -62,31 +65,19 @@ export function saveFeedState(path: string, who: FeedIdentity, t: PageTable, dir
   }
   const digests = new Uint8Array(cids.length * DIGEST_BYTES);
   const relayMasks = new Uint32Array(cids.length);
-  const local: Array<Uint8Array | null> = new Array(cids.length).fill(null);
   const owed = new Uint8Array(cids.length);
   for (let i = 0; i < t.total; i++) if (pages[i]! >= 0 && !atDestination[i]) owed[pages[i]!] = 1;
+  const localIndex: number[] = [];
   cids.forEach((c, k) => {
-    digests.set(dir.digestOf(c).subarray(0, DIGEST_BYTES), k * DIGEST_BYTES);
+    digests.set(dir.digestOf(c), k * DIGEST_BYTES);
     relayMasks[k] = dir.relayMask(c);
     if (!owed[k]) return;
-    if (dir.isLocal(c)) local[k] = dir.data(c);
+    if (dir.isLocal(c)) localIndex.push(k);
     else if (relayMasks[k] === 0) throw new SgmError("internal", `VM ${who.name}: content a page still owes is held nowhere`);
   });
-  return saveResumeState(path, {
-    name: who.name,
-    blocks: [...who.blocks],
-    sectionId: who.sectionId,
-    run: who.run,
-    relays: who.relays,
-    map: who.map,
-    startedAt: who.startedAt,
-    sourceQemu: who.sourceQemu,
-    pages,
-    atDestination,
-    digests,
-    relayMasks,
-    local,
-  });
+  const localBytes = new Uint8Array(localIndex.length * PAGE_BYTES);
+  localIndex.forEach((k, j) => localBytes.set(dir.data(cids[k]!), j * PAGE_BYTES));
+  return { ...who, blocks: [...who.blocks], pages, atDestination, digests, relayMasks, localIndex, localBytes };
 }
 
 /**
@@ -118,10 +109,10 @@ export function claimSavedState(state: ResumeState, t: PageTable, dir: ContentDi
     }
   }
   const digest = new Uint8Array(DIGEST_BYTES);
-  state.local.forEach((bytes, k) => {
-    if (!bytes) return;
+  state.localIndex.forEach((k, j) => {
+    const bytes = state.localBytes.subarray(j * PAGE_BYTES, (j + 1) * PAGE_BYTES);
     digestPage(bytes, digest);
-    if (digest.some((b, j) => b !== state.digests[k * DIGEST_BYTES + j])) throw new SgmError("data", `VM ${state.name}: saved content ${k} does not match its digest`);
+    if (digest.some((b, n) => b !== state.digests[k * DIGEST_BYTES + n])) throw new SgmError("data", `VM ${state.name}: saved content ${k} does not match its digest`);
     dir.fetched(cids[k]!, bytes);
   });
   const map = finalMapDigest(state.name, t, dir);

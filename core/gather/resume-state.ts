@@ -20,7 +20,8 @@
 // byte (1: the destination confirmed the page); per content its 32-byte
 // digest and a u32 relay mask; then the bytes of the contents held here.
 
-import { closeSync, lstatSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs";
+import { closeSync, lstatSync, mkdirSync, openSync, readFileSync, rmSync } from "node:fs";
+import { open, rename, rm } from "node:fs/promises";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
@@ -50,8 +51,9 @@ export interface ResumeState {
   /** Per content: its digest (DIGEST_BYTES each) and the relays holding it. */
   digests: Uint8Array;
   relayMasks: Uint32Array;
-  /** Per content: its bytes, when only the gather held them. */
-  local: Array<Uint8Array | null>;
+  /** The contents whose bytes only the gather held, and those bytes, in that order. */
+  localIndex: number[];
+  localBytes: Uint8Array;
 }
 
 interface Description {
@@ -101,12 +103,8 @@ export function prepareStateDir(dir: string): void {
   if (why) throw new SgmError("usage", `--state-dir ${dir}: cannot keep states there: ${why}`);
 }
 
-/** Returns the bytes written. */
-export function saveResumeState(path: string, state: ResumeState): number {
-  const localIdx: number[] = [];
-  state.local.forEach((bytes, k) => {
-    if (bytes) localIdx.push(k);
-  });
+/** Writes the state whole, then renames it into place; returns the bytes written. */
+export async function saveResumeState(path: string, state: ResumeState): Promise<number> {
   const description: Description = {
     name: state.name,
     blocks: state.blocks.map((b) => ({ name: b.name, usedLength: b.usedLength })),
@@ -118,31 +116,30 @@ export function saveResumeState(path: string, state: ResumeState): number {
     sourceQemu: state.sourceQemu,
     pages: state.pages.length,
     contents: state.relayMasks.length,
-    local: localIdx,
+    local: state.localIndex,
   };
   const json = new TextEncoder().encode(JSON.stringify(description));
   const head = new Uint8Array(MAGIC.length + 4);
   head.set(MAGIC);
   new DataView(head.buffer).setUint32(MAGIC.length, json.length);
-  const parts: Uint8Array[] = [head, json, le(state.pages), state.atDestination, state.digests, le(state.relayMasks)];
-  for (const k of localIdx) parts.push(state.local[k]!);
+  const parts: Uint8Array[] = [head, json, le(state.pages), state.atDestination, state.digests, le(state.relayMasks), state.localBytes];
   const tmp = `${path}.${process.pid}.tmp`;
   // exclusive: never through a link someone left in its place
-  rmSync(tmp, { force: true });
-  const fd = openSync(tmp, "wx", 0o600);
+  await rm(tmp, { force: true });
+  const file = await open(tmp, "wx", 0o600);
   let written = 0;
   try {
     for (const part of parts) {
-      for (let at = 0; at < part.length; ) at += writeSync(fd, part, at, part.length - at);
+      for (let at = 0; at < part.length; ) at += (await file.write(part, at, part.length - at)).bytesWritten;
       written += part.length;
     }
   } catch (err) {
-    closeSync(fd);
-    rmSync(tmp, { force: true });
+    await file.close();
+    await rm(tmp, { force: true });
     throw err;
   }
-  closeSync(fd);
-  renameSync(tmp, path);
+  await file.close();
+  await rename(tmp, path);
   return written;
 }
 
@@ -180,13 +177,10 @@ export function loadResumeState(path: string): ResumeState {
   const atDestination = take(d.pages);
   const digests = take(DIGEST_BYTES * d.contents);
   const relayMasks = new Uint32Array(take(4 * d.contents).buffer);
-  const local: Array<Uint8Array | null> = new Array(d.contents).fill(null);
-  for (const k of d.local) {
-    if (!(k >= 0 && k < d.contents)) throw bad(`local content ${k}`);
-    local[k] = take(PAGE_BYTES);
-  }
+  for (const k of d.local) if (!(k >= 0 && k < d.contents)) throw bad(`local content ${k}`);
+  const localBytes = take(PAGE_BYTES * d.local.length);
   for (const p of pages) if (p < SAVED_ZERO || p >= d.contents) throw bad(`page names content ${p}`);
-  return { name: d.name, blocks: d.blocks, sectionId: d.sectionId, run: d.run, relays: d.relays, map: d.map, startedAt: d.startedAt, sourceQemu: d.sourceQemu, pages, atDestination, digests, relayMasks, local };
+  return { name: d.name, blocks: d.blocks, sectionId: d.sectionId, run: d.run, relays: d.relays, map: d.map, startedAt: d.startedAt, sourceQemu: d.sourceQemu, pages, atDestination, digests, relayMasks, localIndex: d.local, localBytes };
 }
 
 /** A typed array's bytes: little-endian, the only order sgm runs on (checked below). */

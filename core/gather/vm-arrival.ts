@@ -219,8 +219,12 @@ export class VmArrival {
       this.sourceFinished = true;
       const mine = this.checkFinalMap(map);
       if (!mine) return;
-      this.feed!.sourceFinished();
-      this.send({ t: "held", vm: this.vmId, map: mine });
+      const feed = this.feed!;
+      feed.sourceFinished();
+      // the scatter quits the source once it hears: the state must be written first
+      void feed.saved.then(() => {
+        if (this.stage !== "failed") this.send({ t: "held", vm: this.vmId, map: mine });
+      });
       return;
     }
     if (this.stage !== "streaming" || !this.deviceComplete) throw new SgmError("data", `VM ${this.name}: source done without its device state`);
@@ -269,6 +273,8 @@ export class VmArrival {
     await this.feed!.switchover(Buffer.concat(this.device));
     this.device = [];
     this.resumedAt = await this.feed!.resumedAt();
+    // the scatter quits the source once it hears: the state must be written first
+    await this.feed!.saved;
     if (this.stage === "switching") this.stage = "running";
     this.send({ t: "running", vm: this.vmId, resumedAt: this.resumedAt });
   }
