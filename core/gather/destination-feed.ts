@@ -10,8 +10,6 @@
 // (content-directory.ts), so the bytes stay until written there; written,
 // the page lets go, and the gather holds no copy of the VM.
 
-import { rmSync } from "node:fs";
-import { formatBytes } from "../units.ts";
 import { join } from "node:path";
 import { SgmError } from "../errors.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
@@ -28,7 +26,8 @@ import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
 import { DeliveryAcks } from "./delivery-acks.ts";
 import { claimSavedState, type SavedOrigin, settleReceived, snapshotFeedState } from "./feed-state.ts";
-import { type ResumeState, saveResumeState } from "./resume-state.ts";
+import type { ResumeState } from "./resume-state.ts";
+import { StateKeeper } from "./state-keeper.ts";
 import { recoverChannel } from "./recovery-handshake.ts";
 import { countPages, pickSpare, staleRanges } from "./switchover-discards.ts";
 import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
@@ -124,8 +123,8 @@ export class DestinationFeed {
   /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
   private spare = -1;
   private pingQueued = false;
-  /** Resolves once the saved state is written (see saveState). */
-  saved: Promise<void> = Promise.resolve();
+  /** The VM's saved state for --resume; the scatter may quit the source once it is written (state.saved). */
+  readonly state: StateKeeper;
   /** The final map's digest, once computed for the scatter to compare. */
   private agreedMap = "";
   /** Pages written after switchover keep their content until the destination confirms them. */
@@ -140,6 +139,7 @@ export class DestinationFeed {
     this.dest = options.dest;
     this.dir = options.dir;
     this.postcopyBandwidth = options.postcopyBandwidth ?? Infinity;
+    this.state = new StateKeeper(options.statePath, options.name, options.log);
     this.table = new PageTable(options.blocks);
     this.queued = new Uint8Array(this.table.total);
     this.waits = new PageWaits(this.table.total);
@@ -157,7 +157,7 @@ export class DestinationFeed {
   /** Has QEMU listen, connects, and starts the stream. */
   async start(): Promise<void> {
     // a state left by an earlier migration to this QEMU must never be resumed into this one
-    this.forgetState();
+    this.state.forget();
     await this.dest.listen(this.socketPath);
     const sock = await this.connect();
     const rp = this.returnPath();
@@ -427,7 +427,7 @@ export class DestinationFeed {
       await this.dest.waitCompleted(24 * 3600 * 1000);
       // the destination has every page: what was kept for a resume can go
       this.acks.confirmAll();
-      this.forgetState();
+      this.state.forget();
       this.done.resolve();
     } catch (err) {
       this.failure = err as Error;
@@ -473,38 +473,10 @@ export class DestinationFeed {
     });
   }
 
-  /**
-   * The state, taken now and written while delivery goes on: the VM's first
-   * page requests wait for the snapshot only. `saved` resolves once it is
-   * written, or could not be.
-   */
+  /** The state, taken now, written while delivery goes on (state-keeper.ts). */
   private saveState(): void {
     const o = this.options;
-    const path = o.statePath;
-    if (path === null) return;
-    const started = performance.now();
-    const cannot = (err: unknown) => {
-      this.forgetState();
-      o.log(`VM ${this.name}: could not save its state for --resume (${(err as Error).message}); if this gather dies before the migration completes, the VM is lost`);
-    };
-    let state: ResumeState;
-    try {
-      state = snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir);
-    } catch (err) {
-      cannot(err);
-      return;
-    }
-    const taken = performance.now() - started;
-    this.saved = saveResumeState(path, state).then(
-      (bytes) => o.log(`${this.name}: state for --resume saved to ${path} (${formatBytes(bytes)}; taken in ${Math.round(taken)} ms, written in ${Math.round(performance.now() - started - taken)} ms)`),
-      cannot,
-    );
-  }
-
-  /** Removes the saved state, once any write of it is over. */
-  private forgetState(): void {
-    const path = this.options.statePath;
-    if (path) void this.saved.then(() => rmSync(path, { force: true }));
+    this.state.save(() => snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir));
   }
 
   /**
@@ -545,7 +517,7 @@ export class DestinationFeed {
     this.phase = "failed";
     // a wrong page may be at the destination: nothing may resume this VM
     const wrong = reason instanceof SgmError && reason.kind === "data";
-    if (wrong) this.forgetState();
+    if (wrong) this.state.forget();
     this.sock?.destroy(reason);
     this.letGoAll(ran && !wrong);
     this.done.reject(reason);

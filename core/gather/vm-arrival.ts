@@ -222,7 +222,7 @@ export class VmArrival {
       const feed = this.feed!;
       feed.sourceFinished();
       // the scatter quits the source once it hears: the state must be written first
-      void feed.saved.then(() => {
+      void feed.state.saved.then(() => {
         if (this.stage !== "failed") this.send({ t: "held", vm: this.vmId, map: mine });
       });
       return;
@@ -274,7 +274,7 @@ export class VmArrival {
     this.device = [];
     this.resumedAt = await this.feed!.resumedAt();
     // the scatter quits the source once it hears: the state must be written first
-    await this.feed!.saved;
+    await this.feed!.state.saved;
     if (this.stage === "switching") this.stage = "running";
     this.send({ t: "running", vm: this.vmId, resumedAt: this.resumedAt });
   }
