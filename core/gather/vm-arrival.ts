@@ -57,6 +57,8 @@ export class VmArrival {
   private postcopy = false;
   /** The source's stream has ended: no more page maps. */
   private sourceFinished = false;
+  /** The scatter has been sent the last message it waits for ('running', or 'held' from a postcopy source). */
+  private readonly told = Promise.withResolvers<void>();
 
   constructor(dest: DestinationQemu) {
     this.name = dest.name;
@@ -144,6 +146,7 @@ export class VmArrival {
     this.stage = "running";
     this.postcopy = true;
     this.sourceFinished = true;
+    this.told.resolve(); // no scatter waits
     this.startedAt = state.startedAt;
     this.sourceQemu = state.sourceQemu;
     const feed = new DestinationFeed({
@@ -224,6 +227,7 @@ export class VmArrival {
       // the scatter quits the source once it hears: the state must be written first
       void feed.state.saved.then(() => {
         if (this.stage !== "failed") this.send({ t: "held", vm: this.vmId, map: mine });
+        this.told.resolve();
       });
       return;
     }
@@ -277,6 +281,8 @@ export class VmArrival {
     await this.feed!.state.saved;
     if (this.stage === "switching") this.stage = "running";
     this.send({ t: "running", vm: this.vmId, resumedAt: this.resumedAt });
+    // a postcopy source's scatter waits for 'held' after this
+    if (!this.postcopy) this.told.resolve();
   }
 
   /**
@@ -317,6 +323,8 @@ export class VmArrival {
   }
 
   fail(reason: SgmError): void {
+    // nothing more will be told the scatter: a completion waiting on it goes on
+    this.told.resolve();
     if (this.stage === "completed" || this.stage === "failed") return;
     if (reason.kind === "data" && (this.stage === "switching" || this.stage === "running")) {
       // a wrong page may already be in use: the VM must not run on here
@@ -382,8 +390,11 @@ export class VmArrival {
     if (this.stage === "failed") return;
     this.stage = "completed";
     this.completedAt = Date.now();
-    this.send({ t: "completed", vm: this.vmId, completedAt: this.completedAt });
-    this.finished.resolve();
+    // the gather may exit once every VM is done: not before the scatter heard what it waits for
+    void this.told.promise.then(() => {
+      this.send({ t: "completed", vm: this.vmId, completedAt: this.completedAt! });
+      this.finished.resolve();
+    });
   }
 }
 
