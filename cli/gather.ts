@@ -57,10 +57,11 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const vms = parseVmPairs(flags.vm);
       const maxRate = flags.maxRate === undefined ? undefined : parseRate("--max-rate", String(flags.maxRate));
       const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
+      if (flags.resume && flags.readyFd !== undefined) throw new SgmError("usage", "--ready-fd with --resume: a resumed gather listens for no scatter");
+      const stateDir = parseStateDir(flags.stateDir, Boolean(flags.resume));
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
-      const stateDir = parseStateDir(flags.stateDir, Boolean(flags.resume));
       setQuiet(Boolean(flags.quiet));
       const report = await withProgress("gathered", Boolean(flags.quiet), (onProgress) =>
         runGather({

@@ -69,6 +69,7 @@ describe("dist/sgm", () => {
     [["evacuate", "--vm", "a=/x", "--to", "h:1", "--psk-file", "/k", "--max-passes", "3"], "--max-passes needs --switchover precopy"],
     [["gather", "--listen", "127.0.0.1:0", "--psk-file", "/k"], "--vm NAME=QMP_SOCKET is required"],
     [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--postcopy-bandwidth", "fast"], "--postcopy-bandwidth 'fast': expected a size such as 8GiB or 512MiB"],
+    [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--resume", "--state-dir", "none"], "--resume needs the --state-dir the gather before it saved to, not 'none'"],
   ])("usage error %j", async (args, message) => {
     const r = await runSgm(args);
     expectExit(r, 2);
