@@ -56,20 +56,13 @@ export interface ResumeState {
   localBytes: Uint8Array;
 }
 
-interface Description {
-  name: string;
-  blocks: RamBlockInfo[];
-  sectionId: number;
-  run: string;
-  relays: string[];
-  map: string;
-  startedAt: number | null;
-  sourceQemu: string | null;
+/** The state's JSON part: everything but the arrays, which follow it, counted here. */
+type Description = Omit<ResumeState, "pages" | "atDestination" | "digests" | "relayMasks" | "localIndex" | "localBytes"> & {
   pages: number;
   contents: number;
   /** Indices of the contents whose bytes follow. */
   local: number[];
-}
+};
 
 /** The file that holds a VM's state: named by the VM and its destination's QMP address, so two gathers on one host never share one. */
 export function resumeStatePath(dir: string, name: string, qmp: string): string {

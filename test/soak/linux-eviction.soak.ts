@@ -177,15 +177,8 @@ async function killGatherAndResume(dir: string, switchover: Case["switchover"], 
     g = await (await resumeGather([pair], psk, port)).result();
   }
   if (g.code !== 0) return `sgm failed: ${completed ? "gather" : "resumed gather"} ${g.code}: ${report<GatherReport>(g).vms[0]?.error ?? g.stderr.trim().split("\n").at(-1)}`;
-  try {
-    if (n % 2 === 0) {
-      await expectMemoryEqual(pair, dir);
-      await pair.destination.qmp.execute("cont");
-    }
-    await expectGuestRunsOn(pair);
-  } catch (err) {
-    return `wrong guest: ${(err as Error).message.split("\n").slice(0, 6).join(" ")}`;
-  }
+  const wrong = await proveGuest(pair, dir, n % 2 === 0);
+  if (wrong) return wrong;
   if (completed) return "ok (the gather completed before the kill)";
   const delivered = report<GatherReport>(g).vms[0]!.pages.deliveredPages;
   return `ok (the resumed gather delivered ${delivered} pages)`;
@@ -218,15 +211,8 @@ async function loseRelay(dir: string, switchover: Case["switchover"], killAfterM
     const why = [...report<ScatterReport>(s).vms, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
     return `sgm failed: scatter ${s.code}, gather ${g.code}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
   }
-  try {
-    if (n % 2 === 0) {
-      await expectMemoryEqual(pair, dir);
-      await pair.destination.qmp.execute("cont");
-    }
-    await expectGuestRunsOn(pair);
-  } catch (err) {
-    return `wrong guest: ${(err as Error).message.split("\n").slice(0, 6).join(" ")}`;
-  }
+  const wrong = await proveGuest(pair, dir, n % 2 === 0);
+  if (wrong) return wrong;
   const lost = report<ScatterReport>(s).relays.some((r) => r.lost !== null);
   if (!killed) return "ok (the run ended before the kill)";
   return `ok (killed while ${killedWhileScatterRan ? `the scatter ran${lost ? ", which placed elsewhere what it lost" : ""}` : "only the gather was fetching"})`;
@@ -271,4 +257,18 @@ async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, de
     }
   }
   return "ok";
+}
+
+/** A paused destination's memory equal to the source's, then the guest runs on; null, or "wrong guest: ...". */
+async function proveGuest(pair: VmPair, dir: string, paused: boolean): Promise<string | null> {
+  try {
+    if (paused) {
+      await expectMemoryEqual(pair, dir);
+      await pair.destination.qmp.execute("cont");
+    }
+    await expectGuestRunsOn(pair);
+    return null;
+  } catch (err) {
+    return `wrong guest: ${(err as Error).message.split("\n").slice(0, 6).join(" ")}`;
+  }
 }
