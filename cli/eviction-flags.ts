@@ -6,7 +6,7 @@ import { defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import { SgmError } from "../core/errors.ts";
 import { DEFAULT_MAX_PASSES, DEFAULT_POSTCOPY_AFTER_PASS, DEFAULT_SWITCHOVER, type ScatterOptions } from "../core/scatter/engine.ts";
 import { DEFAULT_DOWNTIME_LIMIT_MS } from "../core/scatter/source-qemu.ts";
-import type { SwitchoverMode } from "../core/scatter/vm-eviction.ts";
+import type { SwitchoverMode } from "../core/scatter/eviction-report.ts";
 import { parseCount } from "./args.ts";
 
 export interface EvictionFlags {

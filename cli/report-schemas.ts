@@ -43,7 +43,8 @@ const EvictionReport = Type.Object(
     downtimeMs: orNull(Type.Number({ description: "Source STOP to destination RESUME." })),
     totalMs: orNull(Type.Number({ description: "From the first byte of migration until the destination completed, if it did while scatter ran." })),
     source: Type.String({ description: "Where the source VM is now: quit, paused (--keep-source), running (eviction failed)." }),
-    passes: count("Precopy passes the source made."),
+    passes: count("Precopy passes the source made (in its last stream)."),
+    sourceStreams: count("Times the source streamed its memory: more than 1 when a relay lost with the only copy of content the VM needed had it stream again."),
     bytes: Type.Object({ fromSource: bytes(), dedupSaved: bytes() }, closed),
     pages: Type.Object(
       {

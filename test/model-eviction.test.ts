@@ -136,13 +136,30 @@ describe("model eviction: a relay lost mid-run", () => {
     }, 120_000);
   }
 
-  test("with --replicas 1, lost while the run places pages: the run fails, and the VMs run on at the source", async () => {
-    const vms = [{ name: "lr1", script: churningScript(95, 4, 600, 0) }];
-    // a slow gather, not a destination that waits for the source's first pass (which never comes here)
-    const r = await runModelEviction({ switchover: "precopy", relays: 1, gatherMaxRate: 1 << 20, vms, loseRelayAfterBytes: 64 * 1024 });
+  for (const [afterKiB, vmCount] of [[64, 1], [1000, 2]] as const) {
+    test(`with --replicas 1, lost after ${afterKiB} KiB with ${vmCount} VMs: each source that needed it streams again, every page intact`, async () => {
+      const vms = Array.from({ length: vmCount }, (_, v) => ({ name: `lr1-${v}`, script: churningScript(95 + v, 4, 600, v) }));
+      // a slow gather: the relay holds content the gather has not fetched when it goes
+      const r = await expectIntact({ switchover: "precopy", relays: 2, replicas: 1, gatherMaxRate: 4 << 20, vms, loseRelayAfterBytes: afterKiB * 1024 });
+      expect(r.scatter.relays.map((x) => x.lost !== null).sort()).toEqual([false, true]);
+      expect(r.scatter.vms.some((v) => v.sourceStreams === 2)).toBe(true);
+      expect(r.scatter.vms.every((v) => v.sourceStreams <= 2)).toBe(true);
+    }, 120_000);
+  }
+
+  test("with --replicas 1 and no relay left, the source streams again straight to the gather", async () => {
+    const vms = [{ name: "alone", script: churningScript(97, 4, 600, 0) }];
+    const r = await expectIntact({ switchover: "precopy", relays: 1, gatherMaxRate: 4 << 20, vms, loseRelayAfterBytes: 64 * 1024 });
+    expect(r.scatter.vms[0]!.sourceStreams).toBe(2);
+  }, 120_000);
+
+  test("with --replicas 1, lost after a postcopy source switched: that VM fails, naming why, and stays paused at the source", async () => {
+    const script = { ...churningScript(98, 4, 600, 0), postcopyAtPass: 1 };
+    const r = await runModelEviction({ switchover: "postcopy", postcopyAfterPass: 0, relays: 1, gatherMaxRate: 4 << 20, vms: [{ name: "pc", script }], loseRelayAfterBytes: 64 * 1024 });
     const vm = r.scatter.vms[0]!;
-    expect([vm.ok, vm.source]).toEqual([false, "running"]);
-    expect(vm.error).toMatch(/with --replicas 1 it held the only copy/);
+    expect(vm.ok).toBe(false);
+    expect(vm.error).toMatch(/with the only copy of \d+ contents; its source has switched to postcopy, and sends no page twice$/);
+    expect(vm.source).toBe("paused");
   }, 120_000);
 });
 

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import type { GatherReport } from "../core/gather/engine.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
-import { haltAndCompare, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
+import { haltAndCompare, relayTook, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
 import { DIGEST_BYTES, digestPage, PAGE_BYTES } from "../core/dedup/digest.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
 import { loadPsk } from "../core/wire/auth.ts";
@@ -192,6 +192,26 @@ describe("scatter-gather with relays", () => {
     // the gather asks the first relay holding a page: the second served only once the first was gone
     const fetched = (address: string) => gr.relays.find((r) => r.address === address)!.pagesFetched;
     expect(fetched(r2.address)).toBeGreaterThan(0);
+    await provedEqual(pair);
+  }, 180_000);
+
+  test("with --replicas 1, a relay killed before eviction: the source streams again, and the VM arrives intact", async () => {
+    const pair = await startPair(dir, "again", { memMiB: 64, seed: 208, rate: 1000 });
+    const http = await freePort();
+    // gather and relay both slow: the source cannot be evicted before some
+    // 16 MiB of its 64 have gone, and the relay is killed at 2 MiB
+    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s", "--http", `127.0.0.1:${http}`]);
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", relay.address, "--replicas", "1"]);
+    await relayTook(http, 2 * 1024 * 1024);
+    relay.relay.proc.kill("SIGKILL");
+    const [s, g] = await Promise.all([scatter.result(), gather.result()]);
+    expectExit(g, 0);
+    expectExit(s, 0);
+    const sr = report<ScatterReport>(s);
+    expect(sr.relays[0]!.lost).not.toBeNull();
+    expect(sr.vms[0]!.sourceStreams).toBe(2);
+    expect(s.stderr).toMatch(new RegExp(`${pair.name}: relay ${relay.address}: .+, with the only copy of \\d+ contents; the source streams its memory again \\(attempt 2\\)`));
     await provedEqual(pair);
   }, 180_000);
 

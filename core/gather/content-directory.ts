@@ -92,6 +92,14 @@ export class ContentDirectory {
     this.keep(cid, page);
   }
 
+  /**
+   * Relays (a bit each) went: they hold nothing any more. Pinned bytes that
+   * only they held too stay here from now on (see settle).
+   */
+  forgetRelays(mask: number): void {
+    for (let cid = 0; cid < this.relays.length; cid++) this.relays[cid]! &= ~mask;
+  }
+
   /** The scatter says relays hold this content: it may name it from now on. */
   locate(cid: number, mask: number): void {
     this.pins[cid]! |= 2;

@@ -393,6 +393,14 @@ export class DestinationFeed {
 
   // ---- after switchover ------------------------------------------------------
 
+  /** The source streams again (see vm-arrival.ts): its end is still to come. */
+  sourceRestarted(): void {
+    if (this.phase !== "precopy") throw new SgmError("internal", `VM ${this.name}: source restarted in phase ${this.phase}`);
+    this.sourceDone = false;
+    if (this.spare >= 0 && this.table.content[this.spare]! >= 0) this.dir.unneed(this.table.content[this.spare]!);
+    this.spare = -1;
+  }
+
   /** The postcopy source's stream ended: every page it owed has come. */
   sourceFinished(): void {
     this.sourceDone = true;

@@ -264,7 +264,12 @@ class ScatterSession {
         }
         return;
       case FrameType.LOCATIONS:
-        readLocations(payload, (digestAt, mask) => this.dir.locate(this.dir.intern(payload, digestAt), mask));
+        readLocations(payload, (digestAt, mask) => {
+          const cid = this.dir.intern(payload, digestAt);
+          // a relay lost since the scatter learned where this is holds nothing
+          this.dir.locate(cid, mask & ~this.fetcher.lostMask);
+          this.fetcher.located(cid);
+        });
         return;
       case FrameType.UNPIN:
         readDigests(payload, (digestAt) => {
@@ -367,6 +372,13 @@ class ScatterSession {
       case "source-switched":
         this.vm(message.vm).sourceSwitched(message.stoppedAt);
         return;
+      case "relay-lost":
+        // before anything the scatter places again because of it
+        this.fetcher.lose(message.address, message.reason);
+        return;
+      case "source-restarted":
+        this.vm(message.vm).sourceRestarted();
+        return;
       case "switch-go": {
         const arrival = this.vm(message.vm);
         arrival.switchGo().then(
@@ -439,9 +451,16 @@ class ScatterSession {
     this.fetcher.flushAllReleases();
   }
 
-  /** Names the VMs that needed what only lost relays held (they fail), and those that go on. */
+  /**
+   * Names the VMs that needed what only lost relays held (they fail, or
+   * wait for their source to stream again), and those that go on. The
+   * scatter hears of it: it may still have a connection to the relay, and
+   * must count it as gone all the same.
+   */
   private relaysLost(address: string, reason: string, lost: number): void {
-    const spared = [...this.vms.values()].filter((a) => !a.relaysLost(address, reason, lost, this.dir) && a.isOpen);
+    this.dir.forgetRelays(lost);
+    this.send({ t: "relay-lost", address, reason });
+    const spared = [...this.vms.values()].filter((a) => a.relaysLost(address, reason, lost, this.dir) === "unharmed" && a.isOpen);
     if (spared.length > 0) this.shared.log(`relay ${address} went away (${reason}); ${spared.map((a) => a.name).join(", ")} needed nothing only it held, and go on`);
   }
 

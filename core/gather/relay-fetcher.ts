@@ -70,6 +70,8 @@ export class RelayFetcher {
   private readonly tried = new Map<number, number>();
   /** Relays whose connection is gone (a bit per relay). */
   private lost = 0;
+  /** Content wanted, and given up on when no live relay held it. */
+  private readonly abandoned = new Set<number>();
   private closing = false;
   private pumpTimer: ReturnType<typeof setTimeout> | null = null;
   private waitingForRoom = false;
@@ -136,6 +138,14 @@ export class RelayFetcher {
     return unreachable;
   }
 
+  /** The scatter lost the relay at `address`: what it held counts as gone here too. */
+  lose(address: string, reason: string): void {
+    const index = this.relays.findIndex((r) => r.address === address);
+    if (index < 0 || this.closing) return;
+    this.onRelayLost(index, new SgmError("unavailable", `the scatter lost it (${reason})`));
+    this.relays[index]!.conn?.close();
+  }
+
   /** Relays lost so far, a bit each. */
   get lostMask(): number {
     return this.lost;
@@ -167,9 +177,18 @@ export class RelayFetcher {
     this.pump();
   }
 
+  /**
+   * The scatter placed content on relays (again): if a fetch of it was
+   * given up for want of a live holder, it is wanted once more.
+   */
+  located(cid: number): void {
+    if (this.abandoned.delete(cid)) this.want(cid, false);
+  }
+
   /** The gather no longer needs this content: no fetching it, and the relays holding it may drop it. */
   release(cid: number, digest: Uint8Array, mask: number): void {
     this.wanted.delete(cid);
+    this.abandoned.delete(cid);
     this.tried.delete(cid);
     this.relays.forEach((relay, i) => {
       if (!(mask & (1 << i))) return;
@@ -246,6 +265,7 @@ export class RelayFetcher {
    */
   private onRelayLost(index: number, reason: Error | undefined): void {
     const relay = this.relays[index]!;
+    if (this.lost & (1 << index)) return;
     this.lost |= 1 << index;
     this.onLost(relay.address, reason?.message ?? "connection closed", this.lost);
     if (this.wanted.size === 0) return;
@@ -264,8 +284,9 @@ export class RelayFetcher {
     for (const cid of again) {
       if (!this.wanted.has(cid) || this.dir.isLocal(cid)) continue;
       if ((this.dir.relayMask(cid) & ~this.lost) === 0) {
-        // only the lost relays had it: the VMs needing it failed (onLost), none asks for it again
+        // only the lost relays had it: the VMs needing it failed or wait for it placed again (onLost)
         this.wanted.delete(cid);
+        this.abandoned.add(cid);
         continue;
       }
       const r = this.pickRelay(cid);
@@ -283,6 +304,7 @@ export class RelayFetcher {
     if (mask !== 0) return 31 - Math.clz32(mask & -mask);
     this.wanted.delete(cid);
     this.tried.delete(cid);
+    this.abandoned.add(cid);
     this.onUnreachable(cid, `no relay holds page content ${this.hex(cid)} any more`);
     return -1;
   }

@@ -34,6 +34,9 @@ export interface Saving {
   log: (line: string) => void;
 }
 
+/** What a lost relay means for a VM: nothing it lacks, it waits for its source to stream again, or it failed. */
+export type LossOutcome = "unharmed" | "waits" | "failed";
+
 type Stage = "waiting" | "offered" | "streaming" | "source-done" | "switching" | "running" | "completed" | "failed";
 
 export class VmArrival {
@@ -269,6 +272,25 @@ export class VmArrival {
     this.send({ t: "switch-ready", vm: this.vmId, map: null });
   }
 
+  /**
+   * The scatter dropped the source's stream, which starts again (header and
+   * blocks not sent again): its device state and source-done are void.
+   */
+  sourceRestarted(): void {
+    if (this.stage === "failed") return;
+    if (this.postcopy || (this.stage !== "streaming" && this.stage !== "source-done")) {
+      throw new SgmError("data", `VM ${this.name}: source restarted in stage ${this.stage}`);
+    }
+    trace(`${this.name} source-restarted`);
+    this.stage = "streaming";
+    this.device = [];
+    this.deviceComplete = false;
+    this.sourceFinished = false;
+    this.stoppedAt = null;
+    this.feed!.sourceRestarted();
+    this.send({ t: "restarted", vm: this.vmId });
+  }
+
   async switchGo(): Promise<void> {
     if (this.stage === "failed") return;
     if (this.stage !== "source-done") throw new SgmError("data", `VM ${this.name}: switch-go in stage ${this.stage}`);
@@ -288,27 +310,32 @@ export class VmArrival {
   /**
    * Relays went away (`lost`: a bit each): if they held the only copy of
    * content this VM still owes its destination, it fails, saying how much
-   * and what that means for the VM. True if it did.
+   * and what that means for the VM, or waits for its source to send it again.
    */
-  relaysLost(address: string, reason: string, lost: number, dir: ContentDirectory): boolean {
+  relaysLost(address: string, reason: string, lost: number, dir: ContentDirectory): LossOutcome {
     const gone = (c: number) => !dir.isLocal(c) && (dir.relayMask(c) & ~lost) === 0;
     return this.failIfOwed(gone, (pages) => `relay ${address} went away (${reason}) with the only copy of ${pages} pages its destination still lacks`);
   }
 
   /** No live relay holds this content: the VM fails if it still owes it. */
-  contentUnreachable(cid: number, why: string): boolean {
+  contentUnreachable(cid: number, why: string): LossOutcome {
     return this.failIfOwed((c) => c === cid, (pages) => `${why}, and ${pages} pages its destination still lacks have it`);
   }
 
-  private failIfOwed(lacking: (cid: number) => boolean, what: (pages: number) => string): boolean {
-    if (!this.feed || !this.isOpen) return false;
+  private failIfOwed(lacking: (cid: number) => boolean, what: (pages: number) => string): LossOutcome {
+    if (!this.feed || !this.isOpen) return "unharmed";
     const pages = this.feed.owedPages(lacking);
-    if (pages === 0) return false;
+    if (pages === 0) return "unharmed";
+    // before switch-go a precopy source can stream again (the scatter fails the VM if it cannot)
+    if (!this.postcopy && (this.stage === "streaming" || this.stage === "source-done")) {
+      trace(`${this.name}: ${what(pages)}; waiting for the source to send them again`);
+      return "waits";
+    }
     const fate = this.feed.runsThere
       ? "the VM runs at the destination, paused (postcopy-paused) until they come, and cannot complete without them"
       : "the VM keeps running at the source";
     this.fail(new SgmError("unavailable", `VM ${this.name}: ${what(pages)}; ${fate}`));
-    return true;
+    return "failed";
   }
 
   /** The scatter is gone: fatal before switchover, and while a postcopy source still owes pages. */

@@ -21,7 +21,8 @@ import { planRelays, type RelayPlan } from "./relay-plan.ts";
 import { releaseRoom, reserveRoom } from "./questions.ts";
 import { SourceQemu } from "./source-qemu.ts";
 import { checkRelayArgs, type PlanOptions, shortfallError, type Survey, survey, surveyOptions } from "./survey.ts";
-import { type EvictionReport, type SwitchoverMode, VmEviction } from "./vm-eviction.ts";
+import type { EvictionReport, SwitchoverMode } from "./eviction-report.ts";
+import { VmEviction } from "./vm-eviction.ts";
 
 /**
  * Postcopy after two passes, measured (test/benchmarks/switchover.bench.ts):
@@ -184,6 +185,10 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
     const message = decodeControl(payload);
     if (message.t === "received") {
       placement.gatherReceived(message.bytes);
+      return;
+    }
+    if (message.t === "relay-lost") {
+      placement.relayGone(message.address, message.reason);
       return;
     }
     if (!("vm" in message)) throw new SgmError("data", `gather sent '${message.t}'`);

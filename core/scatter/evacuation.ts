@@ -26,7 +26,7 @@ import { RelayContents } from "./relay-contents.ts";
 import { SourceQemu } from "./source-qemu.ts";
 import { dropKept } from "./questions.ts";
 import { connectGather, connectPeer, surveyOptions } from "./survey.ts";
-import type { EvictionReport } from "./vm-eviction.ts";
+import type { EvictionReport } from "./eviction-report.ts";
 
 export interface EvacuationTarget {
   name: string;

@@ -86,15 +86,36 @@ export class PagePipeline {
     });
   }
 
-  /** The source's RAM blocks, before any page. */
+  /**
+   * The source's RAM blocks, before any page. A source that streams again
+   * (see vm-eviction.ts) names them again: they must be the same, and the
+   * map so far stays (the new stream sends every page once more).
+   */
   setBlocks(blocks: readonly RamBlockInfo[]): void {
     let total = 0;
-    this.blockStart = blocks.map((b) => {
+    const starts = blocks.map((b) => {
       const start = total;
       total += b.usedLength / TPS;
       return start;
     });
+    if (this.final.length > 0) {
+      if (total !== this.final.length || starts.some((s, b) => s !== this.blockStart[b])) {
+        throw new SgmError("data", "the source named other RAM blocks when it streamed again");
+      }
+      return;
+    }
+    this.blockStart = starts;
     this.final = new Int32Array(total).fill(NEVER_SENT);
+  }
+
+  /** Some page's latest content is held nowhere any more (a relay with its only copy went). */
+  namesLostContent(): boolean {
+    const final = this.final;
+    for (let i = 0; i < final.length; i++) {
+      const c = final[i]!;
+      if (c >= 0 && !this.placement.isHeld(c)) return true;
+    }
+    return false;
   }
 
   page(block: number, page: number, content: Uint8Array | null): void {

@@ -13,7 +13,7 @@ import { DigestIndex } from "../dedup/digest-index.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { encodeDigests, encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
+import { type Control, encodeControl, encodeDigests, encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
 import { GatherPins, type MapProgress } from "./gather-pins.ts";
 import { type Refused, RelayLink } from "./relay-link.ts";
 import type { RelayContents } from "./relay-contents.ts";
@@ -67,6 +67,7 @@ export class RunPlacement {
   private readonly drainWaiters: Array<() => void> = [];
   private failure: Error | null = null;
   private readonly failListeners = new Set<(reason: Error) => void>();
+  private readonly lossListeners = new Set<(why: string) => void>();
   private stillNeeded: () => boolean = () => false;
   private readonly pins: GatherPins;
   /** PAGE_DATA payload bytes sent to the gather, and taken in by it. */
@@ -166,7 +167,7 @@ export class RunPlacement {
   }
 
   /** The gather or relays hold the content (or will, once acknowledged): a reference to it is enough. */
-  private isHeld(cid: number): boolean {
+  isHeld(cid: number): boolean {
     return this.pins.isPinned(cid) || this.mask[cid] !== 0 || this.pending[cid]! > 0;
   }
 
@@ -352,12 +353,12 @@ export class RunPlacement {
   }
 
   /**
-   * A relay went while the run needed it. With --replicas 2 or more, what it
-   * held has a copy on another relay and the run goes on: what it had not
-   * acknowledged is placed elsewhere, and it counts no more as a holder. The
-   * run fails when some content may have had no other copy (--replicas 1,
-   * or a replica that found no room elsewhere): a VM not yet evicted then
-   * runs on at the source.
+   * A relay went while the run needed it: what it had not acknowledged is
+   * placed elsewhere, and it counts no more as a holder. Content it held the
+   * only copy of (--replicas 1, or a replica that found no room elsewhere)
+   * is no longer held: the run's listeners hear of it (a VM not yet evicted
+   * has its source send its memory again), and should the source send it
+   * again, it is placed anew.
    */
   private relayLost(link: RelayLink, reason: Error, unplaced: Refused[]): void {
     // a run already failing or ending (its connections closing) places nothing more
@@ -378,16 +379,37 @@ export class RunPlacement {
       if (this.mask[cid] === 0 && this.pending[cid] === 0 && !this.pins.isPinned(cid)) alone++;
     }
     this.relayContents?.forgetRelay(this.contentBits[link.index]!);
-    if (this.replicas < 2 || alone > 0) {
-      const why = this.replicas < 2 ? "with --replicas 1 it held the only copy of what it was given" : `it held the only copy of ${alone} contents`;
-      this.fail(new SgmError("unavailable", `${reason.message}; ${why}`, { cause: reason }));
-      return;
-    }
-    this.log(`${reason.message}; ${unplaced.length} pages it had not acknowledged go elsewhere, and the run goes on with the other relays' copies`);
+    // the gather hears before any content placed again: it keeps that content's bytes from then on
+    this.tellGather({ t: "relay-lost", address: link.address, reason: reason.message });
+    const lost = alone > 0 ? `; it held the only copy of ${alone} contents` : "";
+    this.log(`${reason.message}${lost}; ${unplaced.length} pages it had not acknowledged go elsewhere`);
     this.placeElsewhere(link, unplaced);
     this.flush();
     for (const listener of this.ackListeners) listener(true);
+    if (alone > 0) for (const listener of this.lossListeners) listener(`${reason.message}, with the only copy of ${alone} contents`);
     this.wakeDrainWaiters();
+  }
+
+  private tellGather(message: Control): void {
+    try {
+      this.flushDirect();
+      this.gather.send(FrameType.CONTROL, encodeControl(message));
+    } catch {
+      // the gather is gone: its connection reports that
+    }
+  }
+
+  /** The gather lost the relay at `address`: the run counts it as gone too. */
+  relayGone(address: string, reason: string): void {
+    const link = this.relays.find((r) => r.address === address);
+    if (!link || link.lostReason !== null || !this.stillNeeded()) return;
+    link.lose(`relay ${address}: the gather lost it (${reason})`);
+  }
+
+  /** Called when a lost relay took the only copy of some content with it (see relayLost). */
+  onContentLost(listener: (why: string) => void): () => void {
+    this.lossListeners.add(listener);
+    return () => this.lossListeners.delete(listener);
   }
 
   /** Pages a relay refused or lost: each to another relay not holding it, or to the gather. */

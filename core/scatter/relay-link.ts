@@ -78,12 +78,24 @@ export class RelayLink {
     this.holdBuilder = new PutBuilder(this.buffer());
     conn.onFrame((type, payload) => this.onFrame(type, payload));
     void conn.closed.then((reason) => {
+      if (this.lostReason !== null) return;
       if (this.inFlight.length > 0 || this.builder.pages > 0 || this.holdBuilder.pages > 0 || reason || this.events.stillNeeded()) {
-        const error = new SgmError("unavailable", `relay ${address}: ${reason?.message ?? "connection closed"}`);
-        this.lostReason = error.message;
-        this.events.onLost(error, this.takeUnplaced());
+        this.lose(`relay ${address}: ${reason?.message ?? "connection closed"}`);
       }
     });
+  }
+
+  /**
+   * The run counts the relay as gone: the gather lost it (it cannot fetch
+   * what it holds), or its connection closed. Closing ours too keeps the
+   * two views alike.
+   */
+  lose(why: string): void {
+    if (this.lostReason !== null) return;
+    const error = new SgmError("unavailable", why);
+    this.lostReason = error.message;
+    this.events.onLost(error, this.takeUnplaced());
+    this.conn.close();
   }
 
   /** PUT batches sent so far (including one being built, once flushed). */

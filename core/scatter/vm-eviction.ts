@@ -12,6 +12,13 @@
 // Any failure before switch-go leaves the VM running at the source: scatter
 // drops the migration socket, so QEMU fails the migration and resumes it.
 //
+// A relay lost with the only copy of content this VM's map names, before
+// the VM is evicted, has the source stream again (precopy only: a postcopy
+// source sends no page twice): scatter drops the stream, the gather
+// forgets the device state ("source-restarted", "restarted"), QEMU resumes
+// the VM and migrates it once more. Its first pass sends every page, and
+// what is still held goes as a reference alone.
+//
 // Postcopy switchover (the source stops the VM early and sends each
 // remaining page once): the source's discards mark pages pending, its
 // PACKAGED carries the device state; scatter sends it with
@@ -22,46 +29,21 @@
 
 import { join } from "node:path";
 import { asSgmError, SgmError } from "../errors.ts";
-import { ByteSocket } from "../net/byte-socket.ts";
 import { TPS } from "../qemu/constants.ts";
 import { encodeShut } from "../qemu/return-path.ts";
 import { formatBytes, formatRate } from "../units.ts";
 import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { type Control, encodeControl, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
+import { type Control, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
 import type { DigestPool } from "../dedup/digest-pool.ts";
 import type { Phase, VmProgress } from "../progress.ts";
-import { PagePipeline, type PipelineStats } from "./page-pipeline.ts";
+import type { EvictionReport, SwitchoverMode } from "./eviction-report.ts";
+import { PagePipeline } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
 import type { SourceQemu } from "./source-qemu.ts";
-import { SourceStream, type SwitchPoint } from "./source-stream.ts";
-
-export type SwitchoverMode = "precopy" | "postcopy";
-
-export interface EvictionReport {
-  name: string;
-  ok: boolean;
-  error?: string;
-  qemu: { source: string; destination: string | null; machine: string };
-  /** How the source switched over: converged in precopy, or switched to postcopy. */
-  switchover: SwitchoverMode | null;
-  /** From scatter's start until this VM began to migrate: its wait for a slot (evacuate --max-in-flight); null if it never began. */
-  queuedMs: number | null;
-  /** From scatter's start until every byte of the final state was held off the source. */
-  evictionMs: number | null;
-  /** Source STOP to destination RESUME. */
-  downtimeMs: number | null;
-  /** From scatter's start until the destination completed, if it did while scatter ran. */
-  totalMs: number | null;
-  /** Where the source VM is now: quit, paused (--keep-source), running (eviction failed). */
-  source: string;
-  /** Precopy passes the source made (its MIGRATION_PASS events). */
-  passes: number;
-  bytes: { fromSource: number; dedupSaved: number };
-  pages: PipelineStats & { requestedFromSource: number };
-  /** The exit code this VM's failure maps to. */
-  exitCode?: number;
-}
+import type { SwitchPoint } from "./source-stream.ts";
+import { GatherReplies } from "./gather-replies.ts";
+import { SourceAttempt } from "./source-attempt.ts";
 
 export interface EvictionOptions {
   id: number;
@@ -85,7 +67,10 @@ export interface EvictionOptions {
 }
 
 
-type Stage = "offered" | "streaming" | "switching" | "source-postcopy" | "go" | "running" | "failed";
+type Stage = "offered" | "streaming" | "switching" | "restarting" | "source-postcopy" | "go" | "running" | "failed";
+
+/** Thrown through raceOrRestart(): the source must stream again (see the top of this file). */
+class SourceRestart extends Error {}
 
 export class VmEviction {
   readonly id: number;
@@ -101,8 +86,8 @@ export class VmEviction {
   private startedAt: number | null = null;
   /** run() is over: nothing can fail any more. */
   private finished = false;
-  private sock: ByteSocket | null = null;
-  private throttled = false;
+  /** The source's stream now; null before it starts. */
+  private current: SourceAttempt | null = null;
   private destinationQemu: string | null = null;
   private switchover: SwitchoverMode | null = null;
   private evictedAt: number | null = null;
@@ -110,10 +95,21 @@ export class VmEviction {
   private resumedAt: number | null = null;
   private completedAt: number | null = null;
   private passes = 0;
-  private readonly replies = new Map<Control["t"], PromiseWithResolvers<Control>>();
+  private readonly gather: GatherReplies;
   private readonly failed = Promise.withResolvers<never>();
   private failureReason: SgmError | null = null;
-  private stream: SourceStream | null = null;
+  /** Rejected with a SourceRestart when a relay took content this VM still needs; renewed on each restart. */
+  private restart = Promise.withResolvers<never>();
+  private attempt = 1;
+  private streamsBegun = 0;
+  /** Source bytes read by streams before this one. */
+  private readBefore = 0;
+  /** The source was asked to switch to postcopy: it may no longer resume the VM. */
+  private postcopyAsked = false;
+  private migratingSince = 0;
+  /** What the first stream told the gather; a stream again must say the same. */
+  private first: { header: Uint8Array; blocks: string } | null = null;
+  private passListener: (() => void) | null = null;
 
   constructor(options: EvictionOptions) {
     this.options = options;
@@ -121,9 +117,29 @@ export class VmEviction {
     this.name = options.name;
     this.source = options.source;
     this.conn = options.conn;
+    this.gather = new GatherReplies(options.conn, options.name);
     this.pipeline = new PagePipeline(options.id, options.placement, options.digestPool);
     this.failed.promise.catch(() => {});
+    this.restart.promise.catch(() => {});
     options.placement.onFailure((reason) => this.fail(reason));
+    options.placement.onContentLost((why) => this.contentLost(why));
+  }
+
+  /**
+   * A relay went with the only copy of some content. If this VM's map names
+   * any, it is not evicted yet, and its source can resume it, the source
+   * streams again; if the source cannot, the VM fails. A stream about to
+   * start again sends every page anyway.
+   */
+  private contentLost(why: string): void {
+    if (this.finished || this.failureReason || this.evictedAt !== null || this.stage === "restarting") return;
+    if (!this.pipeline.namesLostContent()) return;
+    const canStreamAgain = (this.stage === "streaming" || this.stage === "switching") && this.switchover !== "postcopy" && !this.postcopyAsked;
+    if (!canStreamAgain) {
+      this.fail(new SgmError("unavailable", `VM ${this.name}: ${why}; its source has switched to postcopy, and sends no page twice`));
+      return;
+    }
+    this.restart.reject(new SourceRestart(why));
   }
 
   /** A control message from the gather about this VM. */
@@ -138,11 +154,11 @@ export class VmEviction {
       return;
     }
     if (message.t === "want") {
-      this.stream?.ask(message.block, message.page);
+      this.current?.stream?.ask(message.block, message.page);
       return;
     }
     if (message.t === "completed") this.completedAt = message.completedAt;
-    this.reply(message.t).resolve(message);
+    this.gather.resolve(message);
   }
 
   /** The connection to the gather is gone. */
@@ -173,7 +189,11 @@ export class VmEviction {
 
   /** Where this eviction stands, for the progress display. */
   snapshot(): VmProgress {
-    return { name: this.name, phase: this.phase(), pass: this.passes, bytes: this.sock?.bytesRead ?? 0, totalBytes: this.pipeline.totalBytes };
+    return { name: this.name, phase: this.phase(), pass: this.passes, bytes: this.bytesRead, totalBytes: this.pipeline.totalBytes };
+  }
+
+  private get bytesRead(): number {
+    return this.readBefore + (this.current?.bytesRead ?? 0);
   }
 
   private phase(): Phase {
@@ -183,7 +203,7 @@ export class VmEviction {
     // the VM runs at the destination while a postcopy source still sends
     if (this.stage === "go" || this.stage === "running") return "scattering";
     if (this.stage === "switching" || this.stage === "source-postcopy") return "switchover";
-    if (this.stage === "streaming") return "precopy";
+    if (this.stage === "streaming" || this.stage === "restarting") return "precopy";
     return this.startedAt === null ? "queued" : "checking";
   }
 
@@ -205,9 +225,9 @@ export class VmEviction {
     let error: SgmError | undefined;
     let sourceState = "running";
     try {
-      const point = await this.race(this.startStream());
-      this.switchover = point.kind;
-      if (point.kind === "precopy") await this.switchAfterPrecopy(point.device);
+      await this.race(this.offerToGather());
+      const point = await this.streamUntilEvicted();
+      if (point.kind === "precopy") await this.switchAfterPrecopy();
       else await this.switchInPostcopy(point.device);
       sourceState = o.keepSource ? "paused" : "quit";
       if (!o.keepSource) await this.source.quit();
@@ -218,7 +238,7 @@ export class VmEviction {
       sourceState = await this.undo(error);
     } finally {
       this.finished = true;
-      this.sock?.destroy();
+      this.current?.destroy();
       this.pipeline.close();
     }
     return this.report(error, sourceState);
@@ -239,19 +259,64 @@ export class VmEviction {
       totalMs: this.completedAt === null ? null : Math.round(this.completedAt - o.startedAt.wall),
       source: sourceState,
       passes: this.passes,
-      bytes: { fromSource: this.sock?.bytesRead ?? 0, dedupSaved: s.dedupPages * TPS },
-      pages: { ...s, requestedFromSource: this.stream?.requestedFromSource ?? 0 },
+      sourceStreams: this.streamsBegun,
+      bytes: { fromSource: this.bytesRead, dedupSaved: s.dedupPages * TPS },
+      pages: { ...s, requestedFromSource: this.current?.stream?.requestedFromSource ?? 0 },
       ...(error ? { exitCode: error.exitCode } : {}),
     };
   }
 
-  /** The source converged: the gather gets everything, then SHUT, then go. */
-  private async switchAfterPrecopy(device: Uint8Array): Promise<void> {
-    const map = await this.race(this.sendDeviceState(device, "source-done"));
-    const ready = await this.race(this.wait("switch-ready"));
-    this.checkGatherMap(ready, map!);
-    this.evicted();
-    this.sock!.write(encodeShut(0));
+  /**
+   * Streams the source up to its switchover and, in precopy, on until the
+   * gather holds everything (evicted); again whenever a relay takes content
+   * the VM needs with it before then.
+   */
+  private async streamUntilEvicted(): Promise<SwitchPoint> {
+    for (;;) {
+      const attempt = this.attempt;
+      try {
+        const point = await this.raceOrRestart(this.streamFrom());
+        this.switchover = point.kind;
+        if (point.kind === "postcopy") return point;
+        const map = await this.raceOrRestart(this.sendDeviceState(point.device, "source-done", attempt));
+        const ready = await this.raceOrRestart(this.wait("switch-ready"));
+        this.checkGatherMap(ready, map!);
+        this.evicted();
+        return point;
+      } catch (err) {
+        if (!(err instanceof SourceRestart)) throw err;
+        await this.race(this.streamAgain(err.message));
+      }
+    }
+  }
+
+  /** Drops the source's stream and has the gather forget what it had of it; QEMU resumes the VM, to migrate it again. */
+  private async streamAgain(why: string): Promise<void> {
+    this.attempt++;
+    this.stage = "restarting";
+    this.switchover = null;
+    const dropped = this.current!;
+    this.current = null;
+    // a restart comes once pages are named, so after the header and blocks went to the gather
+    if (this.first === null && dropped.header && dropped.blocks) this.first = { header: dropped.header, blocks: dropped.blocks };
+    this.readBefore += dropped.bytesRead;
+    dropped.destroy();
+    this.options.log(`${this.name}: ${why}; the source streams its memory again (attempt ${this.attempt})`);
+    trace(`${this.name} source-restarted, attempt ${this.attempt}`);
+    this.send({ t: "source-restarted", vm: this.id });
+    // a switch-ready sent before the gather heard is for the stream dropped
+    await this.gather.withTimeout(this.wait("restarted"), 30_000, "the gather did not answer source-restarted");
+    this.gather.forget("restarted");
+    this.gather.forget("switch-ready");
+    const state = await this.source.resumeHere();
+    trace(`${this.name} source ${state} again`);
+    this.restart = Promise.withResolvers<never>();
+    this.restart.promise.catch(() => {});
+  }
+
+  /** The source converged and the gather holds everything: SHUT, then go. */
+  private async switchAfterPrecopy(): Promise<void> {
+    this.current!.sock!.write(encodeShut(0));
     await this.race(this.source.waitFor(["completed"], 30_000));
     trace(`${this.name} source completed; switch-go`);
     this.stage = "go";
@@ -261,13 +326,13 @@ export class VmEviction {
 
   /** The source switched to postcopy: the VM runs at the destination at once; pages keep coming. */
   private async switchInPostcopy(device: Uint8Array): Promise<void> {
-    await this.race(this.sendDeviceState(device, "source-switched"));
+    await this.race(this.sendDeviceState(device, "source-switched", this.attempt));
     await this.race(this.wait("switch-ready"));
     trace(`${this.name} switch-go while the source still sends`);
     this.stage = "go";
     this.send({ t: "switch-go", vm: this.id });
     await this.awaitRunning();
-    await this.race(this.stream!.ended);
+    await this.race(this.current!.stream!.ended);
     this.pipeline.flush();
     await this.race(this.pipeline.whenAllSent());
     const map = this.pipeline.finalMapDigest(this.name);
@@ -275,7 +340,7 @@ export class VmEviction {
     const held = await this.race(this.wait("held"));
     this.checkGatherMap(held, map);
     this.evicted();
-    this.sock!.write(encodeShut(0));
+    this.current!.sock!.write(encodeShut(0));
     await this.race(this.source.waitFor(["completed"], 30_000));
   }
 
@@ -304,25 +369,59 @@ export class VmEviction {
     return Promise.race([promise, this.failed.promise]);
   }
 
-  /** Offers the VM, starts the source's migration, and reads its stream up to the switchover. */
-  private async startStream(): Promise<SwitchPoint> {
-    const o = this.options;
+  /** race(), and a SourceRestart if the source must stream again. */
+  private raceOrRestart<T>(promise: Promise<T>): Promise<T> {
+    return Promise.race([promise, this.failed.promise, this.restart.promise]);
+  }
+
+  private async offerToGather(): Promise<void> {
     const info = this.source.info;
-    this.send({ t: "offer", vm: this.id, name: this.name, qemu: info.qemuVersion, machine: info.machine, startedAt: o.startedAt.wall });
+    this.send({ t: "offer", vm: this.id, name: this.name, qemu: info.qemuVersion, machine: info.machine, startedAt: this.options.startedAt.wall });
     const accept = await this.wait("accept");
     if (accept.t === "accept") this.destinationQemu = accept.qemu;
-    this.throwIfFailed();
+  }
 
-    const path = join(o.socketDir, `${this.name}.scatter.sock`);
-    const listening = ByteSocket.listenUnixOnce(path, `VM ${this.name}: source stream`);
-    try {
-      return await this.streamFrom(path, listening);
-    } catch (err) {
-      // nobody is to connect any more: a QEMU that still tries fails its migration and runs on
-      listening.stop();
-      void listening.accepted.then((sock) => sock.destroy(), () => {});
-      throw err;
-    }
+  /** Starts the source's migration and reads its stream up to the switchover. */
+  private async streamFrom(): Promise<SwitchPoint> {
+    this.throwIfFailed();
+    const o = this.options;
+    const postcopy = o.mode === "postcopy";
+    this.passListener ??= this.source.onPass((pass) => {
+      this.passes = pass;
+      trace(`${this.name} pass ${pass} began; ${this.bytesRead} bytes read so far`);
+      if (postcopy && o.postcopyAfterPass > 0 && pass === o.postcopyAfterPass + 1) void this.switchSourceToPostcopy();
+      if (!postcopy && pass > o.maxPasses && this.stage === "streaming") void this.giveUpConverging(this.migratingSince);
+    });
+    this.migratingSince = performance.now();
+    const attempt = new SourceAttempt({
+      name: this.name,
+      source: this.source,
+      pipeline: this.pipeline,
+      placement: o.placement,
+      socketPath: join(o.socketDir, this.attempt === 1 ? `${this.name}.scatter.sock` : `${this.name}.scatter.${this.attempt}.sock`),
+      downtimeLimitMs: o.downtimeLimitMs,
+      postcopy,
+      failure: () => this.failure,
+      first: this.first,
+      onMigrating: () => {
+        if (postcopy && o.postcopyAfterPass === 0) void this.switchSourceToPostcopy();
+      },
+      onHeader: (bytes) => this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.HEADER, true, bytes)),
+      onBlocks: (blocks, sectionId) => this.send({ t: "blocks", vm: this.id, sectionId, blocks: [...blocks] }),
+      onPostcopy: () => {
+        this.stage = "source-postcopy";
+      },
+    });
+    this.current = attempt;
+    const stream = await attempt.connect();
+    this.stage = "streaming";
+    this.streamsBegun++;
+    trace(`${this.name} source stream accepted`);
+    o.log(`${this.name}: source QEMU ${this.source.info.qemuVersion} is streaming`);
+    // a stream dropped to stream again fails as it closes: that is no failure of the eviction
+    stream.reached.catch((err: Error) => this.current === attempt && this.fail(err));
+    stream.ended.catch((err: Error) => this.current === attempt && this.fail(err));
+    return stream.reached;
   }
 
   /** run() no longer waits on what the caller is doing: it must stop before it touches the source. */
@@ -330,56 +429,17 @@ export class VmEviction {
     if (this.failure) throw this.failure;
   }
 
-  /** Starts the source's migration into `path`, where `listening` waits for it, and reads the stream up to the switchover. */
-  private async streamFrom(path: string, listening: ReturnType<typeof ByteSocket.listenUnixOnce>): Promise<SwitchPoint> {
-    const o = this.options;
-    const postcopy = o.mode === "postcopy";
-    this.source.onPass((pass) => {
-      this.passes = pass;
-      trace(`${this.name} pass ${pass} began; ${this.sock?.bytesRead ?? 0} bytes read so far`);
-      if (postcopy && o.postcopyAfterPass > 0 && pass === o.postcopyAfterPass + 1) void this.switchSourceToPostcopy();
-      if (!postcopy && pass > o.maxPasses && this.stage === "streaming") void this.giveUpConverging(migrating);
-    });
-    const migrating = performance.now();
-    await this.source.migrateTo(path, { downtimeLimitMs: o.downtimeLimitMs, postcopy });
-    this.throwIfFailed();
-    if (postcopy && o.postcopyAfterPass === 0) void this.switchSourceToPostcopy();
-    const timer = setTimeout(listening.stop, 30_000);
-    const sock = await listening.accepted.finally(() => clearTimeout(timer));
-    if (this.failure) {
-      // undo() ran before there was a socket to drop: QEMU's migration fails with it
-      sock.destroy(this.failure);
-      throw this.failure;
-    }
-    this.sock = sock;
-    this.stage = "streaming";
-    trace(`${this.name} source stream accepted`);
-    o.log(`${this.name}: source QEMU ${this.source.info.qemuVersion} is streaming`);
-
-    const stream = new SourceStream(this.name, sock, this.pipeline, {
-      onHeader: (bytes) => this.conn.send(FrameType.VM_BYTES, encodeVmBytes(this.id, VmBytesKind.HEADER, true, bytes)),
-      onBlocks: (blocks, sectionId) => this.send({ t: "blocks", vm: this.id, sectionId, blocks: [...blocks] }),
-      afterPage: () => {
-        if (o.placement.congested || this.pipeline.backlogged) this.throttle();
-      },
-      onPostcopy: () => {
-        this.stage = "source-postcopy";
-      },
-    });
-    this.stream = stream;
-    stream.reached.catch((err: Error) => this.fail(err));
-    stream.ended.catch((err: Error) => this.fail(err));
-    return stream.reached;
-  }
-
   /**
    * Every page named to the gather is held; then the device state follows,
    * and the word: source-done with the final map's digest (returned), or
    * source-switched while a postcopy source still sends.
    */
-  private async sendDeviceState(device: Uint8Array, word: "source-done" | "source-switched"): Promise<string | null> {
+  private async sendDeviceState(device: Uint8Array, word: "source-done" | "source-switched", attempt: number): Promise<string | null> {
     await this.pipeline.whenAllSent();
-    this.stoppedAt = await this.withTimeout(this.source.stoppedAt(), 10_000, "no STOP event from the source QEMU");
+    const stoppedAt = await this.gather.withTimeout(this.source.stoppedAt(), 10_000, "no STOP event from the source QEMU");
+    // the stream this belongs to was dropped meanwhile: its device state must not go
+    if (attempt !== this.attempt) throw new SourceRestart("the source streams again");
+    this.stoppedAt = stoppedAt;
     trace(`${this.name} every page named is held; device state and ${word} to the gather`);
     for (let at = 0; at < device.length || at === 0; at += MAX_VM_BYTES) {
       const part = device.subarray(at, at + MAX_VM_BYTES);
@@ -398,7 +458,7 @@ export class VmEviction {
   /** Precopy has not converged within --max-passes: the VM stays at the source, with the figures that say why. */
   private async giveUpConverging(since: number): Promise<void> {
     const seconds = (performance.now() - since) / 1000;
-    const read = this.sock?.bytesRead ?? 0;
+    const read = this.current?.bytesRead ?? 0;
     const dirtyPages = await this.source.dirtyPageRate().catch(() => null);
     const dirtying = dirtyPages === null ? "" : `; the guest dirties ${formatRate(dirtyPages * TPS)}`;
     this.fail(
@@ -412,7 +472,8 @@ export class VmEviction {
 
   private async switchSourceToPostcopy(): Promise<void> {
     // a failed eviction resumes the VM at the source: postcopy would leave it nowhere
-    if (this.failure) return;
+    if (this.failure || this.stage === "restarting") return;
+    this.postcopyAsked = true;
     try {
       await this.source.startPostcopy();
       trace(`${this.name} asked the source to switch to postcopy (pass ${this.passes})`);
@@ -422,28 +483,11 @@ export class VmEviction {
     }
   }
 
-  /** Stops reading the source until the gather or a relay takes pages again: memory stays bounded. */
-  private throttle(): void {
-    const sock = this.sock;
-    if (!sock || this.throttled) return;
-    this.throttled = true;
-    sock.pause();
-    void (async () => {
-      const placement = this.options.placement;
-      while (placement.congested || this.pipeline.backlogged) {
-        await placement.whenUncongested();
-        await this.pipeline.whenRoom();
-      }
-      this.throttled = false;
-      sock.resume();
-    })();
-  }
-
   /** After a failure: the VM must run at the source unless the destination may run it. */
   private async undo(error: SgmError): Promise<string> {
     const stage = this.stage;
     this.stage = "failed";
-    this.sock?.destroy(error);
+    this.current?.destroy(error);
     if (!this.gatherGaveUp) this.send({ t: "failed", vm: this.id, reason: error.message, kind: error.kind });
     if (stage === "go" || stage === "running") {
       this.options.log(`${this.name}: the destination may be running the VM; the source stays paused`);
@@ -463,35 +507,10 @@ export class VmEviction {
   }
 
   private send(message: Control): void {
-    try {
-      this.conn.send(FrameType.CONTROL, encodeControl(message));
-    } catch {
-      // a closed connection surfaces through onDisconnect
-    }
-  }
-
-  private reply(type: Control["t"]): PromiseWithResolvers<Control> {
-    let r = this.replies.get(type);
-    if (!r) {
-      r = Promise.withResolvers<Control>();
-      this.replies.set(type, r);
-    }
-    return r;
+    this.gather.send(message);
   }
 
   private wait(type: Control["t"]): Promise<Control> {
-    return this.reply(type).promise;
-  }
-
-  private async withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new SgmError("unavailable", `VM ${this.name}: ${what}`)), ms);
-    });
-    try {
-      return await Promise.race([promise, timeout]);
-    } finally {
-      clearTimeout(timer);
-    }
+    return this.gather.wait(type);
   }
 }

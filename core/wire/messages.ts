@@ -102,6 +102,19 @@ export type Control =
   | { t: "completed"; vm: number; completedAt: number }
   /** either way: this VM's eviction cannot go on; kind: the sender's error kind ("data" when a check found a wrong page map). */
   | { t: "failed"; vm: number; reason: string; kind: string }
+  /**
+   * scatter → gather: the source's stream was dropped (a relay took content
+   * this VM needs with it); the source streams again from its header on,
+   * which is not sent again. Forget its device state; answer "restarted".
+   */
+  | { t: "source-restarted"; vm: number }
+  /** gather → scatter: nothing of the dropped stream's device state or switch-ready stands. */
+  | { t: "restarted"; vm: number }
+  /**
+   * either way: the sender lost the relay at `address`; the other counts it
+   * as gone too. The scatter's comes before any content it places again.
+   */
+  | { t: "relay-lost"; address: string; reason: string }
   /** gather → scatter: PAGE_DATA payload bytes it has taken in so far (scatter's window for direct pages). */
   | { t: "received"; bytes: number }
   /** scatter → gather, before any offer: the run's id (hex) and its relays, in mask bit order. */
@@ -142,6 +155,9 @@ const FIELDS: Record<ControlType, Record<string, "number" | "number|null" | "str
   running: { vm: "number", resumedAt: "number|null" },
   completed: { vm: "number", completedAt: "number" },
   failed: { vm: "number", reason: "string", kind: "string" },
+  "source-restarted": { vm: "number" },
+  restarted: { vm: "number" },
+  "relay-lost": { address: "string", reason: "string" },
   received: { bytes: "number" },
   relays: { run: "string", relays: "strings" },
   check: { vm: "number", name: "string", qemu: "string", machine: "string" },

@@ -108,6 +108,16 @@ export async function startRelay(psk: string, capacity = "1GiB", extra: string[]
   return { relay, address: m[1]! };
 }
 
+/** Resolves once the relay serving /metrics on `httpPort` has taken `bytes` of PUTs; fails naming what it took after 60 s. */
+export async function relayTook(httpPort: number, bytes: number): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  for (let put = 0; put < bytes; await Bun.sleep(20)) {
+    if (Date.now() > deadline) throw new Error(`the relay took ${put} bytes of PUTs in 60 s, not ${bytes}`);
+    const metrics = await (await fetch(`http://127.0.0.1:${httpPort}/metrics`)).text();
+    put = Number(/^sgm_relay_put_bytes_total (\d+)/m.exec(metrics)?.[1] ?? 0);
+  }
+}
+
 export interface Arrival {
   /** The destination guest checked every page against its own counters. */
   verified: boolean;

@@ -9,8 +9,12 @@
 // Runs alternate between a destination that waits paused (-S), whose memory
 // must equal the source's final memory page for page before it runs on, and
 // one that runs at once (page requests and all), whose guest must run on.
-// Then LOSS_RUNS more: one VM through three relays with --replicas 2, one
-// relay killed (SIGKILL) at a random moment; each must complete intact.
+// Then LOSS_RUNS more, one relay killed (SIGKILL) at a random moment: by
+// turns one VM through three relays with --replicas 2, which must complete
+// intact, and one through two relays with --replicas 1 (precopy), which must
+// complete intact (its source streams again if the relay held content it
+// needed) unless the kill came after eviction: then the gather must name
+// the VM and the pages lost, as documented.
 // Then RESUME_RUNS: one VM through relays, its gather killed (SIGKILL) at a
 // random moment once the VM is evicted, and a gather started with --resume
 // in its place; each must complete intact.
@@ -109,26 +113,28 @@ for (const [c, o] of outcomes) {
 const notes = [...outcomes.values()].flatMap((o) => o.notes);
 for (const note of notes) console.log(`- ${note}`);
 
-// a relay lost at a random moment, --replicas 2
+// a relay lost at a random moment, --replicas 2 and 1 by turns
 const losses: string[] = [];
 for (let n = 0; n < lossRuns; n++) {
-  const switchover = (Object.keys(switchovers) as Case["switchover"][])[n % 3]!;
+  const replicas = n % 2 === 0 ? 2 : 1;
+  // with --replicas 1 a postcopy source cannot send again what a relay lost after its switch
+  const switchover = replicas === 1 ? "precopy" : (Object.keys(switchovers) as Case["switchover"][])[(n / 2) % 3]!;
   // the scatter takes five to eight seconds over a VM here: a kill within five comes while it runs
-  const killAfterMs = Math.round(Math.random() * 5000);
+  const killAfterMs = Math.round(Math.random() * (replicas === 1 ? 1500 : 5000));
   const dir = makeTempDir("soak-loss");
   const t0 = Date.now();
   try {
-    const verdict = await Promise.race([loseRelay(dir, switchover, killAfterMs, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
-    losses.push(`| ${n + 1} | ${switchover} | ${killAfterMs} | ${verdict} |`);
-    console.error(`loss ${n + 1}/${lossRuns} ${switchover}, a relay killed after ${killAfterMs} ms: ${verdict} (${Math.round((Date.now() - t0) / 1000)} s)`);
+    const verdict = await Promise.race([loseRelay(dir, switchover, replicas, killAfterMs, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
+    losses.push(`| ${n + 1} | ${replicas} | ${switchover} | ${killAfterMs} | ${verdict} |`);
+    console.error(`loss ${n + 1}/${lossRuns} --replicas ${replicas} ${switchover}, a relay killed after ${killAfterMs} ms: ${verdict} (${Math.round((Date.now() - t0) / 1000)} s)`);
   } finally {
     await killAll();
     removeDir(dir);
   }
 }
 if (lossRuns > 0) {
-  console.log(`\n${lossRuns} runs of one VM through 3 relays, --replicas 2, one relay killed (SIGKILL) at a random moment after the scatter started\n`);
-  console.log("| run | switchover | killed after ms | outcome |\n|---|---|---|---|");
+  console.log(`\n${lossRuns} runs of one VM through relays (3 with --replicas 2, 2 with --replicas 1), one relay killed (SIGKILL) at a random moment after the scatter started (with --replicas 1, after the source's stream began)\n`);
+  console.log("| run | replicas | switchover | killed after ms | outcome |\n|---|---|---|---|---|");
   for (const line of losses) console.log(line);
 }
 const lossFailed = losses.some((line) => !line.includes("| ok"));
@@ -184,22 +190,29 @@ async function killGatherAndResume(dir: string, switchover: Case["switchover"], 
   return `ok (the resumed gather delivered ${delivered} pages)`;
 }
 
-/** One VM, three relays, --replicas 2, the first relay killed `killAfterMs` after the scatter starts: "ok (...)" or what went wrong. */
-async function loseRelay(dir: string, switchover: Case["switchover"], killAfterMs: number, n: number): Promise<string> {
+/**
+ * One VM, one relay more than --replicas, the first relay killed
+ * `killAfterMs` after the scatter starts: "ok (...)" or what went wrong.
+ */
+async function loseRelay(dir: string, switchover: Case["switchover"], replicas: number, killAfterMs: number, n: number): Promise<string> {
   const psk = await writePsk(dir);
-  const pair = await startLinuxPair(dir, `l${n}`, { binary, seed: 900 + n, paused: n % 2 === 0 });
-  const relays = await Promise.all([0, 1, 2].map(() => startRelay(psk, "1GiB")));
+  const pair = await startLinuxPair(dir, `l${n}`, { binary, seed: 900 + n, paused: n % 4 < 2 });
+  const relays = await Promise.all(Array.from({ length: replicas + 1 }, () => startRelay(psk, "1GiB")));
   const { gather, port } = await startGather([pair], psk, ["--max-rate", "48MiB/s"]);
-  const via = ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", "2"];
+  const via = ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", String(replicas)];
   const scatter = await startScatter([pair], port, psk, ["--keep-source", ...via, ...switchovers[switchover]]);
   let killed = false;
   let scatterDone = false;
   let killedWhileScatterRan = false;
-  const killer = setTimeout(() => {
+  let killer: ReturnType<typeof setTimeout> | undefined;
+  const kill = () => {
     killed = true;
     killedWhileScatterRan = !scatterDone;
     relays[0]!.relay.proc.kill("SIGKILL");
-  }, killAfterMs);
+  };
+  // with --replicas 1 the moment counts from the source's first byte: evicted within two seconds of it here
+  if (replicas === 1) void scatter.waitStderr(/is streaming/, 120_000).then(() => (killer = setTimeout(kill, killAfterMs)), () => {});
+  else killer = setTimeout(kill, killAfterMs);
   const scattered = scatter.result().finally(() => (scatterDone = true));
   // a scatter that fails before it offers the VM leaves the gather waiting for another: it is told to stop
   void scattered.then(async (r) => {
@@ -207,15 +220,23 @@ async function loseRelay(dir: string, switchover: Case["switchover"], killAfterM
   });
   const [s, g] = await Promise.all([scattered, gather.result()]);
   clearTimeout(killer);
+  const sr = report<ScatterReport>(s);
+  const lostAfterEviction = new RegExp(
+    `^VM ${pair.name}: (?:relay ${relays[0]!.address} went away \\(.+\\) with the only copy of|no relay holds page content [0-9a-f]+ any more, and) (\\d+) pages its destination still lacks( have it)?; the VM runs at the destination`,
+  );
+  const named = replicas === 1 && s.code === 0 ? report<GatherReport>(g).vms[0]?.error?.match(lostAfterEviction) : null;
+  if (named && g.code === 69 && sr.vms[0]!.sourceStreams === 1) return `ok (killed after eviction: as documented, the gather named the VM and the ${named[1]} pages lost)`;
   if (s.code !== 0 || g.code !== 0) {
     const why = [...report<ScatterReport>(s).vms, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
     return `sgm failed: scatter ${s.code}, gather ${g.code}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
   }
-  const wrong = await proveGuest(pair, dir, n % 2 === 0);
+  const wrong = await proveGuest(pair, dir, n % 4 < 2);
   if (wrong) return wrong;
-  const lost = report<ScatterReport>(s).relays.some((r) => r.lost !== null);
+  const lost = sr.relays.some((r) => r.lost !== null);
+  const streams = sr.vms[0]!.sourceStreams;
   if (!killed) return "ok (the run ended before the kill)";
-  return `ok (killed while ${killedWhileScatterRan ? `the scatter ran${lost ? ", which placed elsewhere what it lost" : ""}` : "only the gather was fetching"})`;
+  const placed = lost ? (streams > 1 ? `, whose source streamed again (${streams} streams)` : ", which placed elsewhere what it lost") : "";
+  return `ok (killed while ${killedWhileScatterRan ? `the scatter ran${placed}` : "only the gather was fetching"})`;
 }
 
 /** One eviction; "ok", or what went wrong ("wrong guest: ..." when a guest did not arrive intact). */

@@ -11,7 +11,7 @@ import { type GatherReport, runGather } from "../../../core/gather/engine.ts";
 import { type Relay, startRelay } from "../../../core/relay/engine.ts";
 import { runScatter, type ScatterReport } from "../../../core/scatter/engine.ts";
 import { EvictionSlots } from "../../../core/scatter/eviction-slots.ts";
-import type { SwitchoverMode } from "../../../core/scatter/vm-eviction.ts";
+import type { SwitchoverMode } from "../../../core/scatter/eviction-report.ts";
 import { ModelDestinationQemu } from "./destination-qemu.ts";
 import { ModelSourceQemu, type SourceScript } from "./source-qemu.ts";
 

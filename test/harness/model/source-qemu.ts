@@ -72,7 +72,9 @@ export class ModelSourceQemu {
   private postcopyWanted = false;
   private dirty: Uint8Array;
   private sock: ByteSocket | null = null;
-  private readonly shut = Promise.withResolvers<number>();
+  private shut = Promise.withResolvers<number>();
+  /** Counts migrations: one dropped for another (scatter streams again) stops where it is. */
+  private generation = 0;
   private readonly requested: number[] = [];
   private cancelled = false;
 
@@ -82,7 +84,6 @@ export class ModelSourceQemu {
     this.memory = new GuestMemory(script.blocks);
     for (let i = 0; i < this.memory.total; i++) this.memory.content[i] = script.initial(i);
     this.dirty = new Uint8Array(this.memory.total);
-    this.shut.promise.catch(() => {});
     this.firstPassSent = this.firstPass.promise;
     this.qmpPath = join(dir, `${name}.qmp`);
     this.qmp = new QmpServer(this.qmpPath, { major: 10, minor: 0, micro: 2 }, {
@@ -106,8 +107,11 @@ export class ModelSourceQemu {
       migrate: (args) => {
         const uri = String(args.uri);
         if (!uri.startsWith("unix:")) throw new QmpError(`model source migrates to unix: only, not ${uri}`);
+        if (this.runState === "postmigrate") throw new QmpError("Can't migrate the vm that was paused due to previous migration");
         this.setStatus("setup");
-        void this.migrate(uri.slice(5)).catch((err: Error) => this.fail(err));
+        this.cancelled = false;
+        const generation = ++this.generation;
+        void this.migrate(uri.slice(5), generation).catch((err: Error) => generation === this.generation && this.fail(err));
       },
       "migrate-start-postcopy": () => {
         if (!this.capabilities.has("postcopy-ram")) throw new QmpError("Enable postcopy with migrate_set_capability before the start of migration");
@@ -156,11 +160,14 @@ export class ModelSourceQemu {
     void err;
   }
 
-  private async migrate(path: string): Promise<void> {
+  private async migrate(path: string, generation: number): Promise<void> {
     const sock = await ByteSocket.connectUnix(path, `model ${this.name} stream`);
     this.sock = sock;
+    const shut = Promise.withResolvers<number>();
+    shut.promise.catch(() => {});
+    this.shut = shut;
     const rp = new ReturnPathReader({
-      onShut: (status) => this.shut.resolve(status),
+      onShut: (status) => shut.resolve(status),
       onPong: () => {},
       onPageRequest: (block, start) => {
         this.requests++;
@@ -169,8 +176,8 @@ export class ModelSourceQemu {
     });
     sock.setDataHandler((data) => rp.feed(data));
     void sock.closed.then((reason) => {
-      this.shut.reject(reason ?? new Error("scatter closed the stream"));
-      if (this.status !== "completed") this.fail(reason ?? new Error("closed"));
+      shut.reject(reason ?? new Error("scatter closed the stream"));
+      if (this.status !== "completed" && generation === this.generation) this.fail(reason ?? new Error("closed"));
     });
 
     const writer = new PostcopyStreamWriter({
@@ -185,6 +192,7 @@ export class ModelSourceQemu {
     this.setStatus("active");
     this.dirty.fill(1);
     for (let pass = 1; ; pass++) {
+      if (generation !== this.generation || !sock.isOpen) throw new Error("migration dropped");
       if (pass > 1) this.guestWrites(pass);
       this.sync(pass);
       if (this.script.postcopyAtPass === pass) await this.waitForPostcopyRequest();
@@ -193,15 +201,16 @@ export class ModelSourceQemu {
         await this.postcopy(writer, pass + 1);
         return;
       }
-      await this.sendDirty(writer);
+      await this.sendDirty(writer, generation);
       this.firstPass.resolve();
       if (pass >= this.script.passes) break;
     }
     // converged: the VM stops, the last dirty pages and the device state follow
+    if (generation !== this.generation) throw new Error("migration dropped");
     this.guestWrites(this.passes + 1);
     this.stop();
     this.sync(this.passes + 1);
-    await this.sendDirty(writer);
+    await this.sendDirty(writer, generation);
     writer.flush();
     sock.write(precopyEnd());
     this.setStatus("device");
@@ -280,8 +289,9 @@ export class ModelSourceQemu {
     this.qmp.event("MIGRATION_PASS", { pass });
   }
 
-  private async sendDirty(writer: PostcopyStreamWriter): Promise<void> {
+  private async sendDirty(writer: PostcopyStreamWriter, generation: number): Promise<void> {
     for (let i = 0; i < this.memory.total; i++) {
+      if (generation !== this.generation) throw new Error("migration dropped");
       if (!this.dirty[i]) continue;
       this.sendPage(writer, i);
       if (this.sock!.queuedBytes > 1024 * 1024) {
