@@ -147,6 +147,13 @@ describe("model eviction: a relay lost mid-run", () => {
     }, 120_000);
   }
 
+  test("with --replicas 1, lost before a postcopy source switched: it streams again, then switches, every page intact", async () => {
+    const script = { ...churningScript(96, 4, 600, 0), postcopyAtPass: 3 };
+    const r = await expectIntact({ switchover: "postcopy", postcopyAfterPass: 2, relays: 2, replicas: 1, gatherMaxRate: 4 << 20, vms: [{ name: "pcb", script }], loseRelayAfterBytes: 64 * 1024 });
+    expect(r.scatter.vms[0]!.sourceStreams).toBe(2);
+    expect(r.sources[0]!.switchedToPostcopy).toBe(true);
+  }, 120_000);
+
   test("with --replicas 1 and no relay left, the source streams again straight to the gather", async () => {
     const vms = [{ name: "alone", script: churningScript(97, 4, 600, 0) }];
     const r = await expectIntact({ switchover: "precopy", relays: 1, gatherMaxRate: 4 << 20, vms, loseRelayAfterBytes: 64 * 1024 });
