@@ -192,8 +192,9 @@ export class ContentDirectory {
     if (this.needs[cid]! > 0) return;
     const pins = this.pins[cid]!;
     const id = this.storeId[cid]!;
-    // bytes the scatter pinned that only this gather holds must stay
-    if (id !== NO_BYTES && !(pins & 1 && this.relays[cid] === 0)) {
+    // bytes the scatter pinned must stay: it counts them as held here
+    // (relays holding them too may go), and names them without sending again
+    if (id !== NO_BYTES && !(pins & 1)) {
       this.store.freeSlot(id);
       this.storeId[cid] = NO_BYTES;
     }

@@ -314,6 +314,11 @@ export class DestinationFeed {
     return pages;
   }
 
+  /** Pages owing content held neither here nor on a live relay (a relay lost with the only copy). */
+  unreachablePages(): number {
+    return this.owedPages((c) => !this.dir.isLocal(c) && this.dir.relayMask(c) === 0);
+  }
+
   /** RUN has gone to the destination: it may be running the VM. */
   get runsThere(): boolean {
     return this.phase === "postcopy" || this.phase === "ended";

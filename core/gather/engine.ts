@@ -372,10 +372,6 @@ class ScatterSession {
       case "source-switched":
         this.vm(message.vm).sourceSwitched(message.stoppedAt);
         return;
-      case "relay-lost":
-        // before anything the scatter places again because of it
-        this.fetcher.lose(message.address, message.reason);
-        return;
       case "source-restarted":
         this.vm(message.vm).sourceRestarted();
         return;

@@ -138,14 +138,6 @@ export class RelayFetcher {
     return unreachable;
   }
 
-  /** The scatter lost the relay at `address`: what it held counts as gone here too. */
-  lose(address: string, reason: string): void {
-    const index = this.relays.findIndex((r) => r.address === address);
-    if (index < 0 || this.closing) return;
-    this.onRelayLost(index, new SgmError("unavailable", `the scatter lost it (${reason})`));
-    this.relays[index]!.conn?.close();
-  }
-
   /** Relays lost so far, a bit each. */
   get lostMask(): number {
     return this.lost;

@@ -294,6 +294,11 @@ export class VmArrival {
   async switchGo(): Promise<void> {
     if (this.stage === "failed") return;
     if (this.stage !== "source-done") throw new SgmError("data", `VM ${this.name}: switch-go in stage ${this.stage}`);
+    // a relay lost just before switch-go: the destination must not run on memory it cannot complete
+    const unreachable = this.feed!.unreachablePages();
+    if (unreachable > 0) {
+      throw new SgmError("unavailable", `VM ${this.name}: ${unreachable} pages its destination lacks are held nowhere any more (a relay lost); the destination does not run it`);
+    }
     this.stage = "switching";
     trace(`${this.name} switch-go`);
     await this.feed!.switchover(Buffer.concat(this.device));
@@ -364,7 +369,6 @@ export class VmArrival {
     this.finished.resolve();
   }
 
-  /** One line of where this VM is, for the periodic progress on stderr. */
   /** Where this arrival stands, for the progress display. */
   snapshot(): VmProgress {
     const total = this.feed ? this.feed.table.total * TPS : null;

@@ -113,7 +113,7 @@ export class PagePipeline {
     const final = this.final;
     for (let i = 0; i < final.length; i++) {
       const c = final[i]!;
-      if (c >= 0 && !this.placement.isHeld(c)) return true;
+      if (c >= 0 && this.placement.isLost(c)) return true;
     }
     return false;
   }

@@ -13,7 +13,7 @@ import { DigestIndex } from "../dedup/digest-index.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { type Control, encodeControl, encodeDigests, encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
+import { encodeDigests, encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
 import { GatherPins, type MapProgress } from "./gather-pins.ts";
 import { type Refused, RelayLink } from "./relay-link.ts";
 import type { RelayContents } from "./relay-contents.ts";
@@ -54,6 +54,8 @@ export class RunPlacement {
   private readonly index = new DigestIndex();
   private pending = new Uint8Array(1024);
   private mask = new Uint32Array(1024);
+  /** 1 for content whose only copy went with a lost relay, until it is placed again. */
+  private lost = new Uint8Array(1024);
   private readonly salts: number[] = [];
   private readonly relayContents: RelayContents | null;
   /** Each relay's bit in relayContents' masks. */
@@ -124,9 +126,9 @@ export class RunPlacement {
   }
 
   /**
-   * While `check` holds, a relay whose connection closes fails the run, even
-   * with nothing in flight to it: what it held is gone, and a VM still to
-   * place pages (one waiting for a slot included) would name it.
+   * While `check` holds, a relay whose connection closes counts as lost,
+   * even with nothing in flight to it: what it held is gone, and a VM still
+   * to place pages (one waiting for a slot included) may name it.
    */
   neededWhile(check: () => boolean): void {
     this.stillNeeded = check;
@@ -166,8 +168,13 @@ export class RunPlacement {
     return this.pins.mapStream();
   }
 
+  /** A lost relay took the only copy of the content, and it has not been placed again. */
+  isLost(cid: number): boolean {
+    return this.lost[cid] === 1;
+  }
+
   /** The gather or relays hold the content (or will, once acknowledged): a reference to it is enough. */
-  isHeld(cid: number): boolean {
+  private isHeld(cid: number): boolean {
     return this.pins.isPinned(cid) || this.mask[cid] !== 0 || this.pending[cid]! > 0;
   }
 
@@ -293,6 +300,7 @@ export class RunPlacement {
   }
 
   private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
+    this.lost[cid] = 0;
     if (this.holdOnRelays(cid, digest, at, page)) return;
     const viaGather = this.relays.length === 0 || this.gatherAccepting;
     const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting, this.replicas, this.rank, this.weights);
@@ -333,6 +341,7 @@ export class RunPlacement {
   }
 
   private sendDirect(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
+    this.lost[cid] = 0;
     this.pins.pin(cid);
     const slot = this.direct.add(page);
     slot.buf.set(digest.subarray(at, at + DIGEST_BYTES), slot.at);
@@ -376,11 +385,12 @@ export class RunPlacement {
     for (let cid = 0; cid < this.mask.length; cid++) {
       if ((this.mask[cid]! & bit) === 0) continue;
       this.mask[cid]! &= ~bit;
-      if (this.mask[cid] === 0 && this.pending[cid] === 0 && !this.pins.isPinned(cid)) alone++;
+      if (this.mask[cid] === 0 && this.pending[cid] === 0 && !this.pins.isPinned(cid)) {
+        this.lost[cid] = 1;
+        alone++;
+      }
     }
     this.relayContents?.forgetRelay(this.contentBits[link.index]!);
-    // the gather hears before any content placed again: it keeps that content's bytes from then on
-    this.tellGather({ t: "relay-lost", address: link.address, reason: reason.message });
     const lost = alone > 0 ? `; it held the only copy of ${alone} contents` : "";
     this.log(`${reason.message}${lost}; ${unplaced.length} pages it had not acknowledged go elsewhere`);
     this.placeElsewhere(link, unplaced);
@@ -388,15 +398,6 @@ export class RunPlacement {
     for (const listener of this.ackListeners) listener(true);
     if (alone > 0) for (const listener of this.lossListeners) listener(`${reason.message}, with the only copy of ${alone} contents`);
     this.wakeDrainWaiters();
-  }
-
-  private tellGather(message: Control): void {
-    try {
-      this.flushDirect();
-      this.gather.send(FrameType.CONTROL, encodeControl(message));
-    } catch {
-      // the gather is gone: its connection reports that
-    }
   }
 
   /** The gather lost the relay at `address`: the run counts it as gone too. */
@@ -457,5 +458,8 @@ export class RunPlacement {
     const mask = new Uint32Array(size);
     mask.set(this.mask);
     this.mask = mask;
+    const lost = new Uint8Array(size);
+    lost.set(this.lost);
+    this.lost = lost;
   }
 }

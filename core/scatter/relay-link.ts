@@ -184,6 +184,8 @@ export class RelayLink {
   }
 
   private onFrame(type: number, payload: Uint8Array): void {
+    // counted as gone: what it had not acknowledged is placed elsewhere already
+    if (this.lostReason !== null) return;
     if (type === FrameType.CONTROL) {
       const message = decodeControl(payload);
       if (message.t === "relay-full") {

@@ -55,8 +55,9 @@ export class SourceStream {
     const reader = new MigrationStreamReader({
       onHeader: (bytes) => events.onHeader(bytes),
       onRamBlocks: (blocks) => {
-        this.learnBlocks(blocks);
+        // first: a source streaming again is checked against what it said before
         events.onBlocks(blocks, reader.ramSection);
+        this.learnBlocks(blocks);
       },
       onPage: (block, page, data) => {
         if (this.inPostcopy) {

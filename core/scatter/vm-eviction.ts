@@ -13,11 +13,12 @@
 // drops the migration socket, so QEMU fails the migration and resumes it.
 //
 // A relay lost with the only copy of content this VM's map names, before
-// the VM is evicted, has the source stream again (precopy only: a postcopy
-// source sends no page twice): scatter drops the stream, the gather
-// forgets the device state ("source-restarted", "restarted"), QEMU resumes
-// the VM and migrates it once more. Its first pass sends every page, and
-// what is still held goes as a reference alone.
+// switch-go, has the source stream again (precopy only: a postcopy source
+// sends no page twice): scatter drops the stream, the gather forgets the
+// device state ("source-restarted", "restarted"), QEMU resumes the VM (from
+// its migration failed, or completed but not yet run elsewhere) and
+// migrates it once more. Its first pass sends every page, and what is
+// still held goes as a reference alone.
 //
 // Postcopy switchover (the source stops the VM early and sends each
 // remaining page once): the source's discards mark pages pending, its
@@ -132,11 +133,12 @@ export class VmEviction {
    * start again sends every page anyway.
    */
   private contentLost(why: string): void {
+    // once evicted (in precopy, from switch-go on) the gather answers for it: see the crash table in the README
     if (this.finished || this.failureReason || this.evictedAt !== null || this.stage === "restarting") return;
     if (!this.pipeline.namesLostContent()) return;
     const canStreamAgain = (this.stage === "streaming" || this.stage === "switching") && this.switchover !== "postcopy" && !this.postcopyAsked;
     if (!canStreamAgain) {
-      this.fail(new SgmError("unavailable", `VM ${this.name}: ${why}; its source has switched to postcopy, and sends no page twice`));
+      this.fail(new SgmError("unavailable", `VM ${this.name}: ${why}; its source is switching or has switched to postcopy, and sends no page twice`));
       return;
     }
     this.restart.reject(new SourceRestart(why));
@@ -226,8 +228,8 @@ export class VmEviction {
     let sourceState = "running";
     try {
       await this.race(this.offerToGather());
-      const point = await this.streamUntilEvicted();
-      if (point.kind === "precopy") await this.switchAfterPrecopy();
+      const point = await this.streamUntilGo();
+      if (point.kind === "precopy") await this.awaitRunning();
       else await this.switchInPostcopy(point.device);
       sourceState = o.keepSource ? "paused" : "quit";
       if (!o.keepSource) await this.source.quit();
@@ -268,10 +270,11 @@ export class VmEviction {
 
   /**
    * Streams the source up to its switchover and, in precopy, on until the
-   * gather holds everything (evicted); again whenever a relay takes content
-   * the VM needs with it before then.
+   * gather holds everything, the source has completed and switch-go is
+   * sent; again whenever a relay takes content the VM needs with it before
+   * then.
    */
-  private async streamUntilEvicted(): Promise<SwitchPoint> {
+  private async streamUntilGo(): Promise<SwitchPoint> {
     for (;;) {
       const attempt = this.attempt;
       try {
@@ -281,7 +284,15 @@ export class VmEviction {
         const map = await this.raceOrRestart(this.sendDeviceState(point.device, "source-done", attempt));
         const ready = await this.raceOrRestart(this.wait("switch-ready"));
         this.checkGatherMap(ready, map!);
-        this.evicted();
+        const heldAt = performance.now();
+        this.current!.sock!.write(encodeShut(0));
+        await this.raceOrRestart(this.source.waitFor(["completed"], 30_000));
+        // the last moment a relay's loss can send the VM back: the destination may run it from here
+        if (this.pipeline.namesLostContent()) throw new SourceRestart("a relay went with content this VM needs while its source completed");
+        this.evicted(heldAt);
+        trace(`${this.name} source completed; switch-go`);
+        this.stage = "go";
+        this.send({ t: "switch-go", vm: this.id });
         return point;
       } catch (err) {
         if (!(err instanceof SourceRestart)) throw err;
@@ -297,6 +308,7 @@ export class VmEviction {
     this.switchover = null;
     const dropped = this.current!;
     this.current = null;
+    this.evictedAt = null;
     // a restart comes once pages are named, so after the header and blocks went to the gather
     if (this.first === null && dropped.header && dropped.blocks) this.first = { header: dropped.header, blocks: dropped.blocks };
     this.readBefore += dropped.bytesRead;
@@ -314,16 +326,6 @@ export class VmEviction {
     this.restart.promise.catch(() => {});
   }
 
-  /** The source converged and the gather holds everything: SHUT, then go. */
-  private async switchAfterPrecopy(): Promise<void> {
-    this.current!.sock!.write(encodeShut(0));
-    await this.race(this.source.waitFor(["completed"], 30_000));
-    trace(`${this.name} source completed; switch-go`);
-    this.stage = "go";
-    this.send({ t: "switch-go", vm: this.id });
-    await this.awaitRunning();
-  }
-
   /** The source switched to postcopy: the VM runs at the destination at once; pages keep coming. */
   private async switchInPostcopy(device: Uint8Array): Promise<void> {
     await this.race(this.sendDeviceState(device, "source-switched", this.attempt));
@@ -339,7 +341,7 @@ export class VmEviction {
     this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt!, map });
     const held = await this.race(this.wait("held"));
     this.checkGatherMap(held, map);
-    this.evicted();
+    this.evicted(performance.now());
     this.current!.sock!.write(encodeShut(0));
     await this.race(this.source.waitFor(["completed"], 30_000));
   }
@@ -351,9 +353,10 @@ export class VmEviction {
     throw new SgmError("data", `VM ${this.name}: the gather's final page map differs from the source's (digest ${String(theirs).slice(0, 16)} against ${map.slice(0, 16)})`);
   }
 
-  private evicted(): void {
+  /** Every byte of the VM was held off the source at `at` (performance.now()). */
+  private evicted(at: number): void {
     const o = this.options;
-    this.evictedAt = performance.now();
+    this.evictedAt = at;
     trace(`${this.name} every page held: evicted`);
     o.log(`${this.name}: evicted in ${Math.round(this.evictedAt - o.startedAt.mono)} ms`);
   }
@@ -439,6 +442,10 @@ export class VmEviction {
     const stoppedAt = await this.gather.withTimeout(this.source.stoppedAt(), 10_000, "no STOP event from the source QEMU");
     // the stream this belongs to was dropped meanwhile: its device state must not go
     if (attempt !== this.attempt) throw new SourceRestart("the source streams again");
+    if (word === "source-done" && this.pipeline.namesLostContent()) {
+      // a stream again sends every page QEMU counts as dirty: one it left out (a free page hint) is lost
+      throw new SgmError("unavailable", `VM ${this.name}: the source streamed again without some pages whose content a lost relay held; it runs on at the source`);
+    }
     this.stoppedAt = stoppedAt;
     trace(`${this.name} every page named is held; device state and ${word} to the gather`);
     for (let at = 0; at < device.length || at === 0; at += MAX_VM_BYTES) {
@@ -473,12 +480,14 @@ export class VmEviction {
   private async switchSourceToPostcopy(): Promise<void> {
     // a failed eviction resumes the VM at the source: postcopy would leave it nowhere
     if (this.failure || this.stage === "restarting") return;
+    // from the ask on, dropping the stream could leave the source in postcopy-paused: no stream again
     this.postcopyAsked = true;
     try {
       await this.source.startPostcopy();
       trace(`${this.name} asked the source to switch to postcopy (pass ${this.passes})`);
     } catch (err) {
       // the source may have converged first; then its precopy completion is what follows
+      this.postcopyAsked = false;
       this.options.log(`${this.name}: postcopy switch not taken: ${asSgmError(err).message}`);
     }
   }

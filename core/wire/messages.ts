@@ -110,10 +110,7 @@ export type Control =
   | { t: "source-restarted"; vm: number }
   /** gather → scatter: nothing of the dropped stream's device state or switch-ready stands. */
   | { t: "restarted"; vm: number }
-  /**
-   * either way: the sender lost the relay at `address`; the other counts it
-   * as gone too. The scatter's comes before any content it places again.
-   */
+  /** gather → scatter: it lost the relay at `address` (it cannot fetch from it); the scatter counts it as gone too. */
   | { t: "relay-lost"; address: string; reason: string }
   /** gather → scatter: PAGE_DATA payload bytes it has taken in so far (scatter's window for direct pages). */
   | { t: "received"; bytes: number }
