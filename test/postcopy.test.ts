@@ -69,7 +69,10 @@ describe("postcopy switchover", () => {
     expect(sr.evictionMs).toBeGreaterThan(0);
     expect(sr.downtimeMs).toBeGreaterThan(0);
     expect(gr.downtimeMs).toBe(sr.downtimeMs);
-    expect(gr.totalMs).toBeGreaterThanOrEqual(sr.evictionMs!);
+    // no order between the two: after the source's last page the destination
+    // may complete before the scatter hears 'held' (sent once the state for
+    // --resume is written)
+    expect(gr.totalMs).toBeGreaterThan(0);
     // the destination waited for pages the source still had: they went back to it
     expect(gr.pages.requestedFromSource).toBeGreaterThan(0);
     expect(sr.pages.requestedFromSource).toBeGreaterThan(0);
