@@ -295,8 +295,7 @@ export class VmArrival {
     if (this.stage === "failed") return;
     if (this.stage !== "source-done") throw new SgmError("data", `VM ${this.name}: switch-go in stage ${this.stage}`);
     // a relay lost just before switch-go: the destination must not run on memory it cannot complete
-    // (a postcopy source still sending can pause and resume, and send those pages again)
-    const unreachable = this.postcopy ? 0 : this.feed!.unreachablePages();
+    const unreachable = this.feed!.unreachablePages();
     if (unreachable > 0) {
       throw new SgmError("unavailable", `VM ${this.name}: ${unreachable} pages its destination lacks are held nowhere any more (a relay lost); the destination does not run it`);
     }
@@ -332,10 +331,8 @@ export class VmArrival {
     if (!this.feed || !this.isOpen) return "unharmed";
     const pages = this.feed.owedPages(lacking);
     if (pages === 0) return "unharmed";
-    // before switch-go a precopy source can stream again, and a postcopy one
-    // still sending can pause and resume (the scatter fails the VM if it cannot)
-    const sourceCanResend = this.postcopy ? !this.sourceFinished : this.stage === "streaming" || this.stage === "source-done";
-    if (sourceCanResend) {
+    // before switch-go a precopy source can stream again (the scatter fails the VM if it cannot)
+    if (!this.postcopy && (this.stage === "streaming" || this.stage === "source-done")) {
       trace(`${this.name}: ${what(pages)}; waiting for the source to send them again`);
       return "waits";
     }

@@ -33,8 +33,6 @@ export interface AttemptOptions {
 
 export class SourceAttempt {
   sock: ByteSocket | null = null;
-  /** Bytes read by sockets before this one (a postcopy source resumed). */
-  private readBefore = 0;
   stream: SourceStream | null = null;
   header: Uint8Array | null = null;
   blocks: string | null = null;
@@ -46,7 +44,7 @@ export class SourceAttempt {
   }
 
   get bytesRead(): number {
-    return this.readBefore + (this.sock?.bytesRead ?? 0);
+    return this.sock?.bytesRead ?? 0;
   }
 
   /** Has the source migrate into the socket, and resolves once it is connected. */
@@ -71,32 +69,6 @@ export class SourceAttempt {
       // nobody is to connect any more: a QEMU that still tries fails its migration and runs on
       listening.stop();
       void listening.accepted.then((sock) => sock.destroy(), () => {});
-      throw err;
-    }
-  }
-
-  /**
-   * A source in postcopy sends again what a relay lost: its stream is
-   * dropped (QEMU pauses its postcopy), it resumes into a new socket at
-   * `path` and sends the pages its received bitmaps mark (see
-   * SourceStream.resumeOn). Resolves once it has resumed.
-   */
-  async resumePaused(path: string): Promise<void> {
-    const stream = this.stream!;
-    this.readBefore += this.sock?.bytesRead ?? 0;
-    this.sock = null;
-    stream.detach();
-    await this.o.source.waitFor(["postcopy-paused"], 30_000);
-    const listening = ByteSocket.listenUnixOnce(path, `VM ${this.o.name}: resumed source stream`);
-    try {
-      await this.o.source.resumeInto(path);
-      const timer = setTimeout(listening.stop, 30_000);
-      const sock = await listening.accepted.finally(() => clearTimeout(timer));
-      this.sock = sock;
-      const timeout = setTimeout(() => sock.destroy(new SgmError("unavailable", `VM ${this.o.name}: the resumed source did not finish its handshake in 60 s`)), 60_000);
-      await stream.resumeOn(sock).finally(() => clearTimeout(timeout));
-    } catch (err) {
-      listening.stop();
       throw err;
     }
   }

@@ -121,11 +121,6 @@ export class SourceQemu {
     await this.qmp.execute("migrate", { uri: `unix:${socketPath}` });
   }
 
-  /** Resumes a postcopy paused when its stream broke (QEMU's postcopy recovery), into scatter's socket at `socketPath`. */
-  async resumeInto(socketPath: string): Promise<void> {
-    await this.qmp.execute("migrate", { uri: `unix:${socketPath}`, resume: true });
-  }
-
   /** Calls `listener` with each pass number the source reports (MIGRATION_PASS). */
   onPass(listener: (pass: number) => void): () => void {
     return this.qmp.onEvent((event) => {
