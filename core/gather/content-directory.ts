@@ -92,10 +92,7 @@ export class ContentDirectory {
     this.keep(cid, page);
   }
 
-  /**
-   * Relays (a bit each) went: they hold nothing any more. Pinned bytes that
-   * only they held too stay here from now on (see settle).
-   */
+  /** Relays (a bit each) went: they hold nothing any more, and no fetch is to count on them. */
   forgetRelays(mask: number): void {
     for (let cid = 0; cid < this.relays.length; cid++) this.relays[cid]! &= ~mask;
   }

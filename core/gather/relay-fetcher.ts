@@ -257,7 +257,6 @@ export class RelayFetcher {
    */
   private onRelayLost(index: number, reason: Error | undefined): void {
     const relay = this.relays[index]!;
-    if (this.lost & (1 << index)) return;
     this.lost |= 1 << index;
     this.onLost(relay.address, reason?.message ?? "connection closed", this.lost);
     if (this.wanted.size === 0) return;

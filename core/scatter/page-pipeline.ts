@@ -88,23 +88,17 @@ export class PagePipeline {
 
   /**
    * The source's RAM blocks, before any page. A source that streams again
-   * (see vm-eviction.ts) names them again: they must be the same, and the
-   * map so far stays (the new stream sends every page once more).
+   * names the same ones (source-attempt.ts checks that first), and the map
+   * so far stays: the new stream sends every page once more.
    */
   setBlocks(blocks: readonly RamBlockInfo[]): void {
+    if (this.final.length > 0) return;
     let total = 0;
-    const starts = blocks.map((b) => {
+    this.blockStart = blocks.map((b) => {
       const start = total;
       total += b.usedLength / TPS;
       return start;
     });
-    if (this.final.length > 0) {
-      if (total !== this.final.length || starts.some((s, b) => s !== this.blockStart[b])) {
-        throw new SgmError("data", "the source named other RAM blocks when it streamed again");
-      }
-      return;
-    }
-    this.blockStart = starts;
     this.final = new Int32Array(total).fill(NEVER_SENT);
   }
 
