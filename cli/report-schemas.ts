@@ -45,6 +45,7 @@ const EvictionReport = Type.Object(
     source: Type.String({ description: "Where the source VM is now: quit, paused (--keep-source), running (eviction failed)." }),
     passes: count("Precopy passes the source made (in its last stream)."),
     sourceStreams: count("Times the source streamed its memory: more than 1 when a relay lost with the only copy of content the VM needed had it stream again."),
+    sourceResumes: count("Times a postcopy source was paused and resumed (QEMU's postcopy recovery) to send again what a lost relay took."),
     bytes: Type.Object({ fromSource: bytes(), dedupSaved: bytes() }, closed),
     pages: Type.Object(
       {

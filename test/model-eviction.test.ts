@@ -160,13 +160,27 @@ describe("model eviction: a relay lost mid-run", () => {
     expect(r.scatter.vms[0]!.sourceStreams).toBe(2);
   }, 120_000);
 
-  test("with --replicas 1, lost after a postcopy source switched: that VM fails, naming why, and stays paused at the source", async () => {
-    const script = { ...churningScript(98, 4, 600, 0), postcopyAtPass: 1 };
-    const r = await runModelEviction({ switchover: "postcopy", postcopyAfterPass: 0, relays: 1, gatherMaxRate: 4 << 20, vms: [{ name: "pc", script }], loseRelayAfterBytes: 64 * 1024 });
+  for (const vmCount of [1, 2]) {
+    test(`with --replicas 1, lost after the postcopy source switched, ${vmCount} VMs: each source that needed it pauses, resumes and sends those pages again`, async () => {
+      const vms = Array.from({ length: vmCount }, (_, v) => ({ name: `pc${v}`, script: { ...churningScript(98 + v, 4, 600, v), postcopyAtPass: 1 } }));
+      const r = await expectIntact({ switchover: "postcopy", postcopyAfterPass: 0, relays: 2, replicas: 1, gatherMaxRate: 4 << 20, vms, loseRelayAfterBytes: 64 * 1024 });
+      expect(r.scatter.relays.map((x) => x.lost !== null).sort()).toEqual([false, true]);
+      expect(r.scatter.vms.some((v) => v.sourceResumes >= 1)).toBe(true);
+      for (const [v, source] of r.sources.entries()) expect(source.resumes).toBe(r.scatter.vms[v]!.sourceResumes);
+      expect(r.scatter.vms.every((v) => v.sourceStreams === 1)).toBe(true);
+    }, 120_000);
+  }
+
+  test("with --replicas 1, lost as the postcopy source sent its last page: that VM fails, named, and its source completes rather than run the VM again", async () => {
+    const script = { ...churningScript(97, 4, 600, 0), postcopyAtPass: 1 };
+    const r = await runModelEviction({ switchover: "postcopy", postcopyAfterPass: 0, relays: 2, replicas: 1, gatherMaxRate: 1 << 20, vms: [{ name: "late", script }], loseRelayAtSourceEnd: true });
     const vm = r.scatter.vms[0]!;
-    expect(vm.ok).toBe(false);
-    expect(vm.error).toMatch(/with the only copy of \d+ contents; its source is switching or has switched to postcopy, and sends no page twice$/);
-    expect(vm.source).toBe("paused");
+    expect(r.scatter.exitCode).toBe(69);
+    expect(vm.error).toMatch(/^VM late: (its source is completing its postcopy|relay .+; its source has sent its last page)/);
+    expect([vm.sourceResumes, vm.source]).toEqual([0, "paused"]);
+    // QEMU fails a postcopy whose stream breaks as it completes, and runs the VM again: scatter told it SHUT instead
+    expect(r.sources[0]!.migrationStatus).toBe("completed");
+    expect(r.sources[0]!.runState).not.toBe("running");
   }, 120_000);
 });
 
@@ -200,6 +214,9 @@ describe("model eviction: a wrong final page map is caught", () => {
     expect(r.gather.exitCode).toBe(65);
     expect(r.gather.vms[0]!.error).toMatch(/final page map differs from the source's/);
     expect(r.destinations[0]!.runState).toBe("paused");
+    // its stream ended: dropping it would fail the source's migration and run the VM there too
+    expect(r.scatter.vms[0]!.source).toBe("paused");
+    expect(r.sources[0]!.runState).not.toBe("running");
   });
 
   test("a page the gather never delivers is named, and the migration never completes", async () => {

@@ -88,6 +88,24 @@ describe("gather --resume", () => {
     expect(comparison.mismatched).toEqual([]);
   }, 240_000);
 
+  test.each(["7.2", "10.0"])("postcopy, the gather killed before the source's last page: the scatter drops the source's stream only where QEMU pauses its postcopy, and the VM runs nowhere but the destination (QEMU %s)", async (qemu) => {
+    const binary = qemu === "10.0" ? await qemu10_0() : undefined;
+    const pair = await startPair(dir, `halfway${qemu.replace(".", "")}`, { memMiB: 128, seed: 405, rate: 2000, sourceBinary: binary, destinationBinary: binary });
+    // the gather takes pages slowly: the source still has most of the VM to send when it dies
+    const gather = await startGather([pair], psk, ["--max-rate", "4MiB/s"]);
+    const scatter = await startScatter([pair], gather.port, psk, ["--keep-source", "--switchover", "postcopy", "--postcopy-after-pass", "0"]);
+    await waitForStatus(pair.destination, "postcopy-active", 60_000);
+    gather.gather.proc.kill("SIGKILL");
+    const s = await scatter.result();
+    expect(s.code).not.toBe(0);
+    const vm = report<ScatterReport>(s).vms[0]!;
+    expect([vm.ok, vm.switchover, vm.source]).toEqual([false, "postcopy", "paused"]);
+    expect(s.stderr).toContain(`${pair.name}: the source had switched to postcopy and cannot resume the VM; it stays paused there (migration postcopy-paused)`);
+    // a failed migration would have started the VM here again
+    expect(await migrationStatus(pair.source)).toBe("postcopy-paused");
+    expect(await pair.source.status()).not.toBe("running");
+  }, 120_000);
+
   test("two VMs of one run sharing content, --replicas 2: the gather and one relay killed after eviction; --resume finishes both from the other relay, memory equal", async () => {
     const pairs = await Promise.all([0, 1].map((v) => startPair(dir, `twin${v}`, { memMiB: 64, seed: 410 + v, rate: 1000, churn: 4 })));
     const relays = await Promise.all([0, 1].map(() => startRelay(psk)));

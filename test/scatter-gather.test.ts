@@ -14,6 +14,7 @@ import { loadPsk } from "../core/wire/auth.ts";
 import { maxPayload } from "../core/wire/messages.ts";
 import { PUT_BATCH, PutBuilder, readAck, RelayFrame, RUN_ID_BYTES } from "../core/wire/relay-messages.ts";
 import { killAll } from "./harness/processes.ts";
+import { qemu10_0 } from "./harness/qemu-binaries.ts";
 import { expectExit } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
@@ -212,6 +213,27 @@ describe("scatter-gather with relays", () => {
     expect(sr.relays[0]!.lost).not.toBeNull();
     expect(sr.vms[0]!.sourceStreams).toBe(2);
     expect(s.stderr).toMatch(new RegExp(`${pair.name}: relay ${relay.address}: .+, with the only copy of \\d+ contents; the source streams its memory again \\(attempt 2\\)`));
+    await provedEqual(pair);
+  }, 180_000);
+
+  test.each(["7.2", "10.0"])("with --replicas 1, a relay killed after the source switched to postcopy: the source pauses, resumes and sends those pages again, the VM intact (QEMU %s)", async (qemu) => {
+    const binary = qemu === "10.0" ? await qemu10_0() : undefined;
+    const pair = await startPair(dir, `resumed${qemu.replace(".", "")}`, { memMiB: 64, seed: 209, rate: 1000, sourceBinary: binary, destinationBinary: binary });
+    const http = await freePort();
+    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s", "--http", `127.0.0.1:${http}`]);
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
+    // postcopy at once: every page the relay takes comes after the switch
+    const flags = ["--keep-source", "--all-relays", "--via", relay.address, "--replicas", "1", "--switchover", "postcopy", "--postcopy-after-pass", "0"];
+    const scatter = await startScatter([pair], port, psk, flags);
+    await relayTook(http, 2 * 1024 * 1024);
+    relay.relay.proc.kill("SIGKILL");
+    const [s, g] = await Promise.all([scatter.result(), gather.result()]);
+    expectExit(g, 0);
+    expectExit(s, 0);
+    const vm = report<ScatterReport>(s).vms[0]!;
+    expect([vm.switchover, vm.sourceStreams, vm.sourceResumes]).toEqual(["postcopy", 1, 1]);
+    expect(s.stderr).toContain(`${pair.name}: relay ${relay.address}`);
+    expect(s.stderr).toContain("the source's postcopy pauses and resumes to send those pages again");
     await provedEqual(pair);
   }, 180_000);
 

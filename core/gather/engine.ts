@@ -224,8 +224,8 @@ class ScatterSession {
     this.fetcher = new RelayFetcher(this.dir, shared.limiter, {
       error: (err) => this.failAll(asSgmError(err)),
       lost: (address, reason, lost) => this.relaysLost(address, reason, lost),
-      unreachable: (cid, why) => {
-        for (const a of this.vms.values()) a.contentUnreachable(cid, why);
+      unreachable: (cid, why, relayGone) => {
+        for (const a of this.vms.values()) a.contentUnreachable(cid, why, relayGone);
       },
     });
     conn.onFrame((type, payload) => this.onFrame(type, payload));

@@ -45,8 +45,12 @@ export interface FetcherHandlers {
    * held fail first and want none of it.
    */
   lost(address: string, reason: string, lost: number): void;
-  /** No live relay holds this content (any more): the VMs that need it cannot finish. */
-  unreachable(cid: number, why: string): void;
+  /**
+   * No live relay holds this content (any more): the VMs that need it
+   * cannot finish, unless `relayGone` (only lost relays had it: the scatter
+   * hears of those, and a source may send it again).
+   */
+  unreachable(cid: number, why: string, relayGone: boolean): void;
 }
 
 export interface FetcherStats {
@@ -296,7 +300,8 @@ export class RelayFetcher {
     this.wanted.delete(cid);
     this.tried.delete(cid);
     this.abandoned.add(cid);
-    this.onUnreachable(cid, `no relay holds page content ${this.hex(cid)} any more`);
+    const relayGone = (this.dir.relayMask(cid) & ~this.lost) === 0;
+    this.onUnreachable(cid, `no relay holds page content ${this.hex(cid)} any more`, relayGone);
     return -1;
   }
 

@@ -99,7 +99,7 @@ async function resumeRun(vms: Ready[], ctx: ResumeContext): Promise<RelayFetcher
   const fetcher: RelayFetcher = new RelayFetcher(dir, ctx.limiter, {
     error: (err) => arrivals.forEach((a) => a.fail(asSgmError(err))),
     lost: (address, reason, lost) => arrivals.forEach((a) => a.relaysLost(address, reason, lost, dir)),
-    unreachable: (cid, why) => arrivals.forEach((a) => a.contentUnreachable(cid, why)),
+    unreachable: (cid, why, relayGone) => arrivals.forEach((a) => a.contentUnreachable(cid, why, relayGone)),
   });
   let unreachable: Array<{ address: string; reason: string }> = [];
   try {

@@ -295,7 +295,8 @@ export class VmArrival {
     if (this.stage === "failed") return;
     if (this.stage !== "source-done") throw new SgmError("data", `VM ${this.name}: switch-go in stage ${this.stage}`);
     // a relay lost just before switch-go: the destination must not run on memory it cannot complete
-    const unreachable = this.feed!.unreachablePages();
+    // (a postcopy source still sending can pause and resume, and send those pages again)
+    const unreachable = this.postcopy ? 0 : this.feed!.unreachablePages();
     if (unreachable > 0) {
       throw new SgmError("unavailable", `VM ${this.name}: ${unreachable} pages its destination lacks are held nowhere any more (a relay lost); the destination does not run it`);
     }
@@ -319,20 +320,28 @@ export class VmArrival {
    */
   relaysLost(address: string, reason: string, lost: number, dir: ContentDirectory): LossOutcome {
     const gone = (c: number) => !dir.isLocal(c) && (dir.relayMask(c) & ~lost) === 0;
-    return this.failIfOwed(gone, (pages) => `relay ${address} went away (${reason}) with the only copy of ${pages} pages its destination still lacks`);
+    return this.failIfOwed(gone, true, (pages) => `relay ${address} went away (${reason}) with the only copy of ${pages} pages its destination still lacks`);
   }
 
-  /** No live relay holds this content: the VM fails if it still owes it. */
-  contentUnreachable(cid: number, why: string): LossOutcome {
-    return this.failIfOwed((c) => c === cid, (pages) => `${why}, and ${pages} pages its destination still lacks have it`);
+  /**
+   * No live relay holds this content: the VM fails if it still owes it,
+   * unless a relay's loss (`relayGone`) is why, which the scatter hears of
+   * too: then its source may send it again. A relay that answers it has
+   * not what it was said to hold, the scatter never hears of.
+   */
+  contentUnreachable(cid: number, why: string, relayGone: boolean): LossOutcome {
+    return this.failIfOwed((c) => c === cid, relayGone, (pages) => `${why}, and ${pages} pages its destination still lacks have it`);
   }
 
-  private failIfOwed(lacking: (cid: number) => boolean, what: (pages: number) => string): LossOutcome {
+  /** `relayGone`: the scatter hears of the loss too, and its source may send the content again. */
+  private failIfOwed(lacking: (cid: number) => boolean, relayGone: boolean, what: (pages: number) => string): LossOutcome {
     if (!this.feed || !this.isOpen) return "unharmed";
     const pages = this.feed.owedPages(lacking);
     if (pages === 0) return "unharmed";
-    // before switch-go a precopy source can stream again (the scatter fails the VM if it cannot)
-    if (!this.postcopy && (this.stage === "streaming" || this.stage === "source-done")) {
+    // before switch-go a precopy source can stream again, and a postcopy one
+    // still sending can pause and resume (the scatter fails the VM if it cannot)
+    const sourceCanResend = relayGone && (this.postcopy ? !this.sourceFinished : this.stage === "streaming" || this.stage === "source-done");
+    if (sourceCanResend) {
       trace(`${this.name}: ${what(pages)}; waiting for the source to send them again`);
       return "waits";
     }

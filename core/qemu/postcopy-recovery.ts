@@ -12,6 +12,7 @@
 
 import { SgmError } from "../errors.ts";
 import { ReturnPath } from "./constants.ts";
+import { be32, message } from "./return-path.ts";
 
 const RECV_BITMAP_ENDING = 0x0123456789abcdefn;
 const RESUME_ACK_VALUE = 1;
@@ -25,6 +26,33 @@ export function recvBitmapPayload(block: string): Uint8Array {
   out[0] = name.length;
   out.set(name, 1);
   return out;
+}
+
+/** RECV_BITMAP's block name (the command a recovering source sends). */
+export function readRecvBitmapPayload(payload: Uint8Array): string {
+  if (payload.length < 1 || payload[0]! + 1 !== payload.length) throw new SgmError("data", `RECV_BITMAP of ${payload.length} bytes`);
+  return latin1.decode(payload.subarray(1));
+}
+
+/**
+ * The destination's answer to RECV_BITMAP: the block's received bitmap,
+ * `received(page)` for each of its `pages`, as ram.c sends it.
+ */
+export function encodeReceivedBitmap(block: string, pages: number, received: (page: number) => boolean): Uint8Array {
+  const size = Math.ceil(pages / 64) * 8;
+  const head = message(ReturnPath.RECV_BITMAP, recvBitmapPayload(block));
+  const out = new Uint8Array(head.length + 8 + size + 8);
+  out.set(head);
+  const dv = new DataView(out.buffer);
+  dv.setBigUint64(head.length, BigInt(size));
+  const bits = out.subarray(head.length + 8, head.length + 8 + size);
+  for (let p = 0; p < pages; p++) if (received(p)) bits[p >> 3]! |= 1 << (p & 7);
+  dv.setBigUint64(head.length + 8 + size, RECV_BITMAP_ENDING);
+  return out;
+}
+
+export function encodeResumeAck(): Uint8Array {
+  return message(ReturnPath.RESUME_ACK, be32(RESUME_ACK_VALUE));
 }
 
 /** One block's received bitmap: has the destination this page of the block? */

@@ -89,7 +89,7 @@ export class ReturnPathReader {
   }
 }
 
-function message(type: number, payload: Uint8Array): Uint8Array {
+export function message(type: number, payload: Uint8Array): Uint8Array {
   const out = new Uint8Array(4 + payload.length);
   const dv = new DataView(out.buffer);
   dv.setUint16(0, type);
@@ -98,7 +98,7 @@ function message(type: number, payload: Uint8Array): Uint8Array {
   return out;
 }
 
-function be32(value: number): Uint8Array {
+export function be32(value: number): Uint8Array {
   const out = new Uint8Array(4);
   new DataView(out.buffer).setUint32(0, value);
   return out;

@@ -98,6 +98,24 @@ export class MigrationStreamReader {
     this.handler = handler;
   }
 
+  /**
+   * A reader for the stream of a postcopy source that resumes after its
+   * channel broke (QEMU's `migrate` resume): no header, the RAM blocks and
+   * section as `before` read them; recovery commands, then postcopy pages.
+   */
+  static resumed(handler: ReaderHandler, before: MigrationStreamReader): MigrationStreamReader {
+    if (!before.postcopy) throw new SgmError("internal", "a resumed stream for a source that never switched to postcopy");
+    const r = new MigrationStreamReader(handler);
+    r.phase = "records";
+    r.blocks = before.blocks;
+    r.blockIndex = before.blockIndex;
+    r.ramSectionId = before.ramSectionId;
+    r.footers = before.footers;
+    r.advised = true;
+    r.postcopy = true;
+    return r;
+  }
+
   get totalBytes(): number {
     return this.bytesRead;
   }
@@ -428,6 +446,10 @@ export class MigrationStreamReader {
       case Command.PING:
       case Command.POSTCOPY_RAM_DISCARD:
       case Command.SWITCHOVER_START:
+        break;
+      case Command.RECV_BITMAP:
+      case Command.POSTCOPY_RESUME:
+        if (!this.postcopy) throw this.error(`${commandName(cmd)} outside postcopy`);
         break;
       case Command.POSTCOPY_ADVISE:
         if (len !== 16) throw this.error(`POSTCOPY_ADVISE of ${len} bytes (dirty-bitmap-only postcopy is not supported)`);

@@ -26,6 +26,8 @@ export interface EvictionReport {
   passes: number;
   /** Times the source streamed its memory: more than 1 when a lost relay had it stream again. */
   sourceStreams: number;
+  /** Times a postcopy source was paused and resumed to send again what a lost relay took. */
+  sourceResumes: number;
   bytes: { fromSource: number; dedupSaved: number };
   pages: PipelineStats & { requestedFromSource: number };
   /** The exit code this VM's failure maps to. */

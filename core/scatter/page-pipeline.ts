@@ -112,6 +112,30 @@ export class PagePipeline {
     return false;
   }
 
+  /** Page `index` (over all blocks) has content held nowhere any more. */
+  isLost(index: number): boolean {
+    const c = this.final[index]!;
+    return c >= 0 && this.placement.isLost(c);
+  }
+
+  /**
+   * A resumed postcopy source sent again a page whose content was lost: it
+   * must be that content (the source is stopped), which is placed again;
+   * the page's map entry stands.
+   */
+  refill(block: number, page: number, content: Uint8Array | null): void {
+    const c = this.final[this.blockStart[block]! + page]!;
+    if (c < 0 || content === null) throw new SgmError("data", `the resumed source sent page ${page} of block ${block} again, which it was not asked for`);
+    digestPage(content, this.scratch);
+    const expected = this.placement.digestOf(c);
+    for (let k = 0; k < DIGEST_BYTES; k++) {
+      if (this.scratch[k] !== expected[k]) throw new SgmError("data", `the resumed source sent page ${page} of block ${block} with other content than before`);
+    }
+    this.placement.place(this.scratch, 0, content);
+    // no map frame follows to carry it: its bytes, and its locations once acknowledged (release), go now
+    this.placement.flush();
+  }
+
   page(block: number, page: number, content: Uint8Array | null): void {
     if (this.batches) {
       this.batches.page(block, page, content);
@@ -282,7 +306,11 @@ export class PagePipeline {
       this.mapBuffers.queued(frame.buffer, gather.bytesSent + gather.queuedBytes);
       this.progress.sent += frame.entries;
     }
-    if (this.fifo.length === 0) for (const resolve of this.drained.splice(0)) resolve();
+    if (this.fifo.length === 0) {
+      // content placed with no map entry behind it (refill) is located all the same
+      this.placement.sendLocations();
+      for (const resolve of this.drained.splice(0)) resolve();
+    }
     this.placement.flushUnpins();
   }
 }

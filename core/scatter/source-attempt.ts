@@ -6,6 +6,7 @@
 
 import { SgmError } from "../errors.ts";
 import { ByteSocket } from "../net/byte-socket.ts";
+import { encodeShut } from "../qemu/return-path.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import type { PagePipeline } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
@@ -33,18 +34,22 @@ export interface AttemptOptions {
 
 export class SourceAttempt {
   sock: ByteSocket | null = null;
+  /** Bytes read by sockets before this one (a postcopy source resumed). */
+  private readBefore = 0;
   stream: SourceStream | null = null;
   header: Uint8Array | null = null;
   blocks: string | null = null;
   private readonly o: AttemptOptions;
   private throttled = false;
+  /** Reading stopped to drop the stream safely (holdForDetach): throttling must not start it again. */
+  private held = false;
 
   constructor(options: AttemptOptions) {
     this.o = options;
   }
 
   get bytesRead(): number {
-    return this.sock?.bytesRead ?? 0;
+    return this.readBefore + (this.sock?.bytesRead ?? 0);
   }
 
   /** Has the source migrate into the socket, and resolves once it is connected. */
@@ -71,6 +76,113 @@ export class SourceAttempt {
       void listening.accepted.then((sock) => sock.destroy(), () => {});
       throw err;
     }
+  }
+
+  /**
+   * A source in postcopy sends again what a relay lost: its stream is
+   * dropped (QEMU pauses its postcopy), it resumes into a new socket at
+   * `path` and sends the pages its received bitmaps mark (see
+   * SourceStream.resumeOn). Resolves once it has resumed.
+   */
+  async resumePaused(path: string): Promise<void> {
+    const stream = this.stream!;
+    if (!(await this.holdForDetach())) {
+      throw new SgmError("unavailable", `VM ${this.o.name}: its source is completing its postcopy (or did not show it is not), and its stream cannot be dropped to send pages again`);
+    }
+    // the eviction failed meanwhile: letGo decides what becomes of the stream
+    const failure = this.o.failure();
+    if (failure) {
+      this.release();
+      throw failure;
+    }
+    this.detach();
+    await this.o.source.waitFor(["postcopy-paused"], 30_000);
+    // failed meanwhile: the source stays paused, its memory whole
+    this.throwIfFailed();
+    const listening = ByteSocket.listenUnixOnce(path, `VM ${this.o.name}: resumed source stream`);
+    try {
+      await this.o.source.resumeInto(path);
+      const timer = setTimeout(listening.stop, 30_000);
+      const sock = await listening.accepted.finally(() => clearTimeout(timer));
+      this.sock = sock;
+      const timeout = setTimeout(() => sock.destroy(new SgmError("unavailable", `VM ${this.o.name}: the resumed source did not finish its handshake in 60 s`)), 60_000);
+      await stream.resumeOn(sock).finally(() => clearTimeout(timeout));
+    } catch (err) {
+      listening.stop();
+      throw err;
+    }
+  }
+
+  private detach(): void {
+    this.readBefore += this.sock?.bytesRead ?? 0;
+    this.sock = null;
+    this.held = false;
+    this.stream!.detach();
+  }
+
+  /**
+   * Stops reading the source and proves that dropping its stream now
+   * pauses its postcopy (postcopy-paused) instead of failing it: QEMU
+   * starts the VM again after a failed migration (migration_iteration_finish),
+   * even a postcopy one whose destination runs it. Safe while its migration
+   * thread is blocked writing RAM in an iteration: past postcopy_start's
+   * last check (its PING after the package read), and not in
+   * migration_completion, which begins only when nothing is left to send
+   * (downtime-limit 0, see SourceQemu.startPostcopy) and writes under the
+   * big lock. Three prompt query-migrate answers 200 ms apart, all
+   * postcopy-active with the same RAM remaining above nought, while scatter
+   * reads nothing, show QEMU blocked there. True with reading still
+   * stopped; false with reading going again.
+   */
+  private async holdForDetach(): Promise<boolean> {
+    const sock = this.sock;
+    const stream = this.stream;
+    if (!sock || !stream || !stream.pastSwitchCheck || stream.complete) return false;
+    this.held = true;
+    sock.pause();
+    let same = 0;
+    let last = -1;
+    const until = performance.now() + 10_000;
+    while (performance.now() < until && !stream.complete) {
+      const state = await this.o.source.sendingState(2_000);
+      if (state === null || state.status !== "postcopy-active" || state.remaining === 0) break;
+      same = state.remaining === last ? same + 1 : 0;
+      if (same === 2) return true;
+      last = state.remaining;
+      await Bun.sleep(200);
+    }
+    this.release();
+    return false;
+  }
+
+  /** Reading goes on after holdForDetach. */
+  private release(): void {
+    this.held = false;
+    if (!this.throttled) this.sock?.resume();
+  }
+
+  /**
+   * The eviction failed after the source switched to postcopy: the
+   * destination may run the VM, so the source must not. Dropped while that
+   * pauses its postcopy (holdForDetach); otherwise read to its end, pages
+   * dropped, and told SHUT, so that it completes and stays stopped
+   * (postmigrate). Resolves with the source's migration status.
+   */
+  async letGo(): Promise<string> {
+    const stream = this.stream;
+    const sock = this.sock;
+    // dropped to resume (resumePaused), or closed by QEMU: QEMU's own state tells
+    if (!stream || !sock?.isOpen) return (await this.o.source.sendingState(2_000))?.status ?? "unknown";
+    stream.discardPages();
+    if (!stream.complete && (await this.holdForDetach())) {
+      this.detach();
+      return this.o.source.waitFor(["postcopy-paused"], 30_000).catch(() => "unknown");
+    }
+    sock.resume();
+    const ended = await Promise.race([stream.ended.then(() => true, () => false), Bun.sleep(60_000).then(() => false)]);
+    if (!ended) return "unknown";
+    sock.write(encodeShut(0));
+    return this.o.source.waitFor(["completed"], 30_000).catch(() => "unknown");
   }
 
   /** Drops the stream: the source's migration fails. */
@@ -116,7 +228,7 @@ export class SourceAttempt {
         await pipeline.whenRoom();
       }
       this.throttled = false;
-      sock.resume();
+      if (!this.held) sock.resume();
     })();
   }
 }

@@ -121,6 +121,11 @@ export class SourceQemu {
     await this.qmp.execute("migrate", { uri: `unix:${socketPath}` });
   }
 
+  /** Resumes a postcopy paused when its stream broke (QEMU's postcopy recovery), into scatter's socket at `socketPath`. */
+  async resumeInto(socketPath: string): Promise<void> {
+    await this.qmp.execute("migrate", { uri: `unix:${socketPath}`, resume: true });
+  }
+
   /** Calls `listener` with each pass number the source reports (MIGRATION_PASS). */
   onPass(listener: (pass: number) => void): () => void {
     return this.qmp.onEvent((event) => {
@@ -134,8 +139,24 @@ export class SourceQemu {
     return info.ram?.["dirty-pages-rate"] ?? null;
   }
 
+  /**
+   * The migration's status and the RAM bytes it has still to send, or null
+   * when QEMU does not answer within `timeoutMs` (its migration thread may
+   * hold the big lock while it completes).
+   */
+  async sendingState(timeoutMs: number): Promise<{ status: MigrationStatus | undefined; remaining: number } | null> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<null>((resolve) => (timer = setTimeout(() => resolve(null), timeoutMs)));
+    const answer = queryMigrate(this.qmp).then((info) => ({ status: info.status, remaining: info.ram?.remaining ?? 0 }), () => null);
+    return Promise.race([answer, late]).finally(() => clearTimeout(timer));
+  }
+
   /** Has the source switch to postcopy: it stops the VM and sends the device state now. */
   async startPostcopy(): Promise<void> {
+    // QEMU completes a postcopy once less than downtime-limit's worth is left;
+    // with none allowed, only once nothing is, so that until then its stream
+    // can be dropped to pause it (SourceAttempt.holdForDetach)
+    await setParameters(this.qmp, { "downtime-limit": 0 });
     await this.qmp.execute("migrate-start-postcopy");
   }
 

@@ -111,6 +111,12 @@ export class VmEviction {
   /** What the first stream told the gather; a stream again must say the same. */
   private first: { header: Uint8Array; blocks: string } | null = null;
   private passListener: (() => void) | null = null;
+  /** A postcopy source being paused and resumed (resumeSource); `resumeAgain` when another loss came meanwhile. */
+  private resuming: Promise<void> | null = null;
+  private resumeAgain = false;
+  /** A relay's loss heard while the source was asked to switch to postcopy, to answer once it has (switchSettled). */
+  private lostWhileSwitching: string | null = null;
+  private resumes = 0;
 
   constructor(options: EvictionOptions) {
     this.options = options;
@@ -137,11 +143,55 @@ export class VmEviction {
     if (this.finished || this.failureReason || this.evictedAt !== null || this.stage === "restarting") return;
     if (!this.pipeline.namesLostContent()) return;
     const canStreamAgain = (this.stage === "streaming" || this.stage === "switching") && this.switchover !== "postcopy" && !this.postcopyAsked;
-    if (!canStreamAgain) {
-      this.fail(new SgmError("unavailable", `VM ${this.name}: ${why}; its source is switching or has switched to postcopy, and sends no page twice`));
+    if (canStreamAgain) {
+      this.restart.reject(new SourceRestart(why));
       return;
     }
-    this.restart.reject(new SourceRestart(why));
+    const stream = this.current?.stream;
+    if (this.switchover === "postcopy" && stream && !stream.complete) {
+      this.resumeSource(why);
+      return;
+    }
+    if (this.switchover === null && this.postcopyAsked) {
+      // asked to switch: which way it went decides (switched, or converged or refused first)
+      this.lostWhileSwitching = why;
+      return;
+    }
+    this.fail(new SgmError("unavailable", `VM ${this.name}: ${why}; its source has sent its last page, and cannot send those pages again`));
+  }
+
+  /** The source's switch to postcopy was settled: a loss heard meanwhile is answered now. */
+  private switchSettled(): void {
+    const why = this.lostWhileSwitching;
+    this.lostWhileSwitching = null;
+    if (why !== null) this.contentLost(why);
+  }
+
+  /**
+   * A postcopy source sends the lost pages again: paused and resumed
+   * (SourceAttempt.resumePaused); again if another relay goes meanwhile.
+   */
+  private resumeSource(why: string): void {
+    if (this.resuming) {
+      this.resumeAgain = true;
+      return;
+    }
+    this.resuming = (async () => {
+      let reason = why;
+      for (;;) {
+        this.resumeAgain = false;
+        this.resumes++;
+        this.options.log(`${this.name}: ${reason}; the source's postcopy pauses and resumes to send those pages again`);
+        await this.current!.resumePaused(join(this.options.socketDir, `${this.name}.scatter.resume${this.resumes}.sock`));
+        trace(`${this.name} source resumed (${this.resumes})`);
+        if (!this.resumeAgain || !this.pipeline.namesLostContent() || this.current!.stream!.complete) return;
+        reason = "another relay went";
+      }
+    })()
+      .catch((err: unknown) => this.fail(asSgmError(err)))
+      .finally(() => {
+        this.resuming = null;
+      });
   }
 
   /** A control message from the gather about this VM. */
@@ -262,6 +312,7 @@ export class VmEviction {
       source: sourceState,
       passes: this.passes,
       sourceStreams: this.streamsBegun,
+      sourceResumes: this.resumes,
       bytes: { fromSource: this.bytesRead, dedupSaved: s.dedupPages * TPS },
       pages: { ...s, requestedFromSource: this.current?.stream?.requestedFromSource ?? 0 },
       ...(error ? { exitCode: error.exitCode } : {}),
@@ -280,6 +331,8 @@ export class VmEviction {
       try {
         const point = await this.raceOrRestart(this.streamFrom());
         this.switchover = point.kind;
+        this.postcopyAsked = false;
+        this.switchSettled();
         if (point.kind === "postcopy") return point;
         const map = await this.raceOrRestart(this.sendDeviceState(point.device, "source-done", attempt));
         const ready = await this.raceOrRestart(this.wait("switch-ready"));
@@ -337,6 +390,9 @@ export class VmEviction {
     await this.race(this.current!.stream!.ended);
     this.pipeline.flush();
     await this.race(this.pipeline.whenAllSent());
+    if (this.pipeline.namesLostContent()) {
+      throw new SgmError("unavailable", `VM ${this.name}: a relay went with content this VM needs after its source sent its last page; it cannot send it again`);
+    }
     const map = this.pipeline.finalMapDigest(this.name);
     this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt!, map });
     const held = await this.race(this.wait("held"));
@@ -489,6 +545,7 @@ export class VmEviction {
       // the source may have converged first; then its precopy completion is what follows
       this.postcopyAsked = false;
       this.options.log(`${this.name}: postcopy switch not taken: ${asSgmError(err).message}`);
+      this.switchSettled();
     }
   }
 
@@ -496,14 +553,18 @@ export class VmEviction {
   private async undo(error: SgmError): Promise<string> {
     const stage = this.stage;
     this.stage = "failed";
-    this.current?.destroy(error);
     if (!this.gatherGaveUp) this.send({ t: "failed", vm: this.id, reason: error.message, kind: error.kind });
-    if (stage === "go" || stage === "running") {
-      this.options.log(`${this.name}: the destination may be running the VM; the source stays paused`);
+    const inPostcopy = stage === "source-postcopy" || ((stage === "switching" || stage === "go" || stage === "running") && this.switchover === "postcopy");
+    if (inPostcopy) {
+      // a resume under way settles first: it stops at the failure
+      await this.resuming;
+      const status = (await this.current?.letGo()) ?? "unknown";
+      this.options.log(`${this.name}: the source had switched to postcopy and cannot resume the VM; it stays paused there (migration ${status})`);
       return "paused";
     }
-    if (stage === "source-postcopy" || (stage === "switching" && this.switchover === "postcopy")) {
-      this.options.log(`${this.name}: the source had switched to postcopy and cannot resume the VM; it stays paused there`);
+    this.current?.destroy(error);
+    if (stage === "go" || stage === "running") {
+      this.options.log(`${this.name}: the destination may be running the VM; the source stays paused`);
       return "paused";
     }
     try {

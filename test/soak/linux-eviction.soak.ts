@@ -11,10 +11,11 @@
 // one that runs at once (page requests and all), whose guest must run on.
 // Then LOSS_RUNS more, one relay killed (SIGKILL) at a random moment: by
 // turns one VM through three relays with --replicas 2, which must complete
-// intact, and one through two relays with --replicas 1 (precopy), which must
-// complete intact (its source streams again if the relay held content it
-// needed) unless the kill came after eviction: then the gather must name
-// the VM and the pages lost, as documented.
+// intact, and one through two relays with --replicas 1 (precopy and
+// postcopy after 2 passes by turns), which must complete intact (its source
+// streams again, or pauses and resumes its postcopy, if the relay held
+// content it needed) unless the kill came too late for the source to send
+// again: then scatter or gather must name the VM and why, as documented.
 // Then RESUME_RUNS: one VM through relays, its gather killed (SIGKILL) at a
 // random moment once the VM is evicted, and a gather started with --resume
 // in its place; each must complete intact.
@@ -117,8 +118,7 @@ for (const note of notes) console.log(`- ${note}`);
 const losses: string[] = [];
 for (let n = 0; n < lossRuns; n++) {
   const replicas = n % 2 === 0 ? 2 : 1;
-  // with --replicas 1 a postcopy source cannot send again what a relay lost after its switch
-  const switchover = replicas === 1 ? "precopy" : (Object.keys(switchovers) as Case["switchover"][])[(n / 2) % 3]!;
+  const switchover = replicas === 1 ? (n % 4 === 1 ? "precopy" : "postcopy after 2") : (Object.keys(switchovers) as Case["switchover"][])[(n / 2) % 3]!;
   // the scatter takes five to eight seconds over a VM here: a kill within five comes while it runs
   const killAfterMs = Math.round(Math.random() * (replicas === 1 ? 1500 : 5000));
   const dir = makeTempDir("soak-loss");
@@ -226,6 +226,9 @@ async function loseRelay(dir: string, switchover: Case["switchover"], replicas: 
   );
   const named = replicas === 1 && s.code === 0 ? report<GatherReport>(g).vms[0]?.error?.match(lostAfterEviction) : null;
   if (named && g.code === 69 && sr.vms[0]!.sourceStreams === 1) return `ok (killed after eviction: as documented, the gather named the VM and the ${named[1]} pages lost)`;
+  // a postcopy source that has sent its last page (or is switching) cannot send again: documented, and named
+  const tooLate = replicas === 1 && s.code === 69 ? sr.vms[0]?.error?.match(/its source (has sent its last page|is switching to postcopy)|after its source sent its last page/) : null;
+  if (tooLate) return `ok (killed too late to send again: as documented, scatter named the VM: ${tooLate[0]})`;
   if (s.code !== 0 || g.code !== 0) {
     const why = [...report<ScatterReport>(s).vms, ...report<GatherReport>(g).vms].map((v) => v.error).find(Boolean);
     return `sgm failed: scatter ${s.code}, gather ${g.code}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
@@ -233,9 +236,10 @@ async function loseRelay(dir: string, switchover: Case["switchover"], replicas: 
   const wrong = await proveGuest(pair, dir, n % 4 < 2);
   if (wrong) return wrong;
   const lost = sr.relays.some((r) => r.lost !== null);
-  const streams = sr.vms[0]!.sourceStreams;
+  const { sourceStreams: streams, sourceResumes: resumes } = sr.vms[0]!;
   if (!killed) return "ok (the run ended before the kill)";
-  const placed = lost ? (streams > 1 ? `, whose source streamed again (${streams} streams)` : ", which placed elsewhere what it lost") : "";
+  const again = streams > 1 ? `, whose source streamed again (${streams} streams)` : resumes > 0 ? `, whose postcopy source paused and resumed (${resumes})` : "";
+  const placed = lost ? again || ", which placed elsewhere what it lost" : "";
   return `ok (killed while ${killedWhileScatterRan ? `the scatter ran${placed}` : "only the gather was fetching"})`;
 }
 

@@ -48,6 +48,8 @@ export interface ModelEvictionOptions {
   inFlight?: number;
   /** The first relay is stopped once it has taken this many page bytes: a relay lost mid-run. */
   loseRelayAfterBytes?: number;
+  /** The first relay is stopped as the first source, in postcopy, has sent its last page. */
+  loseRelayAtSourceEnd?: boolean;
 }
 
 export interface PageMismatch {
@@ -93,6 +95,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
         void doomed.close();
       }, 1);
     }
+    if (options.loseRelayAtSourceEnd) void sources[0]!.completing.then(() => relays[0]!.close());
     const listening = Promise.withResolvers<number>();
     const gathering = runGather({
       listen: { host: "127.0.0.1", port: 0 },

@@ -9,12 +9,15 @@
 // stops the VM and sends the rest with its device state (precopy), or, once
 // asked (migrate-start-postcopy), stops, discards what it will send again,
 // sends the device state packaged and then each remaining page once,
-// requested pages first (postcopy).
+// requested pages first (postcopy). A postcopy whose stream breaks pauses
+// (postcopy-paused) until `migrate` with resume, then recovers as QEMU
+// does: each block's received bitmap asked, what was not received sent.
 
 import { join } from "node:path";
 import { ByteSocket } from "../../../core/net/byte-socket.ts";
 import { QEVM_MAGIC, QEVM_VERSION, RamFlag, Section, TPS } from "../../../core/qemu/constants.ts";
 import { PostcopyStreamWriter } from "../../../core/qemu/postcopy-writer.ts";
+import { RecoveryReader } from "../../../core/qemu/postcopy-recovery.ts";
 import { ReturnPathReader } from "../../../core/qemu/return-path.ts";
 import { type BlockLayout, contentBytes, GuestMemory } from "./guest-memory.ts";
 import { QmpError, QmpServer } from "./qmp-server.ts";
@@ -49,7 +52,7 @@ export interface SourceScript {
   sectionPages?: number;
 }
 
-type Status = "none" | "setup" | "active" | "postcopy-active" | "device" | "completed" | "failed" | "cancelled";
+type Status = "none" | "setup" | "active" | "postcopy-active" | "postcopy-paused" | "postcopy-recover" | "device" | "completed" | "failed" | "cancelled";
 
 export class ModelSourceQemu {
   readonly name: string;
@@ -77,6 +80,15 @@ export class ModelSourceQemu {
   private generation = 0;
   private readonly requested: number[] = [];
   private cancelled = false;
+  /** While postcopy is paused: resolved with the socket path `migrate` resume names. */
+  private resumeTo: PromiseWithResolvers<string> | null = null;
+  /** The postcopy has sent its last page: a broken stream now fails it (and runs the VM here). */
+  private isCompleting = false;
+  private readonly completingNow = Promise.withResolvers<void>();
+  /** Resolves as the postcopy has sent its last page. */
+  readonly completing = this.completingNow.promise;
+  /** Times the postcopy resumed after its stream broke. */
+  resumes = 0;
 
   constructor(dir: string, name: string, script: SourceScript) {
     this.name = name;
@@ -88,7 +100,7 @@ export class ModelSourceQemu {
     this.qmpPath = join(dir, `${name}.qmp`);
     this.qmp = new QmpServer(this.qmpPath, { major: 10, minor: 0, micro: 2 }, {
       "query-status": () => ({ status: this.runState, running: this.runState === "running" }),
-      "query-migrate": () => (this.status === "none" ? {} : { status: this.status }),
+      "query-migrate": () => (this.status === "none" ? {} : { status: this.status, ram: { remaining: this.remainingBytes() } }),
       "query-migrate-capabilities": () => [...this.capabilities].map((capability) => ({ capability, state: true })),
       "query-migrate-parameters": () => ({}),
       "migrate-set-capabilities": (args) => {
@@ -107,6 +119,11 @@ export class ModelSourceQemu {
       migrate: (args) => {
         const uri = String(args.uri);
         if (!uri.startsWith("unix:")) throw new QmpError(`model source migrates to unix: only, not ${uri}`);
+        if (args.resume === true) {
+          if (this.status !== "postcopy-paused" || !this.resumeTo) throw new QmpError(`Cannot resume if there is no paused migration (status ${this.status})`);
+          this.resumeTo.resolve(uri.slice(5));
+          return;
+        }
         if (this.runState === "postmigrate") throw new QmpError("Can't migrate the vm that was paused due to previous migration");
         this.setStatus("setup");
         this.cancelled = false;
@@ -136,6 +153,17 @@ export class ModelSourceQemu {
     this.qmp.close();
   }
 
+  get migrationStatus(): Status {
+    return this.status;
+  }
+
+  /** RAM still to send, as query-migrate's ram.remaining counts it. */
+  private remainingBytes(): number {
+    let pages = 0;
+    for (let i = 0; i < this.dirty.length; i++) pages += this.dirty[i]!;
+    return pages * TPS;
+  }
+
   private setStatus(status: Status): void {
     this.status = status;
     this.qmp.event("MIGRATION", { status });
@@ -156,13 +184,13 @@ export class ModelSourceQemu {
     if (this.cancelled || this.status === "completed") return;
     this.setStatus("failed");
     this.sock?.destroy();
-    if (!this.switchedToPostcopy) this.resume();
+    // as QEMU's migration_iteration_finish does, even after a postcopy switch: the VM runs here again
+    this.resume();
     void err;
   }
 
-  private async migrate(path: string, generation: number): Promise<void> {
-    const sock = await ByteSocket.connectUnix(path, `model ${this.name} stream`);
-    this.sock = sock;
+  /** The return path of `sock`: SHUT and page requests. */
+  private returnPath(sock: ByteSocket, generation: number): ReturnPathReader {
     const shut = Promise.withResolvers<number>();
     shut.promise.catch(() => {});
     this.shut = shut;
@@ -174,13 +202,50 @@ export class ModelSourceQemu {
         this.requested.push(this.memory.blockStart[this.blockIndex(block)]! + start / TPS);
       },
     });
-    sock.setDataHandler((data) => rp.feed(data));
     void sock.closed.then((reason) => {
       shut.reject(reason ?? new Error("scatter closed the stream"));
-      if (this.status !== "completed" && generation === this.generation) this.fail(reason ?? new Error("closed"));
+      if (this.status === "completed" || generation !== this.generation || this.sock !== sock) return;
+      // postcopy waits to be resumed; before it, the migration fails and the VM runs on
+      if (this.switchedToPostcopy && !this.isCompleting) this.pausePostcopy();
+      else this.fail(reason ?? new Error("closed"));
     });
+    return rp;
+  }
 
-    const writer = new PostcopyStreamWriter({
+  private pausePostcopy(): void {
+    this.resumeTo = Promise.withResolvers<string>();
+    this.setStatus("postcopy-paused");
+  }
+
+  /** A paused postcopy resumes: a new channel, each block's received bitmap, what was not received dirty again. */
+  private async recover(generation: number): Promise<PostcopyStreamWriter> {
+    const path = await this.resumeTo!.promise;
+    this.resumeTo = null;
+    this.setStatus("postcopy-recover");
+    const sock = await ByteSocket.connectUnix(path, `model ${this.name} resumed stream`);
+    this.sock = sock;
+    const rp = this.returnPath(sock, generation);
+    const recovery = new RecoveryReader(this.script.blocks.map((b) => ({ name: b.name, pages: b.pages })));
+    sock.setDataHandler((data) => recovery.feed(data));
+    const writer = this.writerTo(sock);
+    writer.resumeChannel();
+    this.script.blocks.forEach((_, b) => writer.askReceived(b));
+    writer.flush();
+    const bitmaps = await recovery.bitmapsIn;
+    this.script.blocks.forEach((block, b) => {
+      const received = bitmaps.get(block.name)!;
+      for (let p = 0; p < block.pages; p++) if (!received.has(p)) this.dirty[this.memory.blockStart[b]! + p] = 1;
+    });
+    writer.resumePostcopy();
+    await recovery.acked;
+    recovery.handOver((data) => rp.feed(data));
+    this.resumes++;
+    this.setStatus("postcopy-active");
+    return writer;
+  }
+
+  private writerTo(sock: ByteSocket): PostcopyStreamWriter {
+    return new PostcopyStreamWriter({
       header: header(),
       blocks: this.script.blocks.map((b) => ({ name: b.name, usedLength: b.pages * TPS })),
       ramSectionId: RAM_SECTION_ID,
@@ -188,6 +253,15 @@ export class ModelSourceQemu {
       // a flush ends the section
       bufferBytes: this.script.sectionPages === undefined ? undefined : this.script.sectionPages * (TPS + 8),
     });
+  }
+
+  private async migrate(path: string, generation: number): Promise<void> {
+    const sock = await ByteSocket.connectUnix(path, `model ${this.name} stream`);
+    this.sock = sock;
+    const rp = this.returnPath(sock, generation);
+    sock.setDataHandler((data) => rp.feed(data));
+
+    const writer = this.writerTo(sock);
     writer.begin();
     this.setStatus("active");
     this.dirty.fill(1);
@@ -198,7 +272,7 @@ export class ModelSourceQemu {
       if (this.script.postcopyAtPass === pass) await this.waitForPostcopyRequest();
       else await Bun.sleep(0); // a request may be on its way
       if (this.postcopyWanted && this.capabilities.has("postcopy-ram")) {
-        await this.postcopy(writer, pass + 1);
+        await this.postcopy(writer, pass + 1, generation);
         return;
       }
       await this.sendDirty(writer, generation);
@@ -217,7 +291,8 @@ export class ModelSourceQemu {
     await this.finish();
   }
 
-  private async postcopy(writer: PostcopyStreamWriter, pass: number): Promise<void> {
+  private async postcopy(first: PostcopyStreamWriter, pass: number, generation: number): Promise<void> {
+    let writer = first;
     this.guestWrites(pass);
     this.stop();
     this.sync(pass);
@@ -233,10 +308,18 @@ export class ModelSourceQemu {
       if (ranges.length > 0) writer.discard(b, ranges);
     });
     writer.packageAndRun(deviceSection());
+    // as postcopy_start does: once this is out, a broken stream pauses the postcopy
+    writer.ping(4);
+    writer.flush();
     this.setStatus("postcopy-active");
     // each remaining page once, requested ones first
     let next = 0;
     for (;;) {
+      if (generation !== this.generation) throw new Error("migration dropped");
+      if (this.status === "postcopy-paused") {
+        writer = await this.recover(generation);
+        next = 0;
+      }
       let i = -1;
       while (this.requested.length > 0 && i < 0) {
         const r = this.requested.shift()!;
@@ -250,7 +333,8 @@ export class ModelSourceQemu {
       this.sendPage(writer, i);
       if (this.sock!.queuedBytes > 256 * 1024) {
         writer.flush();
-        await this.sock!.whenWritable(64 * 1024);
+        // a stream that breaks meanwhile pauses the postcopy (above)
+        await this.sock!.whenWritable(64 * 1024).catch(() => {});
       }
       if (i % 64 === 0) {
         writer.flush();
@@ -258,7 +342,10 @@ export class ModelSourceQemu {
       }
     }
     this.firstPass.resolve();
+    // QEMU's migration_completion: a stream that breaks from here on fails the migration
+    this.isCompleting = true;
     writer.end();
+    this.completingNow.resolve();
     await this.finish();
   }
 
