@@ -12,6 +12,7 @@ import type { PagePipeline } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
 import type { SourceQemu } from "./source-qemu.ts";
 import { SourceStream } from "./source-stream.ts";
+import { trace } from "../trace.ts";
 
 export interface AttemptOptions {
   name: string;
@@ -40,7 +41,8 @@ export class SourceAttempt {
   header: Uint8Array | null = null;
   blocks: string | null = null;
   private readonly o: AttemptOptions;
-  private throttled = false;
+  /** The socket throttle() paused, until placement has room again. */
+  private throttledSock: ByteSocket | null = null;
   /** Reading stopped to drop the stream safely (holdForDetach): throttling must not start it again. */
   private held = false;
 
@@ -109,6 +111,7 @@ export class SourceAttempt {
       await stream.resumeOn(sock).finally(() => clearTimeout(timeout));
     } catch (err) {
       listening.stop();
+      void listening.accepted.then((sock) => sock.destroy(), () => {});
       throw err;
     }
   }
@@ -137,7 +140,16 @@ export class SourceAttempt {
   private async holdForDetach(): Promise<boolean> {
     const sock = this.sock;
     const stream = this.stream;
-    if (!sock || !stream || !stream.pastSwitchCheck || stream.complete) return false;
+    if (!sock || !stream || stream.complete) return false;
+    // just after the switch the PING may not be read yet: reading goes on meanwhile
+    for (const until = performance.now() + 10_000; !stream.pastSwitchCheck && performance.now() < until && this.sock === sock; ) {
+      sock.resume();
+      await Bun.sleep(50);
+    }
+    if (!stream.pastSwitchCheck || this.sock !== sock || stream.complete) {
+      this.release();
+      return false;
+    }
     this.held = true;
     sock.pause();
     let same = 0;
@@ -158,7 +170,7 @@ export class SourceAttempt {
   /** Reading goes on after holdForDetach. */
   private release(): void {
     this.held = false;
-    if (!this.throttled) this.sock?.resume();
+    if (this.sock && this.throttledSock !== this.sock) this.sock.resume();
   }
 
   /**
@@ -178,9 +190,23 @@ export class SourceAttempt {
       this.detach();
       return this.o.source.waitFor(["postcopy-paused"], 30_000).catch(() => "unknown");
     }
-    sock.resume();
-    const ended = await Promise.race([stream.ended.then(() => true, () => false), Bun.sleep(60_000).then(() => false)]);
-    if (!ended) return "unknown";
+    // the stream must not break before QEMU completes (QEMU 10.0 would run the VM again): waited for without bound
+    let ended = false;
+    const ending = stream.ended.then(
+      () => (ended = true),
+      () => {},
+    );
+    for (;;) {
+      sock.resume();
+      await Promise.race([ending, Bun.sleep(60_000)]);
+      if (ended || !sock.isOpen) break;
+      if (!stream.complete && (await this.holdForDetach())) {
+        this.detach();
+        return this.o.source.waitFor(["postcopy-paused"], 30_000).catch(() => "unknown");
+      }
+      trace(`${this.o.name}: the source's stream has not ended after a minute; still reading it to its end`);
+    }
+    if (!ended) return (await this.o.source.sendingState(2_000))?.status ?? "unknown";
     sock.write(encodeShut(0));
     return this.o.source.waitFor(["completed"], 30_000).catch(() => "unknown");
   }
@@ -218,8 +244,8 @@ export class SourceAttempt {
   /** Stops reading the source until the gather or a relay takes pages again: memory stays bounded. */
   private throttle(): void {
     const sock = this.sock;
-    if (!sock || this.throttled) return;
-    this.throttled = true;
+    if (!sock || this.throttledSock === sock) return;
+    this.throttledSock = sock;
     sock.pause();
     void (async () => {
       const { placement, pipeline } = this.o;
@@ -227,8 +253,8 @@ export class SourceAttempt {
         await placement.whenUncongested();
         await pipeline.whenRoom();
       }
-      this.throttled = false;
-      if (!this.held) sock.resume();
+      if (this.throttledSock === sock) this.throttledSock = null;
+      if (!this.held && this.sock === sock) sock.resume();
     })();
   }
 }

@@ -184,7 +184,7 @@ export class ModelSourceQemu {
     if (this.cancelled || this.status === "completed") return;
     this.setStatus("failed");
     this.sock?.destroy();
-    // as QEMU's migration_iteration_finish does, even after a postcopy switch: the VM runs here again
+    // as QEMU 10.0's migration_iteration_finish does, even after a postcopy switch: the VM runs here again
     this.resume();
     void err;
   }
