@@ -142,11 +142,12 @@ export class SourceAttempt {
     const stream = this.stream;
     if (!sock || !stream || stream.complete) return false;
     // just after the switch the PING may not be read yet: reading goes on meanwhile
-    for (const until = performance.now() + 10_000; !stream.pastSwitchCheck && performance.now() < until && this.sock === sock; ) {
+    const reading = () => this.sock === sock && sock.isOpen && !stream.complete;
+    for (const until = performance.now() + 10_000; !stream.pastSwitchCheck && performance.now() < until && reading(); ) {
       sock.resume();
       await Bun.sleep(50);
     }
-    if (!stream.pastSwitchCheck || this.sock !== sock || stream.complete) {
+    if (!stream.pastSwitchCheck || !reading()) {
       this.release();
       return false;
     }
@@ -170,7 +171,9 @@ export class SourceAttempt {
   /** Reading goes on after holdForDetach. */
   private release(): void {
     this.held = false;
-    if (this.sock && this.throttledSock !== this.sock) this.sock.resume();
+    if (!this.sock) return;
+    if (this.throttledSock === this.sock) this.sock.pause();
+    else this.sock.resume();
   }
 
   /**
@@ -192,14 +195,15 @@ export class SourceAttempt {
     }
     // the stream must not break before QEMU completes (QEMU 10.0 would run the VM again): waited for without bound
     let ended = false;
+    let broken = false;
     const ending = stream.ended.then(
       () => (ended = true),
-      () => {},
+      () => (broken = true),
     );
     for (;;) {
       sock.resume();
       await Promise.race([ending, Bun.sleep(60_000)]);
-      if (ended || !sock.isOpen) break;
+      if (ended || broken || !sock.isOpen) break;
       if (!stream.complete && (await this.holdForDetach())) {
         this.detach();
         return this.o.source.waitFor(["postcopy-paused"], 30_000).catch(() => "unknown");
