@@ -305,10 +305,13 @@ async function settleReservations(found: Survey, run: string, signal: AbortSigna
     releaseRoom(relay.conn, run);
     relay.conn.close();
   }
+  // one that went away counts as unreachable, as at the survey: left out when enough others remain
+  const left = (c: (typeof gone)[number]) => ({ address: c.address, reason: why(c.address) });
   found.plan = planRelays({
     ...input,
     candidates: kept,
-    full: [...input.full, ...gone.map((c) => ({ address: c.address, reason: why(c.address) }))],
+    full: [...input.full, ...gone.filter((c) => !lost.has(c.address)).map(left)],
+    unreachable: [...input.unreachable, ...gone.filter((c) => lost.has(c.address)).map(left)],
     useAll: true,
   });
   found.relays = kept.map((c) => ({ ...found.relays.find((r) => r.address === c.address)!, free: c.free }));
