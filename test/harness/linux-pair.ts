@@ -52,8 +52,10 @@ export async function expectGuestRunsOn(pair: VmPair): Promise<void> {
   const swept = await waitCount(pair.destination, /SGMCHURN sweep=(\d+) (\w+)/g, sweep + 2);
   const checked = await waitCount(pair.destination, /SGMLINUX check n=(\d+) (\w+)/g, check + 1);
   const after = pair.destination.serialText();
-  const tail = `${pair.name} at the destination printed, last:\n${after.split("\n").slice(-30).join("\n")}`;
-  expect(after.split("\n").filter((line) => TROUBLE.test(line)), tail).toEqual([]);
+  const trouble = after.split("\n").filter((line) => TROUBLE.test(line));
+  // the lines of trouble first: a failure names them even where the soak prints one line of it
+  const tail = `${pair.name} at the destination printed${trouble.length > 0 ? ` ${trouble.length} lines of trouble, first: ${trouble.slice(0, 5).join(" / ")}; and` : ""}, last:\n${after.split("\n").slice(-30).join("\n")}`;
+  expect(trouble, tail).toEqual([]);
   expect(swept, tail).toBe("ok");
   expect(checked, tail).toBe("ok");
 }
