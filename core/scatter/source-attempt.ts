@@ -61,8 +61,7 @@ export class SourceAttempt {
       await this.o.source.migrateTo(this.o.socketPath, { downtimeLimitMs: this.o.downtimeLimitMs, postcopy: this.o.postcopy });
       this.throwIfFailed();
       this.o.onMigrating();
-      const timer = setTimeout(listening.stop, 30_000);
-      const sock = await listening.accepted.finally(() => clearTimeout(timer));
+      const sock = await acceptWithin(listening, 30_000);
       const failure = this.o.failure();
       if (failure) {
         // the eviction failed before there was a socket to drop: QEMU's migration fails with it
@@ -104,8 +103,7 @@ export class SourceAttempt {
     const listening = ByteSocket.listenUnixOnce(path, `VM ${this.o.name}: resumed source stream`);
     try {
       await this.o.source.resumeInto(path);
-      const timer = setTimeout(listening.stop, 30_000);
-      const sock = await listening.accepted.finally(() => clearTimeout(timer));
+      const sock = await acceptWithin(listening, 30_000);
       this.sock = sock;
       const timeout = setTimeout(() => sock.destroy(new SgmError("unavailable", `VM ${this.o.name}: the resumed source did not finish its handshake in 60 s`)), 60_000);
       await stream.resumeOn(sock).finally(() => clearTimeout(timeout));
@@ -189,10 +187,7 @@ export class SourceAttempt {
     // dropped to resume (resumePaused), or closed by QEMU: QEMU's own state tells
     if (!stream || !sock?.isOpen) return (await this.o.source.sendingState(2_000))?.status ?? "unknown";
     stream.discardPages();
-    if (!stream.complete && (await this.holdForDetach())) {
-      this.detach();
-      return this.o.source.waitFor(["postcopy-paused"], 30_000).catch(() => "unknown");
-    }
+    if (!stream.complete && (await this.holdForDetach())) return this.dropToPaused();
     // the stream must not break before QEMU completes (QEMU 10.0 would run the VM again): waited for without bound
     let ended = false;
     let broken = false;
@@ -204,15 +199,18 @@ export class SourceAttempt {
       sock.resume();
       await Promise.race([ending, Bun.sleep(60_000)]);
       if (ended || broken || !sock.isOpen) break;
-      if (!stream.complete && (await this.holdForDetach())) {
-        this.detach();
-        return this.o.source.waitFor(["postcopy-paused"], 30_000).catch(() => "unknown");
-      }
+      if (!stream.complete && (await this.holdForDetach())) return this.dropToPaused();
       trace(`${this.o.name}: the source's stream has not ended after a minute; still reading it to its end`);
     }
     if (!ended) return (await this.o.source.sendingState(2_000))?.status ?? "unknown";
     sock.write(encodeShut(0));
     return this.o.source.waitFor(["completed"], 30_000).catch(() => "unknown");
+  }
+
+  /** After holdForDetach: the stream dropped, the source's postcopy pauses. */
+  private dropToPaused(): Promise<string> {
+    this.detach();
+    return this.o.source.waitFor(["postcopy-paused"], 30_000).catch(() => "unknown");
   }
 
   /** Drops the stream: the source's migration fails. */
@@ -261,4 +259,10 @@ export class SourceAttempt {
       if (!this.held && this.sock === sock) sock.resume();
     })();
   }
+}
+
+/** The one connection `listening` waits for, or its "nobody connected" error after `ms`. */
+function acceptWithin(listening: ReturnType<typeof ByteSocket.listenUnixOnce>, ms: number): Promise<ByteSocket> {
+  const timer = setTimeout(listening.stop, ms);
+  return listening.accepted.finally(() => clearTimeout(timer));
 }
