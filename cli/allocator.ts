@@ -9,6 +9,7 @@
 
 import { closeSync, fstatSync } from "node:fs";
 import { constants } from "node:os";
+import { selfCommand } from "./self.ts";
 
 const SETTING = "MIMALLOC_PURGE_DELAY";
 
@@ -25,8 +26,7 @@ export async function runWithTunedAllocator(argv: string[]): Promise<number | nu
     followLifeline();
     return null;
   }
-  // from source (bun cli/main.ts) the script comes before the arguments
-  const self = Bun.main.endsWith(".ts") ? [process.execPath, Bun.main] : [process.execPath];
+  const self = selfCommand();
   const stdio: Array<"inherit" | "ignore" | "pipe" | number> = ["inherit", "inherit", "inherit"];
   const readyFd = passedFd(argv);
   if (readyFd !== null) {

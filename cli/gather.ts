@@ -11,6 +11,7 @@ import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson, setQuiet, warn } from "./output.ts";
 import { withProgress } from "./progress.ts";
 import { announceReady, parseReadyFd } from "./ready-fd.ts";
+import { selfCommand } from "./self.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
 
 interface GatherFlags extends TlsFlags {
@@ -66,6 +67,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const report = await withProgress("gathered", Boolean(flags.quiet), (onProgress) =>
         runGather({
           ...{ listen, vms, psk, tls, maxRate, postcopyBandwidth, stateDir, resume: Boolean(flags.resume), signal, log: info },
+          holderCommand: selfCommand(),
           onListening: (port) => {
             if (readyFd !== undefined) announceReady(readyFd, formatHostPort(listen.host, port));
           },

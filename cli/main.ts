@@ -8,6 +8,7 @@ import { runWithTunedAllocator } from "./allocator.ts";
 import { registerCheck } from "./check.ts";
 import { registerEvacuate } from "./evacuate.ts";
 import { registerGather } from "./gather.ts";
+import { runHoldMonitor } from "./hold-monitor.ts";
 import { reportError } from "./output.ts";
 import { registerRelay } from "./relay.ts";
 import { registerScatter } from "./scatter.ts";
@@ -25,6 +26,8 @@ async function main(argv: string[]): Promise<number> {
   registerGather(cli, signals.stop);
   cli.help();
 
+  // a gather's helper, not an operator's command: kept out of the help
+  if (argv[0] === "hold-monitor") return runHoldMonitor(argv.slice(1));
   if (argv.length === 1 && (argv[0] === "--version" || argv[0] === "-v")) {
     process.stdout.write(`sgm ${VERSION}\n`);
     return 0;

@@ -20,7 +20,7 @@ import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import { trace } from "../trace.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
-import { injected } from "../test-faults.ts";
+import { injected, withheldPages } from "../test-faults.ts";
 import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
@@ -120,6 +120,7 @@ export class DestinationFeed {
   /** No more page maps will come (set before switchover for a precopy source). */
   private sourceDone = false;
   private skipOne = injected("gather-delivery");
+  private readonly withheld = withheldPages();
   /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
   private spare = -1;
   private pingQueued = false;
@@ -374,6 +375,7 @@ export class DestinationFeed {
           this.options.fetch(c, false);
           continue;
         }
+        if (this.withholds(i)) continue;
         this.write(i, c);
         t.fed[i] = c;
         this.stats.fedPages++;
@@ -427,6 +429,7 @@ export class DestinationFeed {
 
   private async finishIfDone(): Promise<void> {
     if (this.phase !== "postcopy" || !this.delivery!.idle || this.pending > 0 || !this.sourceDone) return;
+    if (this.withheld !== null) return; // SGM_TEST_FAULT=gather-withhold: what is withheld is on its way, for ever
     try {
       checkDelivery(this.name, this.table, this.dir);
     } catch (err) {
@@ -465,6 +468,7 @@ export class DestinationFeed {
    * source); after it, once the destination confirms the page (acks).
    */
   private write(i: number, c: number): void {
+    if (this.withholds(i)) return;
     const t = this.table;
     const b = t.blockOf(i);
     this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
@@ -484,6 +488,16 @@ export class DestinationFeed {
       this.acks.mark();
       this.writer.flush();
     });
+  }
+
+  /** SGM_TEST_FAULT=gather-withhold: the page never reaches QEMU, its content kept as if it were on its way. */
+  private withholds(i: number): boolean {
+    const w = this.withheld;
+    if (w === null) return false;
+    const t = this.table;
+    const b = t.blockOf(i);
+    const page = i - t.blockStart[b]!;
+    return t.blocks[b]!.name === w.block && page >= w.first && page <= w.last;
   }
 
   /** The state, taken now, written while delivery goes on (state-keeper.ts). */

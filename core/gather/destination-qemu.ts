@@ -5,6 +5,8 @@
 import { SgmError } from "../errors.ts";
 import { checkSupported, machineType, versionString } from "../qemu/versions.ts";
 import { type QmpAddress, QmpClient, type QmpEvent, describeQmpAddress } from "../qmp/client.ts";
+import { connectHeld, type HolderPlan } from "../qmp/holder-launch.ts";
+import { HOLDER_FACTS, type HolderFacts } from "../qmp/monitor-holder.ts";
 import { queryMigrate, setCapabilities, waitForMigrationStatus } from "../qmp/migration.ts";
 
 export class DestinationQemu {
@@ -21,11 +23,9 @@ export class DestinationQemu {
     this.machine = machine;
   }
 
-  /** Connects and checks that this QEMU waits for an incoming migration and can do postcopy. */
-  static async open(name: string, address: QmpAddress): Promise<DestinationQemu> {
-    const qmp = await QmpClient.connect(address).catch((err: SgmError) => {
-      throw new SgmError("unavailable", `VM ${name}: destination ${err.message}`);
-    });
+  /** Connects, through a monitor holder where `holder` says, and checks that this QEMU waits for an incoming migration and can do postcopy. */
+  static async open(name: string, address: QmpAddress, holder: HolderPlan | null, log: (line: string) => void): Promise<DestinationQemu> {
+    const qmp = await connect(name, address, holder, log);
     try {
       checkSupported(qmp.version, `VM ${name}: the destination`);
       const status = await qmp.execute<{ status: string }>("query-status");
@@ -52,19 +52,25 @@ export class DestinationQemu {
    * gather died after switchover. QEMU notices the broken stream and pauses
    * its postcopy; one still 'postcopy-active' gets a moment to notice.
    */
-  static async openPaused(name: string, address: QmpAddress): Promise<{ dest: DestinationQemu; completed: boolean }> {
-    const qmp = await QmpClient.connect(address).catch((err: SgmError) => {
-      throw new SgmError("unavailable", `VM ${name}: destination ${err.message}`);
-    });
+  static async openPaused(name: string, address: QmpAddress, holder: HolderPlan | null, log: (line: string) => void): Promise<{ dest: DestinationQemu; completed: boolean }> {
+    const qmp = await connect(name, address, holder, log);
     try {
       checkSupported(qmp.version, `VM ${name}: the destination`);
       // capabilities stay as the first gather set them (events on): none may change during a migration
-      let status = (await queryMigrate(qmp)).status ?? "none";
-      if (status === "postcopy-active") status = await waitForMigrationStatus(qmp, ["postcopy-paused", "completed"], 30_000, `VM ${name}: destination migration`);
+      let status: string;
+      let machine: string;
+      if (qmp.held) {
+        // QEMU's main loop may wait for a page only a recovery brings: ask the holder, not QEMU
+        ({ status, machine } = await heldPaused(qmp, name));
+      } else {
+        status = (await queryMigrate(qmp)).status ?? "none";
+        if (status === "postcopy-active") status = await waitForMigrationStatus(qmp, ["postcopy-paused", "completed"], 30_000, `VM ${name}: destination migration`);
+        machine = await machineType(qmp);
+      }
       if (status !== "postcopy-paused" && status !== "completed") {
         throw new SgmError("usage", `VM ${name}: destination QEMU's migration is '${status}'; --resume recovers only a postcopy paused when its gather died`);
       }
-      return { dest: new DestinationQemu(name, qmp, await machineType(qmp)), completed: status === "completed" };
+      return { dest: new DestinationQemu(name, qmp, machine), completed: status === "completed" };
     } catch (err) {
       qmp.close();
       throw err;
@@ -73,7 +79,8 @@ export class DestinationQemu {
 
   /** Has a paused destination listen for the recovery channel (migrate-recover). */
   async recover(socketPath: string): Promise<void> {
-    await this.qmp.execute("migrate-recover", { uri: `unix:${socketPath}` });
+    // out of band where it can be: in band waits for a main loop that may wait for a page
+    await this.qmp.execute("migrate-recover", { uri: `unix:${socketPath}` }, { outOfBand: this.qmp.held });
   }
 
   /** Has QEMU listen for the migration stream on a unix socket. */
@@ -123,5 +130,25 @@ export class DestinationQemu {
 
   close(): void {
     this.qmp.close();
+  }
+}
+
+async function connect(name: string, address: QmpAddress, holder: HolderPlan | null, log: (line: string) => void): Promise<QmpClient> {
+  const connecting = holder
+    ? connectHeld(address, holder, (why) => log(`VM ${name}: ${why}; should this gather die after switchover, a --resume may find QEMU's main loop blocked`))
+    : QmpClient.connect(address);
+  return connecting.catch((err: SgmError) => {
+    throw new SgmError("unavailable", `VM ${name}: destination ${err.message}`);
+  });
+}
+
+/** The holder's account of a migration whose gather died: postcopy-active until QEMU notices, then paused. */
+async function heldPaused(qmp: QmpClient, name: string): Promise<{ status: string; machine: string }> {
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const facts = await qmp.execute<HolderFacts>(HOLDER_FACTS);
+    if (facts.migration !== "postcopy-active") return { status: facts.migration, machine: facts.machine };
+    if (Date.now() > deadline) throw new SgmError("unavailable", `VM ${name}: destination migration still postcopy-active 30 s after its gather died`);
+    await Bun.sleep(20);
   }
 }

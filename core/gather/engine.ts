@@ -29,9 +29,10 @@ import {
   VmBytesKind,
 } from "../wire/messages.ts";
 import { ContentDirectory } from "./content-directory.ts";
-import { prepareStateDir, resumeStatePath } from "./resume-state.ts";
+import { holderSocketPath, prepareStateDir, resumeStatePath } from "./resume-state.ts";
 import { openForResume, resumeAll, unresumableReport } from "./resume.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
+import type { HolderPlan } from "../qmp/holder-launch.ts";
 import { PENDING, ZERO } from "./page-table.ts";
 import { type FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
 import type { SavedRun } from "./feed-state.ts";
@@ -51,6 +52,13 @@ export interface GatherOptions {
   stateDir: string | null;
   /** Recover VMs whose gather died after they ran here, from their saved states, instead of listening for a scatter. */
   resume?: boolean;
+  /**
+   * How to run sgm itself, for each VM's monitor holder (qmp/monitor-holder.ts),
+   * which keeps a --resume possible even when the destination's main loop
+   * waits for a page; none without a state dir. Without it, the gather
+   * talks to QEMU directly.
+   */
+  holderCommand?: string[];
   signal?: AbortSignal;
   log?: (line: string) => void;
   /** Called once the gather listens, with the port it got. */
@@ -102,12 +110,16 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
   if (options.resume && options.stateDir === null) throw new SgmError("usage", "--resume needs the --state-dir the gather before it saved to");
   if (options.stateDir !== null) prepareStateDir(options.stateDir);
   const statePaths = new Map(options.vms.map((vm) => [vm.name, options.stateDir === null ? null : resumeStatePath(options.stateDir, vm.name, vm.qmp)]));
+  const holder = (name: string): HolderPlan | null => {
+    const statePath = statePaths.get(name);
+    return statePath && options.holderCommand ? { command: options.holderCommand, socketPath: holderSocketPath(statePath) } : null;
+  };
   let arrivals: VmArrival[];
   let toResume: Awaited<ReturnType<typeof openForResume>> | null = null;
   if (options.resume) {
-    toResume = await openForResume(options.vms.map((vm) => ({ ...vm, statePath: statePaths.get(vm.name)! })), log);
+    toResume = await openForResume(options.vms.map((vm) => ({ ...vm, statePath: statePaths.get(vm.name)!, holder: holder(vm.name) })), log);
     arrivals = [...toResume.ready.map((r) => r.arrival), ...toResume.done];
-  } else arrivals = (await openDestinations(options.vms)).map((d) => new VmArrival(d));
+  } else arrivals = (await openDestinations(options.vms.map((vm) => ({ ...vm, holder: holder(vm.name) })), log)).map((d) => new VmArrival(d));
   const dests = arrivals.map((a) => a.dest);
   const shared: Shared = {
     arrivals: new Map(arrivals.map((a) => [a.name, a])),
@@ -184,8 +196,8 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
   };
 }
 
-async function openDestinations(vms: ReadonlyArray<{ name: string; qmp: string }>): Promise<DestinationQemu[]> {
-  const opened = await Promise.allSettled(vms.map((vm) => DestinationQemu.open(vm.name, parseQmpAddress(vm.qmp))));
+async function openDestinations(vms: ReadonlyArray<{ name: string; qmp: string; holder: HolderPlan | null }>, log: (line: string) => void): Promise<DestinationQemu[]> {
+  const opened = await Promise.allSettled(vms.map((vm) => DestinationQemu.open(vm.name, parseQmpAddress(vm.qmp), vm.holder, log)));
   const dests = opened.flatMap((r) => (r.status === "fulfilled" ? [r.value] : []));
   const refused = opened.find((r): r is PromiseRejectedResult => r.status === "rejected");
   if (refused) {

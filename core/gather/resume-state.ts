@@ -70,6 +70,11 @@ export function resumeStatePath(dir: string, name: string, qmp: string): string 
   return join(dir, `${name.replace(/[^A-Za-z0-9_.-]/g, "_")}-${tag}.resume`);
 }
 
+/** Where the VM's monitor holder listens (qmp/monitor-holder.ts): beside its state, which a --resume needs as well. */
+export function holderSocketPath(statePath: string): string {
+  return statePath.replace(/\.resume$/, ".qmp");
+}
+
 /**
  * Makes sure states can be saved in `dir`, and only by us: a state read
  * back is trusted to say what the guest's memory is. A clear error now

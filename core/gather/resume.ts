@@ -13,6 +13,7 @@
 import { asSgmError, SgmError } from "../errors.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
+import type { HolderPlan } from "../qmp/holder-launch.ts";
 import type { TlsFiles } from "../wire/connection.ts";
 import { ContentDirectory } from "./content-directory.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
@@ -43,7 +44,7 @@ interface Ready {
 
 /** Reads each VM's state, then opens its destination; a VM without a state touches nothing. */
 export async function openForResume(
-  vms: ReadonlyArray<{ name: string; qmp: string; statePath: string }>,
+  vms: ReadonlyArray<{ name: string; qmp: string; statePath: string; holder: HolderPlan | null }>,
   log: (line: string) => void,
 ): Promise<{ ready: Ready[]; done: VmArrival[]; unresumable: Unresumable[] }> {
   const ready: Ready[] = [];
@@ -61,7 +62,7 @@ export async function openForResume(
         missing = err;
       }
       try {
-        const { dest, completed } = await DestinationQemu.openPaused(vm.name, parseQmpAddress(vm.qmp));
+        const { dest, completed } = await DestinationQemu.openPaused(vm.name, parseQmpAddress(vm.qmp), vm.holder, log);
         const arrival = new VmArrival(dest);
         if (completed) {
           log(`${vm.name}: its migration had completed; nothing to resume`);

@@ -67,6 +67,8 @@ export interface QmpConnectOptions {
 
 export interface QmpCommandOptions {
   timeoutMs?: number;
+  /** Run out of band (exec-oob), past a main loop that may be blocked: only through a monitor holder (monitor-holder.ts). */
+  outOfBand?: boolean;
 }
 
 const DEFAULT_COMMAND_TIMEOUT_MS = 30_000;
@@ -76,6 +78,8 @@ export const MAX_QMP_LINE = 4 << 20;
 export class QmpClient {
   readonly address: QmpAddress;
   readonly version: QmpVersion;
+  /** Whether this is a monitor holder's connection, out-of-band commands enabled, rather than QEMU's own. */
+  readonly held: boolean;
   /** Resolves when the connection is gone, for whatever reason. */
   readonly closed: Promise<void>;
 
@@ -90,10 +94,11 @@ export class QmpClient {
   private closeReason: string | null = null;
   private resolveClosed!: () => void;
 
-  private constructor(address: QmpAddress, socket: net.Socket, version: QmpVersion, rest: string) {
+  private constructor(address: QmpAddress, socket: net.Socket, version: QmpVersion, held: boolean, rest: string) {
     this.address = address;
     this.socket = socket;
     this.version = version;
+    this.held = held;
     this.closed = new Promise((resolve) => (this.resolveClosed = resolve));
     socket.on("data", (chunk: Buffer) => this.onData(chunk.toString("utf8")));
     socket.on("close", () => this.onClose());
@@ -115,7 +120,9 @@ export class QmpClient {
           reject(new SgmError("unavailable", `QMP ${where}: ${message}`));
         };
         const timer = setTimeout(() => fail(`no greeting within ${timeoutMs} ms`), timeoutMs);
-        socket.on("error", (err: NodeJS.ErrnoException) => fail(err.code === "ENOENT" ? "no such socket" : err.message));
+        socket.on("error", (err: NodeJS.ErrnoException) =>
+          fail(err.code === "ENOENT" ? "no such socket" : err.code === "ECONNREFUSED" ? "connection refused" : err.message),
+        );
         socket.on("close", () => fail("closed before the greeting"));
         socket.on("data", (chunk: Buffer) => {
           text += chunk.toString("utf8");
@@ -131,17 +138,24 @@ export class QmpClient {
       },
     );
     let version: QmpVersion;
+    let held = false;
+    let refusal: unknown;
     try {
-      const parsed = JSON.parse(greeting) as { QMP?: { version?: { qemu?: QmpVersion; package?: string } } } | null;
+      type Greeting = { QMP?: { version?: { qemu?: QmpVersion; package?: string } }; "sgm-holder"?: unknown; error?: { desc?: unknown } };
+      const parsed = JSON.parse(greeting) as Greeting | null;
+      held = parsed?.["sgm-holder"] !== undefined;
+      // a monitor holder busy with another client says so instead of greeting
+      refusal = parsed?.error?.desc;
       const qemu = parsed?.QMP?.version?.qemu;
       if (!qemu || ![qemu.major, qemu.minor, qemu.micro].every((n) => Number.isInteger(n))) throw new Error("no QMP greeting");
       const pkg = parsed?.QMP?.version?.package;
       version = { major: qemu.major, minor: qemu.minor, micro: qemu.micro, package: typeof pkg === "string" ? pkg : "" };
     } catch {
       socket.destroy();
+      if (typeof refusal === "string") throw new SgmError("unavailable", `QMP ${where}: ${refusal.slice(0, 200)}`);
       throw new SgmError("unavailable", `QMP ${where}: not a QMP greeting: ${greeting.slice(0, 80)}`);
     }
-    const client = new QmpClient(address, socket, version, rest);
+    const client = new QmpClient(address, socket, version, held, rest);
     await client.execute("qmp_capabilities", undefined, { timeoutMs });
     return client;
   }
@@ -151,6 +165,7 @@ export class QmpClient {
     if (this.isClosed) {
       return Promise.reject(new SgmError("unavailable", `QMP ${describeQmpAddress(this.address)}: closed; cannot run '${command}'`));
     }
+    if (options.outOfBand && !this.held) return Promise.reject(new SgmError("internal", `QMP '${command}' out of band on a connection without it`));
     const id = this.nextId++;
     const timeoutMs = options.timeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS;
     return new Promise<T>((resolve, reject) => {
@@ -159,7 +174,8 @@ export class QmpClient {
         reject(new SgmError("unavailable", `QMP '${command}' got no answer within ${timeoutMs} ms`));
       }, timeoutMs);
       this.pending.set(id, { command, resolve: resolve as (v: unknown) => void, reject, timer });
-      const message = args === undefined ? { execute: command, id } : { execute: command, arguments: args, id };
+      const key = options.outOfBand ? "exec-oob" : "execute";
+      const message = args === undefined ? { [key]: command, id } : { [key]: command, arguments: args, id };
       this.socket.write(JSON.stringify(message) + "\n");
     });
   }

@@ -1,0 +1,90 @@
+// Reaching a destination's monitor through its holder (monitor-holder.ts):
+// the one already holding it, or one started now as a process of its own,
+// so that it outlives whoever started it.
+
+import { SgmError } from "../errors.ts";
+import { type QmpAddress, QmpClient } from "./client.ts";
+
+export interface HolderPlan {
+  /** How to run sgm itself; the holder is `<command> hold-monitor <qmp> <socket>`. */
+  command: string[];
+  /** Where the holder listens. */
+  socketPath: string;
+}
+
+/** A unix socket's path must fit sockaddr_un (108 bytes with its NUL). */
+const MAX_SOCKET_PATH = 107;
+const HOLDER_START_MS = 20_000;
+
+/** The form parseQmpAddress reads back. */
+export function qmpAddressText(address: QmpAddress): string {
+  if (address.kind === "unix") return `unix:${address.path}`;
+  return address.host.includes(":") ? `tcp:[${address.host}]:${address.port}` : `tcp:${address.host}:${address.port}`;
+}
+
+/**
+ * Connects through the holder at `plan.socketPath`, starting one if none
+ * answers there. Where no holder can start, connects to QEMU directly and
+ * `warn`s: the migration runs as well, but a gather that dies after
+ * switchover may then find QEMU's main loop blocked and fail to resume it.
+ */
+export async function connectHeld(address: QmpAddress, plan: HolderPlan, warn: (why: string) => void): Promise<QmpClient> {
+  if (Buffer.byteLength(plan.socketPath) > MAX_SOCKET_PATH) {
+    warn(`no monitor holder: its socket path ${plan.socketPath} is longer than ${MAX_SOCKET_PATH} bytes`);
+    return QmpClient.connect(address);
+  }
+  const existing = await tryHolder(plan.socketPath);
+  if (existing) return existing;
+  const started = await startHolder(address, plan);
+  if (started !== "ready") {
+    warn(`no monitor holder: ${started}`);
+    return QmpClient.connect(address);
+  }
+  const client = await tryHolder(plan.socketPath);
+  if (!client) throw new SgmError("unavailable", `the monitor holder at ${plan.socketPath} said it was ready, then did not answer`);
+  return client;
+}
+
+/** The holder listening at `path`, or null if none does; one that serves someone else is an error. */
+async function tryHolder(path: string): Promise<QmpClient | null> {
+  try {
+    const client = await QmpClient.connect({ kind: "unix", path });
+    if (!client.held) {
+      client.close();
+      throw new SgmError("unavailable", `${path} is a QMP socket, but not sgm's monitor holder`);
+    }
+    return client;
+  } catch (err) {
+    if (err instanceof SgmError && /: (no such socket|connection refused)$/.test(err.message)) return null;
+    throw err;
+  }
+}
+
+/** Runs a holder; resolves with its first line: "ready", or why it could not hold the monitor. */
+async function startHolder(address: QmpAddress, plan: HolderPlan): Promise<string> {
+  const child = Bun.spawn([...plan.command, "hold-monitor", qmpAddressText(address), plan.socketPath], {
+    stdio: ["ignore", "pipe", "ignore"],
+    env: { ...process.env },
+  });
+  const reader = child.stdout.getReader();
+  let text = "";
+  const timer = setTimeout(() => child.kill("SIGKILL"), HOLDER_START_MS);
+  try {
+    while (!text.includes("\n")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      text += new TextDecoder().decode(value);
+    }
+  } finally {
+    clearTimeout(timer);
+    reader.releaseLock();
+  }
+  const line = text.split("\n")[0]!.trim();
+  if (line === "ready") {
+    // the holder lives on alone: this process neither waits for it nor reads it again
+    child.unref();
+    return line;
+  }
+  child.kill("SIGKILL");
+  return line || `it ended before it said it held the monitor (exit ${await child.exited})`;
+}
