@@ -16,6 +16,8 @@ import { Signals } from "./signals.ts";
 import { VERSION } from "./version.ts";
 
 async function main(argv: string[]): Promise<number> {
+  // a gather's helper, not an operator's command: kept out of the help, and SIGTERM ends it
+  if (argv[0] === "hold-monitor") return runHoldMonitor(argv.slice(1));
   const cli = cac("sgm");
   cli.usage("<scatter|relay|gather|evacuate|check> [options]\n\n  Scatter-Gather live migration: evict QEMU/KVM virtual machines from a host fast,\n  even when the destination is slow to receive them.");
   const signals = new Signals();
@@ -26,8 +28,6 @@ async function main(argv: string[]): Promise<number> {
   registerGather(cli, signals.stop);
   cli.help();
 
-  // a gather's helper, not an operator's command: kept out of the help
-  if (argv[0] === "hold-monitor") return runHoldMonitor(argv.slice(1));
   if (argv.length === 1 && (argv[0] === "--version" || argv[0] === "-v")) {
     process.stdout.write(`sgm ${VERSION}\n`);
     return 0;

@@ -70,6 +70,12 @@ export interface FeedOptions {
   /** The run's id, relays and start, as the state must name them. */
   origin: () => SavedOrigin;
   log: (line: string) => void;
+  /**
+   * Sends the releases batched for relays. A state lists only content still
+   * known, so a --resume releases nothing let go before it: what the relays
+   * were not told by then, they would hold until their --ttl.
+   */
+  flushReleases: () => void;
 }
 
 /** Queue bounds towards QEMU before switchover. */
@@ -502,6 +508,7 @@ export class DestinationFeed {
 
   /** The state, taken now, written while delivery goes on (state-keeper.ts). */
   private saveState(): void {
+    this.options.flushReleases();
     const o = this.options;
     this.state.save(() => snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir));
   }

@@ -366,6 +366,7 @@ class ScatterSession {
           statePath: this.shared.statePaths.get(arrival.name) ?? null,
           run: () => this.savedRun,
           log: this.shared.log,
+          flushReleases: () => this.fetcher.flushAllReleases(),
         };
         arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, saving, this.shared.postcopyBandwidth).then(
           () => this.unhold("destination"),

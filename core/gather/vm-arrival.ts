@@ -32,6 +32,8 @@ export interface Saving {
   statePath: string | null;
   run: () => SavedRun;
   log: (line: string) => void;
+  /** Sends the releases the relays have yet to hear (see FeedOptions). */
+  flushReleases: () => void;
 }
 
 /** What a lost relay means for a VM: nothing it lacks, it waits for its source to stream again, or it failed. */
@@ -193,8 +195,8 @@ export class VmArrival {
     this.finished.resolve();
   }
 
-  private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log"> {
-    return { statePath: s.statePath, log: s.log, origin: () => ({ ...s.run(), startedAt: this.startedAt, sourceQemu: this.sourceQemu }) };
+  private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log" | "flushReleases"> {
+    return { statePath: s.statePath, log: s.log, flushReleases: s.flushReleases, origin: () => ({ ...s.run(), startedAt: this.startedAt, sourceQemu: this.sourceQemu }) };
   }
 
   map(block: number, page: number, id: number): void {

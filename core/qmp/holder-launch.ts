@@ -2,6 +2,7 @@
 // the one already holding it, or one started now as a process of its own,
 // so that it outlives whoever started it.
 
+import { resolve } from "node:path";
 import { SgmError } from "../errors.ts";
 import { type QmpAddress, QmpClient } from "./client.ts";
 
@@ -14,7 +15,10 @@ export interface HolderPlan {
 
 /** A unix socket's path must fit sockaddr_un (108 bytes with its NUL). */
 const MAX_SOCKET_PATH = 107;
-const HOLDER_START_MS = 20_000;
+/** Beyond the holder's own bounds: 10 s for QEMU's greeting and for each of its three questions. */
+const HOLDER_START_MS = 45_000;
+/** A holder serving a client that is just going away, or ending as one comes: asked again for this long. */
+const BUSY_RETRY_MS = 5_000;
 
 /** The form parseQmpAddress reads back. */
 export function qmpAddressText(address: QmpAddress): string {
@@ -28,7 +32,10 @@ export function qmpAddressText(address: QmpAddress): string {
  * `warn`s: the migration runs as well, but a gather that dies after
  * switchover may then find QEMU's main loop blocked and fail to resume it.
  */
-export async function connectHeld(address: QmpAddress, plan: HolderPlan, warn: (why: string) => void): Promise<QmpClient> {
+export async function connectHeld(address: QmpAddress, given: HolderPlan, warn: (why: string) => void): Promise<QmpClient> {
+  // the holder runs from /, to hold nothing mounted
+  const plan = { ...given, socketPath: resolve(given.socketPath) };
+  if (address.kind === "unix") address = { kind: "unix", path: resolve(address.path) };
   if (Buffer.byteLength(plan.socketPath) > MAX_SOCKET_PATH) {
     warn(`no monitor holder: its socket path ${plan.socketPath} is longer than ${MAX_SOCKET_PATH} bytes`);
     return QmpClient.connect(address);
@@ -45,18 +52,24 @@ export async function connectHeld(address: QmpAddress, plan: HolderPlan, warn: (
   return client;
 }
 
-/** The holder listening at `path`, or null if none does; one that serves someone else is an error. */
+/** The holder listening at `path`, or null if none does; one that serves someone else past BUSY_RETRY_MS is an error. */
 async function tryHolder(path: string): Promise<QmpClient | null> {
-  try {
-    const client = await QmpClient.connect({ kind: "unix", path });
-    if (!client.held) {
-      client.close();
-      throw new SgmError("unavailable", `${path} is a QMP socket, but not sgm's monitor holder`);
+  const deadline = Date.now() + BUSY_RETRY_MS;
+  for (;;) {
+    try {
+      const client = await QmpClient.connect({ kind: "unix", path });
+      if (!client.held) {
+        client.close();
+        throw new SgmError("unavailable", `${path} is a QMP socket, but not sgm's monitor holder`);
+      }
+      return client;
+    } catch (err) {
+      if (!(err instanceof SgmError)) throw err;
+      if (/: (no such socket|connection refused)$/.test(err.message)) return null;
+      const passing = /serves one client at a time|closed before the greeting/.test(err.message);
+      if (!passing || Date.now() > deadline) throw err;
+      await Bun.sleep(100);
     }
-    return client;
-  } catch (err) {
-    if (err instanceof SgmError && /: (no such socket|connection refused)$/.test(err.message)) return null;
-    throw err;
   }
 }
 
@@ -65,6 +78,7 @@ async function startHolder(address: QmpAddress, plan: HolderPlan): Promise<strin
   const child = Bun.spawn([...plan.command, "hold-monitor", qmpAddressText(address), plan.socketPath], {
     stdio: ["ignore", "pipe", "ignore"],
     env: { ...process.env },
+    cwd: "/",
   });
   const reader = child.stdout.getReader();
   let text = "";

@@ -99,7 +99,15 @@ export function waitForMigrationStatus(
         queryMigrate(qmp).then((info) => consider(status, info["error-desc"]), () => consider(status));
       } else consider(status);
     });
-    const check = () => queryMigrate(qmp).then((info) => consider(info.status, info["error-desc"]), (err: Error) => finish(err));
+    // one question at a time: QEMU queues what a blocked main loop has yet to answer
+    let asking = false;
+    const check = () => {
+      if (asking) return;
+      asking = true;
+      queryMigrate(qmp)
+        .then((info) => consider(info.status, info["error-desc"]), (err: Error) => finish(err))
+        .finally(() => (asking = false));
+    };
     const poll = setInterval(check, 500);
     const timer = setTimeout(
       () => finish(new SgmError("unavailable", `${what}: not ${wanted.join("/")} within ${timeoutMs} ms`)),

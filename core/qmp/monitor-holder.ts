@@ -20,7 +20,7 @@
 // of the MIGRATION events, the machine type); it passes everything else on,
 // renumbering ids so that a dead client's late answers reach no one.
 
-import { rmSync } from "node:fs";
+import { existsSync, rmSync } from "node:fs";
 import net from "node:net";
 import { SgmError } from "../errors.ts";
 import { type QmpAddress, describeQmpAddress, MAX_QMP_LINE } from "./client.ts";
@@ -33,10 +33,14 @@ export interface HolderFacts {
   machine: string;
 }
 
-/** While the migration is in one of these, a gather may come back with --resume: the holder stays. */
-const RESUMABLE = new Set(["postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-recover-setup"]);
+/** Once postcopy began, the holder stays until one of these (or its QEMU) ends the migration. */
+const ENDED = new Set(["completed", "failed", "cancelled"]);
 /** A holder nobody connects to after starting has lost its gather before it began. */
 const FIRST_CLIENT_MS = 60_000;
+/** A client gone before postcopy: its MIGRATION events may still be on their way (a switch it saw). */
+const GRACE_MS = 5_000;
+/** A holder whose socket is gone can be reached by no one: it lets go of the monitor (checked this often). */
+const SOCKET_CHECK_MS = 5_000;
 
 type Json = Record<string, unknown>;
 
@@ -80,149 +84,204 @@ class LineSocket {
   }
 }
 
+/** An in-band command on its way to QEMU: the holder's own (owner null) or a client's. */
+interface InBand {
+  id: number;
+  message: Json;
+  owner: LineSocket | null;
+}
+
 /**
  * Runs a holder until it has nothing left to hold; resolves with its exit
  * code. `ready` gets one line, "ready" or what went wrong, once.
  */
-export async function holdMonitor(address: QmpAddress, socketPath: string, ready: (line: string) => void): Promise<number> {
-  const where = describeQmpAddress(address);
-  let readied = false;
-  let held = false;
-  const say = (line: string) => {
-    if (readied) return;
-    readied = true;
-    held = line === "ready";
-    ready(line);
-  };
-  let qemu: LineSocket;
-  let greeting: Json;
-  let facts: HolderFacts;
-  const answers = new Map<number, (message: Json) => void>();
-  let nextId = 1;
-  let onClient: ((message: Json) => void) | null = null;
-  let lastMigration = "none";
-  let server: net.Server | null = null;
-  let client: LineSocket | null = null;
-  let hadClient = false;
-  let finish!: (code: number) => void;
-  const finished = new Promise<number>((r) => (finish = r));
-  function checkDone(): void {
-    if (client === null && hadClient && !RESUMABLE.has(lastMigration)) finish(0);
-  }
+export function holdMonitor(address: QmpAddress, socketPath: string, ready: (line: string) => void): Promise<number> {
+  return new MonitorHolder(address, socketPath, ready).run();
+}
 
-  const qemuClosed = new Promise<void>((resolve) => {
+class MonitorHolder {
+  private readonly where: string;
+  private readonly qemu: LineSocket;
+  private readonly qemuClosed: Promise<void>;
+  private readonly greeting = Promise.withResolvers<Json>();
+  private readonly finished = Promise.withResolvers<number>();
+  private readonly answers = new Map<number, (message: Json) => void>();
+  /**
+   * QEMU takes one in-band command at a time from here: with out-of-band
+   * enabled it would queue eight and then read nothing more, not even the
+   * exec-oob that a blocked main loop needs (monitor/qmp.c).
+   */
+  private readonly inBand: InBand[] = [];
+  private inFlight: number | null = null;
+  private nextId = 1;
+  private readied = false;
+  private held = false;
+  private facts: HolderFacts = { migration: "none", machine: "" };
+  private postcopySeen = false;
+  private server: net.Server | null = null;
+  private client: LineSocket | null = null;
+  private hadClient = false;
+
+  constructor(
+    address: QmpAddress,
+    private readonly socketPath: string,
+    private readonly ready: (line: string) => void,
+  ) {
+    this.where = describeQmpAddress(address);
     const socket = address.kind === "unix" ? net.connect({ path: address.path }) : net.connect({ host: address.host, port: address.port });
     let failure = "closed before its greeting";
     socket.on("error", (err: NodeJS.ErrnoException) => (failure = err.code === "ENOENT" ? "no such socket" : err.message));
-    socket.on("close", () => {
-      say(`QMP ${where}: ${failure}`);
-      resolve();
-    });
-    let greeted: (g: Json) => void;
-    const greetingSeen = new Promise<Json>((r) => (greeted = r));
-    qemu = new LineSocket(
-      socket,
-      (message) => {
-        if ("QMP" in message) return greeted(message);
-        if (typeof message.event === "string") {
-          const status = message.event === "MIGRATION" ? (message.data as Json | undefined)?.status : undefined;
-          if (typeof status === "string") lastMigration = status;
-          onClient?.(message);
-          if (typeof status === "string") checkDone();
-          return;
-        }
-        const answer = typeof message.id === "number" ? answers.get(message.id) : undefined;
-        if (answer) {
-          answers.delete(message.id as number);
-          answer(message);
-        } else if (!("id" in message)) onClient?.(message); // QEMU's answer to a line it could not read
-      },
-      () => {},
+    this.qemuClosed = new Promise((resolve) =>
+      socket.on("close", () => {
+        this.say(`QMP ${this.where}: ${failure}`);
+        resolve();
+      }),
     );
-    void setup(greetingSeen);
-  });
-  const ask = (command: Json, timeoutMs = 10_000): Promise<Json> =>
-    new Promise((resolve, reject) => {
-      const id = nextId++;
-      const timer = setTimeout(() => {
-        answers.delete(id);
-        reject(new SgmError("unavailable", `QMP ${where}: no answer to '${String(command.execute ?? command["exec-oob"])}' within ${timeoutMs} ms`));
-      }, timeoutMs);
-      answers.set(id, (m) => {
-        clearTimeout(timer);
-        if ("error" in m) reject(new SgmError("unavailable", `QMP ${where}: ${JSON.stringify(m.error)}`));
-        else resolve(m);
-      });
-      qemu.send({ ...command, id });
-    });
+    this.qemu = new LineSocket(socket, (message) => this.fromQemu(message), () => {});
+  }
 
-  async function setup(greetingSeen: Promise<Json>): Promise<void> {
+  async run(): Promise<number> {
+    void this.setup();
+    const code = await Promise.race([this.finished.promise, this.qemuClosed.then(() => (this.held ? 0 : 69))]);
+    if (this.server !== null) {
+      this.server.close();
+      rmSync(this.socketPath, { force: true });
+    }
+    this.client?.socket.destroy();
+    this.qemu.socket.destroy();
+    return code;
+  }
+
+  private say(line: string): void {
+    if (this.readied) return;
+    this.readied = true;
+    this.held = line === "ready";
+    this.ready(line);
+  }
+
+  private async setup(): Promise<void> {
     try {
-      greeting = await withTimeout(greetingSeen, 10_000, `QMP ${where}: no greeting within 10000 ms`);
+      const greeting = await withTimeout(this.greeting.promise, 10_000, `QMP ${this.where}: no greeting within 10000 ms`);
       const offered = ((greeting.QMP as Json | undefined)?.capabilities as unknown[] | undefined) ?? [];
-      if (!offered.includes("oob")) throw new SgmError("unavailable", `QMP ${where} offers no out-of-band commands`);
-      await ask({ execute: "qmp_capabilities", arguments: { enable: ["oob"] } });
-      const machine = String((await ask({ execute: "qom-get", arguments: { path: "/machine", property: "type" } })).return).replace(/-machine$/, "");
-      const migration = (await ask({ execute: "query-migrate" })).return as Json;
-      lastMigration = typeof migration.status === "string" ? migration.status : "none";
-      facts = { migration: lastMigration, machine };
-      rmSync(socketPath, { force: true }); // a holder that was here is gone: its client found no one (holder-launch.ts)
-      server = await listen(socketPath, serve);
-      say("ready");
-      setTimeout(() => {
-        if (!hadClient) finish(0);
-      }, FIRST_CLIENT_MS).unref();
+      if (!offered.includes("oob")) throw new SgmError("unavailable", `QMP ${this.where} offers no out-of-band commands`);
+      await this.ask({ execute: "qmp_capabilities", arguments: { enable: ["oob"] } });
+      const machine = String((await this.ask({ execute: "qom-get", arguments: { path: "/machine", property: "type" } })).return);
+      const migration = (await this.ask({ execute: "query-migrate" })).return as Json;
+      this.facts = { machine: machine.replace(/-machine$/, ""), migration: "none" };
+      this.migrationIs(typeof migration.status === "string" ? migration.status : "none");
+      rmSync(this.socketPath, { force: true }); // a holder that was here is gone: its client found no one (holder-launch.ts)
+      this.server = await listen(this.socketPath, (socket) => this.serve(socket, greeting));
+      this.say("ready");
+      setTimeout(() => this.endIfIdle(), FIRST_CLIENT_MS).unref();
+      setInterval(() => {
+        if (this.client === null && !existsSync(this.socketPath)) this.finished.resolve(0);
+      }, SOCKET_CHECK_MS).unref();
     } catch (err) {
-      say(err instanceof Error ? err.message : String(err));
-      finish(69);
+      this.say(err instanceof Error ? err.message : String(err));
+      this.finished.resolve(69);
     }
   }
 
-  function serve(socket: net.Socket): void {
-    if (client !== null) {
-      socket.end(JSON.stringify({ error: { class: "GenericError", desc: `sgm's monitor holder for ${where} serves one client at a time` } }) + "\n");
+  /** The holder's own in-band question, before any client. */
+  private ask(message: Json, timeoutMs = 10_000): Promise<Json> {
+    return new Promise((resolve, reject) => {
+      const id = this.nextId++;
+      const timer = setTimeout(() => reject(new SgmError("unavailable", `QMP ${this.where}: no answer to '${String(message.execute)}' within ${timeoutMs} ms`)), timeoutMs);
+      this.answers.set(id, (m) => {
+        clearTimeout(timer);
+        if ("error" in m) reject(new SgmError("unavailable", `QMP ${this.where}: ${JSON.stringify(m.error)}`));
+        else resolve(m);
+      });
+      this.sendInBand({ id, message, owner: null });
+    });
+  }
+
+  private sendInBand(command: InBand): void {
+    this.inBand.push(command);
+    this.pump();
+  }
+
+  private pump(): void {
+    if (this.inFlight !== null) return;
+    const next = this.inBand.shift();
+    if (!next) return;
+    this.inFlight = next.id;
+    this.qemu.send({ ...next.message, id: next.id });
+  }
+
+  private fromQemu(message: Json): void {
+    if ("QMP" in message) return this.greeting.resolve(message);
+    if (typeof message.event === "string") {
+      const status = message.event === "MIGRATION" ? (message.data as Json | undefined)?.status : undefined;
+      if (typeof status === "string") this.migrationIs(status);
+      this.client?.send(message);
+      if (typeof status === "string" && ENDED.has(status)) this.endIfIdle();
       return;
     }
-    hadClient = true;
-    const mine = new Map<number, unknown>();
-    const c = new LineSocket(
+    if (typeof message.id !== "number") {
+      // QEMU's answer to a line it could not read
+      if (!("id" in message)) this.client?.send(message);
+      return;
+    }
+    if (message.id === this.inFlight) {
+      this.inFlight = null;
+      this.pump();
+    }
+    const answer = this.answers.get(message.id);
+    this.answers.delete(message.id);
+    answer?.(message);
+  }
+
+  private migrationIs(status: string): void {
+    // 7.2's migrate-recover announces 'setup' though its postcopy stays paused (qemu_start_incoming_migration)
+    if (this.postcopySeen && status === "setup") return;
+    if (status.startsWith("postcopy")) this.postcopySeen = true;
+    this.facts.migration = status;
+  }
+
+  /** No client, and nothing a --resume could need: the holder lets go of the monitor. */
+  private endIfIdle(): void {
+    if (this.client !== null) return;
+    if (this.postcopySeen && !ENDED.has(this.facts.migration)) return;
+    this.finished.resolve(0);
+  }
+
+  private serve(socket: net.Socket, greeting: Json): void {
+    if (this.client !== null) {
+      socket.on("error", () => {});
+      socket.end(JSON.stringify({ error: { class: "GenericError", desc: `sgm's monitor holder for ${this.where} serves one client at a time` } }) + "\n");
+      return;
+    }
+    this.hadClient = true;
+    const c: LineSocket = new LineSocket(
       socket,
-      (message) => {
-        const theirId = message.id;
-        const local = message.execute === "qmp_capabilities" ? {} : message.execute === HOLDER_FACTS ? { ...facts, migration: lastMigration } : null;
-        if (local !== null) return c.send({ return: local, ...(theirId !== undefined ? { id: theirId } : {}) });
-        const id = nextId++;
-        mine.set(id, theirId);
-        answers.set(id, (answer) => {
-          mine.delete(id);
-          const { id: _ours, ...rest } = answer;
-          if (client === c) c.send(theirId === undefined ? rest : { ...rest, id: theirId });
-        });
-        qemu.send({ ...message, id });
-      },
+      (message) => this.fromClient(c, message),
       (why) => c.send({ error: { class: "GenericError", desc: `sgm's monitor holder: ${why}` } }),
     );
-    client = c;
-    onClient = (message) => c.send(message);
+    this.client = c;
     socket.on("close", () => {
-      if (client !== c) return;
-      client = null;
-      onClient = null;
-      // what the departed client asked is answered to no one
-      for (const id of mine.keys()) answers.set(id, () => {});
-      checkDone();
+      if (this.client !== c) return;
+      this.client = null;
+      // what it asked and QEMU has yet to see goes; what QEMU has, it answers to no one
+      for (let k = this.inBand.length - 1; k >= 0; k--) if (this.inBand[k]!.owner === c) this.answers.delete(this.inBand.splice(k, 1)[0]!.id);
+      if (this.postcopySeen) this.endIfIdle();
+      else setTimeout(() => this.endIfIdle(), GRACE_MS).unref();
     });
     c.send({ ...greeting, "sgm-holder": {} });
   }
 
-  const code = await Promise.race([finished, qemuClosed.then(() => (held ? 0 : 69))]);
-  if (server !== null) {
-    (server as net.Server).close();
-    rmSync(socketPath, { force: true });
+  private fromClient(c: LineSocket, message: Json): void {
+    const theirs = message.id;
+    const local = message.execute === "qmp_capabilities" ? {} : message.execute === HOLDER_FACTS ? { ...this.facts } : null;
+    if (local !== null) return c.send({ return: local, ...(theirs !== undefined ? { id: theirs } : {}) });
+    const id = this.nextId++;
+    this.answers.set(id, (answer) => {
+      const { id: _ours, ...rest } = answer;
+      if (this.client === c) c.send(theirs === undefined ? rest : { ...rest, id: theirs });
+    });
+    if ("exec-oob" in message) this.qemu.send({ ...message, id });
+    else this.sendInBand({ id, message, owner: c });
   }
-  (client as LineSocket | null)?.socket.destroy();
-  qemu!.socket.destroy();
-  return code;
 }
 
 function listen(path: string, serve: (socket: net.Socket) => void): Promise<net.Server> {
