@@ -76,6 +76,12 @@ export interface FeedOptions {
    * were not told by then, they would hold until their --ttl.
    */
   flushReleases: () => void;
+  /**
+   * Content relays hold for the run that no page of its VMs names (an
+   * older version of a page, unpinned only when the scatter goes): saved
+   * too, with no page, so that a --resume lets the relays drop it.
+   */
+  staleOnRelays: () => number[];
 }
 
 /** Queue bounds towards QEMU before switchover. */
@@ -510,7 +516,7 @@ export class DestinationFeed {
   private saveState(): void {
     this.options.flushReleases();
     const o = this.options;
-    this.state.save(() => snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir));
+    this.state.save(() => snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir, o.staleOnRelays()));
   }
 
   /**

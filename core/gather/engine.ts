@@ -367,6 +367,7 @@ class ScatterSession {
           run: () => this.savedRun,
           log: this.shared.log,
           flushReleases: () => this.fetcher.flushAllReleases(),
+          staleOnRelays: () => this.staleOnRelays(),
         };
         arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, saving, this.shared.postcopyBandwidth).then(
           () => this.unhold("destination"),
@@ -453,6 +454,23 @@ class ScatterSession {
     const arrival = this.vms.get(id);
     if (!arrival) throw new SgmError("data", `${this.conn.remoteAddress}: frame for VM id ${id}, which was never offered`);
     return arrival;
+  }
+
+  /** Content relays hold for the run that no page of its VMs names now. */
+  private staleOnRelays(): number[] {
+    const onRelays = this.dir.knownOnRelays();
+    if (onRelays.length === 0) return [];
+    const top = onRelays[onRelays.length - 1]!;
+    const named = new Uint8Array(top + 1);
+    for (const a of this.vms.values()) {
+      const t = a.table;
+      if (!t) continue;
+      for (let i = 0; i < t.total; i++) {
+        const c = t.content[i]!;
+        if (c >= 0 && c <= top) named[c] = 1;
+      }
+    }
+    return onRelays.filter((c) => named[c] === 0);
   }
 
   private releasePins(): void {

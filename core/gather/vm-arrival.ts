@@ -11,6 +11,7 @@ import type { ContentDirectory } from "./content-directory.ts";
 import { DestinationFeed, type FeedOptions, type FeedStats } from "./destination-feed.ts";
 import type { ResumeState } from "./resume-state.ts";
 import type { SavedRun } from "./feed-state.ts";
+import type { PageTable } from "./page-table.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
 
 export interface ArrivalReport {
@@ -34,6 +35,8 @@ export interface Saving {
   log: (line: string) => void;
   /** Sends the releases the relays have yet to hear (see FeedOptions). */
   flushReleases: () => void;
+  /** Content relays hold for the run that no page of its VMs names now (see FeedOptions). */
+  staleOnRelays: () => number[];
 }
 
 /** What a lost relay means for a VM: nothing it lacks, it waits for its source to stream again, or it failed. */
@@ -195,8 +198,13 @@ export class VmArrival {
     this.finished.resolve();
   }
 
-  private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log" | "flushReleases"> {
-    return { statePath: s.statePath, log: s.log, flushReleases: s.flushReleases, origin: () => ({ ...s.run(), startedAt: this.startedAt, sourceQemu: this.sourceQemu }) };
+  private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log" | "flushReleases" | "staleOnRelays"> {
+    return { statePath: s.statePath, log: s.log, flushReleases: s.flushReleases, staleOnRelays: s.staleOnRelays, origin: () => ({ ...s.run(), startedAt: this.startedAt, sourceQemu: this.sourceQemu }) };
+  }
+
+  /** The VM's page table, once its stream began. */
+  get table(): PageTable | null {
+    return this.feed?.table ?? null;
   }
 
   map(block: number, page: number, id: number): void {
