@@ -4,11 +4,6 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { DIGEST_BYTES, digestPage, PAGE_BYTES } from "../core/dedup/digest.ts";
-import { ContentDirectory } from "../core/gather/content-directory.ts";
-import { claimSavedState, snapshotFeedState } from "../core/gather/feed-state.ts";
-import { finalMapDigest } from "../core/gather/final-checks.ts";
-import { PageTable } from "../core/gather/page-table.ts";
 import { loadResumeState, resumeStatePath, type ResumeState, SAVED_ZERO, saveResumeState } from "../core/gather/resume-state.ts";
 import { ReturnPath } from "../core/qemu/constants.ts";
 import { RecoveryReader } from "../core/qemu/postcopy-recovery.ts";
@@ -48,31 +43,6 @@ describe("saved state for --resume", () => {
     expect(statSync(path).size).toBe(bytes);
     expect(statSync(path).mode & 0o777).toBe(0o600);
     expect(loadResumeState(path)).toEqual(state);
-  });
-
-  test("content relays hold that no page names goes with the state, and a resumed gather lets the relays drop it; what a page owes stays", () => {
-    const blocks = [{ name: "pc.ram", usedLength: 2 * PAGE_BYTES }];
-    const t = new PageTable(blocks);
-    const dir0 = new ContentDirectory(() => {});
-    const digests = [1, 2, 3].map((n) => {
-      const digest = new Uint8Array(DIGEST_BYTES);
-      digestPage(new Uint8Array(PAGE_BYTES).fill(n), digest);
-      return digest;
-    });
-    const [owed, delivered, stale] = digests.map((d) => dir0.intern(d, 0)) as [number, number, number];
-    for (const cid of [owed, delivered, stale]) dir0.locate(cid, 1);
-    t.content[0] = owed;
-    dir0.need(owed);
-    t.owing[0] = 1;
-    t.content[1] = delivered;
-    t.delivered[1] = 1;
-    const who = { name: "vm1", blocks, sectionId: 3, run: "00".repeat(16), relays: ["127.0.0.1:7701"], map: finalMapDigest("vm1", t, dir0), startedAt: null, sourceQemu: null };
-    const released: string[] = [];
-    const dir1 = new ContentDirectory((_cid, digest, mask) => released.push(`${Buffer.from(digest).toString("hex")}@${mask}`));
-    claimSavedState(snapshotFeedState(who, t, dir0, [stale]), new PageTable(blocks), dir1);
-    dir1.settleAll();
-    const hex = (d: Uint8Array) => Buffer.from(d).toString("hex");
-    expect(released.sort()).toEqual([`${hex(digests[1]!)}@1`, `${hex(digests[2]!)}@1`].sort());
   });
 
   test("a truncated or foreign file is refused, naming the file", async () => {

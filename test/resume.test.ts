@@ -88,6 +88,8 @@ describe("gather --resume", () => {
     expect(first.gather.stderr()).toMatch(new RegExp(`${pair.name}: state for --resume saved to \\S+ \\([\\d.]+ [KMG]?i?B; taken in \\d+ ms, written in \\d+ ms\\)`));
     expect(await migrationStatus(pair.destination)).toBe("postcopy-active");
     expect(savedFiles(pair)).toEqual([".qmp", ".resume"]);
+    // killed before this, the gather would leave the relay the old versions of pages the scatter's end unpins (README)
+    await first.gather.waitStderr(/scatter \S+ left/, 10_000);
 
     first.gather.proc.kill("SIGKILL");
     await first.gather.proc.exited;

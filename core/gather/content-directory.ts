@@ -108,13 +108,6 @@ export class ContentDirectory {
     this.relays[cid]! |= mask;
   }
 
-  /** Content known here that relays hold for the run. */
-  knownOnRelays(): number[] {
-    const found: number[] = [];
-    for (let cid = 0; cid < this.relays.length; cid++) if (this.relays[cid] !== 0 && this.index.has(cid)) found.push(cid);
-    return found;
-  }
-
   /** After a restore: lets go of what no page needs. */
   settleAll(): void {
     for (let cid = 0; cid < this.needs.length; cid++) if (this.index.has(cid)) this.settle(cid);

@@ -70,18 +70,6 @@ export interface FeedOptions {
   /** The run's id, relays and start, as the state must name them. */
   origin: () => SavedOrigin;
   log: (line: string) => void;
-  /**
-   * Sends the releases batched for relays. A state lists only content still
-   * known, so a --resume releases nothing let go before it: what the relays
-   * were not told by then, they would hold until their --ttl.
-   */
-  flushReleases: () => void;
-  /**
-   * Content relays hold for the run that no page of its VMs names (an
-   * older version of a page, unpinned only when the scatter goes): saved
-   * too, with no page, so that a --resume lets the relays drop it.
-   */
-  staleOnRelays: () => number[];
 }
 
 /** Queue bounds towards QEMU before switchover. */
@@ -133,6 +121,8 @@ export class DestinationFeed {
   private sourceDone = false;
   private skipOne = injected("gather-delivery");
   private readonly withheld = withheldPages();
+  /** Claimed from a saved state by a gather started with --resume. */
+  private claimed = false;
   /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
   private spare = -1;
   private pingQueued = false;
@@ -185,6 +175,7 @@ export class DestinationFeed {
    * destination owing its content (feed-state.ts claimSavedState).
    */
   claim(state: ResumeState): void {
+    this.claimed = true;
     this.phase = "switching";
     this.sourceDone = true;
     this.agreedMap = state.map;
@@ -514,9 +505,8 @@ export class DestinationFeed {
 
   /** The state, taken now, written while delivery goes on (state-keeper.ts). */
   private saveState(): void {
-    this.options.flushReleases();
     const o = this.options;
-    this.state.save(() => snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir, o.staleOnRelays()));
+    this.state.save(() => snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir));
   }
 
   /**
@@ -552,7 +542,8 @@ export class DestinationFeed {
   private fail(reason: Error): void {
     // after EOF QEMU closes the stream itself; completion is judged over QMP
     if (this.failure || this.phase === "ended") return;
-    const ran = this.runsThere;
+    // a claimed VM ran here before this gather: a failed recovery keeps what another --resume needs
+    const ran = this.runsThere || this.claimed;
     this.failure = reason;
     this.phase = "failed";
     // a wrong page may be at the destination: nothing may resume this VM

@@ -366,8 +366,6 @@ class ScatterSession {
           statePath: this.shared.statePaths.get(arrival.name) ?? null,
           run: () => this.savedRun,
           log: this.shared.log,
-          flushReleases: () => this.fetcher.flushAllReleases(),
-          staleOnRelays: () => this.staleOnRelays(),
         };
         arrival.start(message.blocks, message.sectionId, content, this.shared.socketDir, saving, this.shared.postcopyBandwidth).then(
           () => this.unhold("destination"),
@@ -456,23 +454,6 @@ class ScatterSession {
     return arrival;
   }
 
-  /** Content relays hold for the run that no page of its VMs names now. */
-  private staleOnRelays(): number[] {
-    const onRelays = this.dir.knownOnRelays();
-    if (onRelays.length === 0) return [];
-    const top = onRelays[onRelays.length - 1]!;
-    const named = new Uint8Array(top + 1);
-    for (const a of this.vms.values()) {
-      const t = a.table;
-      if (!t) continue;
-      for (let i = 0; i < t.total; i++) {
-        const c = t.content[i]!;
-        if (c >= 0 && c <= top) named[c] = 1;
-      }
-    }
-    return onRelays.filter((c) => named[c] === 0);
-  }
-
   private releasePins(): void {
     this.dir.unpinAll();
     this.fetcher.flushAllReleases();
@@ -497,7 +478,7 @@ class ScatterSession {
 
   private onClosed(reason: Error | undefined): void {
     const why = reason?.message ?? "connection closed";
-    if (reason) this.shared.log(`scatter ${this.conn.remoteAddress}: ${why}`);
+    this.shared.log(reason ? `scatter ${this.conn.remoteAddress}: ${why}` : `scatter ${this.conn.remoteAddress} left`);
     for (const arrival of this.vms.values()) arrival.onScatterLost(why);
     this.releasePins();
   }

@@ -39,7 +39,7 @@ export interface FeedIdentity extends SavedOrigin {
  * on (saveResumeState). Content a page still owes is here or on a relay:
  * the page's need keeps it so.
  */
-export function snapshotFeedState(who: FeedIdentity, t: PageTable, dir: ContentDirectory, stale: readonly number[] = []): ResumeState {
+export function snapshotFeedState(who: FeedIdentity, t: PageTable, dir: ContentDirectory): ResumeState {
   let top = -1;
   for (let i = 0; i < t.total; i++) if (t.content[i]! > top) top = t.content[i]!;
   // content ids are dense: an array maps them to the state's numbers
@@ -63,8 +63,6 @@ export function snapshotFeedState(who: FeedIdentity, t: PageTable, dir: ContentD
     // a page written since the switch owes its content until the destination confirms it
     atDestination[i] = t.delivered[i] === 1 && t.owing[i] === 0 ? 1 : 0;
   }
-  // named by no page: restored and, needed by none, released (claimSavedState, settleAll)
-  for (const c of stale) if (c > top || index[c]! < 0) cids.push(c);
   const digests = new Uint8Array(cids.length * DIGEST_BYTES);
   const relayMasks = new Uint32Array(cids.length);
   const owed = new Uint8Array(cids.length);

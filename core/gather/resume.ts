@@ -116,7 +116,7 @@ async function resumeRun(vms: Ready[], ctx: ResumeContext): Promise<RelayFetcher
       state,
       { dir, fetch: (cid, urgent) => fetcher.want(cid, urgent) },
       ctx.socketDir,
-      { statePath, run: () => ({ run, relays }), log: ctx.log, flushReleases: () => fetcher.flushAllReleases(), staleOnRelays: () => [] },
+      { statePath, run: () => ({ run, relays }), log: ctx.log },
       ctx.postcopyBandwidth,
     );
   }

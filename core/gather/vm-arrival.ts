@@ -11,7 +11,6 @@ import type { ContentDirectory } from "./content-directory.ts";
 import { DestinationFeed, type FeedOptions, type FeedStats } from "./destination-feed.ts";
 import type { ResumeState } from "./resume-state.ts";
 import type { SavedRun } from "./feed-state.ts";
-import type { PageTable } from "./page-table.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
 
 export interface ArrivalReport {
@@ -33,10 +32,6 @@ export interface Saving {
   statePath: string | null;
   run: () => SavedRun;
   log: (line: string) => void;
-  /** Sends the releases the relays have yet to hear (see FeedOptions). */
-  flushReleases: () => void;
-  /** Content relays hold for the run that no page of its VMs names now (see FeedOptions). */
-  staleOnRelays: () => number[];
 }
 
 /** What a lost relay means for a VM: nothing it lacks, it waits for its source to stream again, or it failed. */
@@ -198,13 +193,8 @@ export class VmArrival {
     this.finished.resolve();
   }
 
-  private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log" | "flushReleases" | "staleOnRelays"> {
-    return { statePath: s.statePath, log: s.log, flushReleases: s.flushReleases, staleOnRelays: s.staleOnRelays, origin: () => ({ ...s.run(), startedAt: this.startedAt, sourceQemu: this.sourceQemu }) };
-  }
-
-  /** The VM's page table, once its stream began. */
-  get table(): PageTable | null {
-    return this.feed?.table ?? null;
+  private saving(s: Saving): Pick<FeedOptions, "statePath" | "origin" | "log"> {
+    return { statePath: s.statePath, log: s.log, origin: () => ({ ...s.run(), startedAt: this.startedAt, sourceQemu: this.sourceQemu }) };
   }
 
   map(block: number, page: number, id: number): void {

@@ -103,7 +103,12 @@ struct idt_descriptor {
 } __attribute__((packed));
 
 extern void irq_timer(void), irq_serial(void), irq_ignore(void);
-static struct idt_entry idt[256];
+/* a page of its own: only interrupt delivery reads it, under QEMU's big
+ * lock, so a test that withholds it blocks QEMU's main loop for certain */
+static union {
+	struct idt_entry e[256];
+	unsigned char page[4096];
+} idt __attribute__((aligned(4096)));
 static volatile u32 ticks;
 static volatile unsigned char rx[64];
 static volatile u32 rx_head, rx_tail;
@@ -122,14 +127,14 @@ static int next_command(void) {
 
 static void set_gate(int vector, void (*handler)(void)) {
 	u32 a = (u32)handler;
-	idt[vector] = (struct idt_entry){(unsigned short)a, 0x08, 0, 0x8e, (unsigned short)(a >> 16)};
+	idt.e[vector] = (struct idt_entry){(unsigned short)a, 0x08, 0, 0x8e, (unsigned short)(a >> 16)};
 }
 
 static void interrupts_init(void) {
 	for (int v = 0; v < 256; v++) set_gate(v, irq_ignore);
 	set_gate(0x20, irq_timer);
 	set_gate(0x24, irq_serial);
-	struct idt_descriptor d = {sizeof idt - 1, (u32)idt};
+	struct idt_descriptor d = {sizeof idt.e - 1, (u32)idt.e};
 	__asm__ volatile("lidt %0" : : "m"(d));
 	/* remap the PICs to vectors 0x20..0x2f; unmask IRQ0 and IRQ4 only */
 	outb(0x20, 0x11);
