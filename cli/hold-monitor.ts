@@ -1,9 +1,9 @@
 // `sgm hold-monitor QMP SOCKET`: not for operators to run. A gather starts
-// one per VM (core/qmp/monitor-holder.ts says why); it prints one line,
-// "ready" or what went wrong, and then nothing more: whoever read it may be
-// gone. It ignores the terminal's SIGINT and SIGHUP, which reach the
-// gather's whole process group: a gather stopped after switchover leaves
-// its VMs to a --resume, which needs the holder.
+// one per VM, in a session of its own (core/qmp/monitor-holder.ts says
+// why), so that no signal meant for the gather's process group reaches it.
+// It prints one line, "ready" or what went wrong, and nothing more: whoever
+// read it may be gone. SIGTERM ends it; SIGINT and SIGHUP do not, as a
+// stopped gather's VMs may need it for a --resume.
 
 import { holdMonitor } from "../core/qmp/monitor-holder.ts";
 import { parseQmpAddress } from "../core/qmp/client.ts";

@@ -2,6 +2,7 @@
 // the one already holding it, or one started now as a process of its own,
 // so that it outlives whoever started it.
 
+import { spawn } from "node:child_process";
 import { resolve } from "node:path";
 import { SgmError } from "../errors.ts";
 import { type QmpAddress, QmpClient } from "./client.ts";
@@ -73,32 +74,35 @@ async function tryHolder(path: string): Promise<QmpClient | null> {
   }
 }
 
-/** Runs a holder; resolves with its first line: "ready", or why it could not hold the monitor. */
-async function startHolder(address: QmpAddress, plan: HolderPlan): Promise<string> {
-  const child = Bun.spawn([...plan.command, "hold-monitor", qmpAddressText(address), plan.socketPath], {
+/** Runs a holder in a session of its own; resolves with its first line: "ready", or why it could not hold the monitor. */
+function startHolder(address: QmpAddress, plan: HolderPlan): Promise<string> {
+  const [command, ...args] = plan.command;
+  // its own session: no signal meant for the gather's process group (a terminal's, a job's, timeout's) reaches it
+  const child = spawn(command!, [...args, "hold-monitor", qmpAddressText(address), plan.socketPath], {
+    detached: true,
     stdio: ["ignore", "pipe", "ignore"],
-    env: { ...process.env },
     cwd: "/",
+    env: { ...process.env },
   });
-  const reader = child.stdout.getReader();
-  let text = "";
-  const timer = setTimeout(() => child.kill("SIGKILL"), HOLDER_START_MS);
-  try {
-    while (!text.includes("\n")) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      text += new TextDecoder().decode(value);
-    }
-  } finally {
-    clearTimeout(timer);
-    reader.releaseLock();
-  }
-  const line = text.split("\n")[0]!.trim();
-  if (line === "ready") {
-    // the holder lives on alone: this process neither waits for it nor reads it again
-    child.unref();
-    return line;
-  }
-  child.kill("SIGKILL");
-  return line || `it ended before it said it held the monitor (exit ${await child.exited})`;
+  return new Promise((resolve) => {
+    let text = "";
+    const timer = setTimeout(() => child.kill("SIGKILL"), HOLDER_START_MS);
+    let settled = false;
+    const done = (line: string) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      child.stdout!.destroy();
+      if (line === "ready") child.unref(); // it lives on alone: this process neither waits for it nor reads it again
+      else child.kill("SIGKILL");
+      resolve(line);
+    };
+    child.stdout!.on("data", (chunk: Buffer) => {
+      text += chunk.toString("utf8");
+      const nl = text.indexOf("\n");
+      if (nl >= 0) done(text.slice(0, nl).trim());
+    });
+    child.on("error", (err) => done(`it could not start: ${err.message}`));
+    child.on("exit", (code, signal) => done(`it ended before it said it held the monitor (${signal ?? `exit ${code}`})`));
+  });
 }

@@ -39,7 +39,7 @@ const ENDED = new Set(["completed", "failed", "cancelled"]);
 const FIRST_CLIENT_MS = 60_000;
 /** A client gone before postcopy: its MIGRATION events may still be on their way (a switch it saw). */
 const GRACE_MS = 5_000;
-/** A holder whose socket is gone can be reached by no one: it lets go of the monitor (checked this often). */
+/** A holder whose socket is gone can be reached by no one: it lets go of the monitor, or in postcopy listens again (checked this often). */
 const SOCKET_CHECK_MS = 5_000;
 
 type Json = Record<string, unknown>;
@@ -120,7 +120,6 @@ class MonitorHolder {
   private postcopySeen = false;
   private server: net.Server | null = null;
   private client: LineSocket | null = null;
-  private hadClient = false;
 
   constructor(
     address: QmpAddress,
@@ -173,12 +172,23 @@ class MonitorHolder {
       this.server = await listen(this.socketPath, (socket) => this.serve(socket, greeting));
       this.say("ready");
       setTimeout(() => this.endIfIdle(), FIRST_CLIENT_MS).unref();
-      setInterval(() => {
-        if (this.client === null && !existsSync(this.socketPath)) this.finished.resolve(0);
-      }, SOCKET_CHECK_MS).unref();
+      setInterval(() => void this.checkSocket(greeting), SOCKET_CHECK_MS).unref();
     } catch (err) {
       this.say(err instanceof Error ? err.message : String(err));
       this.finished.resolve(69);
+    }
+  }
+
+  private async checkSocket(greeting: Json): Promise<void> {
+    if (this.client !== null || existsSync(this.socketPath) || this.server === null) return;
+    if (!this.postcopySeen || ENDED.has(this.facts.migration)) return this.finished.resolve(0);
+    // the one monitor with out-of-band commands: a --resume may yet need it
+    this.server.close();
+    this.server = null;
+    try {
+      this.server = await listen(this.socketPath, (socket) => this.serve(socket, greeting));
+    } catch {
+      // nowhere to listen: kept all the same, for QEMU's sake, until the migration ends
     }
   }
 
@@ -219,16 +229,18 @@ class MonitorHolder {
       return;
     }
     if (typeof message.id !== "number") {
-      // QEMU's answer to a line it could not read
-      if (!("id" in message)) this.client?.send(message);
-      return;
+      // QEMU's answer to a line it could not read: the one in flight, as it takes one at a time
+      if ("id" in message || !("error" in message)) return;
+      if (this.inFlight === null) return this.client?.send(message);
+      message = { ...message, id: this.inFlight };
     }
-    if (message.id === this.inFlight) {
+    const id = message.id as number;
+    if (id === this.inFlight) {
       this.inFlight = null;
       this.pump();
     }
-    const answer = this.answers.get(message.id);
-    this.answers.delete(message.id);
+    const answer = this.answers.get(id);
+    this.answers.delete(id);
     answer?.(message);
   }
 
@@ -252,7 +264,6 @@ class MonitorHolder {
       socket.end(JSON.stringify({ error: { class: "GenericError", desc: `sgm's monitor holder for ${this.where} serves one client at a time` } }) + "\n");
       return;
     }
-    this.hadClient = true;
     const c: LineSocket = new LineSocket(
       socket,
       (message) => this.fromClient(c, message),
