@@ -1,7 +1,7 @@
 # make        build dist/sgm (one executable, bun build --compile)
 # make test   install what is missing, then run every test
 # make demo   install what is missing, then evict a demo VM and print the report
-# make soak   the Linux-guest eviction RUNS times (default 40) over a matrix, LOSS_RUNS times (default 10)
+# make soak   the Linux-guest eviction RUNS times (default 40) over a matrix, LOSS_RUNS times (default 20)
 #             with a relay killed at a random moment, RESUME_RUNS times (default 10) with the gather
 #             killed after eviction and resumed, then the fuzz tests for FUZZ_SECONDS each
 #             (default 60); not part of make test
@@ -52,7 +52,7 @@ demo: deps dist/sgm
 	$(BUN) demo/demo.ts
 
 RUNS ?= 40
-LOSS_RUNS ?= 10
+LOSS_RUNS ?= 20
 RESUME_RUNS ?= 10
 FUZZ_SECONDS ?= 60
 soak: deps dist/sgm

@@ -69,7 +69,7 @@ interface Outcome {
 }
 
 const runs = Number(process.argv[2] ?? 40);
-const lossRuns = Number(process.argv[3] ?? 10);
+const lossRuns = Number(process.argv[3] ?? 20);
 const resumeRuns = Number(process.argv[4] ?? 10);
 const binary = await qemu10_0();
 const outcomes = new Map<Case, Outcome>(cases.map((c) => [c, { runs: 0, noDedupRuns: 0, threadedRuns: 0, evacuateRuns: 0, sharedPages: 0, wrongGuests: 0, sgmFailures: 0, notes: [] }]));
@@ -135,7 +135,7 @@ for (let n = 0; n < lossRuns; n++) {
   }
 }
 if (lossRuns > 0) {
-  console.log(`\n${lossRuns} runs of one VM through relays (3 with --replicas 2, 2 with --replicas 1), one relay killed (SIGKILL) at a random moment after the scatter started (with --replicas 1, after the source's stream began)\n`);
+  console.log(`\n${lossRuns} runs of one VM through relays (${Math.ceil(lossRuns / 2)} with --replicas 2 through 3 relays, ${Math.floor(lossRuns / 2)} with --replicas 1 through 2), one relay killed (SIGKILL) at a random moment after the scatter started (with --replicas 1, after the source's stream began)\n`);
   console.log("| run | replicas | switchover | killed after ms | outcome |\n|---|---|---|---|---|");
   for (const line of losses) console.log(line);
 }
