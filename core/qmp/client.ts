@@ -4,6 +4,7 @@
 
 import net from "node:net";
 import { SgmError } from "../errors.ts";
+import { MAX_QMP_LINE, openQmpSocket, QmpLineReader, socketErrorText } from "./qmp-lines.ts";
 
 export type QmpAddress = { kind: "unix"; path: string } | { kind: "tcp"; host: string; port: number };
 
@@ -72,8 +73,7 @@ export interface QmpCommandOptions {
 }
 
 const DEFAULT_COMMAND_TIMEOUT_MS = 30_000;
-/** QEMU's replies to what sgm asks are a few KiB; a peer sending more (characters) without a newline is not QEMU, and is not buffered for ever. */
-export const MAX_QMP_LINE = 4 << 20;
+export { MAX_QMP_LINE };
 
 export class QmpClient {
   readonly address: QmpAddress;
@@ -88,7 +88,8 @@ export class QmpClient {
   private readonly listeners = new Set<QmpEventListener>();
   private readonly closeListeners = new Set<() => void>();
   private nextId = 1;
-  private buffered = "";
+  // QEMU never sends partial JSON lines: noise is ignored rather than kill the session
+  private readonly lines = new QmpLineReader((message) => this.onMessage(message), () => {});
   private isClosed = false;
   /** Why sgm closed the connection itself, when it did. */
   private closeReason: string | null = null;
@@ -111,8 +112,7 @@ export class QmpClient {
     const timeoutMs = options.timeoutMs ?? 10_000;
     const { socket, greeting, rest } = await new Promise<{ socket: net.Socket; greeting: string; rest: string }>(
       (resolve, reject) => {
-        const socket =
-          address.kind === "unix" ? net.connect({ path: address.path }) : net.connect({ host: address.host, port: address.port });
+        const socket = openQmpSocket(address);
         let text = "";
         const fail = (message: string) => {
           clearTimeout(timer);
@@ -120,9 +120,7 @@ export class QmpClient {
           reject(new SgmError("unavailable", `QMP ${where}: ${message}`));
         };
         const timer = setTimeout(() => fail(`no greeting within ${timeoutMs} ms`), timeoutMs);
-        socket.on("error", (err: NodeJS.ErrnoException) =>
-          fail(err.code === "ENOENT" ? "no such socket" : err.code === "ECONNREFUSED" ? "connection refused" : err.message),
-        );
+        socket.on("error", (err: NodeJS.ErrnoException) => fail(socketErrorText(err)));
         socket.on("close", () => fail("closed before the greeting"));
         socket.on("data", (chunk: Buffer) => {
           text += chunk.toString("utf8");
@@ -221,29 +219,12 @@ export class QmpClient {
   }
 
   private onData(text: string): void {
-    this.buffered += text;
-    let nl: number;
-    while ((nl = this.buffered.indexOf("\n")) >= 0) {
-      const line = this.buffered.slice(0, nl).trim();
-      this.buffered = this.buffered.slice(nl + 1);
-      if (line) this.onMessage(line);
-    }
-    if (this.buffered.length > MAX_QMP_LINE) {
-      this.closeReason = `QMP ${describeQmpAddress(this.address)} sent a line longer than ${MAX_QMP_LINE} characters: not QEMU`;
-      this.buffered = "";
-      this.socket.destroy();
-    }
+    if (this.lines.feed(text)) return;
+    this.closeReason = `QMP ${describeQmpAddress(this.address)} sent a line longer than ${MAX_QMP_LINE} characters: not QEMU`;
+    this.socket.destroy();
   }
 
-  private onMessage(line: string): void {
-    let message: Record<string, unknown>;
-    try {
-      message = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return; // QEMU never sends partial JSON lines; ignore noise rather than kill the session
-    }
-    // valid JSON that is no QMP message (null, a number, a list) is noise too
-    if (!isObject(message)) return;
+  private onMessage(message: Record<string, unknown>): void {
     if (typeof message.event === "string") {
       const event: QmpEvent = {
         event: message.event,

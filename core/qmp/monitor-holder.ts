@@ -23,7 +23,8 @@
 import { existsSync, rmSync } from "node:fs";
 import net from "node:net";
 import { SgmError } from "../errors.ts";
-import { type QmpAddress, describeQmpAddress, MAX_QMP_LINE } from "./client.ts";
+import { type QmpAddress, describeQmpAddress } from "./client.ts";
+import { MAX_QMP_LINE, openQmpSocket, QmpLineReader, socketErrorText } from "./qmp-lines.ts";
 
 /** A holder's own command, answered without QEMU. */
 export const HOLDER_FACTS = "sgm-holder-facts";
@@ -45,36 +46,17 @@ const SOCKET_CHECK_MS = 5_000;
 type Json = Record<string, unknown>;
 
 class LineSocket {
-  private buffered = "";
-
   constructor(
     readonly socket: net.Socket,
     onLine: (message: Json) => void,
     onBad: (why: string) => void,
   ) {
+    const lines = new QmpLineReader(onLine, onBad);
     socket.setEncoding("utf8");
     socket.on("data", (text: string) => {
-      this.buffered += text;
-      let nl: number;
-      while ((nl = this.buffered.indexOf("\n")) >= 0) {
-        const line = this.buffered.slice(0, nl).trim();
-        this.buffered = this.buffered.slice(nl + 1);
-        if (!line) continue;
-        let message: unknown;
-        try {
-          message = JSON.parse(line);
-        } catch {
-          onBad("not JSON");
-          continue;
-        }
-        if (typeof message === "object" && message !== null && !Array.isArray(message)) onLine(message as Json);
-        else onBad("not a JSON object");
-      }
-      if (this.buffered.length > MAX_QMP_LINE) {
-        this.buffered = "";
-        onBad(`a line longer than ${MAX_QMP_LINE} characters`);
-        socket.destroy();
-      }
+      if (lines.feed(text)) return;
+      onBad(`a line longer than ${MAX_QMP_LINE} characters`);
+      socket.destroy();
     });
     socket.on("error", () => {});
   }
@@ -127,9 +109,9 @@ class MonitorHolder {
     private readonly ready: (line: string) => void,
   ) {
     this.where = describeQmpAddress(address);
-    const socket = address.kind === "unix" ? net.connect({ path: address.path }) : net.connect({ host: address.host, port: address.port });
+    const socket = openQmpSocket(address);
     let failure = "closed before its greeting";
-    socket.on("error", (err: NodeJS.ErrnoException) => (failure = err.code === "ENOENT" ? "no such socket" : err.message));
+    socket.on("error", (err: NodeJS.ErrnoException) => (failure = socketErrorText(err)));
     this.qemuClosed = new Promise((resolve) =>
       socket.on("close", () => {
         this.say(`QMP ${this.where}: ${failure}`);
