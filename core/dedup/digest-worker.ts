@@ -2,19 +2,20 @@
 // given, in shared memory, and says which batch is done.
 
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "./digest.ts";
-
-export interface DigestJob {
-  id: number;
-  pages: Uint8Array;
-  digests: Uint8Array;
-  count: number;
-}
+import { type DigestBatchMemory, readJob } from "./digest-job.ts";
 
 declare const self: Worker;
 
-self.onmessage = (event: MessageEvent<DigestJob>) => {
-  const { id, pages, digests, count } = event.data;
-  const out = new Uint8Array(DIGEST_BYTES);
+const batches: DigestBatchMemory[] = [];
+const out = new Uint8Array(DIGEST_BYTES);
+
+self.onmessage = (event: MessageEvent<number | DigestBatchMemory>) => {
+  if (typeof event.data !== "number") {
+    batches[event.data.id] = event.data;
+    return;
+  }
+  const { id, count } = readJob(event.data);
+  const { pages, digests } = batches[id]!;
   for (let n = 0; n < count; n++) {
     digestPage(pages.subarray(n * PAGE_BYTES, (n + 1) * PAGE_BYTES), out);
     digests.set(out, n * DIGEST_BYTES);
