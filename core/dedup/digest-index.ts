@@ -9,7 +9,7 @@
 // those 8 bytes would all land in one probe run; real ones never do.
 
 import { SgmError } from "../errors.ts";
-import { DIGEST_BYTES } from "./digest.ts";
+import { DIGEST_BYTES, copyBytes } from "./digest.ts";
 
 const EMPTY = -1;
 const MIN_SLOTS = 16;
@@ -141,15 +141,31 @@ export class DigestIndex {
     return this.digests.subarray(id * DIGEST_BYTES, (id + 1) * DIGEST_BYTES);
   }
 
+  /** Copies the digest of a held id to out[at .. at + 32). */
+  copyDigest(id: number, out: Uint8Array, at: number): void {
+    this.checkLive(id);
+    copyBytes(this.digests, id * DIGEST_BYTES, out, at, DIGEST_BYTES);
+  }
+
   /**
    * The digest an id was given, even after its removal, in an index that
    * does not reuse ids; a view, good until the next insert.
    */
   digestEverHeld(id: number): Uint8Array {
+    this.checkEverHeld(id);
+    return this.digests.subarray(id * DIGEST_BYTES, (id + 1) * DIGEST_BYTES);
+  }
+
+  /** Copies the digest an id was given, as digestEverHeld names it, to out[at .. at + 32). */
+  copyDigestEverHeld(id: number, out: Uint8Array, at: number): void {
+    this.checkEverHeld(id);
+    copyBytes(this.digests, id * DIGEST_BYTES, out, at, DIGEST_BYTES);
+  }
+
+  private checkEverHeld(id: number): void {
     if (this.reuseIds || !(Number.isInteger(id) && id >= 0 && id < this.nextId)) {
       throw new SgmError("internal", `digest id ${id} was never held, or ids are reused`);
     }
-    return this.digests.subarray(id * DIGEST_BYTES, (id + 1) * DIGEST_BYTES);
   }
 
   /** The slot holding this digest, or else the empty slot that ends its probe run. */

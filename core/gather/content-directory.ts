@@ -71,6 +71,11 @@ export class ContentDirectory {
     return this.index.digestEverHeld(cid);
   }
 
+  /** Copies the content's digest to out[at .. at + 32), known or not any more. */
+  copyDigest(cid: number, out: Uint8Array, at: number): void {
+    this.index.copyDigestEverHeld(cid, out, at);
+  }
+
   isLocal(cid: number): boolean {
     return this.storeId[cid]! !== NO_BYTES;
   }

@@ -6,6 +6,7 @@
 // - before the stream's end, that what the destination was last given for
 //   every page is that page's final content.
 
+import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { pageMapDigest } from "../dedup/page-map-digest.ts";
 import { SgmError } from "../errors.ts";
 import { TPS } from "../qemu/constants.ts";
@@ -18,10 +19,12 @@ export function finalMapDigest(vmName: string, table: PageTable, dir: ContentDir
   const owed = content.indexOf(PENDING);
   if (owed >= 0) throw new SgmError("data", `VM ${vmName}: ${describePage(table, owed)} is still owed by the source`);
   const wrong = injected("gather-map") ? content.findIndex((c) => c >= 0) : -1;
-  return pageMapDigest(content.length, (i) => {
+  return pageMapDigest(content.length, (i, out, at) => {
     const c = content[i]!;
-    if (i === wrong) return dir.digestOf(c).map((b) => b ^ 0xff);
-    return c >= 0 ? dir.digestOf(c) : null;
+    if (c < 0) return false;
+    dir.copyDigest(c, out, at);
+    if (i === wrong) for (let k = at; k < at + DIGEST_BYTES; k++) out[k] = out[k]! ^ 0xff;
+    return true;
   });
 }
 

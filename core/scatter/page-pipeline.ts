@@ -175,10 +175,12 @@ export class PagePipeline {
     const owed = final.indexOf(PENDING);
     if (owed >= 0) throw new SgmError("data", `VM ${vmName}: the source's stream ended without page ${owed} it had discarded`);
     const wrong = injected("scatter-map") ? final.findIndex((c) => c >= 0) : -1;
-    return pageMapDigest(final.length, (i) => {
+    return pageMapDigest(final.length, (i, out, at) => {
       const c = final[i]!;
-      if (i === wrong) return this.placement.digestOf(c).map((b) => b ^ 0xff);
-      return c >= 0 ? this.placement.digestOf(c) : null;
+      if (c < 0) return false;
+      this.placement.copyDigest(c, out, at);
+      if (i === wrong) for (let k = at; k < at + DIGEST_BYTES; k++) out[k] = out[k]! ^ 0xff;
+      return true;
     });
   }
 

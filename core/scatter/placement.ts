@@ -144,6 +144,11 @@ export class RunPlacement {
     return this.index.digestOf(cid);
   }
 
+  /** Copies the digest of placed content `cid` to out[at .. at + 32). */
+  copyDigest(cid: number, out: Uint8Array, at: number): void {
+    this.index.copyDigest(cid, out, at);
+  }
+
   /**
    * Places the content whose digest is at `digest[at..]` unless the run has
    * placed it before; new content is copied out at once. Returns its id.
