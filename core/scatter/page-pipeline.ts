@@ -211,10 +211,9 @@ export class PagePipeline {
     page: (block, page, digests, at, content) => {
       this.stats.pages++;
       this.progress.added++;
-      const entry = this.map.addDigest(block, page);
-      for (let k = 0; k < DIGEST_BYTES; k++) entry.buf[entry.at + k] = digests[at + k]!;
+      const entryAt = this.map.addDigest(block, page, digests, at);
       const known = this.placement.contents;
-      this.final[this.blockStart[block]! + page] = this.placement.place(entry.buf, entry.at, content);
+      this.final[this.blockStart[block]! + page] = this.placement.place(this.map.buffer, entryAt, content);
       if (this.placement.contents > known) this.stats.newPages++;
       else this.stats.dedupPages++;
       if (this.map.full || this.placement.unpinsWaitForMap) this.flushMap();
@@ -244,9 +243,8 @@ export class PagePipeline {
         one.addZero(block, page);
         this.final[index] = ZERO;
       } else {
-        const entry = one.addDigest(block, page);
-        for (let k = 0; k < DIGEST_BYTES; k++) entry.buf[entry.at + k] = digests[at + k]!;
-        this.final[index] = this.placement.placeUrgent(entry.buf, entry.at, content);
+        const entryAt = one.addDigest(block, page, digests, at);
+        this.final[index] = this.placement.placeUrgent(one.buffer, entryAt, content);
       }
       const { payload } = one.take(this.vm);
       this.stats.mapBytes += payload.length;

@@ -348,8 +348,7 @@ export class RunPlacement {
   private sendDirect(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
     this.lost[cid] = 0;
     this.pins.pin(cid);
-    const slot = this.direct.add(page);
-    slot.buf.set(digest.subarray(at, at + DIGEST_BYTES), slot.at);
+    this.direct.add(page, digest, at);
     if (this.direct.full) this.flush();
   }
 

@@ -12,7 +12,7 @@
 // UNPIN:     u32 count, then count x 32-byte digest: content the scatter sent
 //            the gather and will not name again unless it sends it again
 
-import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, copyBytes } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import { probeMaxPayload } from "./probe-frames.ts";
@@ -324,15 +324,21 @@ export class PageMapBuilder {
     this.count++;
   }
 
-  /** Adds an entry and returns the offset where its 32-byte digest must be written. */
-  addDigest(block: number, page: number): { buf: Uint8Array; at: number } {
+  /** Adds an entry with the digest at digests[digestAt .. digestAt + 32); returns where it is in `buffer`. */
+  addDigest(block: number, page: number, digests: Uint8Array, digestAt: number): number {
     this.dv.setUint16(this.len, block);
     this.dv.setUint32(this.len + 2, page);
     this.buf[this.len + 6] = MapKind.DIGEST;
     const at = this.len + MAP_ENTRY_ZERO;
+    copyBytes(digests, digestAt, this.buf, at, DIGEST_BYTES);
     this.len += MAP_ENTRY_DIGEST;
     this.count++;
-    return { buf: this.buf, at };
+    return at;
+  }
+
+  /** The buffer the entries so far are in, until take(). */
+  get buffer(): Uint8Array {
+    return this.buf;
   }
 
   /** The finished payload for `vm` (a view of `buffer`); the builder starts on a new buffer. */
@@ -381,12 +387,12 @@ export class PageDataBuilder {
     return this.count >= DATA_BATCH;
   }
 
-  /** Copies the page in; returns where its digest must be written. */
-  add(page: Uint8Array): { buf: Uint8Array; at: number } {
+  /** Copies the page in, with its digest from digests[digestAt .. digestAt + 32). */
+  add(page: Uint8Array, digests: Uint8Array, digestAt: number): void {
     const at = 4 + this.count * DATA_ENTRY;
+    copyBytes(digests, digestAt, this.buf, at, DIGEST_BYTES);
     this.buf.set(page, at + DIGEST_BYTES);
     this.count++;
-    return { buf: this.buf, at };
   }
 
   take(): { payload: Uint8Array; buffer: Uint8Array } {
