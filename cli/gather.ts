@@ -67,7 +67,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const report = await withProgress("gathered", Boolean(flags.quiet), (onProgress) =>
         runGather({
           ...{ listen, vms, psk, tls, maxRate, postcopyBandwidth, stateDir, resume: Boolean(flags.resume), signal, log: info },
-          holderCommand: selfCommand(),
+          holderCommand: [...selfCommand(), "hold-monitor"],
           onListening: (port) => {
             if (readyFd !== undefined) announceReady(readyFd, formatHostPort(listen.host, port));
           },

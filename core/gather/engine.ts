@@ -53,10 +53,10 @@ export interface GatherOptions {
   /** Recover VMs whose gather died after they ran here, from their saved states, instead of listening for a scatter. */
   resume?: boolean;
   /**
-   * How to run sgm itself, for each VM's monitor holder (qmp/monitor-holder.ts),
-   * which keeps a --resume possible even when the destination's main loop
-   * waits for a page; none without a state dir. Without it, the gather
-   * talks to QEMU directly.
+   * How to start each VM's monitor holder (qmp/monitor-holder.ts), which
+   * keeps a --resume possible even when the destination's main loop waits
+   * for a page; it is run with the QMP address and its socket appended.
+   * Unused without a state dir; without it, the gather talks to QEMU directly.
    */
   holderCommand?: string[];
   signal?: AbortSignal;

@@ -4,6 +4,7 @@
 
 import net from "node:net";
 import { SgmError } from "../errors.ts";
+import { formatHostPort } from "../net/host-port.ts";
 import { MAX_QMP_LINE, openQmpSocket, QmpLineReader, socketErrorText } from "./qmp-lines.ts";
 
 export type QmpAddress = { kind: "unix"; path: string } | { kind: "tcp"; host: string; port: number };
@@ -48,6 +49,11 @@ export function parseQmpAddress(text: string): QmpAddress {
   const path = text.startsWith("unix:") ? text.slice(5) : text;
   if (path === "") throw new SgmError("usage", `QMP address '${text}' is empty`);
   return { kind: "unix", path };
+}
+
+/** The form parseQmpAddress reads back. */
+export function qmpAddressText(address: QmpAddress): string {
+  return address.kind === "unix" ? `unix:${address.path}` : `tcp:${formatHostPort(address.host, address.port)}`;
 }
 
 export function describeQmpAddress(address: QmpAddress): string {

@@ -5,10 +5,10 @@
 import { spawn } from "node:child_process";
 import { resolve } from "node:path";
 import { SgmError } from "../errors.ts";
-import { type QmpAddress, QmpClient } from "./client.ts";
+import { type QmpAddress, QmpClient, qmpAddressText } from "./client.ts";
 
 export interface HolderPlan {
-  /** How to run sgm itself; the holder is `<command> hold-monitor <qmp> <socket>`. */
+  /** How to start a holder: it runs as `<command...> <qmp> <socket>`. */
   command: string[];
   /** Where the holder listens. */
   socketPath: string;
@@ -20,12 +20,6 @@ const MAX_SOCKET_PATH = 107;
 const HOLDER_START_MS = 45_000;
 /** A holder serving a client that is just going away, or ending as one comes: asked again for this long. */
 const BUSY_RETRY_MS = 5_000;
-
-/** The form parseQmpAddress reads back. */
-export function qmpAddressText(address: QmpAddress): string {
-  if (address.kind === "unix") return `unix:${address.path}`;
-  return address.host.includes(":") ? `tcp:[${address.host}]:${address.port}` : `tcp:${address.host}:${address.port}`;
-}
 
 /**
  * Connects through the holder at `plan.socketPath`, starting one if none
@@ -78,11 +72,10 @@ async function tryHolder(path: string): Promise<QmpClient | null> {
 function startHolder(address: QmpAddress, plan: HolderPlan): Promise<string> {
   const [command, ...args] = plan.command;
   // its own session: no signal meant for the gather's process group (a terminal's, a job's, timeout's) reaches it
-  const child = spawn(command!, [...args, "hold-monitor", qmpAddressText(address), plan.socketPath], {
+  const child = spawn(command!, [...args, qmpAddressText(address), plan.socketPath], {
     detached: true,
     stdio: ["ignore", "pipe", "ignore"],
     cwd: "/",
-    env: { ...process.env },
   });
   return new Promise((resolve) => {
     let text = "";
