@@ -79,6 +79,8 @@ export interface QmpCommandOptions {
 }
 
 const DEFAULT_COMMAND_TIMEOUT_MS = 30_000;
+/** How a connection that ended before QEMU (or a holder) greeted fails: a holder does so while it ends. */
+export const CLOSED_BEFORE_GREETING = "closed before the greeting";
 export { MAX_QMP_LINE };
 
 export class QmpClient {
@@ -120,14 +122,14 @@ export class QmpClient {
       (resolve, reject) => {
         const socket = openQmpSocket(address);
         let text = "";
-        const fail = (message: string) => {
+        const fail = (message: string, cause?: Error) => {
           clearTimeout(timer);
           socket.destroy();
-          reject(new SgmError("unavailable", `QMP ${where}: ${message}`));
+          reject(new SgmError("unavailable", `QMP ${where}: ${message}`, { cause }));
         };
         const timer = setTimeout(() => fail(`no greeting within ${timeoutMs} ms`), timeoutMs);
-        socket.on("error", (err: NodeJS.ErrnoException) => fail(socketErrorText(err)));
-        socket.on("close", () => fail("closed before the greeting"));
+        socket.on("error", (err: NodeJS.ErrnoException) => fail(socketErrorText(err), err));
+        socket.on("close", () => fail(CLOSED_BEFORE_GREETING));
         socket.on("data", (chunk: Buffer) => {
           text += chunk.toString("utf8");
           const nl = text.indexOf("\n");

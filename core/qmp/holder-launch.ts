@@ -5,7 +5,8 @@
 import { spawn } from "node:child_process";
 import { resolve } from "node:path";
 import { SgmError } from "../errors.ts";
-import { type QmpAddress, QmpClient, qmpAddressText } from "./client.ts";
+import { CLOSED_BEFORE_GREETING, type QmpAddress, QmpClient, qmpAddressText } from "./client.ts";
+import { HOLDER_BUSY } from "./monitor-holder.ts";
 
 export interface HolderPlan {
   /** How to start a holder: it runs as `<command...> <qmp> <socket>`. */
@@ -60,8 +61,9 @@ async function tryHolder(path: string): Promise<QmpClient | null> {
       return client;
     } catch (err) {
       if (!(err instanceof SgmError)) throw err;
-      if (/: (no such socket|connection refused)$/.test(err.message)) return null;
-      const passing = /serves one client at a time|closed before the greeting/.test(err.message);
+      const code = (err.cause as NodeJS.ErrnoException | undefined)?.code;
+      if (code === "ENOENT" || code === "ECONNREFUSED") return null;
+      const passing = err.message.endsWith(CLOSED_BEFORE_GREETING) || err.message.includes(HOLDER_BUSY);
       if (!passing || Date.now() > deadline) throw err;
       await Bun.sleep(100);
     }

@@ -28,6 +28,8 @@ import { MAX_QMP_LINE, openQmpSocket, QmpLineReader, socketErrorText } from "./q
 
 /** A holder's own command, answered without QEMU. */
 export const HOLDER_FACTS = "sgm-holder-facts";
+/** How a holder turns away a second client, in its refusal; the launcher asks again on it. */
+export const HOLDER_BUSY = "serves one client at a time";
 
 export interface HolderFacts {
   migration: string;
@@ -243,7 +245,7 @@ class MonitorHolder {
   private serve(socket: net.Socket, greeting: Json): void {
     if (this.client !== null) {
       socket.on("error", () => {});
-      socket.end(JSON.stringify({ error: { class: "GenericError", desc: `sgm's monitor holder for ${this.where} serves one client at a time` } }) + "\n");
+      socket.end(JSON.stringify({ error: { class: "GenericError", desc: `sgm's monitor holder for ${this.where} ${HOLDER_BUSY}` } }) + "\n");
       return;
     }
     const c: LineSocket = new LineSocket(
