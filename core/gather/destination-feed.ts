@@ -323,9 +323,9 @@ export class DestinationFeed {
     return this.owedPages((c) => !this.dir.isLocal(c) && this.dir.relayMask(c) === 0);
   }
 
-  /** RUN has gone to the destination: it may be running the VM. */
+  /** RUN has gone to the destination, from this gather or one before it (a claimed VM): it may be running the VM. */
   get runsThere(): boolean {
-    return this.phase === "postcopy" || this.phase === "ended";
+    return this.claimed || this.phase === "postcopy" || this.phase === "ended";
   }
 
   /** The digest of the final page map, once every page is named (see final-checks.ts). */
@@ -543,7 +543,7 @@ export class DestinationFeed {
     // after EOF QEMU closes the stream itself; completion is judged over QMP
     if (this.failure || this.phase === "ended") return;
     // a claimed VM ran here before this gather: a failed recovery keeps what another --resume needs
-    const ran = this.runsThere || this.claimed;
+    const ran = this.runsThere;
     this.failure = reason;
     this.phase = "failed";
     // a wrong page may be at the destination: nothing may resume this VM
