@@ -138,6 +138,11 @@ async function sgmRun(dir: string, memMiB: number, n: number, relays: number, di
   return { totalMs: gr.vms[0]!.totalMs!, evictionMs: sr.vms[0]!.evictionMs!, streamBytes, roles };
 }
 
+/** The median over runs of what `f` gives for `role`, per GiB that role carried. */
+function perGiB(list: SgmRun[], role: string, f: (r: Resources) => number): number {
+  return median(list.map((r) => f(r.roles.get(role)!) / (r.roles.get(role)!.bytes / GiB)));
+}
+
 function median(xs: number[]): number {
   return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 }
@@ -176,7 +181,7 @@ async function main(memMiB: number, runs: number): Promise<void> {
     const total = median(list.map((r) => r.totalMs));
     const rate = median(list.map((r) => r.streamBytes / (r.totalMs / 1000)));
     for (const role of list[0]!.roles.keys()) {
-      const per = (f: (r: Resources & { bytes: number }) => number) => median(list.map((r) => f(r.roles.get(role)!) / (r.roles.get(role)!.bytes / GiB)));
+      const per = (f: (r: Resources) => number) => perGiB(list, role, f);
       const user = per((r) => r.cpuUserSeconds);
       const system = per((r) => r.cpuSystemSeconds);
       const faults = per((r) => r.minorPageFaults);
@@ -193,11 +198,9 @@ async function main(memMiB: number, runs: number): Promise<void> {
   // byte on: what Bun's sockets and the hash alone cost for that, measured
   // above, is a floor under its CPU per GiB that no work in sgm's own code removes.
   const floor = receive + sha + send;
+  // as in the table: the medians of user and of system seconds, added
   const cpuOf = (how: string, role: string) =>
-    median(sgm[how]!.map((r) => {
-      const x = r.roles.get(role)!;
-      return (x.cpuUserSeconds + x.cpuSystemSeconds) / (x.bytes / GiB);
-    }));
+    perGiB(sgm[how]!, role, (x) => x.cpuUserSeconds) + perGiB(sgm[how]!, role, (x) => x.cpuSystemSeconds);
   const direct = sgm["sgm direct"]!;
   const rows: Array<[string, string, string]> = [
     ["scatter CPU s/GiB, direct", "1.0", cpuOf("sgm direct", "scatter").toFixed(2)],
