@@ -4,6 +4,12 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { DIGEST_BYTES, digestPage, PAGE_BYTES } from "../core/dedup/digest.ts";
+import { ContentDirectory } from "../core/gather/content-directory.ts";
+import { claimSavedState, snapshotFeedState } from "../core/gather/feed-state.ts";
+import { finalMapDigest } from "../core/gather/final-checks.ts";
+import { PageTable } from "../core/gather/page-table.ts";
+import { StateKeeper } from "../core/gather/state-keeper.ts";
 import { loadResumeState, resumeStatePath, type ResumeState, SAVED_ZERO, saveResumeState } from "../core/gather/resume-state.ts";
 import { ReturnPath } from "../core/qemu/constants.ts";
 import { RecoveryReader } from "../core/qemu/postcopy-recovery.ts";
@@ -31,7 +37,7 @@ function sampleState(): ResumeState {
     digests: new Uint8Array(64).map((_, i) => i),
     relayMasks: Uint32Array.from([1, 0]),
     localIndex: [1],
-    localBytes: page,
+    localPages: [page],
   };
 }
 
@@ -53,6 +59,44 @@ describe("saved state for --resume", () => {
     expect(() => loadResumeState(path)).toThrow(/b\.resume: not a state sgm saved \(\d+ bytes where \d+ were expected\)/);
     writeFileSync(path, "hello");
     expect(() => loadResumeState(path)).toThrow(/not a state sgm saved \(no magic\)/);
+  });
+
+  test("the pages a state names stay held until it is written, though delivered meanwhile, and load back", async () => {
+    const blocks = [{ name: "pc.ram", usedLength: 3 * PAGE_BYTES }];
+    const table = new PageTable(blocks);
+    const contents = new ContentDirectory(() => {});
+    const digest = new Uint8Array(DIGEST_BYTES);
+    const cids = [1, 2, 3].map((fill, i) => {
+      const page = new Uint8Array(PAGE_BYTES).fill(fill);
+      digestPage(page, digest);
+      const cid = contents.intern(digest, 0);
+      contents.receive(cid, page);
+      table.content[i] = cid;
+      contents.need(cid);
+      table.owing[i] = 1;
+      // held for the page alone, not for the scatter
+      contents.unpin(cid);
+      return cid;
+    });
+    expect(cids.every((c) => contents.isLocal(c))).toBe(true);
+    const path = join(dir, "held.resume");
+    const lines: string[] = [];
+    const keeper = new StateKeeper(path, "vm1", (line) => lines.push(line));
+    const map = finalMapDigest("vm1", table, contents);
+    keeper.save(() => snapshotFeedState({ name: "vm1", blocks, sectionId: 2, run: "00".repeat(16), relays: [], map, startedAt: null, sourceQemu: null }, table, contents));
+    // the destination takes page 1 while the state is written: its bytes stay until the write ends
+    table.owing[1] = 0;
+    table.delivered[1] = 1;
+    contents.unneed(cids[1]!);
+    expect(contents.isLocal(cids[1]!)).toBe(true);
+    await keeper.saved;
+    expect(lines.join("\n")).toMatch(/state for --resume saved/);
+    expect(contents.isLocal(cids[1]!)).toBe(false);
+    expect(contents.isLocal(cids[0]!)).toBe(true);
+    const fresh = new ContentDirectory(() => {});
+    const restored = new PageTable(blocks);
+    claimSavedState(loadResumeState(path), restored, fresh);
+    expect([0, 1, 2].map((i) => fresh.data(restored.content[i]!)[0])).toEqual([1, 2, 3]);
   });
 
   test("each destination QEMU has a file of its own", () => {

@@ -32,21 +32,30 @@ export interface FeedIdentity extends SavedOrigin {
   map: string;
 }
 
+/** A state taken now, and what lets go of the bytes it names once written. */
+export interface FeedSnapshot {
+  state: ResumeState;
+  release: () => void;
+}
+
 /**
  * Every page's final content, and which pages the destination confirmed;
  * for the rest, where their content is, and the bytes of what only the
- * gather holds, copied: taken at one instant, written while delivery goes
- * on (saveResumeState). Content a page still owes is here or on a relay:
- * the page's need keeps it so.
+ * gather holds: taken at one instant, written while delivery goes on
+ * (saveResumeState). Content a page still owes is here or on a relay:
+ * the page's need keeps it so. The bytes are not copied: the snapshot holds
+ * a need of its own on them until release, as a copy cost the gather up to
+ * the pages it may hold again (32 MiB, kept by the allocator past the write).
  */
-export function snapshotFeedState(who: FeedIdentity, t: PageTable, dir: ContentDirectory): ResumeState {
+export function snapshotFeedState(who: FeedIdentity, t: PageTable, dir: ContentDirectory): FeedSnapshot {
   let top = -1;
   for (let i = 0; i < t.total; i++) if (t.content[i]! > top) top = t.content[i]!;
   // content ids are dense: an array maps them to the state's numbers
   const index = new Int32Array(top + 1).fill(-1);
   const pages = new Int32Array(t.total);
   const atDestination = new Uint8Array(t.total);
-  const cids: number[] = [];
+  const cids = new Int32Array(top + 1);
+  let contents = 0;
   for (let i = 0; i < t.total; i++) {
     const c = t.content[i]!;
     if (c === ZERO || c === UNKNOWN) {
@@ -56,28 +65,38 @@ export function snapshotFeedState(who: FeedIdentity, t: PageTable, dir: ContentD
     if (c < 0) throw new SgmError("internal", `VM ${who.name}: saving a page the source still owes`);
     let k = index[c]!;
     if (k < 0) {
-      k = index[c] = cids.length;
-      cids.push(c);
+      k = index[c] = contents;
+      cids[contents++] = c;
     }
     pages[i] = k;
     // a page written since the switch owes its content until the destination confirms it
     atDestination[i] = t.delivered[i] === 1 && t.owing[i] === 0 ? 1 : 0;
   }
-  const digests = new Uint8Array(cids.length * DIGEST_BYTES);
-  const relayMasks = new Uint32Array(cids.length);
-  const owed = new Uint8Array(cids.length);
+  const digests = new Uint8Array(contents * DIGEST_BYTES);
+  const relayMasks = new Uint32Array(contents);
+  const owed = new Uint8Array(contents);
   for (let i = 0; i < t.total; i++) if (pages[i]! >= 0 && !atDestination[i]) owed[pages[i]!] = 1;
   const localIndex: number[] = [];
-  cids.forEach((c, k) => {
-    digests.set(dir.digestOf(c), k * DIGEST_BYTES);
+  for (let k = 0; k < contents; k++) {
+    const c = cids[k]!;
+    dir.copyDigest(c, digests, k * DIGEST_BYTES);
     relayMasks[k] = dir.relayMask(c);
-    if (!owed[k]) return;
+    if (!owed[k]) continue;
     if (dir.isLocal(c)) localIndex.push(k);
     else if (relayMasks[k] === 0) throw new SgmError("internal", `VM ${who.name}: content a page still owes is held nowhere`);
+  }
+  // held only once nothing can throw, so that a failed snapshot holds nothing
+  const localPages = localIndex.map((k) => {
+    dir.need(cids[k]!);
+    return dir.data(cids[k]!);
   });
-  const localBytes = new Uint8Array(localIndex.length * PAGE_BYTES);
-  localIndex.forEach((k, j) => localBytes.set(dir.data(cids[k]!), j * PAGE_BYTES));
-  return { ...who, blocks: [...who.blocks], pages, atDestination, digests, relayMasks, localIndex, localBytes };
+  let held = true;
+  const release = () => {
+    if (!held) return;
+    held = false;
+    for (const k of localIndex) dir.unneed(cids[k]!);
+  };
+  return { state: { ...who, blocks: [...who.blocks], pages, atDestination, digests, relayMasks, localIndex, localPages }, release };
 }
 
 /**
@@ -110,7 +129,7 @@ export function claimSavedState(state: ResumeState, t: PageTable, dir: ContentDi
   }
   const digest = new Uint8Array(DIGEST_BYTES);
   state.localIndex.forEach((k, j) => {
-    const bytes = state.localBytes.subarray(j * PAGE_BYTES, (j + 1) * PAGE_BYTES);
+    const bytes = state.localPages[j]!;
     digestPage(bytes, digest);
     if (digest.some((b, n) => b !== state.digests[k * DIGEST_BYTES + n])) throw new SgmError("data", `VM ${state.name}: saved content ${k} does not match its digest`);
     dir.fetched(cids[k]!, bytes);

@@ -31,6 +31,8 @@ import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 const MAGIC = new TextEncoder().encode("SGMRSM01");
 /** Page: all zero (the destination reads it as zero unless given other content). */
 export const SAVED_ZERO = -1;
+/** Saved pages written at once: 1 MiB. */
+const WRITE_PAGES = 256;
 
 export interface ResumeState {
   name: string;
@@ -51,13 +53,17 @@ export interface ResumeState {
   /** Per content: its digest (DIGEST_BYTES each) and the relays holding it. */
   digests: Uint8Array;
   relayMasks: Uint32Array;
-  /** The contents whose bytes only the gather held, and those bytes, in that order. */
+  /**
+   * The contents whose bytes only the gather held, and those bytes, a page
+   * each, in that order: when saving, views into the gather's store, which
+   * must hold them until saveResumeState is over.
+   */
   localIndex: number[];
-  localBytes: Uint8Array;
+  localPages: Uint8Array[];
 }
 
 /** The state's JSON part: everything but the arrays, which follow it, counted here. */
-type Description = Omit<ResumeState, "pages" | "atDestination" | "digests" | "relayMasks" | "localIndex" | "localBytes"> & {
+type Description = Omit<ResumeState, "pages" | "atDestination" | "digests" | "relayMasks" | "localIndex" | "localPages"> & {
   pages: number;
   contents: number;
   /** Indices of the contents whose bytes follow. */
@@ -120,16 +126,24 @@ export async function saveResumeState(path: string, state: ResumeState): Promise
   const head = new Uint8Array(MAGIC.length + 4);
   head.set(MAGIC);
   new DataView(head.buffer).setUint32(MAGIC.length, json.length);
-  const parts: Uint8Array[] = [head, json, le(state.pages), state.atDestination, state.digests, le(state.relayMasks), state.localBytes];
+  const parts: Uint8Array[] = [head, json, le(state.pages), state.atDestination, state.digests, le(state.relayMasks)];
   const tmp = `${path}.${process.pid}.tmp`;
   // exclusive: never through a link someone left in its place
   await rm(tmp, { force: true });
   const file = await open(tmp, "wx", 0o600);
   let written = 0;
+  const write = async (part: Uint8Array) => {
+    for (let at = 0; at < part.length; ) at += (await file.write(part, at, part.length - at)).bytesWritten;
+    written += part.length;
+  };
   try {
-    for (const part of parts) {
-      for (let at = 0; at < part.length; ) at += (await file.write(part, at, part.length - at)).bytesWritten;
-      written += part.length;
+    for (const part of parts) await write(part);
+    // the pages are views into the gather's store: written a batch at a time, not copied all at once
+    const batch = new Uint8Array(Math.min(state.localPages.length, WRITE_PAGES) * PAGE_BYTES);
+    for (let first = 0; first < state.localPages.length; first += WRITE_PAGES) {
+      const n = Math.min(WRITE_PAGES, state.localPages.length - first);
+      for (let j = 0; j < n; j++) batch.set(state.localPages[first + j]!, j * PAGE_BYTES);
+      await write(batch.subarray(0, n * PAGE_BYTES));
     }
   } catch (err) {
     await file.close();
@@ -177,8 +191,9 @@ export function loadResumeState(path: string): ResumeState {
   const relayMasks = new Uint32Array(take(4 * d.contents).buffer);
   for (const k of d.local) if (!(k >= 0 && k < d.contents)) throw bad(`local content ${k}`);
   const localBytes = take(PAGE_BYTES * d.local.length);
+  const localPages = d.local.map((_, j) => localBytes.subarray(j * PAGE_BYTES, (j + 1) * PAGE_BYTES));
   for (const p of pages) if (p < SAVED_ZERO || p >= d.contents) throw bad(`page names content ${p}`);
-  return { name: d.name, blocks: d.blocks, sectionId: d.sectionId, run: d.run, relays: d.relays, map: d.map, startedAt: d.startedAt, sourceQemu: d.sourceQemu, pages, atDestination, digests, relayMasks, localIndex: d.local, localBytes };
+  return { name: d.name, blocks: d.blocks, sectionId: d.sectionId, run: d.run, relays: d.relays, map: d.map, startedAt: d.startedAt, sourceQemu: d.sourceQemu, pages, atDestination, digests, relayMasks, localIndex: d.local, localPages };
 }
 
 /** A typed array's bytes: little-endian, the only order sgm runs on (checked below). */

@@ -6,7 +6,8 @@
 
 import { rmSync } from "node:fs";
 import { formatBytes } from "../units.ts";
-import { type ResumeState, saveResumeState } from "./resume-state.ts";
+import type { FeedSnapshot } from "./feed-state.ts";
+import { saveResumeState } from "./resume-state.ts";
 
 export class StateKeeper {
   /** Resolves once the last save is written, or could not be. */
@@ -22,8 +23,8 @@ export class StateKeeper {
     this.log = log;
   }
 
-  /** Takes the state now (`take`, synchronous) and writes it in the background. */
-  save(take: () => ResumeState): void {
+  /** Takes the state now (`take`, synchronous) and writes it in the background, then lets go of what it held. */
+  save(take: () => FeedSnapshot): void {
     const path = this.path;
     if (path === null) return;
     const started = performance.now();
@@ -31,18 +32,20 @@ export class StateKeeper {
       this.forget();
       this.log(`VM ${this.name}: could not save its state for --resume (${(err as Error).message}); if this gather dies before the migration completes, the VM is lost`);
     };
-    let state: ResumeState;
+    let snapshot: FeedSnapshot;
     try {
-      state = take();
+      snapshot = take();
     } catch (err) {
       cannot(err);
       return;
     }
     const taken = performance.now() - started;
-    this.saved = saveResumeState(path, state).then(
-      (bytes) => this.log(`${this.name}: state for --resume saved to ${path} (${formatBytes(bytes)}; taken in ${Math.round(taken)} ms, written in ${Math.round(performance.now() - started - taken)} ms)`),
-      cannot,
-    );
+    this.saved = saveResumeState(path, snapshot.state)
+      .finally(snapshot.release)
+      .then(
+        (bytes) => this.log(`${this.name}: state for --resume saved to ${path} (${formatBytes(bytes)}; taken in ${Math.round(taken)} ms, written in ${Math.round(performance.now() - started - taken)} ms)`),
+        cannot,
+      );
   }
 
   /** Removes the saved state, once any write of it is over. */

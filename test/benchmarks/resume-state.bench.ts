@@ -52,14 +52,17 @@ for (const gib of sizes) {
   const map = finalMapDigest("bench", t, dir0);
   const path = join(dir, `bench-${gib}.resume`);
   const who = { name: "bench", blocks, sectionId: 2, run: "00".repeat(16), relays: ["127.0.0.1:1"], map, startedAt: null, sourceQemu: null };
-  let state = snapshotFeedState(who, t, dir0);
+  let taken = snapshotFeedState(who, t, dir0);
   const snapshot = await best(() => {
-    state = snapshotFeedState(who, t, dir0);
+    taken.release();
+    taken = snapshotFeedState(who, t, dir0);
   });
+  const state = taken.state;
   let bytes = 0;
   const write = await best(async () => {
     bytes = await saveResumeState(path, state);
   });
+  taken.release();
   const load = await best(() => {
     claimSavedState(loadResumeState(path), new PageTable(blocks), new ContentDirectory(() => {}));
   });
