@@ -47,6 +47,8 @@ export class PostcopyDelivery {
   private delivering = false;
   /** Pending pages the destination asked for; the source was asked for them. */
   private readonly askedSource = new Set<number>();
+  /** Pages the destination asked for whose content is on its way from a relay. */
+  private readonly askedRelay = new Set<number>();
   private flushQueued = false;
 
   constructor(ctx: DeliveryContext) {
@@ -152,6 +154,7 @@ export class PostcopyDelivery {
     const c = t.content[i]!;
     if (c >= 0 && !dir.isLocal(c)) {
       this.ctx.stats.requestedFromRelays++;
+      this.askedRelay.add(i);
       this.ctx.waits.park(i, c);
       this.ctx.fetch(c, true);
       return;
@@ -159,12 +162,25 @@ export class PostcopyDelivery {
     this.ctx.deliver(i);
   }
 
-  /** Content for page i came from a relay. */
+  /**
+   * Content for page i came from a relay. A page the destination waits for
+   * goes at once; the rest join the push, which waits while QEMU is behind:
+   * delivered as they came, the relays' replies queued towards a slower
+   * QEMU without bound (10 MiB at a switchover here, on top of the bounds).
+   * A page queued so keeps its content here, and so counts as owed.
+   */
   arrived(i: number): void {
     if (!this.ctx.active()) return;
+    const asked = this.askedRelay.delete(i);
     if (this.ctx.table.needsDelivery(i)) {
-      this.ctx.deliver(i);
-      this.flushSoon();
+      if (asked || this.ctx.sock.queuedBytes <= HIGH) {
+        this.ctx.deliver(i);
+        this.flushSoon();
+      } else {
+        this.queue.push(i);
+        this.run();
+        return;
+      }
     }
     this.ctx.progressed();
   }
