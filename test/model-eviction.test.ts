@@ -5,6 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import { type ModelEvictionOptions, type ModelEvictionResult, runModelEviction } from "./harness/model/eviction.ts";
 import type { SourceScript } from "./harness/model/source-qemu.ts";
+import type { Relay } from "../core/relay/engine.ts";
 
 const blocks = [
   { name: "pc.ram", pages: 2048 },
@@ -257,6 +258,35 @@ describe("model eviction: the gather holds a bounded share of the VM", () => {
     // 128 MiB of unique content, 4 MiB pinned: what is held beyond the pins is what QEMU has yet to read
     expect(r.gather.peakHeldBytes).toBeLessThan(64 * 2 ** 20);
   });
+
+  test("a destination slower than its relays: after the switch the gather fetches only what it may hold, not the rest of the VM", async () => {
+    // 64 MiB of unique content, postcopy from the start, most of it on relays
+    // (the destination listens only once the first pass is sent); once the
+    // VM runs, the destination reads nothing while the relays could answer
+    // as fast as they can
+    const pages = 16384;
+    const script = { blocks: [{ name: "pc.ram", pages }], initial: (i: number) => 5000 + i, writes: () => [], passes: 2, postcopyAtPass: 1 };
+    let servedWhileHeld = -1;
+    const holdDestinationReading = async (relays: Relay[]) => {
+      const served = () => relays.reduce((n, r) => n + r.stats().bytesOut, 0);
+      const atHold = served();
+      // until the relays have served all there is, or nothing for a second
+      let last = atHold;
+      let still = 0;
+      for (let polls = 0; polls < 600 && still < 20 && last - atHold < pages * 4096; polls++) {
+        await Bun.sleep(50);
+        const now = served();
+        still = now === last ? still + 1 : 0;
+        last = now;
+      }
+      servedWhileHeld = last - atHold;
+    };
+    const r = await expectIntact({ vms: [{ name: "held", script }], relays: 2, switchover: "postcopy", postcopyAfterPass: 0, slowDestination: true, holdDestinationReading });
+    expect(r.gather.bytesFromRelays).toBeGreaterThan(32 * 2 ** 20);
+    // what it may fetch ahead (28 MiB) and replies on their way; not the 64 MiB the destination lacks
+    expect(servedWhileHeld).toBeGreaterThan(0);
+    expect(servedWhileHeld).toBeLessThan(40 * 2 ** 20);
+  }, 120_000);
 
   test("a long RAM section of unique pages with the default pins: the gather never waits on UNPINs it has stopped reading", async () => {
     // QEMU may send a whole pass in one section, so map frames fill only

@@ -25,6 +25,8 @@ export interface DestinationOptions {
   paused?: boolean;
   /** migrate-incoming answers only once this resolves: a destination slow to start listening. */
   listenAfter?: Promise<void>;
+  /** Called as the VM runs here: the stream is not read again until the promise it returns resolves (a destination slower than its relays). */
+  holdReading?: () => Promise<void>;
 }
 
 type Status = "none" | "active" | "postcopy-active" | "completed" | "failed";
@@ -135,6 +137,11 @@ export class ModelDestinationQemu {
         if (this.options.paused) this.runState = "paused";
         else this.resume();
         this.touch();
+        const hold = this.options.holdReading;
+        if (hold && this.conn) {
+          this.conn.pause();
+          void hold().then(() => this.conn?.resume());
+        }
       },
       onDeviceState: () => this.fail("a precopy end from the gather"),
       onEof: () => {

@@ -50,6 +50,8 @@ export interface ModelEvictionOptions {
   loseRelayAfterBytes?: number;
   /** The first relay is stopped as the first source, in postcopy, has sent its last page. */
   loseRelayAtSourceEnd?: boolean;
+  /** Called as each VM runs at its destination, which reads nothing more until the promise it returns resolves. */
+  holdDestinationReading?: (relays: Relay[]) => Promise<void>;
 }
 
 export interface PageMismatch {
@@ -72,6 +74,7 @@ const psk = new TextEncoder().encode("model eviction key 0123456789");
 
 export async function runModelEviction(options: ModelEvictionOptions): Promise<ModelEvictionResult> {
   const dir = mkdtempSync(join(tmpdir(), "sgm-model-"));
+  const relays: Relay[] = [];
   const sources = options.vms.map((vm) => new ModelSourceQemu(dir, vm.name, vm.script));
   const destinations = options.vms.map(
     (vm, i) =>
@@ -79,9 +82,9 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
         blocks: vm.script.blocks,
         touches: vm.touches,
         listenAfter: options.slowDestination ? sources[i]!.firstPassSent : undefined,
+        holdReading: options.holdDestinationReading && (() => options.holdDestinationReading!(relays)),
       }),
   );
-  const relays: Relay[] = [];
   let watch: Timer | undefined;
   try {
     for (let r = 0; r < (options.relays ?? 0); r++) {
