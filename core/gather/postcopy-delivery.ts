@@ -106,12 +106,13 @@ export class PostcopyDelivery {
   }
 
   private run(): void {
+    // a page at a time joins a running loop: no promise for each
+    if (this.delivering) return;
     void this.loop().catch((err: Error) => this.ctx.fail(err));
   }
 
   /** The background push, with backpressure and the bandwidth cap. */
   private async loop(): Promise<void> {
-    if (this.delivering) return;
     this.delivering = true;
     const { table: t, dir, sock, writer } = this.ctx;
     const started = performance.now();
