@@ -212,7 +212,9 @@ async function main(memMiB: number, runs: number): Promise<void> {
   console.log("| goal | at most | this run | floor |");
   console.log("|---|---|---|---|");
   for (const [what, goal, now] of rows) console.log(`| ${what} | ${goal} | ${now} | ${floor.toFixed(2)} |`);
-  const gatherRss = median(direct.map((r) => r.roles.get("gather")!.peakRssBytes)) / 2 ** 20;
-  console.log(`| gather peak RSS, direct (${memMiB} MiB VM) | 256 MiB for 1 GiB | ${gatherRss.toFixed(0)} MiB | |`);
+  for (const how of ["sgm direct", "sgm via 2 relays"]) {
+    const gatherRss = median(sgm[how]!.map((r) => r.roles.get("gather")!.peakRssBytes)) / 2 ** 20;
+    console.log(`| gather peak RSS, ${how.replace("sgm ", "")} (${memMiB} MiB VM) | 256 MiB for 1 GiB | ${gatherRss.toFixed(0)} MiB | |`);
+  }
   console.log(`| total time direct / QEMU's | 2.0x | ${(median(direct.map((r) => r.totalMs)) / qemu).toFixed(1)}x | |`);
 }
