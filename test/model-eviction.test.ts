@@ -283,7 +283,7 @@ describe("model eviction: the gather holds a bounded share of the VM", () => {
     };
     const r = await expectIntact({ vms: [{ name: "held", script }], relays: 2, switchover: "postcopy", postcopyAfterPass: 0, slowDestination: true, holdDestinationReading });
     expect(r.gather.bytesFromRelays).toBeGreaterThan(32 * 2 ** 20);
-    // what it may fetch ahead (28 MiB) and replies on their way; not the 64 MiB the destination lacks
+    // what it may fetch ahead (20 MiB) and replies on their way; not the 64 MiB the destination lacks
     expect(servedWhileHeld).toBeGreaterThan(0);
     expect(servedWhileHeld).toBeLessThan(40 * 2 ** 20);
   }, 120_000);
