@@ -176,6 +176,8 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
   } finally {
     options.signal?.removeEventListener("abort", onAbort);
     listener?.close();
+    // a VM that failed while its state was written lets go of pages only once written: the relays must hear of them first
+    await Promise.all([...shared.arrivals.values()].map((a) => a.stateWritten));
     for (const s of sessions) s.close();
     fetchers = await resumed;
     for (const f of fetchers) f.close();

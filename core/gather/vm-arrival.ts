@@ -82,6 +82,11 @@ export class VmArrival {
     return this.finished.promise;
   }
 
+  /** Resolves once no saved state is being written (the write holds pages until then; see feed-state.ts). */
+  get stateWritten(): Promise<void> {
+    return this.feed?.state.saved ?? Promise.resolve();
+  }
+
   offer(vm: number, message: Extract<Control, { t: "offer" }>, send: (message: Control) => void): void {
     this.vmId = vm;
     this.send = send;
