@@ -89,6 +89,10 @@ describe("saved state for --resume", () => {
     table.delivered[1] = 1;
     contents.unneed(cids[1]!);
     expect(contents.isLocal(cids[1]!)).toBe(true);
+    // new content meanwhile takes a free slot, which page 1's would be without the hold
+    const other = new Uint8Array(PAGE_BYTES).fill(9);
+    digestPage(other, digest);
+    contents.receive(contents.intern(digest, 0), other);
     await keeper.saved;
     expect(lines.join("\n")).toMatch(/state for --resume saved/);
     expect(contents.isLocal(cids[1]!)).toBe(false);
