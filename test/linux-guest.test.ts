@@ -73,14 +73,18 @@ describe("a real Linux guest", () => {
   test("evacuated one at a time, each to its own destination, through one relay: what the first put there the second holds, not sent again", async () => {
     const binary = await qemu10_0();
     const pairs = await Promise.all([startLinuxPair(dir, "lx4", { binary, seed: 34 }), startLinuxPair(dir, "lx5", { binary, seed: 35 })]);
-    const relay = await startRelay(psk);
+    // room for both VMs whole: each run's plan reserves what its gather will not take, and with 1 GiB the
+    // second VM's 522 MiB did not fit beside the first's reservation when the relay measured fast
+    const relay = await startRelay(psk, "2GiB");
     // gathers slower than the source, so that the relay takes pages
     const gathers = await Promise.all(pairs.map((pair) => startGather([pair], psk, ["--max-rate", "32MiB/s"])));
     const map = join(dir, "lx.map");
     await Bun.write(map, pairs.map((pair, i) => `${pair.name} ${pair.source.qmpPath} 127.0.0.1:${gathers[i]!.port}\n`).join(""));
     const evacuate = await startSgm(["evacuate", "--map", map, "--via", relay.address, "--all-relays", "--max-in-flight", "1", "--psk-file", psk, "--json"]);
-    const [e, ...g] = await Promise.all([evacuate.result(), ...gathers.map((x) => x.gather.result())]);
+    // evacuate first: if a VM stays here, its gather would wait for it until the test's timeout
+    const e = await evacuate.result();
     expectExit(e, 0);
+    const g = await Promise.all(gathers.map((x) => x.gather.result()));
     for (const result of g) expectExit(result, 0);
     const r = report<EvacuationReport>(e);
     // the VMs are the same size, so which goes first depends on which gather answered first
