@@ -13,14 +13,15 @@ import type { PageWaits } from "./page-waits.ts";
 import { type PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
 /** Bytes queued towards QEMU: small, so a requested page never waits behind much. */
-const HIGH = 512 * 1024;
-const LOW = 128 * 1024;
+export const POSTCOPY_HIGH = 512 * 1024;
+const POSTCOPY_LOW = 128 * 1024;
 
 export interface DeliveryContext {
   table: PageTable;
   dir: ContentDirectory;
-  writer: PostcopyStreamWriter;
-  sock: ByteSocket;
+  writer: Pick<PostcopyStreamWriter, "flush">;
+  /** The stream towards QEMU: how much it has yet to read, and a wait until it reads. */
+  sock: Pick<ByteSocket, "queuedBytes" | "whenWritable">;
   stats: FeedStats;
   /** Pages whose content is on its way from a relay (the feed wakes them: arrived). */
   waits: PageWaits;
@@ -129,9 +130,9 @@ export class PostcopyDelivery {
         }
         this.ctx.deliver(i);
         pushed += TPS;
-        if (sock.queuedBytes > HIGH) {
+        if (sock.queuedBytes > POSTCOPY_HIGH) {
           writer.flush();
-          await sock.whenWritable(LOW);
+          await sock.whenWritable(POSTCOPY_LOW);
         }
         const ahead = (pushed / this.ctx.bandwidth) * 1000 - (performance.now() - started);
         if (ahead > 5) {
@@ -174,7 +175,7 @@ export class PostcopyDelivery {
     if (!this.ctx.active()) return;
     const asked = this.askedRelay.delete(i);
     if (this.ctx.table.needsDelivery(i)) {
-      if (asked || this.ctx.sock.queuedBytes <= HIGH) {
+      if (asked || this.ctx.sock.queuedBytes <= POSTCOPY_HIGH) {
         this.ctx.deliver(i);
         this.flushSoon();
       } else {
