@@ -7,7 +7,7 @@
 import { describe, expect, test } from "bun:test";
 import { digestPage, PAGE_BYTES } from "../core/dedup/digest.ts";
 import { ContentDirectory } from "../core/gather/content-directory.ts";
-import type { FeedStats } from "../core/gather/destination-feed.ts";
+import { newFeedStats } from "../core/gather/feed-stats.ts";
 import { PageTable } from "../core/gather/page-table.ts";
 import { PageWaits } from "../core/gather/page-waits.ts";
 import { POSTCOPY_HIGH, PostcopyDelivery } from "../core/gather/postcopy-delivery.ts";
@@ -51,7 +51,7 @@ function setUp() {
   const dir = new ContentDirectory(() => {});
   const waits = new PageWaits(PAGES);
   const qemu = new QemuStream();
-  const stats: FeedStats = { fedPages: 0, discardedPages: 0, deliveredPages: 0, requests: 0, requestedPagesServed: 0, requestedFromRelays: 0, requestedFromSource: 0 };
+  const stats = newFeedStats();
   const digest = new Uint8Array(32);
   const cids: number[] = [];
   for (let i = 0; i < PAGES; i++) {

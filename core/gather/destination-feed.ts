@@ -1,6 +1,6 @@
 // Feeds one destination QEMU the stream of a postcopy source. Before
-// switchover it feeds pages as the gather learns them, as fast as QEMU
-// reads; at switchover it discards every page whose fed content is stale
+// switchover precopy-feed.ts feeds pages as the gather learns them, as fast
+// as QEMU reads; at switchover it discards every page whose fed content is stale
 // (or was never fed), sends the device state packaged with LISTEN and RUN,
 // and from then on postcopy-delivery.ts delivers every remaining page
 // exactly once. Once every page is in, it checks its delivery and ends the
@@ -24,28 +24,15 @@ import { injected, withheldPages } from "../test-faults.ts";
 import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
+import { PrecopyFeed } from "./precopy-feed.ts";
+import { type FeedStats, newFeedStats } from "./feed-stats.ts";
 import { DeliveryAcks } from "./delivery-acks.ts";
 import { claimSavedState, type SavedOrigin, settleReceived, snapshotFeedState } from "./feed-state.ts";
 import type { ResumeState } from "./resume-state.ts";
 import { StateKeeper } from "./state-keeper.ts";
 import { recoverChannel } from "./recovery-handshake.ts";
-import { countPages, pickSpare, staleRanges } from "./switchover-discards.ts";
-import { NOT_FED, NOT_WRITTEN, PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
-
-export interface FeedStats {
-  /** Pages written before switchover (counting re-feeds of changed pages). */
-  fedPages: number;
-  discardedPages: number;
-  /** Pages written after switchover, requested or not. */
-  deliveredPages: number;
-  /** Page requests the destination sent, and pages they named that were still missing. */
-  requests: number;
-  requestedPagesServed: number;
-  /** Requested pages whose content first had to come from a relay. */
-  requestedFromRelays: number;
-  /** Requested pages a postcopy source still had: asked of it through the scatter. */
-  requestedFromSource: number;
-}
+import { countPages, pickSpare, settleFed, staleRanges } from "./switchover-discards.ts";
+import { NOT_FED, PageTable, PENDING } from "./page-table.ts";
 
 export interface FeedOptions {
   name: string;
@@ -72,24 +59,12 @@ export interface FeedOptions {
   log: (line: string) => void;
 }
 
-/** Queue bounds towards QEMU before switchover. */
-const PRECOPY_HIGH = 1024 * 1024;
-const PRECOPY_LOW = 256 * 1024;
-
 type Phase = "precopy" | "switching" | "postcopy" | "ended" | "failed";
 
 export class DestinationFeed {
   readonly name: string;
   readonly table: PageTable;
-  readonly stats: FeedStats = {
-    fedPages: 0,
-    discardedPages: 0,
-    deliveredPages: 0,
-    requests: 0,
-    requestedPagesServed: 0,
-    requestedFromRelays: 0,
-    requestedFromSource: 0,
-  };
+  readonly stats: FeedStats = newFeedStats();
   /** Resolves when the destination reports the migration completed. */
   readonly completed: Promise<void>;
 
@@ -101,12 +76,8 @@ export class DestinationFeed {
   private writer!: PostcopyStreamWriter;
   private sock: ByteSocket | null = null;
   private phase: Phase = "precopy";
-  private readonly queue: number[] = [];
-  private queueHead = 0;
-  private readonly queued: Uint8Array;
-  /** The precopy pump runs (set before it starts: it may finish without yielding). */
-  private pumping = false;
-  private pumped: Promise<void> = Promise.resolve();
+  /** Before switchover. */
+  private precopy: PrecopyFeed | null = null;
   private readonly blockIndex: Map<string, number>;
   private readonly done = Promise.withResolvers<void>();
   private readonly devicesLoaded = Promise.withResolvers<void>();
@@ -144,7 +115,6 @@ export class DestinationFeed {
     this.postcopyBandwidth = options.postcopyBandwidth ?? Infinity;
     this.state = new StateKeeper(options.statePath, options.name, options.log);
     this.table = new PageTable(options.blocks);
-    this.queued = new Uint8Array(this.table.total);
     this.waits = new PageWaits(this.table.total);
     this.dir.onLocal((cid) => this.waits.wake(cid, (i) => this.arrived(i)));
     this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
@@ -165,6 +135,19 @@ export class DestinationFeed {
     const sock = await this.connect();
     const rp = this.returnPath();
     sock.setDataHandler((data) => rp.feed(data));
+    this.precopy = new PrecopyFeed({
+      table: this.table,
+      dir: this.dir,
+      writer: this.writer,
+      sock,
+      stats: this.stats,
+      waits: this.waits,
+      fetch: this.options.fetch,
+      withholds: (i) => this.withholds(i),
+      write: (i, c) => this.write(i, c),
+      active: () => this.phase === "precopy",
+      fail: (err) => this.fail(err),
+    });
     this.writer.begin();
     this.writer.flush();
   }
@@ -234,7 +217,7 @@ export class DestinationFeed {
     if (old === PENDING) this.pending--;
     if (cid === PENDING) this.pending++;
     if (this.phase === "precopy") {
-      if (t.fed[i] !== cid) this.enqueue(i);
+      if (t.fed[i] !== cid) this.precopy!.enqueue(i);
       return;
     }
     // after switchover only a postcopy source's pages come, each once
@@ -247,7 +230,7 @@ export class DestinationFeed {
   async switchover(deviceState: Uint8Array): Promise<void> {
     if (this.phase !== "precopy") throw new SgmError("internal", `VM ${this.name}: switchover in phase ${this.phase}`);
     this.phase = "switching";
-    await this.pumped;
+    await this.precopy?.stopped;
     if (this.failure) throw this.failure;
     const t = this.table;
     const discards = staleRanges(t);
@@ -269,15 +252,7 @@ export class DestinationFeed {
       if (ranges.length > 0) this.writer.discard(b, ranges);
     });
     this.stats.discardedPages = discarded;
-    // pages fed and still current are at the destination for good; the others it holds nothing of
-    for (let i = 0; i < t.total; i++) {
-      const current = t.fed[i] === t.content[i];
-      if (current) t.delivered[i] = 1;
-      else {
-        t.written[i] = NOT_WRITTEN;
-        t.fed[i] = NOT_FED;
-      }
-    }
+    settleFed(t);
     trace(`${this.name} switchover: ${discarded} pages discarded, ${this.sock?.queuedBytes} bytes queued to QEMU`);
     this.writer.packageAndRun(deviceState);
     this.phase = "postcopy";
@@ -344,60 +319,11 @@ export class DestinationFeed {
     this.fail(reason);
   }
 
-  // ---- precopy phase ---------------------------------------------------------
-
-  private enqueue(i: number): void {
-    if (this.queued[i]) return;
-    this.queued[i] = 1;
-    this.queue.push(i);
-    if (!this.pumping) {
-      this.pumping = true;
-      this.pumped = this.pumpPrecopy();
-    }
-  }
-
-  private async pumpPrecopy(): Promise<void> {
-    const t = this.table;
-    const sock = this.sock!;
-    try {
-      // stops the moment switchover begins: what is left is delivered after it
-      while (this.queueHead < this.queue.length && this.phase === "precopy") {
-        if (sock.queuedBytes > PRECOPY_HIGH) {
-          this.writer.flush();
-          await sock.whenWritable(PRECOPY_LOW);
-          continue;
-        }
-        const i = this.queue[this.queueHead++]!;
-        this.queued[i] = 0;
-        this.waits.unpark(i);
-        const c = t.content[i]!;
-        if (c === UNKNOWN || c === PENDING || t.fed[i] === c) continue;
-        if (c >= 0 && !this.dir.isLocal(c)) {
-          // on a relay: fetch it at the gather's pace and come back to this page (arrived)
-          this.waits.park(i, c);
-          this.options.fetch(c, false);
-          continue;
-        }
-        if (this.withholds(i)) continue;
-        this.write(i, c);
-        t.fed[i] = c;
-        this.stats.fedPages++;
-      }
-      this.writer.flush();
-      this.queue.length = 0;
-      this.queueHead = 0;
-    } catch (err) {
-      this.fail(err as Error);
-    } finally {
-      this.pumping = false;
-    }
-  }
-
   /** The content page i waited for came from a relay. */
   private arrived(i: number): void {
     if (this.phase === "precopy") {
       const t = this.table;
-      if (t.fed[i] !== t.content[i]) this.enqueue(i);
+      if (t.fed[i] !== t.content[i]) this.precopy!.enqueue(i);
     } else if (this.phase === "postcopy") this.delivery!.arrived(i);
   }
 

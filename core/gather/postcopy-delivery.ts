@@ -8,7 +8,7 @@ import type { ByteSocket } from "../net/byte-socket.ts";
 import { TPS } from "../qemu/constants.ts";
 import type { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
 import type { ContentDirectory } from "./content-directory.ts";
-import type { FeedStats } from "./destination-feed.ts";
+import type { FeedStats } from "./feed-stats.ts";
 import type { PageWaits } from "./page-waits.ts";
 import { type PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 

@@ -4,7 +4,7 @@
 // there be none, because QEMU's listen thread deadlocks without a discard.
 
 import type { ContentDirectory } from "./content-directory.ts";
-import { type PageTable, ZERO } from "./page-table.ts";
+import { NOT_FED, NOT_WRITTEN, type PageTable, ZERO } from "./page-table.ts";
 
 /** Per block, [first page, count] runs of the pages whose fed content is not their content. */
 export function staleRanges(t: PageTable): Array<Array<[number, number]>> {
@@ -36,4 +36,15 @@ export function pickSpare(t: PageTable, dir: ContentDirectory): number {
     if (onRelay < 0 && dir.relayMask(c) !== 0) onRelay = i;
   }
   return onRelay;
+}
+
+/** Once the discards are sent: pages fed and still current are at the destination for good; the others it holds nothing of. */
+export function settleFed(t: PageTable): void {
+  for (let i = 0; i < t.total; i++) {
+    if (t.fed[i] === t.content[i]) t.delivered[i] = 1;
+    else {
+      t.written[i] = NOT_WRITTEN;
+      t.fed[i] = NOT_FED;
+    }
+  }
 }
