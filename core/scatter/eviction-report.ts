@@ -1,6 +1,7 @@
 // What scatter reports of each VM's eviction (the JSON report's vms[]; its
 // schema is in cli/report-schemas.ts).
 
+import { TPS } from "../qemu/constants.ts";
 import type { PipelineStats } from "./page-pipeline.ts";
 
 export type SwitchoverMode = "precopy" | "postcopy";
@@ -32,4 +33,51 @@ export interface EvictionReport {
   pages: PipelineStats & { requestedFromSource: number };
   /** The exit code this VM's failure maps to. */
   exitCode?: number;
+}
+
+/** What one eviction notes as it goes, for its report and progress; times from performance.now() unless said. */
+export class EvictionRecord {
+  destinationQemu: string | null = null;
+  /** When run() began (before, the VM waits for a slot: see eviction-slots.ts). */
+  startedAt: number | null = null;
+  /** Every byte of the VM was held off the source. */
+  evictedAt: number | null = null;
+  /** The source's STOP and the destination's RESUME, as the QEMUs' events say (Date.now() clocks). */
+  stoppedAt: number | null = null;
+  resumedAt: number | null = null;
+  /** The destination completed (Date.now()). */
+  completedAt: number | null = null;
+  passes = 0;
+  streamsBegun = 0;
+  resumes = 0;
+
+  report(r: {
+    name: string;
+    error: { message: string; exitCode: number } | undefined;
+    source: { qemuVersion: string; machine: string; state: string; bytesRead: number; requestedFromSource: number };
+    switchover: SwitchoverMode | null;
+    runStartedAt: { mono: number; wall: number };
+    pages: PipelineStats;
+  }): EvictionReport {
+    const since = (at: number | null, start: number) => (at === null ? null : Math.round(at - start));
+    const { error, source } = r;
+    return {
+      name: r.name,
+      ok: error === undefined,
+      ...(error ? { error: error.message } : {}),
+      qemu: { source: source.qemuVersion, destination: this.destinationQemu, machine: source.machine },
+      switchover: r.switchover,
+      queuedMs: since(this.startedAt, r.runStartedAt.mono),
+      evictionMs: since(this.evictedAt, r.runStartedAt.mono),
+      downtimeMs: this.stoppedAt !== null ? since(this.resumedAt, this.stoppedAt) : null,
+      totalMs: since(this.completedAt, r.runStartedAt.wall),
+      source: source.state,
+      passes: this.passes,
+      sourceStreams: this.streamsBegun,
+      sourceResumes: this.resumes,
+      bytes: { fromSource: source.bytesRead, dedupSaved: r.pages.dedupPages * TPS },
+      pages: { ...r.pages, requestedFromSource: source.requestedFromSource },
+      ...(error ? { exitCode: error.exitCode } : {}),
+    };
+  }
 }

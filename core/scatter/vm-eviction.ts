@@ -38,7 +38,7 @@ import type { PeerConnection } from "../wire/connection.ts";
 import { type Control, encodeVmBytes, FrameType, MAX_VM_BYTES, VmBytesKind } from "../wire/messages.ts";
 import type { DigestPool } from "../dedup/digest-pool.ts";
 import type { Phase, VmProgress } from "../progress.ts";
-import type { EvictionReport, SwitchoverMode } from "./eviction-report.ts";
+import { type EvictionReport, EvictionRecord, type SwitchoverMode } from "./eviction-report.ts";
 import { PagePipeline } from "./page-pipeline.ts";
 import type { RunPlacement } from "./placement.ts";
 import type { SourceQemu } from "./source-qemu.ts";
@@ -83,26 +83,18 @@ export class VmEviction {
   private stage: Stage = "offered";
   /** The gather refused or failed this VM itself. */
   private gatherGaveUp = false;
-  /** When run() began (before, the VM waits for a slot: see eviction-slots.ts). */
-  private startedAt: number | null = null;
   /** run() is over: nothing can fail any more. */
   private finished = false;
   /** The source's stream now; null before it starts. */
   private current: SourceAttempt | null = null;
-  private destinationQemu: string | null = null;
   private switchover: SwitchoverMode | null = null;
-  private evictedAt: number | null = null;
-  private stoppedAt: number | null = null;
-  private resumedAt: number | null = null;
-  private completedAt: number | null = null;
-  private passes = 0;
+  private readonly record = new EvictionRecord();
   private readonly gather: GatherReplies;
   private readonly failed = Promise.withResolvers<never>();
   private failureReason: SgmError | null = null;
   /** Rejected with a SourceRestart when a relay took content this VM still needs; renewed on each restart. */
   private restart = Promise.withResolvers<never>();
   private attempt = 1;
-  private streamsBegun = 0;
   /** Source bytes read by streams before this one. */
   private readBefore = 0;
   /** The source was asked to switch to postcopy: it may no longer resume the VM. */
@@ -116,7 +108,6 @@ export class VmEviction {
   private resumeAgain = false;
   /** A relay's loss heard while the source was asked to switch to postcopy, to answer once it has (switchSettled). */
   private lostWhileSwitching: string | null = null;
-  private resumes = 0;
 
   constructor(options: EvictionOptions) {
     this.options = options;
@@ -140,7 +131,7 @@ export class VmEviction {
    */
   private contentLost(why: string): void {
     // once evicted (in precopy, from switch-go on) the gather answers for it: see the crash table in the README
-    if (this.finished || this.failureReason || this.evictedAt !== null || this.stage === "restarting") return;
+    if (this.finished || this.failureReason || this.record.evictedAt !== null || this.stage === "restarting") return;
     if (!this.pipeline.namesLostContent()) return;
     const canStreamAgain = (this.stage === "streaming" || this.stage === "switching") && this.switchover !== "postcopy" && !this.postcopyAsked;
     if (canStreamAgain) {
@@ -180,10 +171,10 @@ export class VmEviction {
       let reason = why;
       for (;;) {
         this.resumeAgain = false;
-        this.resumes++;
+        this.record.resumes++;
         this.options.log(`${this.name}: ${reason}; the source's postcopy pauses and resumes to send those pages again`);
-        await this.current!.resumePaused(join(this.options.socketDir, `${this.name}.scatter.resume${this.resumes}.sock`));
-        trace(`${this.name} source resumed (${this.resumes})`);
+        await this.current!.resumePaused(join(this.options.socketDir, `${this.name}.scatter.resume${this.record.resumes}.sock`));
+        trace(`${this.name} source resumed (${this.record.resumes})`);
         if (!this.resumeAgain || !this.pipeline.namesLostContent() || this.current!.stream!.complete) return;
         reason = "another relay went";
       }
@@ -209,7 +200,7 @@ export class VmEviction {
       this.current?.stream?.ask(message.block, message.page);
       return;
     }
-    if (message.t === "completed") this.completedAt = message.completedAt;
+    if (message.t === "completed") this.record.completedAt = message.completedAt;
     this.gather.resolve(message);
   }
 
@@ -231,7 +222,7 @@ export class VmEviction {
 
   /** It has pages to place or content to name still: not yet evicted, failed or over (nor begun, if it waits for a slot). */
   get placing(): boolean {
-    return !this.finished && this.stage !== "failed" && this.failureReason === null && this.evictedAt === null;
+    return !this.finished && this.stage !== "failed" && this.failureReason === null && this.record.evictedAt === null;
   }
 
   /** Settles with the reason once it fails; never, if it does not. */
@@ -241,7 +232,7 @@ export class VmEviction {
 
   /** Where this eviction stands, for the progress display. */
   snapshot(): VmProgress {
-    return { name: this.name, phase: this.phase(), pass: this.passes, bytes: this.bytesRead, totalBytes: this.pipeline.totalBytes };
+    return { name: this.name, phase: this.phase(), pass: this.record.passes, bytes: this.bytesRead, totalBytes: this.pipeline.totalBytes };
   }
 
   private get bytesRead(): number {
@@ -251,12 +242,12 @@ export class VmEviction {
   private phase(): Phase {
     if (this.stage === "failed") return "failed";
     if (this.finished) return "done";
-    if (this.evictedAt !== null) return this.stage === "running" ? "running" : "evicted";
+    if (this.record.evictedAt !== null) return this.stage === "running" ? "running" : "evicted";
     // the VM runs at the destination while a postcopy source still sends
     if (this.stage === "go" || this.stage === "running") return "scattering";
     if (this.stage === "switching" || this.stage === "source-postcopy") return "switchover";
     if (this.stage === "streaming" || this.stage === "restarting") return "precopy";
-    return this.startedAt === null ? "queued" : "checking";
+    return this.record.startedAt === null ? "queued" : "checking";
   }
 
   /**
@@ -272,7 +263,7 @@ export class VmEviction {
   }
 
   async run(): Promise<EvictionReport> {
-    this.startedAt = performance.now();
+    this.record.startedAt = performance.now();
     const o = this.options;
     let error: SgmError | undefined;
     let sourceState = "running";
@@ -297,26 +288,15 @@ export class VmEviction {
   }
 
   private report(error: SgmError | undefined, sourceState: string): EvictionReport {
-    const o = this.options;
-    const s = this.pipeline.stats;
-    return {
+    const info = this.source.info;
+    return this.record.report({
       name: this.name,
-      ok: error === undefined,
-      ...(error ? { error: error.message } : {}),
-      qemu: { source: this.source.info.qemuVersion, destination: this.destinationQemu, machine: this.source.info.machine },
+      error,
+      source: { qemuVersion: info.qemuVersion, machine: info.machine, state: sourceState, bytesRead: this.bytesRead, requestedFromSource: this.current?.stream?.requestedFromSource ?? 0 },
       switchover: this.switchover,
-      queuedMs: this.startedAt === null ? null : Math.round(this.startedAt - o.startedAt.mono),
-      evictionMs: this.evictedAt === null ? null : Math.round(this.evictedAt - o.startedAt.mono),
-      downtimeMs: this.stoppedAt !== null && this.resumedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
-      totalMs: this.completedAt === null ? null : Math.round(this.completedAt - o.startedAt.wall),
-      source: sourceState,
-      passes: this.passes,
-      sourceStreams: this.streamsBegun,
-      sourceResumes: this.resumes,
-      bytes: { fromSource: this.bytesRead, dedupSaved: s.dedupPages * TPS },
-      pages: { ...s, requestedFromSource: this.current?.stream?.requestedFromSource ?? 0 },
-      ...(error ? { exitCode: error.exitCode } : {}),
-    };
+      runStartedAt: this.options.startedAt,
+      pages: this.pipeline.stats,
+    });
   }
 
   /**
@@ -361,7 +341,7 @@ export class VmEviction {
     this.switchover = null;
     const dropped = this.current!;
     this.current = null;
-    this.evictedAt = null;
+    this.record.evictedAt = null;
     // a restart comes once pages are named, so after the header and blocks went to the gather
     if (this.first === null && dropped.header && dropped.blocks) this.first = { header: dropped.header, blocks: dropped.blocks };
     this.readBefore += dropped.bytesRead;
@@ -394,7 +374,7 @@ export class VmEviction {
       throw new SgmError("unavailable", `VM ${this.name}: a relay went with content this VM needs after its source sent its last page; it cannot send it again`);
     }
     const map = this.pipeline.finalMapDigest(this.name);
-    this.send({ t: "source-done", vm: this.id, stoppedAt: this.stoppedAt!, map });
+    this.send({ t: "source-done", vm: this.id, stoppedAt: this.record.stoppedAt!, map });
     const held = await this.race(this.wait("held"));
     this.checkGatherMap(held, map);
     this.evicted(performance.now());
@@ -412,14 +392,14 @@ export class VmEviction {
   /** Every byte of the VM was held off the source at `at` (performance.now()). */
   private evicted(at: number): void {
     const o = this.options;
-    this.evictedAt = at;
+    this.record.evictedAt = at;
     trace(`${this.name} every page held: evicted`);
-    o.log(`${this.name}: evicted in ${Math.round(this.evictedAt - o.startedAt.mono)} ms`);
+    o.log(`${this.name}: evicted in ${Math.round(this.record.evictedAt - o.startedAt.mono)} ms`);
   }
 
   private async awaitRunning(): Promise<void> {
     const running = await this.race(this.wait("running"));
-    if (running.t === "running") this.resumedAt = running.resumedAt;
+    if (running.t === "running") this.record.resumedAt = running.resumedAt;
     this.stage = "running";
   }
 
@@ -437,7 +417,7 @@ export class VmEviction {
     const info = this.source.info;
     this.send({ t: "offer", vm: this.id, name: this.name, qemu: info.qemuVersion, machine: info.machine, startedAt: this.options.startedAt.wall });
     const accept = await this.wait("accept");
-    if (accept.t === "accept") this.destinationQemu = accept.qemu;
+    if (accept.t === "accept") this.record.destinationQemu = accept.qemu;
   }
 
   /** Starts the source's migration and reads its stream up to the switchover. */
@@ -446,7 +426,7 @@ export class VmEviction {
     const o = this.options;
     const postcopy = o.mode === "postcopy";
     this.passListener ??= this.source.onPass((pass) => {
-      this.passes = pass;
+      this.record.passes = pass;
       trace(`${this.name} pass ${pass} began; ${this.bytesRead} bytes read so far`);
       if (postcopy && o.postcopyAfterPass > 0 && pass === o.postcopyAfterPass + 1) void this.switchSourceToPostcopy();
       if (!postcopy && pass > o.maxPasses && this.stage === "streaming") void this.giveUpConverging(this.migratingSince);
@@ -474,7 +454,7 @@ export class VmEviction {
     this.current = attempt;
     const stream = await attempt.connect();
     this.stage = "streaming";
-    this.streamsBegun++;
+    this.record.streamsBegun++;
     trace(`${this.name} source stream accepted`);
     o.log(`${this.name}: source QEMU ${this.source.info.qemuVersion} is streaming`);
     // a stream dropped to stream again fails as it closes: that is no failure of the eviction
@@ -502,7 +482,7 @@ export class VmEviction {
       // a stream again sends every page QEMU counts as dirty: one it left out (a free page hint) is lost
       throw new SgmError("unavailable", `VM ${this.name}: the source streamed again without some pages whose content a lost relay held; it runs on at the source`);
     }
-    this.stoppedAt = stoppedAt;
+    this.record.stoppedAt = stoppedAt;
     trace(`${this.name} every page named is held; device state and ${word} to the gather`);
     for (let at = 0; at < device.length || at === 0; at += MAX_VM_BYTES) {
       const part = device.subarray(at, at + MAX_VM_BYTES);
@@ -510,11 +490,11 @@ export class VmEviction {
     }
     this.stage = "switching";
     if (word === "source-switched") {
-      this.send({ t: word, vm: this.id, stoppedAt: this.stoppedAt });
+      this.send({ t: word, vm: this.id, stoppedAt: this.record.stoppedAt });
       return null;
     }
     const map = this.pipeline.finalMapDigest(this.name);
-    this.send({ t: word, vm: this.id, stoppedAt: this.stoppedAt, map });
+    this.send({ t: word, vm: this.id, stoppedAt: this.record.stoppedAt, map });
     return map;
   }
 
@@ -540,7 +520,7 @@ export class VmEviction {
     this.postcopyAsked = true;
     try {
       await this.source.startPostcopy();
-      trace(`${this.name} asked the source to switch to postcopy (pass ${this.passes})`);
+      trace(`${this.name} asked the source to switch to postcopy (pass ${this.record.passes})`);
     } catch (err) {
       // the source may have converged first; then its precopy completion is what follows
       this.postcopyAsked = false;
