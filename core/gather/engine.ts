@@ -13,7 +13,8 @@ import { collectGarbageEvery } from "../net/garbage.ts";
 import { RateLimiter } from "../net/rate-limiter.ts";
 import { encodeProbeAck, ProbeFrame } from "../wire/probe-frames.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
-import { listenPeers, type PeerConnection, type PeerListener, type TlsFiles } from "../wire/connection.ts";
+import type { PeerConnection, TlsFiles } from "../wire/connection.ts";
+import { listenPeers, type PeerListener } from "../wire/peer-listener.ts";
 import {
   type Control,
   decodeControl,

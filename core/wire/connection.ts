@@ -6,36 +6,16 @@
 // send queue, refilled from the `drain` callback, and exposes its length
 // (queuedBytes, whenWritable) as the backpressure signal the engines use.
 
-import type { Socket, SocketHandler, TCPSocketListener } from "bun";
+import type { Socket, SocketHandler } from "bun";
 import { SgmError, asSgmError } from "../errors.ts";
 import { noteReceived } from "../net/garbage.ts";
 import { formatHostPort as formatAddress } from "../net/host-port.ts";
-import { ClientHandshake, ServerHandshake, handshakeMaxPayload, type HandshakeStep, type Role } from "./auth.ts";
-import {
-  FIRST_APP_FRAME_TYPE,
-  FRAME_HEADER_BYTES,
-  FrameDecoder,
-  MAX_FRAME_LENGTH,
-  encodeFrameHeader,
-  type FrameHandler,
-  type MaxPayload,
-} from "./frames.ts";
+import { ClientHandshake, handshakeMaxPayload, type HandshakeStep, type Role, type ServerHandshake } from "./auth.ts";
+import { FIRST_APP_FRAME_TYPE, FRAME_HEADER_BYTES, FrameDecoder, type FrameHandler, type MaxPayload } from "./frames.ts";
+import { SendQueue } from "./send-queue.ts";
+import { connectError, socketError, tlsReason } from "./socket-errors.ts";
 
 export const DEFAULT_MAX_QUEUED = 4 << 20;
-export const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
-/**
- * Peers a listener lets authenticate at once, in all and from one host: a
- * host that opens connections and never authenticates holds at most its
- * share of sockets, each for the handshake timeout, and others still get in.
- */
-export const DEFAULT_MAX_AUTHENTICATING = 1024;
-export const DEFAULT_MAX_AUTHENTICATING_PER_HOST = 16;
-
-// Payloads up to this size are copied next to their header, so a run of
-// small frames leaves in one write instead of one syscall per frame; larger
-// ones are written from the caller's buffer.
-const COPY_MAX_BYTES = 16 << 10;
-const BATCH_BYTES = 64 << 10;
 
 /**
  * Mutual TLS under the PSK proof, as PEM text: this side's certificate and
@@ -61,43 +41,19 @@ export interface ConnectOptions {
   timeoutMs: number;
 }
 
-export interface ListenOptions {
-  host: string;
-  port: number;
-  psk: Uint8Array;
-  tls?: TlsFiles | null;
-  role: Role;
-  acceptRoles: readonly Role[];
-  maxPayload: MaxPayload;
-  handshakeTimeoutMs?: number;
-  maxAuthenticating?: number;
-  maxAuthenticatingPerHost?: number;
-  /** Called with each authenticated connection; it belongs to the callee from then on. */
-  onConnection(conn: PeerConnection): void;
-  /** Called for each peer dropped before or during authentication. */
-  onRejected?(address: string, err: SgmError): void;
-}
-
-export interface PeerListener {
-  readonly port: number;
-  /** Stops accepting and drops peers still authenticating; authenticated connections stay open. */
-  close(): void;
+/** A connection made for a socket a listener accepted, and its authentication. */
+export interface AcceptedPeer {
+  conn: PeerConnection;
+  /** Resolves once the peer has authenticated; rejects if the connection ends first. */
+  authenticated: Promise<void>;
 }
 
 type Phase = "handshake" | "open" | "closing" | "closed";
-
-interface Waiter {
-  maxQueued: number;
-  resolve: () => void;
-  reject: (err: Error) => void;
-}
 
 interface HeldFrame {
   type: number;
   payload: Uint8Array;
 }
-
-const NO_BYTES = new Uint8Array(0);
 
 /**
  * Frames are delivered to the single handler set with onFrame(). Until it is
@@ -133,19 +89,8 @@ export class PeerConnection {
   private replayScheduled = false;
   private received = 0;
 
-  // Send side: `queue` is written in order, then the filled start of `batch`.
-  // `queued` and `sent` count frames sent after authentication only.
-  private queue: Uint8Array[] = [];
-  private queueHead = 0;
-  private batch = NO_BYTES;
-  private batchFill = 0;
-  private queued = 0;
-  private sent = 0;
-  private handshakeUnsent = 0;
-  private flushScheduled = false;
-  private awaitingDrain = false;
-  private shutDown = false;
-  private waiters: Waiter[] = [];
+  // Send side.
+  private readonly sendQueue = new SendQueue();
 
   private constructor(remoteAddress: string, handshake: ClientHandshake | ServerHandshake, maxPayload: MaxPayload) {
     this.remoteAddress = remoteAddress;
@@ -179,7 +124,7 @@ export class PeerConnection {
         data: conn,
         ...(tls ? { tls } : {}),
         // over TLS the PSK proof starts once TLS is up: bytes written before are not delivered
-        socket: tls ? PeerConnection.handlers(() => {}, attach) : PeerConnection.handlers(attach),
+        socket: tls ? PeerConnection.socketHandlers(() => {}, attach) : PeerConnection.socketHandlers(attach),
       });
       // The timer aborts the connection, which rejects `ready`, even while Bun is still connecting.
       await Promise.race([connecting.catch((err) => Promise.reject(connectError(address, err))), conn.ready]);
@@ -194,6 +139,14 @@ export class PeerConnection {
     }
   }
 
+  /** Takes over a socket a listener accepted; the peer authenticates with `handshake`. */
+  static accept(socket: Socket<PeerConnection>, address: string, handshake: ServerHandshake, maxPayload: MaxPayload): AcceptedPeer {
+    const conn = new PeerConnection(address, handshake, maxPayload);
+    socket.data = conn;
+    conn.attach(socket);
+    return { conn, authenticated: conn.ready };
+  }
+
   get peerRole(): Role {
     if (this.authenticatedRole === undefined) throw new SgmError("internal", `${this.remoteAddress}: peer role asked before authentication`);
     return this.authenticatedRole;
@@ -206,12 +159,12 @@ export class PeerConnection {
 
   /** Bytes accepted by send() and not yet handed to the kernel. */
   get queuedBytes(): number {
-    return this.queued;
+    return this.sendQueue.queuedBytes;
   }
 
   /** Frame bytes (headers and payloads) handed to the kernel after authentication. */
   get bytesSent(): number {
-    return this.sent;
+    return this.sendQueue.sentBytes;
   }
 
   /** Frame bytes (headers and payloads) received after authentication. */
@@ -227,13 +180,13 @@ export class PeerConnection {
    */
   send(type: number, payload: Uint8Array): void {
     this.checkSendable();
-    this.queueFrame(type, [payload]);
+    this.sendQueue.queueFrame(type, [payload]);
   }
 
   /** Queues one frame whose payload is the concatenation of `parts`, without joining them first. */
   sendParts(type: number, parts: readonly Uint8Array[]): void {
     this.checkSendable();
-    this.queueFrame(type, parts);
+    this.sendQueue.queueFrame(type, parts);
   }
 
   /**
@@ -244,8 +197,7 @@ export class PeerConnection {
    */
   whenWritable(maxQueued = DEFAULT_MAX_QUEUED): Promise<void> {
     if (this.phase === "closed" || this.phase === "closing") return Promise.reject(this.notOpenError());
-    if (this.queued <= maxQueued) return Promise.resolve();
-    return new Promise((resolve, reject) => this.waiters.push({ maxQueued, resolve, reject }));
+    return this.sendQueue.whenQueuedAtMost(maxQueued);
   }
 
   /**
@@ -277,8 +229,8 @@ export class PeerConnection {
   close(): void {
     if (this.phase !== "open") return;
     this.phase = "closing";
-    this.rejectWaiters(this.notOpenError());
-    this.flush();
+    this.sendQueue.rejectWaiters(this.notOpenError());
+    this.sendQueue.shutDownOnceSent();
   }
 
   /** Closes at once, dropping what is queued; `closed` resolves with `reason`. */
@@ -288,7 +240,7 @@ export class PeerConnection {
     this.socket?.end();
   }
 
-  // ---- socket events (through handlers()) ----
+  // ---- socket events (through socketHandlers()) ----
 
   private attach(socket: Socket<PeerConnection>): void {
     if (this.phase === "closed") {
@@ -296,10 +248,11 @@ export class PeerConnection {
       return;
     }
     this.socket = socket;
+    this.sendQueue.attach(socket);
     socket.setNoDelay(true);
     if (this.handshake instanceof ClientHandshake) {
       const hello = this.handshake.hello();
-      this.queueFrame(hello.type, [hello.payload], true);
+      this.sendQueue.queueFrame(hello.type, [hello.payload], true);
     }
   }
 
@@ -315,8 +268,7 @@ export class PeerConnection {
   }
 
   private onDrain(): void {
-    this.awaitingDrain = false;
-    this.flush();
+    this.sendQueue.drained();
   }
 
   private onSocketClosed(err: Error | undefined): void {
@@ -344,9 +296,9 @@ export class PeerConnection {
   }
 
   private advanceHandshake(step: HandshakeStep): void {
-    for (const frame of step.send) this.queueFrame(frame.type, [frame.payload], true);
+    for (const frame of step.send) this.sendQueue.queueFrame(frame.type, [frame.payload], true);
     if (step.state === "failed") {
-      this.flush(); // best effort: the AUTH_FAILED, if any, goes out before we close
+      this.sendQueue.flush(); // best effort: the AUTH_FAILED, if any, goes out before we close
       this.abort(step.error);
     } else if (step.state === "done") {
       this.authenticatedRole = step.peerRole;
@@ -387,98 +339,6 @@ export class PeerConnection {
     if (this.phase !== "open") throw this.notOpenError();
   }
 
-  private queueFrame(type: number, parts: readonly Uint8Array[], handshake = false): void {
-    let length = 0;
-    for (const part of parts) length += part.length;
-    if (length > MAX_FRAME_LENGTH) throw new SgmError("internal", `frame type ${type} of ${length} bytes is too long for the wire`);
-    this.reserveBatch(FRAME_HEADER_BYTES);
-    encodeFrameHeader(type, length, this.batch, this.batchFill);
-    this.batchFill += FRAME_HEADER_BYTES;
-    for (const part of parts) {
-      if (part.length <= COPY_MAX_BYTES) {
-        this.reserveBatch(part.length);
-        this.batch.set(part, this.batchFill);
-        this.batchFill += part.length;
-      } else {
-        this.sealBatch();
-        this.queue.push(part);
-      }
-    }
-    if (handshake) this.handshakeUnsent += FRAME_HEADER_BYTES + length;
-    else this.queued += FRAME_HEADER_BYTES + length;
-    if (!this.flushScheduled && !this.awaitingDrain) {
-      this.flushScheduled = true;
-      // Deferred so that frames sent in one turn of the event loop leave in as few writes as possible.
-      queueMicrotask(() => this.flush());
-    }
-  }
-
-  private reserveBatch(bytes: number): void {
-    if (this.batch.length - this.batchFill >= bytes) return;
-    this.sealBatch();
-    this.batch = new Uint8Array(Math.max(BATCH_BYTES, bytes));
-  }
-
-  /** Moves the filled start of the batch into the queue; the rest of its buffer stays for later frames. */
-  private sealBatch(): void {
-    if (this.batchFill === 0) return;
-    this.queue.push(this.batch.subarray(0, this.batchFill));
-    this.batch = this.batch.subarray(this.batchFill);
-    this.batchFill = 0;
-  }
-
-  private flush(): void {
-    this.flushScheduled = false;
-    const socket = this.socket;
-    if (!socket || this.phase === "closed" || this.awaitingDrain) return;
-    this.sealBatch();
-    while (this.queueHead < this.queue.length) {
-      const segment = this.queue[this.queueHead]!;
-      const written = socket.write(segment);
-      if (written < 0) return; // the socket is closing; its close event follows
-      this.countWritten(written);
-      if (written < segment.length) {
-        this.queue[this.queueHead] = segment.subarray(written);
-        this.awaitingDrain = true;
-        break;
-      }
-      this.queue[this.queueHead++] = NO_BYTES;
-    }
-    if (this.queueHead === this.queue.length) {
-      this.queue = [];
-      this.queueHead = 0;
-    }
-    this.wakeWaiters();
-    if (this.phase === "closing" && this.queueHead === this.queue.length && !this.shutDown) {
-      this.shutDown = true;
-      socket.shutdown();
-    }
-  }
-
-  private countWritten(bytes: number): void {
-    // Handshake frames were queued before any other, so they leave first.
-    const handshakeBytes = Math.min(bytes, this.handshakeUnsent);
-    this.handshakeUnsent -= handshakeBytes;
-    this.queued -= bytes - handshakeBytes;
-    this.sent += bytes - handshakeBytes;
-  }
-
-  private wakeWaiters(): void {
-    if (this.waiters.length === 0) return;
-    const still: Waiter[] = [];
-    for (const waiter of this.waiters) {
-      if (this.queued <= waiter.maxQueued) waiter.resolve();
-      else still.push(waiter);
-    }
-    this.waiters = still;
-  }
-
-  private rejectWaiters(err: Error): void {
-    const waiters = this.waiters;
-    this.waiters = [];
-    for (const waiter of waiters) waiter.reject(err);
-  }
-
   // ---- ending ----
 
   private finish(reason: Error | undefined): void {
@@ -486,11 +346,9 @@ export class PeerConnection {
     const wasAuthenticating = this.phase === "handshake";
     this.phase = "closed";
     this.closeReason = reason;
-    this.queue = [];
-    this.queueHead = 0;
+    this.sendQueue.drop(this.notOpenError());
     this.held = [];
     this.heldHead = 0;
-    this.rejectWaiters(this.notOpenError());
     if (wasAuthenticating) {
       this.settleReady(reason ?? new SgmError("unavailable", `${this.remoteAddress}: connection closed during authentication`));
     }
@@ -512,7 +370,7 @@ export class PeerConnection {
    * Bun's socket callbacks, shared by every connection: each socket's data
    * is its PeerConnection. `secured` runs once TLS is up, on a TLS socket.
    */
-  private static handlers(open: (socket: Socket<PeerConnection>) => void, secured?: (socket: Socket<PeerConnection>) => void): SocketHandler<PeerConnection> {
+  static socketHandlers(open: (socket: Socket<PeerConnection>) => void, secured?: (socket: Socket<PeerConnection>) => void): SocketHandler<PeerConnection> {
     return {
       binaryType: "uint8array",
       open,
@@ -526,110 +384,4 @@ export class PeerConnection {
       error: (socket, err) => socket.data?.abort(socketError(socket.data.remoteAddress, err)),
     };
   }
-
-  /** See listenPeers. */
-  static listen(options: ListenOptions): PeerListener {
-    const authenticating = new Set<PeerConnection>();
-    const perHost = new Map<string, number>();
-    const timeoutMs = options.handshakeTimeoutMs ?? DEFAULT_HANDSHAKE_TIMEOUT_MS;
-    const maxAll = options.maxAuthenticating ?? DEFAULT_MAX_AUTHENTICATING;
-    const maxPerHost = options.maxAuthenticatingPerHost ?? DEFAULT_MAX_AUTHENTICATING_PER_HOST;
-    const accept = (socket: Socket<PeerConnection>): void => {
-      const host = socket.remoteAddress;
-      const address = formatAddress(host, socket.remotePort);
-      const handshake = new ServerHandshake(options.psk, options.role, options.acceptRoles, address);
-      const conn = new PeerConnection(address, handshake, options.maxPayload);
-      socket.data = conn;
-      conn.attach(socket);
-      const fromHost = perHost.get(host) ?? 0;
-      if (authenticating.size >= maxAll || fromHost >= maxPerHost) {
-        const why = fromHost >= maxPerHost ? `${fromHost} peers from ${host} are` : `${authenticating.size} peers are`;
-        const err = new SgmError("unavailable", `${address}: dropped: ${why} authenticating already`);
-        conn.abort(err);
-        options.onRejected?.(address, err);
-        return;
-      }
-      perHost.set(host, fromHost + 1);
-      authenticating.add(conn);
-      const done = () => {
-        authenticating.delete(conn);
-        const left = (perHost.get(host) ?? 1) - 1;
-        if (left > 0) perHost.set(host, left);
-        else perHost.delete(host);
-      };
-      const timer = setTimeout(() => {
-        conn.abort(new SgmError("unavailable", `${address}: authentication timed out after ${timeoutMs} ms`));
-      }, timeoutMs);
-      conn.ready.then(
-        () => {
-          clearTimeout(timer);
-          done();
-          try {
-            options.onConnection(conn);
-          } catch (err) {
-            conn.abort(asSgmError(err));
-          }
-        },
-        (err: unknown) => {
-          clearTimeout(timer);
-          done();
-          options.onRejected?.(address, asSgmError(err));
-        },
-      );
-    };
-    let listener: TCPSocketListener<PeerConnection>;
-    try {
-      const tls = options.tls ? { cert: options.tls.cert, key: options.tls.key, ca: options.tls.ca, requestCert: true, rejectUnauthorized: true } : undefined;
-      listener = Bun.listen<PeerConnection>({ hostname: options.host, port: options.port, ...(tls ? { tls } : {}), socket: PeerConnection.handlers(accept) });
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      const why = code === "EADDRINUSE" ? "address already in use" : code === "EACCES" ? "permission denied" : (err as Error).message;
-      throw new SgmError("unavailable", `cannot listen on ${formatAddress(options.host, options.port)}: ${why}`, { cause: err });
-    }
-    return {
-      port: listener.port,
-      close() {
-        listener.stop(false);
-        for (const conn of authenticating) conn.abort(new SgmError("unavailable", `${conn.remoteAddress}: listener closed during authentication`));
-      },
-    };
-  }
-}
-
-/**
- * Listens for peers and hands each one that authenticates, with a role in
- * `acceptRoles`, to onConnection. Any other peer is dropped and reported to
- * onRejected, without effect on the listener or other connections.
- */
-export function listenPeers(options: ListenOptions): PeerListener {
-  return PeerConnection.listen(options);
-}
-
-function connectError(address: string, err: unknown): SgmError {
-  const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  const why =
-    code === "ECONNREFUSED"
-      ? "connection refused"
-      : code === "ENOTFOUND" || code === "EAI_AGAIN"
-        ? "cannot resolve host name"
-        : code === "ETIMEDOUT"
-          ? "connection timed out"
-          : code === "EHOSTUNREACH" || code === "ENETUNREACH"
-            ? "host unreachable"
-            : err instanceof Error
-              ? err.message
-              : String(err);
-  return new SgmError("unavailable", `${address}: ${why}`, { cause: err });
-}
-
-/** A certificate refused, by its OpenSSL code when there is one (CERT_HAS_EXPIRED, DEPTH_ZERO_SELF_SIGNED_CERT, ...). */
-function tlsReason(err: Error): string {
-  const code = (err as NodeJS.ErrnoException).code;
-  return code ? `${code} (${err.message})` : err.message;
-}
-
-function socketError(address: string, err: Error): SgmError {
-  const code = (err as NodeJS.ErrnoException).code;
-  const why = code === "ECONNRESET" ? "connection reset by peer" : code === "EPIPE" ? "connection closed by peer" : err.message;
-  return new SgmError("unavailable", `${address}: ${why}`, { cause: err });
 }
