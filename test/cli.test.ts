@@ -13,7 +13,7 @@ describe("dist/sgm", () => {
   test.each([
     ["scatter", ["--to", "--vm", "--via", "--replicas", "--psk-file", "--keep-source", "--plan", "--source-rate", "--all-relays", "--allow-shortfall", "--digest-threads", "--quiet", "--json"]],
     ["relay", ["--listen", "--capacity", "--psk-file", "--max-rate", "--digest-threads"]],
-    ["gather", ["--listen", "--vm", "--psk-file", "--quiet", "--json"]],
+    ["gather", ["--listen", "--vm", "--psk-file", "--digest-threads", "--quiet", "--json"]],
     ["evacuate", ["--map", "--to", "--vm", "--qmp-dir", "--max-in-flight", "--via", "--via-file", "--psk-file", "--switchover", "--keep-source", "--quiet", "--json"]],
     ["check", ["--to", "--vm", "--via", "--via-file", "--replicas", "--source-rate", "--all-relays", "--psk-file", "--json"]],
   ])("%s --help shows its own flags", async (role, flags) => {
@@ -57,6 +57,7 @@ describe("dist/sgm", () => {
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--source-rate", "quick"], "--source-rate 'quick': expected a size such as 8GiB or 512MiB"],
     [["scatter", "--to", "h:1", "--vm", "a=/x", "--psk-file", "/k", "--digest-threads", "many"], "--digest-threads 'many': expected a whole number from 0 to 64"],
     [["relay", "--listen", "127.0.0.1:0", "--capacity", "1GiB", "--psk-file", "/k", "--max-rate", "0"], "--max-rate '0': must be more than zero"],
+    [["gather", "--listen", "127.0.0.1:0", "--vm", "a=/x", "--psk-file", "/k", "--state-dir", "none", "--digest-threads", "65"], "--digest-threads '65': expected a whole number from 0 to 64"],
     [["check", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to is required"],
     [["evacuate", "--psk-file", "/k"], "name the VMs: --map FILE, or --vm NAME=QMP_SOCKET and/or --qmp-dir DIR with --to HOST:PORT"],
     [["evacuate", "--vm", "a=/x.qmp", "--psk-file", "/k"], "--to is required"],

@@ -25,9 +25,9 @@ afterEach(async () => {
 afterAll(() => removeDir(dir));
 
 describe("eviction through scatter and gather", () => {
-  test("a dirtying 256 MiB VM arrives whole, hashed on two digest threads: every page equal to the source's final memory", async () => {
+  test("a dirtying 256 MiB VM arrives whole, hashed and checked on two digest threads at each end: every page equal to the source's final memory", async () => {
     const pair = await startPair(dir, "web1", { memMiB: 256, seed: 101, rate: 3000 });
-    const { gather, port } = await startGather([pair], psk);
+    const { gather, port } = await startGather([pair], psk, ["--digest-threads", "2"]);
     const scatter = await startScatter([pair], port, psk, ["--keep-source", "--digest-threads", "2"]);
     const s = await scatter.result();
     const g = await gather.result();
@@ -55,12 +55,12 @@ describe("eviction through scatter and gather", () => {
     expect(comparison.identical).toBeGreaterThan(comparison.pages * 0.9);
   }, 180_000);
 
-  test("the destination's page requests are answered while the guest runs on, and the source is quit (one digest thread)", async () => {
+  test("the destination's page requests are answered while the guest runs on, and the source is quit (one digest thread at each end)", async () => {
     // Switched at once, the source still holds every page; the background
     // push is held to 8 MiB/s, so the guest, touching tens of thousands of
     // pages a second, asks for pages long before the push gets to them.
     const pair = await startPair(dir, "busy", { memMiB: 128, seed: 102, rate: 40000 });
-    const { gather, port } = await startGather([pair], psk, ["--postcopy-bandwidth", "8MiB/s"]);
+    const { gather, port } = await startGather([pair], psk, ["--postcopy-bandwidth", "8MiB/s", "--digest-threads", "1"]);
     const scatter = await startScatter([pair], port, psk, ["--switchover", "postcopy", "--postcopy-after-pass", "0", "--digest-threads", "1"]);
     const s = await scatter.result();
     const g = await gather.result();

@@ -96,7 +96,7 @@ describe("model eviction: every page arrives in its last version", () => {
   ];
   for (const [name, options, vmCount] of cases) {
     for (const seed of [11, 12, 13]) {
-      // one seed of each case hashes on digest threads: its records wait in batches
+      // one seed of each case hashes on digest threads, in the scatter, relays and gather: records and frames wait in batches
       const digestThreads = seed === 13 ? 2 : 0;
       test(`${name}, churning guest seed ${seed}${digestThreads ? ", on digest threads" : ""}`, async () => {
         const postcopyAtPass = options.switchover === "postcopy" ? (options.postcopyAfterPass ?? 2) + 1 : undefined;

@@ -6,7 +6,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
+import { DigestPool } from "../dedup/digest-pool.ts";
 import { asSgmError, SgmError } from "../errors.ts";
 import type { ProgressSource } from "../progress.ts";
 import { collectGarbageEvery } from "../net/garbage.ts";
@@ -24,7 +24,6 @@ import {
   FrameType,
   maxPayload,
   readLocations,
-  readPageData,
   readDigests,
   readPageMap,
   VmBytesKind,
@@ -38,6 +37,7 @@ import { PENDING, ZERO } from "./page-table.ts";
 import { type FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
 import type { SavedRun } from "./feed-state.ts";
 import { type ArrivalReport, VmArrival } from "./vm-arrival.ts";
+import { CheckedFrames } from "./checked-frames.ts";
 
 export interface GatherOptions {
   listen: { host: string; port: number };
@@ -49,6 +49,8 @@ export interface GatherOptions {
   maxRate?: number;
   /** Bytes per second for each destination's background push after switchover. */
   postcopyBandwidth?: number;
+  /** Threads that check the scatter's pages against their digests; none (0, the default): this one does. */
+  digestThreads?: number;
   /** Where each VM's state is saved once it runs here, for a gather restarted with --resume; null: not saved. */
   stateDir: string | null;
   /** Recover VMs whose gather died after they ran here, from their saved states, instead of listening for a scatter. */
@@ -97,6 +99,7 @@ interface Shared {
   psk: Uint8Array;
   tls: TlsFiles | null;
   limiter: RateLimiter | null;
+  digestPool: DigestPool | null;
   postcopyBandwidth: number | undefined;
   /** Per VM name: where its state is saved (see resume-state.ts), or null. */
   statePaths: Map<string, string | null>;
@@ -128,6 +131,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     psk: options.psk,
     tls: options.tls ?? null,
     limiter: options.maxRate ? new RateLimiter(options.maxRate) : null,
+    digestPool: (options.digestThreads ?? 0) > 0 ? new DigestPool(options.digestThreads!) : null,
     postcopyBandwidth: options.postcopyBandwidth,
     statePaths,
     log,
@@ -164,6 +168,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
       options.signal?.removeEventListener("abort", onAbort);
       listener.close();
       for (const d of dests) d.close();
+      shared.digestPool?.close();
       rmSync(shared.socketDir, { recursive: true, force: true });
       throw err;
     }
@@ -183,6 +188,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     fetchers = await resumed;
     for (const f of fetchers) f.close();
     for (const d of dests) d.close();
+    shared.digestPool?.close();
     rmSync(shared.socketDir, { recursive: true, force: true });
   }
   const reports = [...[...shared.arrivals.values()].map((a) => a.report()), ...(toResume?.unresumable ?? []).map(unresumableReport)];
@@ -222,7 +228,8 @@ class ScatterSession {
   private readonly vms = new Map<number, VmArrival>();
   /** Why reading the scatter's frames is paused now. */
   private readonly holds = new Set<string>();
-  private readonly scratch = new Uint8Array(DIGEST_BYTES);
+  /** The scatter's frames in order, PAGE_DATA checked first. */
+  private readonly frames: CheckedFrames;
   private resumeTimer: ReturnType<typeof setTimeout> | null = null;
   /** PAGE_DATA payload bytes taken in, and how many of them the scatter has been told of. */
   private dataTaken = 0;
@@ -243,8 +250,21 @@ class ScatterSession {
         for (const a of this.vms.values()) a.contentUnreachable(cid, why, relayGone);
       },
     });
+    this.frames = new CheckedFrames(shared.digestPool, {
+      apply: (type, payload) => this.apply(type, payload),
+      receive: (digests, digestAt, page) => this.receive(digests, digestAt, page),
+      tookData: (bytes) => this.tookData(bytes),
+      pause: () => this.hold("checks"),
+      resume: () => this.unhold("checks"),
+      fail: (err) => this.conn.abort(err.kind === "data" ? new SgmError("data", `${this.conn.remoteAddress}: ${err.message}`, { cause: err }) : err),
+    });
     conn.onFrame((type, payload) => this.onFrame(type, payload));
-    void conn.closed.then((reason) => this.onClosed(reason));
+    void conn.closed.then(async (reason) => {
+      // frames read before a clean close are the scatter's last word: applied first
+      if (reason) this.frames.drop();
+      else await this.frames.whenIdle();
+      this.onClosed(reason ?? this.frames.failure ?? undefined);
+    });
   }
 
   get peakHeldBytes(): number {
@@ -260,24 +280,27 @@ class ScatterSession {
 
   private onFrame(type: number, payload: Uint8Array): void {
     this.throttle(payload.length + 8);
+    this.frames.take(type, payload);
+  }
+
+  /** A checked page from the scatter (checked-frames.ts). */
+  private receive(digests: Uint8Array, digestAt: number, page: Uint8Array): void {
+    this.dir.receive(this.dir.intern(digests, digestAt), page);
+  }
+
+  private tookData(bytes: number): void {
+    this.dataTaken += bytes;
+    if (this.dir.owedBytes > HELD_HIGH) this.holdWhileFull();
+    // the scatter keeps little direct content in flight: tell it often
+    if (this.dataTaken - this.dataReported >= 128 * 1024) {
+      this.dataReported = this.dataTaken;
+      this.send({ t: "received", bytes: this.dataTaken });
+    }
+  }
+
+  /** Any frame but PAGE_DATA, in the order they came (checked-frames.ts). */
+  private apply(type: number, payload: Uint8Array): void {
     switch (type) {
-      case FrameType.PAGE_DATA:
-        readPageData(payload, (digestAt, pageAt) => {
-          const page = payload.subarray(pageAt, pageAt + 4096);
-          digestPage(page, this.scratch);
-          for (let i = 0; i < DIGEST_BYTES; i++) {
-            if (this.scratch[i] !== payload[digestAt + i]) throw new SgmError("data", `${this.conn.remoteAddress}: page content does not match its digest`);
-          }
-          this.dir.receive(this.dir.intern(payload, digestAt), page);
-        });
-        this.dataTaken += payload.length;
-        if (this.dir.owedBytes > HELD_HIGH) this.holdWhileFull();
-        // the scatter keeps little direct content in flight: tell it often
-        if (this.dataTaken - this.dataReported >= 128 * 1024) {
-          this.dataReported = this.dataTaken;
-          this.send({ t: "received", bytes: this.dataTaken });
-        }
-        return;
       case FrameType.LOCATIONS:
         readLocations(payload, (digestAt, mask) => {
           const cid = this.dir.intern(payload, digestAt);

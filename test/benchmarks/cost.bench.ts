@@ -8,7 +8,8 @@
 //
 // The guest is the test guest with its churn region (shared, zero and
 // unique content), idle otherwise. "sgm direct" moves it scatter -> gather,
-// hashing on scatter's one thread, then on two digest threads beside it;
+// hashing on each role's one thread, then on two digest threads beside it in
+// the scatter and two in the gather;
 // "sgm via relays" holds the gather to 256 MiB/s so that two relays take
 // most pages. GiB are of the source's stream, which every role carries once.
 // It ends with issue 11's goals beside this run's figures and the floor
@@ -115,7 +116,7 @@ async function sgmRun(dir: string, memMiB: number, n: number, relays: number, di
   const psk = await writePsk(dir);
   const pair = await startPair(dir, `sgm${relays}r${digestThreads}t${n}`, { memMiB, seed: 1, rate: 0 });
   const rs = await Promise.all(Array.from({ length: relays }, () => startRelay(psk, "4GiB", ["--json"])));
-  const { gather, port } = await startGather([pair], psk, relays > 0 ? ["--max-rate", "256MiB/s"] : []);
+  const { gather, port } = await startGather([pair], psk, [...(relays > 0 ? ["--max-rate", "256MiB/s"] : []), "--digest-threads", String(digestThreads)]);
   const via = rs.length > 0 ? ["--all-relays", "--via", rs.map((r) => r.address).join(",")] : [];
   const scatter = await startScatter([pair], port, psk, [...via, "--digest-threads", String(digestThreads)]);
   const [s, g] = [await scatter.result(), await gather.result()];

@@ -2,7 +2,7 @@
 // replicas, switchover modes and VM counts, with every guest proved intact;
 // every fourth run with --no-dedup (content sent again wherever it recurs);
 // two runs in three hash on digest threads (--digest-threads 1, then 2, to
-// scatter and relays alike); every other run of two VMs goes through
+// scatter, relays and gathers alike); every other run of two VMs goes through
 // `sgm evacuate --max-in-flight 1` to two destinations, one gather each, so
 // the second VM starts only once the first is done, and what the first put
 // on relays the second has them hold for its own gather.
@@ -258,8 +258,8 @@ async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, de
   );
   const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk, "1GiB", ["--digest-threads", String(threads)])));
   // gathers slower than the source, so that relays take pages
-  const slow = c.relays > 0 ? ["--max-rate", "48MiB/s"] : [];
-  const gathers = await Promise.all(evacuate ? pairs.map((p) => startGather([p], psk, slow)) : [startGather(pairs, psk, slow)]);
+  const gatherFlags = [...(c.relays > 0 ? ["--max-rate", "48MiB/s"] : []), "--digest-threads", String(threads)];
+  const gathers = await Promise.all(evacuate ? pairs.map((p) => startGather([p], psk, gatherFlags)) : [startGather(pairs, psk, gatherFlags)]);
   const via = relays.length > 0 ? ["--all-relays", "--via", relays.map((r) => r.address).join(","), "--replicas", String(c.replicas)] : [];
   const flags = ["--keep-source", ...via, ...switchovers[c.switchover], ...(dedup ? [] : ["--no-dedup"]), "--digest-threads", String(threads)];
   let scatter;

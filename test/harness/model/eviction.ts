@@ -36,7 +36,7 @@ export interface ModelEvictionOptions {
   dedup?: boolean;
   /** The gather's --max-rate. */
   gatherMaxRate?: number;
-  /** The scatter's digest threads (default 0: it hashes on its one thread). */
+  /** Digest threads of the scatter, each relay and the gather (default 0: each hashes on its one thread). */
   digestThreads?: number;
   /**
    * The destinations start listening only once their source has sent its
@@ -88,7 +88,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
   let watch: Timer | undefined;
   try {
     for (let r = 0; r < (options.relays ?? 0); r++) {
-      relays.push(startRelay({ host: "127.0.0.1", port: 0, psk, capacityBytes: options.relayCapacity ?? 2 ** 30, ttlMs: 600_000 }));
+      relays.push(startRelay({ host: "127.0.0.1", port: 0, psk, capacityBytes: options.relayCapacity ?? 2 ** 30, ttlMs: 600_000, digestThreads: options.digestThreads }));
     }
     if (options.loseRelayAfterBytes !== undefined) {
       const doomed = relays[0]!;
@@ -105,6 +105,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       vms: options.vms.map((vm, i) => ({ name: vm.name, qmp: destinations[i]!.qmpPath })),
       psk,
       maxRate: options.gatherMaxRate,
+      digestThreads: options.digestThreads,
       stateDir: join(dir, "state"),
       onListening: (port) => listening.resolve(port),
     });

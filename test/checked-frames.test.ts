@@ -1,0 +1,144 @@
+// The gather applies the scatter's frames in the order they came, every page
+// checked against its digest first, on digest threads or on its own thread.
+
+import { afterAll, describe, expect, test } from "bun:test";
+import { DIGEST_BYTES, digestHex, digestPage, PAGE_BYTES } from "../core/dedup/digest.ts";
+import { DigestPool } from "../core/dedup/digest-pool.ts";
+import type { SgmError } from "../core/errors.ts";
+import { CheckedFrames } from "../core/gather/checked-frames.ts";
+import { encodeDigests, FrameType, PageDataBuilder } from "../core/wire/messages.ts";
+
+const pool = new DigestPool(2);
+afterAll(() => pool.close());
+
+function page(n: number): Uint8Array {
+  const p = new Uint8Array(PAGE_BYTES);
+  new DataView(p.buffer).setUint32(0, n + 1);
+  p[PAGE_BYTES - 1] = n & 0xff;
+  return p;
+}
+
+/** A PAGE_DATA payload of pages first..first+count-1; `wrong`: that one's digest is another page's. */
+function pageData(first: number, count: number, wrong = -1): Uint8Array {
+  const b = new PageDataBuilder();
+  const digest = new Uint8Array(DIGEST_BYTES);
+  for (let n = first; n < first + count; n++) {
+    digestPage(page(n === wrong ? n + 1000 : n), digest);
+    b.add(page(n), digest, 0);
+  }
+  return b.take().payload;
+}
+
+function unpin(n: number): Uint8Array {
+  const digest = new Uint8Array(DIGEST_BYTES);
+  digestPage(page(n), digest);
+  return encodeDigests([digest]);
+}
+
+function recorder(threads: DigestPool | null) {
+  const events: string[] = [];
+  const failures: SgmError[] = [];
+  let pauses = 0;
+  let resumes = 0;
+  const frames = new CheckedFrames(threads, {
+    apply: (type, payload) => events.push(`apply ${type} ${payload.length}`),
+    receive: (digests, digestAt, bytes) => {
+      // the page must be the one its digest names, and whole
+      const check = new Uint8Array(DIGEST_BYTES);
+      digestPage(bytes, check);
+      expect(digestHex(check)).toBe(digestHex(digests, digestAt));
+      events.push(`page ${new DataView(bytes.buffer, bytes.byteOffset).getUint32(0) - 1}`);
+    },
+    tookData: (bytes) => events.push(`data ${bytes}`),
+    pause: () => pauses++,
+    resume: () => resumes++,
+    fail: (err) => failures.push(err),
+  });
+  return { frames, events, failures, counts: () => ({ pauses, resumes }) };
+}
+
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: Timer | undefined;
+  const timeout = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`within ${ms} ms: ${what}`)), ms)));
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** What the frames must come to, applied in order. */
+function expected(frames: Array<[number, Uint8Array, number, number]>): string[] {
+  return frames.flatMap(([type, payload, first, count]) =>
+    type === FrameType.PAGE_DATA ? [...Array.from({ length: count }, (_, k) => `page ${first + k}`), `data ${payload.length}`] : [`apply ${type} ${payload.length}`],
+  );
+}
+
+describe("CheckedFrames", () => {
+  for (const threads of [pool, null]) {
+    const on = threads ? "on digest threads" : "on its own thread";
+    test(`frames apply in the order they came, ${on}, whatever the connection does with their bytes after`, async () => {
+      const r = recorder(threads);
+      const frames: Array<[number, Uint8Array, number, number]> = [];
+      for (let f = 0; f < 40; f++) {
+        frames.push([FrameType.PAGE_DATA, pageData(f * 64, f % 5 === 4 ? 1 : 64), f * 64, f % 5 === 4 ? 1 : 64]);
+        if (f % 3 === 0) frames.push([FrameType.UNPIN, unpin(f), 0, 0]);
+      }
+      const want = expected(frames);
+      for (const [type, payload] of frames) {
+        r.frames.take(type, payload);
+        payload.fill(0xee); // the connection reuses its buffer
+      }
+      await within(r.frames.whenIdle(), 10_000, `every frame applied (${r.events.length} of ${want.length} events)`);
+      expect(r.failures).toEqual([]);
+      expect(r.events).toEqual(want);
+      if (threads) {
+        // 40 frames of pages, 16 at most waiting: reading stopped, and went on
+        expect(r.counts().pauses).toBeGreaterThan(0);
+        expect(r.counts().resumes).toBe(r.counts().pauses);
+      } else expect(r.counts()).toEqual({ pauses: 0, resumes: 0 });
+    });
+
+    test(`a page unlike its digest fails the frames, ${on}, and nothing after it applies`, async () => {
+      const r = recorder(threads);
+      const frames: Array<[number, Uint8Array, number, number]> = [
+        [FrameType.PAGE_DATA, pageData(0, 64), 0, 64],
+        [FrameType.UNPIN, unpin(1), 0, 0],
+      ];
+      const good = expected(frames);
+      for (const [type, payload] of frames) r.frames.take(type, payload);
+      const bad = pageData(64, 64, 100);
+      let thrown: unknown = null;
+      try {
+        r.frames.take(FrameType.PAGE_DATA, bad);
+        r.frames.take(FrameType.UNPIN, unpin(2));
+        r.frames.take(FrameType.PAGE_DATA, pageData(128, 64));
+      } catch (err) {
+        thrown = err;
+      }
+      await within(r.frames.whenIdle(), 10_000, "the frames settled");
+      const failure = threads ? r.failures[0] : (thrown as SgmError);
+      expect(failure?.kind).toBe("data");
+      expect(failure?.message).toContain("does not match its digest");
+      // a bad frame changes nothing, and nothing after it applies
+      expect(r.events).toEqual(good);
+      if (threads) expect(r.frames.failure?.kind).toBe("data");
+    });
+  }
+
+  test("frames still waiting when the connection fails are never applied", async () => {
+    const r = recorder(pool);
+    for (let f = 0; f < 8; f++) r.frames.take(FrameType.PAGE_DATA, pageData(f * 64, 64));
+    r.frames.take(FrameType.UNPIN, unpin(0));
+    r.frames.drop();
+    await within(r.frames.whenIdle(), 1000, "idle once dropped");
+    // the threads still answer for the batches in flight: nothing of theirs may apply
+    await within(
+      new Promise<void>((resolve) => {
+        const b = pool.acquire();
+        b.count = 1;
+        pool.submit(b, () => resolve(), () => resolve());
+      }),
+      10_000,
+      "a later batch through the same threads",
+    );
+    expect(r.events).toEqual([]);
+    expect(r.failures).toEqual([]);
+  });
+});
