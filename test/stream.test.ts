@@ -4,8 +4,10 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { SgmError } from "../core/errors.ts";
 import { Command, Section } from "../core/qemu/constants.ts";
+import type { VmDescription } from "../core/qemu/device-state.ts";
 import { PostcopyStreamWriter } from "../core/qemu/postcopy-writer.ts";
-import { MigrationStreamReader, type RamBlockInfo, type ReaderHandler, type VmDescription } from "../core/qemu/stream-reader.ts";
+import type { RamBlockInfo, ReaderHandler } from "../core/qemu/reader-handler.ts";
+import { MigrationStreamReader } from "../core/qemu/stream-reader.ts";
 import { captureStream } from "./harness/capture.ts";
 import { killAll } from "./harness/processes.ts";
 import { TestVm } from "./harness/qemu.ts";

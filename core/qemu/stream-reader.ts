@@ -7,56 +7,19 @@
 // The device state that follows RAM cannot be walked without knowing every
 // device's vmstate, so it is kept as opaque bytes: in precopy it runs from the
 // RAM END section to the EOF byte, located through the VMDESCRIPTION record
-// that follows it; in postcopy it arrives inside the PACKAGED command.
+// that follows it (device-state.ts); in postcopy it arrives inside the
+// PACKAGED command.
 
 import { SgmError } from "../errors.ts";
-import {
-  Command,
-  commandName,
-  QEVM_MAGIC,
-  QEVM_VERSION,
-  RAM_FLAG_MASK,
-  RAM_IDSTR,
-  RAM_SECTION_VERSION,
-  RamFlag,
-  ramFlagName,
-  Section,
-  TPS,
-} from "./constants.ts";
+import { Command, commandName, RAM_FLAG_MASK, RamFlag, ramFlagName, Section, TPS } from "./constants.ts";
+import { DeviceStateTail, MAX_DEVICE_STATE } from "./device-state.ts";
+import { parseRamSectionStart } from "./ram-section-start.ts";
+import type { RamBlockInfo, ReaderHandler } from "./reader-handler.ts";
+import { parseStreamHeader } from "./stream-header.ts";
 
-export interface RamBlockInfo {
-  name: string;
-  usedLength: number;
-}
+// the block list's type, for the many modules that import it from here
+export type { RamBlockInfo } from "./reader-handler.ts";
 
-export interface ReaderHandler {
-  /** Magic, version and configuration section, byte for byte. */
-  onHeader(bytes: Uint8Array): void;
-  /** The RAM block list of the RAM section's START. */
-  onRamBlocks(blocks: RamBlockInfo[]): void;
-  /** A page: its content (valid during the call only), or null when it is all zero. */
-  onPage(block: number, page: number, data: Uint8Array | null): void;
-  /** A RAM section ended (EOS and footer read). */
-  onRamSectionEnd(last: boolean): void;
-  /** A command other than PACKAGED; payload valid during the call only. */
-  onCommand(cmd: number, payload: Uint8Array): void;
-  /** PACKAGED: the embedded stream (LISTEN, device sections, PINGs, RUN); valid during the call only. */
-  onPackaged(blob: Uint8Array): void;
-  /**
-   * Precopy's device state: every byte from the end of the RAM END section
-   * up to (not including) the EOF byte. Called once; the stream is complete.
-   */
-  onDeviceState(bytes: Uint8Array, vmdesc: VmDescription | null): void;
-  /** The EOF byte after the last RAM section of a postcopy stream (the stream is complete). */
-  onEof(): void;
-}
-
-export interface VmDescription {
-  devices: Array<{ name: string; instance_id: number }>;
-}
-
-/** Bound on buffered device state or packaged blob: far above any real VM's. */
-const MAX_DEVICE_STATE = 256 * 1024 * 1024;
 /** A page record plus its longest possible header. */
 const MAX_PAGE_RECORD = 8 + 1 + 255 + TPS;
 
@@ -67,6 +30,8 @@ const latin1 = new TextDecoder("latin1");
 
 export class MigrationStreamReader {
   private readonly handler: ReaderHandler;
+  /** The helper modules throw through this, so that their errors end the stream too. */
+  private readonly fail = (message: string): SgmError => this.error(message);
   private phase: Phase = "header";
   private blocks: RamBlockInfo[] = [];
   private blockIndex = new Map<string, number>();
@@ -91,8 +56,7 @@ export class MigrationStreamReader {
   private carryLen = 0;
 
   // precopy device state and vmdesc, accumulated after RAM END
-  private tail = new Uint8Array(0);
-  private tailLen = 0;
+  private readonly tail = new DeviceStateTail(this.fail);
 
   constructor(handler: ReaderHandler) {
     this.handler = handler;
@@ -187,16 +151,15 @@ export class MigrationStreamReader {
   finish(): void {
     if (this.phase === "done") return;
     if (this.phase === "device") {
-      const t = this.tail.subarray(0, this.tailLen);
-      // suppress-vmdesc machines end with the EOF byte alone
-      if (this.tailLen > 0 && t[this.tailLen - 1] === Section.EOF && !this.findVmdesc()) {
+      const bare = this.tail.withoutVmdesc();
+      if (bare) {
         this.phase = "done";
-        this.handler.onDeviceState(t.subarray(0, this.tailLen - 1), null);
+        this.handler.onDeviceState(bare, null);
         return;
       }
       this.checkTailComplete();
       if (this.isComplete) return;
-      throw this.error(`stream ended inside the device state (${this.tailLen} bytes after RAM)`);
+      throw this.error(`stream ended inside the device state (${this.tail.length} bytes after RAM)`);
     }
     throw this.error(`stream ended in the middle of ${this.phase === "header" ? "the header" : "a record"}`);
   }
@@ -221,57 +184,11 @@ export class MigrationStreamReader {
   }
 
   private parseHeader(pos: number, end: number): number {
-    const start = pos;
-    if (end - pos < 9) return NEED_MORE;
-    const magic = this.dv.getUint32(pos);
-    if (magic !== QEVM_MAGIC) throw this.error(`bad magic 0x${magic.toString(16).padStart(8, "0")} (not a QEMU migration stream)`);
-    const version = this.dv.getUint32(pos + 4);
-    if (version !== QEVM_VERSION) throw this.error(`unsupported stream version ${version}`);
-    pos += 8;
-    if (this.b[pos] === Section.CONFIGURATION) {
-      if (end - pos < 5) return NEED_MORE;
-      const nameLen = this.dv.getUint32(pos + 1);
-      if (nameLen > 256) throw this.error(`machine type name of ${nameLen} bytes`);
-      pos += 5 + nameLen;
-      // subsections: 0x05, counted name, be32 version, body known by name
-      for (;;) {
-        if (pos >= end) return NEED_MORE;
-        if (this.b[pos] !== Section.SUBSECTION) break;
-        if (end - pos < 2) return NEED_MORE;
-        const n = this.b[pos + 1]!;
-        if (end - pos < 2 + n + 4) return NEED_MORE;
-        const name = latin1.decode(this.b.subarray(pos + 2, pos + 2 + n));
-        pos += 2 + n + 4;
-        const bodyLen = this.configurationBodyLength(name, pos, end);
-        if (bodyLen === NEED_MORE) return NEED_MORE;
-        pos += bodyLen;
-      }
-    }
-    this.handler.onHeader(this.b.slice(start, pos));
+    const next = parseStreamHeader(this.b, pos, end, this.fail);
+    if (next === null) return NEED_MORE;
+    this.handler.onHeader(this.b.slice(pos, next));
     this.phase = "records";
-    return pos;
-  }
-
-  private configurationBodyLength(name: string, pos: number, end: number): number {
-    switch (name) {
-      case "configuration/target-page-bits":
-        return end - pos < 4 ? NEED_MORE : 4;
-      case "configuration/uuid":
-        return end - pos < 16 ? NEED_MORE : 16;
-      case "configuration/capabilities": {
-        if (end - pos < 4) return NEED_MORE;
-        const count = this.dv.getUint32(pos);
-        if (count > 64) throw this.error(`configuration lists ${count} capabilities`);
-        let p = pos + 4;
-        for (let i = 0; i < count; i++) {
-          if (p >= end) return NEED_MORE;
-          p += 1 + this.b[p]!;
-        }
-        return p > end ? NEED_MORE : p - pos;
-      }
-      default:
-        throw this.error(`unknown configuration subsection '${name}'`);
-    }
+    return next;
   }
 
   private parseRecord(pos: number, end: number): number {
@@ -302,73 +219,15 @@ export class MigrationStreamReader {
   }
 
   private parseSectionStart(pos: number, end: number, type: number): number {
-    if (end - pos < 6) return NEED_MORE;
-    const id = this.dv.getUint32(pos + 1);
-    const n = this.b[pos + 5]!;
-    if (end - pos < 6 + n + 8) return NEED_MORE;
-    const idstr = latin1.decode(this.b.subarray(pos + 6, pos + 6 + n));
-    const instance = this.dv.getUint32(pos + 6 + n);
-    const version = this.dv.getUint32(pos + 10 + n);
-    if (idstr !== RAM_IDSTR || type !== Section.START) {
-      throw this.error(
-        `section '${idstr}' (instance ${instance}) before RAM: sgm carries only RAM as an iterable ` +
-          "(block migration, dirty bitmaps, vfio and virtio-mem are refused)",
-      );
-    }
-    if (this.ramSectionId >= 0) throw this.error("a second RAM section START");
-    if (version !== RAM_SECTION_VERSION) throw this.error(`RAM section version ${version} (only 4 is known)`);
-    if (id === 0) throw this.error("RAM section id 0");
-    const afterBlocks = this.parseBlockList(pos + 14 + n, end);
-    if (afterBlocks === NEED_MORE) return NEED_MORE;
-    const afterFooter = this.parseFooter(afterBlocks, end, id);
+    const start = parseRamSectionStart(this.b, pos, end, type, this.ramSectionId, this.advised, this.fail);
+    if (start === null) return NEED_MORE;
+    this.blocks = start.blocks;
+    this.blockIndex = new Map(start.blocks.map((b, i) => [b.name, i]));
+    const afterFooter = this.parseFooter(start.next, end, start.id);
     if (afterFooter === NEED_MORE) return NEED_MORE;
-    this.ramSectionId = id;
+    this.ramSectionId = start.id;
     this.handler.onRamBlocks(this.blocks);
     return afterFooter;
-  }
-
-  /** The MEM_SIZE record of the RAM START section, then its EOS. */
-  private parseBlockList(pos: number, end: number): number {
-    if (end - pos < 8) return NEED_MORE;
-    const { offset: total, flags } = this.readRecordHeader(pos);
-    if (flags !== RamFlag.MEM_SIZE) throw this.error(`RAM START begins with ${ramFlagName(flags)}, not MEM_SIZE`);
-    pos += 8;
-    let remaining = total;
-    const blocks: RamBlockInfo[] = [];
-    while (remaining > 0) {
-      if (end - pos < 1) return NEED_MORE;
-      const n = this.b[pos]!;
-      if (n === 0) throw this.error("RAM block with an empty name");
-      if (end - pos < 1 + n + 8) return NEED_MORE;
-      const name = latin1.decode(this.b.subarray(pos + 1, pos + 1 + n));
-      const usedLength = this.readU64(pos + 1 + n);
-      pos += 1 + n + 8;
-      if (usedLength > remaining || usedLength % TPS !== 0) {
-        throw this.error(`RAM block '${name}' of ${usedLength} bytes does not fit the announced total ${total}`);
-      }
-      remaining -= usedLength;
-      // With postcopy-ram on, a block whose page size differs from the host's
-      // carries it as an extra be64. It starts with a zero byte, which no
-      // counted name can, and is never the EOS that ends the list.
-      if (this.advised) {
-        if (end - pos < 8) return NEED_MORE;
-        const peek = this.readU64(pos);
-        const isNextName = this.b[pos] !== 0;
-        const isEos = remaining === 0 && peek === RamFlag.EOS;
-        if (!isNextName && !isEos) {
-          throw this.error(`RAM block '${name}' uses ${peek}-byte pages; sgm carries ${TPS}-byte pages only`);
-        }
-      }
-      blocks.push({ name, usedLength });
-    }
-    if (end - pos < 8) return NEED_MORE;
-    const eos = this.readRecordHeader(pos);
-    if (eos.flags !== RamFlag.EOS) {
-      throw this.error(`RAM block list not followed by EOS but ${ramFlagName(eos.flags)} (x-ignore-shared is not supported)`);
-    }
-    this.blocks = blocks;
-    this.blockIndex = new Map(blocks.map((b, i) => [b.name, i]));
-    return pos + 8;
   }
 
   /** One page record, or the EOS and footer that close the section. */
@@ -478,87 +337,17 @@ export class MigrationStreamReader {
   // ---- precopy device state ----------------------------------------------
 
   private appendTail(src: Uint8Array, from: number): void {
-    const n = src.length - from;
-    if (n <= 0) {
-      this.checkTailComplete();
-      return;
-    }
-    if (this.tailLen + n > MAX_DEVICE_STATE) throw this.error(`device state larger than ${MAX_DEVICE_STATE} bytes`);
-    if (this.tailLen + n > this.tail.length) {
-      const grown = new Uint8Array(Math.max(this.tailLen + n, this.tail.length * 2, 256 * 1024));
-      grown.set(this.tail.subarray(0, this.tailLen));
-      this.tail = grown;
-    }
-    this.tail.set(src.subarray(from), this.tailLen);
-    this.tailLen += n;
+    this.tail.append(src, from);
     this.checkTailComplete();
   }
 
-  /** The precopy stream is complete once it ends in EOF, VMDESCRIPTION, len, JSON. */
   private checkTailComplete(): void {
-    if (this.phase !== "device" || this.tailLen === 0 || this.tail[this.tailLen - 1] !== 0x7d /* } */) return;
-    const found = this.findVmdesc();
+    // feed() may append twice in one call; bytes after a completed stream complete nothing
+    if (this.phase !== "device") return;
+    const found = this.tail.complete();
     if (!found) return;
-    const device = this.tail.subarray(0, found.q - 1);
-    this.validateDeviceState(device, found.vmdesc);
     this.phase = "done";
-    this.handler.onDeviceState(device, found.vmdesc);
-  }
-
-  private findVmdesc(): { q: number; vmdesc: VmDescription } | null {
-    const t = this.tail;
-    const len = this.tailLen;
-    const dv = new DataView(t.buffer, t.byteOffset, len);
-    for (let q = len - 7; q >= 1; q--) {
-      if (t[q] !== Section.VMDESCRIPTION || t[q - 1] !== Section.EOF || t[q + 5] !== 0x7b /* { */) continue;
-      if (dv.getUint32(q + 1) !== len - q - 5) continue;
-      try {
-        const vmdesc = JSON.parse(latin1.decode(t.subarray(q + 5, len))) as VmDescription;
-        if (Array.isArray(vmdesc.devices)) return { q, vmdesc };
-      } catch {
-        // a chance match inside device data; keep looking
-      }
-    }
-    return null;
-  }
-
-  /** Walks the FULL sections along the vmdesc's device list, to be sure where they end. */
-  private validateDeviceState(device: Uint8Array, vmdesc: VmDescription): void {
-    if (device.length === 0 || device[0] !== Section.FULL) {
-      throw this.error("device state does not start with a FULL section");
-    }
-    const dv = new DataView(device.buffer, device.byteOffset, device.length);
-    let pos = 0;
-    for (let i = 0; i < vmdesc.devices.length; i++) {
-      const want = vmdesc.devices[i]!;
-      if (device[pos] !== Section.FULL || pos + 6 > device.length) throw this.error(`device section ${i} ('${want.name}') is not a FULL section`);
-      const id = dv.getUint32(pos + 1);
-      const n = device[pos + 5]!;
-      const name = latin1.decode(device.subarray(pos + 6, pos + 6 + n));
-      const instance = dv.getUint32(pos + 6 + n);
-      if (name !== want.name || instance !== want.instance_id) {
-        throw this.error(`device section ${i} is '${name}' #${instance}, the description says '${want.name}' #${want.instance_id}`);
-      }
-      const footer = [Section.FOOTER, (id >>> 24) & 0xff, (id >>> 16) & 0xff, (id >>> 8) & 0xff, id & 0xff];
-      const next = vmdesc.devices[i + 1];
-      let found = -1;
-      for (let f = device.indexOf(Section.FOOTER, pos + 14 + n); f >= 0; f = device.indexOf(Section.FOOTER, f + 1)) {
-        if (!footer.every((byte, k) => device[f + k] === byte)) continue;
-        const after = f + 5;
-        if (next === undefined ? after === device.length : device[after] === Section.FULL && this.sectionNameAt(device, after) === next.name) {
-          found = after;
-          break;
-        }
-      }
-      if (found < 0) throw this.error(`cannot find the end of device section '${want.name}'`);
-      pos = found;
-    }
-    if (pos !== device.length) throw this.error(`${device.length - pos} bytes of device state beyond the described devices`);
-  }
-
-  private sectionNameAt(b: Uint8Array, pos: number): string {
-    const n = b[pos + 5];
-    return n === undefined ? "" : latin1.decode(b.subarray(pos + 6, pos + 6 + n));
+    this.handler.onDeviceState(found.device, found.vmdesc);
   }
 
   // ---- helpers -------------------------------------------------------------
@@ -580,17 +369,6 @@ export class MigrationStreamReader {
     const index = this.blockIndex.get(name);
     if (index === undefined) throw this.error(`page for unknown RAM block '${name}'`);
     return index;
-  }
-
-  private readRecordHeader(pos: number): { offset: number; flags: number } {
-    const hi = this.dv.getUint32(pos);
-    const lo = this.dv.getUint32(pos + 4);
-    const flags = lo & RAM_FLAG_MASK;
-    return { offset: hi * 0x1_0000_0000 + (lo - flags), flags };
-  }
-
-  private readU64(pos: number): number {
-    return this.dv.getUint32(pos) * 0x1_0000_0000 + this.dv.getUint32(pos + 4);
   }
 
   private filledPage(fill: number): Uint8Array {
