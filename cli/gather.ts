@@ -6,7 +6,6 @@ import type { CAC } from "cac";
 import { type GatherReport, runGather } from "../core/gather/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { addTlsOptions, readTls, type TlsFlags } from "./tls-flags.ts";
-import { defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import { parseCount, parseHostPort, parseRate, parseVmPairs, requireString } from "./args.ts";
 import { formatBytes } from "../core/units.ts";
 import { formatMs, info, printJson, setQuiet, warn } from "./output.ts";
@@ -49,7 +48,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
   addTlsOptions(command)
     .option("--max-rate <rate>", "Receive at most this much per second, from the scatter and relays together, e.g. 100MiB/s")
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
-    .option("--digest-threads <n>", `Threads that check the scatter's pages against their digests beside the one that feeds QEMU; 0 for that one (default here: ${defaultDigestThreads()}, from the cores: up to 4, leaving 2)`)
+    .option("--digest-threads <n>", "Threads that check the scatter's pages against their digests beside the one that feeds QEMU (default 0: that one; each thread costs about 20 MiB here)")
     .option("--state-dir <dir>", "Where to save each VM's state once it runs here, so a gather restarted with --resume can finish it; 'none' saves nothing (default /run/sgm for root, else $XDG_RUNTIME_DIR/sgm)")
     .option("--resume", "Finish the VMs a gather that died after switchover left paused at their destinations, from the states it saved; give the same flags as to it")
     .option("--json", "Print the final report as JSON on stdout")
@@ -63,7 +62,8 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
       const postcopyBandwidth = flags.postcopyBandwidth === undefined ? undefined : parseRate("--postcopy-bandwidth", String(flags.postcopyBandwidth));
       if (flags.resume && flags.readyFd !== undefined) throw new SgmError("usage", "--ready-fd with --resume: a resumed gather listens for no scatter");
       const stateDir = parseStateDir(flags.stateDir, Boolean(flags.resume));
-      const digestThreads = flags.digestThreads === undefined ? defaultDigestThreads() : parseCount("--digest-threads", flags.digestThreads, 0, 64);
+      // not from the cores as scatter and relay do: a destination may be short of memory, and the gather is not what evicts
+      const digestThreads = flags.digestThreads === undefined ? 0 : parseCount("--digest-threads", flags.digestThreads, 0, 64);
       const psk = loadPsk(requireString("--psk-file", flags.pskFile));
       const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
