@@ -5,7 +5,8 @@
 // back in the order they were submitted, whichever worker finishes first.
 //
 // A batch is the caller's until it is submitted and again inside its
-// callback; after the callback it is reused for a later batch.
+// callback; after the callback it is reused for a later batch, unless the
+// callback returns KEEP: then it stays the caller's until release().
 
 import { availableParallelism } from "node:os";
 import { SgmError } from "../errors.ts";
@@ -33,10 +34,15 @@ export interface DigestBatch {
   count: number;
 }
 
+/** From a batch's callback: the caller still reads the batch, and gives it back with release(). */
+export const KEEP = Symbol("keep the batch");
+
+type OnDone = (batch: DigestBatch) => void | typeof KEEP;
+
 interface Submitted {
   batch: DigestBatch;
   done: boolean;
-  onDone: (batch: DigestBatch) => void;
+  onDone: OnDone;
   onError: (err: SgmError) => void;
 }
 
@@ -83,13 +89,18 @@ export class DigestPool {
    * submitted before it. If a thread fails, every batch in flight gets
    * `onError` instead, and no batch completes after that.
    */
-  submit(batch: DigestBatch, onDone: (batch: DigestBatch) => void, onError: (err: SgmError) => void): void {
+  submit(batch: DigestBatch, onDone: OnDone, onError: (err: SgmError) => void): void {
     if (this.failure) throw this.failure;
     const entry: Submitted = { batch, done: false, onDone, onError };
     this.inFlight.push(entry);
     this.byId.set(batch.id, entry);
     this.workers[this.next]!.postMessage(jobMessage(batch.id, batch.count));
     this.next = (this.next + 1) % this.workers.length;
+  }
+
+  /** A batch kept from its callback (KEEP) may be reused. */
+  release(batch: DigestBatch): void {
+    this.free.push(batch);
   }
 
   close(): void {
@@ -118,8 +129,7 @@ export class DigestPool {
     while (this.inFlight.length > 0 && this.inFlight[0]!.done) {
       const head = this.inFlight.shift()!;
       this.byId.delete(head.batch.id);
-      head.onDone(head.batch);
-      this.free.push(head.batch);
+      if (head.onDone(head.batch) !== KEEP) this.free.push(head.batch);
     }
   }
 

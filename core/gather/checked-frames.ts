@@ -4,10 +4,11 @@
 // has them, since SHA-256 of every page was a fifth of its main thread. A
 // frame behind a PAGE_DATA still being checked waits for it (copied: its
 // bytes are the connection's once the frame handler returns), so content is
-// known here before any page map names it.
+// known here before any page map names it; and none applies while the
+// handler holds the frames back, as a paused connection delivers none.
 
 import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPage } from "../dedup/digest.ts";
-import type { DigestBatch, DigestPool } from "../dedup/digest-pool.ts";
+import { type DigestBatch, type DigestPool, KEEP } from "../dedup/digest-pool.ts";
 import { SgmError } from "../errors.ts";
 import { FrameType, readPageData } from "../wire/messages.ts";
 
@@ -21,15 +22,26 @@ export interface CheckedFramesHandler {
   /** Too many frames wait for their check: stop reading, until resume(). */
   pause(): void;
   resume(): void;
+  /** Frames may not be applied now (the handler waits for its destination, relays, memory or rate): proceed() once they may. */
+  blocked(): boolean;
   /** A page did not match its digest, a frame failed to apply, or a digest thread failed. */
   fail(err: SgmError): void;
 }
 
 type Waiting =
-  | { kind: "data"; batch: DigestBatch; digests: Uint8Array; frameBytes: number; checked: boolean }
+  | {
+      kind: "data";
+      batch: DigestBatch;
+      digests: Uint8Array;
+      frameBytes: number;
+      checked: boolean;
+      applied: boolean;
+      /** Checked while frames were held back: the batch is still ours (KEEP), released once applied. */
+      kept: boolean;
+    }
   | { kind: "other"; type: number; payload: Uint8Array };
 
-/** PAGE_DATA frames (64 pages at most) waiting for their check before reading stops: 4 MiB of pages. */
+/** Frames waiting before reading stops: at most 4 MiB of pages, in 16 batches of 512 KiB. */
 const MAX_WAITING = 16;
 
 export class CheckedFrames {
@@ -39,9 +51,6 @@ export class CheckedFrames {
   private readonly digest = new Uint8Array(DIGEST_BYTES);
   private paused = false;
   private dropped = false;
-  /** Why frames were dropped, when a check or an apply failed here. */
-  failure: SgmError | null = null;
-  private idleWaiters: Array<() => void> = [];
 
   constructor(pool: DigestPool | null, handler: CheckedFramesHandler) {
     this.pool = pool;
@@ -68,29 +77,33 @@ export class CheckedFrames {
     this.handler.tookData(payload.length);
   }
 
-  /** Resolves once no frame waits (at once if none does), or when they are dropped. */
-  whenIdle(): Promise<void> {
-    if (this.waiting.length === 0 || this.dropped) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  /** The handler holds frames back no more: those waiting apply, as far as their checks are done. */
+  proceed(): void {
+    if (this.waiting.length > 0) this.applyWaiting();
   }
 
-  /** The connection failed: frames still waiting are never applied. */
+  /** The connection is gone: frames still waiting are never applied (as it drops what it held). */
   drop(): void {
     this.dropped = true;
+    for (const entry of this.waiting) if (entry.kind === "data" && entry.kept) this.pool!.release(entry.batch);
     this.waiting.length = 0;
-    this.wakeIdle();
   }
 
-  /** Frames waiting for their check, or behind one. */
+  /** Frames waiting for their check, behind one, or held back. */
   get waitingFrames(): number {
     return this.waiting.length;
   }
 
   private queue(type: number, payload: Uint8Array): void {
-    if (type !== FrameType.PAGE_DATA) {
-      this.waiting.push({ kind: "other", type, payload: payload.slice() });
-      return;
+    if (type !== FrameType.PAGE_DATA) this.waiting.push({ kind: "other", type, payload: payload.slice() });
+    else this.queueData(payload);
+    if (this.waiting.length >= MAX_WAITING && !this.paused) {
+      this.paused = true;
+      this.handler.pause();
     }
+  }
+
+  private queueData(payload: Uint8Array): void {
     const pool = this.pool!;
     const batch = pool.acquire();
     let count = 0;
@@ -103,7 +116,7 @@ export class CheckedFrames {
       n++;
     });
     batch.count = count;
-    const entry: Waiting = { kind: "data", batch, digests, frameBytes: payload.length, checked: false };
+    const entry: Waiting & { kind: "data" } = { kind: "data", batch, digests, frameBytes: payload.length, checked: false, applied: false, kept: false };
     this.waiting.push(entry);
     // batches complete in the order they were submitted: this one's callback runs with it at the head
     pool.submit(
@@ -111,18 +124,18 @@ export class CheckedFrames {
       () => {
         entry.checked = true;
         this.applyWaiting();
+        if (entry.applied || this.dropped) return;
+        // held back: its pages stay in the batch, which the pool must not reuse yet
+        entry.kept = true;
+        return KEEP;
       },
       (err) => this.failWith(err),
     );
-    if (this.waiting.length >= MAX_WAITING && !this.paused) {
-      this.paused = true;
-      this.handler.pause();
-    }
   }
 
   private applyWaiting(): void {
     try {
-      while (this.waiting.length > 0 && !this.dropped) {
+      while (this.waiting.length > 0 && !this.dropped && !this.handler.blocked()) {
         const head = this.waiting[0]!;
         if (head.kind === "data" && !head.checked) break;
         this.waiting.shift();
@@ -133,7 +146,12 @@ export class CheckedFrames {
             copyBytes(batch.digests, k * DIGEST_BYTES, this.digest, 0, DIGEST_BYTES);
             this.check(digests, k * DIGEST_BYTES);
           }
-          for (let k = 0; k < batch.count; k++) this.handler.receive(digests, k * DIGEST_BYTES, batch.pages.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES));
+          head.applied = true;
+          try {
+            for (let k = 0; k < batch.count; k++) this.handler.receive(digests, k * DIGEST_BYTES, batch.pages.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES));
+          } finally {
+            if (head.kept) this.pool!.release(batch);
+          }
           this.handler.tookData(head.frameBytes);
         }
       }
@@ -145,7 +163,6 @@ export class CheckedFrames {
       this.paused = false;
       this.handler.resume();
     }
-    if (this.waiting.length === 0) this.wakeIdle();
   }
 
   /** The digest just computed (this.digest) must be the one at `at` of `digests`. */
@@ -156,14 +173,7 @@ export class CheckedFrames {
   }
 
   private failWith(err: SgmError): void {
-    this.failure ??= err;
     this.drop();
     this.handler.fail(err);
-  }
-
-  private wakeIdle(): void {
-    const waiters = this.idleWaiters;
-    this.idleWaiters = [];
-    for (const wake of waiters) wake();
   }
 }

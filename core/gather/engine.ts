@@ -107,26 +107,26 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
   let listener: PeerListener | null = null;
   if (toResume) resumed = resumeAll(toResume.ready, shared);
   else {
-    listener = listenPeers({
-      host: options.listen.host,
-      port: options.listen.port,
-      psk: options.psk,
-      tls: options.tls,
-      role: "gather",
-      acceptRoles: ["scatter"],
-      maxPayload,
-      onConnection: (conn) => {
-        log(`scatter connected from ${conn.remoteAddress}`);
-        sessions.push(new ScatterSession(conn, shared));
-      },
-      onRejected: (address, err) => log(`dropped ${address}: ${err.message}`),
-    });
     try {
+      listener = listenPeers({
+        host: options.listen.host,
+        port: options.listen.port,
+        psk: options.psk,
+        tls: options.tls,
+        role: "gather",
+        acceptRoles: ["scatter"],
+        maxPayload,
+        onConnection: (conn) => {
+          log(`scatter connected from ${conn.remoteAddress}`);
+          sessions.push(new ScatterSession(conn, shared));
+        },
+        onRejected: (address, err) => log(`dropped ${address}: ${err.message}`),
+      });
       options.onListening?.(listener.port);
     } catch (err) {
-      // nothing is arriving yet: let go of everything and say why
+      // nothing is arriving yet (the address is taken, or the caller failed): let go of everything and say why
       options.signal?.removeEventListener("abort", onAbort);
-      listener.close();
+      listener?.close();
       for (const d of dests) d.close();
       shared.digestPool?.close();
       rmSync(shared.socketDir, { recursive: true, force: true });

@@ -91,14 +91,15 @@ export class ScatterSession {
       tookData: (bytes) => this.tookData(bytes),
       pause: () => this.hold("checks"),
       resume: () => this.unhold("checks"),
-      fail: (err) => this.conn.abort(err.kind === "data" ? new SgmError("data", `${this.conn.remoteAddress}: ${err.message}`, { cause: err }) : err),
+      // any hold but the checks' own: a paused connection would deliver nothing more either
+      blocked: () => this.holds.size > (this.holds.has("checks") ? 1 : 0),
+      fail: (err) => this.conn.abort(this.peerError(err)),
     });
     conn.onFrame((type, payload) => this.onFrame(type, payload));
-    void conn.closed.then(async (reason) => {
-      // frames read before a clean close are the scatter's last word: applied first
-      if (reason) this.frames.drop();
-      else await this.frames.whenIdle();
-      this.onClosed(reason ?? this.frames.failure ?? undefined);
+    void conn.closed.then((reason) => {
+      // as the connection drops frames it held while paused, so are those still waiting here
+      this.frames.drop();
+      this.onClosed(reason);
     });
   }
 
@@ -307,6 +308,15 @@ export class ScatterSession {
   private unhold(reason: string): void {
     this.holds.delete(reason);
     if (this.holds.size === 0) this.conn.resumeReading();
+    // frames read before the hold, waiting here, go first
+    if (reason !== "checks") this.frames.proceed();
+  }
+
+  /** An error in the scatter's frames, tied to its address once (as the connection does for a frame handler's). */
+  private peerError(err: SgmError): SgmError {
+    const address = this.conn.remoteAddress;
+    if (err.kind !== "data" || err.message.startsWith(`${address}:`)) return err;
+    return new SgmError("data", `${address}: ${err.message}`, { cause: err });
   }
 
   private vm(id: number): VmArrival {
