@@ -50,6 +50,8 @@ export class DigestPool {
   private readonly workers: Worker[];
   private readonly batches: DigestBatch[] = [];
   private readonly free: DigestBatch[] = [];
+  /** Batches whose callback returned KEEP, until release(). */
+  private readonly kept = new Set<DigestBatch>();
   private readonly inFlight: Submitted[] = [];
   private readonly byId = new Map<number, Submitted>();
   private next = 0;
@@ -100,6 +102,8 @@ export class DigestPool {
 
   /** A batch kept from its callback (KEEP) may be reused. */
   release(batch: DigestBatch): void {
+    // released twice, one batch would be two callers' at once: pages overwritten under one of them
+    if (!this.kept.delete(batch)) throw new SgmError("internal", `digest batch ${batch.id} released but not kept`);
     this.free.push(batch);
   }
 
@@ -129,7 +133,8 @@ export class DigestPool {
     while (this.inFlight.length > 0 && this.inFlight[0]!.done) {
       const head = this.inFlight.shift()!;
       this.byId.delete(head.batch.id);
-      if (head.onDone(head.batch) !== KEEP) this.free.push(head.batch);
+      if (head.onDone(head.batch) === KEEP) this.kept.add(head.batch);
+      else this.free.push(head.batch);
     }
   }
 

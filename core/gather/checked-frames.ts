@@ -51,6 +51,7 @@ export class CheckedFrames {
   private readonly digest = new Uint8Array(DIGEST_BYTES);
   private paused = false;
   private dropped = false;
+  private readonly checkedWaiters: Array<() => void> = [];
 
   constructor(pool: DigestPool | null, handler: CheckedFramesHandler) {
     this.pool = pool;
@@ -82,11 +83,24 @@ export class CheckedFrames {
     if (this.waiting.length > 0) this.applyWaiting();
   }
 
-  /** The connection is gone: frames still waiting are never applied (as it drops what it held). */
+  /**
+   * Resolves once no frame waits for its check: all are applied, or those
+   * left are held back (the handler's hold: drop them then), or dropped. A
+   * check always ends (done, or the threads fail), so this never hangs.
+   */
+  whenChecked(): Promise<void> {
+    const settled = Promise.withResolvers<void>();
+    this.checkedWaiters.push(settled.resolve);
+    this.settleIfChecked();
+    return settled.promise;
+  }
+
+  /** The connection is gone: frames still waiting are never applied. */
   drop(): void {
     this.dropped = true;
     for (const entry of this.waiting) if (entry.kind === "data" && entry.kept) this.pool!.release(entry.batch);
     this.waiting.length = 0;
+    this.settleIfChecked();
   }
 
   /** Frames waiting for their check, behind one, or held back. */
@@ -142,12 +156,12 @@ export class CheckedFrames {
         if (head.kind === "other") this.handler.apply(head.type, head.payload);
         else {
           const { batch, digests } = head;
-          for (let k = 0; k < batch.count; k++) {
-            copyBytes(batch.digests, k * DIGEST_BYTES, this.digest, 0, DIGEST_BYTES);
-            this.check(digests, k * DIGEST_BYTES);
-          }
           head.applied = true;
           try {
+            for (let k = 0; k < batch.count; k++) {
+              copyBytes(batch.digests, k * DIGEST_BYTES, this.digest, 0, DIGEST_BYTES);
+              this.check(digests, k * DIGEST_BYTES);
+            }
             for (let k = 0; k < batch.count; k++) this.handler.receive(digests, k * DIGEST_BYTES, batch.pages.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES));
           } finally {
             if (head.kept) this.pool!.release(batch);
@@ -163,6 +177,7 @@ export class CheckedFrames {
       this.paused = false;
       this.handler.resume();
     }
+    this.settleIfChecked();
   }
 
   /** The digest just computed (this.digest) must be the one at `at` of `digests`. */
@@ -170,6 +185,12 @@ export class CheckedFrames {
     for (let i = 0; i < DIGEST_BYTES; i++) {
       if (this.digest[i] !== digests[at + i]) throw new SgmError("data", "page content does not match its digest");
     }
+  }
+
+  private settleIfChecked(): void {
+    if (this.checkedWaiters.length === 0) return;
+    if (this.waiting.length > 0 && !this.dropped && !this.handler.blocked()) return;
+    for (const resolve of this.checkedWaiters.splice(0)) resolve();
   }
 
   private failWith(err: SgmError): void {

@@ -37,6 +37,9 @@ import type { VmArrival } from "./vm-arrival.ts";
 const HELD_HIGH = 32 * 1024 * 1024;
 const HELD_LOW = 24 * 1024 * 1024;
 
+/** Holds that stop frames already read (see holdsFrames). */
+const HOLDS_FRAMES: ReadonlySet<string> = new Set(["relays", "destination", "memory"]);
+
 /** What every scatter session of one gather shares. */
 export interface GatherShared {
   arrivals: Map<string, VmArrival>;
@@ -65,6 +68,8 @@ export class ScatterSession {
   private readonly holds = new Set<string>();
   /** The scatter's frames in order, PAGE_DATA checked first. */
   private readonly frames: CheckedFrames;
+  /** Why checked frames failed the connection, should it have closed already. */
+  private framesFailure: SgmError | null = null;
   private resumeTimer: ReturnType<typeof setTimeout> | null = null;
   /** PAGE_DATA payload bytes taken in, and how many of them the scatter has been told of. */
   private dataTaken = 0;
@@ -91,15 +96,18 @@ export class ScatterSession {
       tookData: (bytes) => this.tookData(bytes),
       pause: () => this.hold("checks"),
       resume: () => this.unhold("checks"),
-      // any hold but the checks' own: a paused connection would deliver nothing more either
-      blocked: () => this.holds.size > (this.holds.has("checks") ? 1 : 0),
-      fail: (err) => this.conn.abort(this.peerError(err)),
+      blocked: () => this.holdsFrames(),
+      fail: (err) => {
+        this.framesFailure ??= this.peerError(err);
+        this.conn.abort(this.framesFailure);
+      },
     });
     conn.onFrame((type, payload) => this.onFrame(type, payload));
-    void conn.closed.then((reason) => {
-      // as the connection drops frames it held while paused, so are those still waiting here
+    void conn.closed.then(async (reason) => {
+      // frames read before a clean close go first, as far as their checks and holds let them: the scatter's last word ("failed") may be among them
+      if (!reason) await this.frames.whenChecked();
       this.frames.drop();
-      this.onClosed(reason);
+      this.onClosed(reason ?? this.framesFailure ?? undefined);
     });
   }
 
@@ -309,7 +317,17 @@ export class ScatterSession {
     this.holds.delete(reason);
     if (this.holds.size === 0) this.conn.resumeReading();
     // frames read before the hold, waiting here, go first
-    if (reason !== "checks") this.frames.proceed();
+    if (HOLDS_FRAMES.has(reason)) this.frames.proceed();
+  }
+
+  /**
+   * Frames already read may not be applied now. Applied as they were read,
+   * a frame that set one of these holds stopped the rest of what was read
+   * with it; rate and checks stop only the reading.
+   */
+  private holdsFrames(): boolean {
+    for (const reason of this.holds) if (HOLDS_FRAMES.has(reason)) return true;
+    return false;
   }
 
   /** An error in the scatter's frames, tied to its address once (as the connection does for a frame handler's). */
