@@ -269,15 +269,15 @@ describe("fuzz", () => {
 
   // ---- gather ---------------------------------------------------------------------
 
-  test("gather: a scatter's session replayed with frames mutated, dropped and repeated: no crash, no hang, no page unlike its digest reaches QEMU", async () => {
+  test.each([0, 2])("gather (%i digest threads): a scatter's session replayed with frames mutated, dropped and repeated: no crash, no hang, no page unlike its digest reaches QEMU", async (digestThreads) => {
     // a small VM: a quarter zero pages, the rest from 50 contents
     const script: SourceScript = { blocks: [{ name: "pc.ram", pages: 256 }], initial: (i) => (i % 4 === 3 ? 0 : 1 + (i % 50)), writes: () => [], passes: 1 };
     const recorded = await recordScatterFrames(script);
     expect(recorded.length).toBeGreaterThan(3);
     console.log(`gather: a session of ${recorded.length} frames recorded`);
     const outcomes = { completed: 0, failed: 0, waiting: 0 };
-    await fuzz("gather", async (rng, n) => {
-      const destination = new ModelDestinationQemu(dir, `fz${n}-in`, { blocks: script.blocks });
+    await fuzz(`gather on ${digestThreads} digest threads`, async (rng, n) => {
+      const destination = new ModelDestinationQemu(dir, `fz${digestThreads}t${n}-in`, { blocks: script.blocks });
       const stop = new AbortController();
       const logs: string[] = [];
       try {
@@ -287,6 +287,7 @@ describe("fuzz", () => {
           vms: [{ name: "fz", qmp: destination.qmpPath }],
           psk,
           stateDir: null,
+          digestThreads,
           signal: stop.signal,
           log: (line) => logs.push(line),
           onListening: (port) => listening.resolve(port),
@@ -339,7 +340,7 @@ describe("fuzz", () => {
         destination.close();
       }
     });
-    console.log(`gather: ${outcomes.completed} completed, ${outcomes.failed} failed, ${outcomes.waiting} never offered a VM`);
+    console.log(`gather on ${digestThreads} digest threads: ${outcomes.completed} completed, ${outcomes.failed} failed, ${outcomes.waiting} never offered a VM`);
     expect(outcomes.failed).toBeGreaterThan(0);
   }, 180_000);
 
