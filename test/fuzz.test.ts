@@ -17,7 +17,8 @@ import { MAX_QMP_LINE, QmpClient } from "../core/qmp/client.ts";
 import { runGather } from "../core/gather/engine.ts";
 import { type Relay, startRelay } from "../core/relay/engine.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
-import { FrameType, encodeControl } from "../core/wire/messages.ts";
+import { encodeControl } from "../core/wire/control.ts";
+import { FrameType } from "../core/wire/messages.ts";
 import { probeHeader, ProbeFrame } from "../core/wire/probe-frames.ts";
 import {
   RelayFrame,

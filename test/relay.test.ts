@@ -8,7 +8,8 @@ import { IdSet } from "../core/dedup/id-set.ts";
 import { PAUSE_ABOVE } from "../core/relay/session.ts";
 import type { Role } from "../core/wire/auth.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
-import { type Control, FrameType, decodeControl, encodeControl, maxPayload } from "../core/wire/messages.ts";
+import { type Control, decodeControl, encodeControl } from "../core/wire/control.ts";
+import { FrameType, maxPayload } from "../core/wire/messages.ts";
 import {
   RelayFrame,
   encodeDigestRequest,

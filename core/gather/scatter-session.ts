@@ -7,18 +7,8 @@ import { asSgmError, SgmError } from "../errors.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
 import { encodeProbeAck, ProbeFrame } from "../wire/probe-frames.ts";
 import type { PeerConnection, TlsFiles } from "../wire/connection.ts";
-import {
-  type Control,
-  decodeControl,
-  decodeVmBytes,
-  encodeControl,
-  ENTRY_PENDING,
-  FrameType,
-  readLocations,
-  readDigests,
-  readPageMap,
-  VmBytesKind,
-} from "../wire/messages.ts";
+import { type Control, decodeControl, encodeControl } from "../wire/control.ts";
+import { decodeVmBytes, ENTRY_PENDING, FrameType, readLocations, readDigests, readPageMap, VmBytesKind } from "../wire/messages.ts";
 import { CheckedFrames } from "./checked-frames.ts";
 import { ContentDirectory } from "./content-directory.ts";
 import type { SavedRun } from "./feed-state.ts";

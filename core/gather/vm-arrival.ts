@@ -6,7 +6,7 @@ import type { Phase, VmProgress } from "../progress.ts";
 import { SgmError } from "../errors.ts";
 import { trace } from "../trace.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
-import type { Control } from "../wire/messages.ts";
+import type { Control } from "../wire/control.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import { DestinationFeed, type FeedOptions } from "./destination-feed.ts";
 import type { FeedStats } from "./feed-stats.ts";

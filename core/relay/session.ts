@@ -9,7 +9,8 @@ import type { DigestBatch, DigestPool } from "../dedup/digest-pool.ts";
 import type { PageStore } from "../dedup/page-store.ts";
 import { SgmError, asSgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { FrameType, decodeControl, encodeControl } from "../wire/messages.ts";
+import { decodeControl, encodeControl } from "../wire/control.ts";
+import { FrameType } from "../wire/messages.ts";
 import {
   GET_BATCH,
   PagesBuilder,

@@ -4,7 +4,8 @@
 
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { type Control, encodeControl, FrameType } from "../wire/messages.ts";
+import { type Control, encodeControl } from "../wire/control.ts";
+import { FrameType } from "../wire/messages.ts";
 
 export class GatherReplies {
   private readonly conn: PeerConnection;

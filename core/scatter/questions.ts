@@ -4,7 +4,8 @@
 
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { type Control, decodeControl, encodeControl, FrameType } from "../wire/messages.ts";
+import { type Control, decodeControl, encodeControl } from "../wire/control.ts";
+import { FrameType } from "../wire/messages.ts";
 import { exchange } from "./exchange.ts";
 
 /** How long a peer has to answer before it is dropped. */

@@ -7,7 +7,8 @@
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { decodeControl, FrameType } from "../wire/messages.ts";
+import { decodeControl } from "../wire/control.ts";
+import { FrameType } from "../wire/messages.ts";
 import { encodeHoldOf, encodeKeepOf, PutBuilder, readAck, readPut, RelayFrame } from "../wire/relay-messages.ts";
 
 /** A page the relay refused: its content id and where its digest and bytes still are. */

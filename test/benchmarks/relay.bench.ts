@@ -21,7 +21,8 @@
 import { cpus } from "node:os";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../../core/dedup/digest.ts";
 import { PeerConnection } from "../../core/wire/connection.ts";
-import { FrameType, decodeControl, encodeControl, maxPayload } from "../../core/wire/messages.ts";
+import { decodeControl, encodeControl } from "../../core/wire/control.ts";
+import { FrameType, maxPayload } from "../../core/wire/messages.ts";
 import {
   GET_BATCH,
   PUT_BATCH,
