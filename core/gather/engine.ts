@@ -20,7 +20,8 @@ import { openForResume, resumeAll, unresumableReport } from "./resume.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
 import type { HolderPlan } from "../qmp/holder-launch.ts";
 import type { FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
-import { type ArrivalReport, VmArrival } from "./vm-arrival.ts";
+import type { ArrivalReport } from "./arrival-report.ts";
+import { VmArrival } from "./vm-arrival.ts";
 import { type GatherShared, ScatterSession } from "./scatter-session.ts";
 
 export interface GatherOptions {

@@ -19,7 +19,8 @@ import { ContentDirectory } from "./content-directory.ts";
 import { DestinationQemu } from "./destination-qemu.ts";
 import { RelayFetcher } from "./relay-fetcher.ts";
 import { loadResumeState, type ResumeState } from "./resume-state.ts";
-import { type ArrivalReport, VmArrival } from "./vm-arrival.ts";
+import type { ArrivalReport } from "./arrival-report.ts";
+import { VmArrival } from "./vm-arrival.ts";
 
 export interface ResumeContext {
   socketDir: string;

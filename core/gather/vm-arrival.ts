@@ -2,31 +2,17 @@
 // destination QEMU reporting the migration completed.
 
 import { TPS } from "../qemu/constants.ts";
-import type { Phase, VmProgress } from "../progress.ts";
+import type { VmProgress } from "../progress.ts";
 import { SgmError } from "../errors.ts";
 import { trace } from "../trace.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import type { Control } from "../wire/control.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import { DestinationFeed, type FeedOptions } from "./destination-feed.ts";
-import type { FeedStats } from "./feed-stats.ts";
+import { type ArrivalReport, type ArrivalStage as Stage, arrivalPhase, arrivalReport } from "./arrival-report.ts";
 import type { ResumeState } from "./resume-state.ts";
 import type { SavedRun } from "./feed-state.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
-
-export interface ArrivalReport {
-  name: string;
-  ok: boolean;
-  error?: string;
-  exitCode?: number;
-  qemu: { source: string | null; destination: string; machine: string };
-  /** From scatter's start until the destination completed. */
-  totalMs: number | null;
-  /** Source STOP to destination RESUME. */
-  downtimeMs: number | null;
-  bytes: { toQemu: number };
-  pages: FeedStats & { total: number };
-}
 
 /** Where and how a VM's state is saved for --resume (feed-state.ts). */
 export interface Saving {
@@ -37,8 +23,6 @@ export interface Saving {
 
 /** What a lost relay means for a VM: nothing it lacks, it waits for its source to stream again, or it failed. */
 export type LossOutcome = "unharmed" | "waits" | "failed";
-
-type Stage = "waiting" | "offered" | "streaming" | "source-done" | "switching" | "running" | "completed" | "failed";
 
 export class VmArrival {
   readonly name: string;
@@ -387,49 +371,20 @@ export class VmArrival {
   /** Where this arrival stands, for the progress display. */
   snapshot(): VmProgress {
     const total = this.feed ? this.feed.table.total * TPS : null;
-    return { name: this.name, phase: this.phase(), pass: 0, bytes: this.feed?.bytesToQemu ?? 0, totalBytes: total };
-  }
-
-  private phase(): Phase {
-    switch (this.stage) {
-      case "waiting":
-      case "offered":
-        return "checking";
-      case "streaming":
-        return "gathering";
-      case "source-done":
-      case "switching":
-        return "switchover";
-      case "running":
-        return "running";
-      case "completed":
-        return "done";
-      case "failed":
-        return "failed";
-    }
+    return { name: this.name, phase: arrivalPhase(this.stage), pass: 0, bytes: this.feed?.bytesToQemu ?? 0, totalBytes: total };
   }
 
   report(): ArrivalReport {
-    const stats = this.feed?.stats;
-    return {
+    return arrivalReport({
       name: this.name,
       ok: this.stage === "completed",
-      ...(this.error ? { error: this.error.message, exitCode: this.error.exitCode } : {}),
+      error: this.error,
       qemu: { source: this.sourceQemu, destination: this.dest.qemuVersion, machine: this.dest.machine },
-      totalMs: this.completedAt !== null && this.startedAt !== null ? Math.round(this.completedAt - this.startedAt) : null,
-      downtimeMs: this.resumedAt !== null && this.stoppedAt !== null ? Math.round(this.resumedAt - this.stoppedAt) : null,
-      bytes: { toQemu: this.feed?.bytesToQemu ?? 0 },
-      pages: {
-        total: this.feed?.table.total ?? 0,
-        fedPages: stats?.fedPages ?? 0,
-        discardedPages: stats?.discardedPages ?? 0,
-        deliveredPages: stats?.deliveredPages ?? 0,
-        requests: stats?.requests ?? 0,
-        requestedPagesServed: stats?.requestedPagesServed ?? 0,
-        requestedFromRelays: stats?.requestedFromRelays ?? 0,
-        requestedFromSource: stats?.requestedFromSource ?? 0,
-      },
-    };
+      times: { startedAt: this.startedAt, stoppedAt: this.stoppedAt, resumedAt: this.resumedAt, completedAt: this.completedAt },
+      bytesToQemu: this.feed?.bytesToQemu ?? 0,
+      totalPages: this.feed?.table.total ?? 0,
+      stats: this.feed?.stats ?? null,
+    });
   }
 
   private complete(): void {
