@@ -145,6 +145,17 @@ describe("CheckedFrames", () => {
     });
   }
 
+  test("large frames waiting behind a check stop the reading by their bytes, not only by their number", async () => {
+    const r = recorder(pool);
+    const frames: Array<[number, Uint8Array, number, number]> = [[FrameType.PAGE_DATA, pageData(0, 64), 0, 64]];
+    // three frames of 3 MiB (as large as a device state may come): 9 MiB copied while the check runs, in 4 frames
+    for (let f = 0; f < 3; f++) frames.push([FrameType.UNPIN, new Uint8Array(3 << 20).fill(f + 1), 0, 0]);
+    for (const [type, payload] of frames) r.frames.take(type, payload);
+    expect(r.counts().pauses).toBe(1);
+    await within(r.reach(expected(frames).length), 4_000, "the frames applied");
+    expect(r.counts()).toEqual({ pauses: 1, resumes: 1 });
+  });
+
   test("frames still waiting when the connection fails are never applied", async () => {
     const r = recorder(pool);
     for (let f = 0; f < 8; f++) r.frames.take(FrameType.PAGE_DATA, pageData(f * 64, 64));

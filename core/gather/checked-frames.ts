@@ -43,6 +43,8 @@ type Waiting =
 
 /** Frames waiting before reading stops: at most 4 MiB of pages, in 16 batches of 512 KiB. */
 const MAX_WAITING = 16;
+/** And the other frames' copies: a page map is up to 640 KiB, a VM_BYTES frame 4 MiB. */
+const MAX_WAITING_COPIED = 8 * 1024 * 1024;
 
 export class CheckedFrames {
   private readonly pool: DigestPool | null;
@@ -50,6 +52,8 @@ export class CheckedFrames {
   private readonly waiting: Waiting[] = [];
   private readonly digest = new Uint8Array(DIGEST_BYTES);
   private paused = false;
+  /** Bytes of the other frames waiting, copied. */
+  private copied = 0;
   private dropped = false;
   private readonly checkedWaiters: Array<() => void> = [];
 
@@ -100,6 +104,7 @@ export class CheckedFrames {
     this.dropped = true;
     for (const entry of this.waiting) if (entry.kind === "data" && entry.kept) this.pool!.release(entry.batch);
     this.waiting.length = 0;
+    this.copied = 0;
     this.settleIfChecked();
   }
 
@@ -109,9 +114,11 @@ export class CheckedFrames {
   }
 
   private queue(type: number, payload: Uint8Array): void {
-    if (type !== FrameType.PAGE_DATA) this.waiting.push({ kind: "other", type, payload: payload.slice() });
-    else this.queueData(payload);
-    if (this.waiting.length >= MAX_WAITING && !this.paused) {
+    if (type !== FrameType.PAGE_DATA) {
+      this.waiting.push({ kind: "other", type, payload: payload.slice() });
+      this.copied += payload.length;
+    } else this.queueData(payload);
+    if ((this.waiting.length >= MAX_WAITING || this.copied >= MAX_WAITING_COPIED) && !this.paused) {
       this.paused = true;
       this.handler.pause();
     }
@@ -153,7 +160,10 @@ export class CheckedFrames {
         const head = this.waiting[0]!;
         if (head.kind === "data" && !head.checked) break;
         this.waiting.shift();
-        if (head.kind === "other") this.handler.apply(head.type, head.payload);
+        if (head.kind === "other") {
+          this.copied -= head.payload.length;
+          this.handler.apply(head.type, head.payload);
+        }
         else {
           const { batch, digests } = head;
           head.applied = true;
@@ -173,7 +183,7 @@ export class CheckedFrames {
       this.failWith(err instanceof SgmError ? err : new SgmError("internal", String((err as Error)?.message ?? err), { cause: err }));
       return;
     }
-    if (this.paused && this.waiting.length <= MAX_WAITING / 4) {
+    if (this.paused && this.waiting.length <= MAX_WAITING / 4 && this.copied <= MAX_WAITING_COPIED / 4) {
       this.paused = false;
       this.handler.resume();
     }
