@@ -7,6 +7,7 @@ import { asSgmError, SgmError } from "../errors.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
 import { encodeProbeAck, ProbeFrame } from "../wire/probe-frames.ts";
 import type { PeerConnection, TlsFiles } from "../wire/connection.ts";
+import { peerError } from "../wire/socket-errors.ts";
 import { type Control, decodeControl, encodeControl } from "../wire/control.ts";
 import { decodeVmBytes, ENTRY_PENDING, FrameType, readLocations, readDigests, readPageMap, VmBytesKind } from "../wire/messages.ts";
 import { CheckedFrames } from "./checked-frames.ts";
@@ -88,7 +89,7 @@ export class ScatterSession {
       resume: () => this.unhold("checks"),
       blocked: () => this.holdsFrames(),
       fail: (err) => {
-        this.framesFailure ??= this.peerError(err);
+        this.framesFailure ??= peerError(this.conn.remoteAddress, err);
         this.conn.abort(this.framesFailure);
       },
     });
@@ -318,13 +319,6 @@ export class ScatterSession {
   private holdsFrames(): boolean {
     for (const reason of this.holds) if (HOLDS_FRAMES.has(reason)) return true;
     return false;
-  }
-
-  /** An error in the scatter's frames, tied to its address once (as the connection does for a frame handler's). */
-  private peerError(err: SgmError): SgmError {
-    const address = this.conn.remoteAddress;
-    if (err.kind !== "data" || err.message.startsWith(`${address}:`)) return err;
-    return new SgmError("data", `${address}: ${err.message}`, { cause: err });
   }
 
   private vm(id: number): VmArrival {

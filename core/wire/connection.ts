@@ -7,13 +7,13 @@
 // (queuedBytes, whenWritable) as the backpressure signal the engines use.
 
 import type { Socket, SocketHandler } from "bun";
-import { SgmError, asSgmError } from "../errors.ts";
+import { SgmError } from "../errors.ts";
 import { noteReceived } from "../net/garbage.ts";
 import { formatHostPort as formatAddress } from "../net/host-port.ts";
 import { ClientHandshake, handshakeMaxPayload, type HandshakeStep, type Role, type ServerHandshake } from "./auth.ts";
 import { FIRST_APP_FRAME_TYPE, FRAME_HEADER_BYTES, FrameDecoder, type FrameHandler, type MaxPayload } from "./frames.ts";
 import { SendQueue } from "./send-queue.ts";
-import { connectError, socketError, tlsReason } from "./socket-errors.ts";
+import { connectError, peerError, socketError, tlsReason } from "./socket-errors.ts";
 
 export const DEFAULT_MAX_QUEUED = 4 << 20;
 
@@ -263,7 +263,7 @@ export class PeerConnection {
     try {
       this.decoder.feed(chunk);
     } catch (err) {
-      this.abort(this.peerError(err));
+      this.abort(peerError(this.remoteAddress, err));
     }
   }
 
@@ -324,7 +324,7 @@ export class PeerConnection {
         this.handler(frame.type, frame.payload);
       }
     } catch (err) {
-      this.abort(this.peerError(err));
+      this.abort(peerError(this.remoteAddress, err));
       return;
     }
     if (this.heldHead < this.held.length || !this.handler || this.readPaused) return;
@@ -357,13 +357,6 @@ export class PeerConnection {
 
   private notOpenError(): Error {
     return this.closeReason ?? new SgmError("unavailable", `${this.remoteAddress}: connection is closed`);
-  }
-
-  /** A decoder or handler error, tied to the peer whose bytes caused it. */
-  private peerError(err: unknown): SgmError {
-    const error = asSgmError(err);
-    if (error.kind !== "data" || error.message.startsWith(`${this.remoteAddress}:`)) return error;
-    return new SgmError("data", `${this.remoteAddress}: ${error.message}`, { cause: error });
   }
 
   /**

@@ -1,7 +1,14 @@
 // The words for a socket failing, shared by connecting and by every
 // connection's socket events: errno codes become what a user can act on.
 
-import { SgmError } from "../errors.ts";
+import { asSgmError, SgmError } from "../errors.ts";
+
+/** An error in what a peer sent (kind data), tied to the peer's address once. */
+export function peerError(address: string, err: unknown): SgmError {
+  const error = asSgmError(err);
+  if (error.kind !== "data" || error.message.startsWith(`${address}:`)) return error;
+  return new SgmError("data", `${address}: ${error.message}`, { cause: error });
+}
 
 export function connectError(address: string, err: unknown): SgmError {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
