@@ -108,11 +108,6 @@ export class CheckedFrames {
     this.settleIfChecked();
   }
 
-  /** Frames waiting for their check, behind one, or held back. */
-  get waitingFrames(): number {
-    return this.waiting.length;
-  }
-
   private queue(type: number, payload: Uint8Array): void {
     if (type !== FrameType.PAGE_DATA) {
       this.waiting.push({ kind: "other", type, payload: payload.slice() });
