@@ -25,6 +25,7 @@ import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
 import { PrecopyFeed } from "./precopy-feed.ts";
+import type { FeedContext } from "./feed-context.ts";
 import { type FeedStats, newFeedStats } from "./feed-stats.ts";
 import { DeliveryAcks } from "./delivery-acks.ts";
 import { claimSavedState, type SavedOrigin, settleReceived, snapshotFeedState } from "./feed-state.ts";
@@ -136,17 +137,9 @@ export class DestinationFeed {
     const rp = this.returnPath();
     sock.setDataHandler((data) => rp.feed(data));
     this.precopy = new PrecopyFeed({
-      table: this.table,
-      dir: this.dir,
-      writer: this.writer,
-      sock,
-      stats: this.stats,
-      waits: this.waits,
-      fetch: this.options.fetch,
+      ...this.pumpContext("precopy"),
       withholds: (i) => this.withholds(i),
       write: (i, c) => this.write(i, c),
-      active: () => this.phase === "precopy",
-      fail: (err) => this.fail(err),
     });
     this.writer.begin();
     this.writer.flush();
@@ -265,21 +258,28 @@ export class DestinationFeed {
 
   private startDelivery(): void {
     this.delivery = new PostcopyDelivery({
+      ...this.pumpContext("postcopy"),
+      bandwidth: this.postcopyBandwidth,
+      fromSource: this.options.fromSource,
+      deliver: (i) => this.deliver(i),
+      progressed: () => void this.finishIfDone(),
+    });
+    this.delivery.start();
+  }
+
+  /** What both pumps are given; each runs while the feed is in its phase. */
+  private pumpContext(phase: "precopy" | "postcopy"): FeedContext {
+    return {
       table: this.table,
       dir: this.dir,
-      waits: this.waits,
       writer: this.writer,
       sock: this.sock!,
       stats: this.stats,
-      bandwidth: this.postcopyBandwidth,
+      waits: this.waits,
       fetch: this.options.fetch,
-      fromSource: this.options.fromSource,
-      deliver: (i) => this.deliver(i),
-      active: () => this.phase === "postcopy",
-      progressed: () => void this.finishIfDone(),
+      active: () => this.phase === phase,
       fail: (err) => this.fail(err),
-    });
-    this.delivery.start();
+    };
   }
 
   /** Pages that still owe the destination content `lacking` picks (the switchover's spare page too). */

@@ -4,40 +4,23 @@
 // requested page, in the background for the rest; a page a postcopy source
 // still owes is asked of the source, through the scatter.
 
-import type { ByteSocket } from "../net/byte-socket.ts";
 import { TPS } from "../qemu/constants.ts";
-import type { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
-import type { ContentDirectory } from "./content-directory.ts";
-import type { FeedStats } from "./feed-stats.ts";
-import type { PageWaits } from "./page-waits.ts";
-import { type PageTable, PENDING, UNKNOWN, ZERO } from "./page-table.ts";
+import type { FeedContext } from "./feed-context.ts";
+import { PENDING, UNKNOWN, ZERO } from "./page-table.ts";
 
 /** Bytes queued towards QEMU: small, so a requested page never waits behind much. */
 export const POSTCOPY_HIGH = 512 * 1024;
 const POSTCOPY_LOW = 128 * 1024;
 
-export interface DeliveryContext {
-  table: PageTable;
-  dir: ContentDirectory;
-  writer: Pick<PostcopyStreamWriter, "flush">;
-  /** The stream towards QEMU: how much it has yet to read, and a wait until it reads. */
-  sock: Pick<ByteSocket, "queuedBytes" | "whenWritable">;
-  stats: FeedStats;
-  /** Pages whose content is on its way from a relay (the feed wakes them: arrived). */
-  waits: PageWaits;
+export interface DeliveryContext extends FeedContext {
   /** Bytes per second for the background push; requested pages are never held back. */
   bandwidth: number;
-  /** Asks for content held only on relays; `urgent` when the destination waits for it. */
-  fetch(cid: number, urgent: boolean): void;
   /** Asks the scatter for a page a postcopy source has not sent again yet. */
   fromSource(block: number, page: number): void;
   /** Writes page i's content `c` to the destination (marks it delivered first). */
   deliver(i: number): void;
-  /** The feed still runs (it has not failed or ended). */
-  active(): boolean;
   /** Delivery may have become idle: the feed sees whether the stream can end. */
   progressed(): void;
-  fail(err: Error): void;
 }
 
 export class PostcopyDelivery {

@@ -5,33 +5,18 @@
 // Switchover stops the pump where it is: what is left goes after it
 // (postcopy-delivery.ts).
 
-import type { ByteSocket } from "../net/byte-socket.ts";
-import type { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
-import type { ContentDirectory } from "./content-directory.ts";
-import type { FeedStats } from "./feed-stats.ts";
-import type { PageWaits } from "./page-waits.ts";
-import { type PageTable, PENDING, UNKNOWN } from "./page-table.ts";
+import type { FeedContext } from "./feed-context.ts";
+import { PENDING, UNKNOWN } from "./page-table.ts";
 
 /** Queue bounds towards QEMU before switchover. */
 const PRECOPY_HIGH = 1024 * 1024;
 const PRECOPY_LOW = 256 * 1024;
 
-export interface PrecopyContext {
-  table: PageTable;
-  dir: ContentDirectory;
-  writer: Pick<PostcopyStreamWriter, "flush">;
-  sock: Pick<ByteSocket, "queuedBytes" | "whenWritable">;
-  stats: FeedStats;
-  waits: PageWaits;
-  /** Asks for content held only on relays (the feed wakes the page: queue it again). */
-  fetch(cid: number, urgent: boolean): void;
+export interface PrecopyContext extends FeedContext {
   /** The page is held back (a test fault): it is not written. */
   withholds(i: number): boolean;
   /** Writes page i's content `c` to the destination. */
   write(i: number, c: number): void;
-  /** Still before switchover: the pump goes on. */
-  active(): boolean;
-  fail(err: Error): void;
 }
 
 export class PrecopyFeed {
