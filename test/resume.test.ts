@@ -46,6 +46,25 @@ async function holderGone(pair: VmPair): Promise<void> {
   }
 }
 
+/**
+ * The guest's own IDT, 256 gates: the guest loads it just after it says it
+ * has filled its memory, so a slow machine may still show the loader's.
+ */
+async function guestIdt(vm: TestVm): Promise<{ base: number; limit: number }> {
+  const deadline = Date.now() + 30_000;
+  let last = "";
+  while (Date.now() < deadline) {
+    const registers = await vm.qmp.execute<string>("human-monitor-command", { "command-line": "info registers" });
+    const idt = /IDT=\s*([0-9a-f]+) ([0-9a-f]+)/i.exec(registers);
+    if (!idt) throw new Error(`${vm.name}: no IDT in 'info registers': ${registers.slice(0, 400)}`);
+    last = idt[0];
+    const limit = parseInt(idt[2]!, 16);
+    if (limit === 256 * 8 - 1) return { base: parseInt(idt[1]!, 16), limit };
+    await Bun.sleep(20);
+  }
+  throw new Error(`${vm.name}: the guest had not loaded its own IDT 30 s after it filled its memory (last '${last}')`);
+}
+
 /** Until a QMP command goes unanswered for `quietMs`: a thread holding QEMU's big lock waits for a page. */
 async function waitForBlockedMainLoop(vm: TestVm, quietMs: number, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -53,7 +72,11 @@ async function waitForBlockedMainLoop(vm: TestVm, quietMs: number, timeoutMs: nu
     const answered = await Promise.race([vm.qmp.execute("query-status").then(() => true), Bun.sleep(quietMs).then(() => false)]);
     if (!answered) return;
   }
-  throw new Error(`${vm.name}: QEMU's main loop still answered ${timeoutMs} ms after switchover: no interrupt came to wait for the withheld IDT`);
+  // what the destination was doing instead, for the failure to name
+  const registers = await vm.qmp.execute<string>("human-monitor-command", { "command-line": "info registers" });
+  const cpu = [/EIP=\S+/, /EFL=\S+/, /IDT=\s*\S+ \S+/, /HLT=\S+/].map((r) => r.exec(registers)?.[0] ?? `${r.source}?`).join(" ");
+  const status = `${(await vm.qmp.execute<{ status: string }>("query-status")).status}, migration ${await migrationStatus(vm)}`;
+  throw new Error(`${vm.name}: QEMU's main loop still answered ${timeoutMs} ms after switchover: no interrupt came to wait for the withheld IDT (${status}; ${cpu})`);
 }
 
 async function waitForStatus(vm: TestVm, wanted: string, timeoutMs: number): Promise<void> {
@@ -120,11 +143,9 @@ describe("gather --resume", () => {
   test.each(["7.2", "10.0"])("the gather killed while QEMU's main loop waits for a page (an interrupt reading the guest's IDT under the big lock): --resume recovers out of band through the monitor holder, memory equal (QEMU %s)", async (qemu) => {
     const binary = qemu === "10.0" ? await qemu10_0() : undefined;
     const pair = await startPair(dir, `blocked${qemu.replace(".", "")}`, { memMiB: 64, seed: 406, rate: 2000, sourceBinary: binary, destinationBinary: binary });
-    const registers = await pair.source.qmp.execute<string>("human-monitor-command", { "command-line": "info registers" });
-    const idt = /IDT=\s*([0-9a-f]+) ([0-9a-f]+)/i.exec(registers);
-    if (!idt) throw new Error(`no IDT in 'info registers': ${registers.slice(0, 400)}`);
+    const idt = await guestIdt(pair.source);
     // the first gather never gives the destination the guest's IDT: TCG reads it under the big lock (cpu_handle_interrupt)
-    const env = { SGM_TEST_FAULT: "gather-withhold", SGM_TEST_FAULT_AT: `pc.ram:${parseInt(idt[1]!, 16)}:${parseInt(idt[2]!, 16) + 1}` };
+    const env = { SGM_TEST_FAULT: "gather-withhold", SGM_TEST_FAULT_AT: `pc.ram:${idt.base}:${idt.limit + 1}` };
     const first = await startGather([pair], psk, [], undefined, env);
     const s = await (await startScatter([pair], first.port, psk, ["--keep-source", "--switchover", "postcopy", "--postcopy-after-pass", "0"])).result();
     expectExit(s, 0);
