@@ -37,7 +37,11 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-dist/sgm: node_modules/.installed $(SOURCES)
+# SHA-256 of sixteen pages at a time (AVX-512); dist/sgm embeds it
+native/sha256-pages.so: native/sha256-pages.c
+	gcc -O3 -shared -fPIC -Wall -Wextra -Werror -o $@ $<
+
+dist/sgm: node_modules/.installed $(SOURCES) native/sha256-pages.so
 	$(BUN) build --compile --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts core/dedup/digest-worker.ts --outfile $@
 
 typecheck: node_modules/.installed
@@ -65,4 +69,4 @@ bench: deps dist/sgm
 	$(BUN) test/benchmarks/paper.bench.ts --markdown bench-results/bench.md --json bench-results/bench.json --png bench-results/bench.png $(BENCH_ARGS)
 
 clean:
-	rm -rf dist .cache bench-results
+	rm -rf dist .cache bench-results native/*.so

@@ -3,7 +3,8 @@
 
 import { describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
-import { DIGEST_BYTES, PAGE_BYTES, digestHex, digestPage, isZeroPage } from "../core/dedup/digest.ts";
+import { readFileSync } from "node:fs";
+import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestHex, digestPage, digestPages, isZeroPage } from "../core/dedup/digest.ts";
 import { DigestIndex } from "../core/dedup/digest-index.ts";
 import { PageStore } from "../core/dedup/page-store.ts";
 import { type ErrorKind, SgmError } from "../core/errors.ts";
@@ -70,6 +71,71 @@ describe("digestPage", () => {
     for (let i = 0; i < 40; i++) d[i] = i;
     expect(digestHex(d, 8)).toBe(Buffer.from(d.subarray(8, 40)).toString("hex"));
     expectSgmError(() => digestHex(d, 9), "internal");
+  });
+});
+
+describe("digestPages", () => {
+  test("runs natively wherever the CPU has AVX-512 (F and BW)", () => {
+    const flags = new Set(/^flags\s*:(.*)$/m.exec(readFileSync("/proc/cpuinfo", "utf8"))?.[1]?.trim().split(/\s+/) ?? []);
+    expect(batchDigestNative).toBe(flags.has("avx512f") && flags.has("avx512bw"));
+  });
+
+  test("matches node:crypto for 1 to 40 pages and 128, at strides and offsets that are not the page's, writing nothing else", () => {
+    const next = rng(7);
+    for (const count of [1, 2, 3, 15, 16, 17, 31, 32, 33, 40, 128]) {
+      for (const [stride, offset] of [[PAGE_BYTES, 0], [PAGE_BYTES + 32, 36], [PAGE_BYTES + 1, 3]] as const) {
+        const bytes = randomBytes(offset + (count - 1) * stride + PAGE_BYTES + 5, next);
+        // pages that differ in one byte, and a zero page, among the random ones
+        if (count > 2) {
+          bytes.copyWithin(offset + stride, offset, offset + PAGE_BYTES);
+          bytes[offset + stride + 4095] = bytes[offset + 4095]! ^ 1;
+          bytes.fill(0, offset + 2 * stride, offset + 2 * stride + PAGE_BYTES);
+        }
+        const pages = bytes.subarray(offset);
+        const out = new Uint8Array(count * DIGEST_BYTES + 7).fill(0xaa);
+        digestPages(pages, stride, count, out);
+        for (let n = 0; n < count; n++) {
+          expect(digestHex(out, n * DIGEST_BYTES)).toBe(sha256Hex(pages.subarray(n * stride, n * stride + PAGE_BYTES)));
+        }
+        expect(out.subarray(count * DIGEST_BYTES).every((b) => b === 0xaa)).toBe(true);
+      }
+    }
+  });
+
+  test("with SGM_NATIVE_DIGEST=0, Bun.SHA256 a page at a time gives the same digests", () => {
+    const script = `
+      import { batchDigestNative, digestPages } from ${JSON.stringify(`${import.meta.dir}/../core/dedup/digest.ts`)};
+      const pages = new Uint8Array(20 * 4100);
+      for (let i = 0; i < pages.length; i++) pages[i] = (i * 7919) >>> 3;
+      const out = new Uint8Array(20 * 32);
+      digestPages(pages, 4100, 20, out);
+      console.log(JSON.stringify({ batchDigestNative, out: Buffer.from(out).toString("hex") }));`;
+    const run = Bun.spawnSync([process.execPath, "-e", script], { env: { ...process.env, SGM_NATIVE_DIGEST: "0" } });
+    expect(run.stderr.toString()).toBe("");
+    const { batchDigestNative: native, out } = JSON.parse(run.stdout.toString());
+    expect(native).toBe(false);
+    const pages = new Uint8Array(20 * 4100);
+    for (let i = 0; i < pages.length; i++) pages[i] = (i * 7919) >>> 3;
+    const want = Array.from({ length: 20 }, (_, n) => sha256Hex(pages.subarray(n * 4100, n * 4100 + PAGE_BYTES))).join("");
+    expect(out).toBe(want);
+  });
+
+  test("pages in shared memory, as digest threads hash them", () => {
+    const pages = new Uint8Array(new SharedArrayBuffer(20 * PAGE_BYTES));
+    pages.set(randomBytes(pages.length, rng(9)));
+    const out = new Uint8Array(new SharedArrayBuffer(20 * DIGEST_BYTES));
+    digestPages(pages, PAGE_BYTES, 20, out);
+    for (let n = 0; n < 20; n++) expect(digestHex(out, n * DIGEST_BYTES)).toBe(sha256Hex(pages.subarray(n * PAGE_BYTES, (n + 1) * PAGE_BYTES)));
+  });
+
+  test("never reads or writes past its views: a range that does not fit is an internal error", () => {
+    const pages = new Uint8Array(4 * PAGE_BYTES);
+    digestPages(pages, PAGE_BYTES, 0, new Uint8Array(0));
+    expectSgmError(() => digestPages(pages, PAGE_BYTES, 5, new Uint8Array(5 * DIGEST_BYTES)), "internal");
+    expectSgmError(() => digestPages(pages.subarray(1), PAGE_BYTES, 4, new Uint8Array(4 * DIGEST_BYTES)), "internal");
+    expectSgmError(() => digestPages(pages, PAGE_BYTES, 4, new Uint8Array(4 * DIGEST_BYTES - 1)), "internal");
+    expectSgmError(() => digestPages(pages, PAGE_BYTES - 1, 2, new Uint8Array(2 * DIGEST_BYTES)), "internal");
+    expectSgmError(() => digestPages(pages, PAGE_BYTES, -1, new Uint8Array(0)), "internal");
   });
 });
 
