@@ -7,10 +7,10 @@
 // known here before any page map names it; and none applies while the
 // handler holds the frames back, as a paused connection delivers none.
 
-import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPage } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPages } from "../dedup/digest.ts";
 import { type DigestBatch, type DigestPool, KEEP } from "../dedup/digest-pool.ts";
 import { SgmError } from "../errors.ts";
-import { FrameType, readPageData } from "../wire/messages.ts";
+import { FrameType, pageDataPages, readPageData } from "../wire/messages.ts";
 
 export interface CheckedFramesHandler {
   /** Any frame but PAGE_DATA, now or once those before it are applied. */
@@ -50,7 +50,8 @@ export class CheckedFrames {
   private readonly pool: DigestPool | null;
   private readonly handler: CheckedFramesHandler;
   private readonly waiting: Waiting[] = [];
-  private readonly digest = new Uint8Array(DIGEST_BYTES);
+  /** The digests of a frame's pages, computed here (no digest threads). */
+  private computed = new Uint8Array(0);
   private paused = false;
   /** Bytes of the other frames waiting, copied. */
   private copied = 0;
@@ -74,10 +75,11 @@ export class CheckedFrames {
       return;
     }
     // no digest threads: checked here, straight from the frame, every page before any is received
-    readPageData(payload, (digestAt, pageAt) => {
-      digestPage(payload.subarray(pageAt, pageAt + PAGE_BYTES), this.digest);
-      this.check(payload, digestAt);
-    });
+    const { pages, stride, count } = pageDataPages(payload);
+    if (this.computed.length < count * DIGEST_BYTES) this.computed = new Uint8Array(count * DIGEST_BYTES);
+    digestPages(pages, stride, count, this.computed);
+    let n = 0;
+    readPageData(payload, (digestAt) => this.check(this.computed, n++ * DIGEST_BYTES, payload, digestAt));
     readPageData(payload, (digestAt, pageAt) => this.handler.receive(payload, digestAt, payload.subarray(pageAt, pageAt + PAGE_BYTES)));
     this.handler.tookData(payload.length);
   }
@@ -163,10 +165,7 @@ export class CheckedFrames {
           const { batch, digests } = head;
           head.applied = true;
           try {
-            for (let k = 0; k < batch.count; k++) {
-              copyBytes(batch.digests, k * DIGEST_BYTES, this.digest, 0, DIGEST_BYTES);
-              this.check(digests, k * DIGEST_BYTES);
-            }
+            for (let k = 0; k < batch.count; k++) this.check(batch.digests, k * DIGEST_BYTES, digests, k * DIGEST_BYTES);
             for (let k = 0; k < batch.count; k++) this.handler.receive(digests, k * DIGEST_BYTES, batch.pages.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES));
           } finally {
             if (head.kept) this.pool!.release(batch);
@@ -185,10 +184,10 @@ export class CheckedFrames {
     this.settleIfChecked();
   }
 
-  /** The digest just computed (this.digest) must be the one at `at` of `digests`. */
-  private check(digests: Uint8Array, at: number): void {
+  /** The digest computed at `computedAt` must be the one sent at `at` of `digests`. */
+  private check(computed: Uint8Array, computedAt: number, digests: Uint8Array, at: number): void {
     for (let i = 0; i < DIGEST_BYTES; i++) {
-      if (this.digest[i] !== digests[at + i]) throw new SgmError("data", "page content does not match its digest");
+      if (computed[computedAt + i] !== digests[at + i]) throw new SgmError("data", "page content does not match its digest");
     }
   }
 

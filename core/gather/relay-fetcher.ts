@@ -4,13 +4,13 @@
 // its digest before it is kept, and relays are told to drop what the gather
 // no longer needs.
 
-import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
+import { DIGEST_BYTES, copyBytes, digestPage, digestPages } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import { parseHostPort } from "../net/host-port.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
 import { PeerConnection, type TlsFiles } from "../wire/connection.ts";
 import { maxPayload } from "../wire/messages.ts";
-import { encodeDigestRequest, encodeRelease, readPages, RELEASE_BATCH, RelayFrame } from "../wire/relay-messages.ts";
+import { encodeDigestRequest, encodeRelease, everyPageFound, readPages, RELEASE_BATCH, RelayFrame } from "../wire/relay-messages.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 
 /** Background GETs in flight per relay. */
@@ -73,6 +73,8 @@ export class RelayFetcher {
   private nextReq = 1;
   /** GET requests in flight: the relay asked and the digests asked for. */
   private readonly requests = new Map<number, { relay: number; digests: Uint8Array }>();
+  /** The digests of a reply's pages, computed here. */
+  private computed = new Uint8Array(0);
   private readonly tried = new Map<number, number>();
   /** Relays whose connection is gone (a bit per relay). */
   private lost = 0;
@@ -327,9 +329,16 @@ export class RelayFetcher {
     const req = payload.length >= 4 ? new DataView(payload.buffer, payload.byteOffset, 4).getUint32(0) : -1;
     const request = this.requests.get(req);
     if (!request || request.relay !== index) throw new SgmError("data", `relay ${relay.address} answered request ${req}, which it was not sent`);
+    // most replies hold every page asked for: those are hashed in one call
+    const found = everyPageFound(payload);
+    if (found) {
+      if (this.computed.length < found.count * DIGEST_BYTES) this.computed = new Uint8Array(found.count * DIGEST_BYTES);
+      digestPages(found.pages, found.stride, found.count, this.computed);
+    }
     let n = 0;
     readPages(payload, (digestAt, pageAt) => {
-      const asked = n++ * DIGEST_BYTES;
+      const entry = n++;
+      const asked = entry * DIGEST_BYTES;
       if (!sameBytes(request.digests, asked, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} answered for content it was not asked`);
       // content nobody needs any more is forgotten (and its id may be reused): drop the reply
       const cid = this.dir.lookup(payload, digestAt);
@@ -338,7 +347,8 @@ export class RelayFetcher {
         return;
       }
       const page = payload.subarray(pageAt, pageAt + 4096);
-      digestPage(page, check);
+      if (found) copyBytes(this.computed, entry * DIGEST_BYTES, check, 0, DIGEST_BYTES);
+      else digestPage(page, check);
       if (!sameBytes(check, 0, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} sent a page that does not match its digest`);
       relay.pages++;
       if (cid < 0) return;

@@ -4,7 +4,7 @@
 // relay request; the run id, not the connection, says whose pages they are.
 
 import { Buffer } from "node:buffer";
-import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPage } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPages } from "../dedup/digest.ts";
 import type { DigestBatch, DigestPool } from "../dedup/digest-pool.ts";
 import type { PageStore } from "../dedup/page-store.ts";
 import { SgmError, asSgmError } from "../errors.ts";
@@ -13,6 +13,8 @@ import { decodeControl, encodeControl } from "../wire/control.ts";
 import { FrameType } from "../wire/messages.ts";
 import {
   GET_BATCH,
+  PUT_BATCH,
+  PUT_ENTRY,
   PagesBuilder,
   RelayFrame,
   encodeAck,
@@ -83,7 +85,8 @@ const MAX_WAITING = 32;
 export class RelaySession {
   private readonly conn: PeerConnection;
   private readonly shared: RelayShared;
-  private readonly digest = new Uint8Array(DIGEST_BYTES);
+  /** The digests of a PUT's pages, computed here (no digest threads). */
+  private readonly computed = new Uint8Array(PUT_BATCH * DIGEST_BYTES);
   private fullSent = false;
   /** Why reading this client's requests is paused: its replies queue up, the relay's rate is spent, or PUTs wait for their check. */
   private readonly pausedFor = new Set<"replies" | "rate" | "checks">();
@@ -179,7 +182,7 @@ export class RelaySession {
         if (head.kind === "other") this.apply(head.type, head.payload);
         else {
           const { run, seq, count, digests, batch } = head.put;
-          this.checkDigests(seq, count, digests, (n) => n * DIGEST_BYTES, (n, out) => copyBytes(batch.digests, n * DIGEST_BYTES, out, 0, DIGEST_BYTES));
+          this.checkDigests(seq, count, digests, (n) => n * DIGEST_BYTES, batch.digests);
           this.store(run, seq, count, digests, (n) => n * DIGEST_BYTES, batch.pages, (n) => n * PAGE_BYTES);
           this.throttleReplies();
         }
@@ -194,18 +197,16 @@ export class RelaySession {
 
   private put(payload: Uint8Array): void {
     const put = readPut(payload);
-    this.checkDigests(put.seq, put.count, payload, put.digestAt, (n, out) => {
-      const pageAt = put.pageAt(n);
-      digestPage(payload.subarray(pageAt, pageAt + PAGE_BYTES), out);
-    });
+    // the pages lie one entry apart: hashed in one call, straight from the frame
+    digestPages(payload.subarray(put.pageAt(0)), PUT_ENTRY, put.count, this.computed);
+    this.checkDigests(put.seq, put.count, payload, put.digestAt, this.computed);
     this.store(put.run, put.seq, put.count, payload, put.digestAt, payload, put.pageAt);
   }
 
-  /** All pages are checked before any is stored, so a bad frame changes nothing. */
-  private checkDigests(seq: number, count: number, digests: Uint8Array, digestAt: (n: number) => number, digestOf: (n: number, out: Uint8Array) => void): void {
+  /** All pages are checked before any is stored, so a bad frame changes nothing; page n's digest is computed[32 n ..]. */
+  private checkDigests(seq: number, count: number, digests: Uint8Array, digestAt: (n: number) => number, computed: Uint8Array): void {
     for (let n = 0; n < count; n++) {
-      digestOf(n, this.digest);
-      if (!sameDigest(this.digest, digests, digestAt(n))) {
+      if (!sameDigest(computed, n * DIGEST_BYTES, digests, digestAt(n))) {
         throw new SgmError("data", `relay PUT ${seq}: page ${n} does not match its digest`);
       }
     }
@@ -368,7 +369,7 @@ function runKey(run: Uint8Array): string {
   return Buffer.from(run.buffer, run.byteOffset, run.length).toString("hex");
 }
 
-function sameDigest(digest: Uint8Array, bytes: Uint8Array, at: number): boolean {
-  for (let i = 0; i < DIGEST_BYTES; i++) if (digest[i] !== bytes[at + i]) return false;
+function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: number): boolean {
+  for (let i = 0; i < DIGEST_BYTES; i++) if (a[aAt + i] !== b[bAt + i]) return false;
   return true;
 }

@@ -194,6 +194,13 @@ export function readPageData(payload: Uint8Array, visit: (digestAt: number, page
   for (let n = 0, p = 4; n < count; n++, p += DATA_ENTRY) visit(p, p + DIGEST_BYTES);
 }
 
+/** A PAGE_DATA payload's pages, all `stride` apart from the first: for hashing them in one call. */
+export function pageDataPages(payload: Uint8Array): { pages: Uint8Array; stride: number; count: number } {
+  let count = 0;
+  readPageData(payload, () => count++);
+  return { pages: payload.subarray(4 + DIGEST_BYTES), stride: DATA_ENTRY, count };
+}
+
 /** Builds PAGE_DATA payloads page by page, in buffers from `acquire`. */
 export class PageDataBuilder {
   static readonly BUFFER_BYTES = 4 + DATA_BATCH * DATA_ENTRY;

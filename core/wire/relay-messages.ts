@@ -40,7 +40,7 @@ export const PUT_BATCH = 64;
 export const GET_BATCH = 256;
 export const RELEASE_BATCH = 4096;
 
-const PUT_ENTRY = DIGEST_BYTES + PAGE_BYTES;
+export const PUT_ENTRY = DIGEST_BYTES + PAGE_BYTES;
 
 export function relayMaxPayload(type: number): number | undefined {
   switch (type) {
@@ -233,6 +233,16 @@ export class PagesBuilder {
     view(this.buf).setUint32(4, this.count);
     return this.buf.subarray(0, this.len);
   }
+}
+
+/** A PAGES payload's pages, all `stride` apart, when every entry holds one (for hashing them in one call); else null. */
+export function everyPageFound(payload: Uint8Array): { pages: Uint8Array; stride: number; count: number } | null {
+  const stride = 1 + DIGEST_BYTES + PAGE_BYTES;
+  if (payload.length < 8) return null;
+  const count = view(payload).getUint32(4);
+  if (count === 0 || payload.length !== 8 + count * stride) return null;
+  for (let n = 0; n < count; n++) if (payload[8 + n * stride] !== 1) return null;
+  return { pages: payload.subarray(8 + 1 + DIGEST_BYTES), stride, count };
 }
 
 /** Walks a PAGES reply; pageAt is -1 for a digest the relay does not hold. */
