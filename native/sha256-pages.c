@@ -156,9 +156,10 @@ AVX512 static void hash16(const uint8_t *const p[LANES], uint8_t *const out[LANE
 	}
 }
 
-/* Digests of `count` pages, page n at pages + n * stride, to digests[32 n ..].
- * 0, or -1 when this CPU lacks AVX-512 (nothing written). */
-int sgm_sha256_pages(const uint8_t *pages, uint32_t stride, uint32_t count, uint8_t *digests) {
+/* Digests of `count` pages, page n at base + offsets[n], to digests[32 n ..].
+ * 0, or -1 when this CPU lacks AVX-512 (nothing written). The caller has
+ * checked that every page lies within its buffer. */
+int sgm_sha256_pages(const uint8_t *base, const uint32_t *offsets, uint32_t count, uint8_t *digests) {
 	if (!supported) return -1;
 	uint8_t spare[LANES][32];
 	for (uint32_t first = 0; first < count; first += LANES) {
@@ -167,7 +168,7 @@ int sgm_sha256_pages(const uint8_t *pages, uint32_t stride, uint32_t count, uint
 		for (uint32_t i = 0; i < LANES; i++) {
 			/* lanes past the last page hash it again, into a spare digest */
 			uint32_t n = first + i < count ? first + i : count - 1;
-			p[i] = pages + (uint64_t)n * stride;
+			p[i] = base + offsets[n];
 			out[i] = first + i < count ? digests + (uint64_t)n * 32 : spare[i];
 		}
 		hash16(p, out);

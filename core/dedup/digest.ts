@@ -9,7 +9,7 @@
 
 import { Buffer } from "node:buffer";
 import { SgmError } from "../errors.ts";
-import { nativeHashPages } from "./native-digest.ts";
+import { nativeHashPagesAt } from "./native-digest.ts";
 
 export const DIGEST_BYTES = 32;
 export const PAGE_BYTES = 4096;
@@ -35,7 +35,9 @@ export function digestPage(page: Uint8Array, out: Uint8Array, outOffset = 0): vo
 }
 
 /** Whether digestPages hashes sixteen pages at a time natively (native-digest.ts) on this CPU. */
-export const batchDigestNative = nativeHashPages !== null;
+export const batchDigestNative = nativeHashPagesAt !== null;
+
+let strided = new Uint32Array(0);
 
 /**
  * Writes the digests of `count` 4 KiB pages, page n at pages[n * stride ..],
@@ -43,19 +45,32 @@ export const batchDigestNative = nativeHashPages !== null;
  * one Bun.SHA256 call a page.
  */
 export function digestPages(pages: Uint8Array, stride: number, count: number, digests: Uint8Array): void {
-  if (count === 0) return;
-  // native code reads and writes exactly where these say: never past the views
-  if (!(Number.isInteger(count) && count > 0 && Number.isInteger(stride) && stride >= PAGE_BYTES)) {
+  if (!(Number.isInteger(count) && count >= 0 && Number.isInteger(stride) && stride >= PAGE_BYTES)) {
     throw new SgmError("internal", `digest of ${count} pages at a stride of ${stride}`);
   }
-  if ((count - 1) * stride + PAGE_BYTES > pages.length || count * DIGEST_BYTES > digests.length) {
-    throw new SgmError("internal", `digest of ${count} pages at a stride of ${stride} from ${pages.length} bytes into ${digests.length}`);
+  if (strided.length < count) strided = new Uint32Array(Math.max(count, 2 * strided.length));
+  for (let n = 0; n < count; n++) strided[n] = n * stride;
+  digestPagesAt(pages, strided, count, digests);
+}
+
+/**
+ * Writes the digests of `count` 4 KiB pages, page n at bytes[offsets[n] ..],
+ * to digests[32 n ..], as digestPages does.
+ */
+export function digestPagesAt(bytes: Uint8Array, offsets: Uint32Array, count: number, digests: Uint8Array): void {
+  if (count === 0) return;
+  // native code reads and writes exactly where these say: never past the views
+  if (!(Number.isInteger(count) && count > 0 && count <= offsets.length && count * DIGEST_BYTES <= digests.length)) {
+    throw new SgmError("internal", `digest of ${count} pages with ${offsets.length} offsets into ${digests.length} bytes`);
   }
-  if (nativeHashPages) {
-    nativeHashPages(pages, stride, count, digests);
+  for (let n = 0; n < count; n++) {
+    if (offsets[n]! + PAGE_BYTES > bytes.length) throw new SgmError("internal", `page ${n} of a digest at ${offsets[n]}, past the ${bytes.length} bytes given`);
+  }
+  if (nativeHashPagesAt) {
+    nativeHashPagesAt(bytes, offsets, count, digests);
     return;
   }
-  for (let n = 0; n < count; n++) digestPage(pages.subarray(n * stride, n * stride + PAGE_BYTES), digests, n * DIGEST_BYTES);
+  for (let n = 0; n < count; n++) digestPage(bytes.subarray(offsets[n]!, offsets[n]! + PAGE_BYTES), digests, n * DIGEST_BYTES);
 }
 
 // Compared against with Buffer.equals, which is a native memcmp: it needs no

@@ -21,6 +21,7 @@ import { injected } from "../test-faults.ts";
 import { FrameType, PageMapBuilder } from "../wire/messages.ts";
 import type { MapProgress } from "./gather-pins.ts";
 import { PageBatches, type RecordSink } from "./page-batches.ts";
+import { PageRun } from "./page-run.ts";
 import type { RunPlacement } from "./placement.ts";
 
 export interface PipelineStats {
@@ -53,7 +54,8 @@ interface PendingFrame {
 /**
  * With a digest pool, every record goes through PageBatches in the order
  * it came and reaches the methods of `applied` (the same steps, digest
- * given); without one, pages are hashed here and applied at once.
+ * given); without one, the pages lying in the chunk being read wait in a
+ * PageRun, hashed together, and every other record settles the run first.
  */
 export class PagePipeline {
   readonly stats: PipelineStats = { pendingPages: 0, urgentPages: 0, pages: 0, zeroPages: 0, newPages: 0, dedupPages: 0, mapBytes: 0 };
@@ -69,6 +71,7 @@ export class PagePipeline {
   /** Per page (global index over the blocks): its content id, or ZERO, NEVER_SENT, PENDING. */
   private final = new Int32Array(0);
   private readonly batches: PageBatches | null;
+  private readonly run: PageRun | null;
   private onError: (err: SgmError) => void = () => {};
   private readonly scratch = new Uint8Array(DIGEST_BYTES);
 
@@ -76,6 +79,7 @@ export class PagePipeline {
     this.vm = vm;
     this.placement = placement;
     this.batches = pool ? new PageBatches(pool, this.applied, (err) => this.onError(err)) : null;
+    this.run = pool ? null : new PageRun();
     const gather = placement.gather;
     this.mapBuffers = new RecycledBuffers(PageMapBuilder.BUFFER_BYTES, () => gather.bytesSent);
     this.map = new PageMapBuilder(() => this.mapBuffers.acquire());
@@ -104,6 +108,7 @@ export class PagePipeline {
 
   /** Some page's latest content is held nowhere any more (a relay with its only copy went). */
   namesLostContent(): boolean {
+    this.settle();
     const final = this.final;
     for (let i = 0; i < final.length; i++) {
       const c = final[i]!;
@@ -114,6 +119,7 @@ export class PagePipeline {
 
   /** Page `index` (over all blocks) has content held nowhere any more. */
   isLost(index: number): boolean {
+    this.settle();
     const c = this.final[index]!;
     return c >= 0 && this.placement.isLost(c);
   }
@@ -124,6 +130,7 @@ export class PagePipeline {
    * the page's map entry stands.
    */
   refill(block: number, page: number, content: Uint8Array | null): void {
+    this.settle();
     const c = this.final[this.blockStart[block]! + page]!;
     if (c < 0 || content === null) throw new SgmError("data", `the resumed source sent page ${page} of block ${block} again, which it was not asked for`);
     digestPage(content, this.scratch);
@@ -142,11 +149,32 @@ export class PagePipeline {
       return;
     }
     if (content === null || isZeroPage(content)) {
+      if (this.run!.addZero(block, page)) return;
+      this.settle();
       this.applied.zero(block, page);
       return;
     }
+    if (this.run!.addPage(block, page, content)) return;
+    this.settle();
+    if (this.run!.addPage(block, page, content)) return;
     digestPage(content, this.scratch);
     this.applied.page(block, page, this.scratch, 0, content);
+  }
+
+  /** The reader starts on a chunk of the source's stream: its pages may wait to be hashed together (endChunk). */
+  beginChunk(chunk: Uint8Array): void {
+    this.run?.begin(chunk);
+  }
+
+  /** The chunk is read: every page of it is applied by now. */
+  endChunk(): void {
+    this.settle();
+    this.run?.end();
+  }
+
+  /** Applies the pages waiting in the run; anything else of the stream comes after them. */
+  settle(): void {
+    this.run?.settle(this.applied);
   }
 
   /** Where a failure in applying records that waited for digests goes (the source stream ends with it). */
@@ -165,12 +193,14 @@ export class PagePipeline {
 
   /** A postcopy source discarded the page: whatever the gather has for it is stale until it comes again. */
   pending(block: number, page: number): void {
+    this.settle();
     if (this.batches) this.batches.pending(block, page);
     else this.applied.pending(block, page);
   }
 
   /** The digest of the final page map; every page the source discarded must have come again. */
   finalMapDigest(vmName: string): string {
+    this.settle();
     const final = this.final;
     const owed = final.indexOf(PENDING);
     if (owed >= 0) throw new SgmError("data", `VM ${vmName}: the source's stream ended without page ${owed} it had discarded`);
@@ -191,6 +221,7 @@ export class PagePipeline {
    * the device state did, and a postcopy source sends a page once.
    */
   urgent(block: number, page: number, content: Uint8Array | null): void {
+    this.settle();
     if (this.batches) {
       this.batches.urgent(block, page, content);
       return;
@@ -202,6 +233,7 @@ export class PagePipeline {
 
   /** Ends the current map frame (after every record before it); it leaves as soon as what it names is held. */
   flush(): void {
+    this.settle();
     if (this.batches) this.batches.flush();
     else this.flushMap();
   }
@@ -290,6 +322,7 @@ export class PagePipeline {
   close(): void {
     // records still waiting for digests belong to an eviction that is over
     this.batches?.stop();
+    this.run?.clear();
     this.offAcked();
     // frames never sent now name nothing the gather must keep
     this.progress.sent = this.progress.added;

@@ -16,6 +16,7 @@ import { Command, commandName, TPS } from "../qemu/constants.ts";
 import { readDiscard, splitPackage } from "../qemu/postcopy-commands.ts";
 import { encodePageRequest, encodePong } from "../qemu/return-path.ts";
 import { encodeReceivedBitmap, encodeResumeAck, readRecvBitmapPayload } from "../qemu/postcopy-recovery.ts";
+import type { ReaderHandler } from "../qemu/reader-handler.ts";
 import { MigrationStreamReader, type RamBlockInfo } from "../qemu/stream-reader.ts";
 import { trace } from "../trace.ts";
 import type { PagePipeline } from "./page-pipeline.ts";
@@ -73,7 +74,7 @@ export class SourceStream {
     this.ended = ended.promise;
     this.reached.catch(() => {});
     this.ended.catch(() => {});
-    const reader = new MigrationStreamReader({
+    const reader = new MigrationStreamReader(this.pagesFirst({
       onHeader: (bytes) => events.onHeader(bytes),
       onRamBlocks: (blocks) => {
         // first: a source streaming again is checked against what it said before
@@ -130,7 +131,7 @@ export class SourceStream {
         this.pipeline.flush();
         reached.resolve({ kind: "precopy", device: bytes.slice() });
       },
-    });
+    }));
     this.reader = reader;
     this.attach(sock, reader, (why) => {
       reached.reject(why);
@@ -139,13 +140,38 @@ export class SourceStream {
   }
 
   private attach(sock: ByteSocket, reader: MigrationStreamReader, onEarlyEnd: (why: Error) => void): void {
-    sock.setDataHandler((data) => reader.feed(data));
+    sock.setDataHandler((data) => {
+      this.pipeline.beginChunk(data);
+      try {
+        reader.feed(data);
+      } finally {
+        // what was read before a failure is applied, as it would have been page by page
+        this.pipeline.endChunk();
+      }
+    });
     this.pipeline.setErrorHandler((err) => sock.destroy(err));
     void sock.closed.then((reason) => {
       // a stream dropped on purpose (detach) ends nothing
       if (reader.isComplete || this.sock !== sock) return;
       onEarlyEnd(reason ?? new SgmError("unavailable", `VM ${this.name}: the source QEMU closed its stream early`));
     });
+  }
+
+  /**
+   * The handler with every record but a page applied after the pages read
+   * before it: those may wait in the pipeline to be hashed together.
+   */
+  private pagesFirst(handler: ReaderHandler): ReaderHandler {
+    const settled = { ...handler };
+    for (const key of Object.keys(handler) as Array<keyof ReaderHandler>) {
+      if (key === "onPage") continue;
+      const call = handler[key] as (...args: unknown[]) => void;
+      (settled[key] as (...args: unknown[]) => void) = (...args) => {
+        this.pipeline.settle();
+        call(...args);
+      };
+    }
+    return settled;
   }
 
   private flush(): void {
@@ -177,7 +203,7 @@ export class SourceStream {
    */
   resumeOn(sock: ByteSocket): Promise<void> {
     const resumed = Promise.withResolvers<void>();
-    const reader = MigrationStreamReader.resumed(this.resumedHandler(sock, resumed.resolve), this.reader);
+    const reader = MigrationStreamReader.resumed(this.pagesFirst(this.resumedHandler(sock, resumed.resolve)), this.reader);
     this.reader = reader;
     this.sock = sock;
     this.attach(sock, reader, (why) => {
