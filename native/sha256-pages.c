@@ -159,7 +159,7 @@ AVX512 static void hash16(const uint8_t *const p[LANES], uint8_t *const out[LANE
 /* Digests of `count` pages, page n at base + offsets[n], to digests[32 n ..].
  * 0, or -1 when this CPU lacks AVX-512 (nothing written). The caller has
  * checked that every page lies within its buffer. */
-int sgm_sha256_pages(const uint8_t *base, const uint32_t *offsets, uint32_t count, uint8_t *digests) {
+int sgm_sha256_pages_at(const uint8_t *base, const uint32_t *offsets, uint32_t count, uint8_t *digests) {
 	if (!supported) return -1;
 	uint8_t spare[LANES][32];
 	for (uint32_t first = 0; first < count; first += LANES) {

@@ -4,7 +4,7 @@
 import { describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestHex, digestPage, digestPages, isZeroPage } from "../core/dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestHex, digestPage, digestPages, digestPagesAt, isZeroPage } from "../core/dedup/digest.ts";
 import { DigestIndex } from "../core/dedup/digest-index.ts";
 import { PageStore } from "../core/dedup/page-store.ts";
 import { type ErrorKind, SgmError } from "../core/errors.ts";
@@ -136,6 +136,9 @@ describe("digestPages", () => {
     expectSgmError(() => digestPages(pages, PAGE_BYTES, 4, new Uint8Array(4 * DIGEST_BYTES - 1)), "internal");
     expectSgmError(() => digestPages(pages, PAGE_BYTES - 1, 2, new Uint8Array(2 * DIGEST_BYTES)), "internal");
     expectSgmError(() => digestPages(pages, PAGE_BYTES, -1, new Uint8Array(0)), "internal");
+    // a stride past what 32-bit offsets hold must not wrap round to page 0
+    expectSgmError(() => digestPages(pages, 2 ** 32, 2, new Uint8Array(2 * DIGEST_BYTES)), "internal");
+    expectSgmError(() => digestPagesAt(pages, Uint32Array.of(0, 3 * PAGE_BYTES + 1), 2, new Uint8Array(2 * DIGEST_BYTES)), "internal");
   });
 });
 

@@ -48,6 +48,9 @@ export function digestPages(pages: Uint8Array, stride: number, count: number, di
   if (!(Number.isInteger(count) && count >= 0 && Number.isInteger(stride) && stride >= PAGE_BYTES)) {
     throw new SgmError("internal", `digest of ${count} pages at a stride of ${stride}`);
   }
+  if (count > 0 && (count - 1) * stride + PAGE_BYTES > pages.length) {
+    throw new SgmError("internal", `digest of ${count} pages at a stride of ${stride} from ${pages.length} bytes`);
+  }
   if (strided.length < count) strided = new Uint32Array(Math.max(count, 2 * strided.length));
   for (let n = 0; n < count; n++) strided[n] = n * stride;
   digestPagesAt(pages, strided, count, digests);

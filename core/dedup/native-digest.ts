@@ -21,7 +21,7 @@ function load(): HashPagesAt | null {
   if (process.env.SGM_NATIVE_DIGEST === "0") return null;
   let native: (bytes: Uint8Array, offsets: Uint32Array, count: number, digests: Uint8Array) => number;
   try {
-    native = dlopen(library, { sgm_sha256_pages: { args: ["ptr", "ptr", "u32", "ptr"], returns: "i32" } }).symbols.sgm_sha256_pages;
+    native = dlopen(library, { sgm_sha256_pages_at: { args: ["ptr", "ptr", "u32", "ptr"], returns: "i32" } }).symbols.sgm_sha256_pages_at;
   } catch {
     return null;
   }

@@ -148,17 +148,7 @@ export class PagePipeline {
       this.batches.page(block, page, content);
       return;
     }
-    if (content === null || isZeroPage(content)) {
-      if (this.run!.addZero(block, page)) return;
-      this.settle();
-      this.applied.zero(block, page);
-      return;
-    }
-    if (this.run!.addPage(block, page, content)) return;
-    this.settle();
-    if (this.run!.addPage(block, page, content)) return;
-    digestPage(content, this.scratch);
-    this.applied.page(block, page, this.scratch, 0, content);
+    this.run!.page(block, page, content, this.applied);
   }
 
   /** The reader starts on a chunk of the source's stream: its pages may wait to be hashed together (endChunk). */

@@ -10,8 +10,9 @@
 // settles the run before anything else of the stream is applied, and
 // before the chunk ends.
 
-import { DIGEST_BYTES, PAGE_BYTES, digestPagesAt } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, digestPage, digestPagesAt, isZeroPage } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
+import type { ReaderHandler } from "../qemu/reader-handler.ts";
 
 const MAX_PAGES = 128;
 const MAX_RECORDS = 1024;
@@ -32,6 +33,7 @@ export class PageRun {
   private readonly offsets = new Uint32Array(MAX_PAGES);
   private contents: Uint8Array[] = [];
   private readonly digests = new Uint8Array(MAX_PAGES * DIGEST_BYTES);
+  private readonly scratch = new Uint8Array(DIGEST_BYTES);
 
   /** The reader starts on `chunk`. */
   begin(chunk: Uint8Array): void {
@@ -45,8 +47,27 @@ export class PageRun {
     this.chunk = null;
   }
 
-  /** True when the page joined the run; otherwise the caller settles the run and may try again. */
-  addPage(block: number, page: number, content: Uint8Array): boolean {
+  /**
+   * A page record as the reader hands it over (null: a zero page): it
+   * waits in the run, or, when it cannot, the run is settled and the page
+   * applied now.
+   */
+  page(block: number, page: number, content: Uint8Array | null, sink: RunSink): void {
+    if (content === null || isZeroPage(content)) {
+      if (this.addZero(block, page)) return;
+      this.settle(sink);
+      sink.zero(block, page);
+      return;
+    }
+    if (this.addPage(block, page, content)) return;
+    this.settle(sink);
+    if (this.addPage(block, page, content)) return;
+    digestPage(content, this.scratch);
+    sink.page(block, page, this.scratch, 0, content);
+  }
+
+  /** True when the page joined the run. */
+  private addPage(block: number, page: number, content: Uint8Array): boolean {
     const chunk = this.chunk;
     if (chunk === null || content.buffer !== chunk.buffer || content.length !== PAGE_BYTES) return false;
     if (this.contents.length === MAX_PAGES || this.records === MAX_RECORDS) return false;
@@ -59,7 +80,7 @@ export class PageRun {
   }
 
   /** True when the zero page joined a run in progress, to be applied in its turn. */
-  addZero(block: number, page: number): boolean {
+  private addZero(block: number, page: number): boolean {
     if (this.records === 0 || this.records === MAX_RECORDS) return false;
     this.add(block, page, -1);
     return true;
@@ -92,4 +113,21 @@ export class PageRun {
     this.pages[r] = page;
     this.slots[r] = slot;
   }
+}
+
+/**
+ * The reader's handler with every record but a page applied after the
+ * pages read before it, which may wait in a run: `settle` applies them.
+ */
+export function settlingFirst(handler: ReaderHandler, settle: () => void): ReaderHandler {
+  const settled = { ...handler };
+  for (const key of Object.keys(handler) as Array<keyof ReaderHandler>) {
+    if (key === "onPage") continue;
+    const call = handler[key] as (...args: unknown[]) => void;
+    (settled[key] as (...args: unknown[]) => void) = (...args) => {
+      settle();
+      call(...args);
+    };
+  }
+  return settled;
 }

@@ -16,10 +16,10 @@ import { Command, commandName, TPS } from "../qemu/constants.ts";
 import { readDiscard, splitPackage } from "../qemu/postcopy-commands.ts";
 import { encodePageRequest, encodePong } from "../qemu/return-path.ts";
 import { encodeReceivedBitmap, encodeResumeAck, readRecvBitmapPayload } from "../qemu/postcopy-recovery.ts";
-import type { ReaderHandler } from "../qemu/reader-handler.ts";
 import { MigrationStreamReader, type RamBlockInfo } from "../qemu/stream-reader.ts";
 import { trace } from "../trace.ts";
 import type { PagePipeline } from "./page-pipeline.ts";
+import { settlingFirst } from "./page-run.ts";
 
 /** How the source's stream reached its switchover, with the device state it sent. */
 export type SwitchPoint = { kind: "precopy" | "postcopy"; device: Uint8Array };
@@ -74,7 +74,7 @@ export class SourceStream {
     this.ended = ended.promise;
     this.reached.catch(() => {});
     this.ended.catch(() => {});
-    const reader = new MigrationStreamReader(this.pagesFirst({
+    const reader = new MigrationStreamReader(settlingFirst({
       onHeader: (bytes) => events.onHeader(bytes),
       onRamBlocks: (blocks) => {
         // first: a source streaming again is checked against what it said before
@@ -131,7 +131,7 @@ export class SourceStream {
         this.pipeline.flush();
         reached.resolve({ kind: "precopy", device: bytes.slice() });
       },
-    }));
+    }, () => this.pipeline.settle()));
     this.reader = reader;
     this.attach(sock, reader, (why) => {
       reached.reject(why);
@@ -144,10 +144,17 @@ export class SourceStream {
       this.pipeline.beginChunk(data);
       try {
         reader.feed(data);
-      } finally {
-        // what was read before a failure is applied, as it would have been page by page
-        this.pipeline.endChunk();
+      } catch (err) {
+        // what was read before the failure is applied, as it was page by
+        // page; the failure is what is reported
+        try {
+          this.pipeline.endChunk();
+        } catch {}
+        throw err;
       }
+      this.pipeline.endChunk();
+      // the chunk's last pages were placed only now
+      this.events.afterPage();
     });
     this.pipeline.setErrorHandler((err) => sock.destroy(err));
     void sock.closed.then((reason) => {
@@ -155,23 +162,6 @@ export class SourceStream {
       if (reader.isComplete || this.sock !== sock) return;
       onEarlyEnd(reason ?? new SgmError("unavailable", `VM ${this.name}: the source QEMU closed its stream early`));
     });
-  }
-
-  /**
-   * The handler with every record but a page applied after the pages read
-   * before it: those may wait in the pipeline to be hashed together.
-   */
-  private pagesFirst(handler: ReaderHandler): ReaderHandler {
-    const settled = { ...handler };
-    for (const key of Object.keys(handler) as Array<keyof ReaderHandler>) {
-      if (key === "onPage") continue;
-      const call = handler[key] as (...args: unknown[]) => void;
-      (settled[key] as (...args: unknown[]) => void) = (...args) => {
-        this.pipeline.settle();
-        call(...args);
-      };
-    }
-    return settled;
   }
 
   private flush(): void {
@@ -203,7 +193,7 @@ export class SourceStream {
    */
   resumeOn(sock: ByteSocket): Promise<void> {
     const resumed = Promise.withResolvers<void>();
-    const reader = MigrationStreamReader.resumed(this.pagesFirst(this.resumedHandler(sock, resumed.resolve)), this.reader);
+    const reader = MigrationStreamReader.resumed(settlingFirst(this.resumedHandler(sock, resumed.resolve), () => this.pipeline.settle()), this.reader);
     this.reader = reader;
     this.sock = sock;
     this.attach(sock, reader, (why) => {
