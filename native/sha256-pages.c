@@ -5,7 +5,7 @@
  * core here, whether through Bun.SHA256 or OpenSSL; sgm hashes every page
  * it moves, in each role, so that was its largest cost. Sixteen lanes of
  * plain SHA-256 arithmetic go faster than one lane of SHA-NI. The digests
- * are the same SHA-256 (test/digest.test.ts checks them against
+ * are the same SHA-256 (test/dedup.test.ts checks them against
  * Bun.SHA256); the caller falls back to Bun.SHA256 where this returns -1.
  *
  * Built by the Makefile into a shared object that dist/sgm embeds and
