@@ -1,9 +1,10 @@
 // Page digests on worker threads, for the role whose one thread must keep
 // up with a source QEMU: SHA-256 of every page was 40% of the scatter's
 // CPU, and one core hashes ~1.6 GB/s at best a page at a time (~3 GB/s a
-// batch at a time, which each thread does: digest.ts digestPages). Pages are copied into a
-// batch in shared memory, hashed by the next worker, and the batches come
-// back in the order they were submitted, whichever worker finishes first.
+// batch at a time, as each thread does: digest.ts digestPages). Pages are
+// copied into a batch in shared memory, hashed by the next worker, and the
+// batches come back in the order they were submitted, whichever worker
+// finishes first.
 //
 // A batch is the caller's until it is submitted and again inside its
 // callback; after the callback it is reused for a later batch, unless the

@@ -7,7 +7,7 @@
 // known here before any page map names it; and none applies while the
 // handler holds the frames back, as a paused connection delivers none.
 
-import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPages } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPages, sameDigest } from "../dedup/digest.ts";
 import { type DigestBatch, type DigestPool, KEEP } from "../dedup/digest-pool.ts";
 import { SgmError } from "../errors.ts";
 import { FrameType, pageDataPages, readPageData } from "../wire/messages.ts";
@@ -186,9 +186,7 @@ export class CheckedFrames {
 
   /** The digest computed at `computedAt` must be the one sent at `at` of `digests`. */
   private check(computed: Uint8Array, computedAt: number, digests: Uint8Array, at: number): void {
-    for (let i = 0; i < DIGEST_BYTES; i++) {
-      if (computed[computedAt + i] !== digests[at + i]) throw new SgmError("data", "page content does not match its digest");
-    }
+    if (!sameDigest(computed, computedAt, digests, at)) throw new SgmError("data", "page content does not match its digest");
   }
 
   private settleIfChecked(): void {

@@ -4,7 +4,7 @@
 // its digest before it is kept, and relays are told to drop what the gather
 // no longer needs.
 
-import { DIGEST_BYTES, copyBytes, digestPage, digestPages } from "../dedup/digest.ts";
+import { DIGEST_BYTES, digestPage, digestPages, sameDigest } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import { parseHostPort } from "../net/host-port.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
@@ -339,7 +339,7 @@ export class RelayFetcher {
     readPages(payload, (digestAt, pageAt) => {
       const entry = n++;
       const asked = entry * DIGEST_BYTES;
-      if (!sameBytes(request.digests, asked, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} answered for content it was not asked`);
+      if (!sameDigest(request.digests, asked, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} answered for content it was not asked`);
       // content nobody needs any more is forgotten (and its id may be reused): drop the reply
       const cid = this.dir.lookup(payload, digestAt);
       if (pageAt < 0) {
@@ -347,9 +347,13 @@ export class RelayFetcher {
         return;
       }
       const page = payload.subarray(pageAt, pageAt + 4096);
-      if (found) copyBytes(this.computed, entry * DIGEST_BYTES, check, 0, DIGEST_BYTES);
-      else digestPage(page, check);
-      if (!sameBytes(check, 0, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} sent a page that does not match its digest`);
+      let matches: boolean;
+      if (found) matches = sameDigest(this.computed, entry * DIGEST_BYTES, payload, digestAt);
+      else {
+        digestPage(page, check);
+        matches = sameDigest(check, 0, payload, digestAt);
+      }
+      if (!matches) throw new SgmError("data", `relay ${relay.address} sent a page that does not match its digest`);
       relay.pages++;
       if (cid < 0) return;
       this.wanted.delete(cid);
@@ -386,9 +390,4 @@ export class RelayFetcher {
   private hex(cid: number): string {
     return Buffer.from(this.dir.digestOf(cid).subarray(0, 8)).toString("hex");
   }
-}
-
-function sameBytes(a: Uint8Array, aAt: number, b: Uint8Array, bAt: number): boolean {
-  for (let i = 0; i < DIGEST_BYTES; i++) if (a[aAt + i] !== b[bAt + i]) return false;
-  return true;
 }

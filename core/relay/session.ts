@@ -4,7 +4,7 @@
 // relay request; the run id, not the connection, says whose pages they are.
 
 import { Buffer } from "node:buffer";
-import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPages } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, copyBytes, digestPages, sameDigest } from "../dedup/digest.ts";
 import type { DigestBatch, DigestPool } from "../dedup/digest-pool.ts";
 import type { PageStore } from "../dedup/page-store.ts";
 import { SgmError, asSgmError } from "../errors.ts";
@@ -369,7 +369,3 @@ function runKey(run: Uint8Array): string {
   return Buffer.from(run.buffer, run.byteOffset, run.length).toString("hex");
 }
 
-function sameDigest(a: Uint8Array, aAt: number, b: Uint8Array, bAt: number): boolean {
-  for (let i = 0; i < DIGEST_BYTES; i++) if (a[aAt + i] !== b[bAt + i]) return false;
-  return true;
-}
