@@ -52,8 +52,10 @@ function recorder(threads: DigestPool | null) {
       // a frame that makes the handler hold the rest back, as a VM's block list does
       if (type === FrameType.VM_BYTES) blocked = true;
     },
-    receive: (digests, digestAt, bytes) => {
+    receive: (digests, digestAt, pages, pageAt) => {
       // the page must be the one its digest names, and whole
+      const bytes = pages.subarray(pageAt, pageAt + PAGE_BYTES);
+      if (bytes.length !== PAGE_BYTES) note(`SHORT page at ${pageAt} of ${pages.length}`);
       const check = new Uint8Array(DIGEST_BYTES);
       digestPage(bytes, check);
       if (digestHex(check) !== digestHex(digests, digestAt)) note(`WRONG page ${digestHex(digests, digestAt).slice(0, 8)}`);

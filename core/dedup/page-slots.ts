@@ -3,7 +3,7 @@
 // at once and freed slots are reused while still mapped (no fresh page
 // faults). Slots carry no identity; their owner says what is in them.
 
-import { PAGE_BYTES } from "./digest.ts";
+import { PAGE_BYTES, copyBytes } from "./digest.ts";
 import { allocateSlab } from "./slab-memory.ts";
 
 const SLAB_PAGES = 1024;
@@ -15,20 +15,30 @@ export class PageSlots {
   /** Slots in use. */
   used = 0;
 
-  /** A slot holding a copy of `page`. */
-  put(page: Uint8Array): number {
+  /** A slot holding a copy of the page at bytes[at .. at + 4096). */
+  put(bytes: Uint8Array, at = 0): number {
     const slot = this.free.pop() ?? this.next++;
     const slab = slot >>> 10;
     if (slab === this.slabs.length) this.slabs.push(allocateSlab(SLAB_PAGES * PAGE_BYTES));
-    this.view(slot).set(page);
+    // by offset, not through a view: a view per page cost the gather a tenth of its main thread
+    copyBytes(bytes, at, this.slabs[slab]!, this.offsetOf(slot), PAGE_BYTES);
     this.used++;
     return slot;
   }
 
   /** The page in `slot`, as a view: good until the slot is freed. */
   view(slot: number): Uint8Array {
-    const start = (slot & (SLAB_PAGES - 1)) * PAGE_BYTES;
-    return this.slabs[slot >>> 10]!.subarray(start, start + PAGE_BYTES);
+    const start = this.offsetOf(slot);
+    return this.slabOf(slot).subarray(start, start + PAGE_BYTES);
+  }
+
+  /** The slab the page in `slot` lies in, at offsetOf(slot): good until the slot is freed. */
+  slabOf(slot: number): Uint8Array {
+    return this.slabs[slot >>> 10]!;
+  }
+
+  offsetOf(slot: number): number {
+    return (slot & (SLAB_PAGES - 1)) * PAGE_BYTES;
   }
 
   freeSlot(slot: number): void {

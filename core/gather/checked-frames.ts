@@ -15,8 +15,8 @@ import { FrameType, pageDataPages, readPageData } from "../wire/messages.ts";
 export interface CheckedFramesHandler {
   /** Any frame but PAGE_DATA, now or once those before it are applied. */
   apply(type: number, payload: Uint8Array): void;
-  /** A checked page: its digest at `digestAt` of `digests`, its bytes `page`; both valid during the call only. */
-  receive(digests: Uint8Array, digestAt: number, page: Uint8Array): void;
+  /** A checked page: its digest at `digestAt` of `digests`, its bytes at `pageAt` of `pages`; both valid during the call only. */
+  receive(digests: Uint8Array, digestAt: number, pages: Uint8Array, pageAt: number): void;
   /** Every page of a PAGE_DATA payload of `bytes` was received. */
   tookData(bytes: number): void;
   /** Too many frames wait for their check: stop reading, until resume(). */
@@ -80,7 +80,7 @@ export class CheckedFrames {
     digestPages(pages, stride, count, this.computed);
     let n = 0;
     readPageData(payload, (digestAt) => this.check(this.computed, n++ * DIGEST_BYTES, payload, digestAt));
-    readPageData(payload, (digestAt, pageAt) => this.handler.receive(payload, digestAt, payload.subarray(pageAt, pageAt + PAGE_BYTES)));
+    readPageData(payload, (digestAt, pageAt) => this.handler.receive(payload, digestAt, payload, pageAt));
     this.handler.tookData(payload.length);
   }
 
@@ -166,7 +166,7 @@ export class CheckedFrames {
           head.applied = true;
           try {
             for (let k = 0; k < batch.count; k++) this.check(batch.digests, k * DIGEST_BYTES, digests, k * DIGEST_BYTES);
-            for (let k = 0; k < batch.count; k++) this.handler.receive(digests, k * DIGEST_BYTES, batch.pages.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES));
+            for (let k = 0; k < batch.count; k++) this.handler.receive(digests, k * DIGEST_BYTES, batch.pages, k * PAGE_BYTES);
           } finally {
             if (head.kept) this.pool!.release(batch);
           }

@@ -22,8 +22,8 @@ import { DigestIndex } from "../dedup/digest-index.ts";
 import { PageSlots } from "../dedup/page-slots.ts";
 import { SgmError } from "../errors.ts";
 
-/** Content no longer known: the relays holding it may drop it. */
-export type Forgotten = (cid: number, digest: Uint8Array, relayMask: number) => void;
+/** Content no longer known: the relays holding it may drop it (its digest stays readable: digestOf). */
+export type Forgotten = (cid: number, relayMask: number) => void;
 
 const NO_BYTES = -1;
 
@@ -84,17 +84,30 @@ export class ContentDirectory {
     return this.relays[cid]!;
   }
 
-  /** The content's bytes; only for local content. */
+  /** The content's bytes, as a view; only for local content. */
   data(cid: number): Uint8Array {
-    const id = this.storeId[cid]!;
-    if (id === NO_BYTES) throw new SgmError("internal", "content asked for before it arrived");
-    return this.store.view(id);
+    return this.store.view(this.localId(cid));
   }
 
-  /** The scatter sent these bytes (verified against the digest): it may name them from now on. */
-  receive(cid: number, page: Uint8Array): void {
+  /** The memory local content lies in, at offsetOf(cid): for copying it out without a view. */
+  slabOf(cid: number): Uint8Array {
+    return this.store.slabOf(this.localId(cid));
+  }
+
+  offsetOf(cid: number): number {
+    return this.store.offsetOf(this.localId(cid));
+  }
+
+  private localId(cid: number): number {
+    const id = this.storeId[cid]!;
+    if (id === NO_BYTES) throw new SgmError("internal", "content asked for before it arrived");
+    return id;
+  }
+
+  /** The scatter sent these bytes, bytes[at .. at + 4096) (verified against the digest): it may name them from now on. */
+  receive(cid: number, bytes: Uint8Array, at = 0): void {
     this.pins[cid]! |= 1;
-    this.keep(cid, page);
+    this.keep(cid, bytes, at);
   }
 
   /** Relays (a bit each) went: they hold nothing any more, and no fetch is to count on them. */
@@ -118,9 +131,9 @@ export class ContentDirectory {
     for (let cid = 0; cid < this.needs.length; cid++) if (this.index.has(cid)) this.settle(cid);
   }
 
-  /** Bytes fetched from a relay (verified): kept if a page still needs them. */
-  fetched(cid: number, page: Uint8Array): void {
-    if (this.needs[cid]! > 0) this.keep(cid, page);
+  /** Bytes fetched from a relay, bytes[at .. at + 4096) (verified): kept if a page still needs them. */
+  fetched(cid: number, bytes: Uint8Array, at = 0): void {
+    if (this.needs[cid]! > 0) this.keep(cid, bytes, at);
   }
 
   /** The scatter will not name content it sent here unless it sends it again. */
@@ -180,9 +193,9 @@ export class ContentDirectory {
     return this.store.usedBytes;
   }
 
-  private keep(cid: number, page: Uint8Array): void {
+  private keep(cid: number, bytes: Uint8Array, at: number): void {
     if (this.storeId[cid] !== NO_BYTES) return;
-    this.storeId[cid] = this.store.put(page);
+    this.storeId[cid] = this.store.put(bytes, at);
     if (this.needs[cid]! > 0) this.owed++;
     this.localPages++;
     if (this.store.usedBytes > this.peakBytes) this.peakBytes = this.store.usedBytes;
@@ -201,7 +214,7 @@ export class ContentDirectory {
       this.storeId[cid] = NO_BYTES;
     }
     if (pins !== 0 || !this.index.has(cid)) return;
-    this.forgotten(cid, this.index.digestOf(cid).slice(0, DIGEST_BYTES), this.relays[cid]!);
+    this.forgotten(cid, this.relays[cid]!);
     this.index.remove(cid);
   }
 

@@ -400,7 +400,8 @@ export class DestinationFeed {
     if (this.withholds(i)) return;
     const t = this.table;
     const b = t.blockOf(i);
-    this.writer.page(b, i - t.blockStart[b]!, c >= 0 ? this.dir.data(c) : null);
+    if (c >= 0) this.writer.page(b, i - t.blockStart[b]!, this.dir.slabOf(c), this.dir.offsetOf(c));
+    else this.writer.page(b, i - t.blockStart[b]!, null);
     t.written[i] = c;
     if (this.phase !== "postcopy") {
       this.letGo(i);

@@ -4,7 +4,7 @@
 // its digest before it is kept, and relays are told to drop what the gather
 // no longer needs.
 
-import { DIGEST_BYTES, digestPage, digestPages, sameDigest } from "../dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, digestPage, digestPages, sameDigest } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import { parseHostPort } from "../net/host-port.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
@@ -186,10 +186,13 @@ export class RelayFetcher {
   }
 
   /** The gather no longer needs this content: no fetching it, and the relays holding it may drop it. */
-  release(cid: number, digest: Uint8Array, mask: number): void {
+  release(cid: number, mask: number): void {
     this.wanted.delete(cid);
     this.abandoned.delete(cid);
     this.tried.delete(cid);
+    if (mask === 0) return;
+    // a copy only where a relay is to hear of it: most content never went to one
+    const digest = this.dir.digestOf(cid).slice();
     this.relays.forEach((relay, i) => {
       if (!(mask & (1 << i))) return;
       relay.releases.push(digest);
@@ -346,11 +349,10 @@ export class RelayFetcher {
         if (cid >= 0) missing.push(cid);
         return;
       }
-      const page = payload.subarray(pageAt, pageAt + 4096);
       let matches: boolean;
       if (found) matches = sameDigest(this.computed, entry * DIGEST_BYTES, payload, digestAt);
       else {
-        digestPage(page, check);
+        digestPage(payload.subarray(pageAt, pageAt + PAGE_BYTES), check);
         matches = sameDigest(check, 0, payload, digestAt);
       }
       if (!matches) throw new SgmError("data", `relay ${relay.address} sent a page that does not match its digest`);
@@ -358,7 +360,7 @@ export class RelayFetcher {
       if (cid < 0) return;
       this.wanted.delete(cid);
       this.tried.delete(cid);
-      this.dir.fetched(cid, page);
+      this.dir.fetched(cid, payload, pageAt);
     });
     this.requests.delete(req);
     relay.inFlight--;

@@ -97,7 +97,7 @@ export async function resumeAll(ready: Ready[], ctx: ResumeContext): Promise<Rel
 async function resumeRun(vms: Ready[], ctx: ResumeContext): Promise<RelayFetcher> {
   const arrivals = vms.map((v) => v.arrival);
   const { run, relays } = vms[0]!.state;
-  const dir = new ContentDirectory((cid, digest, mask) => fetcher.release(cid, digest, mask));
+  const dir = new ContentDirectory((cid, mask) => fetcher.release(cid, mask));
   const fetcher: RelayFetcher = new RelayFetcher(dir, ctx.limiter, {
     error: (err) => arrivals.forEach((a) => a.fail(asSgmError(err))),
     lost: (address, reason, lost) => arrivals.forEach((a) => a.relaysLost(address, reason, lost, dir)),

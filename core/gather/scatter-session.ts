@@ -73,7 +73,7 @@ export class ScatterSession {
   constructor(conn: PeerConnection, shared: GatherShared) {
     this.conn = conn;
     this.shared = shared;
-    this.dir = new ContentDirectory((cid, digest, mask) => this.fetcher.release(cid, digest, mask));
+    this.dir = new ContentDirectory((cid, mask) => this.fetcher.release(cid, mask));
     this.fetcher = new RelayFetcher(this.dir, shared.limiter, {
       error: (err) => this.failAll(asSgmError(err)),
       lost: (address, reason, lost) => this.relaysLost(address, reason, lost),
@@ -83,7 +83,7 @@ export class ScatterSession {
     });
     this.frames = new CheckedFrames(shared.digestPool, {
       apply: (type, payload) => this.apply(type, payload),
-      receive: (digests, digestAt, page) => this.receive(digests, digestAt, page),
+      receive: (digests, digestAt, pages, pageAt) => this.receive(digests, digestAt, pages, pageAt),
       tookData: (bytes) => this.tookData(bytes),
       pause: () => this.hold("checks"),
       resume: () => this.unhold("checks"),
@@ -119,8 +119,8 @@ export class ScatterSession {
   }
 
   /** A checked page from the scatter (checked-frames.ts). */
-  private receive(digests: Uint8Array, digestAt: number, page: Uint8Array): void {
-    this.dir.receive(this.dir.intern(digests, digestAt), page);
+  private receive(digests: Uint8Array, digestAt: number, pages: Uint8Array, pageAt: number): void {
+    this.dir.receive(this.dir.intern(digests, digestAt), pages, pageAt);
   }
 
   private tookData(bytes: number): void {

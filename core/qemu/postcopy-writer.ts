@@ -7,6 +7,7 @@
 // Bytes accumulate in an output buffer handed to `sink` on flush() or when
 // it fills; the buffer is used again once the sink has handed it off.
 
+import { copyBytes } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { Command, RAM_IDSTR, RAM_SECTION_VERSION, RamFlag, Section, TPS } from "./constants.ts";
@@ -113,8 +114,8 @@ export class PostcopyStreamWriter {
     this.stage = "precopy";
   }
 
-  /** A page; null content means all zero. */
-  page(block: number, page: number, data: Uint8Array | null): void {
+  /** A page, its content data[dataAt .. dataAt + 4096); null content means all zero. */
+  page(block: number, page: number, data: Uint8Array | null, dataAt = 0): void {
     if (this.stage !== "precopy" && this.stage !== "postcopy") this.expect("precopy", "page");
     if (!this.sectionOpen) this.openSection();
     const named = this.sectionBlock !== block;
@@ -128,7 +129,7 @@ export class PostcopyStreamWriter {
       this.sectionBlock = block;
     }
     if (data) {
-      this.out.set(data, this.len);
+      copyBytes(data, dataAt, this.out, this.len, TPS);
       this.len += TPS;
     } else {
       this.u8(0);
