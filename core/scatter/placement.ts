@@ -10,10 +10,11 @@
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
-import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { encodeDigests, encodeLocations, FrameType, PageDataBuilder } from "../wire/messages.ts";
+import { encodeDigests, encodeLocations, FrameType } from "../wire/messages.ts";
+import { ContentHolders } from "./content-holders.ts";
+import { DirectPages } from "./direct-pages.ts";
 import { GatherPins, type MapProgress } from "./gather-pins.ts";
 import { type Refused, RelayLink } from "./relay-link.ts";
 import type { RelayContents } from "./relay-contents.ts";
@@ -52,17 +53,13 @@ export class RunPlacement {
   readonly replicas: number;
   readonly stats: PlacementStats = { directPages: 0, relayedPages: 0, dedupPages: 0, sharedPages: 0, replacedPages: 0 };
   private readonly index = new DigestIndex();
-  private pending = new Uint8Array(1024);
-  private mask = new Uint32Array(1024);
-  /** 1 for content whose only copy went with a lost relay, until it is placed again. */
-  private lost = new Uint8Array(1024);
+  private readonly holders = new ContentHolders();
   private readonly salts: number[] = [];
   private readonly relayContents: RelayContents | null;
   /** Each relay's bit in relayContents' masks. */
   private readonly contentBits: number[] = [];
   private readonly weights: number[] = [];
-  private readonly directBuffers: RecycledBuffers;
-  private readonly direct: PageDataBuilder;
+  private readonly direct: DirectPages;
   private locations: Array<{ digest: Uint8Array; mask: number }> = [];
   private readonly rank: number[] = [];
   private readonly ackListeners = new Set<(replaced: boolean) => void>();
@@ -72,9 +69,6 @@ export class RunPlacement {
   private readonly lossListeners = new Set<(why: string) => void>();
   private stillNeeded: () => boolean = () => false;
   private readonly pins: GatherPins;
-  /** PAGE_DATA payload bytes sent to the gather, and taken in by it. */
-  directBytes = 0;
-  private directTaken = 0;
   /** False (--no-dedup) to send held content again wherever it recurs, for measuring what dedup saves. */
   private readonly dedup: boolean;
   private readonly log: (line: string) => void;
@@ -91,8 +85,7 @@ export class RunPlacement {
     this.relayContents = options.relayContents ?? null;
     const gatherPinPages = options.gatherPinPages ?? GATHER_PIN_PAGES;
     this.pins = new GatherPins(gatherPinPages);
-    this.directBuffers = new RecycledBuffers(PageDataBuilder.BUFFER_BYTES, () => gather.bytesSent);
-    this.direct = new PageDataBuilder(() => this.directBuffers.acquire());
+    this.direct = new DirectPages(gather);
   }
 
   /**
@@ -106,7 +99,7 @@ export class RunPlacement {
 
   /** The gather reports how much direct content it has taken in. */
   gatherReceived(bytes: number): void {
-    this.directTaken = Math.max(this.directTaken, bytes);
+    this.direct.taken(bytes);
     this.wakeDrainWaiters();
   }
 
@@ -157,13 +150,13 @@ export class RunPlacement {
     const known = this.index.lookup(digest, at);
     // --no-dedup sends held content again, once no copy of it is in flight
     // to relays (a map entry naming it waits for exactly those copies)
-    if (known >= 0 && this.isHeld(known) && (this.dedup || this.pending[known]! > 0)) {
+    if (known >= 0 && this.isHeld(known) && (this.dedup || this.holders.pendingOf(known) > 0)) {
       this.stats.dedupPages++;
       this.pins.touch(known);
       return known;
     }
     const cid = known >= 0 ? known : this.index.insert(digest, at);
-    this.grow(cid);
+    this.holders.grow(cid);
     this.put(cid, digest, at, page);
     return cid;
   }
@@ -175,12 +168,12 @@ export class RunPlacement {
 
   /** A lost relay took the only copy of the content, and it has not been placed again. */
   isLost(cid: number): boolean {
-    return this.lost[cid] === 1;
+    return this.holders.isLost(cid);
   }
 
   /** The gather or relays hold the content (or will, once acknowledged): a reference to it is enough. */
   private isHeld(cid: number): boolean {
-    return this.pins.isPinned(cid) || this.mask[cid] !== 0 || this.pending[cid]! > 0;
+    return this.pins.isPinned(cid) || this.holders.maskOf(cid) !== 0 || this.holders.pendingOf(cid) > 0;
   }
 
   /**
@@ -189,18 +182,18 @@ export class RunPlacement {
    */
   placeUrgent(digest: Uint8Array, at: number, page: Uint8Array): number {
     let cid = this.index.lookup(digest, at);
-    if (cid >= 0 && this.pending[cid] === 0 && this.isHeld(cid)) {
+    if (cid >= 0 && this.holders.pendingOf(cid) === 0 && this.isHeld(cid)) {
       this.stats.dedupPages++;
       this.pins.touch(cid);
       return cid;
     }
     if (cid < 0) {
       cid = this.index.insert(digest, at);
-      this.grow(cid);
+      this.holders.grow(cid);
     }
     this.stats.directPages++;
     this.sendDirect(cid, digest, at, page);
-    this.flushDirect();
+    this.direct.flush();
     return cid;
   }
 
@@ -210,7 +203,7 @@ export class RunPlacement {
     if (ready.length === 0) return;
     try {
       // the bytes of content being unpinned must reach the gather first
-      this.flushDirect();
+      this.direct.flush();
       for (let i = 0; i < ready.length; i += 16384) {
         this.gather.send(FrameType.UNPIN, encodeDigests(ready.slice(i, i + 16384).map((cid) => this.index.digestOf(cid))));
       }
@@ -221,16 +214,8 @@ export class RunPlacement {
 
   /** Sends every batch being built: direct pages, relay PUTs. */
   flush(): void {
-    this.flushDirect();
+    this.direct.flush();
     for (const link of this.relays) link.flush();
-  }
-
-  private flushDirect(): void {
-    if (this.direct.pages === 0) return;
-    const { payload, buffer } = this.direct.take();
-    this.directBytes += payload.length;
-    this.gather.send(FrameType.PAGE_DATA, payload);
-    this.directBuffers.queued(buffer, this.gather.bytesSent + this.gather.queuedBytes);
   }
 
   /** PUT batches sent per relay so far: a map frame may go once these are acknowledged. */
@@ -281,12 +266,8 @@ export class RunPlacement {
     return this.relays.filter((r) => r.accepting && r.queuedBytes <= RELAY_WINDOW).length < this.replicas;
   }
 
-  get directInFlight(): number {
-    return this.directBytes - this.directTaken;
-  }
-
   private get gatherAccepting(): boolean {
-    return this.directBytes - this.directTaken < DIRECT_WINDOW && this.gather.queuedBytes < DIRECT_WINDOW;
+    return this.direct.within(DIRECT_WINDOW);
   }
 
   /** Resolves once not congested. */
@@ -305,7 +286,7 @@ export class RunPlacement {
   }
 
   private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
-    this.lost[cid] = 0;
+    this.holders.placed(cid);
     if (this.holdOnRelays(cid, digest, at, page)) return;
     const viaGather = this.relays.length === 0 || this.gatherAccepting;
     const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting, this.replicas, this.rank, this.weights);
@@ -320,7 +301,7 @@ export class RunPlacement {
     // Nothing of this content is in flight (pending 0). With --no-dedup,
     // relays may hold it already: the mask keeps them, and the gather merges
     // the locations it is told.
-    this.pending[cid] = n;
+    this.holders.sending(cid, n);
     this.stats.relayedPages++;
     for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.add(cid, digest, at, page);
   }
@@ -340,24 +321,22 @@ export class RunPlacement {
       if ((mask & this.contentBits[r]!) !== 0 && link.accepting && link.queuedBytes <= RELAY_WINDOW) this.rank[n++] = r;
     }
     if (n < this.replicas) return false;
-    this.pending[cid] = n;
+    this.holders.sending(cid, n);
     for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.addHold(cid, digest, at, page);
     return true;
   }
 
   private sendDirect(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
-    this.lost[cid] = 0;
+    this.holders.placed(cid);
     this.pins.pin(cid);
-    this.direct.add(page, digest, at);
-    if (this.direct.full) this.flush();
+    if (this.direct.add(page, digest, at)) this.flush();
   }
 
   private onAck(link: RelayLink, stored: number[], refused: Refused[], held: boolean): void {
     if (held) this.stats.sharedPages += stored.length;
     for (const cid of stored) {
       this.relayContents?.held(this.contentBits[link.index]!, this.index.digestOf(cid), 0);
-      this.mask[cid]! |= 1 << link.index;
-      if (--this.pending[cid]! === 0) this.locations.push({ digest: this.index.digestOf(cid).slice(), mask: this.mask[cid]! });
+      if (this.holders.stored(cid, link.index) === 0) this.locations.push({ digest: this.index.digestOf(cid).slice(), mask: this.holders.maskOf(cid) });
     }
     this.placeElsewhere(link, refused);
     if (refused.length > 0) this.flush();
@@ -384,16 +363,7 @@ export class RunPlacement {
   }
 
   private goOnWithout(link: RelayLink, reason: Error, unplaced: Refused[]): void {
-    const bit = 1 << link.index;
-    let alone = 0;
-    for (let cid = 0; cid < this.mask.length; cid++) {
-      if ((this.mask[cid]! & bit) === 0) continue;
-      this.mask[cid]! &= ~bit;
-      if (this.mask[cid] === 0 && this.pending[cid] === 0 && !this.pins.isPinned(cid)) {
-        this.lost[cid] = 1;
-        alone++;
-      }
-    }
+    const alone = this.holders.dropRelay(link.index, (cid) => this.pins.isPinned(cid));
     this.relayContents?.forgetRelay(this.contentBits[link.index]!);
     const lost = alone > 0 ? `; it held the only copy of ${alone} contents` : "";
     this.log(`${reason.message}${lost}; ${unplaced.length} pages it had not acknowledged go elsewhere`);
@@ -428,19 +398,19 @@ export class RunPlacement {
         0,
         this.salts,
         // not where a copy is already, or on its way
-        (i) => i !== link.index && !(this.mask[r.cid]! & (1 << i)) && this.relays[i]!.accepting && !this.relays[i]!.hasPending(r.cid),
+        (i) => i !== link.index && !this.holders.holds(r.cid, i) && this.relays[i]!.accepting && !this.relays[i]!.hasPending(r.cid),
         1,
         this.rank,
         this.weights,
       );
       if (n > 0) {
         this.relays[this.rank[0]!]!.add(r.cid, r.digest, 0, r.page);
-      } else if (--this.pending[r.cid]! === 0) {
-        if (this.mask[r.cid] === 0) {
+      } else if (this.holders.unplaced(r.cid) === 0) {
+        if (this.holders.maskOf(r.cid) === 0) {
           // no relay holds it: the gather gets it directly
           this.sendDirect(r.cid, r.digest, 0, r.page);
         } else {
-          this.locations.push({ digest: this.index.digestOf(r.cid).slice(), mask: this.mask[r.cid]! });
+          this.locations.push({ digest: this.index.digestOf(r.cid).slice(), mask: this.holders.maskOf(r.cid) });
         }
       }
     }
@@ -451,19 +421,5 @@ export class RunPlacement {
     this.failure = reason;
     for (const listener of this.failListeners) listener(reason);
     this.wakeDrainWaiters();
-  }
-
-  private grow(cid: number): void {
-    if (cid < this.pending.length) return;
-    const size = Math.max(cid + 1, this.pending.length * 2);
-    const pending = new Uint8Array(size);
-    pending.set(this.pending);
-    this.pending = pending;
-    const mask = new Uint32Array(size);
-    mask.set(this.mask);
-    this.mask = mask;
-    const lost = new Uint8Array(size);
-    lost.set(this.lost);
-    this.lost = lost;
   }
 }
