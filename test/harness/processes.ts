@@ -11,8 +11,9 @@ export function track<T extends Subprocess>(proc: T): T {
   return proc;
 }
 
-export async function killAll(): Promise<void> {
-  const procs = [...live];
+/** Kills every process started and still running, but those in `spare`. */
+export async function killAll(spare: readonly Subprocess[] = []): Promise<void> {
+  const procs = [...live].filter((proc) => !spare.includes(proc));
   for (const proc of procs) proc.kill("SIGKILL");
   await Promise.all(procs.map((proc) => proc.exited));
 }
