@@ -6,7 +6,7 @@
 // frame are few, so pinned content stays near the budget.
 
 import { describe, expect, test } from "bun:test";
-import { DIGEST_BYTES, PAGE_BYTES } from "../core/dedup/digest.ts";
+import { DIGEST_BYTES, PAGE_BYTES, digestHex, digestPage } from "../core/dedup/digest.ts";
 import { ContentDirectory } from "../core/gather/content-directory.ts";
 import { GatherPins } from "../core/scatter/gather-pins.ts";
 
@@ -58,6 +58,42 @@ describe("ContentDirectory: bytes owed and bytes pinned", () => {
     dir.unneed(cid);
     expect(dir.owedBytes).toBe(0);
     expect(dir.usedBytes).toBe(0); // a relay holds it: fetched again if named again
+  });
+});
+
+describe("ContentDirectory: pages by offset, and what is forgotten", () => {
+  test("pages taken at odd offsets of one buffer come back whole, across slabs; each forgotten content names its own digest and relays", () => {
+    const count = 1100; // past one slab of 1024 pages
+    const pages = new Uint8Array(17 + count * PAGE_BYTES);
+    for (let n = 0; n < count; n++) new DataView(pages.buffer).setUint32(17 + n * PAGE_BYTES + 100, n + 1);
+    const digests = new Uint8Array(count * DIGEST_BYTES);
+    for (let n = 0; n < count; n++) digestPage(pages.subarray(17 + n * PAGE_BYTES, 17 + (n + 1) * PAGE_BYTES), digests, n * DIGEST_BYTES);
+    const forgotten: Array<{ cid: number; digest: string; mask: number }> = [];
+    const dir: ContentDirectory = new ContentDirectory((cid, mask) => forgotten.push({ cid, digest: digestHex(dir.digestOf(cid)), mask }));
+    const cids = Array.from({ length: count }, (_, n) => dir.intern(digests, n * DIGEST_BYTES));
+    cids.forEach((cid, n) => {
+      if (n % 2) dir.receive(cid, pages, 17 + n * PAGE_BYTES);
+      else {
+        dir.locate(cid, n % 3);
+        dir.need(cid);
+        dir.fetched(cid, pages, 17 + n * PAGE_BYTES);
+      }
+    });
+    const check = new Uint8Array(DIGEST_BYTES);
+    cids.forEach((cid, n) => {
+      const at = dir.offsetOf(cid);
+      digestPage(dir.slabOf(cid).subarray(at, at + PAGE_BYTES), check);
+      expect(digestHex(check)).toBe(digestHex(digests, n * DIGEST_BYTES));
+    });
+    dir.unpinAll();
+    cids.forEach((cid, n) => n % 2 || dir.unneed(cid));
+    expect(forgotten.length).toBe(count);
+    for (const f of forgotten) {
+      const n = cids.indexOf(f.cid);
+      expect(f.digest).toBe(digestHex(digests, n * DIGEST_BYTES));
+      expect(f.mask).toBe(n % 2 ? 0 : n % 3);
+    }
+    expect(dir.usedBytes).toBe(0);
   });
 });
 

@@ -17,7 +17,7 @@
 // Content ids are never reused within a run, so an id names one content for
 // good: page tables compare ids, and the final page map is read off them.
 
-import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
+import { PAGE_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
 import { PageSlots } from "../dedup/page-slots.ts";
 import { SgmError } from "../errors.ts";

@@ -3,7 +3,7 @@
 // the VM runs at the destination; restoring, in a gather started with
 // --resume, against the received bitmap the paused destination reports.
 
-import { DIGEST_BYTES, digestPage, PAGE_BYTES } from "../dedup/digest.ts";
+import { DIGEST_BYTES, digestPage } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import type { ContentDirectory } from "./content-directory.ts";

@@ -343,7 +343,7 @@ export class RelayFetcher {
       const entry = n++;
       const asked = entry * DIGEST_BYTES;
       if (!sameDigest(request.digests, asked, payload, digestAt)) throw new SgmError("data", `relay ${relay.address} answered for content it was not asked`);
-      // content nobody needs any more is forgotten (and its id may be reused): drop the reply
+      // content nobody needs any more is forgotten, and no lookup finds it: drop the reply
       const cid = this.dir.lookup(payload, digestAt);
       if (pageAt < 0) {
         if (cid >= 0) missing.push(cid);

@@ -14,7 +14,6 @@ import type { ProgressSource } from "../progress.ts";
 import { asSgmError, EXIT_CODES, SgmError } from "../errors.ts";
 import { formatBytes, formatRate } from "../units.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
-import type { PeerConnection } from "../wire/connection.ts";
 import { decodeControl, encodeControl } from "../wire/control.ts";
 import { FrameType } from "../wire/messages.ts";
 import { type PlacementStats, RunPlacement } from "./placement.ts";

@@ -7,8 +7,6 @@
 // (gather-pins.ts). Content another run of an evacuation put on a relay this
 // run uses is held there for this run too (relay-contents.ts), not sent again.
 
-import { DIGEST_BYTES } from "../dedup/digest.ts";
-import { SgmError } from "../errors.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
 import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
 import type { PeerConnection } from "../wire/connection.ts";
