@@ -10,6 +10,7 @@
 
 import { SgmError } from "../errors.ts";
 import { DIGEST_BYTES, copyBytes } from "./digest.ts";
+import { grown, grownSize } from "../typed-arrays.ts";
 
 const EMPTY = -1;
 const MIN_SLOTS = 16;
@@ -195,13 +196,9 @@ export class DigestIndex {
     if (reused !== undefined) return reused;
     const id = this.nextId++;
     if (id >= this.live.length) {
-      const capacity = this.live.length * 2;
-      const digests = new Uint8Array(capacity * DIGEST_BYTES);
-      digests.set(this.digests);
-      this.digests = digests;
-      const live = new Uint8Array(capacity);
-      live.set(this.live);
-      this.live = live;
+      const capacity = grownSize(id, this.live.length);
+      this.digests = grown(this.digests, capacity * DIGEST_BYTES);
+      this.live = grown(this.live, capacity);
     }
     return id;
   }

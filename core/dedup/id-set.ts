@@ -5,6 +5,8 @@
 // relay collects garbage every 16 MiB it reads; with a Set of a few
 // hundred thousand ids per run, each collection took ~20 ms.
 
+import { grown } from "../typed-arrays.ts";
+
 export class IdSet {
   private bits = new Uint8Array(1024);
   private count = 0;
@@ -66,8 +68,6 @@ export class IdSet {
   private grow(byte: number): void {
     let length = this.bits.length * 2;
     while (length <= byte) length *= 2;
-    const grown = new Uint8Array(length);
-    grown.set(this.bits);
-    this.bits = grown;
+    this.bits = grown(this.bits, length);
   }
 }

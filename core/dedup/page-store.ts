@@ -19,6 +19,7 @@ import { DigestIndex } from "./digest-index.ts";
 import { IdSet } from "./id-set.ts";
 import { PAGE_BYTES, copyBytes } from "./digest.ts";
 import { allocateSlab } from "./slab-memory.ts";
+import { grown, grownSize } from "../typed-arrays.ts";
 
 export interface PageStoreOptions {
   /** Bound on the bytes of pages held; Infinity (the default) for none. */
@@ -113,9 +114,9 @@ export class PageStore {
     const id = this.index.insert(digest, digestOffset);
     copyBytes(page, pageAt, this.slabOf(id, true), this.slotStart(id), PAGE_BYTES);
     if (id >= this.refCounts.length) {
-      const size = Math.max(this.refCounts.length * 2, id + 1);
-      this.refCounts = grownTo(this.refCounts, size);
-      this.keepCounts = grownTo(this.keepCounts, size);
+      const size = grownSize(id, this.refCounts.length);
+      this.refCounts = grown(this.refCounts, size);
+      this.keepCounts = grown(this.keepCounts, size);
     }
     this.refCounts[id] = 1;
     this.keepCounts[id] = 0;
@@ -239,10 +240,4 @@ export class PageStore {
   private checkHeld(id: number): void {
     if (!this.index.has(id)) throw new SgmError("internal", `page ${id} is not in the store`);
   }
-}
-
-function grownTo(counts: Int32Array<ArrayBuffer>, size: number): Int32Array<ArrayBuffer> {
-  const grown = new Int32Array(size);
-  grown.set(counts);
-  return grown;
 }

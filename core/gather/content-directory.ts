@@ -21,6 +21,7 @@ import { PAGE_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
 import { PageSlots } from "../dedup/page-slots.ts";
 import { SgmError } from "../errors.ts";
+import { grown, grownSize } from "../typed-arrays.ts";
 
 /** Content no longer known: the relays holding it may drop it (its digest stays readable: digestOf). */
 export type Forgotten = (cid: number, relayMask: number) => void;
@@ -229,18 +230,10 @@ export class ContentDirectory {
 
   private grow(cid: number): void {
     if (cid < this.needs.length) return;
-    const size = Math.max(cid + 1, this.needs.length * 2);
-    const storeId = new Int32Array(size).fill(NO_BYTES);
-    storeId.set(this.storeId);
-    this.storeId = storeId;
-    const relays = new Uint32Array(size);
-    relays.set(this.relays);
-    this.relays = relays;
-    const pins = new Uint8Array(size);
-    pins.set(this.pins);
-    this.pins = pins;
-    const needs = new Int32Array(size);
-    needs.set(this.needs);
-    this.needs = needs;
+    const size = grownSize(cid, this.needs.length);
+    this.storeId = grown(this.storeId, size, NO_BYTES);
+    this.relays = grown(this.relays, size);
+    this.pins = grown(this.pins, size);
+    this.needs = grown(this.needs, size);
   }
 }

@@ -4,6 +4,8 @@
 // closures and sets, the gather of a 2 GiB VM through relays held hundreds
 // of bytes per page that waited, and its memory grew with the VM.
 
+import { grown, grownSize } from "../typed-arrays.ts";
+
 const NONE = -1;
 
 export class PageWaits {
@@ -74,8 +76,6 @@ export class PageWaits {
   }
 
   private grow(cid: number): void {
-    const head = new Int32Array(Math.max(cid + 1, this.head.length * 2)).fill(NONE);
-    head.set(this.head);
-    this.head = head;
+    this.head = grown(this.head, grownSize(cid, this.head.length), NONE);
   }
 }

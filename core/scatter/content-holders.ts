@@ -3,6 +3,8 @@
 // and whether a lost relay took its only copy. What placement.ts asks before
 // it places content again, and what it changes as relays answer or go.
 
+import { grown, grownSize } from "../typed-arrays.ts";
+
 export class ContentHolders {
   /** Copies on their way to relays, not yet acknowledged. */
   private pending = new Uint8Array(1024);
@@ -14,16 +16,10 @@ export class ContentHolders {
   /** Makes room for content ids up to `cid`. */
   grow(cid: number): void {
     if (cid < this.pending.length) return;
-    const size = Math.max(cid + 1, this.pending.length * 2);
-    const pending = new Uint8Array(size);
-    pending.set(this.pending);
-    this.pending = pending;
-    const mask = new Uint32Array(size);
-    mask.set(this.mask);
-    this.mask = mask;
-    const lost = new Uint8Array(size);
-    lost.set(this.lost);
-    this.lost = lost;
+    const size = grownSize(cid, this.pending.length);
+    this.pending = grown(this.pending, size);
+    this.mask = grown(this.mask, size);
+    this.lost = grown(this.lost, size);
   }
 
   pendingOf(cid: number): number {

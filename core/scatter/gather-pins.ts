@@ -6,6 +6,8 @@
 // to the gather only once every map entry written before the decision has
 // been sent, so no map frame still to come names content the gather let go.
 
+import { grown, grownSize } from "../typed-arrays.ts";
+
 /** Map entries one VM's pipeline has written, and how many of them it has sent. */
 export interface MapProgress {
   added: number;
@@ -115,15 +117,9 @@ export class GatherPins {
 
   private grow(cid: number): void {
     if (cid < this.pinned.length) return;
-    const size = Math.max(cid + 1, this.pinned.length * 2);
-    const pinned = new Uint8Array(size);
-    pinned.set(this.pinned);
-    this.pinned = pinned;
-    const referenced = new Uint8Array(size);
-    referenced.set(this.referenced);
-    this.referenced = referenced;
-    const generation = new Uint32Array(size);
-    generation.set(this.generation);
-    this.generation = generation;
+    const size = grownSize(cid, this.pinned.length);
+    this.pinned = grown(this.pinned, size);
+    this.referenced = grown(this.referenced, size);
+    this.generation = grown(this.generation, size);
   }
 }

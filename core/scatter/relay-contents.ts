@@ -12,6 +12,7 @@
 
 import { randomBytes } from "node:crypto";
 import { DigestIndex } from "../dedup/digest-index.ts";
+import { grown, grownSize } from "../typed-arrays.ts";
 
 export class RelayContents {
   /** The id the relays keep this evacuation's content under. */
@@ -42,11 +43,7 @@ export class RelayContents {
   held(bit: number, digest: Uint8Array, at: number): void {
     let id = this.index.lookup(digest, at);
     if (id < 0) id = this.index.insert(digest, at);
-    if (id >= this.masks.length) {
-      const grown = new Uint32Array(Math.max(id + 1, this.masks.length * 2));
-      grown.set(this.masks);
-      this.masks = grown;
-    }
+    if (id >= this.masks.length) this.masks = grown(this.masks, grownSize(id, this.masks.length));
     this.masks[id]! |= bit;
   }
 
