@@ -34,10 +34,10 @@ import { loadPsk } from "../../core/wire/auth.ts";
 import { PeerConnection } from "../../core/wire/connection.ts";
 import { decodeControl, encodeControl } from "../../core/wire/control.ts";
 import { FrameType, maxPayload } from "../../core/wire/messages.ts";
-import { report, startGather, startPair, startScatter, writePsk } from "../harness/cluster.ts";
+import { report, startGather, startPair, startRelay, startScatter, writePsk } from "../harness/cluster.ts";
 import { migrateDirect } from "../harness/direct.ts";
 import { killAll } from "../harness/processes.ts";
-import { type SgmProcess, startSgm } from "../harness/sgm.ts";
+import type { SgmProcess } from "../harness/sgm.ts";
 import { runSink, type SinkReply } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
 
@@ -144,25 +144,27 @@ async function startRelays(psk: string, count: number): Promise<LongRelay[]> {
   return Promise.all(
     Array.from({ length: count }, async () => {
       // the allocator setting given, sgm does not run itself again: this process is the relay
-      const relay = await startSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", "4GiB", "--psk-file", psk, "--json"], { MIMALLOC_PURGE_DELAY: "-1" });
-      const address = (await relay.waitStderr(/relay listening on (\S+)/))[1]!;
+      const { relay, address } = await startRelay(psk, "4GiB", ["--json"], { MIMALLOC_PURGE_DELAY: "-1" });
       return { relay, address, port: Number(address.slice(address.lastIndexOf(":") + 1)) };
     }),
   );
 }
 
-/** What the kernel counts for process `pid` so far. */
+/** What the kernel counts for process `pid` so far (read as cli/output.ts reads its own main thread's). */
 async function processCounters(pid: number): Promise<Resources> {
-  const fields = async (path: string) => (await Bun.file(path).text()).split(") ")[1]!.split(" ");
+  const fields = async (path: string) => {
+    const stat = await Bun.file(path).text();
+    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  };
   const all = await fields(`/proc/${pid}/stat`);
   const main = await fields(`/proc/${pid}/task/${pid}/stat`);
   const hwm = (await Bun.file(`/proc/${pid}/status`).text()).match(/VmHWM:\s+(\d+) kB/)![1]!;
-  const ticks = Number((await Bun.$`getconf CLK_TCK`.text()).trim());
+  // minflt, utime and stime: fields 10, 14 and 15 of proc(5), times in ticks of 1/100 s on Linux
   return {
     minorPageFaults: Number(all[7]),
-    cpuUserSeconds: Number(all[11]) / ticks,
-    cpuSystemSeconds: Number(all[12]) / ticks,
-    mainThreadCpuSeconds: (Number(main[11]) + Number(main[12])) / ticks,
+    cpuUserSeconds: Number(all[11]) / 100,
+    cpuSystemSeconds: Number(all[12]) / 100,
+    mainThreadCpuSeconds: (Number(main[11]) + Number(main[12])) / 100,
     peakRssBytes: Number(hwm) * 1024,
   };
 }

@@ -102,8 +102,13 @@ export function report<T>(result: RunResult): T {
 }
 
 /** Starts `sgm relay` on a free loopback port; resolves once it listens. */
-export async function startRelay(psk: string, capacity = "1GiB", extra: string[] = []): Promise<{ relay: SgmProcess; address: string }> {
-  const relay = await startSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", capacity, "--psk-file", psk, ...extra]);
+export async function startRelay(
+  psk: string,
+  capacity = "1GiB",
+  extra: string[] = [],
+  env: Record<string, string> = {},
+): Promise<{ relay: SgmProcess; address: string }> {
+  const relay = await startSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", capacity, "--psk-file", psk, ...extra], env);
   const m = await relay.waitStderr(/relay listening on (\S+)/);
   return { relay, address: m[1]! };
 }
