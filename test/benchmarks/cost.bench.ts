@@ -25,7 +25,9 @@
 // (relay-stats), once those stop moving after the run.
 // It ends with issue 11's goals beside this run's figures and the floor
 // under them: what Bun's sockets (both ends, measured here) and SHA-256 of
-// every page cost a role that receives, hashes and sends each byte.
+// every page cost a role that receives, hashes and sends each byte; and
+// the same floor with the stream received by read(2) into one buffer, as
+// a native receive path would, which Bun's sockets cannot do.
 
 import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestPage, digestPages } from "../../core/dedup/digest.ts";
 import type { GatherReport } from "../../core/gather/engine.ts";
