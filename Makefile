@@ -37,11 +37,13 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-# SHA-256 of sixteen pages at a time (AVX-512); dist/sgm embeds it
-native/sha256-pages.so: native/sha256-pages.c
+# SHA-256 of sixteen pages at a time (AVX-512), and a socket read into
+# sgm's own buffer; dist/sgm embeds both
+NATIVE := native/sha256-pages.so native/socket-receive.so
+native/%.so: native/%.c
 	gcc -O3 -shared -fPIC -Wall -Wextra -Werror -o $@ $<
 
-dist/sgm: node_modules/.installed $(SOURCES) native/sha256-pages.so
+dist/sgm: node_modules/.installed $(SOURCES) $(NATIVE)
 	$(BUN) build --compile --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts core/dedup/digest-worker.ts --outfile $@
 
 typecheck: node_modules/.installed
@@ -50,7 +52,7 @@ typecheck: node_modules/.installed
 # a failure's reason is printed again at the end, where a log's tail shows it
 test: deps dist/sgm typecheck
 	mkdir -p .cache && rm -f .cache/junit.xml
-	$(BUN) test --timeout 600000 --reporter=junit --reporter-outfile=.cache/junit.xml || { $(BUN) test/harness/failures.ts .cache/junit.xml; exit 1; }
+	SGM_TEST_SCRIBBLE=1 $(BUN) test --timeout 600000 --reporter=junit --reporter-outfile=.cache/junit.xml || { $(BUN) test/harness/failures.ts .cache/junit.xml; exit 1; }
 
 demo: deps dist/sgm
 	$(BUN) demo/demo.ts
@@ -60,8 +62,8 @@ LOSS_RUNS ?= 20
 RESUME_RUNS ?= 10
 FUZZ_SECONDS ?= 60
 soak: deps dist/sgm
-	$(BUN) test/soak/linux-eviction.soak.ts $(RUNS) $(LOSS_RUNS) $(RESUME_RUNS)
-	SGM_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BUN) test --timeout 3600000 test/fuzz.test.ts
+	SGM_TEST_SCRIBBLE=1 $(BUN) test/soak/linux-eviction.soak.ts $(RUNS) $(LOSS_RUNS) $(RESUME_RUNS)
+	SGM_TEST_SCRIBBLE=1 SGM_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BUN) test --timeout 3600000 test/fuzz.test.ts
 
 BENCH_ARGS ?=
 bench: deps dist/sgm

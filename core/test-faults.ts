@@ -7,6 +7,11 @@
 //                    SGM_TEST_FAULT_AT=BLOCK:OFFSET:LENGTH (bytes of that RAM
 //                    block), though it holds their content as if it had
 
+// SGM_TEST_SCRIBBLE=1 is a check rather than a fault: bytes received are
+// overwritten once handled (a socket read, a frame assembled from several),
+// as a buffer used again would overwrite them later, so a view kept past its
+// call shows in a test as a wrong page rather than one day in a guest.
+
 export type TestFault = "scatter-map" | "gather-map" | "gather-delivery" | "gather-withhold";
 
 export function injected(which: TestFault): boolean {
@@ -20,4 +25,11 @@ export function withheldPages(): { block: string; first: number; last: number } 
   if (!m) throw new Error("SGM_TEST_FAULT=gather-withhold needs SGM_TEST_FAULT_AT=BLOCK:OFFSET:LENGTH");
   const offset = Number(m[2]);
   return { block: m[1]!, first: Math.floor(offset / 4096), last: Math.floor((offset + Math.max(1, Number(m[3])) - 1) / 4096) };
+}
+
+const scribble = process.env.SGM_TEST_SCRIBBLE === "1";
+
+/** Under SGM_TEST_SCRIBBLE, overwrites bytes whose handler has returned. */
+export function scribbleHandled(bytes: Uint8Array): void {
+  if (scribble) bytes.fill(0xa5);
 }

@@ -10,6 +10,8 @@ import type { Socket, SocketHandler } from "bun";
 import { SgmError } from "../errors.ts";
 import { noteReceived } from "../net/garbage.ts";
 import { formatHostPort as formatAddress } from "../net/host-port.ts";
+import { receiveWaiting, socketFd } from "../net/socket-receive.ts";
+import { scribbleHandled } from "../test-faults.ts";
 import { ClientHandshake, handshakeMaxPayload, type HandshakeStep, type Role, type ServerHandshake } from "./auth.ts";
 import { FIRST_APP_FRAME_TYPE, FRAME_HEADER_BYTES, FrameDecoder, type FrameHandler, type MaxPayload } from "./frames.ts";
 import { SendQueue } from "./send-queue.ts";
@@ -82,6 +84,8 @@ export class PeerConnection {
   private closeReason: Error | undefined;
 
   // Receive side.
+  /** No TLS: what waits on the socket may be read past Bun's socket (net/socket-receive.ts). */
+  private readonly plain: boolean;
   private handler: FrameHandler | undefined;
   private readPaused = false;
   private held: (HeldFrame | undefined)[] = [];
@@ -92,8 +96,9 @@ export class PeerConnection {
   // Send side.
   private readonly sendQueue = new SendQueue();
 
-  private constructor(remoteAddress: string, handshake: ClientHandshake | ServerHandshake, maxPayload: MaxPayload) {
+  private constructor(remoteAddress: string, handshake: ClientHandshake | ServerHandshake, maxPayload: MaxPayload, plain: boolean) {
     this.remoteAddress = remoteAddress;
+    this.plain = plain;
     this.handshake = handshake;
     this.appMaxPayload = (type) => (type < FIRST_APP_FRAME_TYPE ? undefined : maxPayload(type));
     this.decoder = new FrameDecoder(handshakeMaxPayload, (type, payload) => this.onDecodedFrame(type, payload));
@@ -110,7 +115,7 @@ export class PeerConnection {
   static async connect(options: ConnectOptions): Promise<PeerConnection> {
     const address = formatAddress(options.host, options.port);
     const handshake = new ClientHandshake(options.psk, options.role, address, options.expectRole);
-    const conn = new PeerConnection(address, handshake, options.maxPayload);
+    const conn = new PeerConnection(address, handshake, options.maxPayload, !options.tls);
     const timer = setTimeout(() => {
       const what = conn.socket ? "authentication" : "connection";
       conn.abort(new SgmError("unavailable", `${address}: ${what} timed out after ${options.timeoutMs} ms`));
@@ -139,9 +144,9 @@ export class PeerConnection {
     }
   }
 
-  /** Takes over a socket a listener accepted; the peer authenticates with `handshake`. */
-  static accept(socket: Socket<PeerConnection>, address: string, handshake: ServerHandshake, maxPayload: MaxPayload): AcceptedPeer {
-    const conn = new PeerConnection(address, handshake, maxPayload);
+  /** Takes over a socket a listener accepted (over TLS unless `plain`); the peer authenticates with `handshake`. */
+  static accept(socket: Socket<PeerConnection>, address: string, handshake: ServerHandshake, maxPayload: MaxPayload, plain: boolean): AcceptedPeer {
+    const conn = new PeerConnection(address, handshake, maxPayload, plain);
     socket.data = conn;
     conn.attach(socket);
     return { conn, authenticated: conn.ready };
@@ -262,10 +267,21 @@ export class PeerConnection {
     noteReceived(chunk.length);
     try {
       this.decoder.feed(chunk);
+      scribbleHandled(chunk);
+      // what else waits is read into sgm's own buffer, while frames are wanted now
+      if (this.plain) receiveWaiting(socketFd(this.socket), this.remoteAddress, this.feedReceived, this.takesFramesNow);
     } catch (err) {
       this.abort(peerError(this.remoteAddress, err));
     }
   }
+
+  private readonly feedReceived = (bytes: Uint8Array): void => {
+    noteReceived(bytes.length);
+    this.decoder.feed(bytes);
+  };
+
+  /** Authenticated, and a handler takes frames as they come: none held, reading not paused. */
+  private readonly takesFramesNow = (): boolean => this.phase === "open" && this.handler !== undefined && !this.readPaused && this.heldHead === this.held.length;
 
   private onDrain(): void {
     this.sendQueue.drained();

@@ -7,6 +7,7 @@
 // 1..5); other modules define theirs from 16 upward.
 
 import { SgmError } from "../errors.ts";
+import { scribbleHandled } from "../test-faults.ts";
 
 export const WIRE_VERSION = 1;
 export const FRAME_HEADER_BYTES = 8;
@@ -149,7 +150,9 @@ export class FrameDecoder {
     const type = this.partType;
     this.headerFill = 0;
     this.partType = -1;
-    this.onFrame(type, this.assembly.subarray(0, this.partLength));
+    const payload = this.assembly.subarray(0, this.partLength);
+    this.onFrame(type, payload);
+    scribbleHandled(payload);
     return pos;
   }
 

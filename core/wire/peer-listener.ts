@@ -55,7 +55,7 @@ export function listenPeers(options: ListenOptions): PeerListener {
     const host = socket.remoteAddress;
     const address = formatAddress(host, socket.remotePort);
     const handshake = new ServerHandshake(options.psk, options.role, options.acceptRoles, address);
-    const { conn, authenticated } = PeerConnection.accept(socket, address, handshake, options.maxPayload);
+    const { conn, authenticated } = PeerConnection.accept(socket, address, handshake, options.maxPayload, !options.tls);
     const fromHost = perHost.get(host) ?? 0;
     if (authenticating.size >= maxAll || fromHost >= maxPerHost) {
       const why = fromHost >= maxPerHost ? `${fromHost} peers from ${host} are` : `${authenticating.size} peers are`;
