@@ -4,6 +4,7 @@
 import { readFileSync } from "node:fs";
 import kleur from "kleur";
 import { asSgmError } from "../core/errors.ts";
+import { bytesReceivedNatively } from "../core/net/socket-receive.ts";
 
 kleur.enabled = Boolean(process.stderr.isTTY) && !process.env.NO_COLOR;
 
@@ -47,7 +48,7 @@ export function reportError(err: unknown): number {
  * The final report on stdout, with what this process cost by its own
  * accounting: CPU seconds (user, system), peak resident memory, and page
  * faults (each first touch of fresh memory, tens of microseconds on some
- * virtual machines).
+ * virtual machines), and how much it read past Bun's sockets.
  */
 export function printJson(report: object): void {
   const cpu = process.cpuUsage();
@@ -58,6 +59,7 @@ export function printJson(report: object): void {
     mainThreadCpuSeconds: mainThreadCpuSeconds(),
     peakRssBytes: usage.maxRSS * 1024,
     minorPageFaults: usage.minorPageFault,
+    bytesReceivedNatively: bytesReceivedNatively(),
   };
   process.stdout.write(`${JSON.stringify({ ...report, process: resources }, null, 2)}\n`);
 }

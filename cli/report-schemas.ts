@@ -25,6 +25,7 @@ const Process = Type.Object(
     mainThreadCpuSeconds: orNull(Type.Number({ minimum: 0, description: "CPU seconds of the thread that runs the event loop (all threads are in the two above); null without /proc." })),
     peakRssBytes: bytes(),
     minorPageFaults: count(),
+    bytesReceivedNatively: count("Bytes read from sockets straight into sgm's own buffer (native/socket-receive.c), after Bun's socket reported data; the rest came through Bun's socket."),
   },
   { ...closed, description: "What this process cost by its own accounting." },
 );

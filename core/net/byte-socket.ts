@@ -1,9 +1,13 @@
 // A Bun socket with the two things Bun leaves to the caller: a write queue
 // (Bun's write() is unbuffered and may take only part of the data) and a way
 // to wait for it to drain. Used for the migration streams to and from QEMU.
+// What it reads is handed to the data handler as views valid only during the
+// call.
 
 import type { Socket } from "bun";
 import { asSgmError, SgmError } from "../errors.ts";
+import { scribbleHandled } from "../test-faults.ts";
+import { receiveWaiting, socketFd } from "./socket-receive.ts";
 
 export type DataHandler = (data: Uint8Array) => void;
 
@@ -20,6 +24,7 @@ export class ByteSocket {
   private onEnd: () => void = () => {};
   private closeReason: Error | undefined;
   private isClosed = false;
+  private paused = false;
   private endAfterDrain = false;
   private resolveClosed!: (reason: Error | undefined) => void;
   bytesWritten = 0;
@@ -110,10 +115,12 @@ export class ByteSocket {
   }
 
   pause(): void {
+    this.paused = true;
     this.socket?.pause();
   }
 
   resume(): void {
+    this.paused = false;
     this.socket?.resume();
   }
 
@@ -168,6 +175,13 @@ export class ByteSocket {
     this.resolveClosed(this.closeReason);
   }
 
+  private readonly feed = (data: Uint8Array): void => {
+    this.bytesRead += data.length;
+    this.onData(data);
+  };
+
+  private readonly reading = (): boolean => !this.paused && !this.isClosed;
+
   private handlers() {
     return {
       binaryType: "uint8array" as const,
@@ -175,10 +189,12 @@ export class ByteSocket {
         this.socket = socket;
         this.flushQueue();
       },
-      data: (_socket: Socket<unknown>, data: Uint8Array) => {
-        this.bytesRead += data.length;
+      data: (socket: Socket<unknown>, data: Uint8Array) => {
         try {
-          this.onData(data);
+          this.feed(data);
+          scribbleHandled(data);
+          // what else waits is read into sgm's own buffer (unix sockets: no TLS), while reading is wanted
+          receiveWaiting(socketFd(socket), this.label, this.feed, this.reading);
         } catch (err) {
           // a parse error ends this stream, with the parser's message as the reason
           this.destroy(asSgmError(err));
