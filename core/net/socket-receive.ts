@@ -8,7 +8,7 @@
 // The bytes given to `feed` are valid only during the call: the next read
 // overwrites them. Never over TLS: the socket's fd carries ciphertext.
 
-import { dlopen, ptr } from "bun:ffi";
+import { dlopen } from "bun:ffi";
 import library from "../../native/socket-receive.so" with { type: "file" };
 import { SgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
@@ -25,7 +25,7 @@ const ERRNO_NAMES: Record<number, string> = {
   113: "no route to host",
 };
 
-type Receive = (fd: number, buffer: number, length: number) => number | bigint;
+type Receive = (fd: number, buffer: Uint8Array, length: number) => number | bigint;
 
 function load(): Receive | null {
   // for measuring what it saves, against Bun's reads alone
@@ -39,7 +39,6 @@ function load(): Receive | null {
 
 const receive = load();
 const buffer = new Uint8Array(receive ? BUFFER_BYTES : 0);
-const at = receive ? ptr(buffer) : 0;
 /** One buffer for every socket: set while its bytes are being fed, so a feed cannot start another read into it. */
 let feeding = false;
 let receivedInAll = 0;
@@ -68,7 +67,7 @@ export function receiveWaiting(fd: number, label: string, feed: (bytes: Uint8Arr
   if (!receive || feeding || fd < 0) return 0;
   let total = 0;
   while (more()) {
-    const n = Number(receive(fd, at, BUFFER_BYTES));
+    const n = Number(receive(fd, buffer, BUFFER_BYTES));
     if (n === 0 || n === -EAGAIN) break;
     if (n < 0) throw new SgmError("unavailable", `${label}: ${ERRNO_NAMES[-n] ?? `socket error (errno ${-n})`}`);
     total += n;
