@@ -14,6 +14,13 @@ import { SgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
 
 const BUFFER_BYTES = 1 << 20;
+/**
+ * At most this much a data event: a sender that keeps the socket full would
+ * otherwise hold the event loop in one socket's loop, and every other socket
+ * and timer of the process would wait (Bun reads one chunk a socket a turn).
+ * What is left waits for Bun's next read, which the socket's data triggers.
+ */
+const TURN_BYTES = 4 * BUFFER_BYTES;
 
 const EAGAIN = 11;
 /** Errors a read can report on a socket whose peer went away, by errno. */
@@ -60,13 +67,14 @@ export function bytesReceivedNatively(): number {
 /**
  * Reads what `fd` has waiting, a buffer at a time, while `more()` holds,
  * handing each read to `feed`. Returns the bytes read: it stops at an empty
- * socket and at the peer's end of stream (Bun's socket reports that end
- * itself), and throws if the socket failed, its message led by `label`.
+ * socket, after TURN_BYTES, and at the peer's end of stream (Bun's socket
+ * reports that end itself), and throws if the socket failed, its message
+ * led by `label`.
  */
 export function receiveWaiting(fd: number, label: string, feed: (bytes: Uint8Array) => void, more: () => boolean): number {
   if (!receive || feeding || fd < 0) return 0;
   let total = 0;
-  while (more()) {
+  while (total < TURN_BYTES && more()) {
     const n = Number(receive(fd, buffer, BUFFER_BYTES));
     if (n === 0 || n === -EAGAIN) break;
     if (n < 0) throw new SgmError("unavailable", `${label}: ${ERRNO_NAMES[-n] ?? `socket error (errno ${-n})`}`);
