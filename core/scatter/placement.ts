@@ -183,14 +183,16 @@ export class RunPlacement {
     if (cid >= 0 && this.holders.pendingOf(cid) === 0 && this.isHeld(cid)) {
       this.stats.dedupPages++;
       this.pins.touch(cid);
-      return cid;
+    } else {
+      if (cid < 0) {
+        cid = this.index.insert(digest, at);
+        this.holders.grow(cid);
+      }
+      this.stats.directPages++;
+      this.sendDirect(cid, digest, at, page);
     }
-    if (cid < 0) {
-      cid = this.index.insert(digest, at);
-      this.holders.grow(cid);
-    }
-    this.stats.directPages++;
-    this.sendDirect(cid, digest, at, page);
+    // its map entry goes at once, and the bytes of content pinned at the
+    // gather may still lie in the frame being built: they go first
     this.direct.flush();
     return cid;
   }
