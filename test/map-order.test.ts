@@ -9,6 +9,8 @@ import { DIGEST_BYTES, PAGE_BYTES } from "../core/dedup/digest.ts";
 import { DigestPool } from "../core/dedup/digest-pool.ts";
 import { PagePipeline } from "../core/scatter/page-pipeline.ts";
 import { RunPlacement } from "../core/scatter/placement.ts";
+import { startRelay } from "../core/relay/engine.ts";
+import { SgmError } from "../core/errors.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
 import { ENTRY_PENDING, FrameType, maxPayload, readLocations, readPageData, readPageMap } from "../core/wire/messages.ts";
 import { listenPeers } from "../core/wire/peer-listener.ts";
@@ -82,6 +84,32 @@ describe("the scatter's frames to the gather", () => {
     pipeline.page(0, 3, pageOf(3));
     pipeline.flush();
     expect(await named).toEqual([]);
+    pipeline.close();
+  });
+
+  test("a page being batched for a relay whose connection has just closed goes after its bytes, placed elsewhere", async () => {
+    // 256 pages fill the gather's direct window (the stand-in never says it took them), the last goes to the relay
+    const direct = 256;
+    const { conn, named } = await connectToOrderChecker(direct + 1);
+    const relay = startRelay({ host: "127.0.0.1", port: 0, psk, capacityBytes: 64 << 20, ttlMs: 60_000 });
+    closers.push(() => void relay.close());
+    const relayConn = await PeerConnection.connect({ host: "127.0.0.1", port: relay.port, psk, role: "scatter", expectRole: "relay", maxPayload, timeoutMs: 5000 });
+    closers.push(() => relayConn.close());
+    const placement = new RunPlacement(conn, 1);
+    placement.neededWhile(() => true);
+    placement.addRelay(`127.0.0.1:${relay.port}`, relayConn, crypto.getRandomValues(new Uint8Array(16)), 64 << 20);
+    const pipeline = new PagePipeline(0, placement);
+    pipeline.setBlocks([{ name: "pc.ram", usedLength: (direct + 1) * PAGE_BYTES }]);
+    for (let n = 0; n < direct; n++) pipeline.page(0, n, pageOf(n));
+    pipeline.flush();
+    pipeline.page(0, direct, pageOf(direct));
+    pipeline.settle();
+    expect(placement.relays[0]!.pagesPut).toBe(1);
+    // the connection ends before the batch leaves; the map frame is cut in the same turn, before the relay counts as lost
+    relayConn.abort(new SgmError("unavailable", "relay connection reset"));
+    pipeline.flush();
+    expect(await named).toEqual([]);
+    expect(placement.relays[0]!.lostReason).not.toBeNull();
     pipeline.close();
   });
 });

@@ -99,9 +99,14 @@ export class RelayLink {
     this.conn.close();
   }
 
-  /** PUT batches sent so far (including one being built, once flushed). */
+  /**
+   * PUT and HOLD batches sent so far, and those being built, each with the
+   * sequence number flush() gives it: a map frame naming their pages waits
+   * for them. A connection that closed keeps its batch unsent until the
+   * relay counts as lost and the pages go elsewhere.
+   */
   get sentSeq(): number {
-    return this.nextSeq;
+    return this.nextSeq + (this.builder.pages > 0 ? 1 : 0) + (this.holdBuilder.pages > 0 ? 1 : 0);
   }
 
   /** PUT batches acknowledged so far. */
