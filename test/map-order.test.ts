@@ -5,7 +5,7 @@
 // fails a VM already running at its destination.
 
 import { afterAll, afterEach, describe, expect, test } from "bun:test";
-import { DIGEST_BYTES, PAGE_BYTES } from "../core/dedup/digest.ts";
+import { PAGE_BYTES, digestHex } from "../core/dedup/digest.ts";
 import { DigestPool } from "../core/dedup/digest-pool.ts";
 import { PagePipeline } from "../core/scatter/page-pipeline.ts";
 import { RunPlacement } from "../core/scatter/placement.ts";
@@ -30,8 +30,6 @@ function pageOf(seed: number): Uint8Array {
   return page;
 }
 
-const hex = (bytes: Uint8Array, at: number) => Buffer.from(bytes.subarray(at, at + DIGEST_BYTES)).toString("hex");
-
 /**
  * A gather's end of the connection that keeps the rule: what each frame
  * tells it of content, in order; `named` resolves once `entries` map
@@ -52,12 +50,12 @@ async function connectToOrderChecker(entries: number): Promise<{ conn: PeerConne
     onConnection(conn) {
       closers.push(() => conn.close());
       conn.onFrame((type, payload) => {
-        if (type === FrameType.PAGE_DATA) readPageData(payload, (digestAt) => told.add(hex(payload, digestAt)));
-        if (type === FrameType.LOCATIONS) readLocations(payload, (digestAt) => told.add(hex(payload, digestAt)));
+        if (type === FrameType.PAGE_DATA) readPageData(payload, (digestAt) => told.add(digestHex(payload, digestAt)));
+        if (type === FrameType.LOCATIONS) readLocations(payload, (digestAt) => told.add(digestHex(payload, digestAt)));
         if (type !== FrameType.PAGE_MAP) return;
         readPageMap(payload, (_vm, block, page, digestAt) => {
           if (digestAt < 0 || digestAt === ENTRY_PENDING) return;
-          if (!told.has(hex(payload, digestAt))) unknown.push(`page ${block}:${page}`);
+          if (!told.has(digestHex(payload, digestAt))) unknown.push(`page ${block}:${page}`);
           if (++seen === entries) done.resolve(unknown);
         });
       });
