@@ -3,6 +3,8 @@
 // QEMU waiting with -incoming defer. The guest dirties memory throughout.
 
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
@@ -153,7 +155,9 @@ describe("refusals before anything moves", () => {
   test("a wrong pre-shared key", async () => {
     const pair = await startPair(dir, "auth", { memMiB: 32, seed: 106 });
     const { gather, port } = await startGather([pair], psk);
-    const other = await writePsk(makeTempDir("psk"), "a different key of enough length");
+    const otherDir = join(dir, "other-key");
+    mkdirSync(otherDir);
+    const other = await writePsk(otherDir, "a different key of enough length");
     const scatter = await startScatter([pair], port, other);
     const s = await scatter.result();
     expectExit(s, 69);

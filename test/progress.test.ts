@@ -6,7 +6,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { haltAndCompare, startGather, startPair, startScatter, writePsk } from "./harness/cluster.ts";
 import { killAll, track } from "./harness/processes.ts";
-import { expectExit, sgmBinary } from "./harness/sgm.ts";
+import { expectExit, sgmBinary, sgmEnv } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
 
 let dir: string;
@@ -35,7 +35,7 @@ describe("progress", () => {
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "16MiB/s"]);
     const scatterArgs = [await sgmBinary(), "scatter", "--to", `127.0.0.1:${port}`, "--vm", `tty=${pair.source.qmpPath}`, "--psk-file", psk, "--keep-source"];
     // script gives scatter a pseudo-terminal for stdin, stdout and stderr, and copies what it shows to our stdout
-    const scatter = track(Bun.spawn(["script", "-qfec", shellLine(scatterArgs), "/dev/null"], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, TERM: "xterm" } }));
+    const scatter = track(Bun.spawn(["script", "-qfec", shellLine(scatterArgs), "/dev/null"], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: sgmEnv({ TERM: "xterm" }) }));
     const [code, screen] = await Promise.all([scatter.exited, new Response(scatter.stdout).text()]);
     const g = await gather.result();
     expect(code).toBe(0);
@@ -79,7 +79,7 @@ describe("progress", () => {
     const pair = await startPair(dir, "quiet", { memMiB: 64, seed: 302, rate: 1000 });
     const port = await freePort();
     const args = ["gather", "--listen", `127.0.0.1:${port}`, "--vm", `quiet=${pair.destination.qmpPath}`, "--psk-file", psk, "--json", "--quiet", "--ready-fd", "3"];
-    const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"] }));
+    const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"], env: sgmEnv() }));
     // the one line, then the descriptor closes: read to its end
     const ready = await Bun.file(proc.stdio[3] as number).text();
     expect(ready).toBe(`ready 127.0.0.1:${port}\n`);

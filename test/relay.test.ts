@@ -22,7 +22,7 @@ import {
 } from "../core/wire/relay-messages.ts";
 import { probeRate } from "../core/scatter/rate-probe.ts";
 import { track } from "./harness/processes.ts";
-import { expectExit, runSgm, sgmBinary, startSgm } from "./harness/sgm.ts";
+import { expectExit, runSgm, sgmBinary, sgmEnv, startSgm } from "./harness/sgm.ts";
 import { joinDigests, type Page, putPayload } from "./harness/relay-pages.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
@@ -531,7 +531,7 @@ describe("sgm relay", () => {
       const pskFile = `${dir}/psk`;
       await Bun.write(pskFile, `${KEY}\n`);
       const args = ["relay", "--listen", "127.0.0.1:0", "--capacity", "64MiB", "--psk-file", pskFile, "--ready-fd", "3", "--json"];
-      const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"] }));
+      const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"], env: sgmEnv() }));
       const stdout = new Response(proc.stdout).text();
       const stderr = new Response(proc.stderr).text();
       const ready = await within(Bun.file(proc.stdio[3] as number).text(), 10_000, "the ready line");

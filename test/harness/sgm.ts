@@ -4,6 +4,7 @@
 import { expect } from "bun:test";
 import { join } from "node:path";
 import { track } from "./processes.ts";
+import { makeTempDir, removeDir } from "./tmp.ts";
 
 const root = join(import.meta.dir, "..", "..");
 let built: Promise<string> | undefined;
@@ -17,6 +18,27 @@ export function sgmBinary(): Promise<string> {
   })();
   return built;
 }
+
+let scratch: string | undefined;
+
+/**
+ * The environment for a spawned sgm: ours, with `extra`, and a TMPDIR of
+ * this test process's own. sgm keeps its unix sockets in a directory under
+ * TMPDIR that a killed sgm cannot remove, and tests kill sgm processes.
+ */
+export function sgmEnv(extra: Record<string, string> = {}): Record<string, string | undefined> {
+  scratch ??= makeTempDir("processes");
+  return { ...process.env, TMPDIR: scratch, ...extra };
+}
+
+/** Removes what sgm processes left in their TMPDIR: after the last test (preload.ts), or when a script exits. */
+export function removeSgmScratch(): void {
+  if (scratch !== undefined) removeDir(scratch);
+  scratch = undefined;
+}
+
+// bun test fires no "exit" event (preload.ts covers it there); scripts such as the soak do
+process.on("exit", removeSgmScratch);
 
 export interface RunResult {
   code: number;
@@ -37,7 +59,7 @@ export function expectExit(result: RunResult, code: number): void {
 
 /** Runs dist/sgm to completion. */
 export async function runSgm(args: string[], options: { timeoutMs?: number } = {}): Promise<RunResult> {
-  const proc = Bun.spawn([await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore" });
+  const proc = Bun.spawn([await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: sgmEnv() });
   const timer = setTimeout(() => proc.kill("SIGKILL"), options.timeoutMs ?? 60_000);
   const [code, stdout, stderr] = await Promise.all([
     proc.exited,
@@ -63,7 +85,7 @@ export interface SgmProcess {
  * `launcher` if given); it is killed with the test's other processes.
  */
 export async function startSgm(args: string[], env: Record<string, string> = {}, launcher: string[] = []): Promise<SgmProcess> {
-  const proc = track(Bun.spawn([...launcher, await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: { ...process.env, ...env } }));
+  const proc = track(Bun.spawn([...launcher, await sgmBinary(), ...args], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: sgmEnv(env) }));
   let err = "";
   const decoder = new TextDecoder();
   const stderrDone = (async () => {
