@@ -7,8 +7,8 @@
 // stream.
 //
 // A page that owes the destination its current content holds a need on it
-// (content-directory.ts), so the bytes stay until written there; written,
-// the page lets go, and the gather holds no copy of the VM.
+// (content-directory.ts, owed-content.ts), so the bytes stay until written
+// there; written, the page lets go, and the gather holds no copy of the VM.
 
 import { join } from "node:path";
 import { SgmError } from "../errors.ts";
@@ -34,6 +34,7 @@ import { StateKeeper } from "./state-keeper.ts";
 import { recoverChannel } from "./recovery-handshake.ts";
 import { countPages, pickSpare, settleFed, staleRanges } from "./switchover-discards.ts";
 import { NOT_FED, PageTable, PENDING } from "./page-table.ts";
+import { OwedContent } from "./owed-content.ts";
 
 export interface FeedOptions {
   name: string;
@@ -95,8 +96,8 @@ export class DestinationFeed {
   private readonly withheld = withheldPages();
   /** Claimed from a saved state by a gather started with --resume. */
   private claimed = false;
-  /** With a precopy source, from its end to switchover: a page whose content a need keeps here. */
-  private spare = -1;
+  /** The needs the pages (and the spare page) hold on their content. */
+  private readonly owed: OwedContent;
   private pingQueued = false;
   /** The VM's saved state for --resume; the scatter may quit the source once it is written (state.saved). */
   readonly state: StateKeeper;
@@ -105,7 +106,7 @@ export class DestinationFeed {
   /** Pages written after switchover keep their content until the destination confirms them. */
   private readonly acks = new DeliveryAcks(
     (value) => this.writer.ping(value),
-    (i) => this.letGo(i),
+    (i) => this.owed.letGo(i),
   );
 
   constructor(options: FeedOptions) {
@@ -116,6 +117,7 @@ export class DestinationFeed {
     this.postcopyBandwidth = options.postcopyBandwidth ?? Infinity;
     this.state = new StateKeeper(options.statePath, options.name, options.log);
     this.table = new PageTable(options.blocks);
+    this.owed = new OwedContent(this.table, this.dir);
     this.waits = new PageWaits(this.table.total);
     this.dir.onLocal((cid) => this.waits.wake(cid, (i) => this.arrived(i)));
     this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
@@ -206,7 +208,7 @@ export class DestinationFeed {
     const t = this.table;
     const i = t.index(block, page);
     const old = t.content[i]!;
-    this.setContent(i, cid);
+    this.owed.setContent(i, cid);
     if (old === PENDING) this.pending--;
     if (cid === PENDING) this.pending++;
     if (this.phase === "precopy") {
@@ -228,19 +230,18 @@ export class DestinationFeed {
     const t = this.table;
     const discards = staleRanges(t);
     let discarded = countPages(discards);
-    const spare = this.spare >= 0 ? this.spare : pickSpare(t, this.dir);
+    const spare = this.owed.spare >= 0 ? this.owed.spare : pickSpare(t, this.dir);
     if (discarded === 0) {
       // QEMU needs at least one discard before LISTEN or its listen thread
       // deadlocks; give up a page fed and deliver it again later
       if (spare < 0) throw new SgmError("internal", `VM ${this.name}: no page to discard at switchover`);
       t.fed[spare] = NOT_FED;
-      this.setContent(spare, t.content[spare]!);
+      this.owed.setContent(spare, t.content[spare]!);
       const b = t.blockOf(spare);
       discards[b]!.push([spare - t.blockStart[b]!, 1]);
       discarded = 1;
     }
-    if (this.spare >= 0 && t.content[this.spare]! >= 0) this.dir.unneed(t.content[this.spare]!);
-    this.spare = -1;
+    this.owed.dropSpare();
     discards.forEach((ranges, b) => {
       if (ranges.length > 0) this.writer.discard(b, ranges);
     });
@@ -284,13 +285,7 @@ export class DestinationFeed {
 
   /** Pages that still owe the destination content `lacking` picks (the switchover's spare page too). */
   owedPages(lacking: (cid: number) => boolean): number {
-    const t = this.table;
-    let pages = 0;
-    for (let i = 0; i < t.total; i++) {
-      const c = t.content[i]!;
-      if (c >= 0 && (t.owing[i] === 1 || i === this.spare) && lacking(c)) pages++;
-    }
-    return pages;
+    return this.owed.pages(lacking);
   }
 
   /** Pages owing content held neither here nor on a live relay (a relay lost with the only copy). */
@@ -333,8 +328,7 @@ export class DestinationFeed {
   sourceRestarted(): void {
     if (this.phase !== "precopy") throw new SgmError("internal", `VM ${this.name}: source restarted in phase ${this.phase}`);
     this.sourceDone = false;
-    if (this.spare >= 0 && this.table.content[this.spare]! >= 0) this.dir.unneed(this.table.content[this.spare]!);
-    this.spare = -1;
+    this.owed.dropSpare();
   }
 
   /** The postcopy source's stream ended: every page it owed has come. */
@@ -343,9 +337,7 @@ export class DestinationFeed {
     if (this.phase === "precopy") {
       // a page to give again at switchover if need be (see there), chosen
       // while the scatter's pins still keep content here; a need keeps it
-      this.spare = pickSpare(this.table, this.dir);
-      const c = this.spare >= 0 ? this.table.content[this.spare]! : -1;
-      if (c >= 0) this.dir.need(c);
+      this.owed.keepSpare();
     }
     if (this.pending > 0) {
       this.fail(new SgmError("data", `VM ${this.name}: the source's stream ended with ${this.pending} pages it discarded never sent again`));
@@ -386,7 +378,7 @@ export class DestinationFeed {
     t.delivered[i] = 1;
     if (this.skipOne && c >= 0) {
       this.skipOne = false; // SGM_TEST_FAULT=gather-delivery: the delivery check must notice
-      this.letGo(i);
+      this.owed.letGo(i);
     } else this.write(i, c);
     this.stats.deliveredPages++;
   }
@@ -404,7 +396,7 @@ export class DestinationFeed {
     else this.writer.page(b, i - t.blockStart[b]!, null);
     t.written[i] = c;
     if (this.phase !== "postcopy") {
-      this.letGo(i);
+      this.owed.letGo(i);
       return;
     }
     // not let go yet: the acks do once QEMU confirms
@@ -436,28 +428,6 @@ export class DestinationFeed {
     this.state.save(() => snapshotFeedState({ name: this.name, blocks: o.blocks, sectionId: o.sectionId, map: this.agreedMap, ...o.origin() }, this.table, this.dir));
   }
 
-  /**
-   * Page i's content is `cid` now: the page owes it to the destination
-   * (holds a need on it) unless the destination has it already.
-   */
-  private setContent(i: number, cid: number): void {
-    const t = this.table;
-    this.letGo(i);
-    t.content[i] = cid;
-    const has = t.delivered[i] === 1 || t.fed[i] === cid;
-    if (cid >= 0 && !has) {
-      this.dir.need(cid);
-      t.owing[i] = 1;
-    }
-  }
-
-  private letGo(i: number): void {
-    const t = this.table;
-    if (t.owing[i] === 0) return;
-    t.owing[i] = 0;
-    this.dir.unneed(t.content[i]!);
-  }
-
   private onRequest(blockName: string, start: number, length: number): void {
     this.stats.requests++;
     const b = this.blockIndex.get(blockName);
@@ -477,26 +447,7 @@ export class DestinationFeed {
     const wrong = reason instanceof SgmError && reason.kind === "data";
     if (wrong) this.state.forget();
     this.sock?.destroy(reason);
-    this.letGoAll(ran && !wrong);
+    this.owed.letGoAll(ran && !wrong);
     this.done.reject(reason);
-  }
-
-  /**
-   * The feed failed: its pages owe nothing more here, so other VMs' pages
-   * are not held back behind them (the owed bytes). A VM that ran here keeps
-   * its content on the relays for a gather started with --resume (retained:
-   * never released while this gather runs); its local bytes are in its
-   * saved state.
-   */
-  private letGoAll(retain: boolean): void {
-    const t = this.table;
-    // pages written and not confirmed owe still, and are let go below with the rest
-    if (this.spare >= 0 && t.content[this.spare]! >= 0) this.dir.unneed(t.content[this.spare]!);
-    this.spare = -1;
-    for (let i = 0; i < t.total; i++) {
-      if (t.owing[i] === 0) continue;
-      if (retain) this.dir.retain(t.content[i]!);
-      this.letGo(i);
-    }
   }
 }
