@@ -20,14 +20,12 @@ import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 import { trace } from "../trace.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
-import { injected, withheldPages } from "../test-faults.ts";
 import { checkDelivery, finalMapDigest } from "./final-checks.ts";
 import { PageWaits } from "./page-waits.ts";
 import { PostcopyDelivery } from "./postcopy-delivery.ts";
 import { PrecopyFeed } from "./precopy-feed.ts";
 import type { FeedContext } from "./feed-context.ts";
 import { type FeedStats, newFeedStats } from "./feed-stats.ts";
-import { DeliveryAcks } from "./delivery-acks.ts";
 import { claimSavedState, type SavedOrigin, settleReceived, snapshotFeedState } from "./feed-state.ts";
 import type { ResumeState } from "./resume-state.ts";
 import { StateKeeper } from "./state-keeper.ts";
@@ -35,6 +33,7 @@ import { recoverChannel } from "./recovery-handshake.ts";
 import { countPages, pickSpare, settleFed, staleRanges } from "./switchover-discards.ts";
 import { NOT_FED, PageTable, PENDING } from "./page-table.ts";
 import { OwedContent } from "./owed-content.ts";
+import { PageWrites } from "./page-writes.ts";
 
 export interface FeedOptions {
   name: string;
@@ -92,22 +91,16 @@ export class DestinationFeed {
   private pending = 0;
   /** No more page maps will come (set before switchover for a precopy source). */
   private sourceDone = false;
-  private skipOne = injected("gather-delivery");
-  private readonly withheld = withheldPages();
   /** Claimed from a saved state by a gather started with --resume. */
   private claimed = false;
   /** The needs the pages (and the spare page) hold on their content. */
   private readonly owed: OwedContent;
-  private pingQueued = false;
+  /** Where page bytes go to the destination. */
+  private readonly writes: PageWrites;
   /** The VM's saved state for --resume; the scatter may quit the source once it is written (state.saved). */
   readonly state: StateKeeper;
   /** The final map's digest, once computed for the scatter to compare. */
   private agreedMap = "";
-  /** Pages written after switchover keep their content until the destination confirms them. */
-  private readonly acks = new DeliveryAcks(
-    (value) => this.writer.ping(value),
-    (i) => this.owed.letGo(i),
-  );
 
   constructor(options: FeedOptions) {
     this.options = options;
@@ -118,6 +111,14 @@ export class DestinationFeed {
     this.state = new StateKeeper(options.statePath, options.name, options.log);
     this.table = new PageTable(options.blocks);
     this.owed = new OwedContent(this.table, this.dir);
+    this.writes = new PageWrites({
+      table: this.table,
+      dir: this.dir,
+      owed: this.owed,
+      stats: this.stats,
+      writer: () => this.writer,
+      postcopy: () => this.phase === "postcopy",
+    });
     this.waits = new PageWaits(this.table.total);
     this.dir.onLocal((cid) => this.waits.wake(cid, (i) => this.arrived(i)));
     this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
@@ -140,8 +141,8 @@ export class DestinationFeed {
     sock.setDataHandler((data) => rp.feed(data));
     this.precopy = new PrecopyFeed({
       ...this.pumpContext("precopy"),
-      withholds: (i) => this.withholds(i),
-      write: (i, c) => this.write(i, c),
+      withholds: (i) => this.writes.withholds(i),
+      write: (i, c) => this.writes.write(i, c),
     });
     this.writer.begin();
     this.writer.flush();
@@ -195,7 +196,7 @@ export class DestinationFeed {
         if (status !== 0) this.fail(new SgmError("unavailable", `VM ${this.name}: destination QEMU ended the migration with an error (SHUT ${status})`));
       },
       onPong: (value) => {
-        if (this.acks.pong(value)) return;
+        if (this.writes.acks.pong(value)) return;
         trace(`${this.name} PONG ${value} from the destination`);
         if (value === PING_DEVICE_LOADED) this.devicesLoaded.resolve();
       },
@@ -262,7 +263,7 @@ export class DestinationFeed {
       ...this.pumpContext("postcopy"),
       bandwidth: this.postcopyBandwidth,
       fromSource: this.options.fromSource,
-      deliver: (i) => this.deliver(i),
+      deliver: (i) => this.writes.deliver(i),
       progressed: () => void this.finishIfDone(),
     });
     this.delivery.start();
@@ -350,7 +351,7 @@ export class DestinationFeed {
 
   private async finishIfDone(): Promise<void> {
     if (this.phase !== "postcopy" || !this.delivery!.idle || this.pending > 0 || !this.sourceDone) return;
-    if (this.withheld !== null) return; // SGM_TEST_FAULT=gather-withhold: what is withheld is on its way, for ever
+    if (this.writes.withheld !== null) return; // SGM_TEST_FAULT=gather-withhold: what is withheld is on its way, for ever
     try {
       checkDelivery(this.name, this.table, this.dir);
     } catch (err) {
@@ -363,63 +364,13 @@ export class DestinationFeed {
     try {
       await this.dest.waitCompleted(24 * 3600 * 1000);
       // the destination has every page: what was kept for a resume can go
-      this.acks.confirmAll();
+      this.writes.acks.confirmAll();
       this.state.forget();
       this.done.resolve();
     } catch (err) {
       this.failure = err as Error;
       this.done.reject(err);
     }
-  }
-
-  private deliver(i: number): void {
-    const t = this.table;
-    const c = t.content[i]!;
-    t.delivered[i] = 1;
-    if (this.skipOne && c >= 0) {
-      this.skipOne = false; // SGM_TEST_FAULT=gather-delivery: the delivery check must notice
-      this.owed.letGo(i);
-    } else this.write(i, c);
-    this.stats.deliveredPages++;
-  }
-
-  /**
-   * The one place page bytes go to the destination. Before switchover the
-   * page owes nothing more (if the gather dies then, the VM runs on at the
-   * source); after it, once the destination confirms the page (acks).
-   */
-  private write(i: number, c: number): void {
-    if (this.withholds(i)) return;
-    const t = this.table;
-    const b = t.blockOf(i);
-    if (c >= 0) this.writer.page(b, i - t.blockStart[b]!, this.dir.slabOf(c), this.dir.offsetOf(c));
-    else this.writer.page(b, i - t.blockStart[b]!, null);
-    t.written[i] = c;
-    if (this.phase !== "postcopy") {
-      this.owed.letGo(i);
-      return;
-    }
-    // not let go yet: the acks do once QEMU confirms
-    this.acks.written(i);
-    if (this.pingQueued) return;
-    this.pingQueued = true;
-    queueMicrotask(() => {
-      // a PING behind what this turn wrote, so no page waits for 64 more to be confirmed
-      this.pingQueued = false;
-      if (this.phase !== "postcopy") return;
-      this.acks.mark();
-      this.writer.flush();
-    });
-  }
-
-  /** SGM_TEST_FAULT=gather-withhold: the page never reaches QEMU, its content kept as if it were on its way. */
-  private withholds(i: number): boolean {
-    const w = this.withheld;
-    if (w === null) return false;
-    const t = this.table;
-    const b = t.blockOf(i);
-    const page = i - t.blockStart[b]!;
-    return t.blocks[b]!.name === w.block && page >= w.first && page <= w.last;
   }
 
   /** The state, taken now, written while delivery goes on (state-keeper.ts). */
