@@ -8,6 +8,8 @@
 import { describe, expect, test } from "bun:test";
 import { DIGEST_BYTES, PAGE_BYTES, digestHex, digestPage } from "../core/dedup/digest.ts";
 import { ContentDirectory } from "../core/gather/content-directory.ts";
+import { OwedContent } from "../core/gather/owed-content.ts";
+import { PageTable } from "../core/gather/page-table.ts";
 import { GatherPins } from "../core/scatter/gather-pins.ts";
 
 function digest(n: number): Uint8Array {
@@ -93,6 +95,26 @@ describe("ContentDirectory: pages by offset, and what is forgotten", () => {
       expect(f.digest).toBe(digestHex(digests, n * DIGEST_BYTES));
       expect(f.mask).toBe(n % 2 ? 0 : n % 3);
     }
+    expect(dir.usedBytes).toBe(0);
+  });
+});
+
+describe("OwedContent: a page's need on its content", () => {
+  test("a page named again with the content it owes keeps that content, even when its need is the last hold", () => {
+    const forgotten: number[] = [];
+    const dir = new ContentDirectory((cid) => forgotten.push(cid));
+    const owed = new OwedContent(new PageTable([{ name: "pc.ram", usedLength: 4 * PAGE_BYTES }]), dir);
+    const cid = dir.intern(digest(1), 0);
+    dir.locate(cid, 1);
+    owed.setContent(0, cid);
+    dir.fetched(cid, page);
+    dir.unpinAll(); // the scatter is gone: page 0's need is all that holds the content
+    owed.setContent(0, cid);
+    expect(forgotten).toEqual([]);
+    expect(dir.isLocal(cid)).toBe(true);
+    expect(dir.owedBytes).toBe(PAGE_BYTES);
+    owed.letGo(0);
+    expect(forgotten).toEqual([cid]);
     expect(dir.usedBytes).toBe(0);
   });
 });

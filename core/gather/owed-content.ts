@@ -30,13 +30,14 @@ export class OwedContent {
    */
   setContent(i: number, cid: number): void {
     const t = this.table;
+    const owes = cid >= 0 && t.delivered[i] !== 1 && t.fed[i] !== cid;
+    // the new need is taken before the old one goes: named again with the
+    // same content, the page's need may be the content's last hold, and the
+    // content would be forgotten in between (its bytes dropped, never fetched)
+    if (owes) this.dir.need(cid);
     this.letGo(i);
     t.content[i] = cid;
-    const has = t.delivered[i] === 1 || t.fed[i] === cid;
-    if (cid >= 0 && !has) {
-      this.dir.need(cid);
-      t.owing[i] = 1;
-    }
+    if (owes) t.owing[i] = 1;
   }
 
   letGo(i: number): void {
