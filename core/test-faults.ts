@@ -10,7 +10,10 @@
 // SGM_TEST_SCRIBBLE=1 is a check rather than a fault: bytes received are
 // overwritten once handled (a socket read, a frame assembled from several),
 // as a buffer used again would overwrite them later, so a view kept past its
-// call shows in a test as a wrong page rather than one day in a guest.
+// call shows in a test as a wrong page rather than one day in a guest. And
+// the gather checks each page it writes to its destination against its
+// content's digest (page-writes.ts): a slot that came to hold other bytes
+// than its content id names fails the run there, not the guest later.
 
 export type TestFault = "scatter-map" | "gather-map" | "gather-delivery" | "gather-withhold";
 
@@ -28,6 +31,9 @@ export function withheldPages(): { block: string; first: number; last: number } 
 }
 
 const scribble = process.env.SGM_TEST_SCRIBBLE === "1";
+
+/** Under SGM_TEST_SCRIBBLE, the gather checks the bytes it writes (see the top of this file). */
+export const checkWrites = scribble;
 
 /** Under SGM_TEST_SCRIBBLE, overwrites bytes whose handler has returned. */
 export function scribbleHandled(bytes: Uint8Array): void {

@@ -8,8 +8,10 @@
 import { describe, expect, test } from "bun:test";
 import { DIGEST_BYTES, PAGE_BYTES, digestHex, digestPage } from "../core/dedup/digest.ts";
 import { ContentDirectory } from "../core/gather/content-directory.ts";
+import { newFeedStats } from "../core/gather/feed-stats.ts";
 import { OwedContent } from "../core/gather/owed-content.ts";
 import { PageTable } from "../core/gather/page-table.ts";
+import { PageWrites } from "../core/gather/page-writes.ts";
 import { GatherPins } from "../core/scatter/gather-pins.ts";
 
 function digest(n: number): Uint8Array {
@@ -116,6 +118,34 @@ describe("OwedContent: a page's need on its content", () => {
     owed.letGo(0);
     expect(forgotten).toEqual([cid]);
     expect(dir.usedBytes).toBe(0);
+  });
+});
+
+describe("PageWrites: bytes checked on their way to the destination", () => {
+  test("a slot that came to hold other bytes than its content fails the write, before anything is written", () => {
+    const table = new PageTable([{ name: "pc.ram", usedLength: 4 * PAGE_BYTES }]);
+    const dir = new ContentDirectory(() => {});
+    const owed = new OwedContent(table, dir);
+    const content = new Uint8Array(PAGE_BYTES).fill(7);
+    const d = new Uint8Array(DIGEST_BYTES);
+    digestPage(content, d);
+    const cid = dir.intern(d, 0);
+    dir.receive(cid, content);
+    const written: Array<{ page: number; bytes: Uint8Array | null }> = [];
+    // stands for the stream to QEMU: records what it is given, copied as the real one copies
+    const writer = {
+      page: (_b: number, page: number, slab: Uint8Array | null, at = 0) => void written.push({ page, bytes: slab && slab.slice(at, at + PAGE_BYTES) }),
+      ping: () => {},
+      flush: () => {},
+    };
+    const writes = new PageWrites({ table, dir, owed, stats: newFeedStats(), writer: () => writer, postcopy: () => false, checkBytes: true });
+    for (const i of [0, 1]) owed.setContent(i, cid);
+    writes.write(0, cid);
+    expect(written).toEqual([{ page: 0, bytes: content }]);
+    const slab = dir.slabOf(cid);
+    slab[dir.offsetOf(cid) + 100]! ^= 1; // what a slot reused for other content would hold
+    expect(() => writes.write(1, cid)).toThrow(`the bytes held for content ${cid} are not that content`);
+    expect(written.length).toBe(1);
   });
 });
 

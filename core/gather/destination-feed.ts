@@ -17,6 +17,7 @@ import { TPS } from "../qemu/constants.ts";
 import { PING_DEVICE_LOADED, PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
 import { ReturnPathReader } from "../qemu/return-path.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
+import { checkWrites } from "../test-faults.ts";
 import { trace } from "../trace.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import type { DestinationQemu } from "./destination-qemu.ts";
@@ -118,6 +119,7 @@ export class DestinationFeed {
       stats: this.stats,
       writer: () => this.writer,
       postcopy: () => this.phase === "postcopy",
+      checkBytes: checkWrites,
     });
     this.waits = new PageWaits(this.table.total);
     this.dir.onLocal((cid) => this.waits.wake(cid, (i) => this.arrived(i)));

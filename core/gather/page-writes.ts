@@ -6,6 +6,8 @@
 // (test-faults.ts) act here too.
 
 import type { PostcopyStreamWriter } from "../qemu/postcopy-writer.ts";
+import { DIGEST_BYTES, PAGE_BYTES, digestPage, sameDigest } from "../dedup/digest.ts";
+import { SgmError } from "../errors.ts";
 import { injected, withheldPages } from "../test-faults.ts";
 import type { ContentDirectory } from "./content-directory.ts";
 import { DeliveryAcks } from "./delivery-acks.ts";
@@ -22,6 +24,8 @@ export interface WritesContext {
   writer(): Pick<PostcopyStreamWriter, "page" | "ping" | "flush">;
   /** The feed is in its postcopy phase: switched over, and not ended or failed. */
   postcopy(): boolean;
+  /** Each page's bytes are checked against its content's digest before they go (tests: checkWrites). */
+  checkBytes: boolean;
 }
 
 export class PageWrites {
@@ -29,6 +33,7 @@ export class PageWrites {
   /** SGM_TEST_FAULT=gather-withhold's pages; null without it. */
   readonly withheld = withheldPages();
   private pingQueued = false;
+  private readonly scratch = new Uint8Array(DIGEST_BYTES);
   /** Pages written after switchover keep their content until the destination confirms them. */
   readonly acks: DeliveryAcks;
   private readonly ctx: WritesContext;
@@ -66,8 +71,10 @@ export class PageWrites {
     if (this.withholds(i)) return;
     const t = this.table;
     const b = t.blockOf(i);
-    if (c >= 0) this.ctx.writer().page(b, i - t.blockStart[b]!, this.dir.slabOf(c), this.dir.offsetOf(c));
-    else this.ctx.writer().page(b, i - t.blockStart[b]!, null);
+    if (c >= 0) {
+      if (this.ctx.checkBytes) this.checkBytes(c);
+      this.ctx.writer().page(b, i - t.blockStart[b]!, this.dir.slabOf(c), this.dir.offsetOf(c));
+    } else this.ctx.writer().page(b, i - t.blockStart[b]!, null);
     t.written[i] = c;
     if (!this.ctx.postcopy()) {
       this.ctx.owed.letGo(i);
@@ -84,6 +91,13 @@ export class PageWrites {
       this.acks.mark();
       this.ctx.writer().flush();
     });
+  }
+
+  /** The bytes about to be written are content c's: a slot that came to hold other bytes fails here. */
+  private checkBytes(c: number): void {
+    const at = this.dir.offsetOf(c);
+    digestPage(this.dir.slabOf(c).subarray(at, at + PAGE_BYTES), this.scratch);
+    if (!sameDigest(this.scratch, 0, this.dir.digestOf(c), 0)) throw new SgmError("internal", `the bytes held for content ${c} are not that content`);
   }
 
   /** SGM_TEST_FAULT=gather-withhold: the page never reaches QEMU, its content kept as if it were on its way. */
