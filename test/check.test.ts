@@ -2,6 +2,8 @@
 // check, exit 0 only if an eviction would start, and nothing touched.
 
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
 import { queryMigrate } from "../core/qmp/migration.ts";
 import type { CheckReport } from "../core/scatter/preflight.ts";
 import { report, startGather, startPair, startRelay, type VmPair, writePsk } from "./harness/cluster.ts";
@@ -82,7 +84,9 @@ describe("sgm check", () => {
     expect(verdicts(report<CheckReport>(nobody))).toEqual({ "source lonely": "ok", "gather ADDR": "fail" });
 
     const { port } = await startGather([pair], psk);
-    const wrongKey = await writePsk(makeTempDir("check-key"), "a different key of enough length");
+    const keyDir = join(dir, "wrong-key");
+    mkdirSync(keyDir);
+    const wrongKey = await writePsk(keyDir, "a different key of enough length");
     const refused = await check([pair], port, [], wrongKey);
     expectExit(refused, 69);
     expect(report<CheckReport>(refused).checks.find((x) => x.check.startsWith("gather"))!.detail).toMatch(/authentication failed/);
