@@ -184,7 +184,7 @@ export class TestVm {
     if (!this.serial) {
       this.serial = await new Promise<net.Socket>((resolve, reject) => {
         const socket = net.connect({ path: this.serialPath }, () => resolve(socket));
-        socket.on("error", reject);
+        socket.on("error", (err) => void this.whyUnreachable().then((why) => reject(new Error(`${this.name}: cannot connect to its serial socket (${err.message}); ${why}`))));
       });
       this.serial.on("data", () => {}); // output is read from the log file
     }
@@ -218,6 +218,17 @@ export class TestVm {
     const a = await this.dirtyCounter();
     await Bun.sleep(300);
     return (await this.dirtyCounter()) > a;
+  }
+
+  /** What became of this QEMU, for a failure's message: its exit, or its run state, and the end of its log. */
+  private async whyUnreachable(): Promise<string> {
+    const proc = this.proc;
+    let state: string;
+    if (proc.exitCode !== null || proc.signalCode !== null) state = `QEMU exited (code ${proc.exitCode}, signal ${proc.signalCode})`;
+    else state = await this.status().then((s) => `QEMU runs, status ${s}`, (err: Error) => `QEMU runs, its QMP did not answer (${err.message})`);
+    const logPath = join(this.serialPath, "..", `${this.name}.qemu.log`);
+    const log = existsSync(logPath) ? readFileSync(logPath, "utf8").trim().split("\n").slice(-10).join("\n") : "";
+    return `${state}; its log ${log ? `ended:\n${log}` : "is empty"}`;
   }
 
   async status(): Promise<string> {
