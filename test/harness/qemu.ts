@@ -70,6 +70,8 @@ export class TestVm {
   /** QMP socket for sgm or the test's migration driver. */
   readonly qmpPath: string;
   readonly serialLog: string;
+  /** What QEMU printed (stdout and stderr). */
+  readonly qemuLog: string;
   readonly memBytes: number;
   readonly proc: Subprocess;
   /** The harness's own QMP connection (second monitor). */
@@ -82,6 +84,7 @@ export class TestVm {
     this.qmpPath = join(dir, `${name}.qmp`);
     this.serialPath = join(dir, `${name}.serial`);
     this.serialLog = join(dir, `${name}.serial.log`);
+    this.qemuLog = join(dir, `${name}.qemu.log`);
     this.memBytes = memMiB * 1024 * 1024;
     this.proc = proc;
     this.qmp = qmp;
@@ -226,8 +229,7 @@ export class TestVm {
     let state: string;
     if (proc.exitCode !== null || proc.signalCode !== null) state = `QEMU exited (code ${proc.exitCode}, signal ${proc.signalCode})`;
     else state = await this.status().then((s) => `QEMU runs, status ${s}`, (err: Error) => `QEMU runs, its QMP did not answer (${err.message})`);
-    const logPath = join(this.serialPath, "..", `${this.name}.qemu.log`);
-    const log = existsSync(logPath) ? readFileSync(logPath, "utf8").trim().split("\n").slice(-10).join("\n") : "";
+    const log = existsSync(this.qemuLog) ? readFileSync(this.qemuLog, "utf8").trim().split("\n").slice(-10).join("\n") : "";
     return `${state}; its log ${log ? `ended:\n${log}` : "is empty"}`;
   }
 
