@@ -185,6 +185,31 @@ describe("model eviction: a relay lost mid-run", () => {
   }, 120_000);
 });
 
+describe("model eviction: one VM's source fails while another sharing its content goes on", () => {
+  // The failing VM is listed first, so it is the one that sends most of the content both VMs have
+  // (churningScript: ids 1 to 12 in every VM); what the other names of it must stay where it was put.
+  for (const [how, options] of [
+    ["direct, precopy", { switchover: "precopy" }],
+    ["through a relay, postcopy", { switchover: "postcopy", postcopyAfterPass: 2, relays: 1, slowDestination: true }],
+  ] as const) {
+    test(`${how}: the failed VM runs on at its source, named; the other arrives intact`, async () => {
+      const postcopyAtPass = options.switchover === "postcopy" ? 3 : undefined;
+      const vms = [
+        { name: "fails", script: { ...churningScript(71, 4, 600, 0), postcopyAtPass, failAtPass: 2 } },
+        { name: "goes-on", script: { ...churningScript(72, 4, 600, 1), postcopyAtPass } },
+      ];
+      const r = await runModelEviction({ ...options, vms });
+      expect(r.scatter.vms.map((v) => v.error ?? "ok")).toEqual(["VM fails: the source QEMU closed its stream early", "ok"]);
+      expect([r.sources[0]!.migrationStatus, r.sources[0]!.runState]).toEqual(["failed", "running"]);
+      expect(r.gather.vms.map((v) => v.error ?? "ok")).toEqual(["VM fails: scatter: VM fails: the source QEMU closed its stream early", "ok"]);
+      // the other VM took content from the failed one's stream, and every page of it is the source's last
+      expect(r.scatter.placement.dedupPages).toBeGreaterThan(0);
+      expect(r.destinations[1]!.error).toBeNull();
+      expect(r.mismatches.get("goes-on")).toEqual([]);
+    }, 120_000);
+  }
+});
+
 describe("model eviction: a wrong final page map is caught", () => {
   async function withFault<T>(fault: string, run: () => Promise<T>): Promise<T> {
     process.env.SGM_TEST_FAULT = fault;

@@ -50,6 +50,12 @@ export interface SourceScript {
    * thousands of pages.
    */
   sectionPages?: number;
+  /**
+   * The source fails at the start of this pass (2, 3, ...), as QEMU does on
+   * an error of its own: the stream closes, the migration is failed and
+   * the VM runs on here.
+   */
+  failAtPass?: number;
 }
 
 type Status = "none" | "setup" | "active" | "postcopy-active" | "postcopy-paused" | "postcopy-recover" | "device" | "completed" | "failed" | "cancelled";
@@ -267,6 +273,7 @@ export class ModelSourceQemu {
     this.dirty.fill(1);
     for (let pass = 1; ; pass++) {
       if (generation !== this.generation || !sock.isOpen) throw new Error("migration dropped");
+      if (this.script.failAtPass === pass) throw new Error(`model ${this.name} fails at pass ${pass}`);
       if (pass > 1) this.guestWrites(pass);
       this.sync(pass);
       if (this.script.postcopyAtPass === pass) await this.waitForPostcopyRequest();
