@@ -1,0 +1,13 @@
+// Builds and fetches into .cache/ what the test files need before any of
+// them runs: make test runs the files two at a time, and two processes
+// fetching QEMU 10.0 or the Linux guest at once would each replace the
+// other's copy, under QEMUs started from it. Each is kept once there.
+//   bun test/harness/fixtures.ts
+
+import { buildGuest } from "./guest.ts";
+import { linuxGuest } from "./linux-guest.ts";
+import { qemu10_0 } from "./qemu-binaries.ts";
+
+await buildGuest();
+await qemu10_0();
+await linuxGuest();
