@@ -8,6 +8,8 @@ import { buildGuest } from "./guest.ts";
 import { linuxGuest } from "./linux-guest.ts";
 import { qemu10_0 } from "./qemu-binaries.ts";
 
+const started = performance.now();
 await buildGuest();
 await qemu10_0();
 await linuxGuest();
+console.log(`test fixtures ready in .cache/ (test guest, QEMU 10.0, Linux guest) after ${((performance.now() - started) / 1000).toFixed(1)} s`);
