@@ -24,6 +24,7 @@ interface RelayFlags extends TlsFlags {
   digestThreads?: unknown;
   http?: unknown;
   readyFd?: unknown;
+  prealloc?: boolean;
   json?: boolean;
 }
 
@@ -41,6 +42,7 @@ export function registerRelay(cli: CAC, signals: Signals): void {
     .option("--max-rate <rate>", "Take at most this much per second from all clients together, e.g. 100MiB/s (as a slower link would)")
     .option("--digest-threads <n>", `Threads that check put pages against their digests beside the one that serves; 0 for that one (default here: ${defaultDigestThreads()}, from the cores: up to 4, leaving 2)`)
     .option("--http <host:port>", "Serve GET /metrics (Prometheus text format) and GET /healthz on this address")
+    .option("--prealloc", "Make the whole capacity resident at start, before listening: pages put later take no page faults (for a relay that stands by for evictions)")
     .option("--ready-fd <n>", "Once listening, write 'ready HOST:PORT' and a newline to this file descriptor and close it")
     .option("--json", "Print the final report as JSON on stdout")
     .example("sgm relay --listen 0.0.0.0:7701 --capacity 8GiB --psk-file /etc/sgm/psk --http 127.0.0.1:9701")
@@ -59,7 +61,8 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
 
-      const relay = startRelay({ ...listen, psk, tls, capacityBytes, maxRate, digestThreads, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
+      const prealloc = flags.prealloc === true;
+      const relay = startRelay({ ...listen, psk, tls, capacityBytes, maxRate, digestThreads, prealloc, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
       const address = formatHostPort(listen.host, relay.port);
       let served: RelayHttp | undefined;
       try {

@@ -9,7 +9,7 @@ export const EXIT_CODES: Readonly<Record<ErrorKind, number>> = {
   data: 65, // malformed input: a stream, a frame, a file (EX_DATAERR)
   unavailable: 69, // a peer or QEMU is unreachable, refused, or went away (EX_UNAVAILABLE)
   unconverged: 75, // precopy did not converge within its bound; the VM runs on at the source (EX_TEMPFAIL)
-  insufficient: 78, // the relays named cannot hold what will not go direct; nothing moved (EX_CONFIG)
+  insufficient: 78, // the relays named cannot hold what will not go direct, or a relay's host its --prealloc capacity; nothing moved (EX_CONFIG)
   internal: 70, // a bug in sgm (EX_SOFTWARE)
   interrupted: 130, // SIGINT/SIGTERM (128 + 2)
 };

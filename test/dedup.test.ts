@@ -414,6 +414,20 @@ describe("PageStore", () => {
     expect(none.put(pages[0]!.digest, 0, pages[0]!.page)).toBeNull();
   });
 
+  test("preallocate: every slab the capacity needs at once, none beyond as it fills, and the pages in them intact", () => {
+    // 2.5 slabs of 1024 pages: three slabs, the last one part used
+    const store = new PageStore({ capacityBytes: 2560 * PAGE_BYTES });
+    expect(store.slabBytes).toBe(0);
+    store.preallocate();
+    expect(store.slabBytes).toBe(3 * 1024 * PAGE_BYTES);
+    const pages = Array.from({ length: 2560 }, (_, i) => pageOf(100_000 + i));
+    const ids = pages.map((p) => store.put(p.digest, 0, p.page)!.id);
+    expect(store.put(pageOf(99).digest, 0, pageOf(99).page)).toBeNull();
+    expect(store.slabBytes).toBe(3 * 1024 * PAGE_BYTES);
+    ids.forEach((id, i) => expect(store.get(id)).toEqual(pages[i]!.page));
+    expectSgmError(() => new PageStore().preallocate(), "internal");
+  });
+
   test("bad arguments are internal errors", () => {
     expectSgmError(() => new PageStore({ capacityBytes: -1 }), "internal");
     expectSgmError(() => new PageStore({ capacityBytes: Number.NaN }), "internal");

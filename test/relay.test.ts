@@ -2,6 +2,7 @@
 // speaking the relay frames, and the compiled `sgm relay` command.
 
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../core/dedup/digest.ts";
 import { type Relay, type RelayOptions, startRelay } from "../core/relay/engine.ts";
 import { IdSet } from "../core/dedup/id-set.ts";
@@ -551,6 +552,38 @@ describe("sgm relay", () => {
       const err = await stderr;
       expect(err).toMatch(/^sgm: relay listening on 127\.0\.0\.1:\d+ \(capacity 64\.0 MiB\)$/m);
       expect(err).toMatch(/^sgm: relay stopped: held 40\.0 KiB of 64\.0 MiB \(10 pages, 1 runs; at most 40\.0 KiB\)/m);
+    } finally {
+      removeDir(dir);
+    }
+  });
+
+  test("--prealloc makes the whole capacity resident before it listens, and serves from it; a capacity beyond the host's memory exits 78 on one line", async () => {
+    const dir = makeTempDir("relay-prealloc");
+    try {
+      const pskFile = `${dir}/psk`;
+      await Bun.write(pskFile, `${KEY}\n`);
+      const args = ["relay", "--listen", "127.0.0.1:0", "--capacity", "256MiB", "--psk-file", pskFile, "--prealloc", "--ready-fd", "3"];
+      const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "ignore", "pipe", "pipe"], env: sgmEnv() }));
+      const stderr = new Response(proc.stderr).text();
+      const ready = await within(Bun.file(proc.stdio[3] as number).text(), 30_000, "the ready line");
+      // the relay is the child sgm runs itself as (cli/allocator.ts); nothing is stored yet
+      const child = readFileSync(`/proc/${proc.pid}/task/${proc.pid}/children`, "utf8").trim();
+      const rssKiB = Number(/^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${child}/status`, "utf8"))?.[1]);
+      expect(rssKiB).toBeGreaterThanOrEqual(256 * 1024);
+
+      const scatter = await Client.connect(Number(/^ready 127\.0\.0\.1:(\d+)\n$/.exec(ready)![1]));
+      const pages = randomPages(300);
+      expect(await scatter.put(runId(1), 0, pages.slice(0, 64))).toEqual(Array(64).fill(false));
+      expect(await scatter.put(runId(1), 1, pages.slice(64, 128))).toEqual(Array(64).fill(false));
+      expect(await scatter.get(runId(1), pages.slice(0, 128))).toEqual(pages.slice(0, 128).map((p) => p.page));
+      scatter.conn.close();
+      proc.kill("SIGINT");
+      expect(await within(proc.exited, 10_000, "exit after SIGINT")).toBe(0);
+      expect(await stderr).toMatch(/^sgm: made 256\.0 MiB resident for pages in \d+\.\d s\nsgm: relay listening on /m);
+
+      const r = await runSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", "1000TiB", "--psk-file", pskFile, "--prealloc"]);
+      expectExit(r, 78);
+      expect(r.stderr).toMatch(/^sgm: error: --prealloc: the capacity, 1000\.0 TiB, is more than the [\d.]+ [KMG]iB of memory this host has available\n$/);
     } finally {
       removeDir(dir);
     }

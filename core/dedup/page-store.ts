@@ -5,8 +5,9 @@
 // A page's id is its DigestIndex id, and it also names its slot: slab
 // id / slabPages, page id % slabPages. The index reuses released ids before
 // handing out new ones, so no id reaches the peak number of pages held, and
-// slabs are allocated only as that peak grows. Slab memory stays at its
-// high-water mark, which the capacity bounds to within one slab.
+// slabs are allocated only as that peak grows (or all at once, resident,
+// by preallocate()). Slab memory stays at its high-water mark, which the
+// capacity bounds to within one slab.
 //
 // A page may also be kept: held while room allows, for content that may be
 // asked for again (a relay keeps what an evacuation put, for its runs to
@@ -18,7 +19,7 @@ import { SgmError } from "../errors.ts";
 import { DigestIndex } from "./digest-index.ts";
 import { IdSet } from "./id-set.ts";
 import { PAGE_BYTES, copyBytes } from "./digest.ts";
-import { allocateSlab } from "./slab-memory.ts";
+import { allocateResidentSlab, allocateSlab } from "./slab-memory.ts";
 import { grown, grownSize } from "../typed-arrays.ts";
 
 export interface PageStoreOptions {
@@ -60,6 +61,21 @@ export class PageStore {
     this.maxPages = Math.floor(capacityBytes / PAGE_BYTES);
     this.slabShift = Math.log2(slabPages);
     this.slabMask = slabPages - 1;
+  }
+
+  /**
+   * Allocates every slab the capacity needs, resident at once: pages put
+   * later go into memory already there. Needs a finite capacity.
+   */
+  preallocate(): void {
+    if (!Number.isFinite(this.capacityBytes)) throw new SgmError("internal", "a page store without a capacity cannot be preallocated");
+    const slabPages = this.slabMask + 1;
+    for (let n = 0; n * slabPages < this.maxPages; n++) this.slabs[n] ??= allocateResidentSlab(slabPages * PAGE_BYTES);
+  }
+
+  /** Bytes of the slabs allocated so far. */
+  get slabBytes(): number {
+    return this.slabs.reduce((n, slab) => n + (slab?.length ?? 0), 0);
   }
 
   /** Distinct pages held. */

@@ -5,11 +5,13 @@
 // gather fills. Advised huge, 256 MiB filled in 0.03 s instead of 1.0 s.
 
 import { dlopen, FFIType, ptr } from "bun:ffi";
+import { readFileSync } from "node:fs";
 
 const HUGE_PAGE = 2 * 1024 * 1024;
 const SMALL_PAGE = 4096;
 const MADV_DONTNEED = 4;
 const MADV_HUGEPAGE = 14;
+const MADV_POPULATE_WRITE = 23;
 
 type Madvise = (address: ReturnType<typeof ptr>, length: number, advice: number) => number;
 let madvise: Madvise | null | undefined;
@@ -43,10 +45,33 @@ export function allocateSlab(bytes: number): Uint8Array {
   return slab;
 }
 
+/**
+ * A slab as allocateSlab gives it, resident from now on: a store filled
+ * later takes no page fault, nor the zeroing of fresh memory, on the way.
+ */
+export function allocateResidentSlab(bytes: number): Uint8Array {
+  const slab = allocateSlab(bytes);
+  // one call where the kernel can (Linux 5.14 on); a write to every page where it cannot
+  if (!madvise || madvise(ptr(slab), bytes, MADV_POPULATE_WRITE) !== 0) {
+    for (let at = 0; at < bytes; at += SMALL_PAGE) slab[at] = 0;
+  }
+  return slab;
+}
+
 /** Gives the whole small pages within raw[from, to) back to the kernel. */
 function dropPages(advise: Madvise, raw: Uint8Array, from: number, to: number): void {
   const base = Number(ptr(raw));
   const start = Math.ceil((base + from) / SMALL_PAGE) * SMALL_PAGE - base;
   const end = Math.floor((base + to) / SMALL_PAGE) * SMALL_PAGE - base;
   if (end > start) advise(ptr(raw, start), end - start, MADV_DONTNEED);
+}
+
+/** What the kernel says could still be allocated without swapping (MemAvailable); null where it does not say. */
+export function availableMemoryBytes(): number | null {
+  try {
+    const kib = readFileSync("/proc/meminfo", "utf8").match(/^MemAvailable:\s+(\d+) kB$/m)?.[1];
+    return kib === undefined ? null : Number(kib) * 1024;
+  } catch {
+    return null;
+  }
 }

@@ -4,7 +4,7 @@
 // plain Bun socket on this machine, all in one run. CPU per GiB holds from
 // machine to machine; wall times only as ratios to the baselines.
 //
-//   bun test/benchmarks/cost.bench.ts [MiB, default 1024] [runs, default 3]
+//   bun test/benchmarks/cost.bench.ts [MiB, default 1024] [runs, default 3] [prealloc]
 //
 // The guest is the test guest with its churn region (shared, zero and
 // unique content), idle otherwise. "sgm direct" moves it scatter -> gather,
@@ -18,7 +18,8 @@
 // eviction after another: a relay's first run fills memory its process
 // never touched before, which costs it more than the pages themselves (page
 // faults of fresh memory), so the table's relay rows are the runs after it,
-// and the first run is printed apart. A relay's cost per run is read off
+// and the first run is printed apart. With `prealloc` the relays start with
+// --prealloc, their 4 GiB capacity resident before the first run. A relay's cost per run is read off
 // its process in /proc (CPU, faults, and the peak RSS, started again for
 // each run; it runs with the allocator setting of cli/allocator.ts given,
 // so it is not a re-executed child), its bytes off its own counters
@@ -58,7 +59,7 @@ interface Resources {
 const GiB = 2 ** 30;
 
 if (process.argv[2] === "--sink") runSink(Number(process.argv[3]), process.argv[4] === "native");
-else await main(Number(process.argv[2] ?? 1024), Number(process.argv[3] ?? 3));
+else await main(Number(process.argv[2] ?? 1024), Number(process.argv[3] ?? 3), process.argv[4] === "prealloc");
 
 
 interface SocketRun {
@@ -146,11 +147,11 @@ interface LongRelay {
   port: number;
 }
 
-async function startRelays(psk: string, count: number): Promise<LongRelay[]> {
+async function startRelays(psk: string, count: number, prealloc: boolean): Promise<LongRelay[]> {
   return Promise.all(
     Array.from({ length: count }, async () => {
       // the allocator setting given, sgm does not run itself again: this process is the relay
-      const { relay, address } = await startRelay(psk, "4GiB", ["--json"], { MIMALLOC_PURGE_DELAY: "-1" });
+      const { relay, address } = await startRelay(psk, "4GiB", ["--json", ...(prealloc ? ["--prealloc"] : [])], { MIMALLOC_PURGE_DELAY: "-1" });
       return { relay, address, port: Number(address.slice(address.lastIndexOf(":") + 1)) };
     }),
   );
@@ -269,7 +270,7 @@ function median(xs: number[]): number {
   return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 }
 
-async function main(memMiB: number, runs: number): Promise<void> {
+async function main(memMiB: number, runs: number, prealloc: boolean): Promise<void> {
   const dir = makeTempDir("bench-cost");
   const qemuMs: number[] = [];
   const sockets: SocketRun[] = [];
@@ -277,7 +278,7 @@ async function main(memMiB: number, runs: number): Promise<void> {
   const sgm: Record<string, SgmRun[]> = { "sgm direct": [], "sgm direct, 2 digest threads": [], "sgm via 2 relays": [] };
   try {
     const psk = await writePsk(dir);
-    const relays = await startRelays(psk, 2);
+    const relays = await startRelays(psk, 2, prealloc);
     for (let n = 0; n < runs; n++) {
       sockets.push(await rawSocket(memMiB * 2 ** 20, "bun"));
       nativeSockets.push(await rawSocket(memMiB * 2 ** 20, "native"));
@@ -294,7 +295,7 @@ async function main(memMiB: number, runs: number): Promise<void> {
   }
 
   const qemu = median(qemuMs);
-  console.log(`\n${memMiB} MiB test guest (churn region on, TCG), loopback, median of ${runs} runs\n`);
+  console.log(`\n${memMiB} MiB test guest (churn region on, TCG), loopback, median of ${runs} runs${prealloc ? ", relays started with --prealloc" : ""}\n`);
   const send = median(sockets.map((r) => r.sendCpu));
   const receive = median(sockets.map((r) => r.receiveCpu));
   const sha = sha256PerGiB(true);
