@@ -5,7 +5,8 @@
 // scatter, relays and gathers alike); every other run of two VMs goes through
 // `sgm evacuate --max-in-flight 1` to two destinations, one gather each, so
 // the second VM starts only once the first is done, and what the first put
-// on relays the second has them hold for its own gather.
+// on relays the second has them hold for its own gather. Two runs in five
+// start their relays with --prealloc (their slabs all resident from the start).
 // Runs alternate between a destination that waits paused (-S), whose memory
 // must equal the source's final memory page for page before it runs on, and
 // one that runs at once (page requests and all), whose guest must run on.
@@ -80,6 +81,7 @@ for (let n = 0; n < runs; n++) {
   const paused = Math.floor(n / cases.length) % 2 === 0 ? n % 2 === 0 : n % 2 === 1;
   const dedup = n % 4 !== 3;
   const threads = n % 3;
+  const prealloc = n % 5 >= 3;
   // the two-VM runs that keep dedup on (n % 4 === 1), so that relays hold content for a second destination
   const evacuate = c.vms > 1 && n % 4 === 1;
   const outcome = outcomes.get(c)!;
@@ -87,11 +89,11 @@ for (let n = 0; n < runs; n++) {
   if (evacuate) outcome.evacuateRuns++;
   if (!dedup) outcome.noDedupRuns++;
   if (threads > 0) outcome.threadedRuns++;
-  const label = `${n + 1}/${runs} relays=${c.relays} replicas=${c.replicas} ${c.switchover} vms=${c.vms} ${paused ? "paused destination" : "running destination"}${dedup ? "" : " --no-dedup"} --digest-threads ${threads}${evacuate ? " evacuate --max-in-flight 1" : ""}`;
+  const label = `${n + 1}/${runs} relays=${c.relays} replicas=${c.replicas} ${c.switchover} vms=${c.vms} ${paused ? "paused destination" : "running destination"}${dedup ? "" : " --no-dedup"} --digest-threads ${threads}${evacuate ? " evacuate --max-in-flight 1" : ""}${prealloc && c.relays > 0 ? " relays --prealloc" : ""}`;
   const dir = makeTempDir("soak");
   const t0 = Date.now();
   try {
-    const verdict = await Promise.race([evict(dir, c, outcome, paused, dedup, threads, evacuate, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
+    const verdict = await Promise.race([evict(dir, c, outcome, paused, dedup, threads, evacuate, prealloc, n), Bun.sleep(600_000).then(() => "timed out after 10 minutes")]);
     if (verdict !== "ok") {
       if (verdict.startsWith("wrong guest")) outcome.wrongGuests++;
       else outcome.sgmFailures++;
@@ -251,12 +253,12 @@ async function loseRelay(dir: string, switchover: Case["switchover"], replicas: 
 }
 
 /** One eviction; "ok", or what went wrong ("wrong guest: ..." when a guest did not arrive intact). */
-async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, dedup: boolean, threads: number, evacuate: boolean, n: number): Promise<string> {
+async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, dedup: boolean, threads: number, evacuate: boolean, prealloc: boolean, n: number): Promise<string> {
   const psk = await writePsk(dir);
   const pairs: VmPair[] = await Promise.all(
     Array.from({ length: c.vms }, (_, v) => startLinuxPair(dir, `s${n}v${v}`, { binary, seed: 100 + n * 4 + v, paused })),
   );
-  const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk, "1GiB", ["--digest-threads", String(threads)])));
+  const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk, "1GiB", ["--digest-threads", String(threads), ...(prealloc ? ["--prealloc"] : [])])));
   // gathers slower than the source, so that relays take pages
   const gatherFlags = [...(c.relays > 0 ? ["--max-rate", "48MiB/s"] : []), "--digest-threads", String(threads)];
   const gathers = await Promise.all(evacuate ? pairs.map((p) => startGather([p], psk, gatherFlags)) : [startGather(pairs, psk, gatherFlags)]);
