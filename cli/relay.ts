@@ -4,7 +4,7 @@ import type { CAC } from "cac";
 import { PAGE_BYTES } from "../core/dedup/digest.ts";
 import { defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import { SgmError } from "../core/errors.ts";
-import { type RelayStats, startRelay } from "../core/relay/engine.ts";
+import { preallocatedStore, type RelayStats, startRelay } from "../core/relay/engine.ts";
 import { loadPsk } from "../core/wire/auth.ts";
 import { addTlsOptions, readTls, type TlsFlags } from "./tls-flags.ts";
 import { formatHostPort } from "../core/net/host-port.ts";
@@ -61,8 +61,8 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       const tls = readTls(flags);
       const readyFd = parseReadyFd(flags.readyFd);
 
-      const prealloc = flags.prealloc === true;
-      const relay = startRelay({ ...listen, psk, tls, capacityBytes, maxRate, digestThreads, prealloc, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
+      const store = flags.prealloc === true ? await preallocatedStore(capacityBytes, signals.stop, info) : undefined;
+      const relay = startRelay({ ...listen, psk, tls, capacityBytes, store, maxRate, digestThreads, ttlMs: ttlSeconds * 1000, signal: signals.stop, log: info });
       const address = formatHostPort(listen.host, relay.port);
       let served: RelayHttp | undefined;
       try {

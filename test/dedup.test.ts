@@ -414,11 +414,13 @@ describe("PageStore", () => {
     expect(none.put(pages[0]!.digest, 0, pages[0]!.page)).toBeNull();
   });
 
-  test("preallocate: every slab the capacity needs at once, none beyond as it fills, and the pages in them intact", () => {
+  test("preallocate: the slabs the capacity needs, a few at a time or all, none beyond as it fills, and the pages in them intact", () => {
     // 2.5 slabs of 1024 pages: three slabs, the last one part used
     const store = new PageStore({ capacityBytes: 2560 * PAGE_BYTES });
     expect(store.slabBytes).toBe(0);
-    store.preallocate();
+    expect(store.preallocate(1)).toBe(2);
+    expect(store.slabBytes).toBe(1024 * PAGE_BYTES);
+    expect(store.preallocate()).toBe(0);
     expect(store.slabBytes).toBe(3 * 1024 * PAGE_BYTES);
     const pages = Array.from({ length: 2560 }, (_, i) => pageOf(100_000 + i));
     const ids = pages.map((p) => store.put(p.digest, 0, p.page)!.id);

@@ -557,7 +557,7 @@ describe("sgm relay", () => {
     }
   });
 
-  test("--prealloc makes the whole capacity resident before it listens, and serves from it; a capacity beyond the host's memory exits 78 on one line", async () => {
+  test("--prealloc makes the whole capacity resident before it listens, and serves from it; SIGINT meanwhile stops it unlistened (130); a capacity beyond the host's memory exits 78 on one line", async () => {
     const dir = makeTempDir("relay-prealloc");
     try {
       const pskFile = `${dir}/psk`;
@@ -579,11 +579,20 @@ describe("sgm relay", () => {
       scatter.conn.close();
       proc.kill("SIGINT");
       expect(await within(proc.exited, 10_000, "exit after SIGINT")).toBe(0);
-      expect(await stderr).toMatch(/^sgm: made 256\.0 MiB resident for pages in \d+\.\d s\nsgm: relay listening on /m);
+      expect(await stderr).toMatch(/^sgm: making 256\.0 MiB resident for pages \(--prealloc\)\nsgm: made 256\.0 MiB resident in \d+\.\d s\nsgm: relay listening on /m);
 
       const r = await runSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", "1000TiB", "--psk-file", pskFile, "--prealloc"]);
       expectExit(r, 78);
       expect(r.stderr).toMatch(/^sgm: error: --prealloc: the capacity, 1000\.0 TiB, is more than the [\d.]+ [KMG]iB of memory this host has available\n$/);
+
+      // SIGINT while it makes its capacity resident: it stops there, and never listens
+      const slow = await startSgm(["relay", "--listen", "127.0.0.1:0", "--capacity", "4GiB", "--psk-file", pskFile, "--prealloc"]);
+      await slow.waitStderr(/making 4\.0 GiB resident for pages/, 10_000);
+      slow.proc.kill("SIGINT");
+      const stopped = await within(slow.result(), 10_000, "exit after SIGINT");
+      expectExit(stopped, 130);
+      expect(stopped.stderr).toMatch(/^sgm: error: interrupted by SIGINT$/m);
+      expect(stopped.stderr).not.toMatch(/relay listening|made 4\.0 GiB resident/);
     } finally {
       removeDir(dir);
     }

@@ -64,13 +64,20 @@ export class PageStore {
   }
 
   /**
-   * Allocates every slab the capacity needs, resident at once: pages put
-   * later go into memory already there. Needs a finite capacity.
+   * Allocates up to `count` more of the slabs the capacity needs, resident
+   * at once, so that pages put later go into memory already there; returns
+   * how many are still to allocate. Needs a finite capacity.
    */
-  preallocate(): void {
+  preallocate(count = Infinity): number {
     if (!Number.isFinite(this.capacityBytes)) throw new SgmError("internal", "a page store without a capacity cannot be preallocated");
     const slabPages = this.slabMask + 1;
-    for (let n = 0; n * slabPages < this.maxPages; n++) this.slabs[n] ??= allocateResidentSlab(slabPages * PAGE_BYTES);
+    const needed = Math.ceil(this.maxPages / slabPages);
+    for (let n = 0; n < needed; n++) {
+      if (this.slabs[n] !== undefined) continue;
+      if (count-- <= 0) return needed - n;
+      this.slabs[n] = allocateResidentSlab(slabPages * PAGE_BYTES);
+    }
+    return 0;
   }
 
   /** Bytes of the slabs allocated so far. */

@@ -35,12 +35,8 @@ export interface RelayOptions {
   signal?: AbortSignal;
   /** Threads that check PUT pages against their digests (default 0: the relay's one thread does). */
   digestThreads?: number;
-  /**
-   * Makes the whole capacity resident before listening, so that pages put
-   * later go into memory already there. Refused ("insufficient") when the
-   * host has less memory available than the capacity.
-   */
-  prealloc?: boolean;
+  /** The store to hold pages in (one made resident by preallocatedStore()); by default a new one of capacityBytes. */
+  store?: PageStore;
 }
 
 export interface RelayStats {
@@ -88,21 +84,32 @@ export interface Relay {
 /** How long close() lets connections flush their replies before it cuts them. */
 const CLOSE_GRACE_MS = 1000;
 
+/** Slabs made resident in one turn of the event loop (64 MiB): a signal is heard between turns. */
+const PREALLOC_SLABS_PER_TURN = 16;
+
 /**
- * The first run through a relay filled memory its process never touched:
- * faulting it in and zeroing it cost the relay more than the pages did
- * (test/benchmarks/cost.bench.ts, 1 GiB through two relays: 7.0 to 8.1
- * CPU-s per GiB on a relay's first run, 3.8 to 5.1 with its capacity made
- * resident at start). Done before the relay listens, so no run waits on it.
+ * A store for a relay of `capacityBytes`, all of it resident before the
+ * relay listens. The first run through a relay filled memory its process
+ * never touched: faulting it in and zeroing it cost the relay more than
+ * the pages did (test/benchmarks/cost.bench.ts, 1 GiB through two relays:
+ * 7.0 to 8.1 CPU-s per GiB on a relay's first run, 3.8 to 5.1 with its
+ * capacity made resident at start). Refused ("insufficient") when the host
+ * has less memory available than the capacity; stopped by `signal`.
  */
-function preallocate(store: PageStore, log: (line: string) => void): void {
+export async function preallocatedStore(capacityBytes: number, signal: AbortSignal | undefined, log: (line: string) => void): Promise<PageStore> {
   const available = availableMemoryBytes();
-  if (available !== null && store.capacityBytes > available) {
-    throw new SgmError("insufficient", `--prealloc: the capacity, ${formatBytes(store.capacityBytes)}, is more than the ${formatBytes(available)} of memory this host has available`);
+  if (available !== null && capacityBytes > available) {
+    throw new SgmError("insufficient", `--prealloc: the capacity, ${formatBytes(capacityBytes)}, is more than the ${formatBytes(available)} of memory this host has available`);
   }
+  const store = new PageStore({ capacityBytes });
   const started = performance.now();
-  store.preallocate();
-  log(`made ${formatBytes(store.slabBytes)} resident for pages in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  log(`making ${formatBytes(capacityBytes)} resident for pages (--prealloc)`);
+  while (store.preallocate(PREALLOC_SLABS_PER_TURN) > 0) {
+    await new Promise((resolve) => setImmediate(resolve));
+    signal?.throwIfAborted();
+  }
+  log(`made ${formatBytes(store.slabBytes)} resident in ${((performance.now() - started) / 1000).toFixed(1)} s`);
+  return store;
 }
 
 /** Listens at once (a listen failure throws an "unavailable" SgmError) and serves until closed. */
@@ -114,8 +121,8 @@ export function startRelay(options: RelayOptions): Relay {
   // and was faulted in anew (relay benchmark: 88k page faults per GiB and
   // 510 MiB peak, against 55k and 389 MiB with them).
   collectGarbageEvery(16 * 1024 * 1024);
-  const store = new PageStore({ capacityBytes: options.capacityBytes });
-  if (options.prealloc) preallocate(store, log);
+  const store = options.store ?? new PageStore({ capacityBytes: options.capacityBytes });
+  if (store.capacityBytes !== options.capacityBytes) throw new SgmError("internal", `relay of ${options.capacityBytes} bytes given a store of ${store.capacityBytes}`);
   const holds = new RunHolds(store, options.ttlMs);
   const counters: RelayCounters = { bytesIn: 0, bytesOut: 0, refusedPages: 0 };
   // a burst of 10 ms: a rate probe of 100 ms then sees the rate, not the bucket
