@@ -50,8 +50,9 @@ typecheck: node_modules/.installed
 	node_modules/.bin/tsc -p .
 
 # The test files run two at a time: most of the suite waits on guests and
-# on links held to a rate, so two files share the 2 cores well (364 tests in
-# 433 s so, 632 s one file at a time). The fixtures come first, fetched once.
+# on links held to a rate, so two files share the 2 cores well (368 tests in
+# 457 and 467 s so, 684 s one file at a time). The fixtures come first,
+# fetched once.
 # A failure's reason is printed again at the end, where a log's tail shows it.
 test: deps dist/sgm typecheck
 	mkdir -p .cache && rm -f .cache/junit.xml
