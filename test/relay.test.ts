@@ -525,21 +525,27 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
   });
 });
 
+/** dist/sgm relay on a free port with `flags`, its key written in `dir`, once it has said on --ready-fd that it listens. */
+async function readyRelay(dir: string, flags: string[]) {
+  const pskFile = `${dir}/psk`;
+  await Bun.write(pskFile, `${KEY}\n`);
+  const args = ["relay", "--listen", "127.0.0.1:0", "--psk-file", pskFile, "--ready-fd", "3", ...flags];
+  const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"], env: sgmEnv() }));
+  const stdout = new Response(proc.stdout).text();
+  const stderr = new Response(proc.stderr).text();
+  const ready = await within(Bun.file(proc.stdio[3] as number).text(), 30_000, "the ready line");
+  const m = /^ready 127\.0\.0\.1:(\d+)\n$/.exec(ready);
+  expect(m).not.toBeNull();
+  return { proc, port: Number(m![1]), stdout, stderr, pskFile };
+}
+
 describe("sgm relay", () => {
   test("announces itself on --ready-fd, serves a put and a get, and exits 0 at once on SIGINT with its figures", async () => {
     const dir = makeTempDir("relay");
     try {
-      const pskFile = `${dir}/psk`;
-      await Bun.write(pskFile, `${KEY}\n`);
-      const args = ["relay", "--listen", "127.0.0.1:0", "--capacity", "64MiB", "--psk-file", pskFile, "--ready-fd", "3", "--json"];
-      const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"], env: sgmEnv() }));
-      const stdout = new Response(proc.stdout).text();
-      const stderr = new Response(proc.stderr).text();
-      const ready = await within(Bun.file(proc.stdio[3] as number).text(), 10_000, "the ready line");
-      const m = /^ready 127\.0\.0\.1:(\d+)\n$/.exec(ready);
-      expect(m).not.toBeNull();
+      const { proc, port, stdout, stderr } = await readyRelay(dir, ["--capacity", "64MiB", "--json"]);
 
-      const scatter = await Client.connect(Number(m![1]));
+      const scatter = await Client.connect(port);
       const pages = randomPages(10);
       expect(await scatter.put(runId(1), 0, pages)).toEqual(Array(10).fill(false));
       expect(await scatter.get(runId(1), pages)).toEqual(pages.map((p) => p.page));
@@ -560,18 +566,13 @@ describe("sgm relay", () => {
   test("--prealloc makes the whole capacity resident before it listens, and serves from it; SIGINT meanwhile stops it unlistened (130); a capacity beyond the host's memory exits 78 on one line", async () => {
     const dir = makeTempDir("relay-prealloc");
     try {
-      const pskFile = `${dir}/psk`;
-      await Bun.write(pskFile, `${KEY}\n`);
-      const args = ["relay", "--listen", "127.0.0.1:0", "--capacity", "256MiB", "--psk-file", pskFile, "--prealloc", "--ready-fd", "3"];
-      const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "ignore", "pipe", "pipe"], env: sgmEnv() }));
-      const stderr = new Response(proc.stderr).text();
-      const ready = await within(Bun.file(proc.stdio[3] as number).text(), 30_000, "the ready line");
+      const { proc, port, stderr, pskFile } = await readyRelay(dir, ["--capacity", "256MiB", "--prealloc"]);
       // the relay is the child sgm runs itself as (cli/allocator.ts); nothing is stored yet
       const child = readFileSync(`/proc/${proc.pid}/task/${proc.pid}/children`, "utf8").trim();
       const rssKiB = Number(/^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${child}/status`, "utf8"))?.[1]);
       expect(rssKiB).toBeGreaterThanOrEqual(256 * 1024);
 
-      const scatter = await Client.connect(Number(/^ready 127\.0\.0\.1:(\d+)\n$/.exec(ready)![1]));
+      const scatter = await Client.connect(port);
       const pages = randomPages(300);
       expect(await scatter.put(runId(1), 0, pages.slice(0, 64))).toEqual(Array(64).fill(false));
       expect(await scatter.put(runId(1), 1, pages.slice(64, 128))).toEqual(Array(64).fill(false));
