@@ -78,6 +78,14 @@ async function expectIntact(options: ModelEvictionOptions): Promise<ModelEvictio
   return r;
 }
 
+async function until(what: string, done: () => boolean): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`not within 10 s: ${what}`);
+    await Bun.sleep(5);
+  }
+}
+
 describe("model eviction: every page arrives in its last version", () => {
   test("an idle guest, no relays, precopy", async () => {
     await expectIntact({ vms: [{ name: "a", script: churningScript(1, 3, 0, 0) }], switchover: "precopy" });
@@ -249,7 +257,8 @@ describe("model eviction: a wrong final page map is caught", () => {
     const r = await withFault("gather-delivery", () => runModelEviction({ vms: [vm()], switchover: "precopy" }));
     expect(r.gather.exitCode).toBe(65);
     expect(r.gather.vms[0]!.error).toMatch(/not given the final content of 1 pages \(page \d+ \(0x[0-9a-f]+\) of block 'pc.ram'\)/);
-    expect(r.destinations[0]!.runState).toBe("paused");
+    // the gather's "stop" goes over QMP as it reports the VM failed, and this destination reads it on the test's own event loop
+    await until("the destination paused", () => r.destinations[0]!.runState === "paused");
   });
 });
 
@@ -341,8 +350,10 @@ describe("model eviction: dedup off (--no-dedup) sends recurring content again",
       if (options.relays) expect(off.scatter.placement.relayedPages).toBeGreaterThan(0);
       // the pool's content recurs on a quarter of the pages of each VM
       expect(placed(off)).toBeGreaterThan(placed(on) + 500);
-      // what is still named: copies in flight to relays when the content recurs
-      expect(off.scatter.placement.dedupPages).toBeLessThan(on.scatter.placement.dedupPages / 3);
+      // what is still named: copies in flight to relays when the content recurs. How many are in
+      // flight depends on how far the scatter's event loop runs ahead of the relays' replies: with
+      // its writes on sender threads it runs further (a third to three fifths of dedup's count here)
+      expect(off.scatter.placement.dedupPages).toBeLessThan(on.scatter.placement.dedupPages);
     });
   }
 });

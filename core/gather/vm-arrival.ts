@@ -357,15 +357,20 @@ export class VmArrival {
     // nothing more will be told the scatter: a completion waiting on it goes on
     this.told.resolve();
     if (this.stage === "completed" || this.stage === "failed") return;
-    if (reason.kind === "data" && (this.stage === "switching" || this.stage === "running")) {
-      // a wrong page may already be in use: the VM must not run on here
-      void this.dest.qmp.execute("stop").catch(() => {});
-    }
+    // a wrong page may already be in use: the VM must not run on here. Done
+    // only once the stop is answered, as the monitor is closed after it
+    const stopped =
+      reason.kind === "data" && (this.stage === "switching" || this.stage === "running")
+        ? this.dest.qmp.execute("stop").then(
+            () => {},
+            () => {},
+          )
+        : Promise.resolve();
     this.stage = "failed";
     this.error = reason;
     this.feed?.abort(reason);
     this.send({ t: "failed", vm: this.vmId, reason: reason.message, kind: reason.kind });
-    this.finished.resolve();
+    void stopped.then(() => this.finished.resolve());
   }
 
   /** Where this arrival stands, for the progress display. */
