@@ -5,6 +5,7 @@ import { readFileSync } from "node:fs";
 import kleur from "kleur";
 import { asSgmError } from "../core/errors.ts";
 import { bytesReceivedNatively } from "../core/net/socket-receive.ts";
+import { bytesSentNatively } from "../core/net/socket-send.ts";
 
 kleur.enabled = Boolean(process.stderr.isTTY) && !process.env.NO_COLOR;
 
@@ -48,7 +49,7 @@ export function reportError(err: unknown): number {
  * The final report on stdout, with what this process cost by its own
  * accounting: CPU seconds (user, system), peak resident memory, and page
  * faults (each first touch of fresh memory, tens of microseconds on some
- * virtual machines), and how much it read past Bun's sockets.
+ * virtual machines), and how much it read and wrote past Bun's sockets.
  */
 export function printJson(report: object): void {
   const cpu = process.cpuUsage();
@@ -60,6 +61,7 @@ export function printJson(report: object): void {
     peakRssBytes: usage.maxRSS * 1024,
     minorPageFaults: usage.minorPageFault,
     bytesReceivedNatively: bytesReceivedNatively(),
+    bytesSentNatively: bytesSentNatively(),
   };
   process.stdout.write(`${JSON.stringify({ ...report, process: resources }, null, 2)}\n`);
 }

@@ -26,6 +26,7 @@ const Process = Type.Object(
     peakRssBytes: bytes(),
     minorPageFaults: count(),
     bytesReceivedNatively: count("Bytes read from sockets straight into sgm's own buffer (native/socket-receive.c), after Bun's socket reported data; the rest came through Bun's socket."),
+    bytesSentNatively: count("Bytes written to sockets by sgm's own sender threads (native/socket-send.c); the rest (handshakes, TLS) went through Bun's socket."),
   },
   { ...closed, description: "What this process cost by its own accounting." },
 );

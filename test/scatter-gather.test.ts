@@ -108,9 +108,11 @@ describe("scatter-gather with relays", () => {
     expect((await r2.relay.result()).stderr).toMatch(/relay stopped: held 0 B of/);
 
     const sr = report<ScatterReport>(s);
-    const gr = report<GatherReport & { process: { bytesReceivedNatively: number } }>(g);
+    const gr = report<GatherReport & { process: { bytesReceivedNatively: number; bytesSentNatively: number } }>(g);
     // a gather slower than its senders finds bytes waiting after each of Bun's reads: it reads them past Bun's socket
     if (process.env.SGM_NATIVE_RECEIVE !== "0") expect(gr.process.bytesReceivedNatively).toBeGreaterThan(1 << 20);
+    // and writes the VMs' streams to their destination QEMUs on threads of its own
+    if (process.env.SGM_NATIVE_SEND !== "0") expect(gr.process.bytesSentNatively).toBeGreaterThan(1 << 20);
     for (const name of ["sg1", "sg2"]) {
       const evicted = sr.vms.find((v) => v.name === name)!;
       const arrived = gr.vms.find((v) => v.name === name)!;

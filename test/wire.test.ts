@@ -10,6 +10,7 @@ import { PeerConnection, type TlsFiles } from "../core/wire/connection.ts";
 import { listenPeers, type ListenOptions, type PeerListener } from "../core/wire/peer-listener.ts";
 import { FrameDecoder, encodeFrameHeader, frame, type MaxPayload } from "../core/wire/frames.ts";
 import { bytesReceivedNatively, nativeReceive, receiveWaiting, socketFd } from "../core/net/socket-receive.ts";
+import { bytesSentNatively, NativeSender, nativeSend } from "../core/net/socket-send.ts";
 import { makeTestCertificates } from "./harness/certificates.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
 
@@ -310,12 +311,13 @@ describe("TLS under the PSK proof", () => {
     server.listener.close();
   });
 
-  test("a TLS socket is never read past Bun's socket: 64 MiB arrive intact", async () => {
+  test("a TLS socket is never read or written past Bun's socket: 64 MiB arrive intact", async () => {
     const server = startServer("gather", ["scatter"], { tls: await files("a") });
     const accepted = server.nextConnection();
     const client = await connect(server.listener.port, "scatter", { tls: await files("b") });
     const conn = await accepted;
     const nativeBefore = bytesReceivedNatively();
+    const sentNativelyBefore = bytesSentNatively();
     const FRAMES = 256;
     const received = new Bun.CryptoHasher("sha256");
     let count = 0;
@@ -335,6 +337,7 @@ describe("TLS under the PSK proof", () => {
     await all;
     expect(received.digest("hex")).toBe(sent.digest("hex"));
     expect(bytesReceivedNatively()).toBe(nativeBefore);
+    expect(bytesSentNatively()).toBe(sentNativelyBefore);
     client.close();
     server.listener.close();
   });
@@ -728,6 +731,7 @@ describe("backpressure and throughput", () => {
       let receivedFrames = 0;
       let inOrder = true;
       const nativeBefore = bytesReceivedNatively();
+      const sentNativelyBefore = bytesSentNatively();
       conn.pauseReading();
       const allReceived = new Promise<void>((resolve) =>
         conn.onFrame((_type, payload) => {
@@ -768,6 +772,8 @@ describe("backpressure and throughput", () => {
       expect(conn.bytesReceived).toBe(frames * (FRAME + 8));
       // most of it read past Bun's socket, into the one buffer used again, and intact
       if (nativeReceive) expect(bytesReceivedNatively() - nativeBefore).toBeGreaterThan(TOTAL / 4);
+      // and every frame written by the connection's own thread
+      if (nativeSend) expect(bytesSentNatively() - sentNativelyBefore).toBe(frames * (FRAME + 8));
       client.close();
       expect(await conn.closed).toBeUndefined();
       server.listener.close();
@@ -852,5 +858,137 @@ describe("reads past Bun's socket", () => {
     expect(receiveWaiting(socketFd(server), "peer 1", () => {}, () => true)).toBe(0);
     server.terminate();
     listener.stop(true);
+  });
+});
+
+describe("writes on a thread of their own", () => {
+  test("the native sender is there on this machine", () => {
+    // every role's event loop depends on it; SGM_NATIVE_SEND=0 turns it off for measuring
+    if (process.env.SGM_NATIVE_SEND !== "0") expect(nativeSend).toBe(true);
+  });
+
+  /** A connected pair of plain Bun sockets; the server side reads nothing until resumed. */
+  async function socketPair(): Promise<{ client: Socket<undefined>; server: Socket<undefined>; received: () => Uint8Array; peerClosed: () => boolean; stop: () => void }> {
+    const accepted = Promise.withResolvers<Socket<undefined>>();
+    const chunks: Uint8Array[] = [];
+    let closed = false;
+    const listener = Bun.listen({
+      hostname: HOST,
+      port: 0,
+      socket: {
+        open(socket) {
+          socket.pause();
+          accepted.resolve(socket);
+        },
+        data(_socket, chunk) {
+          chunks.push(chunk.slice());
+        },
+        close() {
+          closed = true;
+        },
+      },
+    });
+    const client = await Bun.connect({ hostname: HOST, port: listener.port, socket: { data() {} } });
+    const server = await accepted.promise;
+    return { client, server, received: () => concat(chunks), peerClosed: () => closed, stop: () => listener.stop(true) };
+  }
+
+  async function until(what: string, done: () => boolean): Promise<void> {
+    const deadline = Date.now() + 10_000;
+    while (!done()) {
+      if (Date.now() > deadline) throw new Error(`not within 10 s: ${what}`);
+      await Bun.sleep(5);
+    }
+  }
+
+  test.skipIf(!nativeSend)("more buffers than its ring holds, given in one turn to a peer not reading, arrive in order and intact", async () => {
+    const pair = await socketPair();
+    let woken = 0;
+    const sender = NativeSender.open(socketFd(pair.client), () => woken++, (errno) => {
+      throw new Error(`errno ${errno}`);
+    })!;
+    // 3000 buffers against a ring of 1024 slots: the rest wait in the sender until the ring has room
+    const parts = Array.from({ length: 3000 }, (_, i) => pattern(1000 + (i % 7) * 100, i));
+    for (const part of parts) sender.write(part);
+    const total = parts.reduce((n, p) => n + p.length, 0);
+    sender.wakeWhenUnwrittenAtMost(0);
+    pair.server.resume();
+    await until("every byte written", () => sender.written === total);
+    await until("the wake once all was written", () => woken > 0);
+    expect(woken).toBe(1);
+    expect(sender.unwritten).toBe(0);
+    await until("every byte received", () => pair.received().length === total);
+    expect(pair.received()).toEqual(concat(parts));
+    sender.close();
+    pair.client.terminate();
+    pair.stop();
+  });
+
+  test.skipIf(!nativeSend)("a write to a peer that went away reports its errno once", async () => {
+    const pair = await socketPair();
+    const errors: number[] = [];
+    const sender = NativeSender.open(socketFd(pair.client), () => {}, (errno) => errors.push(errno))!;
+    pair.server.terminate();
+    pair.stop();
+    // the first writes may still be taken by the kernel; those after the peer's reset fail
+    const chunk = pattern(64 << 10, 1);
+    await until("a failed write", () => {
+      if (errors.length === 0 && sender.unwritten < 1 << 20) sender.write(chunk);
+      return errors.length > 0;
+    });
+    await Bun.sleep(50); // no second report
+    expect(errors.length).toBe(1);
+    expect([32, 104]).toContain(errors[0]!); // EPIPE or ECONNRESET
+    sender.close();
+    pair.client.terminate();
+  });
+
+  test.skipIf(!nativeSend)("closing a sender whose peer reads nothing returns at once, and its descriptor with it", async () => {
+    const pair = await socketPair();
+    const sender = NativeSender.open(socketFd(pair.client), () => {}, () => {})!;
+    for (let i = 0; i < 64; i++) sender.write(pattern(1 << 20, i)); // far more than the socket buffers take
+    await until("the socket full", () => sender.written > 0);
+    const started = performance.now();
+    sender.close();
+    expect(performance.now() - started).toBeLessThan(1000);
+    // the sender wrote to a descriptor of its own: were it still open, closing Bun's would not close the socket
+    pair.client.terminate();
+    pair.server.resume();
+    await until("the peer sees the socket closed", () => pair.peerClosed());
+    pair.stop();
+  });
+  test.skipIf(!nativeSend)("what a sender holds when its process exits is written first", async () => {
+    // a child that gives its sender 32 MiB and exits at once: far more than the socket's buffers take before it exits
+    let received = 0;
+    const done = Promise.withResolvers<void>();
+    const server = Bun.listen({
+      hostname: HOST,
+      port: 0,
+      socket: {
+        data(_socket, chunk) {
+          received += chunk.length;
+        },
+        close() {
+          done.resolve();
+        },
+      },
+    });
+    const child = Bun.spawn(
+      [
+        process.execPath,
+        "-e",
+        `import { NativeSender } from ${JSON.stringify(`${import.meta.dir}/../core/net/socket-send.ts`)};
+         import { socketFd } from ${JSON.stringify(`${import.meta.dir}/../core/net/socket-receive.ts`)};
+         const socket = await Bun.connect({ hostname: "${HOST}", port: ${server.port}, socket: { data() {} } });
+         const sender = NativeSender.open(socketFd(socket), () => {}, () => {});
+         for (let i = 0; i < 32; i++) sender.write(new Uint8Array(1 << 20).fill(i));
+         process.exit(0);`,
+      ],
+      { stdout: "inherit", stderr: "inherit" },
+    );
+    expect(await child.exited).toBe(0);
+    await done.promise;
+    expect(received).toBe(32 << 20);
+    server.stop(true);
   });
 });

@@ -2,14 +2,19 @@
 // (Bun's write() is unbuffered and may take only part of the data) and a way
 // to wait for it to drain. Used for the migration streams to and from QEMU.
 // What it reads is handed to the data handler as views valid only during the
-// call.
+// call. Once connected, it writes on a thread of its own where it can
+// (net/socket-send.ts).
 
 import type { Socket } from "bun";
 import { asSgmError, SgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
-import { receiveWaiting, socketFd } from "./socket-receive.ts";
+import { receiveWaiting, socketErrnoReason, socketFd } from "./socket-receive.ts";
+import { NativeSender } from "./socket-send.ts";
 
 export type DataHandler = (data: Uint8Array) => void;
+
+/** Up to this much, a write that finds the native sender idle goes at once on the event loop's thread. */
+const WRITE_NOW_MAX_BYTES = 64 << 10;
 
 export class ByteSocket {
   readonly label: string;
@@ -17,6 +22,8 @@ export class ByteSocket {
   readonly closed: Promise<Error | undefined>;
 
   private socket: Socket<unknown> | null = null;
+  /** Set once Bun's socket has written all it was given: every later write goes through it. */
+  private sender: NativeSender | null = null;
   private readonly queue: Uint8Array[] = [];
   private queued = 0;
   private waiters: Array<{ limit: number; resolve: () => void; reject: (e: Error) => void }> = [];
@@ -27,7 +34,8 @@ export class ByteSocket {
   private paused = false;
   private endAfterDrain = false;
   private resolveClosed!: (reason: Error | undefined) => void;
-  bytesWritten = 0;
+  /** Written by Bun's socket, and by a sender since closed. */
+  private written = 0;
   bytesRead = 0;
 
   private constructor(label: string) {
@@ -86,8 +94,14 @@ export class ByteSocket {
     this.onEnd = handler;
   }
 
+  /** Bytes taken by write() and not yet handed to the kernel. */
   get queuedBytes(): number {
-    return this.queued;
+    return this.queued + (this.sender?.unwritten ?? 0);
+  }
+
+  /** Bytes handed to the kernel. */
+  get bytesWritten(): number {
+    return this.written + (this.sender?.written ?? 0);
   }
 
   get isOpen(): boolean {
@@ -97,9 +111,20 @@ export class ByteSocket {
   /** Takes ownership of `bytes`; they are sent in order after what is queued. */
   write(bytes: Uint8Array): void {
     if (this.isClosed || bytes.length === 0) return;
+    if (this.sender) {
+      if (bytes.length <= WRITE_NOW_MAX_BYTES && this.sender.idle && this.socket) {
+        // the sender's thread is idle: a small write goes at once (net/socket-send.ts: NativeSender.idle)
+        const n = this.socket.write(bytes);
+        if (n > 0) this.written += n;
+        if (n === bytes.length) return;
+        bytes = bytes.subarray(Math.max(n, 0));
+      }
+      this.sender.write(bytes);
+      return;
+    }
     if (this.queued === 0 && this.socket) {
       const n = this.socket.write(bytes);
-      if (n > 0) this.bytesWritten += n;
+      if (n > 0) this.written += n;
       if (n === bytes.length) return;
       bytes = bytes.subarray(Math.max(n, 0));
     }
@@ -109,9 +134,11 @@ export class ByteSocket {
 
   /** Resolves once no more than `limit` bytes wait in the queue. */
   whenWritable(limit: number): Promise<void> {
-    if (this.queued <= limit) return Promise.resolve();
+    if (this.queuedBytes <= limit) return Promise.resolve();
     if (this.isClosed) return Promise.reject(this.closedError());
-    return new Promise((resolve, reject) => this.waiters.push({ limit, resolve, reject }));
+    const waiting = new Promise<void>((resolve, reject) => this.waiters.push({ limit, resolve, reject }));
+    this.sender?.wakeWhenUnwrittenAtMost(limit);
+    return waiting;
   }
 
   pause(): void {
@@ -126,12 +153,13 @@ export class ByteSocket {
 
   /** Closes after the queue has drained (end) or at once (destroy). */
   end(): void {
-    if (this.queued === 0) this.socket?.end();
-    else this.endAfterDrain = true;
+    this.endAfterDrain = true;
+    this.afterWrites();
   }
 
   destroy(reason?: Error): void {
     if (reason && !this.closeReason) this.closeReason = reason;
+    this.closeSender();
     this.socket?.terminate();
     this.finish();
   }
@@ -143,7 +171,7 @@ export class ByteSocket {
       const head = this.queue[0]!;
       const n = socket.write(head);
       if (n > 0) {
-        this.bytesWritten += n;
+        this.written += n;
         this.queued -= n;
       }
       if (n < head.length) {
@@ -152,12 +180,41 @@ export class ByteSocket {
       }
       this.queue.shift();
     }
-    if (this.waiters.length > 0) {
-      const ready = this.waiters.filter((w) => this.queued <= w.limit);
-      this.waiters = this.waiters.filter((w) => this.queued > w.limit);
-      for (const w of ready) w.resolve();
+    if (this.queued === 0 && !this.sender && !this.isClosed && !this.endAfterDrain) {
+      this.sender = NativeSender.open(
+        socketFd(socket),
+        () => this.afterWrites(),
+        (errno) => this.destroy(new SgmError("unavailable", `${this.label}: ${socketErrnoReason(errno)}`)),
+      );
     }
-    if (this.queued === 0 && this.endAfterDrain) socket.end();
+    this.afterWrites();
+  }
+
+  /** Wakes whoever waits for the queue to shrink, and ends the socket once all is written if asked. */
+  private afterWrites(): void {
+    const queued = this.queuedBytes;
+    if (this.waiters.length > 0) {
+      const ready = this.waiters.filter((w) => queued <= w.limit);
+      this.waiters = this.waiters.filter((w) => queued > w.limit);
+      for (const w of ready) w.resolve();
+      if (this.waiters.length > 0) this.sender?.wakeWhenUnwrittenAtMost(Math.min(...this.waiters.map((w) => w.limit)));
+    }
+    if (!this.endAfterDrain || !this.socket) return;
+    if (queued > 0) {
+      this.sender?.wakeWhenUnwrittenAtMost(0);
+      return;
+    }
+    this.closeSender();
+    this.socket.end();
+  }
+
+  /** Stops the native sender, keeping its count of bytes written. */
+  private closeSender(): void {
+    const sender = this.sender;
+    if (!sender) return;
+    this.written += sender.written;
+    sender.close();
+    this.sender = null;
   }
 
   private closedError(): Error {
@@ -167,6 +224,7 @@ export class ByteSocket {
   private finish(): void {
     if (this.isClosed) return;
     this.isClosed = true;
+    this.closeSender();
     this.queue.length = 0;
     this.queued = 0;
     const err = this.closedError();

@@ -23,7 +23,7 @@ const BUFFER_BYTES = 1 << 20;
 const TURN_BYTES = 4 * BUFFER_BYTES;
 
 const EAGAIN = 11;
-/** Errors a read can report on a socket whose peer went away, by errno. */
+/** Errors a read or write can report on a socket whose peer went away, by errno. */
 const ERRNO_NAMES: Record<number, string> = {
   32: "connection closed by peer",
   103: "connection aborted",
@@ -49,6 +49,11 @@ const buffer = new Uint8Array(receive ? BUFFER_BYTES : 0);
 /** One buffer for every socket: set while its bytes are being fed, so a feed cannot start another read into it. */
 let feeding = false;
 let receivedInAll = 0;
+
+/** What a socket's errno means, for an error message. */
+export function socketErrnoReason(errno: number): string {
+  return ERRNO_NAMES[errno] ?? `socket error (errno ${errno})`;
+}
 
 /** Whether reads go past Bun's socket (the native object loaded, and not turned off). */
 export const nativeReceive = receive !== null;
@@ -77,7 +82,7 @@ export function receiveWaiting(fd: number, label: string, feed: (bytes: Uint8Arr
   while (total < TURN_BYTES && more()) {
     const n = Number(receive(fd, buffer, BUFFER_BYTES));
     if (n === 0 || n === -EAGAIN) break;
-    if (n < 0) throw new SgmError("unavailable", `${label}: ${ERRNO_NAMES[-n] ?? `socket error (errno ${-n})`}`);
+    if (n < 0) throw new SgmError("unavailable", `${label}: ${socketErrnoReason(-n)}`);
     total += n;
     receivedInAll += n;
     const bytes = buffer.subarray(0, n);

@@ -10,7 +10,7 @@ import type { Socket, SocketHandler } from "bun";
 import { SgmError } from "../errors.ts";
 import { noteReceived } from "../net/garbage.ts";
 import { formatHostPort as formatAddress } from "../net/host-port.ts";
-import { receiveWaiting, socketFd } from "../net/socket-receive.ts";
+import { receiveWaiting, socketErrnoReason, socketFd } from "../net/socket-receive.ts";
 import { scribbleHandled } from "../test-faults.ts";
 import { ClientHandshake, handshakeMaxPayload, type HandshakeStep, type Role, type ServerHandshake } from "./auth.ts";
 import { FIRST_APP_FRAME_TYPE, FRAME_HEADER_BYTES, FrameDecoder, type FrameHandler, type MaxPayload } from "./frames.ts";
@@ -320,6 +320,8 @@ export class PeerConnection {
       this.authenticatedRole = step.peerRole;
       this.decoder.setMaxPayload(this.appMaxPayload);
       this.phase = "open";
+      // frames from here on are written on a thread of their own (net/socket-send.ts)
+      if (this.plain) this.sendQueue.writeNatively(socketFd(this.socket), (errno) => this.abort(new SgmError("unavailable", `${this.remoteAddress}: ${socketErrnoReason(errno)}`)));
       this.settleReady();
     }
   }

@@ -3,10 +3,12 @@
 // kernel takes, so the rest stays here until the socket's drain event.
 //
 // The connection says when writing may start (attach: there is a socket),
-// when to shut the socket down (on close, once all is sent), and when to stop
-// for good (drop: the connection is gone).
+// when its own thread may write instead (writeNatively: authenticated, and
+// not over TLS), when to shut the socket down (on close, once all is sent),
+// and when to stop for good (drop: the connection is gone).
 
 import { SgmError } from "../errors.ts";
+import { NativeSender } from "../net/socket-send.ts";
 import { FRAME_HEADER_BYTES, MAX_FRAME_LENGTH, encodeFrameHeader } from "./frames.ts";
 
 // Payloads up to this size are copied next to their header, so a run of
@@ -14,6 +16,9 @@ import { FRAME_HEADER_BYTES, MAX_FRAME_LENGTH, encodeFrameHeader } from "./frame
 // ones are written from the caller's buffer.
 const COPY_MAX_BYTES = 16 << 10;
 const BATCH_BYTES = 64 << 10;
+// Up to this much, a flush that finds the native sender idle writes at once
+// on the event loop's thread (net/socket-send.ts: NativeSender.idle).
+const WRITE_NOW_MAX_BYTES = 64 << 10;
 
 const NO_BYTES = new Uint8Array(0);
 
@@ -32,6 +37,10 @@ interface Waiter {
 
 export class SendQueue {
   private socket: FrameSocket | undefined;
+  /** Once set, every byte queued goes to the kernel through it (net/socket-send.ts). */
+  private sender: NativeSender | null = null;
+  private nativeFd = -1;
+  private onNativeError: (errno: number) => void = () => {};
   // `queue` is written in order, then the filled start of `batch`.
   // `queued` and `sent` count frames sent after authentication only.
   private queue: Uint8Array[] = [];
@@ -50,17 +59,30 @@ export class SendQueue {
 
   /** Bytes queued and not yet handed to the kernel, handshake frames aside. */
   get queuedBytes(): number {
-    return this.queued;
+    return this.queued + (this.sender?.unwritten ?? 0);
   }
 
   /** Bytes handed to the kernel, handshake frames aside. */
   get sentBytes(): number {
-    return this.sent;
+    return this.sent + (this.sender?.written ?? 0);
   }
 
   /** Starts writing to `socket`: nothing queued is written before. */
   attach(socket: FrameSocket): void {
     this.socket = socket;
+  }
+
+  /**
+   * From here on, writes go through a thread of their own to the socket
+   * `fd`, once what Bun's socket was given is written. Only after the
+   * handshake: its frames are written at once, so that a refusal reaches
+   * the peer before the connection closes. `onError` gets the errno of a
+   * failed write.
+   */
+  writeNatively(fd: number, onError: (errno: number) => void): void {
+    this.nativeFd = fd;
+    this.onNativeError = onError;
+    this.startSender();
   }
 
   /**
@@ -95,8 +117,10 @@ export class SendQueue {
 
   /** Resolves once at most `maxQueued` bytes are queued; the caller checks that the connection is open. */
   whenQueuedAtMost(maxQueued: number): Promise<void> {
-    if (this.queued <= maxQueued) return Promise.resolve();
-    return new Promise((resolve, reject) => this.waiters.push({ maxQueued, resolve, reject }));
+    if (this.queuedBytes <= maxQueued) return Promise.resolve();
+    const waiting = new Promise<void>((resolve, reject) => this.waiters.push({ maxQueued, resolve, reject }));
+    this.sender?.wakeWhenUnwrittenAtMost(Math.max(0, maxQueued - this.queued));
+    return waiting;
   }
 
   /** The socket's drain event: it takes writes again. */
@@ -114,6 +138,7 @@ export class SendQueue {
   /** The connection is gone: forgets what is queued and writes nothing more. */
   drop(err: Error): void {
     this.dropped = true;
+    this.closeSender();
     this.queue = [];
     this.queueHead = 0;
     this.rejectWaiters(err);
@@ -131,6 +156,10 @@ export class SendQueue {
     const socket = this.socket;
     if (!socket || this.dropped || this.awaitingDrain) return;
     this.sealBatch();
+    if (this.sender) {
+      this.flushNatively(this.sender, socket);
+      return;
+    }
     while (this.queueHead < this.queue.length) {
       const segment = this.queue[this.queueHead]!;
       const written = socket.write(segment);
@@ -148,10 +177,61 @@ export class SendQueue {
       this.queueHead = 0;
     }
     this.wakeWaiters();
+    this.startSender();
     if (this.shutDownWhenSent && this.queueHead === this.queue.length && !this.shutDown) {
       this.shutDown = true;
       socket.shutdown();
     }
+  }
+
+  private flushNatively(sender: NativeSender, socket: FrameSocket): void {
+    let i = this.queueHead;
+    if (this.queued <= WRITE_NOW_MAX_BYTES && sender.idle) {
+      for (; i < this.queue.length; i++) {
+        const segment = this.queue[i]!;
+        const written = socket.write(segment);
+        if (written < 0) return; // the socket is closing; its close event follows
+        this.sent += written;
+        if (written < segment.length) {
+          this.queue[i] = segment.subarray(written);
+          break;
+        }
+      }
+    }
+    for (; i < this.queue.length; i++) sender.write(this.queue[i]!);
+    this.queue = [];
+    this.queueHead = 0;
+    this.queued = 0;
+    this.wakeWaiters();
+    if (this.shutDownWhenSent && !this.shutDown) {
+      if (sender.unwritten > 0) {
+        sender.wakeWhenUnwrittenAtMost(0);
+        return;
+      }
+      this.closeSender();
+      this.shutDown = true;
+      socket.shutdown();
+    }
+  }
+
+  /** Starts the native sender once Bun's socket has written all it was given. */
+  private startSender(): void {
+    if (this.nativeFd < 0 || this.sender || this.dropped || this.awaitingDrain || this.queueHead < this.queue.length || this.batchFill > 0) return;
+    this.sender = NativeSender.open(
+      this.nativeFd,
+      () => this.flush(),
+      (errno) => this.onNativeError(errno),
+    );
+    this.nativeFd = -1;
+  }
+
+  /** Stops the native sender, keeping its count of bytes written. */
+  private closeSender(): void {
+    const sender = this.sender;
+    if (!sender) return;
+    this.sent += sender.written;
+    sender.close();
+    this.sender = null;
   }
 
   private reserveBatch(bytes: number): void {
@@ -178,11 +258,17 @@ export class SendQueue {
 
   private wakeWaiters(): void {
     if (this.waiters.length === 0) return;
+    const queued = this.queuedBytes;
     const still: Waiter[] = [];
+    let least = Infinity;
     for (const waiter of this.waiters) {
-      if (this.queued <= waiter.maxQueued) waiter.resolve();
-      else still.push(waiter);
+      if (queued <= waiter.maxQueued) waiter.resolve();
+      else {
+        still.push(waiter);
+        least = Math.min(least, waiter.maxQueued);
+      }
     }
     this.waiters = still;
+    if (still.length > 0) this.sender?.wakeWhenUnwrittenAtMost(Math.max(0, least - this.queued));
   }
 }
