@@ -143,8 +143,10 @@ static void *run(void *arg) {
 			}
 		}
 		written += (uint64_t)r;
-		store_written(s, written);
+		/* head first: an event loop that sees these bytes written must also
+		 * see their slots free, or it would find the ring full meanwhile */
 		__atomic_store_n(&s->head, head, __ATOMIC_RELEASE);
+		store_written(s, written);
 		uint64_t at = __atomic_load_n(&s->wake_at, __ATOMIC_SEQ_CST);
 		if (at != 0 && written >= at && __atomic_compare_exchange_n(&s->wake_at, &at, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) s->wake(s->id);
 	}
@@ -190,15 +192,18 @@ int sgm_sender_wake_at(struct sgm_sender *s, double bytes) {
 	return __atomic_compare_exchange_n(&s->wake_at, &at, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
-/* Stops the thread, whatever is left unwritten, and frees the sender. */
-void sgm_sender_close(struct sgm_sender *s) {
+/* Stops the thread, whatever is left unwritten, and frees the sender.
+ * Returns the bytes it wrote, its last ones included. */
+double sgm_sender_close(struct sgm_sender *s) {
 	__atomic_store_n(&s->stopping, 1, __ATOMIC_SEQ_CST);
 	__atomic_add_fetch(&s->wakes, 1, __ATOMIC_SEQ_CST);
 	futex_wake(&s->wakes);
 	uint64_t one = 1;
 	if (write(s->stop_fd, &one, sizeof one) < 0) { /* the thread also sees `stopping` */ }
 	pthread_join(s->thread, NULL);
+	double written = (double)load_written(s);
 	close(s->fd);
 	close(s->stop_fd);
 	free(s);
+	return written;
 }

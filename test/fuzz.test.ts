@@ -231,7 +231,7 @@ describe("fuzz", () => {
     reader.feed(captured);
     reader.finish();
     const chunks: Uint8Array[] = [];
-    const sink = { bytesWritten: 0, queuedBytes: 0, write: (b: Uint8Array) => void chunks.push(b.slice()) };
+    const sink = { bytesWritten: 0, queuedBytes: 0, bytesAccepted: 0, write: (b: Uint8Array) => void chunks.push(b.slice()) };
     const writer = new PostcopyStreamWriter({ header: parts.header!, blocks: parts.blocks!, ramSectionId: 2, sink });
     writer.begin();
     for (const [block, page, data] of parts.pages.slice(0, 32)) writer.page(block, page, data);

@@ -126,7 +126,7 @@ describe("a stream read in chunks through a PageRun", () => {
     header: new Uint8Array([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3]),
     blocks,
     ramSectionId: 2,
-    sink: { write: (b: Uint8Array) => parts.push(b.slice()), bytesWritten: 0, queuedBytes: 0 },
+    sink: { write: (b: Uint8Array) => parts.push(b.slice()), bytesWritten: 0, queuedBytes: 0, bytesAccepted: 0 },
     bufferBytes: 100_000,
   });
   writer.begin();

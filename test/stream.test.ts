@@ -180,9 +180,11 @@ describe("postcopy writer", () => {
     const sink = {
       bytesWritten: 0,
       queuedBytes: 0,
+      bytesAccepted: 0,
       write(b: Uint8Array) {
         chunks.push(b.slice());
         sink.bytesWritten += b.length;
+        sink.bytesAccepted += b.length;
       },
     };
     const writer = new PostcopyStreamWriter({ header: whole.header!, blocks: whole.blocks, ramSectionId: 2, sink });
@@ -240,9 +242,11 @@ describe("postcopy writer memory", () => {
     const sink = {
       bytesWritten: 0,
       queuedBytes: 0,
+      bytesAccepted: 0,
       write(b: Uint8Array) {
         held.push(b);
         sink.queuedBytes += b.length;
+        sink.bytesAccepted += b.length;
       },
     };
     const writer = new PostcopyStreamWriter({ header: whole.header!, blocks: whole.blocks, ramSectionId: 2, sink });

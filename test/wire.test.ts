@@ -586,7 +586,7 @@ describe("connection", () => {
         // Sent while the WELCOME may still be queued: the handshake must not count.
         for (let i = 0; i < 100; i++) {
           conn.send(DATA, pattern(i % 2 ? 1000 : 20_000, i));
-          marks.push(conn.bytesSent + conn.queuedBytes);
+          marks.push(conn.bytesAccepted);
         }
       },
     });
@@ -601,7 +601,7 @@ describe("connection", () => {
     );
     await all;
     expect(got).toEqual(Array.from({ length: 100 }, (_, i) => ({ type: DATA, payload: pattern(i % 2 ? 1000 : 20_000, i) })));
-    // bytesSent + queuedBytes right after send() is where that frame ends.
+    // bytesAccepted right after send() is where that frame ends.
     const ends = got.map((f) => f.payload.length + 8).map((_, i, sizes) => sizes.slice(0, i + 1).reduce((a, b) => a + b, 0));
     expect(marks).toEqual(ends);
     expect(sender?.bytesSent).toBe(ends[99]);
@@ -957,6 +957,37 @@ describe("writes on a thread of their own", () => {
     await until("the peer sees the socket closed", () => pair.peerClosed());
     pair.stop();
   });
+  test.skipIf(!nativeSend)("while the thread writes, bytesAccepted stays where the last frame ends; bytesSent never passes it", async () => {
+    // senders reuse a buffer once bytesSent reaches where its frame ended: a mark read as
+    // bytesSent + queuedBytes could fall short by what the thread wrote between the two reads
+    const server = startServer("gather", ["scatter"]);
+    const accepted = server.nextConnection();
+    const client = await connect(server.listener.port, "scatter");
+    const conn = await accepted;
+    conn.pauseReading();
+    let got = 0;
+    const FRAMES = 2000;
+    const all = new Promise<void>((resolve) =>
+      conn.onFrame(() => {
+        if (++got === FRAMES) resolve();
+      }),
+    );
+    for (let i = 0; i < FRAMES; i++) client.send(DATA, pattern(20_000, i));
+    const end = FRAMES * 20_008;
+    conn.resumeReading();
+    let samples = 0;
+    let wrong = 0;
+    while (client.bytesSent < end) {
+      if (client.bytesAccepted !== end || client.bytesSent > end) wrong++;
+      if (++samples % 64 === 0) await Bun.sleep(0);
+    }
+    await all;
+    expect(wrong).toBe(0);
+    expect(samples).toBeGreaterThan(0);
+    client.close();
+    server.listener.close();
+  });
+
   test.skipIf(!nativeSend)("what a sender holds when its process exits is written first", async () => {
     // a child that gives its sender 32 MiB and exits at once: far more than the socket's buffers take before it exits
     let received = 0;

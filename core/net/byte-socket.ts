@@ -104,6 +104,11 @@ export class ByteSocket {
     return this.written + (this.sender?.written ?? 0);
   }
 
+  /** Bytes taken by write() in all, read as one number (not bytesWritten + queuedBytes: a sender thread may write between the two). */
+  get bytesAccepted(): number {
+    return this.written + this.queued + (this.sender?.takenBytes ?? 0);
+  }
+
   get isOpen(): boolean {
     return !this.isClosed;
   }

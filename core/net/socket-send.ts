@@ -15,7 +15,7 @@ const symbolDefinitions = {
   sgm_sender_open: { args: ["i32", "i32", "function"], returns: "ptr" },
   sgm_sender_push: { args: ["ptr", "ptr", "u64"], returns: "i32" },
   sgm_sender_wake_at: { args: ["ptr", "f64"], returns: "i32" },
-  sgm_sender_close: { args: ["ptr"], returns: "void" },
+  sgm_sender_close: { args: ["ptr"], returns: "f64" },
 } as const;
 
 function load() {
@@ -58,7 +58,12 @@ function drainBeforeExit(): void {
   for (const sender of senders.values()) {
     while (!sender.drainedForExit() && performance.now() < deadline) Bun.sleepSync(1);
   }
+  // stopped before the runtime goes: no thread may call back into it meanwhile
+  for (const sender of [...senders.values()]) sender.close();
 }
+
+/** At most this long, a typed array may hold its bytes in the engine's cell (JSC: 1000 elements). */
+const SMALL_ARRAY_BYTES = 8192;
 
 interface Pending {
   bytes: Uint8Array;
@@ -80,7 +85,8 @@ export class NativeSender {
   private waitingHead = 0;
   private taken = 0;
   private seenWritten = 0;
-  private wantUnwrittenAtMost = Infinity;
+  /** onProgress() once this many bytes are written in all; Infinity: not asked. */
+  private wakeTarget = Infinity;
   private failed = false;
 
   private constructor(handle: Pointer, id: number, onProgress: () => void, onError: (errno: number) => void) {
@@ -125,6 +131,15 @@ export class NativeSender {
   }
 
   /**
+   * Bytes taken by write() in all: where the last of them ends in the
+   * stream. Unlike written + unwritten, one number, which a concurrent write
+   * by the thread cannot make inconsistent.
+   */
+  get takenBytes(): number {
+    return this.taken;
+  }
+
+  /**
    * Nothing is waiting to be written: the thread is idle, and a caller may
    * write to the socket itself meanwhile without reordering anything. A
    * small write that finds the thread idle goes at once from the event loop
@@ -145,9 +160,9 @@ export class NativeSender {
     this.askToWake();
   }
 
-  /** onProgress() runs once at most `bytes` are unwritten (at once if they are). */
+  /** onProgress() runs once at most `bytes` of what is taken now are unwritten (soon, if they are). */
   wakeWhenUnwrittenAtMost(bytes: number): void {
-    this.wantUnwrittenAtMost = Math.min(this.wantUnwrittenAtMost, bytes);
+    this.wakeTarget = Math.min(this.wakeTarget, this.taken - bytes);
     this.askToWake();
   }
 
@@ -157,7 +172,10 @@ export class NativeSender {
     this.refresh();
     this.status = null;
     senders.delete(this.id);
-    native!.sgm_sender_close(this.handle);
+    // what the thread wrote up to its stop counts too
+    const written = native!.sgm_sender_close(this.handle);
+    sentInAll += written - this.seenWritten;
+    this.seenWritten = written;
     this.ring = [];
     this.waiting = [];
   }
@@ -191,6 +209,10 @@ export class NativeSender {
   }
 
   private push(pending: Pending): boolean {
+    // A small typed array keeps its bytes inside the engine's own cell until
+    // its buffer is asked for, and then moves them: asked for here, they
+    // stay where the thread reads them.
+    if (pending.bytes.byteLength <= SMALL_ARRAY_BYTES) void pending.bytes.buffer;
     if (native!.sgm_sender_push(this.handle, ptr(pending.bytes), pending.bytes.length) === 0) return false;
     this.ring.push(pending);
     return true;
@@ -213,8 +235,8 @@ export class NativeSender {
       this.waiting = [];
       this.waitingHead = 0;
     }
-    if (this.wantUnwrittenAtMost !== Infinity && this.taken - this.seenWritten <= this.wantUnwrittenAtMost) {
-      this.wantUnwrittenAtMost = Infinity;
+    if (this.seenWritten >= this.wakeTarget) {
+      this.wakeTarget = Infinity;
       this.onProgress();
     }
     this.askToWake();
@@ -223,11 +245,11 @@ export class NativeSender {
   /** Asks the thread for a wake at the nearest point something waits for. */
   private askToWake(): void {
     if (this.status === null || this.failed) return;
-    let at = Infinity;
-    if (this.wantUnwrittenAtMost !== Infinity) at = this.taken - this.wantUnwrittenAtMost;
+    let at = this.wakeTarget;
     // room in the ring: half of what is in it written
     if (this.waitingHead < this.waiting.length) at = Math.min(at, this.ring[this.ringHead + Math.floor((this.ring.length - this.ringHead) / 2)]?.end ?? 0);
     if (at === Infinity) return;
-    if (native!.sgm_sender_wake_at(this.handle, Math.max(at, 1)) === 1) queueMicrotask(() => this.wake());
+    this.refresh();
+    if (at <= this.seenWritten || native!.sgm_sender_wake_at(this.handle, at) === 1) queueMicrotask(() => this.wake());
   }
 }

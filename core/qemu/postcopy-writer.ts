@@ -21,6 +21,8 @@ export interface ByteSink {
   readonly bytesWritten: number;
   /** Bytes taken and not yet handed to the kernel. */
   readonly queuedBytes: number;
+  /** Bytes taken in all: where the last write ends in the stream. */
+  readonly bytesAccepted: number;
 }
 
 export interface PostcopyWriterOptions {
@@ -252,7 +254,7 @@ export class PostcopyStreamWriter {
     const full = this.out;
     this.sink.write(full.subarray(0, this.len));
     // a buffer grown for a large device state is not worth keeping
-    if (full.length <= 2 * (this.bufferBytes + TPS + 512)) this.buffers.queued(full, this.sink.bytesWritten + this.sink.queuedBytes);
+    if (full.length <= 2 * (this.bufferBytes + TPS + 512)) this.buffers.queued(full, this.sink.bytesAccepted);
     this.out = this.buffers.acquire();
     this.dv = new DataView(this.out.buffer);
     this.len = 0;

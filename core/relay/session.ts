@@ -263,7 +263,7 @@ export class RelaySession {
     }
     // the connection keeps the buffer until written; it is used again after that
     this.conn.send(RelayFrame.PAGES, reply.take());
-    this.replyBuffers.queued(buffer, this.conn.bytesSent + this.conn.queuedBytes);
+    this.replyBuffers.queued(buffer, this.conn.bytesAccepted);
   }
 
   private has(payload: Uint8Array): void {

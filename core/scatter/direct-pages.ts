@@ -32,7 +32,7 @@ export class DirectPages {
     const { payload, buffer } = this.builder.take();
     this.sentBytes += payload.length;
     this.gather.send(FrameType.PAGE_DATA, payload);
-    this.buffers.queued(buffer, this.gather.bytesSent + this.gather.queuedBytes);
+    this.buffers.queued(buffer, this.gather.bytesAccepted);
   }
 
   /** The gather reports how much it has taken in. */

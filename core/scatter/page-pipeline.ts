@@ -326,7 +326,7 @@ export class PagePipeline {
       this.placement.sendLocations();
       this.stats.mapBytes += frame.payload.length;
       gather.send(FrameType.PAGE_MAP, frame.payload);
-      this.mapBuffers.queued(frame.buffer, gather.bytesSent + gather.queuedBytes);
+      this.mapBuffers.queued(frame.buffer, gather.bytesAccepted);
       this.progress.sent += frame.entries;
     }
     if (this.fifo.length === 0) {

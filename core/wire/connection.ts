@@ -172,6 +172,11 @@ export class PeerConnection {
     return this.sendQueue.sentBytes;
   }
 
+  /** Frame bytes accepted by send() after authentication: where the last frame sent ends in the stream. */
+  get bytesAccepted(): number {
+    return this.sendQueue.acceptedBytes;
+  }
+
   /** Frame bytes (headers and payloads) received after authentication. */
   get bytesReceived(): number {
     return this.received;
@@ -179,9 +184,9 @@ export class PeerConnection {
 
   /**
    * Queues one frame. Throws once the connection is closing or closed.
-   * Right after the call, bytesSent + queuedBytes is where this frame ends
-   * in the stream; once bytesSent reaches that, the connection holds no
-   * reference to `payload` and the caller may reuse it.
+   * Right after the call, bytesAccepted is where this frame ends in the
+   * stream; once bytesSent reaches that, the connection holds no reference
+   * to `payload` and the caller may reuse it.
    */
   send(type: number, payload: Uint8Array): void {
     this.checkSendable();

@@ -67,6 +67,15 @@ export class SendQueue {
     return this.sent + (this.sender?.written ?? 0);
   }
 
+  /**
+   * Bytes queued so far, handshake frames aside: where the last frame ends
+   * in the stream. Read as one number: sentBytes + queuedBytes read one
+   * after the other may each see a different count from the sender thread.
+   */
+  get acceptedBytes(): number {
+    return this.sent + this.queued + (this.sender?.takenBytes ?? 0);
+  }
+
   /** Starts writing to `socket`: nothing queued is written before. */
   attach(socket: FrameSocket): void {
     this.socket = socket;
@@ -190,8 +199,12 @@ export class SendQueue {
       for (; i < this.queue.length; i++) {
         const segment = this.queue[i]!;
         const written = socket.write(segment);
-        if (written < 0) return; // the socket is closing; its close event follows
+        if (written < 0) {
+          this.queueHead = i; // the socket is closing; its close event follows
+          return;
+        }
         this.sent += written;
+        this.queued -= written;
         if (written < segment.length) {
           this.queue[i] = segment.subarray(written);
           break;
