@@ -38,7 +38,7 @@ describe("progress", () => {
     const scatter = track(Bun.spawn(["script", "-qfec", shellLine(scatterArgs), "/dev/null"], { stdout: "pipe", stderr: "pipe", stdin: "ignore", env: sgmEnv({ TERM: "xterm" }) }));
     const [code, screen] = await Promise.all([scatter.exited, new Response(scatter.stdout).text()]);
     const g = await gather.result();
-    expect(code).toBe(0);
+    if (code !== 0) throw new Error(`scatter exited ${code}; its terminal showed, at the end:\n${screen.slice(-3000)}\ngather's stderr, at the end:\n${g.stderr.slice(-2000)}`);
     expectExit(g, 0);
 
     // drawn in place: lines erased and redrawn, the phases in their order, the cursor shown again at the end
