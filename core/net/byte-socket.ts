@@ -213,12 +213,10 @@ export class ByteSocket {
     this.socket.end();
   }
 
-  /** Stops the native sender, keeping its count of bytes written. */
+  /** Stops the native sender, keeping its count of bytes written (up to its stop). */
   private closeSender(): void {
-    const sender = this.sender;
-    if (!sender) return;
-    this.written += sender.written;
-    sender.close();
+    if (!this.sender) return;
+    this.written += this.sender.close();
     this.sender = null;
   }
 

@@ -166,9 +166,9 @@ export class NativeSender {
     this.askToWake();
   }
 
-  /** Stops writing, whatever is left unwritten. */
-  close(): void {
-    if (this.status === null) return;
+  /** Stops writing, whatever is left unwritten; returns the bytes written in all, the thread's last ones included. */
+  close(): number {
+    if (this.status === null) return this.seenWritten;
     this.refresh();
     this.status = null;
     senders.delete(this.id);
@@ -178,6 +178,7 @@ export class NativeSender {
     this.seenWritten = written;
     this.ring = [];
     this.waiting = [];
+    return written;
   }
 
   /** At exit: pushes what waits as the ring makes room; true once all is written, or nothing more will be. */

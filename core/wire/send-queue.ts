@@ -238,12 +238,10 @@ export class SendQueue {
     this.nativeFd = -1;
   }
 
-  /** Stops the native sender, keeping its count of bytes written. */
+  /** Stops the native sender, keeping its count of bytes written (up to its stop). */
   private closeSender(): void {
-    const sender = this.sender;
-    if (!sender) return;
-    this.sent += sender.written;
-    sender.close();
+    if (!this.sender) return;
+    this.sent += this.sender.close();
     this.sender = null;
   }
 
