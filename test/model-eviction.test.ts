@@ -271,7 +271,10 @@ describe("model eviction: precopy that cannot converge ends", () => {
     expect(vm.error).toMatch(/^VM slow: precopy did not converge in 3 passes \(\d+\.\d MiB read from the source in \d+ s, [\d.]+ [KMG]iB\/s\); it runs on at the source; evict it with --switchover postcopy$/);
     expect(vm.source).toBe("running");
     expect(r.sources[0]!.runState).toBe("running");
-    expect(r.sources[0]!.passes).toBe(4);
+    // cancelled once pass 4 began; the scatter asks the source's dirty rate for its message first, and
+    // a source whose stream is read as fast as it sends may begin pass 5 meanwhile, never a sixth
+    expect(r.sources[0]!.passes).toBeGreaterThanOrEqual(4);
+    expect(r.sources[0]!.passes).toBeLessThanOrEqual(5);
     expect(r.gather.exitCode).not.toBe(0);
     expect(r.destinations[0]!.runState).toBe("inmigrate");
   });
