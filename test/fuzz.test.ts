@@ -16,7 +16,6 @@ import { MigrationStreamReader } from "../core/qemu/stream-reader.ts";
 import { MAX_QMP_LINE, QmpClient } from "../core/qmp/client.ts";
 import { runGather } from "../core/gather/engine.ts";
 import { type Relay, startRelay } from "../core/relay/engine.ts";
-import { PeerConnection } from "../core/wire/connection.ts";
 import { encodeControl } from "../core/wire/control.ts";
 import { FrameType } from "../core/wire/messages.ts";
 import { probeHeader, ProbeFrame } from "../core/wire/probe-frames.ts";
@@ -31,7 +30,7 @@ import {
 import { captureStream } from "./harness/capture.ts";
 import { eventually, fuzzBudgetMs, fuzzSeed, mutate, Rng, rawSession, type RawSession } from "./harness/fuzz.ts";
 import { ModelDestinationQemu } from "./harness/model/destination-qemu.ts";
-import { runModelEviction } from "./harness/model/eviction.ts";
+import { recordScatterFrames } from "./harness/model/eviction.ts";
 import type { SourceScript } from "./harness/model/source-qemu.ts";
 import { killAll } from "./harness/processes.ts";
 import { TestVm } from "./harness/qemu.ts";
@@ -273,7 +272,7 @@ describe("fuzz", () => {
   test.each([0, 2])("gather (%i digest threads): a scatter's session replayed with frames mutated, dropped and repeated: no crash, no hang, no page unlike its digest reaches QEMU", async (digestThreads) => {
     // a small VM: a quarter zero pages, the rest from 50 contents
     const script: SourceScript = { blocks: [{ name: "pc.ram", pages: 256 }], initial: (i) => (i % 4 === 3 ? 0 : 1 + (i % 50)), writes: () => [], passes: 1 };
-    const recorded = await recordScatterFrames(script);
+    const recorded = await recordScatterFrames("fz", script);
     expect(recorded.length).toBeGreaterThan(3);
     console.log(`gather: a session of ${recorded.length} frames recorded`);
     const outcomes = { completed: 0, failed: 0, waiting: 0 };
@@ -431,31 +430,6 @@ describe("fuzz", () => {
     }
   }, 120_000);
 });
-
-/** The frames a scatter sends its gather in a whole eviction of a small model VM. */
-async function recordScatterFrames(script: SourceScript): Promise<Array<{ type: number; payload: Uint8Array }>> {
-  const frames: Array<{ type: number; payload: Uint8Array }> = [];
-  const { send, sendParts } = PeerConnection.prototype;
-  const record = (conn: PeerConnection, type: number, parts: readonly Uint8Array[]) => {
-    if (conn.peerRole === "gather") frames.push({ type, payload: new Uint8Array(Buffer.concat(parts)) });
-  };
-  PeerConnection.prototype.send = function (this: PeerConnection, type, payload) {
-    record(this, type, [payload]);
-    send.call(this, type, payload);
-  };
-  PeerConnection.prototype.sendParts = function (this: PeerConnection, type, parts) {
-    record(this, type, parts);
-    sendParts.call(this, type, parts);
-  };
-  try {
-    const r = await runModelEviction({ vms: [{ name: "fz", script }], switchover: "precopy" });
-    expect([...r.mismatches.values()].flat()).toEqual([]);
-  } finally {
-    PeerConnection.prototype.send = send;
-    PeerConnection.prototype.sendParts = sendParts;
-  }
-  return frames;
-}
 
 const quiet: ReaderHandler = {
   onHeader: () => {},

@@ -131,6 +131,15 @@ describe("model eviction: every page arrives in its last version", () => {
   }
 });
 
+describe("model eviction: a gather that is done and gone", () => {
+  test("postcopy, the source slow to report its completion until the gather has returned: the VM is evicted, not failed", async () => {
+    // the gather waits a bounded time for the scatter to close, then closes its side while the scatter still waits for its source
+    const r = await expectIntact({ vms: [{ name: "a", script: churningScript(5, 3, 200, 0) }], switchover: "postcopy", postcopyAfterPass: 0, sourcesCompleteAfterGather: true });
+    expect(r.sources[0]!.switchedToPostcopy).toBe(true);
+    expect(r.scatter.exitCode).toBe(0);
+  }, 60_000);
+});
+
 describe("model eviction: a relay lost mid-run", () => {
   // the first relay stops once it has taken this many page bytes: early, midway, late in the run
   // (each relay takes about 4 MiB of the run's pages: two replicas over three relays)

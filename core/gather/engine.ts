@@ -22,7 +22,7 @@ import type { HolderPlan } from "../qmp/holder-launch.ts";
 import type { FetcherStats, RelayFetcher } from "./relay-fetcher.ts";
 import type { ArrivalReport } from "./arrival-report.ts";
 import { VmArrival } from "./vm-arrival.ts";
-import { type GatherShared, ScatterSession } from "./scatter-session.ts";
+import { type GatherShared, HANG_UP_WAIT_MS, ScatterSession } from "./scatter-session.ts";
 
 export interface GatherOptions {
   listen: { host: string; port: number };
@@ -146,11 +146,13 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     // a VM that failed while its state was written lets go of pages only once written: the relays must hear of them first
     await Promise.all([...shared.arrivals.values()].map((a) => a.stateWritten));
     for (const s of sessions) s.close();
+    const hungUp = Promise.all(sessions.map((s) => s.hangUp(HANG_UP_WAIT_MS)));
     fetchers = await resumed;
     for (const f of fetchers) f.close();
     for (const d of dests) d.close();
     shared.digestPool?.close();
     rmSync(shared.socketDir, { recursive: true, force: true });
+    await hungUp;
   }
   const reports = [...[...shared.arrivals.values()].map((a) => a.report()), ...(toResume?.unresumable ?? []).map(unresumableReport)];
   const failures = reports.filter((r) => !r.ok);

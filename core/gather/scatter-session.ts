@@ -28,6 +28,13 @@ import type { VmArrival } from "./vm-arrival.ts";
 const HELD_HIGH = 32 * 1024 * 1024;
 const HELD_LOW = 24 * 1024 * 1024;
 
+/**
+ * How long a gather that is done waits for its scatter to close its side
+ * of the connection (see hangUp): once the gather's part is over, what is
+ * left to a scatter is its sources' completion, which takes moments.
+ */
+export const HANG_UP_WAIT_MS = 3000;
+
 /** Holds that stop frames already read (see holdsFrames). */
 const HOLDS_FRAMES: ReadonlySet<string> = new Set(["relays", "destination", "memory"]);
 
@@ -65,6 +72,8 @@ export class ScatterSession {
   /** PAGE_DATA payload bytes taken in, and how many of them the scatter has been told of. */
   private dataTaken = 0;
   private dataReported = 0;
+  /** Set once the gather is done with the scatter: nothing pauses reading from then on. */
+  private hangingUp = false;
   /** Bytes of the scatter's rate probes (frame headers included): not the run's. */
   probeBytes = 0;
   /** The run's relays, for a VM's saved state. */
@@ -111,6 +120,24 @@ export class ScatterSession {
     if (this.resumeTimer) clearTimeout(this.resumeTimer);
     this.releasePins();
     this.fetcher.close();
+  }
+
+  /**
+   * Reads and drops what the scatter still sends until it closes its side,
+   * for at most `ms`, then closes the gather's. A scatter closes once each
+   * of its VMs is over, its source's completion included; a process that
+   * exits with a peer's bytes unread makes its kernel answer with a reset,
+   * and the reset can take with it the scatter's unread copy of the
+   * gather's last words (Bun reports the error and reads no more).
+   */
+  async hangUp(ms: number): Promise<void> {
+    this.hangingUp = true;
+    this.conn.onFrame(() => {});
+    this.conn.resumeReading();
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await Promise.race([this.conn.closed, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+    clearTimeout(timer);
+    this.conn.close();
   }
 
   private onFrame(type: number, payload: Uint8Array): void {
@@ -301,7 +328,7 @@ export class ScatterSession {
   /** Reading the scatter's frames stops while any reason holds it. */
   private hold(reason: string): void {
     this.holds.add(reason);
-    this.conn.pauseReading();
+    if (!this.hangingUp) this.conn.pauseReading();
   }
 
   private unhold(reason: string): void {

@@ -84,6 +84,13 @@ export class VmEviction {
   private stage: Stage = "offered";
   /** The gather refused or failed this VM itself. */
   private gatherGaveUp = false;
+  /**
+   * The gather has said all this VM needed of it (in precopy that the VM
+   * runs there, in postcopy that it holds every page): a gather that then
+   * goes, done or not, changes nothing at the source, whose completion is
+   * all that is left.
+   */
+  private gatherPartOver = false;
   /** run() is over: nothing can fail any more. */
   private finished = false;
   /** The source's stream now; null before it starts. */
@@ -207,6 +214,11 @@ export class VmEviction {
 
   /** The connection to the gather is gone. */
   onDisconnect(reason: Error | undefined): void {
+    if (this.finished) return;
+    if (this.gatherPartOver) {
+      this.options.log(`${this.name}: the gather left${reason ? ` (${reason.message})` : ""} once its part was over`);
+      return;
+    }
     this.fail(new SgmError("unavailable", `VM ${this.name}: lost the gather${reason ? `: ${reason.message}` : ""}`));
   }
 
@@ -271,8 +283,10 @@ export class VmEviction {
     try {
       await this.race(this.offerToGather());
       const point = await this.streamUntilGo();
-      if (point.kind === "precopy") await this.awaitRunning();
-      else await this.switchInPostcopy(point.device);
+      if (point.kind === "precopy") {
+        await this.awaitRunning();
+        this.gatherPartOver = true;
+      } else await this.switchInPostcopy(point.device);
       sourceState = o.keepSource ? "paused" : "quit";
       if (!o.keepSource) await this.source.quit();
       o.log(`${this.name}: running at the destination; source ${sourceState}`);
@@ -378,6 +392,7 @@ export class VmEviction {
     this.send({ t: "source-done", vm: this.id, stoppedAt: this.record.stoppedAt!, map });
     const held = await this.race(this.wait("held"));
     this.checkGatherMap(held, map);
+    this.gatherPartOver = true;
     this.evicted(performance.now());
     this.current!.sock!.write(encodeShut(0));
     await this.race(this.source.waitFor(["completed"], 30_000));

@@ -112,6 +112,8 @@ export interface RawSession {
   readonly isClosed: boolean;
   write(bytes: Uint8Array): void;
   writeFrame(type: number, payload: Uint8Array): void;
+  /** Stops reading: what the peer sends, its end of stream too, waits in the kernel. */
+  pause(): void;
   close(): void;
 }
 
@@ -170,6 +172,7 @@ export async function rawSession(port: number, psk: Uint8Array, role: Role, maxP
     },
     write: (bytes) => void socket.write(bytes),
     writeFrame: (type, payload) => void socket.write(frame(type, payload)),
+    pause: () => socket.pause(),
     close: () => socket.terminate(),
   };
 }

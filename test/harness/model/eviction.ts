@@ -11,6 +11,7 @@ import { type GatherReport, runGather } from "../../../core/gather/engine.ts";
 import { type Relay, startRelay } from "../../../core/relay/engine.ts";
 import { runScatter, type ScatterReport } from "../../../core/scatter/engine.ts";
 import { EvictionSlots } from "../../../core/scatter/eviction-slots.ts";
+import { PeerConnection } from "../../../core/wire/connection.ts";
 import type { SwitchoverMode } from "../../../core/scatter/eviction-report.ts";
 import { ModelDestinationQemu } from "./destination-qemu.ts";
 import { ModelSourceQemu, type SourceScript } from "./source-qemu.ts";
@@ -50,6 +51,8 @@ export interface ModelEvictionOptions {
   loseRelayAfterBytes?: number;
   /** The first relay is stopped as the first source, in postcopy, has sent its last page. */
   loseRelayAtSourceEnd?: boolean;
+  /** In postcopy, each source reports "completed" only once the gather has returned: the gather is done, and gone, first. */
+  sourcesCompleteAfterGather?: boolean;
   /** Called as each VM runs at its destination, which reads nothing more until the promise it returns resolves. */
   holdDestinationReading?: (relays: Relay[]) => Promise<void>;
 }
@@ -75,7 +78,8 @@ const psk = new TextEncoder().encode("model eviction key 0123456789");
 export async function runModelEviction(options: ModelEvictionOptions): Promise<ModelEvictionResult> {
   const dir = mkdtempSync(join(tmpdir(), "sgm-model-"));
   const relays: Relay[] = [];
-  const sources = options.vms.map((vm) => new ModelSourceQemu(dir, vm.name, vm.script));
+  const gatherReturned = Promise.withResolvers<void>();
+  const sources = options.vms.map((vm) => new ModelSourceQemu(dir, vm.name, vm.script, options.sourcesCompleteAfterGather ? gatherReturned.promise : undefined));
   const destinations = options.vms.map(
     (vm, i) =>
       new ModelDestinationQemu(dir, `${vm.name}-in`, {
@@ -110,6 +114,7 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
       onListening: (port) => listening.resolve(port),
     });
     gathering.catch((err: Error) => listening.reject(err));
+    void gathering.finally(() => gatherReturned.resolve()).catch(() => {});
     const port = await listening.promise;
     const slots = options.inFlight === undefined ? undefined : new EvictionSlots(options.inFlight);
     const scatter = await runScatter({
@@ -150,3 +155,29 @@ export async function runModelEviction(options: ModelEvictionOptions): Promise<M
   }
 }
 
+
+/** The frames a scatter sends its gather in a whole eviction of one small model VM named `name`, for replaying to a gather. */
+export async function recordScatterFrames(name: string, script: SourceScript): Promise<Array<{ type: number; payload: Uint8Array }>> {
+  const frames: Array<{ type: number; payload: Uint8Array }> = [];
+  const { send, sendParts } = PeerConnection.prototype;
+  const record = (conn: PeerConnection, type: number, parts: readonly Uint8Array[]) => {
+    if (conn.peerRole === "gather") frames.push({ type, payload: new Uint8Array(Buffer.concat(parts)) });
+  };
+  PeerConnection.prototype.send = function (this: PeerConnection, type, payload) {
+    record(this, type, [payload]);
+    send.call(this, type, payload);
+  };
+  PeerConnection.prototype.sendParts = function (this: PeerConnection, type, parts) {
+    record(this, type, parts);
+    sendParts.call(this, type, parts);
+  };
+  try {
+    const r = await runModelEviction({ vms: [{ name, script }], switchover: "precopy" });
+    const wrong = [...r.mismatches.values()].flat();
+    if (!r.scatter.ok || !r.gather.ok || wrong.length > 0) throw new Error(`the eviction recorded went wrong: ${wrong.length} pages unlike the source's`);
+  } finally {
+    PeerConnection.prototype.send = send;
+    PeerConnection.prototype.sendParts = sendParts;
+  }
+  return frames;
+}

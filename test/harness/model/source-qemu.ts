@@ -96,8 +96,12 @@ export class ModelSourceQemu {
   /** Times the postcopy resumed after its stream broke. */
   resumes = 0;
 
-  constructor(dir: string, name: string, script: SourceScript) {
+  /** In postcopy, "completed" waits for this too once the scatter sent SHUT: a source slow to report it. */
+  private readonly completionHeld: Promise<unknown> | undefined;
+
+  constructor(dir: string, name: string, script: SourceScript, completionHeld?: Promise<unknown>) {
     this.name = name;
+    this.completionHeld = completionHeld;
     this.script = script;
     this.memory = new GuestMemory(script.blocks);
     for (let i = 0; i < this.memory.total; i++) this.memory.content[i] = script.initial(i);
@@ -353,12 +357,13 @@ export class ModelSourceQemu {
     this.isCompleting = true;
     writer.end();
     this.completingNow.resolve();
-    await this.finish();
+    await this.finish(this.completionHeld);
   }
 
-  private async finish(): Promise<void> {
+  private async finish(held?: Promise<unknown>): Promise<void> {
     const status = await this.shut.promise;
     if (status !== 0) throw new Error(`scatter sent SHUT ${status}`);
+    await held;
     this.runState = "postmigrate";
     this.setStatus("completed");
   }
