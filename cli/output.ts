@@ -6,6 +6,7 @@ import kleur from "kleur";
 import { asSgmError } from "../core/errors.ts";
 import { bytesReceivedNatively } from "../core/net/socket-receive.ts";
 import { bytesSentNatively } from "../core/net/socket-send.ts";
+import { pagesHashedByHelpers } from "../core/dedup/native-digest.ts";
 
 kleur.enabled = Boolean(process.stderr.isTTY) && !process.env.NO_COLOR;
 
@@ -49,7 +50,8 @@ export function reportError(err: unknown): number {
  * The final report on stdout, with what this process cost by its own
  * accounting: CPU seconds (user, system), peak resident memory, and page
  * faults (each first touch of fresh memory, tens of microseconds on some
- * virtual machines), and how much it read and wrote past Bun's sockets.
+ * virtual machines), how much it read and wrote past Bun's sockets, and
+ * how many pages the hash helpers hashed (the scatter's digest threads).
  */
 export function printJson(report: object): void {
   const cpu = process.cpuUsage();
@@ -62,6 +64,7 @@ export function printJson(report: object): void {
     minorPageFaults: usage.minorPageFault,
     bytesReceivedNatively: bytesReceivedNatively(),
     bytesSentNatively: bytesSentNatively(),
+    pagesHashedByHelpers: pagesHashedByHelpers(),
   };
   process.stdout.write(`${JSON.stringify({ ...report, process: resources }, null, 2)}\n`);
 }

@@ -12,8 +12,13 @@
  * loads through bun:ffi (core/dedup/native-digest.ts). */
 
 #include <immintrin.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define PAGE_BYTES 4096
 #define BLOCKS_PER_PAGE (PAGE_BYTES / 64)
@@ -156,22 +161,143 @@ AVX512 static void hash16(const uint8_t *const p[LANES], uint8_t *const out[LANE
 	}
 }
 
+/* Pages first + 0 .. first + 15 of a call (fewer at its end: lanes past the
+ * last page hash it again, into a spare digest). */
+static void hash_group(const uint8_t *base, const uint32_t *offsets, uint32_t count, uint8_t *digests, uint32_t first) {
+	uint8_t spare[LANES][32];
+	const uint8_t *p[LANES];
+	uint8_t *out[LANES];
+	for (uint32_t i = 0; i < LANES; i++) {
+		uint32_t n = first + i < count ? first + i : count - 1;
+		p[i] = base + offsets[n];
+		out[i] = first + i < count ? digests + (uint64_t)n * 32 : spare[i];
+	}
+	hash16(p, out);
+}
+
 /* Digests of `count` pages, page n at base + offsets[n], to digests[32 n ..].
  * 0, or -1 when this CPU lacks AVX-512 (nothing written). The caller has
  * checked that every page lies within its buffer. */
 int sgm_sha256_pages_at(const uint8_t *base, const uint32_t *offsets, uint32_t count, uint8_t *digests) {
 	if (!supported) return -1;
-	uint8_t spare[LANES][32];
-	for (uint32_t first = 0; first < count; first += LANES) {
-		const uint8_t *p[LANES];
-		uint8_t *out[LANES];
-		for (uint32_t i = 0; i < LANES; i++) {
-			/* lanes past the last page hash it again, into a spare digest */
-			uint32_t n = first + i < count ? first + i : count - 1;
-			p[i] = base + offsets[n];
-			out[i] = first + i < count ? digests + (uint64_t)n * 32 : spare[i];
-		}
-		hash16(p, out);
-	}
+	for (uint32_t first = 0; first < count; first += LANES) hash_group(base, offsets, count, digests, first);
 	return 0;
 }
+
+/* Helper threads that hash a call's groups of sixteen pages beside the
+ * thread that called, where they lie: a scatter's reader hashes each chunk
+ * of its source's stream in place, and with helpers it pays for its share
+ * of the chunk only. The caller claims groups too, so a helper the kernel
+ * has not scheduled costs the call nothing but the wake.
+ *
+ * One call at a time uses them (a call finding them busy hashes alone).
+ * A call is published as `ticket`: its number, its count of groups and the
+ * next group to claim, in one word. A group is claimed by a compare and
+ * swap of that whole word, so a claim succeeds only while its call is
+ * under way, and a call returns only once every group it published is
+ * done: its addresses, read by a helper after it saw the call's number,
+ * stay good through every claim. */
+#define TICKET(number, groups, next) ((uint64_t)(number) << 32 | (uint64_t)(groups) << 16 | (next))
+#define TICKET_NUMBER(t) ((uint32_t)((t) >> 32))
+#define TICKET_GROUPS(t) ((uint32_t)((t) >> 16) & 0xffff)
+#define TICKET_NEXT(t) ((uint32_t)(t) & 0xffff)
+static struct {
+	const uint8_t *base;
+	const uint32_t *offsets;
+	uint32_t count;
+	uint8_t *digests;
+} call;
+static _Atomic uint64_t ticket;
+static _Atomic uint32_t call_number; /* futex word: helpers sleep until it moves */
+static _Atomic uint32_t groups_done; /* futex word: the caller sleeps until every group is done */
+static atomic_flag busy = ATOMIC_FLAG_INIT;
+static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic int helpers;
+static _Atomic uint64_t helper_pages; /* pages the helpers hashed, in all */
+
+static void futex_wait(_Atomic uint32_t *word, uint32_t seen) { syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0); }
+static void futex_wake(_Atomic uint32_t *word, int n) { syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0); }
+
+/* Claims and hashes groups of call `number` until none is left. */
+static void claim_groups(uint32_t number, int by_helper) {
+	uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
+	if (TICKET_NUMBER(t) != number) return;
+	const uint8_t *base = call.base;
+	const uint32_t *offsets = call.offsets;
+	uint32_t count = call.count;
+	uint8_t *digests = call.digests;
+	for (;;) {
+		if (TICKET_NUMBER(t) != number || TICKET_NEXT(t) >= TICKET_GROUPS(t)) return;
+		if (!atomic_compare_exchange_weak_explicit(&ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire)) continue;
+		uint32_t first = TICKET_NEXT(t) * LANES;
+		hash_group(base, offsets, count, digests, first);
+		if (by_helper) atomic_fetch_add_explicit(&helper_pages, count - first < LANES ? count - first : LANES, memory_order_relaxed);
+		if (atomic_fetch_add_explicit(&groups_done, 1, memory_order_release) + 1 == TICKET_GROUPS(t)) futex_wake(&groups_done, 1);
+		t = atomic_load_explicit(&ticket, memory_order_acquire);
+	}
+}
+
+static void *helper(void *unused) {
+	(void)unused;
+	uint32_t seen = 0;
+	for (;;) {
+		uint32_t number = atomic_load_explicit(&call_number, memory_order_acquire);
+		if (number == seen) {
+			futex_wait(&call_number, seen);
+			continue;
+		}
+		seen = number;
+		claim_groups(number, 1);
+	}
+	return NULL;
+}
+
+/* Starts helper threads until there are `wanted`; returns how many run. */
+int sgm_hash_helpers(int wanted) {
+	if (!supported) return 0;
+	pthread_mutex_lock(&start_lock);
+	while (helpers < wanted) {
+		pthread_t thread;
+		pthread_attr_t attr;
+		pthread_attr_init(&attr);
+		pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+		int failed = pthread_create(&thread, &attr, helper, NULL);
+		pthread_attr_destroy(&attr);
+		if (failed) break;
+		helpers++;
+	}
+	int running = helpers;
+	pthread_mutex_unlock(&start_lock);
+	return running;
+}
+
+/* As sgm_sha256_pages_at, with the helpers claiming groups beside the caller. */
+int sgm_sha256_pages_at_shared(const uint8_t *base, const uint32_t *offsets, uint32_t count, uint8_t *digests) {
+	if (!supported) return -1;
+	uint32_t groups = (count + LANES - 1) / LANES;
+	if (groups < 2 || groups > 0xffff || atomic_load_explicit(&helpers, memory_order_relaxed) == 0 || atomic_flag_test_and_set_explicit(&busy, memory_order_acquire)) {
+		return sgm_sha256_pages_at(base, offsets, count, digests);
+	}
+	uint32_t number = atomic_load_explicit(&call_number, memory_order_relaxed) + 1;
+	if (number == 0) number = 1; /* 0 is what a helper has seen before its first call */
+	call.base = base;
+	call.offsets = offsets;
+	call.count = count;
+	call.digests = digests;
+	atomic_store_explicit(&groups_done, 0, memory_order_relaxed);
+	atomic_store_explicit(&ticket, TICKET(number, groups, 0), memory_order_release);
+	atomic_store_explicit(&call_number, number, memory_order_release);
+	futex_wake(&call_number, INT32_MAX);
+	claim_groups(number, 0);
+	for (int spins = 0;; spins++) {
+		uint32_t done = atomic_load_explicit(&groups_done, memory_order_acquire);
+		if (done == groups) break;
+		if (spins < 256) _mm_pause();
+		else futex_wait(&groups_done, done);
+	}
+	atomic_flag_clear_explicit(&busy, memory_order_release);
+	return 0;
+}
+
+/* Pages the helpers have hashed since the process began. */
+uint64_t sgm_hash_helper_pages(void) { return atomic_load_explicit(&helper_pages, memory_order_relaxed); }

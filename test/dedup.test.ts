@@ -128,6 +128,45 @@ describe("digestPages", () => {
     for (let n = 0; n < 20; n++) expect(digestHex(out, n * DIGEST_BYTES)).toBe(sha256Hex(pages.subarray(n * PAGE_BYTES, (n + 1) * PAGE_BYTES)));
   });
 
+  test("split between hash helper threads and the caller, call after call, the digests are the same", () => {
+    // a child of its own: helpers run for the life of their process
+    const script = `
+      import { digestPagesAt } from ${JSON.stringify(`${import.meta.dir}/../core/dedup/digest.ts`)};
+      import { pagesHashedByHelpers, startHashHelpers } from ${JSON.stringify(`${import.meta.dir}/../core/dedup/native-digest.ts`)};
+      const helpers = startHashHelpers(2);
+      let seed = 11, wrong = 0, calls = 0;
+      const next = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 4294967296);
+      // two buffers and two outputs by turns, rewritten between calls: a helper late from one call must not hash the next with its addresses
+      const buffers = [new Uint8Array(260 * 4096 + 64), new Uint8Array(260 * 4096 + 64)];
+      const outputs = [new Uint8Array(256 * 32), new Uint8Array(256 * 32)];
+      const want = new Uint8Array(32);
+      for (; calls < 1500; calls++) {
+        const bytes = buffers[calls % 2], out = outputs[calls % 2];
+        const count = 1 + Math.floor(next() * (next() < 0.5 ? 40 : 256));
+        const shift = Math.floor(next() * 64);
+        for (let i = 0; i < bytes.length; i += 64) bytes[i] = Math.floor(next() * 256);
+        const offsets = Uint32Array.from({ length: count }, () => shift + Math.floor(next() * 256) * 4096);
+        digestPagesAt(bytes, offsets, count, out);
+        // what the call left as it returned: a group still being hashed then is wrong here
+        const got = out.slice(0, count * 32);
+        for (let n = 0; n < count; n++) {
+          Bun.SHA256.hash(bytes.subarray(offsets[n], offsets[n] + 4096), want);
+          if (!want.every((b, k) => got[n * 32 + k] === b)) wrong++;
+        }
+      }
+      console.log(JSON.stringify({ helpers, wrong, calls, helperPages: pagesHashedByHelpers() }));`;
+    const run = Bun.spawnSync([process.execPath, "-e", script], { env: process.env });
+    expect(run.stderr.toString()).toBe("");
+    const got = JSON.parse(run.stdout.toString());
+    expect(got.wrong).toBe(0);
+    expect(got.calls).toBe(1500);
+    if (batchDigestNative) {
+      expect(got.helpers).toBe(2);
+      // they took part: over 1500 calls the kernel runs them at some point, however busy the machine
+      expect(got.helperPages).toBeGreaterThan(0);
+    } else expect(got.helpers).toBe(0);
+  }, 60_000);
+
   test("never reads or writes past its views: a range that does not fit is an internal error", () => {
     const pages = new Uint8Array(4 * PAGE_BYTES);
     digestPages(pages, PAGE_BYTES, 0, new Uint8Array(0));

@@ -16,22 +16,42 @@ const PAGE = 4096;
 /** Digests of `count` pages, page n at bytes[offsets[n] ..], to digests[32 n ..]; the caller checks the ranges. */
 export type HashPagesAt = (bytes: Uint8Array, offsets: Uint32Array, count: number, digests: Uint8Array) => void;
 
-function load(): HashPagesAt | null {
+type NativeHash = (bytes: Uint8Array, offsets: Uint32Array, count: number, digests: Uint8Array) => number;
+
+interface Native {
+  alone: NativeHash;
+  shared: NativeHash;
+  startHelpers: (wanted: number) => number;
+  helperPages: () => number | bigint;
+}
+
+function open(): Native | null {
   // for measuring what it saves, against Bun.SHA256 a page at a time
   if (process.env.SGM_NATIVE_DIGEST === "0") return null;
-  let native: (bytes: Uint8Array, offsets: Uint32Array, count: number, digests: Uint8Array) => number;
   try {
-    native = dlopen(library, { sgm_sha256_pages_at: { args: ["ptr", "ptr", "u32", "ptr"], returns: "i32" } }).symbols.sgm_sha256_pages_at;
+    const hash = { args: ["ptr", "ptr", "u32", "ptr"], returns: "i32" } as const;
+    const { symbols } = dlopen(library, {
+      sgm_sha256_pages_at: hash,
+      sgm_sha256_pages_at_shared: hash,
+      sgm_hash_helpers: { args: ["i32"], returns: "i32" },
+      sgm_hash_helper_pages: { args: [], returns: "u64" },
+    });
+    return { alone: symbols.sgm_sha256_pages_at, shared: symbols.sgm_sha256_pages_at_shared, startHelpers: symbols.sgm_hash_helpers, helperPages: symbols.sgm_hash_helper_pages };
   } catch {
     return null;
   }
-  const hash: HashPagesAt = (bytes, offsets, count, digests) => {
-    if (native(bytes, offsets, count, digests) !== 0) throw new Error("no AVX-512");
+}
+
+const native = open();
+
+/** `native` as a HashPagesAt, if it gives Bun.SHA256's digests on this CPU. */
+function checked(native: NativeHash, count: number): HashPagesAt | null {
+  const hash: HashPagesAt = (bytes, offsets, pages, digests) => {
+    if (native(bytes, offsets, pages, digests) !== 0) throw new Error("no AVX-512");
   };
-  // 17 pages, so a second round of lanes hashes one page beside fifteen spares,
-  // out of order and at offsets that are not the page size's, in a view
-  // that does not start its buffer
-  const count = 17;
+  // `count` pages (one more than a multiple of 16), so the last round of
+  // lanes hashes one page beside fifteen spares, out of order and at offsets
+  // that are not the page size's, in a view that does not start its buffer
   const bytes = new Uint8Array(4 + count * (PAGE + 36));
   for (let i = 0; i < bytes.length; i++) bytes[i] = Math.imul(i + 1, 2654435761) >>> 24;
   const view = bytes.subarray(4);
@@ -51,4 +71,25 @@ function load(): HashPagesAt | null {
 }
 
 /** The native batch digest, or null where it does not run or does not agree with Bun.SHA256. */
-export const nativeHashPagesAt: HashPagesAt | null = load();
+export let nativeHashPagesAt: HashPagesAt | null = native && checked(native.alone, 17);
+
+/**
+ * Starts helper threads, up to `wanted` in this process, that hash beside
+ * the thread calling nativeHashPagesAt from then on, each call's pages
+ * split between them (native/sha256-pages.c). Returns how many run: 0 where
+ * the native digest does not.
+ */
+export function startHashHelpers(wanted: number): number {
+  if (!native || !nativeHashPagesAt || wanted <= 0) return 0;
+  const running = native.startHelpers(wanted);
+  if (running === 0) return 0;
+  // checked as the digest alone was: a call of 65 pages is five groups to share
+  const shared = checked(native.shared, 65);
+  if (shared) nativeHashPagesAt = shared;
+  return shared ? running : 0;
+}
+
+/** Pages the hash helpers have hashed in this process. */
+export function pagesHashedByHelpers(): number {
+  return native ? Number(native.helperPages()) : 0;
+}

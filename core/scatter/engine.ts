@@ -8,6 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PAGE_BYTES } from "../dedup/digest.ts";
 import { DigestPool } from "../dedup/digest-pool.ts";
+import { startHashHelpers } from "../dedup/native-digest.ts";
 import type { EvictionSlots } from "./eviction-slots.ts";
 import type { RelayContents } from "./relay-contents.ts";
 import type { ProgressSource } from "../progress.ts";
@@ -111,6 +112,18 @@ export async function planScatter(options: PlanOptions): Promise<RelayPlan> {
   }
 }
 
+/**
+ * What hashes a run's pages beside the thread that reads the sources, on
+ * `threads` threads. Where the native digest runs, hash helpers split
+ * each chunk's pages with that thread, hashed where they lie, and no pool
+ * is needed (null); elsewhere, a pool of digest threads that hash copies
+ * of the pages in batches.
+ */
+export function digestPoolFor(threads: number): DigestPool | null {
+  if (threads <= 0 || startHashHelpers(threads) > 0) return null;
+  return new DigestPool(threads);
+}
+
 export async function runScatter(options: ScatterOptions): Promise<ScatterReport> {
   const log = options.log ?? (() => {});
   const plannedAt = performance.now();
@@ -156,7 +169,7 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
 
   const socketDir = mkdtempSync(join(tmpdir(), "sgm-scatter-"));
   const ownPool = options.digestPool === undefined && (options.digestThreads ?? 0) > 0;
-  const digestPool = options.digestPool ?? (ownPool ? new DigestPool(options.digestThreads!) : null);
+  const digestPool = options.digestPool ?? (ownPool ? digestPoolFor(options.digestThreads!) : null);
   const evictions = sources.map(
     (source: SourceQemu, id) =>
       new VmEviction({

@@ -15,12 +15,11 @@
 // gather is sent again to another: no gather can fetch from another.
 
 import { asSgmError, SgmError } from "../errors.ts";
-import { DigestPool } from "../dedup/digest-pool.ts";
 import { formatHostPort, type HostPort } from "../net/host-port.ts";
 import type { ProgressSource, VmProgress } from "../progress.ts";
 import { parseQmpAddress } from "../qmp/client.ts";
 import type { PeerConnection, TlsFiles } from "../wire/connection.ts";
-import { exitCodeOf, runScatter, type ScatterOptions, type ScatterReport } from "./engine.ts";
+import { digestPoolFor, exitCodeOf, runScatter, type ScatterOptions, type ScatterReport } from "./engine.ts";
 import { EvictionSlots } from "./eviction-slots.ts";
 import { RelayContents } from "./relay-contents.ts";
 import { SourceQemu } from "./source-qemu.ts";
@@ -120,7 +119,7 @@ export async function runEvacuation(options: EvacuationOptions): Promise<Evacuat
 
   const slots = new EvictionSlots(Math.max(1, maxInFlight ?? targets.length));
   const relayContents = new RelayContents();
-  const digestPool = (common.digestThreads ?? 0) > 0 ? new DigestPool(common.digestThreads!) : null;
+  const digestPool = digestPoolFor(common.digestThreads ?? 0);
   // every gather at once: one that is not there yet holds up none of the others
   const answers = new Map<Group, { conn: Promise<PeerConnection>; answered: boolean }>();
   for (const g of groups.values()) {

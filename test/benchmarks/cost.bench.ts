@@ -56,6 +56,7 @@ interface Resources {
   /** From a role's own report; a relay's counters come from /proc, which cannot tell. */
   bytesReceivedNatively?: number;
   bytesSentNatively?: number;
+  pagesHashedByHelpers?: number;
 }
 
 const GiB = 2 ** 30;
@@ -311,8 +312,8 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
     `SHA-256 of every 4 KiB page, one thread: ${sha.toFixed(2)} CPU s/GiB 128 pages a call (${batchDigestNative ? "native, 16 lanes" : "Bun.SHA256"}), ${shaOne.toFixed(2)} a page a call (Bun.SHA256)`,
   );
   console.log(`QEMU precopy, uncapped: ${Math.round(qemu)} ms (${((memMiB / qemu) * 1000).toFixed(0)} MiB/s)\n`);
-  console.log("| how | role | CPU user s/GiB | CPU system s/GiB | CPU total s/GiB | of it the main thread | page faults /GiB | read past Bun's socket, MiB/GiB | written by sgm's threads, MiB/GiB | peak RSS | wall rate | total / QEMU |");
-  console.log("|---|---|---|---|---|---|---|---|---|---|---|---|");
+  console.log("| how | role | CPU user s/GiB | CPU system s/GiB | CPU total s/GiB | of it the main thread | page faults /GiB | read past Bun's socket, MiB/GiB | written by sgm's threads, MiB/GiB | hashed by helpers, MiB/GiB | peak RSS | wall rate | total / QEMU |");
+  console.log("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
   for (const [how, list] of Object.entries(sgm)) {
     const total = median(list.map((r) => r.totalMs));
     const rate = median(list.map((r) => r.streamBytes / (r.totalMs / 1000)));
@@ -325,9 +326,10 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
       const rss = median(runsOf.map((r) => r.roles.get(role)!.peakRssBytes)) / 2 ** 20;
       const native = per((r) => r.bytesReceivedNatively ?? NaN) / 2 ** 20;
       const nativeSent = per((r) => r.bytesSentNatively ?? NaN) / 2 ** 20;
+      const helped = (per((r) => r.pagesHashedByHelpers ?? NaN) * 4096) / 2 ** 20;
       const mib = (n: number) => (Number.isNaN(n) ? "" : n.toFixed(0));
       console.log(
-        `| ${how} | ${label} | ${user.toFixed(2)} | ${system.toFixed(2)} | ${(user + system).toFixed(2)} | ${main.toFixed(2)} | ${Math.round(faults)} | ${mib(native)} | ${mib(nativeSent)} | ${rss.toFixed(0)} MiB | ${(rate / 2 ** 20).toFixed(0)} MiB/s | ${(total / qemu).toFixed(1)}x |`,
+        `| ${how} | ${label} | ${user.toFixed(2)} | ${system.toFixed(2)} | ${(user + system).toFixed(2)} | ${main.toFixed(2)} | ${Math.round(faults)} | ${mib(native)} | ${mib(nativeSent)} | ${mib(helped)} | ${rss.toFixed(0)} MiB | ${(rate / 2 ** 20).toFixed(0)} MiB/s | ${(total / qemu).toFixed(1)}x |`,
       );
     };
     for (const role of list[0]!.roles.keys()) {
@@ -337,7 +339,7 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
         row(role, `${role}, its first run`, list.slice(0, 1));
       }
     }
-    console.log(`| ${how} | (eviction ${Math.round(median(list.map((r) => r.evictionMs)))} ms, total ${Math.round(total)} ms) | | | | | | | | | | |`);
+    console.log(`| ${how} | (eviction ${Math.round(median(list.map((r) => r.evictionMs)))} ms, total ${Math.round(total)} ms) | | | | | | | | | | | |`);
   }
 
   // Every role receives each byte, SHA-256s each page once and sends each
