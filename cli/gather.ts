@@ -48,7 +48,7 @@ export function registerGather(cli: CAC, signal: AbortSignal): void {
   addTlsOptions(command)
     .option("--max-rate <rate>", "Receive at most this much per second, from the scatter and relays together, e.g. 100MiB/s")
     .option("--postcopy-bandwidth <rate>", "Cap the background push to each destination QEMU after switchover, e.g. 200MiB/s (requested pages are never held back)")
-    .option("--digest-threads <n>", "Threads that check the scatter's pages against their digests beside the one that feeds QEMU (default 0: that one; each thread costs about 20 MiB here)")
+    .option("--digest-threads <n>", "Threads that check the scatter's pages against their digests beside the one that feeds QEMU (default 0: that one; where the native digest does not run, each thread costs about 20 MiB here)")
     .option("--state-dir <dir>", "Where to save each VM's state once it runs here, so a gather restarted with --resume can finish it; 'none' saves nothing (default /run/sgm for root, else $XDG_RUNTIME_DIR/sgm)")
     .option("--resume", "Finish the VMs a gather that died after switchover left paused at their destinations, from the states it saved; give the same flags as to it")
     .option("--json", "Print the final report as JSON on stdout")

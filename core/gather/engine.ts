@@ -6,7 +6,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { DigestPool } from "../dedup/digest-pool.ts";
+import { digestPoolFor } from "../dedup/hash-threads.ts";
 import { asSgmError, SgmError } from "../errors.ts";
 import type { ProgressSource } from "../progress.ts";
 import { collectGarbageEvery } from "../net/garbage.ts";
@@ -92,7 +92,7 @@ export async function runGather(options: GatherOptions): Promise<GatherReport> {
     psk: options.psk,
     tls: options.tls ?? null,
     limiter: options.maxRate ? new RateLimiter(options.maxRate) : null,
-    digestPool: (options.digestThreads ?? 0) > 0 ? new DigestPool(options.digestThreads!) : null,
+    digestPool: digestPoolFor(options.digestThreads ?? 0),
     postcopyBandwidth: options.postcopyBandwidth,
     statePaths,
     log,

@@ -6,7 +6,7 @@
 import { PageStore } from "../dedup/page-store.ts";
 import { availableMemoryBytes } from "../dedup/slab-memory.ts";
 import { formatBytes } from "../units.ts";
-import { DigestPool } from "../dedup/digest-pool.ts";
+import { digestPoolFor } from "../dedup/hash-threads.ts";
 import { collectGarbageEvery } from "../net/garbage.ts";
 import { SgmError } from "../errors.ts";
 import type { PeerConnection, TlsFiles } from "../wire/connection.ts";
@@ -127,7 +127,7 @@ export function startRelay(options: RelayOptions): Relay {
   const counters: RelayCounters = { bytesIn: 0, bytesOut: 0, refusedPages: 0 };
   // a burst of 10 ms: a rate probe of 100 ms then sees the rate, not the bucket
   const limiter = options.maxRate ? new RateLimiter(options.maxRate, Math.max(64 * 1024, options.maxRate / 100)) : null;
-  const digestPool = (options.digestThreads ?? 0) > 0 ? new DigestPool(options.digestThreads!) : null;
+  const digestPool = digestPoolFor(options.digestThreads ?? 0);
   const shared = { store, holds, counters, limiter, digestPool, now: () => performance.now() };
   const connections = new Set<PeerConnection>();
   let expiredRuns = 0;

@@ -7,8 +7,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { PAGE_BYTES } from "../dedup/digest.ts";
-import { DigestPool } from "../dedup/digest-pool.ts";
-import { startHashHelpers } from "../dedup/native-digest.ts";
+import type { DigestPool } from "../dedup/digest-pool.ts";
+import { digestPoolFor } from "../dedup/hash-threads.ts";
 import type { EvictionSlots } from "./eviction-slots.ts";
 import type { RelayContents } from "./relay-contents.ts";
 import type { ProgressSource } from "../progress.ts";
@@ -110,18 +110,6 @@ export async function planScatter(options: PlanOptions): Promise<RelayPlan> {
   } finally {
     for (const s of sources) s.close();
   }
-}
-
-/**
- * What hashes a run's pages beside the thread that reads the sources, on
- * `threads` threads. Where the native digest runs, hash helpers split
- * each chunk's pages with that thread, hashed where they lie, and no pool
- * is needed (null); elsewhere, a pool of digest threads that hash copies
- * of the pages in batches.
- */
-export function digestPoolFor(threads: number): DigestPool | null {
-  if (threads <= 0 || startHashHelpers(threads) > 0) return null;
-  return new DigestPool(threads);
 }
 
 export async function runScatter(options: ScatterOptions): Promise<ScatterReport> {
