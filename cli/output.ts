@@ -51,7 +51,7 @@ export function reportError(err: unknown): number {
  * accounting: CPU seconds (user, system), peak resident memory, and page
  * faults (each first touch of fresh memory, tens of microseconds on some
  * virtual machines), how much it read and wrote past Bun's sockets, and
- * how many pages the hash helpers hashed (the scatter's digest threads).
+ * how many pages the hash helpers hashed (its digest threads).
  */
 export function printJson(report: object): void {
   const cpu = process.cpuUsage();

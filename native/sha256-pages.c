@@ -188,7 +188,8 @@ int sgm_sha256_pages_at(const uint8_t *base, const uint32_t *offsets, uint32_t c
  * thread that called, where they lie: a scatter's reader hashes each chunk
  * of its source's stream in place, and with helpers it pays for its share
  * of the chunk only. The caller claims groups too, so a helper the kernel
- * has not scheduled costs the call nothing but the wake.
+ * has not scheduled before the call is done costs it nothing but the wake
+ * (one that claimed a group and then lost its core makes the call wait).
  *
  * One call at a time uses them (a call finding them busy hashes alone).
  * A call is published as `ticket`: its number, its count of groups and the
@@ -222,17 +223,18 @@ static void futex_wake(_Atomic uint32_t *word, int n) { syscall(SYS_futex, word,
 static void claim_groups(uint32_t number, int by_helper) {
 	uint64_t t = atomic_load_explicit(&ticket, memory_order_acquire);
 	if (TICKET_NUMBER(t) != number) return;
-	const uint8_t *base = call.base;
-	const uint32_t *offsets = call.offsets;
-	uint32_t count = call.count;
-	uint8_t *digests = call.digests;
+	/* relaxed: read while the next call may write them, and used only once a claim proves they are this call's */
+	const uint8_t *base = __atomic_load_n(&call.base, __ATOMIC_RELAXED);
+	const uint32_t *offsets = __atomic_load_n(&call.offsets, __ATOMIC_RELAXED);
+	uint32_t count = __atomic_load_n(&call.count, __ATOMIC_RELAXED);
+	uint8_t *digests = __atomic_load_n(&call.digests, __ATOMIC_RELAXED);
 	for (;;) {
 		if (TICKET_NUMBER(t) != number || TICKET_NEXT(t) >= TICKET_GROUPS(t)) return;
 		if (!atomic_compare_exchange_weak_explicit(&ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire)) continue;
 		uint32_t first = TICKET_NEXT(t) * LANES;
 		hash_group(base, offsets, count, digests, first);
 		if (by_helper) atomic_fetch_add_explicit(&helper_pages, count - first < LANES ? count - first : LANES, memory_order_relaxed);
-		if (atomic_fetch_add_explicit(&groups_done, 1, memory_order_release) + 1 == TICKET_GROUPS(t)) futex_wake(&groups_done, 1);
+		if (atomic_fetch_add_explicit(&groups_done, 1, memory_order_release) + 1 == TICKET_GROUPS(t) && by_helper) futex_wake(&groups_done, 1);
 		t = atomic_load_explicit(&ticket, memory_order_acquire);
 	}
 }
@@ -280,20 +282,23 @@ int sgm_sha256_pages_at_shared(const uint8_t *base, const uint32_t *offsets, uin
 	}
 	uint32_t number = atomic_load_explicit(&call_number, memory_order_relaxed) + 1;
 	if (number == 0) number = 1; /* 0 is what a helper has seen before its first call */
-	call.base = base;
-	call.offsets = offsets;
-	call.count = count;
-	call.digests = digests;
+	__atomic_store_n(&call.base, base, __ATOMIC_RELAXED);
+	__atomic_store_n(&call.offsets, offsets, __ATOMIC_RELAXED);
+	__atomic_store_n(&call.count, count, __ATOMIC_RELAXED);
+	__atomic_store_n(&call.digests, digests, __ATOMIC_RELAXED);
 	atomic_store_explicit(&groups_done, 0, memory_order_relaxed);
 	atomic_store_explicit(&ticket, TICKET(number, groups, 0), memory_order_release);
 	atomic_store_explicit(&call_number, number, memory_order_release);
 	futex_wake(&call_number, INT32_MAX);
 	claim_groups(number, 0);
-	for (int spins = 0;; spins++) {
+	/* a helper that claimed a group and lost its core holds the call until it runs again */
+	for (int spins = 0;;) {
 		uint32_t done = atomic_load_explicit(&groups_done, memory_order_acquire);
 		if (done == groups) break;
-		if (spins < 256) _mm_pause();
-		else futex_wait(&groups_done, done);
+		if (spins < 256) {
+			spins++;
+			_mm_pause();
+		} else futex_wait(&groups_done, done);
 	}
 	atomic_flag_clear_explicit(&busy, memory_order_release);
 	return 0;

@@ -155,8 +155,10 @@ describe("digestPages", () => {
         }
       }
       console.log(JSON.stringify({ helpers, wrong, calls, helperPages: pagesHashedByHelpers() }));`;
-    const run = Bun.spawnSync([process.execPath, "-e", script], { env: process.env });
+    // bounded: a helper that never let its caller go would hang here
+    const run = Bun.spawnSync([process.execPath, "-e", script], { env: process.env, timeout: 50_000 });
     expect(run.stderr.toString()).toBe("");
+    expect(run.exitCode, "the child did not end by itself within 50 s").toBe(0);
     const got = JSON.parse(run.stdout.toString());
     expect(got.wrong).toBe(0);
     expect(got.calls).toBe(1500);

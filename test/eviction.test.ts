@@ -42,7 +42,7 @@ describe("eviction through scatter and gather", () => {
     const gr = report<GatherReport>(g).vms[0]!;
     expect(sr).toMatchObject({ name: "web1", ok: true, source: "paused" });
     // where the native digest runs, the scatter's digest threads are its hash helpers, hashing where the pages lie
-    if (batchDigestNative) expect(scatterReport.process.pagesHashedByHelpers).toBeGreaterThan(0);
+    if (batchDigestNative && process.env.SGM_HASH_HELPERS !== "0") expect(scatterReport.process.pagesHashedByHelpers).toBeGreaterThan(0);
     else expect(scatterReport.process.pagesHashedByHelpers).toBe(0);
     expect(sr.evictionMs).toBeGreaterThan(0);
     expect(sr.downtimeMs).toBeGreaterThan(0);

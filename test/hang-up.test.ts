@@ -6,7 +6,7 @@
 // A scripted scatter replays a recorded session, so the gather's side is
 // all that runs.
 
-import { afterAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -22,7 +22,10 @@ const dir = mkdtempSync(join(tmpdir(), "sgm-hangup-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 const script: SourceScript = { blocks: [{ name: "pc.ram", pages: 256 }], initial: (i) => (i % 4 === 3 ? 0 : 1 + (i % 50)), writes: () => [], passes: 1 };
-const recorded = recordScatterFrames("hu", script);
+let recorded: Array<{ type: number; payload: Uint8Array }>;
+beforeAll(async () => {
+  recorded = await recordScatterFrames("hu", script);
+});
 
 /** Replays the recorded session to a gather; `prepare` shapes the scripted scatter first. */
 async function replay(name: string, prepare: (session: RawSession) => void): Promise<{ session: RawSession; gathered: Promise<GatherReport>; destination: ModelDestinationQemu }> {
@@ -38,7 +41,7 @@ async function replay(name: string, prepare: (session: RawSession) => void): Pro
   gathered.catch((err: Error) => listening.reject(err));
   const session = await rawSession(await listening.promise, psk, "scatter", 64 << 20);
   prepare(session);
-  for (const f of await recorded) session.writeFrame(f.type, f.payload);
+  for (const f of recorded) session.writeFrame(f.type, f.payload);
   return { session, gathered, destination };
 }
 

@@ -83,7 +83,9 @@ export function startHashHelpers(wanted: number): number {
   if (!native || !nativeHashPagesAt || wanted <= 0) return 0;
   const running = native.startHelpers(wanted);
   if (running === 0) return 0;
-  // checked as the digest alone was: a call of 65 pages is five groups to share
+  // checked as the digest alone was, a call of 65 pages (five groups: the
+  // caller may well hash them all itself, helpers just started; the stress
+  // test in test/dedup.test.ts checks what they hash)
   const shared = checked(native.shared, 65);
   if (shared) nativeHashPagesAt = shared;
   return shared ? running : 0;

@@ -85,10 +85,12 @@ export class VmEviction {
   /** The gather refused or failed this VM itself. */
   private gatherGaveUp = false;
   /**
-   * The gather has said all this VM needed of it (in precopy that the VM
-   * runs there, in postcopy that it holds every page): a gather that then
-   * goes, done or not, changes nothing at the source, whose completion is
-   * all that is left.
+   * The gather has said all this VM needed of it: in precopy that the VM
+   * runs there, in postcopy that it holds every page (and, for its going to
+   * be ignored, that the destination completed: a gather that crashed
+   * before that leaves the VM to `gather --resume`, which must be told).
+   * Then a gather that goes changes nothing at the source, whose
+   * completion is all that is left.
    */
   private gatherPartOver = false;
   /** run() is over: nothing can fail any more. */
@@ -215,7 +217,7 @@ export class VmEviction {
   /** The connection to the gather is gone. */
   onDisconnect(reason: Error | undefined): void {
     if (this.finished) return;
-    if (this.gatherPartOver) {
+    if (this.gatherPartOver && (this.switchover === "precopy" || this.record.completedAt !== null)) {
       this.options.log(`${this.name}: the gather left${reason ? ` (${reason.message})` : ""} once its part was over`);
       return;
     }
