@@ -15,6 +15,7 @@ import { HANG_UP_WAIT_MS } from "../core/gather/scatter-session.ts";
 import { eventually, rawSession, type RawSession } from "./harness/fuzz.ts";
 import { ModelDestinationQemu } from "./harness/model/destination-qemu.ts";
 import { recordScatterFrames } from "./harness/model/eviction.ts";
+import { within } from "./harness/within.ts";
 import type { SourceScript } from "./harness/model/source-qemu.ts";
 
 const psk = new TextEncoder().encode("hang up key 0123456789abcdef");
@@ -43,17 +44,6 @@ async function replay(name: string, prepare: (session: RawSession) => void): Pro
   prepare(session);
   for (const f of recorded) session.writeFrame(f.type, f.payload);
   return { session, gathered, destination };
-}
-
-/** The gather's report, or a failure naming what did not happen within `ms`. */
-async function within(gathered: Promise<GatherReport>, ms: number, what: string): Promise<GatherReport> {
-  let timer: Timer | undefined;
-  const late = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms)));
-  try {
-    return await Promise.race([gathered, late]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 describe("a gather that is done hangs up on its scatter", () => {

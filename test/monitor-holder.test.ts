@@ -10,6 +10,7 @@ import { HOLDER_FACTS, type HolderFacts, holdMonitor } from "../core/qmp/monitor
 import { killAll } from "./harness/processes.ts";
 import { TestVm } from "./harness/qemu.ts";
 import { makeTempDir, removeDir } from "./harness/tmp.ts";
+import { within } from "./harness/within.ts";
 
 let dir: string;
 beforeAll(() => {
@@ -25,16 +26,6 @@ async function startHolder(vm: TestVm, name: string): Promise<{ socket: string; 
   const ended = holdMonitor(parseQmpAddress(vm.qmpPath), socket, said.resolve);
   expect(await said.promise).toBe("ready");
   return { socket, ended };
-}
-
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms)));
-  try {
-    return await Promise.race([promise, late]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 describe("monitor holder", () => {

@@ -9,12 +9,9 @@ import type { Socket } from "bun";
 import { asSgmError, SgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
 import { receiveWaiting, socketErrnoReason, socketFd } from "./socket-receive.ts";
-import { NativeSender } from "./socket-send.ts";
+import { NativeSender, WRITE_NOW_MAX_BYTES } from "./socket-send.ts";
 
 export type DataHandler = (data: Uint8Array) => void;
-
-/** Up to this much, a write that finds the native sender idle goes at once on the event loop's thread. */
-const WRITE_NOW_MAX_BYTES = 64 << 10;
 
 export class ByteSocket {
   readonly label: string;

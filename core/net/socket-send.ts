@@ -62,6 +62,9 @@ function drainBeforeExit(): void {
   for (const sender of [...senders.values()]) sender.close();
 }
 
+/** Up to this much, a write that finds the sender idle goes at once on the event loop's thread (see NativeSender.idle). */
+export const WRITE_NOW_MAX_BYTES = 64 << 10;
+
 /** At most this long, a typed array may hold its bytes in the engine's cell (JSC: 1000 elements). */
 const SMALL_ARRAY_BYTES = 8192;
 

@@ -156,8 +156,8 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
   conn.send(FrameType.CONTROL, encodeControl({ t: "relays", run: runHex, relays: relays.map((r) => r.address) }));
 
   const socketDir = mkdtempSync(join(tmpdir(), "sgm-scatter-"));
-  const ownPool = options.digestPool === undefined && (options.digestThreads ?? 0) > 0;
-  const digestPool = options.digestPool ?? (ownPool ? digestPoolFor(options.digestThreads!) : null);
+  const ownPool = options.digestPool === undefined;
+  const digestPool = options.digestPool ?? digestPoolFor(options.digestThreads ?? 0);
   const evictions = sources.map(
     (source: SourceQemu, id) =>
       new VmEviction({

@@ -1,6 +1,6 @@
 // With digest threads where the native digest does not run (where it does,
 // hash helpers split each chunk's pages with the reader instead: see
-// digestPoolFor in engine.ts), a VM's page records wait in batches while
+// dedup/hash-threads.ts), a VM's page records wait in batches while
 // their pages are hashed, and reach the pipeline in exactly the order the
 // source sent them: a zero page, a discard or a map flush that follows a page
 // still being hashed waits behind it. When nothing waits, records that

@@ -8,7 +8,7 @@
 // and when to stop for good (drop: the connection is gone).
 
 import { SgmError } from "../errors.ts";
-import { NativeSender } from "../net/socket-send.ts";
+import { NativeSender, WRITE_NOW_MAX_BYTES } from "../net/socket-send.ts";
 import { FRAME_HEADER_BYTES, MAX_FRAME_LENGTH, encodeFrameHeader } from "./frames.ts";
 
 // Payloads up to this size are copied next to their header, so a run of
@@ -16,9 +16,6 @@ import { FRAME_HEADER_BYTES, MAX_FRAME_LENGTH, encodeFrameHeader } from "./frame
 // ones are written from the caller's buffer.
 const COPY_MAX_BYTES = 16 << 10;
 const BATCH_BYTES = 64 << 10;
-// Up to this much, a flush that finds the native sender idle writes at once
-// on the event loop's thread (net/socket-send.ts: NativeSender.idle).
-const WRITE_NOW_MAX_BYTES = 64 << 10;
 
 const NO_BYTES = new Uint8Array(0);
 
