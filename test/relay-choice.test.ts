@@ -53,8 +53,9 @@ describe("choosing relays", () => {
     expect(plan.sourceRateFrom).toBe("--source-rate");
     expect(plan.shortfall).toBeNull();
     expect(plan.vms).toEqual([expect.objectContaining({ name: "plan", ramBytes: 128 << 20, balloonedBytes: 0 })]);
-    // the probe measured the roomy relay at its held rate, not faster
-    expect(plan.chosen[1]!.rate).toBeLessThan(40 * 1.25 * (1 << 20));
+    // the probe measured the roomy relay at its held rate, not the link's (GiB/s here) nor the next relay's 200 MiB/s:
+    // a 50 ms probe starts with a burst the limiter allows, and read 50.07 MiB/s in one run under load
+    expect(plan.chosen[1]!.rate).toBeLessThan(40 * 2 * (1 << 20));
     for (const r of plan.chosen) expect(r.expectedBytes).toBeGreaterThan(0);
     expect(s.stderr).toMatch(/plan fits: the eviction would start/);
     expect(s.stderr).toContain(`relay ${slow.address} left out: not needed`);
