@@ -8,7 +8,7 @@
 import type { Socket } from "bun";
 import { asSgmError, SgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
-import { RECEIVE_THREAD_AFTER_BYTES, ReceiveThread, receiveWaiting, socketErrnoReason, socketFd, type ReceiveEnd } from "./socket-receive.ts";
+import { receiveWaiting, socketErrnoReason, socketFd } from "./socket-receive.ts";
 import { NativeSender, WRITE_NOW_MAX_BYTES } from "./socket-send.ts";
 
 export type DataHandler = (data: Uint8Array) => void;
@@ -21,11 +21,6 @@ export class ByteSocket {
   private socket: Socket<unknown> | null = null;
   /** Set once Bun's socket has written all it was given: every later write goes through it. */
   private sender: NativeSender | null = null;
-  /** Set once the stream has carried RECEIVE_THREAD_AFTER_BYTES: it reads from then on, and Bun's socket never again. */
-  private receiver: ReceiveThread | null = null;
-  /** Bun's socket closed while the receive thread still had bytes to feed: the close waits for them. */
-  private closeAfterReceiver = false;
-  private endSignalled = false;
   private readonly queue: Uint8Array[] = [];
   private queued = 0;
   private waiters: Array<{ limit: number; resolve: () => void; reject: (e: Error) => void }> = [];
@@ -150,13 +145,12 @@ export class ByteSocket {
 
   pause(): void {
     this.paused = true;
-    if (!this.receiver) this.socket?.pause();
+    this.socket?.pause();
   }
 
   resume(): void {
     this.paused = false;
-    if (this.receiver) this.receiver.drainSoon();
-    else this.socket?.resume();
+    this.socket?.resume();
   }
 
   /** Closes after the queue has drained (end) or at once (destroy). */
@@ -230,8 +224,6 @@ export class ByteSocket {
   private finish(): void {
     if (this.isClosed) return;
     this.isClosed = true;
-    this.receiver?.close();
-    this.receiver = null;
     this.closeSender();
     this.queue.length = 0;
     this.queued = 0;
@@ -248,41 +240,6 @@ export class ByteSocket {
 
   private readonly reading = (): boolean => !this.paused && !this.isClosed;
 
-  /** The stream is a bulk one: a thread reads it from here on, Bun's socket (paused first, so that it reads nothing more) never again. */
-  private startReceiver(socket: Socket<unknown>): void {
-    socket.pause();
-    this.receiver = ReceiveThread.open(socketFd(socket), this.label, this.feedFromThread, this.reading, this.receiverEnded);
-    if (!this.receiver && !this.paused) socket.resume();
-  }
-
-  private readonly feedFromThread = (data: Uint8Array): void => {
-    try {
-      this.feed(data);
-    } catch (err) {
-      // a parse error ends this stream, with the parser's message as the reason
-      this.destroy(asSgmError(err));
-    }
-  };
-
-  /** The thread read the peer's end, or failed: what Bun's end and close would have said. */
-  private readonly receiverEnded = (end: ReceiveEnd): void => {
-    this.receiver = null;
-    if (end.error) {
-      this.destroy(end.error);
-      return;
-    }
-    this.signalEnd();
-    // Bun's socket takes over again for what it does after an end: it reads the end itself, and closes
-    if (this.closeAfterReceiver) this.finish();
-    else this.socket?.resume();
-  };
-
-  private signalEnd(): void {
-    if (this.endSignalled) return;
-    this.endSignalled = true;
-    this.onEnd();
-  }
-
   private handlers() {
     return {
       binaryType: "uint8array" as const,
@@ -296,29 +253,19 @@ export class ByteSocket {
           scribbleHandled(data);
           // what else waits is read into sgm's own buffer (unix sockets: no TLS), while reading is wanted
           receiveWaiting(socketFd(socket), this.label, this.feed, this.reading);
-          if (!this.receiver && !this.isClosed && this.bytesRead >= RECEIVE_THREAD_AFTER_BYTES) this.startReceiver(socket);
         } catch (err) {
           // a parse error ends this stream, with the parser's message as the reason
           this.destroy(asSgmError(err));
         }
       },
       drain: () => this.flushQueue(),
-      // with a thread reading, the end is the thread's to report, after the bytes before it
-      end: () => {
-        if (!this.receiver) this.signalEnd();
-      },
+      end: () => this.onEnd(),
       close: (_socket: Socket<unknown>, err?: Error) => {
-        if (this.receiver) {
-          // Should Bun report a hang-up on its paused socket (1.x does not): what the peer sent before is still in the kernel, for the thread to feed first
-          this.closeAfterReceiver = true;
-          return;
-        }
         if (err && !this.closeReason) this.closeReason = new SgmError("unavailable", `${this.label}: ${err.message}`);
         this.finish();
       },
       error: (_socket: Socket<unknown>, err: Error) => {
-        // with a thread reading, its own errno says what stopped the stream (a reset among them: test/receive-thread.test.ts)
-        if (!this.closeReason && !this.receiver) this.closeReason = new SgmError("unavailable", `${this.label}: ${err.message}`);
+        if (!this.closeReason) this.closeReason = new SgmError("unavailable", `${this.label}: ${err.message}`);
       },
     };
   }
