@@ -24,6 +24,10 @@
 // each run; it runs with the allocator setting of cli/allocator.ts given,
 // so it is not a re-executed child), its bytes off its own counters
 // (relay-stats), once those stop moving after the run.
+// "sgm direct" runs once more per run on a guest a quarter the size (128
+// MiB at least): the line through the two sizes splits each role's CPU into
+// what every GiB of the stream adds and what its process costs whatever it
+// moves (starting Bun, compiling the code, memory touched the first time).
 // It ends with issue 11's goals beside this run's figures and the floor
 // under them: what Bun's sockets (both ends, measured here) and SHA-256 of
 // every page cost a role that receives, hashes and sends each byte; and
@@ -221,7 +225,7 @@ async function settledRelayStats(relay: LongRelay, psk: Uint8Array): Promise<Rel
 /** One eviction, its relays `relays` (none: direct) of the `longRelays` that outlive it. */
 async function sgmRun(dir: string, psk: string, memMiB: number, n: number, longRelays: LongRelay[], relays: LongRelay[], digestThreads: number): Promise<SgmRun> {
   const key = loadPsk(psk);
-  const pair = await startPair(dir, `sgm${relays.length}r${digestThreads}t${n}`, { memMiB, seed: 1, rate: 0 });
+  const pair = await startPair(dir, `sgm${relays.length}r${digestThreads}t${n}m${memMiB}`, { memMiB, seed: 1, rate: 0 });
   const relayBefore = await Promise.all(
     relays.map(async (r) => {
       // the peak RSS from here on: VmHWM starts again at the current RSS
@@ -279,6 +283,8 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
   const sockets: SocketRun[] = [];
   const nativeSockets: SocketRun[] = [];
   const sgm: Record<string, SgmRun[]> = { "sgm direct": [], "sgm direct, 2 digest threads": [], "sgm via 2 relays": [] };
+  const smallMiB = Math.max(128, Math.floor(memMiB / 4));
+  const small: SgmRun[] = [];
   try {
     const psk = await writePsk(dir);
     const relays = await startRelays(psk, 2, prealloc);
@@ -289,6 +295,7 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
       qemuMs.push((await migrateDirect(pair.source, pair.destination, dir, { maxBandwidth: 64 * GiB })).totalMs);
       await killAll(relays.map((r) => r.relay.proc));
       sgm["sgm direct"]!.push(await sgmRun(dir, psk, memMiB, n, relays, [], 0));
+      small.push(await sgmRun(dir, psk, smallMiB, n, relays, [], 0));
       sgm["sgm direct, 2 digest threads"]!.push(await sgmRun(dir, psk, memMiB, n, relays, [], 2));
       sgm["sgm via 2 relays"]!.push(await sgmRun(dir, psk, memMiB, n, relays, relays, 0));
     }
@@ -342,6 +349,28 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
     console.log(`| ${how} | (eviction ${Math.round(median(list.map((r) => r.evictionMs)))} ms, total ${Math.round(total)} ms) | | | | | | | | | | | |`);
   }
 
+  const direct = sgm["sgm direct"]!;
+  // per run, the line through its two sizes: medians of slope and intercept
+  const split = (role: string, f: (r: Resources) => number) => {
+    const lines = direct.map((big, i) => {
+      const [b, l] = [big.roles.get(role)!, small[i]!.roles.get(role)!];
+      const perGiB = (f(b) - f(l)) / ((b.bytes - l.bytes) / GiB);
+      return { perGiB, fixed: f(b) - perGiB * (b.bytes / GiB) };
+    });
+    return { perGiB: median(lines.map((x) => x.perGiB)), fixed: median(lines.map((x) => x.fixed)) };
+  };
+  const cpu = (x: Resources) => x.cpuUserSeconds + x.cpuSystemSeconds;
+  const mainCpu = (x: Resources) => x.mainThreadCpuSeconds ?? NaN;
+  console.log(`
+sgm direct, ${memMiB} and ${smallMiB} MiB guests: what each GiB of the stream adds, and what a process costs whatever it moves (the line through both sizes)
+`);
+  console.log("| role | CPU s per GiB added | of it the main thread | CPU s per process | of it the main thread |");
+  console.log("|---|---|---|---|---|");
+  for (const role of ["scatter", "gather"]) {
+    const [all, main] = [split(role, cpu), split(role, mainCpu)];
+    console.log(`| ${role} | ${all.perGiB.toFixed(2)} | ${main.perGiB.toFixed(2)} | ${all.fixed.toFixed(2)} | ${main.fixed.toFixed(2)} |`);
+  }
+
   // Every role receives each byte, SHA-256s each page once and sends each
   // byte on: what Bun's sockets and the hash alone cost for that, measured
   // above, is a floor under its CPU per GiB that no work in sgm's own code removes.
@@ -349,24 +378,23 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
   // as in the table: the medians of user and of system seconds, added
   const cpuOf = (how: string, role: string) =>
     perGiB(sgm[how]!, role, (x) => x.cpuUserSeconds) + perGiB(sgm[how]!, role, (x) => x.cpuSystemSeconds);
-  const direct = sgm["sgm direct"]!;
   const relayed = relayRuns(sgm["sgm via 2 relays"]!);
   const relayCpu = perGiB(relayed, "relay 1", (x) => x.cpuUserSeconds) + perGiB(relayed, "relay 1", (x) => x.cpuSystemSeconds);
-  const rows: Array<[string, string, string]> = [
-    ["scatter CPU s/GiB, direct", "1.0", cpuOf("sgm direct", "scatter").toFixed(2)],
-    ["gather CPU s/GiB, direct", "1.2", cpuOf("sgm direct", "gather").toFixed(2)],
-    [`relay CPU s/GiB, PUT and GET (${runs > 1 ? "after its first run" : "its first run"}; alone: relay.bench.ts)`, "0.4", relayCpu.toFixed(2)],
+  const rows: Array<[string, string, string, string]> = [
+    ["scatter CPU s/GiB, direct", "1.0", cpuOf("sgm direct", "scatter").toFixed(2), split("scatter", cpu).perGiB.toFixed(2)],
+    ["gather CPU s/GiB, direct", "1.2", cpuOf("sgm direct", "gather").toFixed(2), split("gather", cpu).perGiB.toFixed(2)],
+    [`relay CPU s/GiB, PUT and GET (${runs > 1 ? "after its first run" : "its first run"}; alone: relay.bench.ts)`, "0.4", relayCpu.toFixed(2), ""],
   ];
   // the same with a receive path that reads into sgm's own buffers, which Bun's sockets have not
   const nativeFloor = nativeReceive + sha + send;
   console.log(`\nGoals (issue 11) against this run; floor: receive ${receive.toFixed(2)} + SHA-256 ${sha.toFixed(2)} + send ${send.toFixed(2)} = ${floor.toFixed(2)} CPU s/GiB`);
   console.log(`(receiving with read(2) into one buffer instead: ${nativeReceive.toFixed(2)} + ${sha.toFixed(2)} + ${send.toFixed(2)} = ${nativeFloor.toFixed(2)})\n`);
-  console.log("| goal | at most | this run | floor | floor, native receive |");
-  console.log("|---|---|---|---|---|");
-  for (const [what, goal, now] of rows) console.log(`| ${what} | ${goal} | ${now} | ${floor.toFixed(2)} | ${nativeFloor.toFixed(2)} |`);
+  console.log("| goal | at most | this run | per GiB added (above) | floor | floor, native receive |");
+  console.log("|---|---|---|---|---|---|");
+  for (const [what, goal, now, added] of rows) console.log(`| ${what} | ${goal} | ${now} | ${added} | ${floor.toFixed(2)} | ${nativeFloor.toFixed(2)} |`);
   for (const how of ["sgm direct", "sgm via 2 relays"]) {
     const gatherRss = median(sgm[how]!.map((r) => r.roles.get("gather")!.peakRssBytes)) / 2 ** 20;
-    console.log(`| gather peak RSS, ${how.replace("sgm ", "")} (${memMiB} MiB VM) | 256 MiB for 1 GiB | ${gatherRss.toFixed(0)} MiB | | |`);
+    console.log(`| gather peak RSS, ${how.replace("sgm ", "")} (${memMiB} MiB VM) | 256 MiB for 1 GiB | ${gatherRss.toFixed(0)} MiB | | | |`);
   }
-  console.log(`| total time direct / QEMU's | 2.0x | ${(median(direct.map((r) => r.totalMs)) / qemu).toFixed(1)}x | | |`);
+  console.log(`| total time direct / QEMU's | 2.0x | ${(median(direct.map((r) => r.totalMs)) / qemu).toFixed(1)}x | | | |`);
 }

@@ -15,6 +15,11 @@
 // key, as --tls-cert/--tls-key/--tls-ca do), for its cost against the same
 // rows without.
 //
+// The relay's CPU and page faults are also read off /proc for each round:
+// its first round fills memory its process never touched, which costs more
+// than the pages themselves, and the rounds after it are what a relay that
+// has served a while spends.
+//
 // With SGM_PROFILE_DIR set, the relay runs from source under Bun's CPU
 // profiler and leaves its profile (markdown) in that directory.
 
@@ -75,6 +80,7 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
   const put: Row = { path: `relay PUT, ${PUT_BATCH}-page frames, window ${PUT_WINDOW}`, ms: [] };
   const get: Row = { path: `relay GET, ${GET_BATCH}-digest requests, window ${GET_WINDOW}`, ms: [] };
   const children: Bun.Subprocess[] = [];
+  const rounds: Array<{ cpuSeconds: number; faults: number }> = [];
   let cost: (RelayCost & { moved: number }) | undefined;
   try {
     const sinkProc = Bun.spawn([process.execPath, import.meta.path, "--sink", String(data.length)], { stdout: "pipe", stderr: "inherit" });
@@ -92,7 +98,8 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
     const psk = new TextEncoder().encode("sgm relay bench key 0123456789abcdef");
     const relay = Bun.spawn(
       [...(await relayCommand()), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json", "--digest-threads", String(digestThreads), ...tlsFlags],
-      { stdio: ["ignore", "pipe", "ignore", "pipe"] },
+      // the allocator setting given, sgm does not run itself again (cli/allocator.ts): this process is the relay, for /proc
+      { stdio: ["ignore", "pipe", "ignore", "pipe"], env: { ...process.env, MIMALLOC_PURGE_DELAY: "-1" } },
     );
     children.push(relay);
     const ready = await Bun.file(relay.stdio[3] as number).text();
@@ -104,6 +111,7 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
     // GET, so every PUT round stores all of them again (in the slabs the
     // first round allocated, as a relay that has run a while would).
     for (let round = 0; round < ROUNDS; round++) {
+      const before = await processTicks(relay.pid);
       const run = crypto.getRandomValues(new Uint8Array(16));
       put.ms.push(await putAll(scatter, run, data, digests));
       get.ms.push(await getAll(gather, run, digests));
@@ -114,6 +122,8 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
       }
       const left = (await relayStats(gather)).pages;
       if (left !== 0) throw new Error(`relay still holds ${left} pages after the release`);
+      const after = await processTicks(relay.pid);
+      rounds.push({ cpuSeconds: (after.ticks - before.ticks) / 100, faults: after.faults - before.faults });
     }
     scatter.close();
     gather.close();
@@ -145,6 +155,17 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
         ` (main thread ${cost.mainThreadCpuSeconds === null ? "?" : per(cost.mainThreadCpuSeconds)}), ${per(cost.minorPageFaults)} page faults; peak RSS ${(cost.peakRssBytes / 2 ** 20).toFixed(0)} MiB (issue 11: at most 0.4 CPU s)`,
     );
   }
+  const gib = data.length / 2 ** 30;
+  console.log(
+    `each round, per GiB taken in and given out again: ${rounds.map((r, i) => `round ${i + 1} ${(r.cpuSeconds / gib).toFixed(2)} CPU s, ${Math.round(r.faults / gib)} page faults`).join("; ")} (round 1 fills the relay's fresh memory)`,
+  );
+}
+
+/** CPU ticks (user and system, 1/100 s) and minor page faults of process `pid` so far, as the kernel counts them (proc(5)). */
+async function processTicks(pid: number): Promise<{ ticks: number; faults: number }> {
+  const stat = await Bun.file(`/proc/${pid}/stat`).text();
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return { ticks: Number(fields[11]) + Number(fields[12]), faults: Number(fields[7]) };
 }
 
 /** The compiled sgm, or with SGM_PROFILE_DIR the source under Bun's CPU profiler. */
