@@ -48,15 +48,11 @@ import { report, startGather, startPair, startRelay, startScatter, writePsk } fr
 import { migrateDirect } from "../harness/direct.ts";
 import { killAll } from "../harness/processes.ts";
 import type { SgmProcess } from "../harness/sgm.ts";
+import { processCounters, type ProcessCounters } from "../harness/process-counters.ts";
 import { runSink, type SinkReply } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
 
-interface Resources {
-  cpuUserSeconds: number;
-  cpuSystemSeconds: number;
-  mainThreadCpuSeconds: number | null;
-  peakRssBytes: number;
-  minorPageFaults: number;
+interface Resources extends ProcessCounters {
   /** From a role's own report; a relay's counters come from /proc, which cannot tell. */
   bytesReceivedNatively?: number;
   bytesSentNatively?: number;
@@ -162,25 +158,6 @@ async function startRelays(psk: string, count: number, prealloc: boolean): Promi
       return { relay, address, port: Number(address.slice(address.lastIndexOf(":") + 1)) };
     }),
   );
-}
-
-/** What the kernel counts for process `pid` so far (read as cli/output.ts reads its own main thread's). */
-async function processCounters(pid: number): Promise<Resources> {
-  const fields = async (path: string) => {
-    const stat = await Bun.file(path).text();
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  };
-  const all = await fields(`/proc/${pid}/stat`);
-  const main = await fields(`/proc/${pid}/task/${pid}/stat`);
-  const hwm = (await Bun.file(`/proc/${pid}/status`).text()).match(/VmHWM:\s+(\d+) kB/)![1]!;
-  // minflt, utime and stime: fields 10, 14 and 15 of proc(5), times in ticks of 1/100 s on Linux
-  return {
-    minorPageFaults: Number(all[7]),
-    cpuUserSeconds: Number(all[11]) / 100,
-    cpuSystemSeconds: Number(all[12]) / 100,
-    mainThreadCpuSeconds: (Number(main[11]) + Number(main[12])) / 100,
-    peakRssBytes: Number(hwm) * 1024,
-  };
 }
 
 interface RelayStats {

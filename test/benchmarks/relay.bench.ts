@@ -40,6 +40,7 @@ import {
   readPages,
 } from "../../core/wire/relay-messages.ts";
 import { makeTestCertificates } from "../harness/certificates.ts";
+import { processCounters, type ProcessCounters } from "../harness/process-counters.ts";
 import { sgmBinary } from "../harness/sgm.ts";
 import { runSink } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
@@ -111,7 +112,7 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
     // GET, so every PUT round stores all of them again (in the slabs the
     // first round allocated, as a relay that has run a while would).
     for (let round = 0; round < ROUNDS; round++) {
-      const before = await processTicks(relay.pid);
+      const before = await processCounters(relay.pid);
       const run = crypto.getRandomValues(new Uint8Array(16));
       put.ms.push(await putAll(scatter, run, data, digests));
       get.ms.push(await getAll(gather, run, digests));
@@ -122,8 +123,9 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
       }
       const left = (await relayStats(gather)).pages;
       if (left !== 0) throw new Error(`relay still holds ${left} pages after the release`);
-      const after = await processTicks(relay.pid);
-      rounds.push({ cpuSeconds: (after.ticks - before.ticks) / 100, faults: after.faults - before.faults });
+      const after = await processCounters(relay.pid);
+      const cpu = (x: ProcessCounters) => x.cpuUserSeconds + x.cpuSystemSeconds;
+      rounds.push({ cpuSeconds: cpu(after) - cpu(before), faults: after.minorPageFaults - before.minorPageFaults });
     }
     scatter.close();
     gather.close();
@@ -159,13 +161,6 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
   console.log(
     `each round, per GiB taken in and given out again: ${rounds.map((r, i) => `round ${i + 1} ${(r.cpuSeconds / gib).toFixed(2)} CPU s, ${Math.round(r.faults / gib)} page faults`).join("; ")} (round 1 fills the relay's fresh memory)`,
   );
-}
-
-/** CPU ticks (user and system, 1/100 s) and minor page faults of process `pid` so far, as the kernel counts them (proc(5)). */
-async function processTicks(pid: number): Promise<{ ticks: number; faults: number }> {
-  const stat = await Bun.file(`/proc/${pid}/stat`).text();
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return { ticks: Number(fields[11]) + Number(fields[12]), faults: Number(fields[7]) };
 }
 
 /** The compiled sgm, or with SGM_PROFILE_DIR the source under Bun's CPU profiler. */
