@@ -102,6 +102,8 @@ const ScatterReportSchema = Type.Object(
         address: Type.String(),
         pages: count("Pages it holds for this run, put or held by digest; replicas counted on each relay."),
         refusedPages: count(),
+        rankedPages: count("New pages that ranked it among their best --replicas relays by room: its share of what was relayed."),
+        passedPages: count("Of rankedPages, those placed elsewhere (another relay or the gather) because it lagged its acknowledgements."),
         bytesSent: bytes(),
         lost: Type.Union([Type.String(), Type.Null()], { description: "Why the relay was lost mid-run (its copies gone, the others' serving); null when it stayed." }),
       }, closed),

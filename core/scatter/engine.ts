@@ -75,6 +75,10 @@ export interface RelayReport {
   /** Pages it holds for this run, put or held by digest (replicas counted on each relay). */
   pages: number;
   refusedPages: number;
+  /** New pages that ranked it among their best --replicas relays by room: its share of what was relayed. */
+  rankedPages: number;
+  /** Of those, pages placed elsewhere (another relay or the gather) because it lagged its acknowledgements. */
+  passedPages: number;
   bytesSent: number;
   /** Why the relay was lost mid-run (its copies gone, the others' serving); null when it stayed. */
   lost: string | null;
@@ -217,6 +221,8 @@ export async function runScatter(options: ScatterOptions): Promise<ScatterReport
         address: r.address,
         pages: r.pagesPut - r.pagesRefused + r.pagesHeld,
         refusedPages: r.pagesRefused,
+        rankedPages: r.pagesRanked,
+        passedPages: r.pagesPassed,
         bytesSent: r.conn.bytesSent - (sentBefore.get(r.conn) ?? 0),
         lost: r.lostReason,
       })),

@@ -288,10 +288,8 @@ export class RunPlacement {
   private put(cid: number, digest: Uint8Array, at: number, page: Uint8Array): void {
     this.holders.placed(cid);
     if (this.holdOnRelays(cid, digest, at, page)) return;
-    const viaGather = this.relays.length === 0 || this.gatherAccepting;
-    const n = viaGather ? 0 : rankRelays(digest, at, this.salts, (r) => this.relays[r]!.accepting, this.replicas, this.rank, this.weights);
-    const relaysTakeIt = n === this.replicas && this.rank.slice(0, n).every((r) => this.relays[r]!.queuedBytes <= RELAY_WINDOW);
-    if (!relaysTakeIt) {
+    const n = this.relays.length === 0 || this.gatherAccepting ? 0 : this.rankForPut(digest, at);
+    if (n < this.replicas) {
       // the gather takes it: either it keeps up, or not enough relays can
       // hold --replicas copies now (and the source waits)
       this.stats.directPages++;
@@ -304,6 +302,31 @@ export class RunPlacement {
     this.holders.sending(cid, n);
     this.stats.relayedPages++;
     for (let i = 0; i < n; i++) this.relays[this.rank[i]!]!.add(cid, digest, at, page);
+  }
+
+  /**
+   * The relays a new page goes to, in this.rank; fewer than --replicas when
+   * it goes to the gather. The best by room, unless one lags: then the best
+   * of those not lagging, if each queues little enough. What lag moves is
+   * counted apart from what room earns (RelayLink.pagesRanked).
+   */
+  private rankForPut(digest: Uint8Array, at: number): number {
+    const relays = this.relays;
+    const ranked = rankRelays(digest, at, this.salts, (r) => relays[r]!.hasRoom, this.replicas, this.rank, this.weights);
+    let takeIt = ranked === this.replicas;
+    for (let i = 0; i < ranked; i++) {
+      const link = relays[this.rank[i]!]!;
+      link.pagesRanked++;
+      if (!link.accepting || link.queuedBytes > RELAY_WINDOW) takeIt = false;
+    }
+    if (takeIt) return ranked;
+    const best = this.rank.slice(0, ranked);
+    const n = rankRelays(digest, at, this.salts, (r) => relays[r]!.accepting, this.replicas, this.rank, this.weights);
+    let queued = n === this.replicas;
+    for (let i = 0; i < n; i++) if (relays[this.rank[i]!]!.queuedBytes > RELAY_WINDOW) queued = false;
+    const placed = queued ? this.rank.slice(0, n) : [];
+    for (const r of best) if (!placed.includes(r)) relays[r]!.pagesPassed++;
+    return queued ? n : 0;
   }
 
   /**

@@ -51,6 +51,14 @@ export class RelayLink {
   lostReason: string | null = null;
   pagesPut = 0;
   pagesRefused = 0;
+  /**
+   * New pages whose --replicas best relays by room (rendezvous) took this
+   * one while it had room, and of those, pages placed elsewhere because it
+   * lagged its acknowledgements or its connection queued too much: the
+   * first is the share its room earns, the second what lag took from it.
+   */
+  pagesRanked = 0;
+  pagesPassed = 0;
   /** Contents held for this run by HOLD (another run had put them), and HOLDs refused. */
   pagesHeld = 0;
   holdsRefused = 0;
@@ -114,9 +122,14 @@ export class RelayLink {
     return this.ackedSeq;
   }
 
-  /** Can take pages now: not full, not too far ahead of its acknowledgements. */
+  /** Not full, not lost: new pages may rank it by its room. */
+  get hasRoom(): boolean {
+    return !this.full && this.lostReason === null && this.conn.isOpen;
+  }
+
+  /** Can take pages now: has room, and is not too far ahead of its acknowledgements. */
   get accepting(): boolean {
-    return !this.full && this.lostReason === null && this.conn.isOpen && this.inFlight.length < MAX_IN_FLIGHT;
+    return this.hasRoom && this.inFlight.length < MAX_IN_FLIGHT;
   }
 
   /** Content `cid` is on its way here, sent or being batched, not yet acknowledged. */
