@@ -6,7 +6,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
 import { join } from "node:path";
 import type { EvacuationReport } from "../core/scatter/evacuation.ts";
-import { haltAndCompare, relayTook, report, startGather, startPair, startRelay, type VmPair, writePsk } from "./harness/cluster.ts";
+import { haltAndCompare, relayAcknowledged, report, startGather, startPair, startRelay, type VmPair, writePsk } from "./harness/cluster.ts";
 import { killAll } from "./harness/processes.ts";
 import { expectExit, type SgmProcess, startSgm } from "./harness/sgm.ts";
 import { freePort, makeTempDir, removeDir } from "./harness/tmp.ts";
@@ -165,15 +165,14 @@ describe("sgm evacuate", () => {
       startPair(dir, "first", { memMiB: 64, seed: 331, rate: 200 }),
       startPair(dir, "queued", { memMiB: 32, seed: 332, rate: 200 }),
     ]);
-    const http = await freePort();
     // gather and relay far slower than the source: the first VM is still streaming when the relay goes
-    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s", "--http", `127.0.0.1:${http}`]);
+    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s"]);
     const { gather, port } = await startGather([first, queued], psk, ["--max-rate", "8MiB/s"]);
     const evacuate = await startSgm([
       "evacuate", "--to", `127.0.0.1:${port}`, "--vm", `first=${first.source.qmpPath}`, "--vm", `queued=${queued.source.qmpPath}`,
       "--max-in-flight", "1", "--via", relay.address, "--all-relays", "--switchover", "precopy", "--keep-source", "--psk-file", psk, "--json",
-    ]);
-    await relayTook(http, 2 * 1024 * 1024);
+    ], { SGM_TRACE: "1" });
+    await relayAcknowledged(evacuate, relay.address, 2);
     relay.relay.proc.kill("SIGKILL");
     const [e, g] = await Promise.all([evacuate.result(), gather.result()]);
     expectExit(e, 0);

@@ -7,7 +7,7 @@ import { join } from "node:path";
 import type { GatherReport } from "../core/gather/engine.ts";
 import { queryMigrate } from "../core/qmp/migration.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
-import { haltAndCompare, relayTook, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
+import { haltAndCompare, relayAcknowledged, report, startGather, startPair, startRelay, startScatter, type VmPair, writePsk } from "./harness/cluster.ts";
 import { DIGEST_BYTES, digestPage, PAGE_BYTES } from "../core/dedup/digest.ts";
 import { PeerConnection } from "../core/wire/connection.ts";
 import { loadPsk } from "../core/wire/auth.ts";
@@ -213,13 +213,12 @@ describe("scatter-gather with relays", () => {
 
   test("with --replicas 1, a relay killed before eviction: the source streams again, and the VM arrives intact", async () => {
     const pair = await startPair(dir, "again", { memMiB: 64, seed: 208, rate: 1000 });
-    const http = await freePort();
     // gather and relay both slow: the source cannot be evicted before some
     // 16 MiB of its 64 have gone, and the relay is killed at 2 MiB
-    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s", "--http", `127.0.0.1:${http}`]);
+    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s"]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
-    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", relay.address, "--replicas", "1"]);
-    await relayTook(http, 2 * 1024 * 1024);
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", relay.address, "--replicas", "1"], { SGM_TRACE: "1" });
+    await relayAcknowledged(scatter, relay.address, 2);
     relay.relay.proc.kill("SIGKILL");
     const [s, g] = await Promise.all([scatter.result(), gather.result()]);
     expectExit(g, 0);
@@ -234,13 +233,12 @@ describe("scatter-gather with relays", () => {
   test.each(["7.2", "10.0"])("with --replicas 1, a relay killed after the source switched to postcopy: the source pauses, resumes and sends those pages again, the VM intact (QEMU %s)", async (qemu) => {
     const binary = qemu === "10.0" ? await qemu10_0() : undefined;
     const pair = await startPair(dir, `resumed${qemu.replace(".", "")}`, { memMiB: 64, seed: 209, rate: 1000, sourceBinary: binary, destinationBinary: binary });
-    const http = await freePort();
-    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s", "--http", `127.0.0.1:${http}`]);
+    const relay = await startRelay(psk, "1GiB", ["--max-rate", "8MiB/s"]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "8MiB/s"]);
     // postcopy at once: every page the relay takes comes after the switch
     const flags = ["--keep-source", "--all-relays", "--via", relay.address, "--replicas", "1", "--switchover", "postcopy", "--postcopy-after-pass", "0"];
-    const scatter = await startScatter([pair], port, psk, flags);
-    await relayTook(http, 2 * 1024 * 1024);
+    const scatter = await startScatter([pair], port, psk, flags, { SGM_TRACE: "1" });
+    await relayAcknowledged(scatter, relay.address, 2);
     relay.relay.proc.kill("SIGKILL");
     const [s, g] = await Promise.all([scatter.result(), gather.result()]);
     expectExit(g, 0);

@@ -6,6 +6,7 @@
 
 import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
+import { trace } from "../trace.ts";
 import type { PeerConnection } from "../wire/connection.ts";
 import { decodeControl } from "../wire/control.ts";
 import { FrameType } from "../wire/messages.ts";
@@ -59,6 +60,8 @@ export class RelayLink {
    */
   pagesRanked = 0;
   pagesPassed = 0;
+  /** Pages of PUTs and HOLDs the relay has acknowledged storing. */
+  private pagesStored = 0;
   /** Contents held for this run by HOLD (another run had put them), and HOLDs refused. */
   pagesHeld = 0;
   holdsRefused = 0;
@@ -246,5 +249,9 @@ export class RelayLink {
     // refused pages are read (and placed elsewhere) before the buffer is reused
     this.events.onAck(stored, refused, wasHold);
     this.spare.push(batch.buffer);
+    // a milestone a test can wait for: from now the run counts on what the relay holds
+    const mib = this.pagesStored >> 8;
+    this.pagesStored += stored.length;
+    if (this.pagesStored >> 8 > mib) trace(`relay ${this.address}: ${this.pagesStored >> 8} MiB acknowledged`);
   }
 }

@@ -76,7 +76,7 @@ function gatherArgs(pairs: VmPair[], psk: string, port: number, extra: string[])
   ];
 }
 
-export function startScatter(pairs: VmPair[], port: number, psk: string, extra: string[] = []): Promise<SgmProcess> {
+export function startScatter(pairs: VmPair[], port: number, psk: string, extra: string[] = [], env: Record<string, string> = {}): Promise<SgmProcess> {
   return startSgm([
     "scatter",
     "--to",
@@ -86,7 +86,7 @@ export function startScatter(pairs: VmPair[], port: number, psk: string, extra: 
     psk,
     "--json",
     ...extra,
-  ]);
+  ], env);
 }
 
 /** The JSON report a role printed on stdout, checked against its published schema (docs/schemas/). */
@@ -113,14 +113,15 @@ export async function startRelay(
   return { relay, address: m[1]! };
 }
 
-/** Resolves once the relay serving /metrics on `httpPort` has taken `bytes` of PUTs; fails naming what it took after 60 s. */
-export async function relayTook(httpPort: number, bytes: number): Promise<void> {
-  const deadline = Date.now() + 60_000;
-  for (let put = 0; put < bytes; await Bun.sleep(20)) {
-    if (Date.now() > deadline) throw new Error(`the relay took ${put} bytes of PUTs in 60 s, not ${bytes}`);
-    const metrics = await (await fetch(`http://127.0.0.1:${httpPort}/metrics`)).text();
-    put = Number(/^sgm_relay_put_bytes_total (\d+)/m.exec(metrics)?.[1] ?? 0);
-  }
+/**
+ * Resolves once the scatter (run with SGM_TRACE set) has read the relay's
+ * acknowledgements of `mib` MiB: a relay killed then goes with the only copy
+ * of content the run counts on. What the relay itself took is not that: a
+ * busy scatter may not have read its acknowledgements yet, and the relay
+ * would go with nothing the run counted on.
+ */
+export async function relayAcknowledged(scatter: SgmProcess, relay: string, mib: number): Promise<void> {
+  await scatter.waitStderr(new RegExp(`^sgm-trace \\d+ \\d+ relay ${relay.replaceAll(".", "\\.")}: ${mib} MiB acknowledged$`, "m"), 60_000);
 }
 
 export interface Arrival {
