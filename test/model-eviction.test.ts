@@ -290,10 +290,11 @@ describe("model eviction: precopy that cannot converge ends", () => {
     expect(vm.error).toMatch(/^VM slow: precopy did not converge in 3 passes \(\d+\.\d MiB read from the source in \d+ s, [\d.]+ [KMG]iB\/s\); it runs on at the source; evict it with --switchover postcopy$/);
     expect(vm.source).toBe("running");
     expect(r.sources[0]!.runState).toBe("running");
-    // cancelled once pass 4 began; the scatter asks the source's dirty rate for its message first, and
-    // a source whose stream is read as fast as it sends may begin pass 5 meanwhile, never a sixth
+    // cancelled once pass 4 began, long before the script's 50; the scatter asks the source's dirty rate for its
+    // message first, and meanwhile its receive thread reads ahead up to its ring's 4 MiB (net/socket-receive.ts):
+    // three or so of these passes of at most 400 pages, which the source may send before the cancel reaches it
     expect(r.sources[0]!.passes).toBeGreaterThanOrEqual(4);
-    expect(r.sources[0]!.passes).toBeLessThanOrEqual(5);
+    expect(r.sources[0]!.passes).toBeLessThanOrEqual(9);
     expect(r.gather.exitCode).not.toBe(0);
     expect(r.destinations[0]!.runState).toBe("inmigrate");
   });

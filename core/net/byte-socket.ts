@@ -8,7 +8,7 @@
 import type { Socket } from "bun";
 import { asSgmError, SgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
-import { receiveWaiting, socketErrnoReason, socketFd } from "./socket-receive.ts";
+import { RECEIVE_THREAD_AFTER_BYTES, ReceiveThread, receiveWaiting, socketErrnoReason, socketFd, type ReceiveEnd } from "./socket-receive.ts";
 import { NativeSender, WRITE_NOW_MAX_BYTES } from "./socket-send.ts";
 
 export type DataHandler = (data: Uint8Array) => void;
@@ -21,6 +21,14 @@ export class ByteSocket {
   private socket: Socket<unknown> | null = null;
   /** Set once Bun's socket has written all it was given: every later write goes through it. */
   private sender: NativeSender | null = null;
+  /**
+   * Set once the stream has carried RECEIVE_THREAD_AFTER_BYTES: it reads
+   * from then on, the sender writes, and Bun's socket is closed (`socket`
+   * null), so that Bun can neither read the stream nor see its peer go.
+   */
+  private receiver: ReceiveThread | null = null;
+  /** Bun's socket was closed for the receive thread: what it reports of itself from then on is not the stream's. */
+  private handedOver = false;
   private readonly queue: Uint8Array[] = [];
   private queued = 0;
   private waiters: Array<{ limit: number; resolve: () => void; reject: (e: Error) => void }> = [];
@@ -150,6 +158,7 @@ export class ByteSocket {
 
   resume(): void {
     this.paused = false;
+    this.receiver?.drainSoon();
     this.socket?.resume();
   }
 
@@ -201,13 +210,17 @@ export class ByteSocket {
       for (const w of ready) w.resolve();
       if (this.waiters.length > 0) this.sender?.wakeWhenUnwrittenAtMost(Math.min(...this.waiters.map((w) => w.limit)));
     }
-    if (!this.endAfterDrain || !this.socket) return;
+    if (!this.endAfterDrain || (!this.socket && !this.receiver)) return;
     if (queued > 0) {
       this.sender?.wakeWhenUnwrittenAtMost(0);
       return;
     }
     this.closeSender();
-    this.socket.end();
+    if (this.socket) this.socket.end();
+    else {
+      const errno = this.receiver!.shutdownWrite();
+      if (errno !== 0) this.destroy(new SgmError("unavailable", `${this.label}: ${socketErrnoReason(errno)}`));
+    }
   }
 
   /** Stops the native sender, keeping its count of bytes written (up to its stop). */
@@ -224,6 +237,8 @@ export class ByteSocket {
   private finish(): void {
     if (this.isClosed) return;
     this.isClosed = true;
+    this.receiver?.close();
+    this.receiver = null;
     this.closeSender();
     this.queue.length = 0;
     this.queued = 0;
@@ -240,6 +255,42 @@ export class ByteSocket {
 
   private readonly reading = (): boolean => !this.paused && !this.isClosed;
 
+  /**
+   * The stream is a bulk one: a thread reads it from here on, with its own
+   * descriptor, and Bun's socket is closed before the event loop turns.
+   * Writes go through the sender (its own descriptor too), so there must be one.
+   */
+  private startReceiver(socket: Socket<unknown>): void {
+    if (!this.sender) return;
+    const receiver = ReceiveThread.open(socketFd(socket), this.label, this.feedFromThread, this.reading, this.receiverEnded);
+    if (!receiver) return;
+    this.receiver = receiver;
+    this.socket = null;
+    this.handedOver = true;
+    // the socket lives on in the threads' descriptors
+    socket.terminate();
+  }
+
+  private readonly feedFromThread = (data: Uint8Array): void => {
+    try {
+      this.feed(data);
+    } catch (err) {
+      // a parse error ends this stream, with the parser's message as the reason
+      this.destroy(asSgmError(err));
+    }
+  };
+
+  /** The thread read the peer's end, or failed: what Bun's end and close, or its error, said before. */
+  private readonly receiverEnded = (end: ReceiveEnd): void => {
+    if (end.error) {
+      this.destroy(end.error);
+      return;
+    }
+    this.onEnd();
+    // as Bun's socket did after the peer's end (no half-open sockets): closed
+    this.finish();
+  };
+
   private handlers() {
     return {
       binaryType: "uint8array" as const,
@@ -253,18 +304,24 @@ export class ByteSocket {
           scribbleHandled(data);
           // what else waits is read into sgm's own buffer (unix sockets: no TLS), while reading is wanted
           receiveWaiting(socketFd(socket), this.label, this.feed, this.reading);
+          if (!this.receiver && !this.isClosed && this.bytesRead >= RECEIVE_THREAD_AFTER_BYTES) this.startReceiver(socket);
         } catch (err) {
           // a parse error ends this stream, with the parser's message as the reason
           this.destroy(asSgmError(err));
         }
       },
       drain: () => this.flushQueue(),
-      end: () => this.onEnd(),
+      end: () => {
+        if (!this.handedOver) this.onEnd();
+      },
+      // once a thread reads, Bun's socket is closed by startReceiver and says nothing more of the stream
       close: (_socket: Socket<unknown>, err?: Error) => {
+        if (this.handedOver) return;
         if (err && !this.closeReason) this.closeReason = new SgmError("unavailable", `${this.label}: ${err.message}`);
         this.finish();
       },
       error: (_socket: Socket<unknown>, err: Error) => {
+        if (this.handedOver) return;
         if (!this.closeReason) this.closeReason = new SgmError("unavailable", `${this.label}: ${err.message}`);
       },
     };
