@@ -138,7 +138,8 @@ static void *receive_run(void *arg) {
  * each, laid end to end at `buffers`, which the caller keeps until
  * sgm_receiver_close; null if it cannot. */
 struct sgm_receiver *sgm_receiver_open(int fd, int32_t id, receiver_wake_fn wake, void *buffers, uint32_t ring, uint64_t buffer_bytes) {
-	if (ring == 0 || ring > RING_MAX || buffer_bytes == 0 || buffer_bytes > INT32_MAX) return NULL;
+	/* a power of two: buffer numbers wrap at 2^32 and must keep their slots */
+	if (ring == 0 || ring > RING_MAX || (ring & (ring - 1)) != 0 || buffer_bytes == 0 || buffer_bytes > INT32_MAX) return NULL;
 	struct sgm_receiver *r = calloc(1, sizeof *r);
 	if (!r) return NULL;
 	r->id = id;
@@ -173,6 +174,18 @@ int sgm_receiver_wake_after(struct sgm_receiver *r, uint32_t seen) {
 	/* there already: take the ask back, unless the thread took it and wakes us */
 	int32_t asked = 1;
 	return __atomic_compare_exchange_n(&r->wanted, &asked, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* Sends what the socket takes of `length` bytes at once, from the event
+ * loop's thread, as the runtime's write() did for a small write finding the
+ * sender thread idle; returns the bytes sent (0 if none fit), or -errno. */
+long sgm_receiver_send_now(struct sgm_receiver *r, const void *data, uint64_t length) {
+	for (;;) {
+		ssize_t n = send(r->fd, data, length, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (n >= 0) return (long)n;
+		if (errno == EAGAIN) return 0;
+		if (errno != EINTR) return -(long)errno;
+	}
 }
 
 /* Shuts the socket's sending side (the runtime's socket, which did it

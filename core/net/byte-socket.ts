@@ -29,6 +29,8 @@ export class ByteSocket {
   private receiver: ReceiveThread | null = null;
   /** Bun's socket was closed for the receive thread: what it reports of itself from then on is not the stream's. */
   private handedOver = false;
+  /** A receive thread could not start: the stream stays on Bun's socket, without trying again at every read. */
+  private receiverRefused = false;
   private readonly queue: Uint8Array[] = [];
   private queued = 0;
   private waiters: Array<{ limit: number; resolve: () => void; reject: (e: Error) => void }> = [];
@@ -122,9 +124,9 @@ export class ByteSocket {
   write(bytes: Uint8Array): void {
     if (this.isClosed || bytes.length === 0) return;
     if (this.sender) {
-      if (bytes.length <= WRITE_NOW_MAX_BYTES && this.sender.idle && this.socket) {
-        // the sender's thread is idle: a small write goes at once (net/socket-send.ts: NativeSender.idle)
-        const n = this.socket.write(bytes);
+      if (bytes.length <= WRITE_NOW_MAX_BYTES && this.sender.idle && (this.socket || this.receiver)) {
+        // the sender's thread is idle: a small write goes at once (net/socket-send.ts: NativeSender.idle), a postcopy page request among them
+        const n = this.socket ? this.socket.write(bytes) : this.receiver!.sendNow(bytes);
         if (n > 0) this.written += n;
         if (n === bytes.length) return;
         bytes = bytes.subarray(Math.max(n, 0));
@@ -263,7 +265,10 @@ export class ByteSocket {
   private startReceiver(socket: Socket<unknown>): void {
     if (!this.sender) return;
     const receiver = ReceiveThread.open(socketFd(socket), this.label, this.feedFromThread, this.reading, this.receiverEnded);
-    if (!receiver) return;
+    if (!receiver) {
+      this.receiverRefused = true;
+      return;
+    }
     this.receiver = receiver;
     this.socket = null;
     this.handedOver = true;
@@ -304,7 +309,7 @@ export class ByteSocket {
           scribbleHandled(data);
           // what else waits is read into sgm's own buffer (unix sockets: no TLS), while reading is wanted
           receiveWaiting(socketFd(socket), this.label, this.feed, this.reading);
-          if (!this.receiver && !this.isClosed && this.bytesRead >= RECEIVE_THREAD_AFTER_BYTES) this.startReceiver(socket);
+          if (!this.receiver && !this.receiverRefused && !this.isClosed && this.bytesRead >= RECEIVE_THREAD_AFTER_BYTES) this.startReceiver(socket);
         } catch (err) {
           // a parse error ends this stream, with the parser's message as the reason
           this.destroy(asSgmError(err));

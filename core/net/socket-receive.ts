@@ -37,6 +37,7 @@ const symbolDefinitions = {
   sgm_receiver_open: { args: ["i32", "i32", "function", "ptr", "u32", "u64"], returns: "ptr" },
   sgm_receiver_release: { args: ["ptr", "u32"], returns: "void" },
   sgm_receiver_wake_after: { args: ["ptr", "u32"], returns: "i32" },
+  sgm_receiver_send_now: { args: ["ptr", "ptr", "u64"], returns: "i64" },
   sgm_receiver_shutdown_write: { args: ["ptr"], returns: "i32" },
   sgm_receiver_close: { args: ["ptr"], returns: "void" },
 } as const;
@@ -153,6 +154,7 @@ export class ReceiveThread {
   private readonly onEnd: (end: ReceiveEnd) => void;
   /** Buffers fed so far, as the thread counts them (mod 2^32). */
   private fed = 0;
+  private ended = false;
   private draining = false;
   private drainQueued = false;
 
@@ -203,6 +205,16 @@ export class ReceiveThread {
     });
   }
 
+  /**
+   * Sends what the socket takes of `bytes` now, on this thread, as Bun's
+   * write() did: the bytes sent, 0 where none fit or the send failed (the
+   * sender thread, writing next, meets the failure and reports it).
+   */
+  sendNow(bytes: Uint8Array): number {
+    if (this.status === null || bytes.length === 0) return 0;
+    return Math.max(0, Number(native!.sgm_receiver_send_now(this.handle, ptr(bytes), bytes.length)));
+  }
+
   /** Ends the socket's sending side, as Bun's end() did: returns the errno where that failed, else 0. */
   shutdownWrite(): number {
     if (this.status === null) return 0;
@@ -241,15 +253,19 @@ export class ReceiveThread {
           // every buffer filled before the end is fed: nothing more comes
           if (this.fed !== Atomics.load(status, 0) >>> 0) continue;
           this.close();
+          this.ended = true;
           this.onEnd(end === 1 ? { error: null } : { error: new SgmError("unavailable", `${this.label}: ${socketErrnoReason(-end)}`) });
           return;
         }
         if (native!.sgm_receiver_wake_after(this.handle, this.fed) === 0) return;
       }
     } catch (err) {
-      // the callers' feeds handle their own errors: this is the last guard, as a wake has no caller to throw to
+      // the callers' feeds and onEnd handle their own errors: this is the last guard, as a wake has no caller to throw to
       this.close();
-      this.onEnd({ error: asSgmError(err) });
+      if (!this.ended) {
+        this.ended = true;
+        this.onEnd({ error: asSgmError(err) });
+      }
     } finally {
       this.draining = false;
     }
