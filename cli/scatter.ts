@@ -58,5 +58,5 @@ function render(report: ScatterReport): void {
     }
   }
   const p = report.placement;
-  info(`sent ${formatBytes(report.bytesToGather)} to the gather (${p.directPages} pages) and ${report.relays.map((r) => `${formatBytes(r.bytesSent)} to ${r.address} (${r.pages} pages${r.passedPages > 0 ? `; ${r.passedPages} passed on while it lagged` : ""})`).join(", ") || "nothing to relays"}`);
+  info(`sent ${formatBytes(report.bytesToGather)} to the gather (${p.directPages} pages) and ${report.relays.map((r) => `${formatBytes(r.bytesSent)} to ${r.address} (${r.pages} pages${r.passedPages > 0 ? `; ${r.passedPages} passed on while relays lagged` : ""})`).join(", ") || "nothing to relays"}`);
 }

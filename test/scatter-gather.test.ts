@@ -182,8 +182,9 @@ describe("scatter-gather with relays", () => {
     expect(share).toBeGreaterThan((2 / 3) * 0.9);
     expect(share).toBeLessThan((2 / 3) * 1.1);
     // what each took: what room gave it and lag did not take, and at most
-    // what lag passed on from the other
+    // what lag passed on from the other (neither refused a page nor went)
     for (const [r, other] of [[l, m], [m, l]] as const) {
+      expect([r.refusedPages, r.lost]).toEqual([0, null]);
       expect(r.pages).toBeGreaterThanOrEqual(r.rankedPages - r.passedPages);
       expect(r.pages).toBeLessThanOrEqual(r.rankedPages - r.passedPages + other.passedPages);
     }

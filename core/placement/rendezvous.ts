@@ -18,6 +18,9 @@ function score(salt: number, d0: number, d1: number): number {
   return (x ^ (x >>> 16)) >>> 0;
 }
 
+/** rankRelays' scratch: it runs for every page placed on relays, and never re-enters. */
+const SCORES: number[] = [];
+
 /**
  * Fills `out` with the indexes of the `count` best-scoring eligible relays
  * for the digest at `digest[at..]`, best first; returns how many it found.
@@ -35,7 +38,7 @@ export function rankRelays(
   const d0 = (digest[at]! | (digest[at + 1]! << 8) | (digest[at + 2]! << 16) | (digest[at + 3]! << 24)) >>> 0;
   const d1 = (digest[at + 4]! | (digest[at + 5]! << 8) | (digest[at + 6]! << 16) | (digest[at + 7]! << 24)) >>> 0;
   let found = 0;
-  const scores: number[] = [];
+  const scores = SCORES;
   for (let r = 0; r < salts.length; r++) {
     if (!eligible(r)) continue;
     const h = score(salts[r]!, d0, d1);

@@ -75,9 +75,9 @@ export interface RelayReport {
   /** Pages it holds for this run, put or held by digest (replicas counted on each relay). */
   pages: number;
   refusedPages: number;
-  /** New pages that ranked it among their best --replicas relays by room: its share of what was relayed. */
+  /** New pages meant for relays that had it among their best --replicas by room: the share its room gives it. */
   rankedPages: number;
-  /** Of those, pages placed elsewhere (another relay or the gather) because it lagged its acknowledgements. */
+  /** Of those, pages placed elsewhere (another relay or the gather) because it, or another of their best, lagged. */
   passedPages: number;
   bytesSent: number;
   /** Why the relay was lost mid-run (its copies gone, the others' serving); null when it stayed. */

@@ -60,6 +60,10 @@ export class RunPlacement {
   private readonly direct: DirectPages;
   private locations: Array<{ digest: Uint8Array; mask: number }> = [];
   private readonly rank: number[] = [];
+  /** A page's best relays by room, while rankForPut looks past one that lags. */
+  private readonly best: number[] = [];
+  private readonly hasRoom = (r: number): boolean => this.relays[r]!.hasRoom;
+  private readonly accepting = (r: number): boolean => this.relays[r]!.accepting;
   private readonly ackListeners = new Set<(replaced: boolean) => void>();
   private readonly drainWaiters: Array<() => void> = [];
   private failure: Error | null = null;
@@ -305,28 +309,34 @@ export class RunPlacement {
   }
 
   /**
-   * The relays a new page goes to, in this.rank; fewer than --replicas when
-   * it goes to the gather. The best by room, unless one lags: then the best
-   * of those not lagging, if each queues little enough. What lag moves is
-   * counted apart from what room earns (RelayLink.pagesRanked).
+   * The relays a new page goes to, in this.rank; none when it goes to the
+   * gather. The best by room, unless one lags: then the best of those not
+   * lagging, if each queues little enough. What lag moves is counted apart
+   * from what room gives (RelayLink.pagesRanked).
    */
   private rankForPut(digest: Uint8Array, at: number): number {
     const relays = this.relays;
-    const ranked = rankRelays(digest, at, this.salts, (r) => relays[r]!.hasRoom, this.replicas, this.rank, this.weights);
-    let takeIt = ranked === this.replicas;
-    for (let i = 0; i < ranked; i++) {
+    const replicas = this.replicas;
+    // too few with room for --replicas copies: no relay was passed over
+    if (rankRelays(digest, at, this.salts, this.hasRoom, replicas, this.rank, this.weights) < replicas) return 0;
+    let takeIt = true;
+    for (let i = 0; i < replicas; i++) {
       const link = relays[this.rank[i]!]!;
       link.pagesRanked++;
+      this.best[i] = link.index;
       if (!link.accepting || link.queuedBytes > RELAY_WINDOW) takeIt = false;
     }
-    if (takeIt) return ranked;
-    const best = this.rank.slice(0, ranked);
-    const n = rankRelays(digest, at, this.salts, (r) => relays[r]!.accepting, this.replicas, this.rank, this.weights);
-    let queued = n === this.replicas;
-    for (let i = 0; i < n; i++) if (relays[this.rank[i]!]!.queuedBytes > RELAY_WINDOW) queued = false;
-    const placed = queued ? this.rank.slice(0, n) : [];
-    for (const r of best) if (!placed.includes(r)) relays[r]!.pagesPassed++;
-    return queued ? n : 0;
+    if (takeIt) return replicas;
+    let n = rankRelays(digest, at, this.salts, this.accepting, replicas, this.rank, this.weights);
+    for (let i = 0; i < n; i++) if (relays[this.rank[i]!]!.queuedBytes > RELAY_WINDOW) n = 0;
+    if (n < replicas) n = 0;
+    for (let i = 0; i < replicas; i++) {
+      const r = this.best[i]!;
+      let placed = false;
+      for (let k = 0; k < n; k++) if (this.rank[k] === r) placed = true;
+      if (!placed) relays[r]!.pagesPassed++;
+    }
+    return n;
   }
 
   /**

@@ -53,10 +53,11 @@ export class RelayLink {
   pagesPut = 0;
   pagesRefused = 0;
   /**
-   * New pages whose --replicas best relays by room (rendezvous) took this
-   * one while it had room, and of those, pages placed elsewhere because it
-   * lagged its acknowledgements or its connection queued too much: the
-   * first is the share its room earns, the second what lag took from it.
+   * New pages meant for relays whose --replicas best by room (rendezvous)
+   * included this one, and of those, pages placed elsewhere (another relay
+   * or the gather) because it, or another of their best, lagged its
+   * acknowledgements or queued too much on its connection: the first is
+   * the share its room gives it, the second what lag took from that.
    */
   pagesRanked = 0;
   pagesPassed = 0;

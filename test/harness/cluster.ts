@@ -121,7 +121,9 @@ export async function startRelay(
  * would go with nothing the run counted on.
  */
 export async function relayAcknowledged(scatter: SgmProcess, relay: string, mib: number): Promise<void> {
-  await scatter.waitStderr(new RegExp(`^sgm-trace \\d+ \\d+ relay ${relay.replaceAll(".", "\\.")}: ${mib} MiB acknowledged$`, "m"), 60_000);
+  // the scatter traces each whole MiB as it passes: an acknowledgement covers one batch, at most 64 pages
+  const address = relay.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  await scatter.waitStderr(new RegExp(`^sgm-trace \\d+ \\d+ relay ${address}: ${mib} MiB acknowledged$`, "m"), 60_000);
 }
 
 export interface Arrival {
