@@ -25,7 +25,7 @@ export class PrecopyFeed {
   private head = 0;
   /** A page is in the queue (once, however often its content changes). */
   private readonly queued: Uint8Array;
-  /** The pump runs (set before it starts: it may finish without yielding). */
+  /** The pump runs, or is about to (on a microtask). */
   private pumping = false;
   private pumped: Promise<void> = Promise.resolve();
 
@@ -46,7 +46,9 @@ export class PrecopyFeed {
     this.queue.push(i);
     if (!this.pumping) {
       this.pumping = true;
-      this.pumped = this.pump();
+      // once the frames being read are applied: their pages go to QEMU
+      // together, in few sections and writes, not a section and a write each
+      this.pumped = Promise.resolve().then(() => this.pump());
     }
   }
 
