@@ -56,10 +56,10 @@ export class ContentDirectory {
 
   /** The id of the content with this digest (new if not known). */
   intern(digest: Uint8Array, at: number): number {
-    const known = this.index.lookup(digest, at);
-    if (known >= 0) return known;
+    // insert finds a known digest too: one probe, not a lookup and then another
+    const size = this.index.size;
     const cid = this.index.insert(digest, at);
-    this.grow(cid);
+    if (this.index.size > size) this.grow(cid);
     return cid;
   }
 

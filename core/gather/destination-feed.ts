@@ -122,7 +122,7 @@ export class DestinationFeed {
       checkBytes: checkWrites,
     });
     this.waits = new PageWaits(this.table.total);
-    this.dir.onLocal((cid) => this.waits.wake(cid, (i) => this.arrived(i)));
+    this.dir.onLocal((cid) => this.waits.wake(cid, this.arrivedHere));
     this.blockIndex = new Map(options.blocks.map((b, i) => [b.name, i]));
     this.socketPath = join(options.socketDir, `${options.name}.incoming.sock`);
     this.completed = this.done.promise;
@@ -316,6 +316,9 @@ export class DestinationFeed {
   abort(reason: Error): void {
     this.fail(reason);
   }
+
+  /** arrived, made once: every content that comes wakes the pages waiting for it. */
+  private readonly arrivedHere = (i: number): void => this.arrived(i);
 
   /** The content page i waited for came from a relay. */
   private arrived(i: number): void {
