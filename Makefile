@@ -45,7 +45,7 @@ native/%.so: native/%.c
 	gcc -O3 -shared -fPIC -Wall -Wextra -Werror -o $@ $<
 
 dist/sgm: node_modules/.installed $(SOURCES) $(NATIVE)
-	$(BUN) build --compile --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts core/dedup/digest-worker.ts --outfile $@
+	$(BUN) build --compile --bytecode --format=esm --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts core/dedup/digest-worker.ts --outfile $@
 
 typecheck: node_modules/.installed
 	node_modules/.bin/tsc -p .

@@ -4,7 +4,7 @@
 // at a steady pace. --quiet: neither.
 
 import kleur from "kleur";
-import { createLogUpdate } from "log-update";
+import type { createLogUpdate } from "log-update";
 import type { ProgressSource, VmProgress } from "../core/progress.ts";
 import { formatBytes, formatRate } from "../core/units.ts";
 import { setLineWriter } from "./output.ts";
@@ -29,9 +29,11 @@ interface ProgressDisplay {
   stop(): void;
 }
 
-function progressDisplay(options: ProgressOptions): ProgressDisplay {
+async function progressDisplay(options: ProgressOptions): Promise<ProgressDisplay> {
   if (options.quiet) return { start() {}, stop() {} };
-  return new PolledDisplay(options.verb, options.live ? new TerminalSurface() : new PlainSurface());
+  // log-update and what it loads, only on a terminal: no other run pays for loading them
+  const surface = options.live ? new TerminalSurface((await import("log-update")).createLogUpdate) : new PlainSurface();
+  return new PolledDisplay(options.verb, surface);
 }
 
 /**
@@ -39,7 +41,7 @@ function progressDisplay(options: ProgressOptions): ProgressDisplay {
  * stderr is a terminal), stopped however the work ends.
  */
 export async function withProgress<R>(verb: string, quiet: boolean, work: (onProgress: (source: ProgressSource) => void) => Promise<R>): Promise<R> {
-  const display = progressDisplay({ verb, quiet, live: Boolean(process.stderr.isTTY) });
+  const display = await progressDisplay({ verb, quiet, live: Boolean(process.stderr.isTTY) });
   try {
     return await work((source) => display.start(source));
   } finally {
@@ -140,8 +142,12 @@ class PolledDisplay implements ProgressDisplay {
 /** A terminal: the lines redrawn in place, log lines printed above them. */
 class TerminalSurface implements Surface {
   readonly everyMs = REDRAW_MS;
-  private readonly draw = createLogUpdate(sizedStderr(), { showCursor: false });
+  private readonly draw: ReturnType<typeof createLogUpdate>;
   private redraw: () => void = () => {};
+
+  constructor(create: typeof createLogUpdate) {
+    this.draw = create(sizedStderr(), { showCursor: false });
+  }
 
   begin(redraw: () => void): void {
     this.redraw = redraw;

@@ -13,7 +13,7 @@ import { formatBytes } from "../core/units.ts";
 import { info, printJson } from "./output.ts";
 import { announceReady, parseReadyFd } from "./ready-fd.ts";
 import type { Signals } from "./signals.ts";
-import { type RelayHttp, serveRelayHttp } from "../core/relay/http.ts";
+import type { RelayHttp } from "../core/relay/http.ts";
 
 interface RelayFlags extends TlsFlags {
   listen?: unknown;
@@ -66,7 +66,8 @@ export function registerRelay(cli: CAC, signals: Signals): void {
       const address = formatHostPort(listen.host, relay.port);
       let served: RelayHttp | undefined;
       try {
-        if (http) served = serveRelayHttp(relay, http.host, http.port);
+        // prom-client and what it loads, only for --http: no other relay pays for loading them
+        if (http) served = (await import("../core/relay/http.ts")).serveRelayHttp(relay, http.host, http.port);
         info(`relay listening on ${address} (capacity ${formatBytes(capacityBytes)}${maxRate ? `, at most ${formatBytes(maxRate)}/s` : ""})${served ? `; metrics on http://${formatHostPort(http!.host, served.port)}/metrics` : ""}`);
         if (readyFd !== undefined) announceReady(readyFd, address);
       } catch (err) {
