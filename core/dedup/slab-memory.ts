@@ -32,19 +32,16 @@ export function allocateSlab(bytes: number): Uint8Array {
   madvise ??= loadMadvise();
   if (!madvise) return new Uint8Array(bytes);
   // huge pages need 2 MiB-aligned ranges, and the advice must come before the first touch
-  const unzeroed = Buffer.allocUnsafeSlow(bytes + HUGE_PAGE);
-  const raw = new Uint8Array(unzeroed.buffer, unzeroed.byteOffset, unzeroed.length);
+  const raw = new Uint8Array(bytes + HUGE_PAGE);
   const skip = (HUGE_PAGE - (Number(ptr(raw)) % HUGE_PAGE)) % HUGE_PAGE;
   const slab = raw.subarray(skip, skip + bytes);
   madvise(ptr(slab), bytes, MADV_HUGEPAGE);
-  // sgm's allocator reuses freed memory (cli/allocator.ts), so what it hands
-  // out is often resident already, in small pages that the advice above does
-  // not change: a relay's first run took 60000 to 75000 page faults per GiB
-  // so, most of them in its slabs (4 KiB pages, not huge ones). The memory
-  // is not zeroed (allocUnsafeSlow) but dropped: the kernel gives zero pages,
-  // huge ones at first touch. The 2 MiB around the slab is never used, and
-  // dropped too (the gather of a 1 GiB VM through relays kept 36 MiB so).
-  if (dropPages(madvise, raw, 0, raw.length) !== 0) slab.fill(0);
+  // The 2 MiB around the slab is never used, but sgm's allocator reuses
+  // freed memory (cli/allocator.ts), so it came resident and zeroed: 50% on
+  // top of every 4 MiB slab (the gather of a 1 GiB VM through relays kept
+  // 36 MiB so). Dropped here; nothing reads it, and zero it stays.
+  dropPages(madvise, raw, 0, skip);
+  dropPages(madvise, raw, skip + bytes, raw.length);
   return slab;
 }
 
@@ -61,15 +58,12 @@ export function allocateResidentSlab(bytes: number): Uint8Array {
   return slab;
 }
 
-/**
- * Gives the whole small pages within raw[from, to) back to the kernel, which
- * reads them as zero from then on; returns madvise's result (0: done).
- */
-function dropPages(advise: Madvise, raw: Uint8Array, from: number, to: number): number {
+/** Gives the whole small pages within raw[from, to) back to the kernel. */
+function dropPages(advise: Madvise, raw: Uint8Array, from: number, to: number): void {
   const base = Number(ptr(raw));
   const start = Math.ceil((base + from) / SMALL_PAGE) * SMALL_PAGE - base;
   const end = Math.floor((base + to) / SMALL_PAGE) * SMALL_PAGE - base;
-  return end > start ? advise(ptr(raw, start), end - start, MADV_DONTNEED) : 0;
+  if (end > start) advise(ptr(raw, start), end - start, MADV_DONTNEED);
 }
 
 /** What the kernel says could still be allocated without swapping (MemAvailable); null where it does not say. */
