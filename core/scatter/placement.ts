@@ -327,9 +327,10 @@ export class RunPlacement {
       if (!link.accepting || link.queuedBytes > RELAY_WINDOW) takeIt = false;
     }
     if (takeIt) return replicas;
-    let n = rankRelays(digest, at, this.salts, this.accepting, replicas, this.rank, this.weights);
-    for (let i = 0; i < n; i++) if (relays[this.rank[i]!]!.queuedBytes > RELAY_WINDOW) n = 0;
-    if (n < replicas) n = 0;
+    const ranked = rankRelays(digest, at, this.salts, this.accepting, replicas, this.rank, this.weights);
+    let queuesLittle = ranked === replicas;
+    for (let i = 0; i < ranked; i++) if (relays[this.rank[i]!]!.queuedBytes > RELAY_WINDOW) queuesLittle = false;
+    const n = queuesLittle ? replicas : 0;
     for (let i = 0; i < replicas; i++) {
       const r = this.best[i]!;
       let placed = false;
