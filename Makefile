@@ -37,10 +37,10 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-# SHA-256 of sixteen pages at a time (AVX-512), and a socket read into
+# BLAKE3 of sixteen pages at a time (AVX-512), and a socket read into
 # sgm's own buffer, and socket writes on a thread of their own; dist/sgm
 # embeds all three
-NATIVE := native/sha256-pages.so native/socket-receive.so native/socket-send.so
+NATIVE := native/page-digest.so native/socket-receive.so native/socket-send.so
 native/%.so: native/%.c
 	gcc -O3 -shared -fPIC -Wall -Wextra -Werror -o $@ $<
 

@@ -27,7 +27,7 @@ const Process = Type.Object(
     minorPageFaults: count(),
     bytesReceivedNatively: count("Bytes read from sockets straight into sgm's own buffer (native/socket-receive.c), after Bun's socket reported data; the rest came through Bun's socket."),
     bytesSentNatively: count("Bytes written to sockets by sgm's own sender threads (native/socket-send.c); the rest (handshakes, TLS) went through Bun's socket."),
-    pagesHashedByHelpers: count("Pages hashed by the hash helpers (native/sha256-pages.c), the role's digest threads where the native digest runs, beside the thread that read them; 0 without digest threads."),
+    pagesHashedByHelpers: count("Pages hashed by the hash helpers (native/page-digest.c), the role's digest threads, beside the thread that read them; 0 without digest threads."),
   },
   { ...closed, description: "What this process cost by its own accounting." },
 );

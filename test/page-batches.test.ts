@@ -1,11 +1,11 @@
 // Digest threads: pages hashed on real worker threads reach the pipeline
 // in exactly the order the source sent them, mixed with zero pages,
-// discards, flushes and urgent pages, each with its own SHA-256 (checked
-// against node:crypto), however the records fall across batches and turns
+// discards, flushes and urgent pages, each with its own digest (checked
+// against blake3-wasm), however the records fall across batches and turns
 // of the event loop.
 
 import { afterAll, describe, expect, test } from "bun:test";
-import { createHash } from "node:crypto";
+import { hash as blake3 } from "blake3-wasm";
 import { DIGEST_BYTES, PAGE_BYTES } from "../core/dedup/digest.ts";
 import { BATCH_PAGES, DigestPool, defaultDigestThreads } from "../core/dedup/digest-pool.ts";
 import type { SgmError } from "../core/errors.ts";
@@ -18,16 +18,16 @@ function hex(bytes: Uint8Array): string {
   return Buffer.from(bytes).toString("hex");
 }
 
-/** A sink that writes down each record as a line, with the SHA-256 it was given. */
+/** A sink that writes down each record as a line, with the digest it was given. */
 function recorder(): { sink: RecordSink; lines: string[] } {
   const lines: string[] = [];
   const digestAt = (d: Uint8Array, at: number) => hex(d.subarray(at, at + DIGEST_BYTES));
   const sink: RecordSink = {
-    page: (block, page, d, at, content) => lines.push(`page ${block}:${page} ${digestAt(d, at)} ${createHash("sha256").update(content).digest("hex")}`),
+    page: (block, page, d, at, content) => lines.push(`page ${block}:${page} ${digestAt(d, at)} ${hex(blake3(content) as Uint8Array)}`),
     zero: (block, page) => lines.push(`zero ${block}:${page}`),
     pending: (block, page) => lines.push(`pending ${block}:${page}`),
     urgent: (block, page, d, at, content) =>
-      lines.push(d && content ? `urgent ${block}:${page} ${digestAt(d, at)} ${createHash("sha256").update(content).digest("hex")}` : `urgent ${block}:${page} zero`),
+      lines.push(d && content ? `urgent ${block}:${page} ${digestAt(d, at)} ${hex(blake3(content) as Uint8Array)}` : `urgent ${block}:${page} zero`),
     flush: () => lines.push("flush"),
   };
   return { sink, lines };
@@ -66,12 +66,12 @@ describe("digest threads", () => {
           expected.push("flush");
         } else {
           const content = pageOf(n);
-          const sha = createHash("sha256").update(content).digest("hex");
+          const digest = hex(blake3(content) as Uint8Array);
           if (kind === "urgent") batches.urgent(block, page, content);
           else batches.page(block, page, content);
           // the caller's buffer is its own again at once: the batch holds a copy
           content.fill(0xa5);
-          expected.push(`${kind} ${block}:${page} ${sha} ${sha}`);
+          expected.push(`${kind} ${block}:${page} ${digest} ${digest}`);
         }
       }
       if (turn % 5 === 4) await batches.whenIdle();

@@ -1,24 +1,24 @@
 // A scatter hashing on its reader's thread: the page records of a chunk
 // wait in a PageRun and come out in the order they went in, each page with
-// its own SHA-256 (checked against node:crypto), zero pages in their turn;
+// its own digest (checked against blake3-wasm), zero pages in their turn;
 // only pages lying in the chunk itself wait. Then the whole way: a
 // migration stream read in chunks of every size, from a buffer the socket
 // overwrites after each, gives the records a page-by-page reader gives.
 
 import { describe, expect, test } from "bun:test";
-import { createHash } from "node:crypto";
+import { hash as blake3 } from "blake3-wasm";
 import { DIGEST_BYTES, PAGE_BYTES, isZeroPage } from "../core/dedup/digest.ts";
 import { PostcopyStreamWriter } from "../core/qemu/postcopy-writer.ts";
 import type { ReaderHandler } from "../core/qemu/reader-handler.ts";
 import { MigrationStreamReader } from "../core/qemu/stream-reader.ts";
 import { PageRun, type RunSink, settlingFirst } from "../core/scatter/page-run.ts";
 
-const sha = (bytes: Uint8Array) => createHash("sha256").update(bytes).digest("hex");
+const digestHex = (bytes: Uint8Array) => Buffer.from(blake3(bytes) as Uint8Array).toString("hex");
 
-/** A sink that writes down each record, with the digest it was given and the SHA-256 of its content then. */
+/** A sink that writes down each record, with the digest it was given and the BLAKE3 of its content then. */
 function recorder(lines: string[] = []): { sink: RunSink; lines: string[] } {
   const sink: RunSink = {
-    page: (block, page, d, at, content) => lines.push(`page ${block}:${page} ${Buffer.from(d.subarray(at, at + DIGEST_BYTES)).toString("hex")} ${sha(content)}`),
+    page: (block, page, d, at, content) => lines.push(`page ${block}:${page} ${Buffer.from(d.subarray(at, at + DIGEST_BYTES)).toString("hex")} ${digestHex(content)}`),
     zero: (block, page) => lines.push(`zero ${block}:${page}`),
   };
   return { sink, lines };
@@ -60,7 +60,7 @@ describe("PageRun", () => {
       } else {
         const page = pages[p++]!;
         run.page(1, n, page, sink);
-        expected.push(`page 1:${n} ${sha(page)} ${sha(page)}`);
+        expected.push(`page 1:${n} ${digestHex(page)} ${digestHex(page)}`);
       }
     }
     expect(lines).toEqual([]);
@@ -172,7 +172,7 @@ describe("a stream read in chunks through a PageRun", () => {
 
   // read page by page, whole
   const reference: string[] = [];
-  new MigrationStreamReader(logging(reference, (b, p, d) => reference.push(d === null || isZeroPage(d) ? `zero ${b}:${p}` : `page ${b}:${p} ${sha(d)} ${sha(d)}`))).feed(
+  new MigrationStreamReader(logging(reference, (b, p, d) => reference.push(d === null || isZeroPage(d) ? `zero ${b}:${p}` : `page ${b}:${p} ${digestHex(d)} ${digestHex(d)}`))).feed(
     stream.slice(),
   );
 

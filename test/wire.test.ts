@@ -8,7 +8,7 @@ import { SgmError } from "../core/errors.ts";
 import { ClientHandshake, loadPsk, type Role } from "../core/wire/auth.ts";
 import { PeerConnection, type TlsFiles } from "../core/wire/connection.ts";
 import { listenPeers, type ListenOptions, type PeerListener } from "../core/wire/peer-listener.ts";
-import { FrameDecoder, encodeFrameHeader, frame, type MaxPayload } from "../core/wire/frames.ts";
+import { FrameDecoder, WIRE_VERSION, encodeFrameHeader, frame, type MaxPayload } from "../core/wire/frames.ts";
 import { bytesReceivedNatively, nativeReceive, receiveWaiting, socketFd } from "../core/net/socket-receive.ts";
 import { bytesSentNatively, NativeSender, nativeSend } from "../core/net/socket-send.ts";
 import { makeTestCertificates } from "./harness/certificates.ts";
@@ -137,11 +137,11 @@ describe("frame codec", () => {
   });
 
   test.each([
-    ["bad version", header(2, DATA, 0, 4), "frame with protocol version 2 (expected 1), type 16, length 4"],
-    ["nonzero flags", header(1, DATA, 0x8001, 4), "frame type 16 has flags 0x8001 (expected 0), length 4"],
-    ["unknown type", header(1, 99, 0, 4), "unknown frame type 99, length 4"],
-    ["oversize length", header(1, DATA, 0, (1 << 20) + 1), "frame type 16 length 1048577 exceeds its bound of 1048576 bytes"],
-    ["a 4 GiB claim", header(1, BIG, 0, 0xffffffff), "frame type 17 length 4294967295 exceeds its bound of 307200 bytes"],
+    ["an older peer's version", header(1, DATA, 0, 4), "frame with protocol version 1 (expected 2), type 16, length 4"],
+    ["nonzero flags", header(WIRE_VERSION, DATA, 0x8001, 4), "frame type 16 has flags 0x8001 (expected 0), length 4"],
+    ["unknown type", header(WIRE_VERSION, 99, 0, 4), "unknown frame type 99, length 4"],
+    ["oversize length", header(WIRE_VERSION, DATA, 0, (1 << 20) + 1), "frame type 16 length 1048577 exceeds its bound of 1048576 bytes"],
+    ["a 4 GiB claim", header(WIRE_VERSION, BIG, 0, 0xffffffff), "frame type 17 length 4294967295 exceeds its bound of 307200 bytes"],
   ])("%s is a one-line data error, and the decoder stays failed", (_name, bad, message) => {
     const out: Decoded[] = [];
     const decoder = collectingDecoder(out);
@@ -470,7 +470,7 @@ describe("authentication", () => {
     const peer = await rawPeer(server.listener.port, new TextEncoder().encode("GET / HTTP/1.1\r\n\r\n"));
     const { address, err } = await rejected;
     expect(err.kind).toBe("data");
-    expect(err.message).toBe(`${address}: frame with protocol version 71 (expected 1), type 69, length 790644820`);
+    expect(err.message).toBe(`${address}: frame with protocol version 71 (expected 2), type 69, length 790644820`);
     await peer.closed;
     server.listener.close();
   });
@@ -662,7 +662,7 @@ describe("connection", () => {
     const conn = await accepted;
     let frames = 0;
     conn.onFrame(() => frames++);
-    peer.socket.write(concat([frame(DATA, pattern(10, 0)), header(1, DATA, 0, 100), pattern(50, 1)]));
+    peer.socket.write(concat([frame(DATA, pattern(10, 0)), header(WIRE_VERSION, DATA, 0, 100), pattern(50, 1)]));
     peer.socket.end();
     const reason = await conn.closed;
     expect(reason?.message).toBe(`${conn.remoteAddress}: connection closed in the middle of a frame`);

@@ -4,7 +4,7 @@
 // in one Uint8Array indexed by id, and an open-addressing table with linear
 // probing maps a digest's hash to its id.
 //
-// The digests are SHA-256 outputs, already uniformly random, so the hash is
+// The digests are BLAKE3 outputs, already uniformly random, so the hash is
 // just their first 8 bytes folded to 32 bits. Synthetic digests that share
 // those 8 bytes would all land in one probe run; real ones never do.
 

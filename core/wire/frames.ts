@@ -9,7 +9,7 @@
 import { SgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
 
-export const WIRE_VERSION = 1;
+export const WIRE_VERSION = 2;
 export const FRAME_HEADER_BYTES = 8;
 /** The largest length the header can carry. */
 export const MAX_FRAME_LENGTH = 0xffff_ffff;

@@ -2,7 +2,7 @@
 // types and their bounds, and the binary data plane (page maps and page
 // contents); control messages, small JSON objects, are in control.ts.
 //
-// PAGE_DATA: u32 count, then count x (32-byte SHA-256 digest, 4096-byte page)
+// PAGE_DATA: u32 count, then count x (32-byte BLAKE3 page digest, 4096-byte page)
 // PAGE_MAP:  u16 vm, u16 0, u32 count, then count x entry:
 //            u16 block, u32 page, u8 kind (0 zero, 1 digest, 2 pending), [32-byte digest]
 //            (pending: a postcopy source discarded the page and sends it again)

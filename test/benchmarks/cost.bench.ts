@@ -29,7 +29,7 @@
 // what every GiB of the stream adds and what its process costs whatever it
 // moves (starting Bun, compiling the code, memory touched the first time).
 // It ends with issue 11's goals beside this run's figures and the floor
-// under them: what Bun's sockets (both ends, measured here) and SHA-256 of
+// under them: what Bun's sockets (both ends, measured here) and the digest of
 // every page cost a role that receives, hashes and sends each byte; and
 // the same floor with the stream received by read(2) into one buffer, as
 // a native receive path would. The roles do that for what waits after each
@@ -117,11 +117,11 @@ async function rawSocket(bytes: number, sink: "bun" | "native"): Promise<SocketR
 }
 
 /**
- * CPU seconds per GiB that SHA-256 of every 4 KiB page costs on this thread
+ * CPU seconds per GiB that the digest (BLAKE3) of every 4 KiB page costs on this thread
  * (best of 5 over 64 MiB of random pages): a page a call, or, as the roles
  * hash, 128 pages a call (natively, where the CPU allows).
  */
-function sha256PerGiB(batched: boolean): number {
+function digestPerGiB(batched: boolean): number {
   const data = new Uint8Array(64 * 2 ** 20);
   for (let o = 0; o < data.length; o += 65536) crypto.getRandomValues(data.subarray(o, o + 65536));
   const out = new Uint8Array(128 * DIGEST_BYTES);
@@ -285,15 +285,15 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
   console.log(`\n${memMiB} MiB test guest (churn region on, TCG), loopback, median of ${runs} runs${prealloc ? ", relays started with --prealloc" : ""}\n`);
   const send = median(sockets.map((r) => r.sendCpu));
   const receive = median(sockets.map((r) => r.receiveCpu));
-  const sha = sha256PerGiB(true);
-  const shaOne = sha256PerGiB(false);
+  const sha = digestPerGiB(true);
+  const shaOne = digestPerGiB(false);
   const nativeReceive = median(nativeSockets.map((r) => r.receiveCpu));
   console.log(`Bun socket, loopback: ${(median(sockets.map((r) => r.rate)) / 2 ** 20).toFixed(0)} MiB/s; CPU s/GiB ${send.toFixed(2)} to send, ${receive.toFixed(2)} to receive`);
   console.log(
     `Bun socket into read(2) to one buffer (bun:ffi): ${(median(nativeSockets.map((r) => r.rate)) / 2 ** 20).toFixed(0)} MiB/s; CPU s/GiB ${median(nativeSockets.map((r) => r.sendCpu)).toFixed(2)} to send, ${nativeReceive.toFixed(2)} to receive`,
   );
   console.log(
-    `SHA-256 of every 4 KiB page, one thread: ${sha.toFixed(2)} CPU s/GiB 128 pages a call (${batchDigestNative ? "native, 16 lanes" : "Bun.SHA256"}), ${shaOne.toFixed(2)} a page a call (Bun.SHA256)`,
+    `BLAKE3 of every 4 KiB page, one thread: ${sha.toFixed(2)} CPU s/GiB 128 pages a call (${batchDigestNative ? "16 pages side by side" : "a page at a time"}), ${shaOne.toFixed(2)} a page a call`,
   );
   console.log(`QEMU precopy, uncapped: ${Math.round(qemu)} ms (${((memMiB / qemu) * 1000).toFixed(0)} MiB/s)\n`);
   console.log("| how | role | CPU user s/GiB | CPU system s/GiB | CPU total s/GiB | of it the main thread | page faults /GiB | read past Bun's socket, MiB/GiB | written by sgm's threads, MiB/GiB | hashed by helpers, MiB/GiB | peak RSS | wall rate | total / QEMU |");
@@ -348,7 +348,7 @@ sgm direct, ${memMiB} and ${smallMiB} MiB guests: what each GiB of the stream ad
     console.log(`| ${role} | ${all.perGiB.toFixed(2)} | ${main.perGiB.toFixed(2)} | ${all.fixed.toFixed(2)} | ${main.fixed.toFixed(2)} |`);
   }
 
-  // Every role receives each byte, SHA-256s each page once and sends each
+  // Every role receives each byte, hashes each page once and sends each
   // byte on: what Bun's sockets and the hash alone cost for that, measured
   // above, is a floor under its CPU per GiB that no work in sgm's own code removes.
   const floor = receive + sha + send;
@@ -364,7 +364,7 @@ sgm direct, ${memMiB} and ${smallMiB} MiB guests: what each GiB of the stream ad
   ];
   // the same with a receive path that reads into sgm's own buffers, which Bun's sockets have not
   const nativeFloor = nativeReceive + sha + send;
-  console.log(`\nGoals (issue 11) against this run; floor: receive ${receive.toFixed(2)} + SHA-256 ${sha.toFixed(2)} + send ${send.toFixed(2)} = ${floor.toFixed(2)} CPU s/GiB`);
+  console.log(`\nGoals (issue 11) against this run; floor: receive ${receive.toFixed(2)} + BLAKE3 ${sha.toFixed(2)} + send ${send.toFixed(2)} = ${floor.toFixed(2)} CPU s/GiB`);
   console.log(`(receiving with read(2) into one buffer instead: ${nativeReceive.toFixed(2)} + ${sha.toFixed(2)} + ${send.toFixed(2)} = ${nativeFloor.toFixed(2)})\n`);
   console.log("| goal | at most | this run | per GiB added (above) | floor | floor, native receive |");
   console.log("|---|---|---|---|---|---|");

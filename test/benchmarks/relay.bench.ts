@@ -5,7 +5,7 @@
 //
 // The relay is the compiled dist/sgm in its own process and the plain
 // stream's receiver is this script in another, so each side has its own
-// event loop as in real use. The PUT row includes the relay's SHA-256 check
+// event loop as in real use. The PUT row includes the relay's digest check
 // of every page; neither row hashes on the client side (digests are
 // computed before the clock starts), so they measure the relay and the wire.
 // Each row runs a few rounds; the best and the median are printed, since a
