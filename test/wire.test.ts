@@ -173,7 +173,7 @@ describe("frame codec", () => {
   test("encodeFrameHeader writes at an offset", () => {
     const out = new Uint8Array(12);
     encodeFrameHeader(200, 0x01020304, out, 4);
-    expect([...out]).toEqual([0, 0, 0, 0, 1, 200, 0, 0, 1, 2, 3, 4]);
+    expect([...out]).toEqual([0, 0, 0, 0, WIRE_VERSION, 200, 0, 0, 1, 2, 3, 4]);
   });
 });
 
