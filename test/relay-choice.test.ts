@@ -44,10 +44,12 @@ describe("choosing relays", () => {
     ]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "5MiB/s"]);
     const via = [slow, roomy, fastSmall].map((r) => r.address).join(",");
-    const s = await (await startScatter([pair], port, psk, ["--plan", "--source-rate", "100MiB/s", "--via", via])).result();
+    // a source rate the fast relay alone takes eight times over, however slowly its probe runs beside other tests (at
+    // 100 MiB/s a fresh clone's suite once measured it so low that the slowest relay was added to make up the rate)
+    const s = await (await startScatter([pair], port, psk, ["--plan", "--source-rate", "30MiB/s", "--via", via])).result();
     expectExit(s, 0);
     const plan = report<RelayPlan>(s);
-    // the fast relay takes the rate but holds 64 MiB of the ~130 MiB that will not go direct: the roomy one is added
+    // the fast relay takes the rate but holds 64 MiB of the ~117 MiB that will not go direct: the roomy one is added
     expect(plan.chosen.map((r) => r.address)).toEqual([fastSmall.address, roomy.address]);
     expect(plan.leftOut).toEqual([{ address: slow.address, reason: expect.stringMatching(/^not needed: /) }]);
     expect(plan.sourceRateFrom).toBe("--source-rate");
