@@ -9,6 +9,7 @@ import { ClientHandshake, loadPsk, type Role } from "../core/wire/auth.ts";
 import { PeerConnection, type TlsFiles } from "../core/wire/connection.ts";
 import { listenPeers, type ListenOptions, type PeerListener } from "../core/wire/peer-listener.ts";
 import { FrameDecoder, WIRE_VERSION, encodeFrameHeader, frame, type MaxPayload } from "../core/wire/frames.ts";
+import { LocationList, readLocations } from "../core/wire/messages.ts";
 import { bytesReceivedNatively, nativeReceive, receiveWaiting, socketFd } from "../core/net/socket-receive.ts";
 import { bytesSentNatively, NativeSender, nativeSend } from "../core/net/socket-send.ts";
 import { makeTestCertificates } from "./harness/certificates.ts";
@@ -285,6 +286,32 @@ async function rawAuthenticatedPeer(port: number): Promise<RawPeer> {
   await welcome;
   return peer;
 }
+
+describe("LOCATIONS payloads", () => {
+  const digestsFrom = (count: number): Uint8Array => Uint8Array.from({ length: count * 32 + 3 }, (_, i) => Math.imul(i + 7, 2654435761) >>> 24);
+
+  test("every entry read back in order, its digest and mask, 16384 a frame; the list empty after", () => {
+    const count = 40_000;
+    const source = digestsFrom(count);
+    const masks = Array.from({ length: count }, (_, n) => [1, 0x80000000, 0xffffffff, 0x01020304][n % 4]!);
+    const list = new LocationList();
+    for (let n = 0; n < count; n++) list.add(source, 3 + n * 32, masks[n]!);
+    expect(list.length).toBe(count);
+    const payloads = list.take();
+    expect(payloads.map((p) => (p.length - 4) / 36)).toEqual([16384, 16384, count - 2 * 16384]);
+    let n = 0;
+    for (const payload of payloads) {
+      readLocations(payload, (digestAt, mask) => {
+        expect(Buffer.from(payload.subarray(digestAt, digestAt + 32)).equals(source.subarray(3 + n * 32, 3 + (n + 1) * 32))).toBe(true);
+        expect(mask >>> 0).toBe(masks[n]!);
+        n++;
+      });
+    }
+    expect(n).toBe(count);
+    expect(list.length).toBe(0);
+    expect(list.take()).toEqual([]);
+  });
+});
 
 describe("TLS under the PSK proof", () => {
   let files: (name: "a" | "b" | "rogue", ca?: string) => Promise<TlsFiles>;

@@ -7,10 +7,11 @@
 // (gather-pins.ts). Content another run of an evacuation put on a relay this
 // run uses is held there for this run too (relay-contents.ts), not sent again.
 
+import { DIGEST_BYTES } from "../dedup/digest.ts";
 import { DigestIndex } from "../dedup/digest-index.ts";
 import { rankRelays, relaySalt } from "../placement/rendezvous.ts";
 import type { PeerConnection } from "../wire/connection.ts";
-import { encodeDigests, encodeLocations, FrameType } from "../wire/messages.ts";
+import { encodeDigests, FrameType, LocationList } from "../wire/messages.ts";
 import { ContentHolders } from "./content-holders.ts";
 import { DirectPages } from "./direct-pages.ts";
 import { GatherPins, type MapProgress } from "./gather-pins.ts";
@@ -58,7 +59,9 @@ export class RunPlacement {
   private readonly contentBits: number[] = [];
   private readonly weights: number[] = [];
   private readonly direct: DirectPages;
-  private locations: Array<{ digest: Uint8Array; mask: number }> = [];
+  private readonly locations = new LocationList();
+  /** One content's digest at a time, copied out of the index. */
+  private readonly digestScratch = new Uint8Array(DIGEST_BYTES);
   private readonly rank: number[] = [];
   /** A page's best relays by room, while rankForPut looks past one that lags. */
   private readonly best: number[] = [];
@@ -243,10 +246,7 @@ export class RunPlacement {
   /** Tells the gather where relayed content is held; due before any map entry naming it. */
   sendLocations(): void {
     if (this.locations.length === 0) return;
-    for (let i = 0; i < this.locations.length; i += 16384) {
-      this.gather.send(FrameType.LOCATIONS, encodeLocations(this.locations.slice(i, i + 16384)));
-    }
-    this.locations = [];
+    for (const payload of this.locations.take()) this.gather.send(FrameType.LOCATIONS, payload);
   }
 
   /**
@@ -368,9 +368,11 @@ export class RunPlacement {
 
   private onAck(link: RelayLink, stored: number[], refused: Refused[], held: boolean): void {
     if (held) this.stats.sharedPages += stored.length;
+    const digest = this.digestScratch;
     for (const cid of stored) {
-      this.relayContents?.held(this.contentBits[link.index]!, this.index.digestOf(cid), 0);
-      if (this.holders.stored(cid, link.index) === 0) this.locations.push({ digest: this.index.digestOf(cid).slice(), mask: this.holders.maskOf(cid) });
+      this.index.copyDigest(cid, digest, 0);
+      this.relayContents?.held(this.contentBits[link.index]!, digest, 0);
+      if (this.holders.stored(cid, link.index) === 0) this.locations.add(digest, 0, this.holders.maskOf(cid));
     }
     this.placeElsewhere(link, refused);
     if (refused.length > 0) this.flush();
@@ -444,7 +446,8 @@ export class RunPlacement {
           // no relay holds it: the gather gets it directly
           this.sendDirect(r.cid, r.digest, 0, r.page);
         } else {
-          this.locations.push({ digest: this.index.digestOf(r.cid).slice(), mask: this.holders.maskOf(r.cid) });
+          this.index.copyDigest(r.cid, this.digestScratch, 0);
+          this.locations.add(this.digestScratch, 0, this.holders.maskOf(r.cid));
         }
       }
     }

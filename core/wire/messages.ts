@@ -14,6 +14,7 @@
 
 import { DIGEST_BYTES, PAGE_BYTES, copyBytes } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
+import { grown } from "../typed-arrays.ts";
 import { probeMaxPayload } from "./probe-frames.ts";
 import { relayMaxPayload } from "./relay-messages.ts";
 
@@ -257,15 +258,47 @@ export function readDigests(payload: Uint8Array, visit: (digestAt: number) => vo
 
 // ---- LOCATIONS ------------------------------------------------------------------------
 
-export function encodeLocations(entries: ReadonlyArray<{ digest: Uint8Array; mask: number }>): Uint8Array {
-  const out = new Uint8Array(4 + entries.length * LOCATION_ENTRY);
-  const dv = new DataView(out.buffer);
-  dv.setUint32(0, entries.length);
-  entries.forEach((e, n) => {
-    out.set(e.digest, 4 + n * LOCATION_ENTRY);
-    dv.setUint32(4 + n * LOCATION_ENTRY + DIGEST_BYTES, e.mask >>> 0);
-  });
-  return out;
+const LOCATIONS_PER_FRAME = 16384;
+
+/**
+ * LOCATIONS entries as they are decided, each digest copied in: no object
+ * or view per entry (a scatter through relays adds one for most pages).
+ */
+export class LocationList {
+  private bytes = new Uint8Array(256 * LOCATION_ENTRY);
+  private count = 0;
+
+  get length(): number {
+    return this.count;
+  }
+
+  /** The digest at digest[at .. at + 32) is held by the relays in `mask`. */
+  add(digest: Uint8Array, at: number, mask: number): void {
+    const start = this.count * LOCATION_ENTRY;
+    if (start + LOCATION_ENTRY > this.bytes.length) this.bytes = grown(this.bytes, 2 * this.bytes.length);
+    const bytes = this.bytes;
+    copyBytes(digest, at, bytes, start, DIGEST_BYTES);
+    // the mask big-endian, as readLocations reads it
+    bytes[start + DIGEST_BYTES] = mask >>> 24;
+    bytes[start + DIGEST_BYTES + 1] = (mask >>> 16) & 0xff;
+    bytes[start + DIGEST_BYTES + 2] = (mask >>> 8) & 0xff;
+    bytes[start + DIGEST_BYTES + 3] = mask & 0xff;
+    this.count++;
+  }
+
+  /** The LOCATIONS payloads of every entry so far, in order; the list is empty after. */
+  take(): Uint8Array[] {
+    const payloads: Uint8Array[] = [];
+    for (let first = 0; first < this.count; first += LOCATIONS_PER_FRAME) {
+      const n = Math.min(LOCATIONS_PER_FRAME, this.count - first);
+      const out = new Uint8Array(4 + n * LOCATION_ENTRY);
+      new DataView(out.buffer).setUint32(0, n);
+      copyBytes(this.bytes, first * LOCATION_ENTRY, out, 4, n * LOCATION_ENTRY);
+      payloads.push(out);
+    }
+    this.count = 0;
+    return payloads;
+  }
 }
 
 export function readLocations(payload: Uint8Array, visit: (digestAt: number, mask: number) => void): void {
