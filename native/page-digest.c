@@ -13,10 +13,11 @@
  * pages go side by side, page i in lane i of AVX-512 registers: every lane
  * compresses the same chunk and block of its own page at once, and the
  * parents take their message words straight from the chaining values'
- * registers. Where the CPU lacks AVX-512, or for one page, the four chunks
- * of one page go side by side in 128-bit lanes (any x86-64), the parents
- * one at a time. test/dedup.test.ts checks both against blake3-wasm, an
- * implementation of its own.
+ * registers; eight the same way in AVX2's registers where the CPU lacks
+ * AVX-512. For one page, or where the CPU has neither, the four chunks of
+ * one page go side by side in 128-bit lanes (any x86-64), the parents one
+ * at a time. test/dedup.test.ts checks every kernel against blake3-wasm,
+ * an implementation of its own.
  *
  * Built by the Makefile into a shared object that dist/sgm embeds and
  * loads through bun:ffi (core/dedup/native-digest.ts). */
@@ -53,9 +54,9 @@ static const uint8_t SCHEDULE[7][16] = {
 	{11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13},
 };
 
-/* The CPU has AVX-512 and sixteen pages go at once, and the kernel for one
- * page: set before any thread hashes. */
-static int wide;
+/* Pages side by side, as the CPU allows: 16 (AVX-512), 8 (AVX2) or 1; and
+ * the kernel for one page. Set before any thread hashes. */
+static int lanes;
 static void (*page_kernel)(const uint8_t *page, uint8_t *out);
 
 /* ---- a parent, one at a time ---- */
@@ -251,18 +252,112 @@ AVX512 static void hash16(const uint8_t *const p[16], uint8_t *const out[16]) {
 	}
 }
 
+/* ---- AVX2: eight pages, one in each 32-bit lane ---- */
+
+#define AVX2 __attribute__((target("avx2")))
+
+/* rotations by whole bytes as byte shuffles; AVX2 has no rotate */
+#define ROT16_8(x) _mm256_shuffle_epi8((x), _mm256_setr_epi8(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13))
+#define ROT8_8(x) _mm256_shuffle_epi8((x), _mm256_setr_epi8(1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12, 1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12))
+#define ROTN_8(x, n) _mm256_or_si256(_mm256_srli_epi32((x), (n)), _mm256_slli_epi32((x), 32 - (n)))
+
+#define G8(a, b, c, d, x, y)                                           \
+	do {                                                           \
+		a = _mm256_add_epi32(_mm256_add_epi32(a, b), x);       \
+		d = ROT16_8(_mm256_xor_si256(d, a));                   \
+		c = _mm256_add_epi32(c, d);                            \
+		b = ROTN_8(_mm256_xor_si256(b, c), 12);                \
+		a = _mm256_add_epi32(_mm256_add_epi32(a, b), y);       \
+		d = ROT8_8(_mm256_xor_si256(d, a));                    \
+		c = _mm256_add_epi32(c, d);                            \
+		b = ROTN_8(_mm256_xor_si256(b, c), 7);                 \
+	} while (0)
+
+AVX2 static inline void compress8(__m256i cv[8], const __m256i m[16], uint32_t counter, uint32_t flags) {
+	__m256i v0 = cv[0], v1 = cv[1], v2 = cv[2], v3 = cv[3], v4 = cv[4], v5 = cv[5], v6 = cv[6], v7 = cv[7];
+	__m256i v8 = _mm256_set1_epi32((int)IV[0]), v9 = _mm256_set1_epi32((int)IV[1]);
+	__m256i v10 = _mm256_set1_epi32((int)IV[2]), v11 = _mm256_set1_epi32((int)IV[3]);
+	__m256i v12 = _mm256_set1_epi32((int)counter), v13 = _mm256_setzero_si256();
+	__m256i v14 = _mm256_set1_epi32(64), v15 = _mm256_set1_epi32((int)flags);
+#pragma GCC unroll 7
+	for (int r = 0; r < 7; r++) {
+		const uint8_t *s = SCHEDULE[r];
+		G8(v0, v4, v8, v12, m[s[0]], m[s[1]]);
+		G8(v1, v5, v9, v13, m[s[2]], m[s[3]]);
+		G8(v2, v6, v10, v14, m[s[4]], m[s[5]]);
+		G8(v3, v7, v11, v15, m[s[6]], m[s[7]]);
+		G8(v0, v5, v10, v15, m[s[8]], m[s[9]]);
+		G8(v1, v6, v11, v12, m[s[10]], m[s[11]]);
+		G8(v2, v7, v8, v13, m[s[12]], m[s[13]]);
+		G8(v3, v4, v9, v14, m[s[14]], m[s[15]]);
+	}
+	cv[0] = _mm256_xor_si256(v0, v8), cv[1] = _mm256_xor_si256(v1, v9);
+	cv[2] = _mm256_xor_si256(v2, v10), cv[3] = _mm256_xor_si256(v3, v11);
+	cv[4] = _mm256_xor_si256(v4, v12), cv[5] = _mm256_xor_si256(v5, v13);
+	cv[6] = _mm256_xor_si256(v6, v14), cv[7] = _mm256_xor_si256(v7, v15);
+}
+
+/* Rows r[i] (lane i's eight words) become columns w[j] (word j of every lane). */
+AVX2 static void transpose8(const __m256i r[8], __m256i w[8]) {
+	__m256i t[8], u[8];
+	for (int i = 0; i < 4; i++) {
+		t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+		t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+	}
+	/* u[4i+m], 128-bit lane k: rows 4i..4i+3, word 4k+m */
+	for (int i = 0; i < 2; i++) {
+		u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+		u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+		u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+		u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+	}
+	for (int m = 0; m < 4; m++) {
+		w[m] = _mm256_permute2x128_si256(u[m], u[4 + m], 0x20);
+		w[4 + m] = _mm256_permute2x128_si256(u[m], u[4 + m], 0x31);
+	}
+}
+
+AVX2 static void hash8(const uint8_t *const p[8], uint8_t *const out[8]) {
+	__m256i cvs[CHUNKS][8], rows[8], m[16];
+	for (int c = 0; c < CHUNKS; c++) {
+		for (int k = 0; k < 8; k++) cvs[c][k] = _mm256_set1_epi32((int)IV[k]);
+		for (int b = 0; b < BLOCKS; b++) {
+			for (int half = 0; half < 2; half++) {
+				for (int i = 0; i < 8; i++) rows[i] = _mm256_loadu_si256((const __m256i *)(p[i] + c * CHUNK_BYTES + b * 64 + half * 32));
+				transpose8(rows, m + 8 * half);
+			}
+			compress8(cvs[c], m, (uint32_t)c, (b == 0 ? CHUNK_START : 0) | (b == BLOCKS - 1 ? CHUNK_END : 0));
+		}
+	}
+	__m256i left[8], right[8], root[8];
+	for (int k = 0; k < 8; k++) left[k] = right[k] = root[k] = _mm256_set1_epi32((int)IV[k]);
+	for (int k = 0; k < 8; k++) m[k] = cvs[0][k], m[8 + k] = cvs[1][k];
+	compress8(left, m, 0, PARENT);
+	for (int k = 0; k < 8; k++) m[k] = cvs[2][k], m[8 + k] = cvs[3][k];
+	compress8(right, m, 0, PARENT);
+	for (int k = 0; k < 8; k++) m[k] = left[k], m[8 + k] = right[k];
+	compress8(root, m, 0, PARENT | ROOT);
+	uint32_t words[8][8] __attribute__((aligned(32)));
+	for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)words[k], root[k]);
+	for (int i = 0; i < 8; i++) {
+		uint32_t digest[8];
+		for (int k = 0; k < 8; k++) digest[k] = words[k][i];
+		memcpy(out[i], digest, sizeof digest);
+	}
+}
+
 /* Before any thread can call in: digest threads load the library too. */
 __attribute__((constructor)) static void init(void) {
 	__builtin_cpu_init();
 	int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-	wide = avx512;
+	lanes = avx512 ? 16 : __builtin_cpu_supports("avx2") ? 8 : 1;
 	page_kernel = avx512 && __builtin_cpu_supports("avx512vl") ? hash_page_avx512vl : hash_page_sse2;
 }
 
 /* Pages first + 0 .. first + 15 of a call (fewer at its end: lanes past the
  * last page hash it again, into a spare digest). */
 static void hash_group(const uint8_t *base, const uint32_t *offsets, uint32_t count, uint8_t *digests, uint32_t first) {
-	if (!wide) {
+	if (lanes == 1) {
 		for (uint32_t n = first; n < count && n < first + LANES; n++) page_kernel(base + offsets[n], digests + (uint64_t)n * 32);
 		return;
 	}
@@ -274,7 +369,8 @@ static void hash_group(const uint8_t *base, const uint32_t *offsets, uint32_t co
 		p[i] = base + offsets[n];
 		out[i] = first + i < count ? digests + (uint64_t)n * 32 : spare[i];
 	}
-	hash16(p, out);
+	if (lanes == 16) hash16(p, out);
+	else hash8(p, out), hash8(p + 8, out + 8);
 }
 
 /* Digest of the page at `page` to out[0 .. 32). */
@@ -290,12 +386,18 @@ void sgm_digest_pages_at(const uint8_t *base, const uint32_t *offsets, uint32_t 
  * measuring what the others save, and to test these where the CPU has
  * them (SGM_NATIVE_DIGEST=0). Called before any hashing. */
 void sgm_digest_narrow(void) {
-	wide = 0;
+	lanes = 1;
 	page_kernel = hash_page_sse2;
 }
 
-/* How many pages go side by side: 16, or 1. */
-int sgm_digest_lanes(void) { return wide ? LANES : 1; }
+/* Eight pages at a time at most, where the CPU does sixteen: to test the
+ * AVX2 kernel here (SGM_NATIVE_DIGEST=8). Called before any hashing. */
+void sgm_digest_at_most_eight(void) {
+	if (lanes > 8) lanes = 8;
+}
+
+/* How many pages go side by side: 16, 8 or 1. */
+int sgm_digest_lanes(void) { return lanes; }
 
 /* Helper threads that hash a call's groups of sixteen pages beside the
  * thread that called, where they lie: a scatter's reader hashes each chunk

@@ -6,6 +6,7 @@ import { describe, expect, test } from "bun:test";
 import { hash as blake3 } from "blake3-wasm";
 import { readFileSync } from "node:fs";
 import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestHex, digestPage, digestPages, digestPagesAt, isZeroPage } from "../core/dedup/digest.ts";
+import { digestLanes } from "../core/dedup/native-digest.ts";
 import { DigestIndex } from "../core/dedup/digest-index.ts";
 import { PageStore } from "../core/dedup/page-store.ts";
 import { type ErrorKind, SgmError } from "../core/errors.ts";
@@ -27,6 +28,8 @@ function randomBytes(n: number, next: () => number): Uint8Array {
   for (let i = 0; i < n; i++) out[i] = (next() * 256) | 0;
   return out;
 }
+
+const flags = new Set(/^flags\s*:(.*)$/m.exec(readFileSync("/proc/cpuinfo", "utf8"))?.[1]?.trim().split(/\s+/) ?? []);
 
 function blake3Hex(bytes: Uint8Array): string {
   return Buffer.from(blake3(bytes) as Uint8Array).toString("hex");
@@ -76,9 +79,11 @@ describe("digestPage", () => {
 });
 
 describe("digestPages", () => {
-  test("runs natively wherever the CPU has AVX-512 (F and BW), unless SGM_NATIVE_DIGEST=0", () => {
-    const flags = new Set(/^flags\s*:(.*)$/m.exec(readFileSync("/proc/cpuinfo", "utf8"))?.[1]?.trim().split(/\s+/) ?? []);
-    expect(batchDigestNative).toBe(flags.has("avx512f") && flags.has("avx512bw") && process.env.SGM_NATIVE_DIGEST !== "0");
+  test("sixteen pages side by side wherever the CPU has AVX-512 (F and BW), eight with AVX2, unless SGM_NATIVE_DIGEST says fewer", () => {
+    const env = process.env.SGM_NATIVE_DIGEST;
+    const widest = flags.has("avx512f") && flags.has("avx512bw") ? 16 : flags.has("avx2") ? 8 : 1;
+    expect(digestLanes).toBe(env === "0" ? 1 : env === "8" ? Math.min(widest, 8) : widest);
+    expect(batchDigestNative).toBe(digestLanes > 1);
   });
 
   test("matches blake3-wasm for 1 to 40 pages and 128, at strides and offsets that are not the page's, writing nothing else", () => {
@@ -103,20 +108,25 @@ describe("digestPages", () => {
     }
   });
 
-  test("with SGM_NATIVE_DIGEST=0, the kernel any x86-64 runs, a page at a time, gives the same digests", () => {
+  test.each([
+    ["0", "the kernel any x86-64 runs, a page at a time", 1],
+    ["8", "AVX2's, eight pages at a time where the CPU has it", flags.has("avx2") ? 8 : 1],
+  ])("with SGM_NATIVE_DIGEST=%s, %s, the digests are the same", (env, _how, lanes) => {
     const script = `
-      import { batchDigestNative, digestPage, digestPages } from ${JSON.stringify(`${import.meta.dir}/../core/dedup/digest.ts`)};
+      import { digestLanes } from ${JSON.stringify(`${import.meta.dir}/../core/dedup/native-digest.ts`)};
+      import { digestPage, digestPages } from ${JSON.stringify(`${import.meta.dir}/../core/dedup/digest.ts`)};
       const pages = new Uint8Array(20 * 4100);
       for (let i = 0; i < pages.length; i++) pages[i] = (i * 7919) >>> 3;
       const out = new Uint8Array(20 * 32);
       digestPages(pages, 4100, 20, out);
       const one = new Uint8Array(32 + 5);
       digestPage(pages.subarray(3, 3 + 4096), one, 5);
-      console.log(JSON.stringify({ batchDigestNative, out: Buffer.from(out).toString("hex"), one: Buffer.from(one.subarray(5)).toString("hex") }));`;
-    const run = Bun.spawnSync([process.execPath, "-e", script], { env: { ...process.env, SGM_NATIVE_DIGEST: "0" } });
+      console.log(JSON.stringify({ digestLanes, out: Buffer.from(out).toString("hex"), one: Buffer.from(one.subarray(5)).toString("hex") }));`;
+    const run = Bun.spawnSync([process.execPath, "-e", script], { env: { ...process.env, SGM_NATIVE_DIGEST: env } });
     expect(run.stderr.toString()).toBe("");
-    const { batchDigestNative: native, out, one } = JSON.parse(run.stdout.toString());
-    expect(native).toBe(false);
+    const got = JSON.parse(run.stdout.toString());
+    expect(got.digestLanes).toBe(lanes);
+    const { out, one } = got;
     const pages = new Uint8Array(20 * 4100);
     for (let i = 0; i < pages.length; i++) pages[i] = (i * 7919) >>> 3;
     const want = Array.from({ length: 20 }, (_, n) => blake3Hex(pages.subarray(n * 4100, n * 4100 + PAGE_BYTES))).join("");
@@ -137,7 +147,11 @@ describe("digestPages", () => {
     for (let n = 0; n < 20; n++) expect(digestHex(out, n * DIGEST_BYTES)).toBe(blake3Hex(pages.subarray(n * PAGE_BYTES, (n + 1) * PAGE_BYTES)));
   });
 
-  test.each([["sixteen pages at a time where the CPU can", {}], ["a page at a time (SGM_NATIVE_DIGEST=0)", { SGM_NATIVE_DIGEST: "0" }]])("split between hash helper threads and the caller, call after call, the digests are the same: %s", (_how, env) => {
+  test.each([
+    ["as many pages side by side as the CPU can", {}],
+    ["eight at a time at most (SGM_NATIVE_DIGEST=8)", { SGM_NATIVE_DIGEST: "8" }],
+    ["a page at a time (SGM_NATIVE_DIGEST=0)", { SGM_NATIVE_DIGEST: "0" }],
+  ])("split between hash helper threads and the caller, call after call, the digests are the same: %s", (_how, env) => {
     // a child of its own: helpers run for the life of their process
     const script = `
       import { hash } from "blake3-wasm";

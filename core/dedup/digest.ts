@@ -1,9 +1,9 @@
 // Page digests: the content address under which identical pages from any VM
 // are stored and sent once.
 //
-// BLAKE3, natively (native-digest.ts): sixteen pages at a time at 6.6 to
-// 7.2 GB/s a core here, against 3.6 for SHA-256 the same way and 1.6 for
-// Bun.SHA256 a page at a time (README, Choices). At a 2 GB/s stream the
+// BLAKE3, natively (native-digest.ts): sixteen pages at a time at 6.3 to
+// 7.2 GB/s a core here, against 3.5 to 3.7 for SHA-256 the same way and 1.6
+// for Bun.SHA256 a page at a time (README, Choices). At a 2 GB/s stream the
 // digest is the hot path, and a 32-byte collision-resistant digest lets us
 // trust a digest match without comparing pages.
 
@@ -35,14 +35,14 @@ export function digestPage(page: Uint8Array, out: Uint8Array, outOffset = 0): vo
   for (let k = 0; k < DIGEST_BYTES; k++) out[outOffset + k] = scratch[k]!;
 }
 
-/** Whether digestPages hashes sixteen pages at a time (AVX-512) on this CPU. */
+/** Whether digestPages hashes many pages side by side (AVX-512 or AVX2) on this CPU. */
 export const batchDigestNative = digestLanes > 1;
 
 let strided = new Uint32Array(0);
 
 /**
  * Writes the digests of `count` 4 KiB pages, page n at pages[n * stride ..],
- * to digests[32 n ..]: sixteen at a time where the CPU allows.
+ * to digests[32 n ..]: many side by side where the CPU allows.
  */
 export function digestPages(pages: Uint8Array, stride: number, count: number, digests: Uint8Array): void {
   if (!(Number.isInteger(count) && count >= 0 && Number.isInteger(stride) && stride >= PAGE_BYTES)) {

@@ -1,12 +1,12 @@
 // The page digest, BLAKE3, from native/page-digest.c: sixteen pages at a
-// time on AVX-512, else one page's four chunks side by side. The shared
+// time on AVX-512, eight on AVX2, else one page's four chunks side by side. The shared
 // object is built by the Makefile and embedded in dist/sgm; Bun loads it
 // from there through bun:ffi.
 //
 // Checked once per thread before use: the one-page kernel against two
 // digests BLAKE3 gives (blake3-wasm gave them; test/dedup.test.ts checks
-// every kernel against it on random pages), the sixteen-page kernel against
-// the one-page kernel. A sixteen-page kernel that disagrees is not used; a
+// every kernel against it on random pages), the many-page kernel against
+// the one-page kernel. A many-page kernel that disagrees is not used; a
 // one-page kernel that does fails the process, as no other digest could
 // take its place.
 
@@ -28,6 +28,7 @@ function open() {
       sgm_digest_pages_at: hashArgs,
       sgm_digest_pages_at_shared: hashArgs,
       sgm_digest_narrow: { args: [], returns: "void" },
+      sgm_digest_at_most_eight: { args: [], returns: "void" },
       sgm_digest_lanes: { args: [], returns: "i32" },
       sgm_hash_helpers: { args: ["i32"], returns: "i32" },
       sgm_hash_helper_pages: { args: [], returns: "u64" },
@@ -81,15 +82,17 @@ function agrees(hash: HashPagesAt, count: number): boolean {
   return true;
 }
 
-// for measuring what the wider kernels save, and to test the ones any x86-64 runs where the CPU has the others
+// for measuring what the wider kernels save, and to test the narrower ones where the CPU has wider:
+// 0, the kernel any x86-64 runs, a page at a time; 8, AVX2's eight pages at a time at most
 if (process.env.SGM_NATIVE_DIGEST === "0") native.sgm_digest_narrow();
+if (process.env.SGM_NATIVE_DIGEST === "8") native.sgm_digest_at_most_eight();
 checkPageKernel();
 if (!agrees(native.sgm_digest_pages_at, 17)) {
   native.sgm_digest_narrow();
   checkPageKernel();
 }
 
-/** Pages the digest hashes side by side on this CPU: 16 (AVX-512), or 1. */
+/** Pages the digest hashes side by side on this CPU: 16 (AVX-512), 8 (AVX2), or 1. */
 export const digestLanes: number = native.sgm_digest_lanes();
 
 /** The batch digest; it splits each call with the hash helpers once they run (startHashHelpers). */

@@ -38,6 +38,7 @@
 // its own sender threads (core/net/socket-send.ts).
 
 import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestPage, digestPages } from "../../core/dedup/digest.ts";
+import { digestLanes } from "../../core/dedup/native-digest.ts";
 import type { GatherReport } from "../../core/gather/engine.ts";
 import type { ScatterReport } from "../../core/scatter/engine.ts";
 import { loadPsk } from "../../core/wire/auth.ts";
@@ -293,7 +294,7 @@ async function main(memMiB: number, runs: number, prealloc: boolean): Promise<vo
     `Bun socket into read(2) to one buffer (bun:ffi): ${(median(nativeSockets.map((r) => r.rate)) / 2 ** 20).toFixed(0)} MiB/s; CPU s/GiB ${median(nativeSockets.map((r) => r.sendCpu)).toFixed(2)} to send, ${nativeReceive.toFixed(2)} to receive`,
   );
   console.log(
-    `BLAKE3 of every 4 KiB page, one thread: ${sha.toFixed(2)} CPU s/GiB 128 pages a call (${batchDigestNative ? "16 pages side by side" : "a page at a time"}), ${shaOne.toFixed(2)} a page a call`,
+    `BLAKE3 of every 4 KiB page, one thread: ${sha.toFixed(2)} CPU s/GiB 128 pages a call (${batchDigestNative ? `${digestLanes} pages side by side` : "a page at a time"}), ${shaOne.toFixed(2)} a page a call`,
   );
   console.log(`QEMU precopy, uncapped: ${Math.round(qemu)} ms (${((memMiB / qemu) * 1000).toFixed(0)} MiB/s)\n`);
   console.log("| how | role | CPU user s/GiB | CPU system s/GiB | CPU total s/GiB | of it the main thread | page faults /GiB | read past Bun's socket, MiB/GiB | written by sgm's threads, MiB/GiB | hashed by helpers, MiB/GiB | peak RSS | wall rate | total / QEMU |");

@@ -11,6 +11,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { cpus } from "node:os";
 import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, copyBytes, digestPage, digestPages, isZeroPage } from "../../core/dedup/digest.ts";
 import { DigestIndex } from "../../core/dedup/digest-index.ts";
+import { digestLanes } from "../../core/dedup/native-digest.ts";
 import { PageStore } from "../../core/dedup/page-store.ts";
 
 const DATA_BYTES = 64 * 1024 * 1024;
@@ -71,7 +72,7 @@ measure("digestPage (sgm's BLAKE3, a page a call, into a table)", PAGES, DATA_BY
 });
 // what sgm's roles do: a frame's pages in one call (checks), and the scatter's
 // reader on its own thread, which copies each page into a batch first
-const batchRow = measure(`digestPages (sgm's BLAKE3), 128 pages a call (${batchDigestNative ? "16 side by side" : "a page at a time"})`, PAGES, DATA_BYTES, () => {
+const batchRow = measure(`digestPages (sgm's BLAKE3), 128 pages a call (${batchDigestNative ? `${digestLanes} side by side` : "a page at a time"})`, PAGES, DATA_BYTES, () => {
   for (let i = 0; i < PAGES; i += 128) digestPages(data.subarray(i * PAGE_BYTES), PAGE_BYTES, 128, pageDigests.subarray(i * DIGEST_BYTES));
 });
 const batchBuffer = new Uint8Array(128 * PAGE_BYTES);
