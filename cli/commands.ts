@@ -11,6 +11,7 @@ import { reportError } from "./output.ts";
 import { registerRelay } from "./relay.ts";
 import { registerScatter } from "./scatter.ts";
 import { Signals } from "./signals.ts";
+import { WIRE_VERSION } from "../core/wire/frames.ts";
 import { VERSION } from "./version.ts";
 
 export async function main(argv: string[]): Promise<number> {
@@ -27,7 +28,8 @@ export async function main(argv: string[]): Promise<number> {
   cli.help();
 
   if (argv.length === 1 && (argv[0] === "--version" || argv[0] === "-v")) {
-    process.stdout.write(`sgm ${VERSION}\n`);
+    // sgm processes speak to each other only at the same wire protocol: operators compare this
+    process.stdout.write(`sgm ${VERSION} (wire protocol ${WIRE_VERSION})\n`);
     return 0;
   }
   try {

@@ -1,6 +1,7 @@
 // The compiled executable's command line: help, version, and usage errors.
 
 import { describe, expect, test } from "bun:test";
+import { WIRE_VERSION } from "../core/wire/frames.ts";
 import { expectExit, runSgm } from "./harness/sgm.ts";
 
 describe("dist/sgm", () => {
@@ -23,11 +24,11 @@ describe("dist/sgm", () => {
     for (const flag of flags) expect(r.stdout).toContain(flag);
   });
 
-  test("--version prints the version baked in at build time", async () => {
+  test("--version prints the version baked in at build time, and the wire protocol", async () => {
     const pkg = (await Bun.file(`${import.meta.dir}/../package.json`).json()) as { version: string };
     const r = await runSgm(["--version"]);
     expectExit(r, 0);
-    expect(r.stdout).toMatch(new RegExp(`^sgm ${pkg.version.replace(/\./g, "\\.")}\\+[0-9a-f]+\\n$`));
+    expect(r.stdout).toMatch(new RegExp(`^sgm ${pkg.version.replace(/\./g, "\\.")}\\+[0-9a-f]+ \\(wire protocol ${WIRE_VERSION}\\)\\n$`));
   });
 
   test("an unknown command is a usage error (exit 2) on one line", async () => {

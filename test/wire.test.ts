@@ -138,7 +138,7 @@ describe("frame codec", () => {
   });
 
   test.each([
-    ["an older peer's version", header(1, DATA, 0, 4), "frame with protocol version 1 (expected 2), type 16, length 4"],
+    ["an older peer's version", header(1, DATA, 0, 4), "frame with protocol version 1 (expected 2), type 16, length 4: the peer runs an earlier sgm; put the same sgm on every host"],
     ["nonzero flags", header(WIRE_VERSION, DATA, 0x8001, 4), "frame type 16 has flags 0x8001 (expected 0), length 4"],
     ["unknown type", header(WIRE_VERSION, 99, 0, 4), "unknown frame type 99, length 4"],
     ["oversize length", header(WIRE_VERSION, DATA, 0, (1 << 20) + 1), "frame type 16 length 1048577 exceeds its bound of 1048576 bytes"],

@@ -170,7 +170,9 @@ export class FrameDecoder {
   /** Returns the payload length once the header is known to be acceptable. */
   private checkHeader(version: number, type: number, flags: number, length: number): number {
     if (version !== WIRE_VERSION) {
-      throw new SgmError("data", `frame with protocol version ${version} (expected ${WIRE_VERSION}), type ${type}, length ${length}`);
+      // versions before this one were sgm's own: say what to do about it
+      const earlier = version >= 1 && version < WIRE_VERSION ? ": the peer runs an earlier sgm; put the same sgm on every host" : "";
+      throw new SgmError("data", `frame with protocol version ${version} (expected ${WIRE_VERSION}), type ${type}, length ${length}${earlier}`);
     }
     if (flags !== 0) {
       throw new SgmError("data", `frame type ${type} has flags 0x${flags.toString(16).padStart(4, "0")} (expected 0), length ${length}`);
