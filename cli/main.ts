@@ -2,9 +2,27 @@
 // allocator setting (cli/allocator.ts) and waits, so it never loads the
 // commands' modules: loading them is most of what a process's start costs.
 
+import { asSgmError } from "../core/errors.ts";
 import { runWithTunedAllocator } from "./allocator.ts";
 
 const tuned = await runWithTunedAllocator(process.argv.slice(2));
-process.exitCode = tuned ?? (await (await import("./commands.ts")).main(process.argv.slice(2)));
+process.exitCode = tuned ?? (await runCommands());
 // Sockets or timers a failed run left behind must not keep the process alive.
 process.exit();
+
+/**
+ * The commands, or one line on what kept their modules from loading (the
+ * page digest's native code, which no other digest can stand in for), in
+ * plain text: the output module is among those that did not load.
+ */
+async function runCommands(): Promise<number> {
+  let commands: typeof import("./commands.ts");
+  try {
+    commands = await import("./commands.ts");
+  } catch (err) {
+    const e = asSgmError(err);
+    process.stderr.write(`sgm: error: ${e.message}\n`);
+    return e.exitCode;
+  }
+  return commands.main(process.argv.slice(2));
+}

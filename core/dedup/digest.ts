@@ -51,6 +51,8 @@ export function digestPages(pages: Uint8Array, stride: number, count: number, di
   if (count > 0 && (count - 1) * stride + PAGE_BYTES > pages.length) {
     throw new SgmError("internal", `digest of ${count} pages at a stride of ${stride} from ${pages.length} bytes`);
   }
+  // the offsets are 32-bit: one past them would wrap round to another page
+  if (count > 0 && (count - 1) * stride >= 2 ** 32) throw new SgmError("internal", `digest of ${count} pages at a stride of ${stride}: past 4 GiB`);
   if (strided.length < count) strided = new Uint32Array(Math.max(count, 2 * strided.length));
   for (let n = 0; n < count; n++) strided[n] = n * stride;
   digestPagesAt(pages, strided, count, digests);

@@ -10,8 +10,8 @@
 // one-page kernel that does fails the process, as no other digest could
 // take its place.
 
-import { dlopen } from "bun:ffi";
 import library from "../../native/page-digest.so" with { type: "file" };
+import { openLibrary } from "../native-library.ts";
 import { SgmError } from "../errors.ts";
 
 const PAGE = 4096;
@@ -23,7 +23,7 @@ const hashArgs = { args: ["ptr", "ptr", "u32", "ptr"], returns: "void" } as cons
 
 function open() {
   try {
-    return dlopen(library, {
+    return openLibrary(library, {
       sgm_digest_page: { args: ["ptr", "ptr"], returns: "void" },
       sgm_digest_pages_at: hashArgs,
       sgm_digest_pages_at_shared: hashArgs,
@@ -34,7 +34,7 @@ function open() {
       sgm_hash_helper_pages: { args: [], returns: "u64" },
     }).symbols;
   } catch (err) {
-    throw new SgmError("internal", `cannot load the page digest (native/page-digest.c): ${(err as Error).message}`);
+    throw new SgmError("unavailable", `cannot load the page digest (native/page-digest.c): ${(err as Error).message}`);
   }
 }
 
@@ -84,8 +84,10 @@ function agrees(hash: HashPagesAt, count: number): boolean {
 
 // for measuring what the wider kernels save, and to test the narrower ones where the CPU has wider:
 // 0, the kernel any x86-64 runs, a page at a time; 8, AVX2's eight pages at a time at most
-if (process.env.SGM_NATIVE_DIGEST === "0") native.sgm_digest_narrow();
-if (process.env.SGM_NATIVE_DIGEST === "8") native.sgm_digest_at_most_eight();
+const narrowed = process.env.SGM_NATIVE_DIGEST;
+if (narrowed === "0") native.sgm_digest_narrow();
+else if (narrowed === "8") native.sgm_digest_at_most_eight();
+else if (narrowed !== undefined) throw new SgmError("usage", `SGM_NATIVE_DIGEST=${narrowed}: 0 (a page at a time) or 8 (eight at most), or unset`);
 checkPageKernel();
 if (!agrees(native.sgm_digest_pages_at, 17)) {
   native.sgm_digest_narrow();

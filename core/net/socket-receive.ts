@@ -8,8 +8,9 @@
 // The bytes given to `feed` are valid only during the call: the next read
 // overwrites them. Never over TLS: the socket's fd carries ciphertext.
 
-import { dlopen, JSCallback, ptr, toArrayBuffer, type Pointer } from "bun:ffi";
+import { JSCallback, ptr, toArrayBuffer, type Pointer } from "bun:ffi";
 import library from "../../native/socket-receive.so" with { type: "file" };
+import { openLibrary } from "../native-library.ts";
 import { SgmError, asSgmError } from "../errors.ts";
 import { scribbleHandled } from "../test-faults.ts";
 
@@ -46,7 +47,7 @@ function load() {
   // for measuring what it saves, against Bun's reads alone
   if (process.env.SGM_NATIVE_RECEIVE === "0") return null;
   try {
-    return dlopen(library, symbolDefinitions).symbols;
+    return openLibrary(library, symbolDefinitions).symbols;
   } catch {
     return null;
   }

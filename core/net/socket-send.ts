@@ -8,8 +8,9 @@
 // change them (as with Bun's socket, whose unwritten rest the caller keeps).
 // Never over TLS: the socket's fd carries ciphertext.
 
-import { dlopen, JSCallback, ptr, toArrayBuffer, type Pointer } from "bun:ffi";
+import { JSCallback, ptr, toArrayBuffer, type Pointer } from "bun:ffi";
 import library from "../../native/socket-send.so" with { type: "file" };
+import { openLibrary } from "../native-library.ts";
 
 const symbolDefinitions = {
   sgm_sender_open: { args: ["i32", "i32", "function"], returns: "ptr" },
@@ -22,7 +23,7 @@ function load() {
   // for measuring what it saves, against Bun's writes
   if (process.env.SGM_NATIVE_SEND === "0") return null;
   try {
-    return dlopen(library, symbolDefinitions).symbols;
+    return openLibrary(library, symbolDefinitions).symbols;
   } catch {
     return null;
   }

@@ -258,8 +258,6 @@ export function readDigests(payload: Uint8Array, visit: (digestAt: number) => vo
 
 // ---- LOCATIONS ------------------------------------------------------------------------
 
-const LOCATIONS_PER_FRAME = 16384;
-
 /**
  * LOCATIONS entries as they are decided, each digest copied in: no object
  * or view per entry (a scatter through relays adds one for most pages).
@@ -286,11 +284,11 @@ export class LocationList {
     this.count++;
   }
 
-  /** The LOCATIONS payloads of every entry so far, in order; the list is empty after. */
+  /** The LOCATIONS payloads of every entry so far, in order, as many a frame as its bound allows; the list is empty after. */
   take(): Uint8Array[] {
     const payloads: Uint8Array[] = [];
-    for (let first = 0; first < this.count; first += LOCATIONS_PER_FRAME) {
-      const n = Math.min(LOCATIONS_PER_FRAME, this.count - first);
+    for (let first = 0; first < this.count; first += MAP_BATCH) {
+      const n = Math.min(MAP_BATCH, this.count - first);
       const out = new Uint8Array(4 + n * LOCATION_ENTRY);
       new DataView(out.buffer).setUint32(0, n);
       copyBytes(this.bytes, first * LOCATION_ENTRY, out, 4, n * LOCATION_ENTRY);
