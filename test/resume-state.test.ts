@@ -59,6 +59,11 @@ describe("saved state for --resume", () => {
     expect(() => loadResumeState(path)).toThrow(/b\.resume: not a state sgm saved \(\d+ bytes where \d+ were expected\)/);
     writeFileSync(path, "hello");
     expect(() => loadResumeState(path)).toThrow(/not a state sgm saved \(no magic\)/);
+    // one saved before the digests were BLAKE3's: its digests are SHA-256's, not to be read as these
+    const earlier = Buffer.from(whole);
+    earlier.write("SGMRSM01", 0, "latin1");
+    writeFileSync(path, earlier);
+    expect(() => loadResumeState(path)).toThrow(/b\.resume: saved by an earlier sgm, whose page digests were SHA-256: resume with that sgm/);
   });
 
   test("the pages a state names stay held until it is written, though delivered meanwhile, and load back", async () => {

@@ -15,7 +15,7 @@
 // The whole final page map is kept, so a resumed gather checks it against
 // the digest scatter and gather agreed on before it sends a single page.
 //
-// Layout: "SGMRSM01", be32 length of a JSON description, the JSON, then
+// Layout: "SGMRSM02", be32 length of a JSON description, the JSON, then
 // per page an i32 (SAVED_ZERO or a content number, little-endian) and a
 // byte (1: the destination confirmed the page); per content its 32-byte
 // digest and a u32 relay mask; then the bytes of the contents held here.
@@ -28,7 +28,9 @@ import { DIGEST_BYTES, PAGE_BYTES } from "../dedup/digest.ts";
 import { SgmError } from "../errors.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
 
-const MAGIC = new TextEncoder().encode("SGMRSM01");
+// 02: page digests are BLAKE3 (b409df3); a state saved with SHA-256's is not read as if its digests were
+const MAGIC = new TextEncoder().encode("SGMRSM02");
+const EARLIER_MAGIC = new TextEncoder().encode("SGMRSM01");
 /** Page: all zero (the destination reads it as zero unless given other content). */
 export const SAVED_ZERO = -1;
 /** Saved pages written at once: 1 MiB. */
@@ -168,6 +170,9 @@ export function loadResumeState(path: string): ResumeState {
     );
   }
   const bad = (why: string) => new SgmError("data", `${path}: not a state sgm saved (${why})`);
+  if (bytes.length >= MAGIC.length && EARLIER_MAGIC.every((b, i) => bytes[i] === b)) {
+    throw new SgmError("data", `${path}: saved by an earlier sgm, whose page digests were SHA-256: resume with that sgm`);
+  }
   if (bytes.length < MAGIC.length + 4 || MAGIC.some((b, i) => bytes[i] !== b)) throw bad("no magic");
   const jsonLength = new DataView(bytes.buffer, bytes.byteOffset).getUint32(MAGIC.length);
   let at = MAGIC.length + 4;
