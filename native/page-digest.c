@@ -59,6 +59,29 @@ static const uint8_t SCHEDULE[7][16] = {
 static int lanes;
 static void (*page_kernel)(const uint8_t *page, uint8_t *out);
 
+/* BLAKE3's seven rounds over the state v0 .. v15 and the message m[16],
+ * with the G of a kernel's width: the columns, then the diagonals, each
+ * round taking the message words in its row of SCHEDULE. Every kernel runs
+ * these, so the order is written once. */
+#define ROUNDS(G)                                                 \
+	_Pragma("GCC unroll 7") for (int r = 0; r < 7; r++) {     \
+		const uint8_t *s = SCHEDULE[r];                   \
+		G(v0, v4, v8, v12, m[s[0]], m[s[1]]);             \
+		G(v1, v5, v9, v13, m[s[2]], m[s[3]]);             \
+		G(v2, v6, v10, v14, m[s[4]], m[s[5]]);            \
+		G(v3, v7, v11, v15, m[s[6]], m[s[7]]);            \
+		G(v0, v5, v10, v15, m[s[8]], m[s[9]]);            \
+		G(v1, v6, v11, v12, m[s[10]], m[s[11]]);          \
+		G(v2, v7, v8, v13, m[s[12]], m[s[13]]);           \
+		G(v3, v4, v9, v14, m[s[14]], m[s[15]]);           \
+	}
+
+/* The chaining value, the state's halves XORed, into cv[0 .. 8). */
+#define CHAINING(XOR) \
+	(cv[0] = XOR(v0, v8), cv[1] = XOR(v1, v9), cv[2] = XOR(v2, v10), cv[3] = XOR(v3, v11), \
+	 cv[4] = XOR(v4, v12), cv[5] = XOR(v5, v13), cv[6] = XOR(v6, v14), cv[7] = XOR(v7, v15))
+#define XOR_PLAIN(a, b) ((a) ^ (b))
+
 /* ---- a parent, one at a time ---- */
 
 static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
@@ -76,27 +99,17 @@ static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 	} while (0)
 
 static void compress1(uint32_t cv[8], const uint32_t m[16], uint32_t counter, uint32_t flags) {
-	uint32_t v[16] = {cv[0], cv[1], cv[2], cv[3], cv[4], cv[5], cv[6], cv[7], IV[0], IV[1], IV[2], IV[3], counter, 0, 64, flags};
-#pragma GCC unroll 7
-	for (int r = 0; r < 7; r++) {
-		const uint8_t *s = SCHEDULE[r];
-		G1(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);
-		G1(v[1], v[5], v[9], v[13], m[s[2]], m[s[3]]);
-		G1(v[2], v[6], v[10], v[14], m[s[4]], m[s[5]]);
-		G1(v[3], v[7], v[11], v[15], m[s[6]], m[s[7]]);
-		G1(v[0], v[5], v[10], v[15], m[s[8]], m[s[9]]);
-		G1(v[1], v[6], v[11], v[12], m[s[10]], m[s[11]]);
-		G1(v[2], v[7], v[8], v[13], m[s[12]], m[s[13]]);
-		G1(v[3], v[4], v[9], v[14], m[s[14]], m[s[15]]);
-	}
-	for (int i = 0; i < 8; i++) cv[i] = v[i] ^ v[i + 8];
+	uint32_t v0 = cv[0], v1 = cv[1], v2 = cv[2], v3 = cv[3], v4 = cv[4], v5 = cv[5], v6 = cv[6], v7 = cv[7];
+	uint32_t v8 = IV[0], v9 = IV[1], v10 = IV[2], v11 = IV[3], v12 = counter, v13 = 0, v14 = 64, v15 = flags;
+	ROUNDS(G1);
+	CHAINING(XOR_PLAIN);
 }
 
 /* ---- one page, its four chunks side by side in 32-bit lanes (any x86-64) ---- */
 
-typedef uint32_t v4 __attribute__((vector_size(16)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
 
-static inline v4 rot4(v4 x, int n) { return (x >> n) | (x << (32 - n)); }
+static inline u32x4 rot4(u32x4 x, int n) { return (x >> n) | (x << (32 - n)); }
 
 #define G4(a, b, c, d, x, y)                  \
 	do {                                  \
@@ -110,10 +123,10 @@ static inline v4 rot4(v4 x, int n) { return (x >> n) | (x << (32 - n)); }
 		b = rot4(b ^ c, 7);           \
 	} while (0)
 
-static inline v4 splat4(uint32_t x) { return (v4){x, x, x, x}; }
+static inline u32x4 splat4(uint32_t x) { return (u32x4){x, x, x, x}; }
 
 __attribute__((always_inline)) static inline void hash_page(const uint8_t *page, uint8_t *out) {
-	v4 cv[8], m[16];
+	u32x4 cv[8], m[16];
 	for (int k = 0; k < 8; k++) cv[k] = splat4(IV[k]);
 	for (int b = 0; b < BLOCKS; b++) {
 		for (int j = 0; j < 4; j++) {
@@ -123,27 +136,15 @@ __attribute__((always_inline)) static inline void hash_page(const uint8_t *page,
 			__m128i r2 = _mm_loadu_si128((const __m128i *)(at + 2 * CHUNK_BYTES)), r3 = _mm_loadu_si128((const __m128i *)(at + 3 * CHUNK_BYTES));
 			__m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpackhi_epi32(r0, r1);
 			__m128i t2 = _mm_unpacklo_epi32(r2, r3), t3 = _mm_unpackhi_epi32(r2, r3);
-			m[4 * j] = (v4)_mm_unpacklo_epi64(t0, t2), m[4 * j + 1] = (v4)_mm_unpackhi_epi64(t0, t2);
-			m[4 * j + 2] = (v4)_mm_unpacklo_epi64(t1, t3), m[4 * j + 3] = (v4)_mm_unpackhi_epi64(t1, t3);
+			m[4 * j] = (u32x4)_mm_unpacklo_epi64(t0, t2), m[4 * j + 1] = (u32x4)_mm_unpackhi_epi64(t0, t2);
+			m[4 * j + 2] = (u32x4)_mm_unpacklo_epi64(t1, t3), m[4 * j + 3] = (u32x4)_mm_unpackhi_epi64(t1, t3);
 		}
-		v4 v0 = cv[0], v1 = cv[1], v2 = cv[2], v3 = cv[3], v4_ = cv[4], v5 = cv[5], v6 = cv[6], v7 = cv[7];
-		v4 v8 = splat4(IV[0]), v9 = splat4(IV[1]), v10 = splat4(IV[2]), v11 = splat4(IV[3]);
-		v4 v12 = (v4){0, 1, 2, 3}, v13 = splat4(0), v14 = splat4(64);
-		v4 v15 = splat4((b == 0 ? CHUNK_START : 0) | (b == BLOCKS - 1 ? CHUNK_END : 0));
-#pragma GCC unroll 7
-		for (int r = 0; r < 7; r++) {
-			const uint8_t *s = SCHEDULE[r];
-			G4(v0, v4_, v8, v12, m[s[0]], m[s[1]]);
-			G4(v1, v5, v9, v13, m[s[2]], m[s[3]]);
-			G4(v2, v6, v10, v14, m[s[4]], m[s[5]]);
-			G4(v3, v7, v11, v15, m[s[6]], m[s[7]]);
-			G4(v0, v5, v10, v15, m[s[8]], m[s[9]]);
-			G4(v1, v6, v11, v12, m[s[10]], m[s[11]]);
-			G4(v2, v7, v8, v13, m[s[12]], m[s[13]]);
-			G4(v3, v4_, v9, v14, m[s[14]], m[s[15]]);
-		}
-		cv[0] = v0 ^ v8, cv[1] = v1 ^ v9, cv[2] = v2 ^ v10, cv[3] = v3 ^ v11;
-		cv[4] = v4_ ^ v12, cv[5] = v5 ^ v13, cv[6] = v6 ^ v14, cv[7] = v7 ^ v15;
+		u32x4 v0 = cv[0], v1 = cv[1], v2 = cv[2], v3 = cv[3], v4 = cv[4], v5 = cv[5], v6 = cv[6], v7 = cv[7];
+		u32x4 v8 = splat4(IV[0]), v9 = splat4(IV[1]), v10 = splat4(IV[2]), v11 = splat4(IV[3]);
+		u32x4 v12 = (u32x4){0, 1, 2, 3}, v13 = splat4(0), v14 = splat4(64);
+		u32x4 v15 = splat4((b == 0 ? CHUNK_START : 0) | (b == BLOCKS - 1 ? CHUNK_END : 0));
+		ROUNDS(G4);
+		CHAINING(XOR_PLAIN);
 	}
 	uint32_t pm[16], left[8], right[8], root[8];
 	memcpy(left, IV, sizeof IV), memcpy(right, IV, sizeof IV), memcpy(root, IV, sizeof IV);
@@ -182,22 +183,8 @@ AVX512 static inline void compress16(__m512i cv[8], const __m512i m[16], uint32_
 	__m512i v10 = _mm512_set1_epi32((int)IV[2]), v11 = _mm512_set1_epi32((int)IV[3]);
 	__m512i v12 = _mm512_set1_epi32((int)counter), v13 = _mm512_setzero_si512();
 	__m512i v14 = _mm512_set1_epi32(64), v15 = _mm512_set1_epi32((int)flags);
-#pragma GCC unroll 7
-	for (int r = 0; r < 7; r++) {
-		const uint8_t *s = SCHEDULE[r];
-		G16(v0, v4, v8, v12, m[s[0]], m[s[1]]);
-		G16(v1, v5, v9, v13, m[s[2]], m[s[3]]);
-		G16(v2, v6, v10, v14, m[s[4]], m[s[5]]);
-		G16(v3, v7, v11, v15, m[s[6]], m[s[7]]);
-		G16(v0, v5, v10, v15, m[s[8]], m[s[9]]);
-		G16(v1, v6, v11, v12, m[s[10]], m[s[11]]);
-		G16(v2, v7, v8, v13, m[s[12]], m[s[13]]);
-		G16(v3, v4, v9, v14, m[s[14]], m[s[15]]);
-	}
-	cv[0] = _mm512_xor_si512(v0, v8), cv[1] = _mm512_xor_si512(v1, v9);
-	cv[2] = _mm512_xor_si512(v2, v10), cv[3] = _mm512_xor_si512(v3, v11);
-	cv[4] = _mm512_xor_si512(v4, v12), cv[5] = _mm512_xor_si512(v5, v13);
-	cv[6] = _mm512_xor_si512(v6, v14), cv[7] = _mm512_xor_si512(v7, v15);
+	ROUNDS(G16);
+	CHAINING(_mm512_xor_si512);
 }
 
 /* Rows r[i] (lane i's sixteen words) become columns w[j] (word j of every lane). */
@@ -279,22 +266,8 @@ AVX2 static inline void compress8(__m256i cv[8], const __m256i m[16], uint32_t c
 	__m256i v10 = _mm256_set1_epi32((int)IV[2]), v11 = _mm256_set1_epi32((int)IV[3]);
 	__m256i v12 = _mm256_set1_epi32((int)counter), v13 = _mm256_setzero_si256();
 	__m256i v14 = _mm256_set1_epi32(64), v15 = _mm256_set1_epi32((int)flags);
-#pragma GCC unroll 7
-	for (int r = 0; r < 7; r++) {
-		const uint8_t *s = SCHEDULE[r];
-		G8(v0, v4, v8, v12, m[s[0]], m[s[1]]);
-		G8(v1, v5, v9, v13, m[s[2]], m[s[3]]);
-		G8(v2, v6, v10, v14, m[s[4]], m[s[5]]);
-		G8(v3, v7, v11, v15, m[s[6]], m[s[7]]);
-		G8(v0, v5, v10, v15, m[s[8]], m[s[9]]);
-		G8(v1, v6, v11, v12, m[s[10]], m[s[11]]);
-		G8(v2, v7, v8, v13, m[s[12]], m[s[13]]);
-		G8(v3, v4, v9, v14, m[s[14]], m[s[15]]);
-	}
-	cv[0] = _mm256_xor_si256(v0, v8), cv[1] = _mm256_xor_si256(v1, v9);
-	cv[2] = _mm256_xor_si256(v2, v10), cv[3] = _mm256_xor_si256(v3, v11);
-	cv[4] = _mm256_xor_si256(v4, v12), cv[5] = _mm256_xor_si256(v5, v13);
-	cv[6] = _mm256_xor_si256(v6, v14), cv[7] = _mm256_xor_si256(v7, v15);
+	ROUNDS(G8);
+	CHAINING(_mm256_xor_si256);
 }
 
 /* Rows r[i] (lane i's eight words) become columns w[j] (word j of every lane). */
