@@ -111,10 +111,11 @@ describe("model eviction: every page arrives in its last version", () => {
       test(`${name}, churning guest seed ${seed}${digestThreads ? `, on digest threads${batches ? " hashing batches" : ""}` : ""}`, async () => {
         const postcopyAtPass = options.switchover === "postcopy" ? (options.postcopyAfterPass ?? 2) + 1 : undefined;
         const vms = Array.from({ length: vmCount }, (_, v) => {
-          const script = { ...churningScript(seed * 10 + v, 4, 600, v), postcopyAtPass };
-          // after the switch the guest touches pages the source still owes
-          const touches = postcopyAtPass ? script.writes(postcopyAtPass + 1).slice(0, 8).map(([i]) => i) : undefined;
-          return { name: `vm${v}`, script, touches };
+          const base = churningScript(seed * 10 + v, 4, 600, v);
+          // after the switch the guest touches pages the source still owes, and holds until they are asked for:
+          // otherwise the gather may have fed them all before the switch, and nothing is asked
+          const touches = postcopyAtPass ? base.writes(postcopyAtPass + 1).slice(0, 8).map(([i]) => i) : undefined;
+          return { name: `vm${v}`, script: { ...base, postcopyAtPass, heldUntilRequested: touches }, touches };
         });
         const helpersWere = process.env.SGM_HASH_HELPERS;
         if (batches) process.env.SGM_HASH_HELPERS = "0";
@@ -135,6 +136,7 @@ describe("model eviction: every page arrives in its last version", () => {
         if (options.switchover === "postcopy") {
           expect(r.scatter.vms.every((v) => v.pages.pendingPages > 0)).toBe(true);
           expect(r.destinations.every((d) => d.requests > 0)).toBe(true);
+          expect(r.sources.every((s) => s.requests > 0)).toBe(true);
         }
       }, 120_000);
     }

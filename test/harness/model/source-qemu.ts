@@ -45,6 +45,12 @@ export interface SourceScript {
    */
   postcopyAtPass?: number;
   /**
+   * In postcopy, pages (global index) the source sends only once they are
+   * asked for: the guest at the destination touches them before they can
+   * have come, so its requests are certain, whatever the timing.
+   */
+  heldUntilRequested?: number[];
+  /**
    * Pages per RAM section at most (default: what fits in 256 KiB). QEMU
    * ends a section every 50 ms or so, which on a fast host can be tens of
    * thousands of pages.
@@ -69,7 +75,7 @@ export class ModelSourceQemu {
   switchedToPostcopy = false;
   /** Page requests the source got on its return path. */
   requests = 0;
-  /** Resolves once every page has been sent at least once (by the first pass, or in postcopy). */
+  /** Resolves once every page has been sent at least once (by the first pass, or in postcopy), but those held until requested. */
   readonly firstPassSent: Promise<void>;
   private readonly firstPass = Promise.withResolvers<void>();
   private readonly script: SourceScript;
@@ -85,6 +91,8 @@ export class ModelSourceQemu {
   /** Counts migrations: one dropped for another (scatter streams again) stops where it is. */
   private generation = 0;
   private readonly requested: number[] = [];
+  /** Resolved, and replaced, as a page request comes or the postcopy pauses. */
+  private requestOrPause = Promise.withResolvers<void>();
   private cancelled = false;
   /** While postcopy is paused: resolved with the socket path `migrate` resume names. */
   private resumeTo: PromiseWithResolvers<string> | null = null;
@@ -210,6 +218,7 @@ export class ModelSourceQemu {
       onPageRequest: (block, start) => {
         this.requests++;
         this.requested.push(this.memory.blockStart[this.blockIndex(block)]! + start / TPS);
+        this.requestOrPause.resolve();
       },
     });
     void sock.closed.then((reason) => {
@@ -225,6 +234,7 @@ export class ModelSourceQemu {
   private pausePostcopy(): void {
     this.resumeTo = Promise.withResolvers<string>();
     this.setStatus("postcopy-paused");
+    this.requestOrPause.resolve();
   }
 
   /** A paused postcopy resumes: a new channel, each block's received bitmap, what was not received dirty again. */
@@ -324,6 +334,7 @@ export class ModelSourceQemu {
     writer.flush();
     this.setStatus("postcopy-active");
     // each remaining page once, requested ones first
+    const held = new Set(this.script.heldUntilRequested ?? []);
     let next = 0;
     for (;;) {
       if (generation !== this.generation) throw new Error("migration dropped");
@@ -337,9 +348,16 @@ export class ModelSourceQemu {
         if (this.dirty[r]) i = r;
       }
       if (i < 0) {
-        while (next < this.memory.total && !this.dirty[next]) next++;
-        if (next >= this.memory.total) break;
-        i = next;
+        while (next < this.memory.total && (!this.dirty[next] || held.has(next))) next++;
+        if (next < this.memory.total) i = next;
+        else {
+          const waiting = [...held].filter((h) => this.dirty[h]);
+          if (waiting.length === 0) break;
+          writer.flush();
+          this.firstPass.resolve();
+          await this.requestOrPauseWithin(10_000, `no request for pages ${waiting.join(", ")}, held until requested`);
+          continue;
+        }
       }
       this.sendPage(writer, i);
       if (this.sock!.queuedBytes > 256 * 1024) {
@@ -366,6 +384,15 @@ export class ModelSourceQemu {
     await held;
     this.runState = "postmigrate";
     this.setStatus("completed");
+  }
+
+  private async requestOrPauseWithin(ms: number, what: string): Promise<void> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<void>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`model ${this.name}: ${what}, within ${ms / 1000} s`)), ms);
+    });
+    await Promise.race([this.requestOrPause.promise, timeout]).finally(() => clearTimeout(timer));
+    this.requestOrPause = Promise.withResolvers<void>();
   }
 
   private waitForPostcopyRequest(): Promise<void> {
