@@ -5,6 +5,7 @@
 // no longer needs.
 
 import { DIGEST_BYTES, PAGE_BYTES, digestPage, digestPages, sameDigest } from "../dedup/digest.ts";
+import { IdSet } from "../dedup/id-set.ts";
 import { SgmError } from "../errors.ts";
 import { parseHostPort } from "../net/host-port.ts";
 import type { RateLimiter } from "../net/rate-limiter.ts";
@@ -33,7 +34,9 @@ interface Relay {
   queue: number[];
   queueHead: number;
   inFlight: number;
-  releases: Uint8Array[];
+  /** Digests to release, `released` of them, sent when full or when nothing else goes on. */
+  releases: Uint8Array;
+  released: number;
   bytesIn: number;
   pages: number;
 }
@@ -68,8 +71,8 @@ export class RelayFetcher {
   private readonly onUnreachable: FetcherHandlers["unreachable"];
   private relays: Relay[] = [];
   private run: Uint8Array = new Uint8Array(16);
-  /** Content ids asked for and not arrived yet. */
-  private readonly wanted = new Set<number>();
+  /** Content ids asked for and not arrived yet (ids are dense: a bit each, not a Set's hashing per page). */
+  private readonly wanted = new IdSet();
   private nextReq = 1;
   /** GET requests in flight: the relay asked and the digests asked for. */
   private readonly requests = new Map<number, { relay: number; digests: Uint8Array }>();
@@ -79,7 +82,7 @@ export class RelayFetcher {
   /** Relays whose connection is gone (a bit per relay). */
   private lost = 0;
   /** Content wanted, and given up on when no live relay held it. */
-  private readonly abandoned = new Set<number>();
+  private readonly abandoned = new IdSet();
   private closing = false;
   private pumpTimer: ReturnType<typeof setTimeout> | null = null;
   private waitingForRoom = false;
@@ -121,7 +124,7 @@ export class RelayFetcher {
             return null;
           },
         );
-        const relay: Relay = { address, conn, queue: [], queueHead: 0, inFlight: 0, releases: [], bytesIn: 0, pages: 0 };
+        const relay: Relay = { address, conn, queue: [], queueHead: 0, inFlight: 0, releases: new Uint8Array(0), released: 0, bytesIn: 0, pages: 0 };
         return relay;
       }),
     );
@@ -189,15 +192,14 @@ export class RelayFetcher {
   release(cid: number, mask: number): void {
     this.wanted.delete(cid);
     this.abandoned.delete(cid);
-    this.tried.delete(cid);
-    if (mask === 0) return;
-    // a copy only where a relay is to hear of it: most content never went to one
-    const digest = this.dir.digestOf(cid).slice();
-    this.relays.forEach((relay, i) => {
-      if (!(mask & (1 << i))) return;
-      relay.releases.push(digest);
-      if (relay.releases.length >= RELEASE_BATCH) this.flushReleases(relay);
-    });
+    this.forgetTried(cid);
+    for (let i = 0; i < this.relays.length; i++) {
+      if (!(mask & (1 << i))) continue;
+      const relay = this.relays[i]!;
+      if (relay.releases.length === 0) relay.releases = new Uint8Array(RELEASE_BATCH * DIGEST_BYTES);
+      this.dir.copyDigest(cid, relay.releases, relay.released++ * DIGEST_BYTES);
+      if (relay.released === RELEASE_BATCH) this.flushReleases(relay);
+    }
   }
 
   /** Sends pending releases (at the end, or when nothing else is going on). */
@@ -302,10 +304,11 @@ export class RelayFetcher {
    * -1 when there is none, and the VMs that need it hear so (unreachable).
    */
   private pickRelay(cid: number): number {
-    const mask = this.dir.relayMask(cid) & ~(this.tried.get(cid) ?? 0) & ~this.lost;
+    const tried = this.tried.size === 0 ? 0 : (this.tried.get(cid) ?? 0);
+    const mask = this.dir.relayMask(cid) & ~tried & ~this.lost;
     if (mask !== 0) return 31 - Math.clz32(mask & -mask);
     this.wanted.delete(cid);
-    this.tried.delete(cid);
+    this.forgetTried(cid);
     this.abandoned.add(cid);
     const relayGone = (this.dir.relayMask(cid) & ~this.lost) === 0;
     this.onUnreachable(cid, `no relay holds page content ${this.hex(cid)} any more`, relayGone);
@@ -359,7 +362,7 @@ export class RelayFetcher {
       relay.pages++;
       if (cid < 0) return;
       this.wanted.delete(cid);
-      this.tried.delete(cid);
+      this.forgetTried(cid);
       this.dir.fetched(cid, payload, pageAt);
     });
     this.requests.delete(req);
@@ -377,13 +380,17 @@ export class RelayFetcher {
     this.pump();
   }
 
+  /** Relays tried for content are rare (a relay that lacked a page): most pages skip the map. */
+  private forgetTried(cid: number): void {
+    if (this.tried.size > 0) this.tried.delete(cid);
+  }
+
   private flushReleases(relay: Relay): void {
-    if (relay.releases.length === 0 || !relay.conn) return;
-    const digests = new Uint8Array(relay.releases.length * DIGEST_BYTES);
-    relay.releases.forEach((d, n) => digests.set(d, n * DIGEST_BYTES));
-    relay.releases = [];
+    if (relay.released === 0 || !relay.conn) return;
+    const count = relay.released;
+    relay.released = 0;
     try {
-      relay.conn.send(RelayFrame.RELEASE, encodeRelease(this.run, digests));
+      relay.conn.send(RelayFrame.RELEASE, encodeRelease(this.run, relay.releases.subarray(0, count * DIGEST_BYTES)));
     } catch {
       // a relay gone away drops the run's pages with its TTL
     }
