@@ -100,30 +100,51 @@ export class RunHolds {
   }
 
   /**
-   * Holds the page (4096 bytes of `page` from `pageAt`) for `run`: true if
-   * the run now holds it (already did, or the store took it), false if the
-   * store is full and does not have it.
+   * Holds for `run` each of the `count` pages of a PUT (page n is 4096
+   * bytes of `pages` from pageAt(n), its digest at digestAt(n)); refused[n]
+   * says the store is full and does not have it. A page the run holds
+   * already, or the store has, is held without room. The run and the room
+   * other runs set aside are looked up once a PUT, not once a page: no
+   * other run's holds change meanwhile.
    */
-  hold(run: string, digest: Uint8Array, digestAt: number, page: Uint8Array, pageAt: number, now: number): boolean {
+  holdPut(
+    run: string,
+    count: number,
+    digests: Uint8Array,
+    digestAt: (n: number) => number,
+    pages: Uint8Array,
+    pageAt: (n: number) => number,
+    now: number,
+  ): boolean[] {
+    const refused = new Array<boolean>(count).fill(false);
     let entry = this.runs.get(run);
-    const id = this.store.idOf(digest, digestAt);
-    if (entry) {
-      entry.deadline = now + this.ttlMs;
-      if (id !== -1 && entry.ids.has(id)) return true;
-    } else if (this.closedToNewRuns) {
-      return false;
+    if (entry) entry.deadline = now + this.ttlMs;
+    else if (this.closedToNewRuns) return refused.fill(true);
+    const store = this.store;
+    const others = this.outstandingExcept(run);
+    for (let n = 0; n < count; n++) {
+      const id = store.idOf(digests, digestAt(n));
+      if (id !== -1 && entry?.ids.has(id)) continue;
+      // content the store has already takes no room; new content must fit beside other runs' reservations
+      if (id === -1) {
+        if (store.capacityBytes - store.usedBytes + store.spareBytes - others < PAGE_BYTES) {
+          refused[n] = true;
+          continue;
+        }
+        if (store.full) this.evictSpare();
+      }
+      const put = store.put(digests, digestAt(n), pages, pageAt(n));
+      if (put === null) {
+        refused[n] = true;
+        continue;
+      }
+      if (!entry) {
+        entry = { ids: new IdSet(), deadline: now + this.ttlMs, reserved: 0 };
+        this.runs.set(run, entry);
+      }
+      entry.ids.add(put.id);
     }
-    // content the store has already takes no room; new content must fit beside other runs' reservations
-    if (id === -1 && this.roomFor(run) < PAGE_BYTES) return false;
-    if (id === -1 && this.store.full) this.evictSpare();
-    const put = this.store.put(digest, digestAt, page, pageAt);
-    if (put === null) return false;
-    if (!entry) {
-      entry = { ids: new IdSet(), deadline: now + this.ttlMs, reserved: 0 };
-      this.runs.set(run, entry);
-    }
-    entry.ids.add(put.id);
-    return true;
+    return refused;
   }
 
   /** The run holds page `id`: it may read it. */

@@ -222,19 +222,13 @@ export class RelaySession {
     pageAt: (n: number) => number,
   ): void {
     const { holds, counters } = this.shared;
-    const run = runKey(runId);
-    const now = this.shared.now();
-    const refused: boolean[] = [];
+    const refused = holds.holdPut(runKey(runId), count, digests, digestAt, pages, pageAt, this.shared.now());
     let anyRefused = false;
-    for (let n = 0; n < count; n++) {
-      const held = holds.hold(run, digests, digestAt(n), pages, pageAt(n), now);
-      refused.push(!held);
-      if (held) {
-        counters.bytesIn += PAGE_BYTES;
-      } else {
+    for (const no of refused) {
+      if (no) {
         counters.refusedPages++;
         anyRefused = true;
-      }
+      } else counters.bytesIn += PAGE_BYTES;
     }
     if (anyRefused && !this.fullSent) {
       // Once per connection: the client learns why from the first refusal, then reads the ACK bitmaps.
