@@ -10,7 +10,7 @@ import { ContentDirectory } from "../core/gather/content-directory.ts";
 import { RelayFetcher } from "../core/gather/relay-fetcher.ts";
 import { maxPayload } from "../core/wire/messages.ts";
 import { type PeerListener, listenPeers } from "../core/wire/peer-listener.ts";
-import { PagesBuilder, RelayFrame, readDigestRequest } from "../core/wire/relay-messages.ts";
+import { PagesBuilder, RELEASE_BATCH, RelayFrame, readDigestRequest, readRelease } from "../core/wire/relay-messages.ts";
 
 const psk = new TextEncoder().encode("sgm fetcher test key 0123456789abcdef");
 const closers: Array<() => void> = [];
@@ -114,5 +114,48 @@ describe("fetching pages from a relay", () => {
     expect(lost[0]).toContain("sent a page that does not match its digest");
     expect(dir.isLocal(cids[123]!)).toBe(false);
     for (const [n, cid] of cids.entries()) if (dir.isLocal(cid)) expect(Buffer.from(dir.data(cid)).equals(Buffer.from(pages[n]!.page))).toBe(true);
+  });
+});
+
+describe("releasing content on relays", () => {
+  test("each relay hears of what it held, in batches of at most RELEASE_BATCH; a relay a resumed gather could not reach is skipped", async () => {
+    const released: string[] = [];
+    const frames: number[] = [];
+    const gotAll = Promise.withResolvers<void>();
+    const count = RELEASE_BATCH + 904;
+    const listener = listenPeers({
+      host: "127.0.0.1",
+      port: 0,
+      psk,
+      role: "relay",
+      acceptRoles: ["gather"],
+      maxPayload,
+      onConnection(conn) {
+        closers.push(() => conn.close());
+        conn.onFrame((type, payload) => {
+          if (type !== RelayFrame.RELEASE) return;
+          const release = readRelease(payload);
+          frames.push(release.count);
+          for (let n = 0; n < release.count; n++) released.push(Buffer.from(release.digests.subarray(n * DIGEST_BYTES, (n + 1) * DIGEST_BYTES)).toString("hex"));
+          if (released.length >= count) gotAll.resolve();
+        });
+      },
+    });
+    closers.push(() => listener.close());
+    const dir = new ContentDirectory(() => {});
+    const fetcher = new RelayFetcher(dir, null, { error: (err) => gotAll.reject(err), lost: () => {}, unreachable: () => {} });
+    // relay 1 refuses the connection: a resumed gather goes on without it
+    const gone = await fetcher.connect(new Uint8Array(16).fill(4), [`127.0.0.1:${listener.port}`, "127.0.0.1:1"], psk, null, true);
+    expect(gone.map((g) => g.index)).toEqual([1]);
+    const digests = Array.from({ length: count + 10 }, (_, n) => pageOf(50_000 + n).digest);
+    const cids = digests.map((d) => dir.intern(d, 0));
+    // every content on both relays, but the last ten on neither
+    cids.forEach((cid, n) => fetcher.release(cid, n < count ? 0b11 : 0));
+    fetcher.flushAllReleases();
+    const timeout = setTimeout(() => gotAll.reject(new Error(`not all ${count} releases within 10 s (${released.length} came)`)), 10_000);
+    await gotAll.promise.finally(() => clearTimeout(timeout));
+    fetcher.close();
+    expect(frames).toEqual([RELEASE_BATCH, 904]);
+    expect(released).toEqual(digests.slice(0, count).map((d) => Buffer.from(d).toString("hex")));
   });
 });

@@ -194,8 +194,9 @@ export class RelayFetcher {
     this.abandoned.delete(cid);
     this.forgetTried(cid);
     for (let i = 0; i < this.relays.length; i++) {
-      if (!(mask & (1 << i))) continue;
       const relay = this.relays[i]!;
+      // a relay a resumed gather could not reach hears nothing: it drops the run's pages with its TTL
+      if (!(mask & (1 << i)) || !relay.conn) continue;
       if (relay.releases.length === 0) relay.releases = new Uint8Array(RELEASE_BATCH * DIGEST_BYTES);
       this.dir.copyDigest(cid, relay.releases, relay.released++ * DIGEST_BYTES);
       if (relay.released === RELEASE_BATCH) this.flushReleases(relay);

@@ -355,7 +355,7 @@ export class ModelSourceQemu {
           if (waiting.length === 0) break;
           writer.flush();
           this.firstPass.resolve();
-          await this.requestOrPauseWithin(10_000, `no request for pages ${waiting.join(", ")}, held until requested`);
+          await this.requestOrPauseWithin(30_000, `no request for pages ${waiting.join(", ")}, held until requested`);
           continue;
         }
       }
