@@ -8,6 +8,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../core/dedup/digest.ts";
 import { ContentDirectory } from "../core/gather/content-directory.ts";
 import { RelayFetcher } from "../core/gather/relay-fetcher.ts";
+import type { PeerConnection } from "../core/wire/connection.ts";
 import { maxPayload } from "../core/wire/messages.ts";
 import { type PeerListener, listenPeers } from "../core/wire/peer-listener.ts";
 import { PagesBuilder, RELEASE_BATCH, RelayFrame, readDigestRequest, readRelease } from "../core/wire/relay-messages.ts";
@@ -27,8 +28,8 @@ function pageOf(seed: number): { page: Uint8Array; digest: Uint8Array } {
   return { page, digest };
 }
 
-/** A relay that answers every GET with `answer(n)` for the n-th digest asked: a page, or null for not held. */
-function standInRelay(answer: (digest: Uint8Array) => Uint8Array | null): PeerListener {
+/** A relay stand-in on a real loopback listener: each frame a gather sends it goes to `onFrame`. */
+function relayStandIn(onFrame: (conn: PeerConnection, type: number, payload: Uint8Array) => void): PeerListener {
   const listener = listenPeers({
     host: "127.0.0.1",
     port: 0,
@@ -38,21 +39,26 @@ function standInRelay(answer: (digest: Uint8Array) => Uint8Array | null): PeerLi
     maxPayload,
     onConnection(conn) {
       closers.push(() => conn.close());
-      conn.onFrame((type, payload) => {
-        if (type !== RelayFrame.GET) return;
-        const { req, count, digests } = readDigestRequest(payload, "GET");
-        const reply = new PagesBuilder(req, count);
-        for (let n = 0; n < count; n++) {
-          const page = answer(digests.subarray(n * DIGEST_BYTES, (n + 1) * DIGEST_BYTES));
-          const at = reply.addEntry(digests, n * DIGEST_BYTES, page !== null);
-          if (page) reply.take().set(page, at);
-        }
-        conn.send(RelayFrame.PAGES, reply.take());
-      });
+      conn.onFrame((type, payload) => onFrame(conn, type, payload));
     },
   });
   closers.push(() => listener.close());
   return listener;
+}
+
+/** A relay that answers every GET with `answer(n)` for the n-th digest asked: a page, or null for not held. */
+function standInRelay(answer: (digest: Uint8Array) => Uint8Array | null): PeerListener {
+  return relayStandIn((conn, type, payload) => {
+    if (type !== RelayFrame.GET) return;
+    const { req, count, digests } = readDigestRequest(payload, "GET");
+    const reply = new PagesBuilder(req, count);
+    for (let n = 0; n < count; n++) {
+      const page = answer(digests.subarray(n * DIGEST_BYTES, (n + 1) * DIGEST_BYTES));
+      const at = reply.addEntry(digests, n * DIGEST_BYTES, page !== null);
+      if (page) reply.take().set(page, at);
+    }
+    conn.send(RelayFrame.PAGES, reply.take());
+  });
 }
 
 async function fetchAll(relay: PeerListener, pages: Array<{ digest: Uint8Array }>) {
@@ -123,25 +129,13 @@ describe("releasing content on relays", () => {
     const frames: number[] = [];
     const gotAll = Promise.withResolvers<void>();
     const count = RELEASE_BATCH + 904;
-    const listener = listenPeers({
-      host: "127.0.0.1",
-      port: 0,
-      psk,
-      role: "relay",
-      acceptRoles: ["gather"],
-      maxPayload,
-      onConnection(conn) {
-        closers.push(() => conn.close());
-        conn.onFrame((type, payload) => {
-          if (type !== RelayFrame.RELEASE) return;
-          const release = readRelease(payload);
-          frames.push(release.count);
-          for (let n = 0; n < release.count; n++) released.push(Buffer.from(release.digests.subarray(n * DIGEST_BYTES, (n + 1) * DIGEST_BYTES)).toString("hex"));
-          if (released.length >= count) gotAll.resolve();
-        });
-      },
+    const listener = relayStandIn((_conn, type, payload) => {
+      if (type !== RelayFrame.RELEASE) return;
+      const release = readRelease(payload);
+      frames.push(release.count);
+      for (let n = 0; n < release.count; n++) released.push(Buffer.from(release.digests.subarray(n * DIGEST_BYTES, (n + 1) * DIGEST_BYTES)).toString("hex"));
+      if (released.length >= count) gotAll.resolve();
     });
-    closers.push(() => listener.close());
     const dir = new ContentDirectory(() => {});
     const fetcher = new RelayFetcher(dir, null, { error: (err) => gotAll.reject(err), lost: () => {}, unreachable: () => {} });
     // relay 1 refuses the connection: a resumed gather goes on without it

@@ -21,6 +21,7 @@ import { RecoveryReader } from "../../../core/qemu/postcopy-recovery.ts";
 import { ReturnPathReader } from "../../../core/qemu/return-path.ts";
 import { type BlockLayout, contentBytes, GuestMemory } from "./guest-memory.ts";
 import { QmpError, QmpServer } from "./qmp-server.ts";
+import { within } from "../within.ts";
 
 export const MODEL_MACHINE = "pc-i440fx-7.2";
 const RAM_SECTION_ID = 2;
@@ -355,7 +356,8 @@ export class ModelSourceQemu {
           if (waiting.length === 0) break;
           writer.flush();
           this.firstPass.resolve();
-          await this.requestOrPauseWithin(30_000, `no request for pages ${waiting.join(", ")}, held until requested`);
+          await within(this.requestOrPause.promise, 30_000, `model ${this.name}: no request for pages ${waiting.join(", ")}, held until requested,`);
+          this.requestOrPause = Promise.withResolvers<void>();
           continue;
         }
       }
@@ -384,15 +386,6 @@ export class ModelSourceQemu {
     await held;
     this.runState = "postmigrate";
     this.setStatus("completed");
-  }
-
-  private async requestOrPauseWithin(ms: number, what: string): Promise<void> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<void>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`model ${this.name}: ${what}, within ${ms / 1000} s`)), ms);
-    });
-    await Promise.race([this.requestOrPause.promise, timeout]).finally(() => clearTimeout(timer));
-    this.requestOrPause = Promise.withResolvers<void>();
   }
 
   private waitForPostcopyRequest(): Promise<void> {
