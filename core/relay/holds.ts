@@ -79,7 +79,12 @@ export class RunHolds {
   /** What `run` may still fill: the store's free room less what other runs have reserved and not filled. */
   roomFor(run: string | null): number {
     if (this.closedToNewRuns && (run === null || !this.runs.has(run))) return 0;
-    return Math.max(0, this.store.capacityBytes - this.store.usedBytes + this.store.spareBytes - this.outstandingExcept(run));
+    return Math.max(0, this.roomBeside(this.outstandingExcept(run)));
+  }
+
+  /** The store's free room (spare pages count as free) less `setAside` bytes other runs reserved and did not fill; may be negative. */
+  private roomBeside(setAside: number): number {
+    return this.store.capacityBytes - this.store.usedBytes + this.store.spareBytes - setAside;
   }
 
   /**
@@ -127,7 +132,7 @@ export class RunHolds {
       if (id !== -1 && entry?.ids.has(id)) continue;
       // content the store has already takes no room; new content must fit beside other runs' reservations
       if (id === -1) {
-        if (store.capacityBytes - store.usedBytes + store.spareBytes - others < PAGE_BYTES) {
+        if (this.roomBeside(others) < PAGE_BYTES) {
           refused[n] = true;
           continue;
         }
