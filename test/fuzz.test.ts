@@ -25,6 +25,7 @@ import {
   encodeHoldOf,
   encodeKeepOf,
   encodeRelease,
+  readAck,
   readPages,
 } from "../core/wire/relay-messages.ts";
 import { captureStream } from "./harness/capture.ts";
@@ -41,6 +42,8 @@ const psk = new TextEncoder().encode("sgm fuzz test key 0123456789abcdef");
 /** The relay fuzz uses three runs and one keeper. */
 const runOf = (n: number) => new Uint8Array(16).fill(n);
 const KEEPER = runOf(9);
+/** A run no fuzzed frame names: a clean peer's pages under it must come through the fuzz intact. */
+const WITNESS = runOf(7);
 const budgetMs = fuzzBudgetMs();
 
 let dir: string;
@@ -74,9 +77,18 @@ async function fuzz(what: string, round: (rng: Rng, n: number) => Promise<void> 
 
 // ---- relay ----------------------------------------------------------------------
 
+/** A few contents only, so that PUT, HOLD and KEEP meet content the relay has. */
+const CONTENTS = 8;
+
 function pageOf(rng: Rng): Page {
-  // a few contents only, so that PUT, HOLD and KEEP meet content the relay has
-  const page = new Uint8Array(PAGE_BYTES).fill(rng.int(8));
+  return contentPage(rng.int(CONTENTS));
+}
+
+function contentPage(content: number): Page {
+  return pageWith(new Uint8Array(PAGE_BYTES).fill(content));
+}
+
+function pageWith(page: Uint8Array): Page {
   const digest = new Uint8Array(DIGEST_BYTES);
   digestPage(page, digest);
   return { digest, page };
@@ -121,17 +133,17 @@ function putDigests(payload: Uint8Array, into: Set<string>): void {
 }
 
 /** GETs every digest for each run; each page the relay has for it must hash to its digest. Returns how many it had. */
-async function expectServedPagesMatch(port: number, digests: Set<string>): Promise<number> {
+async function expectServedPagesMatch(port: number, runs: readonly Uint8Array[], digests: Set<string>): Promise<number> {
   const client = await rawSession(port, psk, "gather");
   const all = [...digests].map((hex) => Buffer.from(hex, "hex"));
   let found = 0;
-  for (let r = 0; r < 3; r++) {
+  for (const run of runs) {
     for (let from = 0; from < all.length; from += 256) {
       const batch = all.slice(from, from + 256);
       const request = new Uint8Array(batch.length * DIGEST_BYTES);
       batch.forEach((d, i) => request.set(d, i * DIGEST_BYTES));
       const before = client.frames.length;
-      client.writeFrame(RelayFrame.GET, encodeDigestRequest(runOf(r), from, request));
+      client.writeFrame(RelayFrame.GET, encodeDigestRequest(run, from, request));
       await eventually(() => client.frames.length > before, 5000, "the relay answering a GET");
       const reply = client.frames.at(-1)!;
       expect(reply.type).toBe(RelayFrame.PAGES);
@@ -147,6 +159,25 @@ async function expectServedPagesMatch(port: number, digests: Set<string>): Promi
   }
   client.close();
   return found;
+}
+
+/**
+ * Before the fuzz, a clean peer puts pages of its own under WITNESS, which
+ * the relay must take: afterwards they must be served intact. Whether any
+ * fuzzed page is still held at the end is chance (later fuzzed frames
+ * release them, or reserve the room), so the witness is what makes the
+ * served-page check certain to look at real pages.
+ */
+async function putWitness(port: number): Promise<Set<string>> {
+  const rng = new Rng(0x5747);
+  const pages = Array.from({ length: 4 }, () => pageWith(rng.bytes(PAGE_BYTES)));
+  const client = await rawSession(port, psk, "scatter");
+  client.writeFrame(RelayFrame.PUT, putPayload(WITNESS, 1, pages));
+  // acknowledged, so taken: a session closed with a PUT still being checked keeps nothing of it
+  await eventually(() => client.frames.some((f) => f.type === RelayFrame.ACK), 5000, "the relay acknowledging the witness's PUT");
+  expect(readAck(client.frames.find((f) => f.type === RelayFrame.ACK)!.payload).refused, "the witness's pages taken").toEqual([false, false, false, false]);
+  client.close();
+  return new Set(pages.map((p) => Buffer.from(p.digest).toString("hex")));
 }
 
 /** The relay answers a fresh peer's stats request promptly: its loop is not stuck. */
@@ -167,8 +198,14 @@ describe("fuzz", () => {
   test.each([0, 2])("relay (%i digest threads): random and mutated frames from peers with the key", async (digestThreads) => {
     const capacityBytes = 1 << 20;
     const logs: string[] = [];
-    relay = startRelay({ host: "127.0.0.1", port: 0, psk, capacityBytes, ttlMs: 60_000, digestThreads, log: (line) => logs.push(line) });
+    // the witness's run must outlive the fuzz
+    const ttlMs = budgetMs + 60_000;
+    relay = startRelay({ host: "127.0.0.1", port: 0, psk, capacityBytes, ttlMs, digestThreads, log: (line) => logs.push(line) });
     const port = relay.port;
+    const witness = await putWitness(port);
+    const fuzzRuns = [0, 1, 2].map(runOf);
+    const contents = new Set(Array.from({ length: CONTENTS }, (_, c) => contentPage(c)).map((p) => Buffer.from(p.digest).toString("hex")));
+    let fuzzedServed = 0;
     const sent = new Set<string>();
     const sessions: RawSession[] = [];
     await fuzz(`relay on ${digestThreads} digest threads`, async (rng, n) => {
@@ -199,7 +236,9 @@ describe("fuzz", () => {
       }
       // a peer left waiting for bytes a mutated length promised holds its socket: close some, keep the last few
       if (sessions.length > 8) sessions.shift()!.close();
-      if (n % 20 === 0) await expectAnswers(port);
+      // every fuzzed content at many moments, not only what the end holds (its GETs answered show the loop not stuck too)
+      if (n % 100 === 0) fuzzedServed += await expectServedPagesMatch(port, fuzzRuns, contents);
+      else if (n % 20 === 0) await expectAnswers(port);
       const stats = relay!.stats();
       expect(stats.used).toBeLessThanOrEqual(capacityBytes);
       expect(stats.connections).toBeLessThanOrEqual(12);
@@ -207,8 +246,9 @@ describe("fuzz", () => {
     for (const s of sessions) s.close();
     await eventually(() => relay!.stats().connections === 0, 5000, "every fuzzing peer's connection gone");
     await expectAnswers(port);
-    const found = await expectServedPagesMatch(port, sent);
-    expect(found, "pages taken and served, each matching its digest").toBeGreaterThan(0);
+    fuzzedServed += await expectServedPagesMatch(port, fuzzRuns, sent);
+    console.log(`relay on ${digestThreads} digest threads: ${fuzzedServed} fuzzed pages served, each matching its digest`);
+    expect(await expectServedPagesMatch(port, [WITNESS], witness), "the witness's pages served, each matching its digest").toBe(witness.size);
     expect(logs.filter((line) => /internal|TypeError|RangeError/.test(line))).toEqual([]);
   }, 120_000);
 
