@@ -282,7 +282,8 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
   });
 
   test("a reservation alone keeps its run until the TTL, then it is dropped", async () => {
-    const r = relay({ capacityBytes: 8 * PAGE_BYTES, ttlMs: 300 });
+    // a TTL well above any stall of this process between the reservation and the stats that follow it
+    const r = relay({ capacityBytes: 8 * PAGE_BYTES, ttlMs: 1000 });
     const scatter = await Client.connect(r.port);
     await scatter.reserve(runId(1), 8 * PAGE_BYTES);
     expect(await scatter.stats(runId(2))).toMatchObject({ free: 0, runs: 1 });
@@ -414,16 +415,24 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
   });
 
   test("an idle run's pages go when its TTL passes; a run kept alive by empty releases keeps its pages", async () => {
-    const r = relay({ ttlMs: 300 });
+    // kept alive every 100 ms against a TTL of 1 s: a stall of this process (relay and clients alike) must last
+    // 900 ms to drop the live run, while the idle one goes after a second
+    const r = relay({ ttlMs: 1000 });
     const scatter = await Client.connect(r.port);
     const [idle, alive] = randomPages(2) as [Page, Page];
     await scatter.put(runId(1), 0, [idle]);
     await scatter.put(runId(2), 1, [alive]);
     const gather = await Client.connect(r.port, "gather");
-    for (let i = 0; i < 7; i++) {
-      gather.release(runId(2), []);
-      await Bun.sleep(100);
-    }
+    await within(
+      (async () => {
+        while (r.stats().expiredRuns === 0) {
+          gather.release(runId(2), []);
+          await Bun.sleep(100);
+        }
+      })(),
+      10_000,
+      "the idle run was not dropped",
+    );
     expect((await gather.get(runId(1), [idle])).map((p) => p !== undefined)).toEqual([false]);
     expect((await gather.get(runId(2), [alive])).map((p) => p !== undefined)).toEqual([true]);
     expect(r.stats()).toMatchObject({ pages: 1, runs: 1, expiredRuns: 1 });
