@@ -36,28 +36,29 @@ async function relayFigures(r: Awaited<ReturnType<typeof startRelay>>): Promise<
 describe("choosing relays", () => {
   test("--plan on three relays of different room and rate picks the rule's set, says why the third is out, and moves nothing", async () => {
     const pair = await startPair(dir, "plan", { memMiB: 128, seed: 301 });
-    // rates far apart, so their order holds on a slow machine: fast but small, slower with room, slowest
+    // Rates held so low that only the fast relay's own probe depends on the machine: the set below is the rule's
+    // whenever it measures above about 14 MiB/s, however the three rank (a fresh clone's suite once measured a relay
+    // held to 100 MiB/s below 30). A 50 ms probe reads a held relay above its rate by its first burst (256 KiB).
     const [fastSmall, roomy, slow] = await Promise.all([
       startRelay(psk, "64MiB", ["--max-rate", "200MiB/s", "--json"]),
-      startRelay(psk, "1GiB", ["--max-rate", "40MiB/s", "--json"]),
-      startRelay(psk, "1GiB", ["--max-rate", "10MiB/s", "--json"]),
+      startRelay(psk, "1GiB", ["--max-rate", "8MiB/s", "--json"]),
+      startRelay(psk, "1GiB", ["--max-rate", "2MiB/s", "--json"]),
     ]);
-    const { gather, port } = await startGather([pair], psk, ["--max-rate", "5MiB/s"]);
+    const { gather, port } = await startGather([pair], psk, ["--max-rate", "2MiB/s"]);
     const via = [slow, roomy, fastSmall].map((r) => r.address).join(",");
-    // a source rate the fast relay alone takes eight times over, however slowly its probe runs beside other tests (at
-    // 100 MiB/s a fresh clone's suite once measured it so low that the slowest relay was added to make up the rate)
-    const s = await (await startScatter([pair], port, psk, ["--plan", "--source-rate", "30MiB/s", "--via", via])).result();
+    // The destination (at most ~7 MiB/s as probed) and the roomy relay (~13) fall short of 24 MiB/s, so the roomy
+    // one alone is not enough; the fast one holds 64 MiB of the 80 MiB or more that will not go direct, so it is not
+    // enough alone either. Together they take the rate and the room, and the slowest is not needed.
+    const s = await (await startScatter([pair], port, psk, ["--plan", "--source-rate", "24MiB/s", "--via", via])).result();
     expectExit(s, 0);
     const plan = report<RelayPlan>(s);
-    // the fast relay takes the rate but holds 64 MiB of the ~117 MiB that will not go direct: the roomy one is added
-    expect(plan.chosen.map((r) => r.address)).toEqual([fastSmall.address, roomy.address]);
+    expect(plan.chosen.map((r) => r.address).sort()).toEqual([fastSmall.address, roomy.address].sort());
     expect(plan.leftOut).toEqual([{ address: slow.address, reason: expect.stringMatching(/^not needed: /) }]);
     expect(plan.sourceRateFrom).toBe("--source-rate");
     expect(plan.shortfall).toBeNull();
     expect(plan.vms).toEqual([expect.objectContaining({ name: "plan", ramBytes: 128 << 20, balloonedBytes: 0 })]);
-    // the probe measured the roomy relay at its held rate, not the link's (GiB/s here) nor the next relay's 200 MiB/s:
-    // a 50 ms probe starts with a burst the limiter allows, and read 50.07 MiB/s in one run under load
-    expect(plan.chosen[1]!.rate).toBeLessThan(40 * 2 * (1 << 20));
+    // the probe measured the roomy relay at its held rate (and its burst), not the link's, GiB/s here
+    expect(plan.chosen.find((r) => r.address === roomy.address)!.rate).toBeLessThan(4 * 8 * (1 << 20));
     for (const r of plan.chosen) expect(r.expectedBytes).toBeGreaterThan(0);
     expect(s.stderr).toMatch(/plan fits: the eviction would start/);
     expect(s.stderr).toContain(`relay ${slow.address} left out: not needed`);
