@@ -372,13 +372,16 @@ describe("model eviction: dedup off (--no-dedup) sends recurring content again",
       const placed = (r: ModelEvictionResult) => r.scatter.placement.directPages + r.scatter.placement.relayedPages;
       const off = await expectIntact({ ...options, vms: vms(), dedup: false });
       const on = await expectIntact({ ...options, vms: vms() });
+      const deduped = (r: ModelEvictionResult) => r.scatter.placement.dedupPages;
       if (options.relays) expect(off.scatter.placement.relayedPages).toBeGreaterThan(0);
-      // the pool's content recurs on a quarter of the pages of each VM
-      expect(placed(off)).toBeGreaterThan(placed(on) + 500);
-      // what is still named: copies in flight to relays when the content recurs. How many are in
-      // flight depends on how far the scatter's event loop runs ahead of the relays' replies: with
-      // its writes on sender threads it runs further (a third to three fifths of dedup's count here)
-      expect(off.scatter.placement.dedupPages).toBeLessThan(on.scatter.placement.dedupPages);
+      // the same scripted pages either way: each one placed, or named as content already placed
+      expect(placed(off) + deduped(off)).toBe(placed(on) + deduped(on));
+      // What is still named without dedup: copies in flight to relays when the content recurs. How many
+      // are in flight depends on how far the scatter's event loop runs ahead of the relays' replies
+      // (here from a third to 85% of dedup's count), so only the order is certain; with no relay, none.
+      if (options.relays) expect(deduped(off)).toBeLessThan(deduped(on));
+      else expect(deduped(off)).toBe(0);
+      expect(placed(off)).toBeGreaterThan(placed(on));
     });
   }
 });
