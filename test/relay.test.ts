@@ -415,24 +415,28 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
   });
 
   test("an idle run's pages go when its TTL passes; a run kept alive by empty releases keeps its pages", async () => {
-    // kept alive every 100 ms against a TTL of 1 s: a stall of this process (relay and clients alike) must last
-    // 900 ms to drop the live run, while the idle one goes after a second
+    // Kept alive every 100 ms against a TTL of 1 s: a stall of this process (relay and clients alike) must last
+    // 900 ms to drop the live run. It is put 600 ms before the idle one, so that were the empty releases to keep
+    // nothing alive, the sweeps (every 250 ms) would drop it first.
     const r = relay({ ttlMs: 1000 });
     const scatter = await Client.connect(r.port);
-    const [idle, alive] = randomPages(2) as [Page, Page];
-    await scatter.put(runId(1), 0, [idle]);
-    await scatter.put(runId(2), 1, [alive]);
     const gather = await Client.connect(r.port, "gather");
-    await within(
-      (async () => {
-        while (r.stats().expiredRuns === 0) {
-          gather.release(runId(2), []);
-          await Bun.sleep(100);
-        }
-      })(),
-      10_000,
-      "the idle run was not dropped",
-    );
+    const [idle, alive] = randomPages(2) as [Page, Page];
+    await scatter.put(runId(2), 1, [alive]);
+    const keepAlive = setInterval(() => gather.release(runId(2), []), 100);
+    try {
+      await Bun.sleep(600);
+      await scatter.put(runId(1), 0, [idle]);
+      await within(
+        (async () => {
+          while (r.stats().expiredRuns === 0) await Bun.sleep(50);
+        })(),
+        10_000,
+        "the idle run was not dropped",
+      );
+    } finally {
+      clearInterval(keepAlive);
+    }
     expect((await gather.get(runId(1), [idle])).map((p) => p !== undefined)).toEqual([false]);
     expect((await gather.get(runId(2), [alive])).map((p) => p !== undefined)).toEqual([true]);
     expect(r.stats()).toMatchObject({ pages: 1, runs: 1, expiredRuns: 1 });
