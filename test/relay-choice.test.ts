@@ -38,7 +38,8 @@ describe("choosing relays", () => {
     const pair = await startPair(dir, "plan", { memMiB: 128, seed: 301 });
     // Rates held so low that only the fast relay's own probe depends on the machine: the set below is the rule's
     // whenever it measures above about 14 MiB/s, however the three rank (a fresh clone's suite once measured a relay
-    // held to 100 MiB/s below 30). A 50 ms probe reads a held relay above its rate by its first burst (256 KiB).
+    // held to 100 MiB/s below 30). A held relay probes a little above its rate (its bucket holds 10 ms), the gather
+    // by its first 256 KiB: 8.3 and 2.25 MiB/s here.
     const [fastSmall, roomy, slow] = await Promise.all([
       startRelay(psk, "64MiB", ["--max-rate", "200MiB/s", "--json"]),
       startRelay(psk, "1GiB", ["--max-rate", "8MiB/s", "--json"]),
@@ -46,9 +47,10 @@ describe("choosing relays", () => {
     ]);
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "2MiB/s"]);
     const via = [slow, roomy, fastSmall].map((r) => r.address).join(",");
-    // The destination (at most ~7 MiB/s as probed) and the roomy relay (~13) fall short of 24 MiB/s, so the roomy
-    // one alone is not enough; the fast one holds 64 MiB of the 80 MiB or more that will not go direct, so it is not
-    // enough alone either. Together they take the rate and the room, and the slowest is not needed.
+    // The destination and the roomy relay fall short of 24 MiB/s, so the roomy one alone is not enough; the fast one
+    // holds 64 MiB of the ~100 MiB or more that will not go direct (the destination would have to probe above 13
+    // MiB/s for less), so it is not enough alone either. Together they take the rate and the room; the slowest is
+    // not needed.
     const s = await (await startScatter([pair], port, psk, ["--plan", "--source-rate", "24MiB/s", "--via", via])).result();
     expectExit(s, 0);
     const plan = report<RelayPlan>(s);
