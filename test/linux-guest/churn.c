@@ -14,8 +14,13 @@
  * what it found, so a stale or misplaced page can be told apart.
  *
  * Output (to the console): "SGMCHURN filled ...", one "SGMCHURN sweep=N ok"
- * per full check of every page, "SGMCHURN BAD ..." for each wrong page.
+ * per full check of every page, "SGMCHURN BAD ..." for each wrong page,
+ * with the guest-physical frame its page table maps it to (pagemap): the
+ * shared zero page's (printed at the start) if the page-table entry was
+ * empty, so that a lost page-table write tells itself apart from a stale
+ * data page, which a memory dump then shows.
  */
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,6 +75,15 @@ static void generate(uint32_t id, uint32_t *out) {
 
 static uint8_t *page(uint32_t p) { return mem + (size_t)p * PAGE; }
 
+/* The frame `addr` is mapped to, from /proc/self/pagemap; 0 if none (or no pagemap). */
+static uint64_t frame_of(const void *addr) {
+	static int fd = -2;
+	if (fd == -2) fd = open("/proc/self/pagemap", O_RDONLY);
+	uint64_t entry = 0;
+	if (fd < 0 || pread(fd, &entry, sizeof entry, (off_t)((uintptr_t)addr / PAGE * sizeof entry)) != sizeof entry) return 0;
+	return entry >> 63 ? entry & ((1ull << 55) - 1) : 0;
+}
+
 static void put(uint32_t p, uint32_t id) {
 	generate(id, (uint32_t *)page(p));
 	want[p] = id;
@@ -92,9 +106,9 @@ static void check(uint32_t p, uint32_t sweep) {
 	}
 	int zero = 1;
 	for (uint32_t w = 0; w < PAGE / 4 && zero; w++) zero = got[w] == 0;
-	printf("SGMCHURN BAD sweep=%u page=%u want=%u got=%s%u%s\n", sweep, p, want[p],
+	printf("SGMCHURN BAD sweep=%u page=%u want=%u got=%s%u%s frame=0x%llx\n", sweep, p, want[p],
 	       zero ? "zero:" : got[0] == MAGIC ? "id:" : "garbage:", zero ? 0 : got[0] == MAGIC ? got[1] : got[0],
-	       intact || zero ? "" : " (torn)");
+	       intact || zero ? "" : " (torn)", (unsigned long long)frame_of(page(p)));
 	fflush(stdout);
 	bad_total++;
 	want[p] = 0; /* report each wrong page once */
@@ -177,7 +191,10 @@ int main(int argc, char **argv) {
 		default: memset(page(p), 0, PAGE); want[p] = 0;
 		}
 	}
-	printf("SGMCHURN filled pages=%u seed=%u rate=%.0f\n", npages, seed, rate);
+	/* a page never written, read once: mapped to the shared zero page */
+	const volatile uint8_t *untouched = mmap(NULL, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint64_t zero_frame = untouched != MAP_FAILED && untouched[0] == 0 ? frame_of((const void *)untouched) : 0;
+	printf("SGMCHURN filled pages=%u seed=%u rate=%.0f zero-frame=0x%llx\n", npages, seed, rate, (unsigned long long)zero_frame);
 	uint32_t sweep = 0, at = 0;
 	uint64_t ops = 0;
 	double start = now(), credit = 0, last = start;
