@@ -15,6 +15,18 @@
 // content's digest (page-writes.ts): a slot that came to hold other bytes
 // than its content id names fails the run there, not the guest later.
 
+// SGM_TEST_MAP_DIR=DIR is a check too: the scatter writes each VM's final
+// page map there (VM.map: every page's content digest in page order, a zero
+// page's for a page never sent; VM.map.json: the RAM blocks), so that a test
+// can compare it with the source's final memory. A page QEMU's stream never
+// carried at its last content shows there, where sgm's own checks, all
+// comparing against that stream, cannot see it.
+
+import { writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { DIGEST_BYTES } from "./dedup/digest.ts";
+import { ZERO_PAGE_DIGEST } from "./dedup/page-map-digest.ts";
+
 export type TestFault = "scatter-map" | "gather-map" | "gather-delivery" | "gather-withhold";
 
 export function injected(which: TestFault): boolean {
@@ -38,4 +50,15 @@ export const checkWrites = scribble;
 /** Under SGM_TEST_SCRIBBLE, overwrites bytes whose handler has returned. */
 export function scribbleHandled(bytes: Uint8Array): void {
   if (scribble) bytes.fill(0xa5);
+}
+
+const mapDir = process.env.SGM_TEST_MAP_DIR;
+
+/** Under SGM_TEST_MAP_DIR, writes a VM's final page map (see the top of this file). */
+export function dumpFinalMap(vmName: string, blocks: ReadonlyArray<{ name: string; pages: number }>, pages: number, writeDigest: (page: number, out: Uint8Array, at: number) => boolean): void {
+  if (!mapDir) return;
+  const out = new Uint8Array(pages * DIGEST_BYTES);
+  for (let i = 0; i < pages; i++) if (!writeDigest(i, out, i * DIGEST_BYTES)) out.set(ZERO_PAGE_DIGEST, i * DIGEST_BYTES);
+  writeFileSync(join(mapDir, `${vmName}.map`), out);
+  writeFileSync(join(mapDir, `${vmName}.map.json`), JSON.stringify({ blocks }));
 }

@@ -5,12 +5,13 @@
 // a 7.2 source may legitimately send a page older than its final memory.
 
 import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import type { GatherReport } from "../core/gather/engine.ts";
 import type { EvacuationReport } from "../core/scatter/evacuation.ts";
 import type { ScatterReport } from "../core/scatter/engine.ts";
 import { report, startGather, startRelay, startScatter, writePsk } from "./harness/cluster.ts";
-import { expectGuestRunsOn, expectMemoryEqual, startLinuxPair } from "./harness/linux-pair.ts";
+import { expectDestinationAsMapped, expectGuestRunsOn, expectMemoryEqual, sourceAgainstMap, startLinuxPair } from "./harness/linux-pair.ts";
 import { killAll } from "./harness/processes.ts";
 import { qemu10_0 } from "./harness/qemu-binaries.ts";
 import { expectExit, startSgm } from "./harness/sgm.ts";
@@ -35,7 +36,9 @@ describe("a real Linux guest", () => {
     const { gather, port } = await startGather([pair], psk, ["--max-rate", "32MiB/s"]);
     // every relay named, whatever the rate probes measure on a busy machine: a
     // probe that finds the source no faster than the gather leaves relays out
-    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", relays.map((r) => r.address).join(",")]);
+    const maps = join(dir, "lx1-maps");
+    mkdirSync(maps);
+    const scatter = await startScatter([pair], port, psk, ["--keep-source", "--all-relays", "--via", relays.map((r) => r.address).join(",")], { SGM_TEST_MAP_DIR: maps });
     const [s, g] = await Promise.all([scatter.result(), gather.result()]);
     expectExit(s, 0);
     expectExit(g, 0);
@@ -44,7 +47,11 @@ describe("a real Linux guest", () => {
     expect(sr.placement.dedupPages).toBeGreaterThan(0);
     expect(report<GatherReport>(g).bytesFromRelays).toBeGreaterThan(0);
 
-    await expectMemoryEqual(pair, dir);
+    // the destination holds exactly what the source's stream carried, and that is the source's final memory
+    await expectDestinationAsMapped(pair, dir, maps);
+    const { source, unlike, described } = await sourceAgainstMap(pair, dir, maps);
+    expect(unlike, `QEMU lost a write, not sgm: ${unlike.length} frames of the source's final memory are not what its own stream last carried (${described}); the destination holds what the stream carried`).toEqual([]);
+    await expectMemoryEqual(pair, dir, source);
     await pair.destination.qmp.execute("cont");
     await expectGuestRunsOn(pair);
   }, 300_000);

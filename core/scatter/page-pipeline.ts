@@ -17,7 +17,7 @@ import { SgmError } from "../errors.ts";
 import { RecycledBuffers } from "../net/recycled-buffers.ts";
 import { TPS } from "../qemu/constants.ts";
 import type { RamBlockInfo } from "../qemu/stream-reader.ts";
-import { injected } from "../test-faults.ts";
+import { dumpFinalMap, injected } from "../test-faults.ts";
 import { FrameType, PageMapBuilder } from "../wire/messages.ts";
 import type { MapProgress } from "./gather-pins.ts";
 import { PageBatches, type RecordSink } from "./page-batches.ts";
@@ -68,6 +68,7 @@ export class PagePipeline {
   private readonly offAcked: () => void;
   private readonly progress: MapProgress;
   private blockStart: number[] = [];
+  private blocks: Array<{ name: string; pages: number }> = [];
   /** Per page (global index over the blocks): its content id, or ZERO, NEVER_SENT, PENDING. */
   private final = new Int32Array(0);
   private readonly batches: PageBatches | null;
@@ -104,6 +105,7 @@ export class PagePipeline {
       return start;
     });
     this.final = new Int32Array(total).fill(NEVER_SENT);
+    this.blocks = blocks.map((b) => ({ name: b.name, pages: b.usedLength / TPS }));
   }
 
   /** Some page's latest content is held nowhere any more (a relay with its only copy went). */
@@ -195,13 +197,15 @@ export class PagePipeline {
     const owed = final.indexOf(PENDING);
     if (owed >= 0) throw new SgmError("data", `VM ${vmName}: the source's stream ended without page ${owed} it had discarded`);
     const wrong = injected("scatter-map") ? final.findIndex((c) => c >= 0) : -1;
-    return pageMapDigest(final.length, (i, out, at) => {
+    const writeDigest = (i: number, out: Uint8Array, at: number): boolean => {
       const c = final[i]!;
       if (c < 0) return false;
       this.placement.copyDigest(c, out, at);
       if (i === wrong) for (let k = at; k < at + DIGEST_BYTES; k++) out[k] = out[k]! ^ 0xff;
       return true;
-    });
+    };
+    dumpFinalMap(vmName, this.blocks, final.length, writeDigest);
+    return pageMapDigest(final.length, writeDigest);
   }
 
   /**

@@ -5,7 +5,7 @@
 
 import { expect } from "bun:test";
 import type { VmPair } from "./cluster.ts";
-import { compareExactly, dumpMemory } from "./memory.ts";
+import { compareExactly, dumpMemory, framesUnlikeMap, mapsToZero, readFinalMap } from "./memory.ts";
 import { type QemuBinary, TestVm } from "./qemu.ts";
 
 export const LINUX_GUEST = { randMiB: 64, churnMiB: 64, churnRate: 2000 };
@@ -30,11 +30,49 @@ export async function startLinuxPair(dir: string, name: string, options: LinuxPa
   return { name, source, destination, layout: { seed: options.seed, ...none } };
 }
 
-/** Every page of the paused destination equals the source's final memory. */
-export async function expectMemoryEqual(pair: VmPair, dir: string): Promise<void> {
-  const source = await dumpMemory(pair.source, dir, "final");
+/** Every page of the paused destination equals the source's final memory (dumped here unless given). */
+export async function expectMemoryEqual(pair: VmPair, dir: string, source?: Uint8Array): Promise<void> {
+  source ??= await dumpMemory(pair.source, dir, "final");
   const destination = await dumpMemory(pair.destination, dir, "arrived");
   expect(compareExactly(source, destination)).toEqual([]);
+}
+
+/** What the source's final memory holds against the scatter's final map (see sourceAgainstMap). */
+export interface SourceAgainstMap {
+  /** The source's final memory, dumped. */
+  source: Uint8Array;
+  /** Frames whose content is not what the map names: QEMU's stream never carried it. */
+  unlike: number[];
+  /** The first of them, with the words the source begins them with. */
+  described: string;
+}
+
+/**
+ * The source (kept, paused, after the migration) against the scatter's
+ * final map (a scatter run with SGM_TEST_MAP_DIR=mapDir): a frame whose
+ * content the map does not name is one QEMU's stream never carried at its
+ * last content, though every check of sgm's passed.
+ */
+export async function sourceAgainstMap(pair: VmPair, dir: string, mapDir: string): Promise<SourceAgainstMap> {
+  const source = await dumpMemory(pair.source, dir, "final");
+  const map = readFinalMap(mapDir, pair.name);
+  const unlike = framesUnlikeMap(source, map);
+  const described = unlike
+    .slice(0, 5)
+    .map((frame) => {
+      const words = new Uint32Array(source.buffer, source.byteOffset + frame * 4096, 4);
+      const streamed = mapsToZero(map, frame) ? "a zero page" : "other content";
+      return `frame 0x${frame.toString(16)}: the source begins ${[...words].map((w) => w.toString(16).padStart(8, "0")).join(" ")}, the stream carried ${streamed}`;
+    })
+    .join("; ");
+  return { source, unlike, described };
+}
+
+/** Every page of the paused destination is what the scatter's final map names: it was given exactly the stream. */
+export async function expectDestinationAsMapped(pair: VmPair, dir: string, mapDir: string): Promise<void> {
+  const destination = await dumpMemory(pair.destination, dir, "arrived");
+  const unlike = framesUnlikeMap(destination, readFinalMap(mapDir, pair.name));
+  expect(unlike, `${pair.name}: frames of the paused destination unlike the scatter's final map`).toEqual([]);
 }
 
 const TROUBLE = /SGMCHURN BAD|SGMLINUX check n=\d+ BAD|Kernel panic|Oops|BUG:|general protection|segfault|Call Trace/;
