@@ -47,6 +47,9 @@ const EvictionReport = Type.Object(
     totalMs: orNull(Type.Number({ description: "From the first byte of migration until the destination completed, if it did while scatter ran." })),
     source: Type.String({ description: "Where the source VM is now: quit, paused (--keep-source), running (eviction failed)." }),
     passes: count("Precopy passes the source made (in its last stream)."),
+    switchoverBandwidth: orNull(
+      Type.Number({ description: "Bytes per second scatter told the source its switchover decision may assume (avail-switchover-bandwidth, QEMU 8.2 and later): the rate it took the first pass at. null if it did not (older QEMU, or no second pass)." }),
+    ),
     sourceStreams: count("Times the source streamed its memory: more than 1 when a relay lost with the only copy of content the VM needed had it stream again."),
     sourceResumes: count("Times a postcopy source was paused and resumed (QEMU's postcopy recovery) to send again what a lost relay took."),
     bytes: Type.Object({ fromSource: bytes(), dedupSaved: bytes() }, closed),

@@ -13,6 +13,11 @@ export function versionString(v: QmpVersion): string {
   return `${v.major}.${v.minor}.${v.micro}`;
 }
 
+/** QEMU takes avail-switchover-bandwidth, the rate its switchover decision assumes (since 8.2). */
+export function hasSwitchoverBandwidth(v: QmpVersion): boolean {
+  return v.major > 8 || (v.major === 8 && v.minor >= 2);
+}
+
 /** Throws a usage error naming the VM and version if sgm cannot carry it. */
 export function checkSupported(v: QmpVersion, what: string): void {
   const older = v.major < OLDEST.major || (v.major === OLDEST.major && v.minor < OLDEST.minor);

@@ -25,6 +25,8 @@ export interface EvictionReport {
   source: string;
   /** Precopy passes the source made in its last stream (its MIGRATION_PASS events). */
   passes: number;
+  /** Bytes per second the source's switchover decision was told to assume (QEMU 8.2 and later); null if it was not. */
+  switchoverBandwidth: number | null;
   /** Times the source streamed its memory: more than 1 when a lost relay had it stream again. */
   sourceStreams: number;
   /** Times a postcopy source was paused and resumed to send again what a lost relay took. */
@@ -48,6 +50,7 @@ export class EvictionRecord {
   /** The destination completed (Date.now()). */
   completedAt: number | null = null;
   passes = 0;
+  switchoverBandwidth: number | null = null;
   streamsBegun = 0;
   resumes = 0;
 
@@ -73,6 +76,7 @@ export class EvictionRecord {
       totalMs: since(this.completedAt, r.runStartedAt.wall),
       source: source.state,
       passes: this.passes,
+      switchoverBandwidth: this.switchoverBandwidth,
       sourceStreams: this.streamsBegun,
       sourceResumes: this.resumes,
       bytes: { fromSource: source.bytesRead, dedupSaved: r.pages.dedupPages * TPS },

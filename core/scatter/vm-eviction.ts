@@ -446,10 +446,12 @@ export class VmEviction {
     this.passListener ??= this.source.onPass((pass) => {
       this.record.passes = pass;
       trace(`${this.name} pass ${pass} began; ${this.bytesRead} bytes read so far`);
+      if (pass === 2) void this.tellSwitchoverRate();
       if (postcopy && o.postcopyAfterPass > 0 && pass === o.postcopyAfterPass + 1) void this.switchSourceToPostcopy();
       if (!postcopy && pass > o.maxPasses && this.stage === "streaming") void this.giveUpConverging(this.migratingSince);
     });
     this.migratingSince = performance.now();
+    this.record.switchoverBandwidth = null;
     const attempt = new SourceAttempt({
       name: this.name,
       source: this.source,
@@ -514,6 +516,24 @@ export class VmEviction {
     const map = this.pipeline.finalMapDigest(this.name);
     this.send({ t: word, vm: this.id, stoppedAt: this.record.stoppedAt, map });
     return map;
+  }
+
+  /**
+   * The first pass is over: the rate scatter took it at is the rate it
+   * takes the rest at, and what the source's switchover decision should
+   * assume (see SourceQemu.setSwitchoverBandwidth).
+   */
+  private async tellSwitchoverRate(): Promise<void> {
+    const seconds = (performance.now() - this.migratingSince) / 1000;
+    const rate = (this.current?.bytesRead ?? 0) / Math.max(seconds, 0.001);
+    try {
+      if (!(await this.source.setSwitchoverBandwidth(rate))) return;
+      this.record.switchoverBandwidth = Math.round(rate);
+      trace(`${this.name} told the source it takes the stream at ${Math.round(rate)} bytes/s`);
+    } catch (err) {
+      // the source may have completed or failed meanwhile: its own estimate stands
+      this.options.log(`${this.name}: switchover rate not taken: ${asSgmError(err).message}`);
+    }
   }
 
   /** Precopy has not converged within --max-passes: the VM stays at the source, with the figures that say why. */
