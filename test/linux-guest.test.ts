@@ -48,11 +48,11 @@ describe("a real Linux guest", () => {
     expect(report<GatherReport>(g).bytesFromRelays).toBeGreaterThan(0);
 
     // the destination holds exactly what the source's stream carried, and that is the source's final memory
-    await expectDestinationAsMapped(pair, dir, maps);
+    const destination = await expectDestinationAsMapped(pair, dir, maps);
     const { source, unlike, described } = await sourceAgainstMap(pair, dir, maps);
     const why = "QEMU's TCG dirty log lost a write (README, Notes from running against QEMU), or scatter misread the stream";
     expect(unlike, `${unlike.length} frames of the source's final memory are not what scatter read from its stream last (${described}); the destination holds what the stream carried: ${why}`).toEqual([]);
-    await expectMemoryEqual(pair, dir, source);
+    await expectMemoryEqual(pair, dir, { source, destination });
     await pair.destination.qmp.execute("cont");
     await expectGuestRunsOn(pair);
   }, 300_000);

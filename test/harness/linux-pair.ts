@@ -30,10 +30,10 @@ export async function startLinuxPair(dir: string, name: string, options: LinuxPa
   return { name, source, destination, layout: { seed: options.seed, ...none } };
 }
 
-/** Every page of the paused destination equals the source's final memory (dumped here unless given). */
-export async function expectMemoryEqual(pair: VmPair, dir: string, source?: Uint8Array): Promise<void> {
-  source ??= await dumpMemory(pair.source, dir, "final");
-  const destination = await dumpMemory(pair.destination, dir, "arrived");
+/** Every page of the paused destination equals the source's final memory (each dumped here unless given). */
+export async function expectMemoryEqual(pair: VmPair, dir: string, dumps: { source?: Uint8Array; destination?: Uint8Array } = {}): Promise<void> {
+  const source = dumps.source ?? (await dumpMemory(pair.source, dir, "final"));
+  const destination = dumps.destination ?? (await dumpMemory(pair.destination, dir, "arrived"));
   expect(compareExactly(source, destination)).toEqual([]);
 }
 
@@ -41,7 +41,7 @@ export async function expectMemoryEqual(pair: VmPair, dir: string, source?: Uint
 export interface SourceAgainstMap {
   /** The source's final memory, dumped. */
   source: Uint8Array;
-  /** Frames whose content is not what the map names: QEMU's stream never carried it. */
+  /** Frames whose content is not what the map names: the stream, as scatter read it, never carried it. */
   unlike: number[];
   /** The first of them, with the words the source begins them with. */
   described: string;
@@ -50,8 +50,8 @@ export interface SourceAgainstMap {
 /**
  * The source (kept, paused, after the migration) against the scatter's
  * final map (a scatter run with SGM_TEST_MAP_DIR=mapDir): a frame whose
- * content the map does not name is one QEMU's stream never carried at its
- * last content, though every check of sgm's passed.
+ * content the map does not name is one the stream, as scatter read it,
+ * never carried at its last content, though every check of sgm's passed.
  */
 export async function sourceAgainstMap(pair: VmPair, dir: string, mapDir: string): Promise<SourceAgainstMap> {
   const source = await dumpMemory(pair.source, dir, "final");
@@ -68,11 +68,12 @@ export async function sourceAgainstMap(pair: VmPair, dir: string, mapDir: string
   return { source, unlike, described };
 }
 
-/** Every page of the paused destination is what the scatter's final map names: it was given exactly the stream. */
-export async function expectDestinationAsMapped(pair: VmPair, dir: string, mapDir: string): Promise<void> {
+/** Every page of the paused destination is what the scatter's final map names: it was given exactly the stream. Returns the dump. */
+export async function expectDestinationAsMapped(pair: VmPair, dir: string, mapDir: string): Promise<Uint8Array> {
   const destination = await dumpMemory(pair.destination, dir, "arrived");
   const unlike = framesUnlikeMap(destination, readFinalMap(mapDir, pair.name));
   expect(unlike, `${pair.name}: frames of the paused destination unlike the scatter's final map`).toEqual([]);
+  return destination;
 }
 
 const TROUBLE = /SGMCHURN BAD|SGMLINUX check n=\d+ BAD|Kernel panic|Oops|BUG:|general protection|segfault|Call Trace/;

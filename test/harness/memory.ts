@@ -110,11 +110,26 @@ function compareChurnPage(src: Uint32Array, dst: Uint32Array, offset: number, la
   return verD > verS && churnPageIs(dst, at, idD, layout.seed) ? "rewritten" : "wrong";
 }
 
-/** A VM's final page map as the scatter wrote it under SGM_TEST_MAP_DIR (core/test-faults.ts). */
-export function readFinalMap(mapDir: string, vmName: string): { digests: Uint8Array; blocks: Array<{ name: string; pages: number }> } {
+/** A VM's final page map as the scatter wrote it under SGM_TEST_MAP_DIR (core/test-faults.ts): pc.ram's digests. */
+export interface FinalMap {
+  /** Every page's content digest, over all RAM blocks. */
+  digests: Uint8Array;
+  /** The first page of pc.ram (guest-physical 0) among them, and its page count. */
+  ramFirst: number;
+  ramPages: number;
+}
+
+export function readFinalMap(mapDir: string, vmName: string): FinalMap {
   const digests = new Uint8Array(readFileSync(join(mapDir, `${vmName}.map`)));
   const { blocks } = JSON.parse(readFileSync(join(mapDir, `${vmName}.map.json`), "utf8")) as { blocks: Array<{ name: string; pages: number }> };
-  return { digests, blocks };
+  const b = blocks.findIndex((block) => block.name === "pc.ram");
+  if (b < 0) throw new Error(`the final map has no pc.ram block: ${blocks.map((block) => block.name).join(", ")}`);
+  return { digests, ramFirst: blocks.slice(0, b).reduce((n, block) => n + block.pages, 0), ramPages: blocks[b]!.pages };
+}
+
+function mapDigest(map: FinalMap, frame: number): Uint8Array {
+  const at = (map.ramFirst + frame) * DIGEST_BYTES;
+  return map.digests.subarray(at, at + DIGEST_BYTES);
 }
 
 /**
@@ -122,27 +137,21 @@ export function readFinalMap(mapDir: string, vmName: string): { digests: Uint8Ar
  * outside the legacy VGA/BIOS window) whose bytes in `memory` do not have
  * the digest the final map names for that page.
  */
-export function framesUnlikeMap(memory: Uint8Array, map: ReturnType<typeof readFinalMap>): number[] {
-  const b = map.blocks.findIndex((block) => block.name === "pc.ram");
-  if (b < 0) throw new Error(`the final map has no pc.ram block: ${map.blocks.map((block) => block.name).join(", ")}`);
-  const first = map.blocks.slice(0, b).reduce((n, block) => n + block.pages, 0);
-  if (map.blocks[b]!.pages * PAGE !== memory.length) throw new Error(`pc.ram is ${map.blocks[b]!.pages} pages in the map, the dump ${memory.length / PAGE}`);
+export function framesUnlikeMap(memory: Uint8Array, map: FinalMap): number[] {
+  if (map.ramPages * PAGE !== memory.length) throw new Error(`pc.ram is ${map.ramPages} pages in the map, the dump ${memory.length / PAGE}`);
   const digest = new Uint8Array(DIGEST_BYTES);
   const differ: number[] = [];
   for (let offset = 0; offset < memory.length; offset += PAGE) {
     if (offset >= VGA_HOLE_START && offset < VGA_HOLE_END) continue;
     digestPage(memory.subarray(offset, offset + PAGE), digest);
-    const at = (first + offset / PAGE) * DIGEST_BYTES;
-    if (Buffer.compare(digest, map.digests.subarray(at, at + DIGEST_BYTES)) !== 0) differ.push(offset / PAGE);
+    if (Buffer.compare(digest, mapDigest(map, offset / PAGE)) !== 0) differ.push(offset / PAGE);
   }
   return differ;
 }
 
 /** Does the final map name the zero page for this frame of pc.ram? */
-export function mapsToZero(map: ReturnType<typeof readFinalMap>, frame: number): boolean {
-  const first = map.blocks.slice(0, map.blocks.findIndex((block) => block.name === "pc.ram")).reduce((n, block) => n + block.pages, 0);
-  const at = (first + frame) * DIGEST_BYTES;
-  return Buffer.compare(ZERO_PAGE_DIGEST, map.digests.subarray(at, at + DIGEST_BYTES)) === 0;
+export function mapsToZero(map: FinalMap, frame: number): boolean {
+  return Buffer.compare(ZERO_PAGE_DIGEST, mapDigest(map, frame)) === 0;
 }
 
 /** Frames (outside the legacy VGA/BIOS window) whose bytes differ. */

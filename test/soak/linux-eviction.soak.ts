@@ -322,8 +322,8 @@ async function proveGuest(pair: VmPair, dir: string, paused: boolean, mapDir: st
   const lost = unlike.length > 0 ? `source unlike its stream: ${pair.name}: ${unlike.length} frames of the source's final memory unlike what scatter read from its stream last: ${described}` : null;
   if (paused) {
     try {
-      await expectDestinationAsMapped(pair, dir, mapDir);
-      if (!lost) await expectMemoryEqual(pair, dir, source);
+      const destination = await expectDestinationAsMapped(pair, dir, mapDir);
+      if (!lost) await expectMemoryEqual(pair, dir, { source, destination });
     } catch (err) {
       return `wrong guest: ${pair.name}: ${(err as Error).message.split("\n").slice(0, 6).join(" ")}`;
     }
