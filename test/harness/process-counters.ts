@@ -1,5 +1,8 @@
 // What the kernel counts for a process (proc(5)), for benchmarks that
-// measure an sgm process from outside it, between two points of its life.
+// measure an sgm process from outside it, between two points of its life,
+// and for the whole machine.
+
+import type { Subprocess } from "bun";
 
 export interface ProcessCounters {
   cpuUserSeconds: number;
@@ -26,4 +29,27 @@ export async function processCounters(pid: number): Promise<ProcessCounters> {
     mainThreadCpuSeconds: (Number(main[11]) + Number(main[12])) / 100,
     peakRssBytes: Number(hwm) * 1024,
   };
+}
+
+/** CPU seconds (user and system) `proc` has spent so far; in all, once it has exited. */
+export async function cpuSecondsOf(proc: Subprocess): Promise<number> {
+  const exited = () => proc.exitCode !== null || proc.signalCode !== null;
+  if (!exited()) {
+    try {
+      const c = await processCounters(proc.pid);
+      return c.cpuUserSeconds + c.cpuSystemSeconds;
+    } catch {
+      // it exited between the two looks, and was reaped
+      await proc.exited;
+    }
+  }
+  return Number(proc.resourceUsage()!.cpuTime.total) / 1e6;
+}
+
+/** The whole machine's CPU seconds since boot, all and busy (not idle, not waiting on I/O), from /proc/stat. */
+export async function machineCpuSeconds(): Promise<{ all: number; busy: number }> {
+  const ticks = (await Bun.file("/proc/stat").text()).split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const all = ticks.reduce((a, b) => a + b, 0);
+  // idle and iowait, fields 4 and 5 of the cpu line (proc(5)), in ticks of 1/100 s
+  return { all: all / 100, busy: (all - ticks[3]! - ticks[4]!) / 100 };
 }
