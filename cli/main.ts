@@ -1,11 +1,11 @@
 // sgm's entry point. The first process only runs sgm again with the
-// allocator setting (cli/allocator.ts) and waits, so it never loads the
+// runtime's settings (cli/runtime-settings.ts) and waits, so it never loads the
 // commands' modules: loading them is most of what a process's start costs.
 
 import { asSgmError } from "../core/errors.ts";
-import { runWithTunedAllocator } from "./allocator.ts";
+import { runWithRuntimeSettings } from "./runtime-settings.ts";
 
-const tuned = await runWithTunedAllocator(process.argv.slice(2));
+const tuned = await runWithRuntimeSettings(process.argv.slice(2));
 process.exitCode = tuned ?? (await runCommands());
 // Sockets or timers a failed run left behind must not keep the process alive.
 process.exit();

@@ -580,7 +580,7 @@ describe("sgm relay", () => {
     const dir = makeTempDir("relay-prealloc");
     try {
       const { proc, port, stderr, pskFile } = await readyRelay(dir, ["--capacity", "256MiB", "--prealloc"]);
-      // the relay is the child sgm runs itself as (cli/allocator.ts); nothing is stored yet
+      // the relay is the child sgm runs itself as (cli/runtime-settings.ts); nothing is stored yet
       const child = readFileSync(`/proc/${proc.pid}/task/${proc.pid}/children`, "utf8").trim();
       const rssKiB = Number(/^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${child}/status`, "utf8"))?.[1]);
       expect(rssKiB).toBeGreaterThanOrEqual(256 * 1024);

@@ -1,5 +1,5 @@
 // Page slabs cost their own pages in memory and no more, in a process whose
-// allocator keeps freed memory for reuse as sgm's does (cli/allocator.ts):
+// allocator keeps freed memory for reuse as sgm's does (cli/runtime-settings.ts):
 // the 2 MiB a slab is aligned within must not stay resident beside it.
 
 import { describe, expect, test } from "bun:test";

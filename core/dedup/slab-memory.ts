@@ -37,7 +37,7 @@ export function allocateSlab(bytes: number): Uint8Array {
   const slab = raw.subarray(skip, skip + bytes);
   madvise(ptr(slab), bytes, MADV_HUGEPAGE);
   // The 2 MiB around the slab is never used, but sgm's allocator reuses
-  // freed memory (cli/allocator.ts), so it came resident and zeroed: 50% on
+  // freed memory (cli/runtime-settings.ts), so it came resident and zeroed: 50% on
   // top of every 4 MiB slab (the gather of a 1 GiB VM through relays kept
   // 36 MiB so). Dropped here; nothing reads it, and zero it stays.
   dropPages(madvise, raw, 0, skip);

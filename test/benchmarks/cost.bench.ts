@@ -21,7 +21,7 @@
 // and the first run is printed apart. With `prealloc` the relays start with
 // --prealloc, their 4 GiB capacity resident before the first run. A relay's cost per run is read off
 // its process in /proc (CPU, faults, and the peak RSS, started again for
-// each run; it runs with the allocator setting of cli/allocator.ts given,
+// each run; it runs with the runtime's settings of cli/runtime-settings.ts given,
 // so it is not a re-executed child), its bytes off its own counters
 // (relay-stats), once those stop moving after the run.
 // "sgm direct" runs once more per run on a guest a quarter the size (128
@@ -42,6 +42,7 @@
 // against QEMU's is bounded by their CPU seconds, and the benchmark prints
 // that bound for roles that cost no more than the floor.
 
+import { RUNTIME_SETTINGS } from "../../cli/runtime-settings.ts";
 import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestPage, digestPages } from "../../core/dedup/digest.ts";
 import { digestLanes } from "../../core/dedup/native-digest.ts";
 import type { GatherReport } from "../../core/gather/engine.ts";
@@ -193,8 +194,8 @@ interface LongRelay {
 async function startRelays(psk: string, count: number, prealloc: boolean): Promise<LongRelay[]> {
   return Promise.all(
     Array.from({ length: count }, async () => {
-      // the allocator setting given, sgm does not run itself again: this process is the relay
-      const { relay, address } = await startRelay(psk, "4GiB", ["--json", ...(prealloc ? ["--prealloc"] : [])], { MIMALLOC_PURGE_DELAY: "-1" });
+      // the runtime's settings given, sgm does not run itself again: this process is the relay
+      const { relay, address } = await startRelay(psk, "4GiB", ["--json", ...(prealloc ? ["--prealloc"] : [])], RUNTIME_SETTINGS);
       return { relay, address, port: Number(address.slice(address.lastIndexOf(":") + 1)) };
     }),
   );

@@ -24,6 +24,7 @@
 // profiler and leaves its profile (markdown) in that directory.
 
 import { cpus } from "node:os";
+import { RUNTIME_SETTINGS } from "../../cli/runtime-settings.ts";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../../core/dedup/digest.ts";
 import { PeerConnection } from "../../core/wire/connection.ts";
 import { decodeControl, encodeControl } from "../../core/wire/control.ts";
@@ -99,8 +100,8 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
     const psk = new TextEncoder().encode("sgm relay bench key 0123456789abcdef");
     const relay = Bun.spawn(
       [...(await relayCommand()), "relay", "--listen", `${HOST}:0`, "--capacity", `${mib + 64}MiB`, "--psk-file", pskFile, "--ready-fd", "3", "--json", "--digest-threads", String(digestThreads), ...tlsFlags],
-      // the allocator setting given, sgm does not run itself again (cli/allocator.ts): this process is the relay, for /proc
-      { stdio: ["ignore", "pipe", "ignore", "pipe"], env: { ...process.env, MIMALLOC_PURGE_DELAY: "-1" } },
+      // the runtime's settings given, sgm does not run itself again (cli/runtime-settings.ts): this process is the relay, for /proc
+      { stdio: ["ignore", "pipe", "ignore", "pipe"], env: { ...process.env, ...RUNTIME_SETTINGS } },
     );
     children.push(relay);
     const ready = await Bun.file(relay.stdio[3] as number).text();
@@ -167,8 +168,8 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
 async function relayCommand(): Promise<string[]> {
   const dir = process.env.SGM_PROFILE_DIR;
   if (!dir) return [await sgmBinary()];
-  // set as sgm sets it for itself (cli/allocator.ts), so that the profiled process is the relay, not a parent re-running it
-  return ["env", "MIMALLOC_PURGE_DELAY=-1", process.execPath, "--cpu-prof-md", `--cpu-prof-dir=${dir}`, new URL("../../cli/main.ts", import.meta.url).pathname];
+  // set as sgm sets them for itself (cli/runtime-settings.ts), so that the profiled process is the relay, not a parent re-running it
+  return ["env", ...Object.entries(RUNTIME_SETTINGS).map(([name, value]) => `${name}=${value}`), process.execPath, "--cpu-prof-md", `--cpu-prof-dir=${dir}`, new URL("../../cli/main.ts", import.meta.url).pathname];
 }
 
 function page(data: Uint8Array, i: number): Uint8Array {

@@ -3,6 +3,7 @@
 // to the destination, and sgm with 0 to 3 relays, with dedup or without.
 
 import { readFileSync } from "node:fs";
+import { RUNTIME_SETTINGS } from "../../../cli/runtime-settings.ts";
 import type { GatherReport } from "../../../core/gather/engine.ts";
 import type { ScatterReport } from "../../../core/scatter/engine.ts";
 import type { Bed } from "../../harness/bed.ts";
@@ -134,9 +135,9 @@ async function runQemu(ctx: RunContext, postcopy: boolean): Promise<Timing> {
   return worst(per);
 }
 
-// sgm runs itself again with this set (cli/allocator.ts); set here, the
-// process we start is the one that works, and its CPU can be read
-const ONE_PROCESS = { MIMALLOC_PURGE_DELAY: "-1" };
+// sgm runs itself again with these set (cli/runtime-settings.ts); set here,
+// the process we start is the one that works, and its CPU can be read
+const ONE_PROCESS = RUNTIME_SETTINGS;
 
 async function runSgm(ctx: RunContext, relayCount: number, dedup: boolean): Promise<Timing> {
   const { bed, vms, psk } = ctx;
