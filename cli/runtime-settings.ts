@@ -12,10 +12,10 @@
 // JavaScriptCore compiles code with its top tier (FTL), on threads of its
 // own, once it has run 64000 times (Bun 1.4.5's default); for a 1 GiB VM
 // those threads took 0.16 to 0.24 CPU-s of each role, a fifth of what it
-// spent. At 1000000 a role compiles only what runs long enough to repay it
-// (README, "A later top-tier compile"). An option Bun does not know fails
-// at start, loudly, in every test: a Bun release that drops it cannot pass
-// unnoticed.
+// spent. At 1000000 a role compiles only what runs long enough to repay
+// it (docs/cost-history.md, "A later top-tier compile"). An option Bun
+// does not know fails at start, loudly, in every test: a Bun release that
+// drops it cannot pass unnoticed.
 
 import { closeSync, fstatSync } from "node:fs";
 import { constants } from "node:os";

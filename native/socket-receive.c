@@ -2,7 +2,7 @@
  *
  * Bun's sockets hand every read to JavaScript in a fresh buffer, and that
  * costs a receiving role about a third of what it spends taking bytes in
- * (README, Cost per GiB). A connection whose Bun socket has just reported
+ * (docs/cost-history.md). A connection whose Bun socket has just reported
  * data reads what else is waiting with this, into one buffer used again,
  * on the event loop's own thread (core/net/socket-receive.ts).
  *

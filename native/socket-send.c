@@ -2,7 +2,7 @@
  * kernel, so that the event loop's thread does not.
  *
  * Writing to a socket was the largest single cost on the scatter's event
- * loop: a quarter of its samples (README, Cost per GiB). The event loop's
+ * loop: a quarter of its samples (docs/cost-history.md). The event loop's
  * thread is what bounds how fast one process moves pages, so the writes
  * move to a thread of their own. The event loop pushes (address, length)
  * pairs of buffers it keeps alive until `written` passes their end; this

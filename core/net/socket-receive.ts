@@ -1,7 +1,7 @@
 // Reads what waits on a plain socket into one buffer used again, through
 // native/socket-receive.c, after Bun's socket has reported data. Bun reads
 // each chunk into a fresh buffer and that costs a receiving role about a
-// third of what it spends taking bytes in (README, Cost per GiB); reading
+// third of what it spends taking bytes in (docs/cost-history.md); reading
 // the rest of what is waiting here, on the event loop's own thread, needs no
 // hand-off to another thread.
 //
