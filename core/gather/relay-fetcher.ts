@@ -15,8 +15,9 @@ import { encodeDigestRequest, encodeRelease, everyPageFound, readPages, RELEASE_
 import type { ContentDirectory } from "./content-directory.ts";
 
 /** Background GETs in flight per relay. */
-const WINDOW = 8;
-const BATCH = 64;
+export const FETCH_WINDOW = 8;
+/** Digests a background GET asks for. */
+export const FETCH_BATCH = 64;
 /**
  * Background fetches wait while the gather holds this much that its
  * destinations have yet to take, so a destination slower than the relays
@@ -231,13 +232,13 @@ export class RelayFetcher {
       progress = false;
       for (let r = 0; r < this.relays.length; r++) {
         const relay = this.relays[r]!;
-        if (relay.inFlight >= WINDOW || relay.queueHead >= relay.queue.length) continue; // a reply will pump again
-        if (this.limiter && (this.limiter.scatterWaiting || !this.limiter.has(BATCH * 4096))) {
+        if (relay.inFlight >= FETCH_WINDOW || relay.queueHead >= relay.queue.length) continue; // a reply will pump again
+        if (this.limiter && (this.limiter.scatterWaiting || !this.limiter.has(FETCH_BATCH * 4096))) {
           this.pumpLater(this.limiter.waitMs() + 5);
           return;
         }
         const batch: number[] = [];
-        while (relay.queueHead < relay.queue.length && batch.length < BATCH) {
+        while (relay.queueHead < relay.queue.length && batch.length < FETCH_BATCH) {
           const cid = relay.queue[relay.queueHead++]!;
           if (!this.wanted.has(cid)) continue;
           // its bytes came otherwise (the scatter sent them again, as with

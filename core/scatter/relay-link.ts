@@ -40,7 +40,7 @@ interface InFlight {
 }
 
 /** Unacknowledged PUT batches a relay may have before it takes no more pages. */
-const MAX_IN_FLIGHT = 64;
+export const MAX_IN_FLIGHT = 64;
 
 export class RelayLink {
   readonly index: number;

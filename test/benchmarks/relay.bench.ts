@@ -5,7 +5,10 @@
 //
 // The relay is the compiled dist/sgm in its own process and the plain
 // stream's receiver is this script in another, so each side has its own
-// event loop as in real use. The PUT row includes the relay's digest check
+// event loop as in real use. The clients put and get as sgm's roles do: a
+// scatter's PUT frames with as many in flight as it lets a relay have, a
+// gather's background GETs, as many digests and as many in flight as its
+// fetcher asks. The PUT row includes the relay's digest check
 // of every page; neither row hashes on the client side (digests are
 // computed before the clock starts), so they measure the relay and the wire.
 // Each row runs a few rounds; the best and the median are printed, since a
@@ -18,7 +21,9 @@
 // The relay's CPU and page faults are also read off /proc for each round:
 // its first round fills memory its process never touched, which costs more
 // than the pages themselves, and the rounds after it are what a relay that
-// has served a while spends.
+// has served a while spends. Each PUT and GET round also prints what the
+// client (this process) and the relay spent on it against how long it took:
+// an end whose thread was busy for as long as the round is what bounds it.
 //
 // With SGM_PROFILE_DIR set, the relay runs from source under Bun's CPU
 // profiler and leaves its profile (markdown) in that directory.
@@ -29,8 +34,9 @@ import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../../core/dedup/digest.ts
 import { PeerConnection } from "../../core/wire/connection.ts";
 import { decodeControl, encodeControl } from "../../core/wire/control.ts";
 import { FrameType, maxPayload } from "../../core/wire/messages.ts";
+import { FETCH_BATCH, FETCH_WINDOW } from "../../core/gather/relay-fetcher.ts";
+import { MAX_IN_FLIGHT } from "../../core/scatter/relay-link.ts";
 import {
-  GET_BATCH,
   PUT_BATCH,
   PutBuilder,
   RELEASE_BATCH,
@@ -47,8 +53,9 @@ import { runSink } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
 
 const HOST = "127.0.0.1";
-const PUT_WINDOW = 8; // PUT frames awaiting their ACK
-const GET_WINDOW = 4; // GET requests awaiting their PAGES
+const PUT_WINDOW = MAX_IN_FLIGHT; // PUT frames awaiting their ACK, as a scatter lets them
+const GET_WINDOW = FETCH_WINDOW; // GET requests awaiting their PAGES, as a gather's fetcher asks them
+const GET_BATCH = FETCH_BATCH;
 const ROUNDS = 3;
 
 if (process.argv[2] === "--sink") runSink(Number(process.argv[3]));
@@ -63,10 +70,34 @@ interface RelayCost {
   peakRssBytes: number;
 }
 
+/** What one PUT or GET round cost: CPU seconds of this process (the client) and of the relay. */
+interface Spent {
+  client: number;
+  relay: number;
+  relayMain: number;
+}
+
+/** Runs a round, counting what the client and the relay spent on it. */
+async function spent(row: Row, relayPid: number, round: () => Promise<number>): Promise<number> {
+  const relayBefore = await processCounters(relayPid);
+  const clientBefore = process.cpuUsage();
+  const ms = await round();
+  const client = process.cpuUsage(clientBefore);
+  const relayAfter = await processCounters(relayPid);
+  row.spent.push({
+    client: (client.user + client.system) / 1e6,
+    relay: relayAfter.cpuUserSeconds + relayAfter.cpuSystemSeconds - relayBefore.cpuUserSeconds - relayBefore.cpuSystemSeconds,
+    relayMain: relayAfter.mainThreadCpuSeconds! - relayBefore.mainThreadCpuSeconds!,
+  });
+  return ms;
+}
+
 interface Row {
   path: string;
   /** Milliseconds of each round. */
   ms: number[];
+  /** What each round cost, for the relay's rows. */
+  spent: Spent[];
 }
 
 async function main(mib: number, digestThreads: number, withTls: boolean): Promise<void> {
@@ -78,9 +109,9 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
   for (let i = 0; i < pages; i++) digestPage(page(data, i), digests, i * DIGEST_BYTES);
 
   const dir = makeTempDir("bench-relay");
-  const tcp: Row = { path: "plain TCP stream (no framing)", ms: [] };
-  const put: Row = { path: `relay PUT, ${PUT_BATCH}-page frames, window ${PUT_WINDOW}`, ms: [] };
-  const get: Row = { path: `relay GET, ${GET_BATCH}-digest requests, window ${GET_WINDOW}`, ms: [] };
+  const tcp: Row = { path: "plain TCP stream (no framing)", ms: [], spent: [] };
+  const put: Row = { path: `relay PUT, ${PUT_BATCH}-page frames, window ${PUT_WINDOW}`, ms: [], spent: [] };
+  const get: Row = { path: `relay GET, ${GET_BATCH}-digest requests, window ${GET_WINDOW}`, ms: [], spent: [] };
   const children: Bun.Subprocess[] = [];
   const rounds: Array<{ cpuSeconds: number; faults: number }> = [];
   let cost: (RelayCost & { moved: number }) | undefined;
@@ -115,8 +146,8 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
     for (let round = 0; round < ROUNDS; round++) {
       const before = await processCounters(relay.pid);
       const run = crypto.getRandomValues(new Uint8Array(16));
-      put.ms.push(await putAll(scatter, run, data, digests));
-      get.ms.push(await getAll(gather, run, digests));
+      put.ms.push(await spent(put, relay.pid, () => putAll(scatter, run, data, digests)));
+      get.ms.push(await spent(get, relay.pid, () => getAll(gather, run, digests)));
       const held = (await relayStats(gather)).pages;
       if (held !== pages) throw new Error(`relay holds ${held} pages, not ${pages}`);
       for (let from = 0; from < digests.length; from += RELEASE_BATCH * DIGEST_BYTES) {
@@ -159,6 +190,14 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
     );
   }
   const gib = data.length / 2 ** 30;
+  // which end bounds a row: a thread as busy as the round was long
+  for (const row of [put, get]) {
+    const line = row.spent.map((x, i) => {
+      const wall = row.ms[i]! / 1000;
+      return `round ${i + 1} ${(wall / gib).toFixed(2)} s, client ${(x.client / gib).toFixed(2)}, relay ${(x.relay / gib).toFixed(2)} (main thread ${(x.relayMain / gib).toFixed(2)})`;
+    });
+    console.log(`${row === put ? "PUT" : "GET"}, per GiB: ${line.join("; ")}`);
+  }
   console.log(
     `each round, per GiB taken in and given out again: ${rounds.map((r, i) => `round ${i + 1} ${(r.cpuSeconds / gib).toFixed(2)} CPU s, ${Math.round(r.faults / gib)} page faults`).join("; ")} (round 1 fills the relay's fresh memory)`,
   );
