@@ -42,6 +42,7 @@
 // against QEMU's is bounded by their CPU seconds, and the benchmark prints
 // that bound for roles that cost no more than the floor.
 
+import { cpus } from "node:os";
 import { RUNTIME_SETTINGS } from "../../cli/runtime-settings.ts";
 import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestPage, digestPages } from "../../core/dedup/digest.ts";
 import { digestLanes } from "../../core/dedup/native-digest.ts";
@@ -51,7 +52,6 @@ import { loadPsk } from "../../core/wire/auth.ts";
 import { PeerConnection } from "../../core/wire/connection.ts";
 import { decodeControl, encodeControl } from "../../core/wire/control.ts";
 import { FrameType, maxPayload } from "../../core/wire/messages.ts";
-import { cpus } from "node:os";
 import { report, startGather, startPair, startRelay, startScatter, writePsk, type VmPair } from "../harness/cluster.ts";
 import { migrateDirect } from "../harness/direct.ts";
 import { killAll } from "../harness/processes.ts";
