@@ -27,19 +27,18 @@ export const RUNTIME_SETTINGS: Readonly<Record<string, string>> = {
   BUN_JSC_thresholdForFTLOptimizeAfterWarmUp: "1000000",
 };
 
-/** Set in the second process: the first one set it, or whoever started sgm did. */
-const SETTING = "MIMALLOC_PURGE_DELAY";
-
 /** A pipe from the first process: when it dies (even by SIGKILL) the pipe ends, and so does its child. */
 const LIFELINE = "SGM_LIFELINE_FD";
 
 /**
- * Returns null when this process already runs with the settings; otherwise
- * runs sgm again with them, passing on stdio, the --ready-fd descriptor and
- * signals, and returns the exit code to end with.
+ * Returns null when this process already runs with every setting (the first
+ * process set them, or whoever started sgm did); otherwise runs sgm again
+ * with them, passing on stdio, the --ready-fd descriptor and signals, and
+ * returns the exit code to end with. A setting already in the environment
+ * is the operator's, and stays as they set it.
  */
 export async function runWithRuntimeSettings(argv: string[]): Promise<number | null> {
-  if (process.env[SETTING] !== undefined) {
+  if (Object.keys(RUNTIME_SETTINGS).every((name) => process.env[name] !== undefined)) {
     followLifeline();
     return null;
   }
@@ -53,7 +52,7 @@ export async function runWithRuntimeSettings(argv: string[]): Promise<number | n
   const lifeline = stdio.length;
   stdio.push("pipe");
   // Bun's types list other extra descriptors, but a number passes one on as it is
-  const env = { ...process.env, ...RUNTIME_SETTINGS, [LIFELINE]: String(lifeline) };
+  const env = { ...RUNTIME_SETTINGS, ...process.env, [LIFELINE]: String(lifeline) };
   const child = Bun.spawn([...self, ...argv], { env, stdio: stdio as unknown as ["inherit", "inherit", "inherit"] });
   // the child announces on it and closes it; a reader waits for every copy to close
   if (readyFd !== null) closeSync(readyFd);

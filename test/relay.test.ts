@@ -3,6 +3,7 @@
 
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { readFileSync } from "node:fs";
+import { RUNTIME_SETTINGS } from "../cli/runtime-settings.ts";
 import { DIGEST_BYTES, PAGE_BYTES, digestPage } from "../core/dedup/digest.ts";
 import { type Relay, type RelayOptions, startRelay } from "../core/relay/engine.ts";
 import { IdSet } from "../core/dedup/id-set.ts";
@@ -539,11 +540,11 @@ describe.each([0, 2])("relay engine, PUTs checked on %d digest threads", (thread
 });
 
 /** dist/sgm relay on a free port with `flags`, its key written in `dir`, once it has said on --ready-fd that it listens. */
-async function readyRelay(dir: string, flags: string[]) {
+async function readyRelay(dir: string, flags: string[], env: Record<string, string> = {}) {
   const pskFile = `${dir}/psk`;
   await Bun.write(pskFile, `${KEY}\n`);
   const args = ["relay", "--listen", "127.0.0.1:0", "--psk-file", pskFile, "--ready-fd", "3", ...flags];
-  const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"], env: sgmEnv() }));
+  const proc = track(Bun.spawn([await sgmBinary(), ...args], { stdio: ["ignore", "pipe", "pipe", "pipe"], env: sgmEnv(env) }));
   const stdout = new Response(proc.stdout).text();
   const stderr = new Response(proc.stderr).text();
   const ready = await within(Bun.file(proc.stdio[3] as number).text(), 30_000, "the ready line");
@@ -571,6 +572,24 @@ describe("sgm relay", () => {
       const err = await stderr;
       expect(err).toMatch(/^sgm: relay listening on 127\.0\.0\.1:\d+ \(capacity 64\.0 MiB\)$/m);
       expect(err).toMatch(/^sgm: relay stopped: held 40\.0 KiB of 64\.0 MiB \(10 pages, 1 runs; at most 40\.0 KiB\)/m);
+    } finally {
+      removeDir(dir);
+    }
+  });
+
+  test("runs itself again with every runtime setting, keeping the one the operator set as they set it", async () => {
+    const dir = makeTempDir("relay-settings");
+    try {
+      const { proc } = await readyRelay(dir, ["--capacity", "64MiB"], { MIMALLOC_PURGE_DELAY: "5" });
+      const child = readFileSync(`/proc/${proc.pid}/task/${proc.pid}/children`, "utf8").trim();
+      const environ = readFileSync(`/proc/${child}/environ`, "utf8").split("\0");
+      const env = new Map(environ.filter((line) => line.includes("=")).map((line) => [line.slice(0, line.indexOf("=")), line.slice(line.indexOf("=") + 1)]));
+      expect(env.get("MIMALLOC_PURGE_DELAY")).toBe("5");
+      const others = Object.entries(RUNTIME_SETTINGS).filter(([name]) => name !== "MIMALLOC_PURGE_DELAY");
+      expect(others.length).toBeGreaterThan(0);
+      for (const [name, value] of others) expect(env.get(name)).toBe(value);
+      proc.kill("SIGINT");
+      expect(await within(proc.exited, 10_000, "exit after SIGINT")).toBe(0);
     } finally {
       removeDir(dir);
     }
