@@ -42,7 +42,6 @@
 // against QEMU's is bounded by their CPU seconds, and the benchmark prints
 // that bound for roles that cost no more than the floor.
 
-import { cpus } from "node:os";
 import { RUNTIME_SETTINGS } from "../../cli/runtime-settings.ts";
 import { DIGEST_BYTES, PAGE_BYTES, batchDigestNative, digestPage, digestPages } from "../../core/dedup/digest.ts";
 import { digestLanes } from "../../core/dedup/native-digest.ts";
@@ -52,11 +51,12 @@ import { loadPsk } from "../../core/wire/auth.ts";
 import { PeerConnection } from "../../core/wire/connection.ts";
 import { decodeControl, encodeControl } from "../../core/wire/control.ts";
 import { FrameType, maxPayload } from "../../core/wire/messages.ts";
-import { report, startGather, startPair, startRelay, startScatter, writePsk, type VmPair } from "../harness/cluster.ts";
+import { report, startGather, startPair, startRelay, startScatter, writePsk } from "../harness/cluster.ts";
 import { migrateDirect } from "../harness/direct.ts";
 import { killAll } from "../harness/processes.ts";
 import type { SgmProcess } from "../harness/sgm.ts";
-import { cpuSecondsOf, machineCpuSeconds, processCounters, type ProcessCounters } from "../harness/process-counters.ts";
+import { accounted, printMachineAccounts, type MachineAccount } from "../harness/machine-account.ts";
+import { processCounters, type ProcessCounters } from "../harness/process-counters.ts";
 import { runSink, type SinkReply } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
 
@@ -150,38 +150,6 @@ interface SgmRun {
   streamBytes: number;
   roles: Map<string, Resources & { bytes: number }>;
   machine: MachineAccount;
-}
-
-/** What the whole machine, and the two QEMUs in it, spent while a migration ran. */
-interface MachineAccount {
-  wallMs: number;
-  /** CPU seconds the machine had, and spent (not idle). */
-  all: number;
-  busy: number;
-  qemuSource: number;
-  qemuDestination: number;
-}
-
-/** Runs `work` (a migration of `pair`), counting the machine's CPU and its QEMUs' over it. */
-async function accounted<T>(pair: VmPair, work: () => Promise<T>): Promise<{ result: T; machine: MachineAccount }> {
-  const qemus = [pair.source.proc, pair.destination.proc];
-  const before = await Promise.all(qemus.map(cpuSecondsOf));
-  const machineBefore = await machineCpuSeconds();
-  const started = performance.now();
-  const result = await work();
-  const wallMs = performance.now() - started;
-  const machineAfter = await machineCpuSeconds();
-  const after = await Promise.all(qemus.map(cpuSecondsOf));
-  return {
-    result,
-    machine: {
-      wallMs,
-      all: machineAfter.all - machineBefore.all,
-      busy: machineAfter.busy - machineBefore.busy,
-      qemuSource: after[0]! - before[0]!,
-      qemuDestination: after[1]! - before[1]!,
-    },
-  };
 }
 
 /** A relay serving every run of the bench, as a relay daemon serves evictions. */
@@ -420,44 +388,10 @@ sgm direct, ${memMiB} and ${smallMiB} MiB guests: what each GiB of the stream ad
     console.log(`| gather peak RSS, ${how.replace("sgm ", "")} (${memMiB} MiB VM) | 256 MiB for 1 GiB | ${gatherRss.toFixed(0)} MiB | | | |`);
   }
   console.log(`| total time direct / QEMU's | 2.0x | ${(median(direct.map((r) => r.totalMs)) / qemu).toFixed(1)}x | | | |`);
-  printMachine(qemuMachine, direct, floor, qemu);
-}
-
-/**
- * The total time against QEMU's is the machine's as much as sgm's: where
- * four busy processes share few cores, the run ends no sooner than their
- * CPU seconds allow. What the machine and each process spent during QEMU's
- * own migration and during sgm direct, and the time the cores would need
- * were both roles at the floor.
- */
-function printMachine(qemuMachine: MachineAccount[], direct: SgmRun[], floor: number, qemuMs: number): void {
-  const cores = cpus().length;
-  const med = (xs: number[]) => median(xs);
-  const cpu = (r: SgmRun, role: string) => r.roles.get(role)!.cpuUserSeconds + r.roles.get(role)!.cpuSystemSeconds;
-  const row = (how: string, list: MachineAccount[], roles: number[]) => {
-    const busy = med(list.map((m) => m.busy));
-    const known = med(list.map((m) => m.qemuSource)) + med(list.map((m) => m.qemuDestination)) + roles.reduce((a, b) => a + b, 0);
-    const cells = [
-      `${Math.round(med(list.map((m) => m.wallMs)))} ms`,
-      `${Math.round(med(list.map((m) => (100 * m.busy) / m.all)))}%`,
-      busy.toFixed(2),
-      med(list.map((m) => m.qemuSource)).toFixed(2),
-      med(list.map((m) => m.qemuDestination)).toFixed(2),
-      ...(roles.length > 0 ? roles.map((x) => x.toFixed(2)) : ["", ""]),
-      (busy - known).toFixed(2),
-    ];
-    console.log(`| ${how} | ${cells.join(" | ")} |`);
-  };
-  const ours = direct.map((r) => r.machine);
-  console.log(`\nWhat the machine's ${cores} cores spent, CPU seconds (medians; sgm's from starting the gather to both reports)\n`);
-  console.log("| migration | wall | cores busy | CPU s in all | QEMU source | QEMU destination | scatter | gather | the rest |");
-  console.log("|---|---|---|---|---|---|---|---|---|");
-  row("QEMU's own precopy", qemuMachine, []);
-  row("sgm direct", ours, [med(direct.map((r) => cpu(r, "scatter"))), med(direct.map((r) => cpu(r, "gather")))]);
-  const gib = med(direct.map((r) => r.streamBytes)) / GiB;
-  const qemus = med(ours.map((m) => m.qemuSource)) + med(ours.map((m) => m.qemuDestination));
-  const boundMs = ((qemus + 2 * floor * gib) / cores) * 1000;
-  console.log(
-    `\nWith the QEMUs as they ran beside sgm and both roles at the floor (${floor.toFixed(2)} CPU s per GiB each), ${cores} cores finish sgm direct in no less than ${Math.round(boundMs)} ms: ${(boundMs / qemuMs).toFixed(1)}x QEMU's own.`,
+  printMachineAccounts(
+    qemuMachine,
+    direct.map((r) => ({ machine: r.machine, scatterCpu: cpu(r.roles.get("scatter")!), gatherCpu: cpu(r.roles.get("gather")!), streamBytes: r.streamBytes })),
+    floor,
+    qemu,
   );
 }

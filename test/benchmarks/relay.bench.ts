@@ -77,11 +77,11 @@ interface Spent {
   relayMain: number;
 }
 
-/** Runs a round, counting what the client and the relay spent on it. */
-async function spent(row: Row, relayPid: number, round: () => Promise<number>): Promise<number> {
+/** Runs a relay row's round (it returns its milliseconds), and records them and what the client and the relay spent on it. */
+async function runRound(row: RelayRow, relayPid: number, round: () => Promise<number>): Promise<void> {
   const relayBefore = await processCounters(relayPid);
   const clientBefore = process.cpuUsage();
-  const ms = await round();
+  row.ms.push(await round());
   const client = process.cpuUsage(clientBefore);
   const relayAfter = await processCounters(relayPid);
   row.spent.push({
@@ -89,14 +89,16 @@ async function spent(row: Row, relayPid: number, round: () => Promise<number>): 
     relay: relayAfter.cpuUserSeconds + relayAfter.cpuSystemSeconds - relayBefore.cpuUserSeconds - relayBefore.cpuSystemSeconds,
     relayMain: relayAfter.mainThreadCpuSeconds! - relayBefore.mainThreadCpuSeconds!,
   });
-  return ms;
 }
 
 interface Row {
   path: string;
   /** Milliseconds of each round. */
   ms: number[];
-  /** What each round cost, for the relay's rows. */
+}
+
+interface RelayRow extends Row {
+  /** What each round cost. */
   spent: Spent[];
 }
 
@@ -109,9 +111,9 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
   for (let i = 0; i < pages; i++) digestPage(page(data, i), digests, i * DIGEST_BYTES);
 
   const dir = makeTempDir("bench-relay");
-  const tcp: Row = { path: "plain TCP stream (no framing)", ms: [], spent: [] };
-  const put: Row = { path: `relay PUT, ${PUT_BATCH}-page frames, window ${PUT_WINDOW}`, ms: [], spent: [] };
-  const get: Row = { path: `relay GET, ${GET_BATCH}-digest requests, window ${GET_WINDOW}`, ms: [], spent: [] };
+  const tcp: Row = { path: "plain TCP stream (no framing)", ms: [] };
+  const put: RelayRow = { path: `relay PUT, ${PUT_BATCH}-page frames, window ${PUT_WINDOW}`, ms: [], spent: [] };
+  const get: RelayRow = { path: `relay GET, ${GET_BATCH}-digest requests, window ${GET_WINDOW}`, ms: [], spent: [] };
   const children: Bun.Subprocess[] = [];
   const rounds: Array<{ cpuSeconds: number; faults: number }> = [];
   let cost: (RelayCost & { moved: number }) | undefined;
@@ -146,8 +148,8 @@ async function main(mib: number, digestThreads: number, withTls: boolean): Promi
     for (let round = 0; round < ROUNDS; round++) {
       const before = await processCounters(relay.pid);
       const run = crypto.getRandomValues(new Uint8Array(16));
-      put.ms.push(await spent(put, relay.pid, () => putAll(scatter, run, data, digests)));
-      get.ms.push(await spent(get, relay.pid, () => getAll(gather, run, digests)));
+      await runRound(put, relay.pid, () => putAll(scatter, run, data, digests));
+      await runRound(get, relay.pid, () => getAll(gather, run, digests));
       const held = (await relayStats(gather)).pages;
       if (held !== pages) throw new Error(`relay holds ${held} pages, not ${pages}`);
       for (let from = 0; from < digests.length; from += RELEASE_BATCH * DIGEST_BYTES) {

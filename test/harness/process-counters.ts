@@ -33,23 +33,29 @@ export async function processCounters(pid: number): Promise<ProcessCounters> {
 
 /** CPU seconds (user and system) `proc` has spent so far; in all, once it has exited. */
 export async function cpuSecondsOf(proc: Subprocess): Promise<number> {
-  const exited = () => proc.exitCode !== null || proc.signalCode !== null;
-  if (!exited()) {
-    try {
-      const c = await processCounters(proc.pid);
-      return c.cpuUserSeconds + c.cpuSystemSeconds;
-    } catch {
-      // it exited between the two looks, and was reaped
-      await proc.exited;
+  if (proc.exitCode === null && proc.signalCode === null) {
+    // utime and stime, fields 14 and 15 of proc(5), in ticks of 1/100 s;
+    // a process that has exited but is not reaped yet still has them here
+    const stat = await Bun.file(`/proc/${proc.pid}/stat`)
+      .text()
+      .catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== "ENOENT") throw err;
+        return null; // exited and reaped between the two looks
+      });
+    if (stat !== null) {
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      return (Number(fields[11]) + Number(fields[12])) / 100;
     }
+    await proc.exited;
   }
   return Number(proc.resourceUsage()!.cpuTime.total) / 1e6;
 }
 
 /** The whole machine's CPU seconds since boot, all and busy (not idle, not waiting on I/O), from /proc/stat. */
 export async function machineCpuSeconds(): Promise<{ all: number; busy: number }> {
-  const ticks = (await Bun.file("/proc/stat").text()).split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
+  // user, nice, system, idle, iowait, irq, softirq, steal: the fields after
+  // them (guest time) are counted in user and nice already
+  const ticks = (await Bun.file("/proc/stat").text()).split("\n")[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
   const all = ticks.reduce((a, b) => a + b, 0);
-  // idle and iowait, fields 4 and 5 of the cpu line (proc(5)), in ticks of 1/100 s
   return { all: all / 100, busy: (all - ticks[3]! - ticks[4]!) / 100 };
 }
