@@ -45,7 +45,7 @@ native/%.so: native/%.c
 	gcc -O3 -shared -fPIC -Wall -Wextra -Werror -o $@ $<
 
 # --bytecode: a bytecode cache in the executable, a third less CPU to start
-# each process (README, "Starting a process")
+# each process (docs/cost-history.md, "Starting a process")
 dist/sgm: node_modules/.installed $(SOURCES) $(NATIVE)
 	$(BUN) build --compile --bytecode --format=esm --minify-syntax --define 'SGM_VERSION="$(VERSION)"' cli/main.ts core/dedup/digest-worker.ts --outfile $@
 
