@@ -293,11 +293,26 @@ async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, de
   } else {
     scatter = await startScatter(pairs, gathers[0]!.port, psk, flags, { SGM_TEST_MAP_DIR: maps });
   }
-  const [s, ...g] = await Promise.all([scatter.result(), ...gathers.map((x) => x.gather.result())]);
+  const scattered = scatter.result();
+  // a scatter that fails before it offers a VM leaves its gather waiting for another: it is told to stop
+  void scattered.then(async (r) => {
+    if (r.code === 0) return;
+    const settled = Promise.all(gathers.map((x) => x.gather.result())).then(() => true);
+    if ((await Promise.race([settled, Bun.sleep(30_000).then(() => false)])) === false) for (const x of gathers) x.gather.proc.kill("SIGINT");
+  });
+  const [s, ...g] = await Promise.all([scattered, ...gathers.map((x) => x.gather.result())]);
   if (s.code !== 0 || g.some((x) => x.code !== 0)) {
-    const sent = evacuate ? report<EvacuationReport>(s).vms : report<ScatterReport>(s).vms;
-    const why = [...sent, ...g.flatMap((x) => report<GatherReport>(x).vms)].map((v) => v.error).find(Boolean);
-    return `sgm failed: scatter ${s.code}, gathers ${g.map((x) => x.code).join(" ")}: ${why ?? s.stderr.trim().split("\n").at(-1)}`;
+    // a process that died without its report says why on stderr, if anywhere
+    const errors = (read: () => Array<{ error?: string | null }>) => {
+      try {
+        return read().map((v) => v.error);
+      } catch {
+        return [];
+      }
+    };
+    const sent = errors(() => (evacuate ? report<EvacuationReport>(s).vms : report<ScatterReport>(s).vms));
+    const why = [...sent, ...g.flatMap((x) => errors(() => report<GatherReport>(x).vms))].find(Boolean);
+    return `sgm failed: scatter ${s.code}, gathers ${g.map((x) => x.code).join(" ")}: ${why ?? s.stderr.trim().split("\n").slice(-3).join(" / ")}`;
   }
   if (evacuate) outcome.sharedPages += report<EvacuationReport>(s).destinations.reduce((n, d) => n + (d.run?.placement.sharedPages ?? 0), 0);
   const verdicts: string[] = [];
