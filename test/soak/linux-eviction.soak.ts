@@ -278,7 +278,11 @@ async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, de
   const pairs: VmPair[] = await Promise.all(
     Array.from({ length: c.vms }, (_, v) => startLinuxPair(dir, `s${n}v${v}`, { binary, seed: 100 + n * 4 + v, paused })),
   );
-  const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk, "1GiB", ["--digest-threads", String(threads), ...(prealloc ? ["--prealloc"] : [])])));
+  // room for both VMs' pages whatever share the scatter plans direct: that
+  // share is the gather's rate against the relays' as the scatter measures
+  // them, so on a fast machine nearly all of it (1.1 GiB of two VMs without
+  // dedup), more than a 1 GiB relay holds
+  const relays = await Promise.all(Array.from({ length: c.relays }, () => startRelay(psk, "2GiB", ["--digest-threads", String(threads), ...(prealloc ? ["--prealloc"] : [])])));
   // gathers slower than the source, so that relays take pages
   const gatherFlags = [...(c.relays > 0 ? ["--max-rate", "48MiB/s"] : []), "--digest-threads", String(threads)];
   const gathers = await Promise.all(evacuate ? pairs.map((p) => startGather([p], psk, gatherFlags)) : [startGather(pairs, psk, gatherFlags)]);
