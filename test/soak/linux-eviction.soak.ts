@@ -248,8 +248,19 @@ async function loseRelay(dir: string, switchover: Case["switchover"], replicas: 
   const lostAfterEviction = new RegExp(
     `^VM ${pair.name}: (?:relay ${relays[0]!.address} went away \\(.+\\) with the only copy of|no relay holds page content [0-9a-f]+ any more, and) (\\d+) pages its destination still lacks( have it)?; the VM runs at the destination`,
   );
-  const named = replicas === 1 && s.code === 0 ? report<GatherReport>(g).vms[0]?.error?.match(lostAfterEviction) : null;
-  if (named && g.code === 69 && sr.vms[0]!.sourceStreams === 1) return `ok (killed after eviction: as documented, the gather named the VM and the ${named[1]} pages lost)`;
+  const gatherError = g.code === 69 ? report<GatherReport>(g).vms[0]?.error : undefined;
+  const named = replicas === 1 ? gatherError?.match(lostAfterEviction) : null;
+  if (named && s.code === 0 && sr.vms[0]!.sourceStreams === 1) return `ok (killed after eviction: as documented, the gather named the VM and the ${named[1]} pages lost)`;
+  // the same loss while the scatter still waited for the destination to run the VM: the gather tells it, and it fails too
+  const heard = `VM ${pair.name}: gather: `;
+  const scatterError = sr.vms[0]!.error;
+  const scatterNamed = scatterError?.startsWith(heard) ? scatterError.slice(heard.length).match(lostAfterEviction) : null;
+  if (named && s.code === 69 && scatterNamed?.[1] === named[1] && sr.vms[0]!.evictionMs !== null && sr.vms[0]!.sourceStreams === 1) {
+    // the destination may run the VM: the source must not
+    const state = await pair.source.status().catch(() => "gone");
+    if (state === "running") return `the source runs the VM again after the gather named ${named[1]} pages lost`;
+    return `ok (killed after eviction, the scatter still waiting: as documented, the gather named the VM and the ${named[1]} pages lost, and the scatter too; source ${state})`;
+  }
   // a postcopy source that has sent its last page (or is switching) cannot send again: documented, and named
   const tooLate = replicas === 1 && s.code === 69 ? sr.vms[0]?.error?.match(/its source (has sent its last page|is switching to postcopy|is completing its postcopy)|after its source sent its last page/) : null;
   if (tooLate) {
