@@ -55,7 +55,7 @@ import { report, startGather, startPair, startRelay, startScatter, writePsk } fr
 import { migrateDirect } from "../harness/direct.ts";
 import { killAll } from "../harness/processes.ts";
 import type { SgmProcess } from "../harness/sgm.ts";
-import { accounted, printMachineAccounts, type MachineAccount } from "../harness/machine-account.ts";
+import { accounted, median, printMachineAccounts, type MachineAccount } from "../harness/machine-account.ts";
 import { processCounters, type ProcessCounters } from "../harness/process-counters.ts";
 import { runSink, type SinkReply } from "../harness/socket-sink.ts";
 import { makeTempDir, removeDir } from "../harness/tmp.ts";
@@ -259,10 +259,6 @@ function relayRuns(list: SgmRun[]): SgmRun[] {
 /** The median over runs of what `f` gives for `role`, per GiB that role carried. */
 function perGiB(list: SgmRun[], role: string, f: (r: Resources) => number): number {
   return median(list.map((r) => f(r.roles.get(role)!) / (r.roles.get(role)!.bytes / GiB)));
-}
-
-function median(xs: number[]): number {
-  return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 }
 
 async function main(memMiB: number, runs: number, prealloc: boolean): Promise<void> {

@@ -14,10 +14,7 @@ export interface ProcessCounters {
 
 /** What the kernel counts for process `pid` so far (read as cli/output.ts reads its own main thread's). */
 export async function processCounters(pid: number): Promise<ProcessCounters> {
-  const fields = async (path: string) => {
-    const stat = await Bun.file(path).text();
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  };
+  const fields = async (path: string) => statFields(await Bun.file(path).text());
   const all = await fields(`/proc/${pid}/stat`);
   const main = await fields(`/proc/${pid}/task/${pid}/stat`);
   const hwm = (await Bun.file(`/proc/${pid}/status`).text()).match(/VmHWM:\s+(\d+) kB/)![1]!;
@@ -43,7 +40,7 @@ export async function cpuSecondsOf(proc: Subprocess): Promise<number> {
         return null; // exited and reaped between the two looks
       });
     if (stat !== null) {
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      const fields = statFields(stat);
       return (Number(fields[11]) + Number(fields[12])) / 100;
     }
     await proc.exited;
@@ -58,4 +55,9 @@ export async function machineCpuSeconds(): Promise<{ all: number; busy: number }
   const ticks = (await Bun.file("/proc/stat").text()).split("\n")[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
   const all = ticks.reduce((a, b) => a + b, 0);
   return { all: all / 100, busy: (all - ticks[3]! - ticks[4]!) / 100 };
+}
+
+/** A stat line's fields after the command's name, which may hold spaces and parentheses: field 3 of proc(5) is [0]. */
+function statFields(stat: string): string[] {
+  return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
 }
