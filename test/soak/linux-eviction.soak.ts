@@ -35,7 +35,7 @@ import type { GatherReport } from "../../core/gather/engine.ts";
 import type { EvacuationReport } from "../../core/scatter/evacuation.ts";
 import type { ScatterReport } from "../../core/scatter/engine.ts";
 import { report, resumeGather, startGather, startRelay, startScatter, type VmPair, writePsk } from "../harness/cluster.ts";
-import { startSgm } from "../harness/sgm.ts";
+import { type RunResult, type SgmProcess, startSgm } from "../harness/sgm.ts";
 import { expectDestinationAsMapped, expectGuestRunsOn, expectMemoryEqual, sourceAgainstMap, startLinuxPair } from "../harness/linux-pair.ts";
 import { killAll } from "../harness/processes.ts";
 import { qemu10_0 } from "../harness/qemu-binaries.ts";
@@ -238,10 +238,7 @@ async function loseRelay(dir: string, switchover: Case["switchover"], replicas: 
   if (replicas === 1) void scatter.waitStderr(/is streaming/, 120_000).then(() => (killer = setTimeout(kill, killAfterMs)), () => {});
   else killer = setTimeout(kill, killAfterMs);
   const scattered = scatter.result().finally(() => (scatterDone = true));
-  // a scatter that fails before it offers the VM leaves the gather waiting for another: it is told to stop
-  void scattered.then(async (r) => {
-    if (r.code !== 0 && (await Promise.race([gather.result().then(() => true), Bun.sleep(30_000).then(() => false)])) === false) gather.proc.kill("SIGINT");
-  });
+  stopGathersIfScatterFails(scattered, [gather]);
   const [s, g] = await Promise.all([scattered, gather.result()]);
   clearTimeout(killer);
   const sr = report<ScatterReport>(s);
@@ -283,6 +280,18 @@ async function loseRelay(dir: string, switchover: Case["switchover"], replicas: 
   return `ok (killed while ${killedWhileScatterRan ? `the scatter ran${placed}` : "only the gather was fetching"})`;
 }
 
+/**
+ * A scatter that fails before it offers a VM leaves its gathers waiting for
+ * another: those still running 30 s after it ended are told to stop.
+ */
+function stopGathersIfScatterFails(scattered: Promise<RunResult>, gathers: SgmProcess[]): void {
+  void scattered.then(async (r) => {
+    if (r.code === 0) return;
+    const settled = Promise.all(gathers.map((g) => g.result())).then(() => true);
+    if ((await Promise.race([settled, Bun.sleep(30_000).then(() => false)])) === false) for (const g of gathers) g.proc.kill("SIGINT");
+  });
+}
+
 /** One eviction; "ok", or what went wrong ("wrong guest: ..." when a guest did not arrive intact). */
 async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, dedup: boolean, threads: number, evacuate: boolean, prealloc: boolean, n: number): Promise<string> {
   const psk = await writePsk(dir);
@@ -309,12 +318,7 @@ async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, de
     scatter = await startScatter(pairs, gathers[0]!.port, psk, flags, { SGM_TEST_MAP_DIR: maps });
   }
   const scattered = scatter.result();
-  // a scatter that fails before it offers a VM leaves its gather waiting for another: it is told to stop
-  void scattered.then(async (r) => {
-    if (r.code === 0) return;
-    const settled = Promise.all(gathers.map((x) => x.gather.result())).then(() => true);
-    if ((await Promise.race([settled, Bun.sleep(30_000).then(() => false)])) === false) for (const x of gathers) x.gather.proc.kill("SIGINT");
-  });
+  stopGathersIfScatterFails(scattered, gathers.map((x) => x.gather));
   const [s, ...g] = await Promise.all([scattered, ...gathers.map((x) => x.gather.result())]);
   if (s.code !== 0 || g.some((x) => x.code !== 0)) {
     // a process that died without its report says why on stderr, if anywhere
