@@ -330,8 +330,10 @@ async function evict(dir: string, c: Case, outcome: Outcome, paused: boolean, de
       }
     };
     const sent = errors(() => (evacuate ? report<EvacuationReport>(s).vms : report<ScatterReport>(s).vms));
-    const why = [...sent, ...g.flatMap((x) => errors(() => report<GatherReport>(x).vms))].find(Boolean);
-    return `sgm failed: scatter ${s.code}, gathers ${g.map((x) => x.code).join(" ")}: ${why ?? s.stderr.trim().split("\n").slice(-3).join(" / ")}`;
+    // a scatter that failed before any VM names why on stderr; its gathers' reasons come after (they were told to stop)
+    const scatterWhy = s.code !== 0 ? (sent.find(Boolean) ?? s.stderr.trim().split("\n").at(-1)) : undefined;
+    const why = scatterWhy ?? g.flatMap((x) => errors(() => report<GatherReport>(x).vms)).find(Boolean);
+    return `sgm failed: scatter ${s.code}, gathers ${g.map((x) => x.code).join(" ")}: ${why}`;
   }
   if (evacuate) outcome.sharedPages += report<EvacuationReport>(s).destinations.reduce((n, d) => n + (d.run?.placement.sharedPages ?? 0), 0);
   const verdicts: string[] = [];
